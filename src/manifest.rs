@@ -1,0 +1,338 @@
+//! The model manifest: everything model-specific about one model stack (encoder, projector,
+//! LLM), read from TOML. Code elsewhere never hard-codes a model fact; it asks the manifest.
+//!
+//! The reference stack's manifest (`models/reference.toml`) is compiled into the binary, so a
+//! device needs only the fetched cache, not the source tree.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::cache;
+
+/// The reference stack's manifest text, compiled in.
+pub const REFERENCE_MANIFEST: &str = include_str!("../models/reference.toml");
+
+/// An error in a manifest: the file and the key are named.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("manifest {path}: {source}")]
+    Read {
+        /// The manifest file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or does not match the manifest's schema.
+    #[error("manifest {origin}: {message}")]
+    Parse {
+        /// The manifest file, or `<built-in reference>`.
+        origin: String,
+        /// The TOML error, which names the key and line.
+        message: String,
+    },
+    /// A value parses but is not usable.
+    #[error("manifest {origin}: `{key}`: {message}")]
+    Invalid {
+        /// The manifest file, or `<built-in reference>`.
+        origin: String,
+        /// The dotted key of the bad value.
+        key: &'static str,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+}
+
+/// Where a model file is and what it must be.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRef {
+    /// A path relative to the model cache (`$SCENECAST_CACHE/models`).
+    pub cache: Option<PathBuf>,
+    /// A path that is absolute or relative to the manifest's own directory.
+    pub path: Option<PathBuf>,
+    /// The expected sha256 (hex); checked by `models check`.
+    pub sha256: Option<String>,
+    /// The expected size in bytes; checked on every load (cheap, and catches truncation).
+    pub size: Option<u64>,
+}
+
+/// How the frame is brought to the encoder's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResizeMode {
+    /// Resize the whole frame to the input size, ignoring its aspect ratio.
+    Squash,
+    /// Crop the centre of the frame to the input's aspect ratio, then resize.
+    CenterCrop,
+}
+
+/// Pre-processing from an RGB8 frame to the encoder's input tensor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreprocessSpec {
+    /// Input size as `[height, width]`.
+    pub size: [u32; 2],
+    /// How the frame is fitted to `size`.
+    pub resize: ResizeMode,
+    /// Per-channel mean (RGB, on values in [0, 1]).
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation (RGB).
+    pub std: [f32; 3],
+}
+
+/// The modality encoder (a ViT exported to ONNX).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderSpec {
+    /// The ONNX file.
+    pub file: FileRef,
+    /// The image input's name.
+    pub input: String,
+    /// The image input's shape, NCHW; -1 for a free dimension.
+    pub input_shape: Vec<i64>,
+    /// The patch-feature output's name.
+    pub output: String,
+    /// The output's shape `[batch, tokens, width]`; -1 for a free dimension.
+    pub output_shape: Vec<i64>,
+    /// Tokens before the patch grid (a CLS token, registers).
+    pub prefix_tokens: usize,
+    /// The patch grid `[rows, cols]`, row-major after the prefix tokens.
+    pub patch_grid: [usize; 2],
+    /// Pre-processing.
+    pub preprocess: PreprocessSpec,
+}
+
+/// The input projector: pooled patch features to LLM embeddings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorSpec {
+    /// The ONNX file.
+    pub file: FileRef,
+    /// Input name; shape `[n_tokens, in_width]`.
+    pub input: String,
+    /// Output name; shape `[n_tokens, out_width]`.
+    pub output: String,
+    /// The grid the patch tokens are average-pooled to; one image token per cell.
+    pub pool: [usize; 2],
+    /// Feature width in (the encoder's width).
+    pub in_width: usize,
+    /// Embedding width out; must equal the LLM's `n_embd`.
+    pub out_width: usize,
+    /// True for the untrained placeholder projector.
+    #[serde(default)]
+    pub untrained: bool,
+}
+
+/// How a conversation is laid out around the image tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSpec {
+    /// The default system prompt, substituted for `{system}`.
+    pub system: String,
+    /// Text before the image tokens.
+    pub prefix: String,
+    /// Text after the image tokens; `{question}` is substituted.
+    pub suffix: String,
+    /// Strings that end generation.
+    pub stop: Vec<String>,
+}
+
+/// The LLM backbone (a GGUF run by llama.cpp).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmSpec {
+    /// The GGUF file.
+    pub file: FileRef,
+    /// The expected `general.architecture`.
+    pub architecture: String,
+    /// The expected embedding width.
+    pub n_embd: usize,
+    /// The chat layout.
+    pub chat: ChatSpec,
+}
+
+/// One model stack.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// A short identifier, reported with every result.
+    pub name: String,
+    /// A sentence for humans.
+    pub description: String,
+    /// The modality encoder.
+    pub encoder: EncoderSpec,
+    /// The input projector.
+    pub projector: ProjectorSpec,
+    /// The LLM backbone.
+    pub llm: LlmSpec,
+    /// Where the manifest came from (a path, or `<built-in reference>`); not in the TOML.
+    #[serde(skip)]
+    pub origin: String,
+    /// The directory that `path = ...` file references are relative to.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+impl Manifest {
+    /// The compiled-in reference manifest.
+    pub fn reference() -> Result<Self, ManifestError> {
+        Self::parse(REFERENCE_MANIFEST, "<built-in reference>", Path::new("."))
+    }
+
+    /// Reads and validates a manifest file.
+    pub fn load(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::parse(&text, &path.display().to_string(), &base)
+    }
+
+    /// Parses and validates manifest text.
+    pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Self, ManifestError> {
+        let mut manifest: Manifest = toml::from_str(text)
+            .map_err(|e| ManifestError::Parse { origin: origin.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        manifest.origin = origin.to_owned();
+        manifest.base_dir = base_dir.to_owned();
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    fn invalid(&self, key: &'static str, message: String) -> ManifestError {
+        ManifestError::Invalid { origin: self.origin.clone(), key, message }
+    }
+
+    fn validate(&self) -> Result<(), ManifestError> {
+        for (key, file) in [("encoder.file", &self.encoder.file), ("projector.file", &self.projector.file), ("llm.file", &self.llm.file)] {
+            if file.cache.is_some() == file.path.is_some() {
+                return Err(self.invalid(key, "give exactly one of `cache = \"...\"` or `path = \"...\"`".into()));
+            }
+            if let Some(sha) = &file.sha256 {
+                if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(self.invalid(key, format!("sha256 {sha:?} is not 64 hex digits")));
+                }
+            }
+        }
+        let enc = &self.encoder;
+        let [height, width] = enc.preprocess.size;
+        if enc.input_shape.len() != 4 || enc.input_shape[1] != 3 {
+            return Err(self.invalid("encoder.input_shape", format!("expected [batch, 3, height, width], got {:?}", enc.input_shape)));
+        }
+        if enc.input_shape[2] != i64::from(height) || enc.input_shape[3] != i64::from(width) {
+            return Err(self.invalid(
+                "encoder.preprocess.size",
+                format!("[{height}, {width}] does not match encoder.input_shape {:?}", enc.input_shape),
+            ));
+        }
+        if height == 0 || width == 0 {
+            return Err(self.invalid("encoder.preprocess.size", "sizes must be positive".into()));
+        }
+        if enc.preprocess.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(self.invalid("encoder.preprocess.std", format!("every value must be > 0, got {:?}", enc.preprocess.std)));
+        }
+        if enc.output_shape.len() != 3 {
+            return Err(self.invalid("encoder.output_shape", format!("expected [batch, tokens, width], got {:?}", enc.output_shape)));
+        }
+        let [rows, cols] = enc.patch_grid;
+        if enc.output_shape[1] != (enc.prefix_tokens + rows * cols) as i64 {
+            return Err(self.invalid(
+                "encoder.patch_grid",
+                format!(
+                    "{rows}x{cols} patches + {} prefix tokens = {} tokens, but encoder.output_shape says {}",
+                    enc.prefix_tokens,
+                    enc.prefix_tokens + rows * cols,
+                    enc.output_shape[1]
+                ),
+            ));
+        }
+        let proj = &self.projector;
+        let [pool_rows, pool_cols] = proj.pool;
+        if pool_rows == 0 || pool_cols == 0 || rows % pool_rows != 0 || cols % pool_cols != 0 {
+            return Err(self.invalid(
+                "projector.pool",
+                format!("{pool_rows}x{pool_cols} must evenly divide the patch grid {rows}x{cols}"),
+            ));
+        }
+        if enc.output_shape[2] != proj.in_width as i64 {
+            return Err(self.invalid(
+                "projector.in_width",
+                format!("{} differs from the encoder's feature width {}", proj.in_width, enc.output_shape[2]),
+            ));
+        }
+        if proj.out_width != self.llm.n_embd {
+            return Err(self.invalid(
+                "projector.out_width",
+                format!("{} differs from llm.n_embd {}", proj.out_width, self.llm.n_embd),
+            ));
+        }
+        if !self.llm.chat.suffix.contains("{question}") {
+            return Err(self.invalid("llm.chat.suffix", "must contain `{question}`".into()));
+        }
+        Ok(())
+    }
+
+    /// The number of image tokens one frame costs.
+    pub fn n_image_tokens(&self) -> usize {
+        self.projector.pool[0] * self.projector.pool[1]
+    }
+
+    /// The absolute location of a file reference, given the cache root.
+    pub fn resolve(&self, file: &FileRef, cache_root: &Path) -> PathBuf {
+        match (&file.cache, &file.path) {
+            (Some(rel), _) => cache::models_dir(cache_root).join(rel),
+            (None, Some(path)) if path.is_absolute() => path.clone(),
+            (None, Some(path)) => self.base_dir.join(path),
+            (None, None) => PathBuf::new(), // excluded by validate()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(edit: impl Fn(String) -> String) -> Result<Manifest, ManifestError> {
+        Manifest::parse(&edit(REFERENCE_MANIFEST.to_owned()), "test.toml", Path::new("/m"))
+    }
+
+    #[test]
+    fn reference_manifest_is_valid() {
+        let m = Manifest::reference().unwrap();
+        assert_eq!(m.n_image_tokens(), 64);
+        assert_eq!(m.projector.out_width, m.llm.n_embd);
+        let p = m.resolve(&m.llm.file, Path::new("/c"));
+        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        // Each case: an edit of the reference manifest and a fragment the error must contain.
+        let cases: &[(&str, &str, &str)] = &[
+            ("pool = [8, 8]", "pool = [5, 5]", "`projector.pool`: 5x5 must evenly divide the patch grid 16x16"),
+            ("out_width = 576", "out_width = 640", "`projector.out_width`: 640 differs from llm.n_embd 576"),
+            ("in_width = 384", "in_width = 768", "`projector.in_width`: 768 differs from the encoder's feature width 384"),
+            ("std = [0.229, 0.224, 0.225]", "std = [0.229, 0.0, 0.225]", "`encoder.preprocess.std`"),
+            ("size = [224, 224]", "size = [256, 224]", "`encoder.preprocess.size`: [256, 224] does not match"),
+            ("patch_grid = [16, 16]", "patch_grid = [14, 14]", "`encoder.patch_grid`: 14x14 patches + 1 prefix tokens = 197"),
+            ("prefix_tokens = 1", "prefix_tokens = 1\ncolour = \"red\"", "unknown field `colour`"),
+            ("resize = \"squash\"", "resize = \"stretch\"", "unknown variant `stretch`"),
+            ("n_embd = 576", "n_embd = \"wide\"", "n_embd"),
+        ];
+        for (from, to, expect) in cases {
+            assert!(REFERENCE_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");
+            let err = with(|t| t.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.starts_with("manifest test.toml: "), "{err}");
+            assert!(err.contains(expect), "expected {expect:?} in: {err}");
+        }
+    }
+
+    #[test]
+    fn path_files_resolve_against_the_manifest_dir() {
+        let m = with(|t| t.replacen("file = { cache = \"projector/untrained-384x576.onnx\"", "file = { path = \"proj.onnx\"", 1)).unwrap();
+        assert_eq!(m.resolve(&m.projector.file, Path::new("/c")), Path::new("/m/proj.onnx"));
+        let err = with(|t| t.replacen("file = { cache = \"dinov2s/encoder.onnx\"", "file = { cache = \"a\", path = \"b\"", 1)).unwrap_err();
+        assert!(err.to_string().contains("`encoder.file`: give exactly one of"), "{err}");
+    }
+}

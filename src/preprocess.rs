@@ -1,0 +1,351 @@
+//! Pre-processing: camera buffers (YUYV 4:2:2, MJPEG, RGB24) to RGB8, and RGB8 to the encoder's
+//! normalised NCHW f32 tensor.
+//!
+//! Both steps write into buffers owned by their caller or by the [`Preprocessor`], so once the
+//! frame size is stable no step allocates per frame.
+
+use fast_image_resize::images::{TypedImage, TypedImageRef};
+use fast_image_resize::pixels::U16x3;
+use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
+use yuvutils_rs::{YuvPackedImage, YuvRange, YuvStandardMatrix};
+use zune_core::colorspace::ColorSpace;
+use zune_core::options::DecoderOptions;
+use zune_jpeg::JpegDecoder;
+
+use crate::frame::RgbImage;
+use crate::manifest::{PreprocessSpec, ResizeMode};
+
+/// An error while converting or pre-processing a frame.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PreprocessError {
+    /// A raw buffer is shorter than its format and size require.
+    #[error("{format} frame {width}x{height}: buffer has {actual} bytes, expected at least {expected}")]
+    ShortBuffer {
+        /// The pixel format.
+        format: &'static str,
+        /// Frame width.
+        width: u32,
+        /// Frame height.
+        height: u32,
+        /// Bytes needed.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// A frame size that cannot be converted.
+    #[error("{format} frame {width}x{height}: {message}")]
+    BadGeometry {
+        /// The pixel format.
+        format: &'static str,
+        /// Frame width.
+        width: u32,
+        /// Frame height.
+        height: u32,
+        /// What is wrong.
+        message: String,
+    },
+    /// A JPEG (MJPEG) frame that does not decode.
+    #[error("MJPEG frame does not decode: {0}")]
+    Jpeg(String),
+    /// The resizer failed.
+    #[error("resize {from_w}x{from_h} -> {to_w}x{to_h}: {message}")]
+    Resize {
+        /// Source width.
+        from_w: u32,
+        /// Source height.
+        from_h: u32,
+        /// Target width.
+        to_w: u32,
+        /// Target height.
+        to_h: u32,
+        /// The resizer's message.
+        message: String,
+    },
+}
+
+/// Converts camera buffers to RGB8. Holds the scratch memory that padded rows need, so that
+/// converting frames of a stable size allocates nothing.
+#[derive(Debug, Default)]
+pub struct FrameConverter {
+    /// Tightly packed YUYV rows, used when the driver pads rows (stride > width * 2).
+    packed: Vec<u8>,
+}
+
+impl FrameConverter {
+    /// A converter with no scratch memory yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Converts a packed YUYV 4:2:2 buffer (V4L2 `YUYV`, BT.601 limited range as webcams send
+    /// it) into `out`. `stride` is the bytes per row (V4L2 `bytesperline`; at least `width * 2`);
+    /// the buffer may be longer than the frame (V4L2 buffers often are).
+    pub fn yuyv_to_rgb(&mut self, src: &[u8], width: u32, height: u32, stride: u32, out: &mut RgbImage) -> Result<(), PreprocessError> {
+        let geometry = |message: &str| PreprocessError::BadGeometry { format: "YUYV", width, height, message: message.into() };
+        if width == 0 || height == 0 || width % 2 != 0 {
+            return Err(geometry("width must be even and both sides non-zero"));
+        }
+        if stride < width * 2 {
+            return Err(geometry(&format!("stride {stride} is less than width * 2 = {}", width * 2)));
+        }
+        let row = width as usize * 2;
+        let expected = stride as usize * (height as usize - 1) + row;
+        if src.len() < expected {
+            return Err(PreprocessError::ShortBuffer { format: "YUYV", width, height, expected, actual: src.len() });
+        }
+        // The converter wants exactly `height` rows of `width * 2` bytes: pack padded rows first.
+        let packed: &[u8] = if stride as usize == row {
+            &src[..row * height as usize]
+        } else {
+            self.packed.clear();
+            for y in 0..height as usize {
+                let start = y * stride as usize;
+                self.packed.extend_from_slice(&src[start..start + row]);
+            }
+            &self.packed
+        };
+        let image = YuvPackedImage { yuy: packed, yuy_stride: width * 2, width, height };
+        let dst = out.reshape(width, height);
+        yuvutils_rs::yuyv422_to_rgb(&image, dst, width * 3, YuvRange::Limited, YuvStandardMatrix::Bt601)
+            .map_err(|e| geometry(&e.to_string()))
+    }
+}
+
+/// Copies a packed RGB24 buffer with `stride` bytes per row into `out`.
+pub fn rgb24_to_rgb(src: &[u8], width: u32, height: u32, stride: u32, out: &mut RgbImage) -> Result<(), PreprocessError> {
+    let row = width as usize * 3;
+    if width == 0 || height == 0 || (stride as usize) < row {
+        return Err(PreprocessError::BadGeometry { format: "RGB24", width, height, message: format!("stride {stride} < width * 3 = {row}") });
+    }
+    let expected = stride as usize * (height as usize - 1) + row;
+    if src.len() < expected {
+        return Err(PreprocessError::ShortBuffer { format: "RGB24", width, height, expected, actual: src.len() });
+    }
+    let dst = out.reshape(width, height);
+    for (y, dst_row) in dst.chunks_exact_mut(row).enumerate() {
+        let start = y * stride as usize;
+        dst_row.copy_from_slice(&src[start..start + row]);
+    }
+    Ok(())
+}
+
+/// Decodes one MJPEG frame (a JPEG image) into `out`. Frames larger than `max_side` pixels on a
+/// side are refused before decoding, so a corrupt header cannot ask for gigabytes.
+pub fn mjpeg_to_rgb(src: &[u8], max_side: u32, out: &mut RgbImage) -> Result<(), PreprocessError> {
+    let options = DecoderOptions::default()
+        .jpeg_set_out_colorspace(ColorSpace::RGB)
+        .set_max_width(max_side as usize)
+        .set_max_height(max_side as usize);
+    let mut decoder = JpegDecoder::new_with_options(src, options);
+    decoder.decode_headers().map_err(|e| PreprocessError::Jpeg(format!("{e:?}")))?;
+    let (width, height) = decoder.dimensions().ok_or_else(|| PreprocessError::Jpeg("no image dimensions".into()))?;
+    let (width, height) = (width as u32, height as u32);
+    if decoder.get_output_colorspace() != Some(ColorSpace::RGB) {
+        return Err(PreprocessError::Jpeg(format!("cannot convert to RGB from {:?}", decoder.get_output_colorspace())));
+    }
+    let dst = out.reshape(width, height);
+    decoder.decode_into(dst).map_err(|e| PreprocessError::Jpeg(format!("{e:?}")))
+}
+
+/// Turns RGB8 frames into the encoder's input tensor: resize (bilinear convolution, Pillow's
+/// `BILINEAR` filter), scale to [0, 1], normalise with the manifest's mean/std, lay out as NCHW f32.
+///
+/// The resize runs on 16-bit samples (each byte `v` widened to `v * 257`), not on bytes: an 8-bit
+/// resize rounds every output to a whole level, which shifts a normalised value by up to
+/// 0.5 / 255 / std ≈ 0.009, while 16 bits keep it within 1e-4 of an exact float resize.
+pub struct Preprocessor {
+    spec: PreprocessSpec,
+    resizer: Resizer,
+    options: ResizeOptions,
+    /// The frame widened to 16 bits; grows to the largest frame seen, then stays.
+    wide: Vec<U16x3>,
+    /// The resized image, `height * width` pixels.
+    resized: Vec<U16x3>,
+    /// The output tensor, `3 * height * width`, planar.
+    tensor: Vec<f32>,
+    /// Per channel, `(scale, offset)` with `normalised = sample * scale + offset`.
+    affine: [(f32, f32); 3],
+}
+
+impl Preprocessor {
+    /// A pre-processor for one encoder's input spec.
+    pub fn new(spec: &PreprocessSpec) -> Self {
+        let [height, width] = spec.size;
+        let n_pixels = height as usize * width as usize;
+        let affine = std::array::from_fn(|c| (1.0 / (65535.0 * spec.std[c]), -spec.mean[c] / spec.std[c]));
+        let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+        if spec.resize == ResizeMode::CenterCrop {
+            options = options.fit_into_destination(Some((0.5, 0.5)));
+        }
+        Preprocessor {
+            spec: spec.clone(),
+            resizer: Resizer::new(),
+            options,
+            wide: Vec::new(),
+            resized: vec![U16x3::default(); n_pixels],
+            tensor: vec![0.0; n_pixels * 3],
+            affine,
+        }
+    }
+
+    /// The tensor shape `[1, 3, height, width]`.
+    pub fn shape(&self) -> [usize; 4] {
+        [1, 3, self.spec.size[0] as usize, self.spec.size[1] as usize]
+    }
+
+    /// Pre-processes `image`; the returned slice is the NCHW tensor, valid until the next call.
+    pub fn run(&mut self, image: &RgbImage) -> Result<&[f32], PreprocessError> {
+        let [height, width] = self.spec.size;
+        let resize_err = |message: String| PreprocessError::Resize {
+            from_w: image.width(),
+            from_h: image.height(),
+            to_w: width,
+            to_h: height,
+            message,
+        };
+        self.wide.clear();
+        self.wide.extend(image.pixels().chunks_exact(3).map(|px| U16x3::new([u16::from(px[0]) * 257, u16::from(px[1]) * 257, u16::from(px[2]) * 257])));
+        let src = TypedImageRef::new(image.width(), image.height(), &self.wide).map_err(|e| resize_err(e.to_string()))?;
+        let mut dst = TypedImage::from_pixels_slice(width, height, &mut self.resized).map_err(|e| resize_err(e.to_string()))?;
+        self.resizer.resize_typed(&src, &mut dst, &self.options).map_err(|e| resize_err(e.to_string()))?;
+
+        let plane = width as usize * height as usize;
+        let (r_plane, rest) = self.tensor.split_at_mut(plane);
+        let (g_plane, b_plane) = rest.split_at_mut(plane);
+        let [(rs, ro), (gs, go), (bs, bo)] = self.affine;
+        for (i, px) in self.resized.iter().enumerate() {
+            let [r, g, b] = px.0;
+            r_plane[i] = f32::from(r) * rs + ro;
+            g_plane[i] = f32::from(g) * gs + go;
+            b_plane[i] = f32::from(b) * bs + bo;
+        }
+        Ok(&self.tensor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// BT.601 limited-range RGB -> YCbCr, written independently of the converter under test.
+    fn rgb_to_ycbcr(r: f32, g: f32, b: f32) -> (f32, f32, f32) {
+        let y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0;
+        let cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0;
+        let cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0;
+        (y, cb, cr)
+    }
+
+    /// A smooth test pattern: each horizontal pixel pair shares its colour, as 4:2:2 assumes.
+    fn pattern(width: u32, height: u32) -> Vec<[u8; 3]> {
+        (0..height)
+            .flat_map(|y| (0..width).map(move |x| [((x / 2) * 7 % 256) as u8, (y * 5 % 256) as u8, (((x / 2) + y) * 3 % 256) as u8]))
+            .collect()
+    }
+
+    fn encode_yuyv(px: &[[u8; 3]], width: u32, height: u32, stride: u32) -> Vec<u8> {
+        let mut out = vec![0u8; (stride * height) as usize];
+        for y in 0..height as usize {
+            for x in (0..width as usize).step_by(2) {
+                let [r, g, b] = px[y * width as usize + x];
+                let (yy, cb, cr) = rgb_to_ycbcr(r as f32, g as f32, b as f32);
+                let o = y * stride as usize + x * 2;
+                out[o..o + 4].copy_from_slice(&[yy.round() as u8, cb.round() as u8, yy.round() as u8, cr.round() as u8]);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn yuyv_round_trips_a_synthetic_frame() {
+        // Cases: (width, height, stride): tight rows, and padded rows as some drivers deliver.
+        for (width, height, stride) in [(64u32, 8u32, 128u32), (1280, 4, 2624)] {
+            let px = pattern(width, height);
+            let buf = encode_yuyv(&px, width, height, stride);
+            let mut rgb = RgbImage::empty();
+            FrameConverter::new().yuyv_to_rgb(&buf, width, height, stride, &mut rgb).unwrap();
+            assert_eq!((rgb.width(), rgb.height()), (width, height));
+            let max_err = rgb
+                .pixels()
+                .chunks_exact(3)
+                .zip(&px)
+                .flat_map(|(got, want)| (0..3).map(move |c| (got[c] as i32 - want[c] as i32).abs()))
+                .max()
+                .unwrap();
+            assert!(max_err <= 3, "{width}x{height} stride {stride}: max error {max_err} levels");
+        }
+    }
+
+    #[test]
+    fn bad_raw_buffers_are_errors() {
+        let mut rgb = RgbImage::empty();
+        let err = FrameConverter::new().yuyv_to_rgb(&[0u8; 100], 64, 8, 128, &mut rgb).unwrap_err();
+        assert_eq!(err.to_string(), "YUYV frame 64x8: buffer has 100 bytes, expected at least 1024");
+        let err = FrameConverter::new().yuyv_to_rgb(&[0u8; 2048], 63, 8, 128, &mut rgb).unwrap_err();
+        assert!(err.to_string().contains("width must be even"), "{err}");
+        let err = FrameConverter::new().yuyv_to_rgb(&[0u8; 2048], 64, 8, 100, &mut rgb).unwrap_err();
+        assert!(err.to_string().contains("stride 100 is less than width * 2 = 128"), "{err}");
+        let err = rgb24_to_rgb(&[0u8; 10], 4, 4, 12, &mut rgb).unwrap_err();
+        assert!(err.to_string().contains("buffer has 10 bytes, expected at least 48"), "{err}");
+        let err = mjpeg_to_rgb(b"\xff\xd8 not really a jpeg", 4096, &mut rgb).unwrap_err();
+        assert!(err.to_string().starts_with("MJPEG frame does not decode"), "{err}");
+    }
+
+    #[test]
+    fn mjpeg_decodes_a_synthetic_frame() {
+        let (width, height) = (96u32, 64u32);
+        let px: Vec<u8> = pattern(width, height).into_iter().flatten().collect();
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 95)
+            .encode(&px, width, height, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        let mut rgb = RgbImage::empty();
+        mjpeg_to_rgb(&jpeg, 4096, &mut rgb).unwrap();
+        assert_eq!((rgb.width(), rgb.height()), (width, height));
+        let mean_err = rgb.pixels().iter().zip(&px).map(|(a, b)| (*a as f64 - *b as f64).abs()).sum::<f64>() / px.len() as f64;
+        assert!(mean_err < 4.0, "mean abs error {mean_err}");
+        // The size guard refuses the frame before decoding it.
+        let err = mjpeg_to_rgb(&jpeg, 32, &mut rgb).unwrap_err();
+        assert!(err.to_string().contains("MJPEG"), "{err}");
+    }
+
+    #[test]
+    fn rgb24_honours_stride() {
+        let src: Vec<u8> = (0..2 * 8).map(|i| i as u8).collect(); // 2 rows, 2 px + 2 padding bytes
+        let mut rgb = RgbImage::empty();
+        rgb24_to_rgb(&src, 2, 2, 8, &mut rgb).unwrap();
+        assert_eq!(rgb.pixels(), &[0, 1, 2, 3, 4, 5, 8, 9, 10, 11, 12, 13]);
+    }
+
+    fn spec(resize: ResizeMode) -> PreprocessSpec {
+        PreprocessSpec { size: [4, 4], resize, mean: [0.5, 0.5, 0.5], std: [0.5, 0.25, 0.5] }
+    }
+
+    #[test]
+    fn normalises_into_planar_layout() {
+        let img = RgbImage::from_pixels(4, 4, [255u8, 0, 128].repeat(16)).unwrap();
+        let mut pre = Preprocessor::new(&spec(ResizeMode::Squash));
+        let t = pre.run(&img).unwrap().to_vec();
+        assert_eq!(pre.shape(), [1, 3, 4, 4]);
+        assert!(t[..16].iter().all(|v| (v - 1.0).abs() < 1e-6), "R plane: (1 - .5) / .5");
+        assert!(t[16..32].iter().all(|v| (v + 2.0).abs() < 1e-6), "G plane: (0 - .5) / .25");
+        assert!(t[32..].iter().all(|v| (v - (128.0 / 255.0 - 0.5) / 0.5).abs() < 1e-6), "B plane");
+    }
+
+    #[test]
+    fn center_crop_drops_the_sides_and_squash_keeps_them() {
+        // 12x4: black 4-px bands left and right of a white 4x4 centre.
+        let mut px = Vec::new();
+        for _ in 0..4 {
+            for x in 0..12 {
+                px.extend_from_slice(if (4..8).contains(&x) { &[255u8; 3] } else { &[0u8; 3] });
+            }
+        }
+        let img = RgbImage::from_pixels(12, 4, px).unwrap();
+        let white = (1.0 - 0.5) / 0.5;
+        let cropped = Preprocessor::new(&spec(ResizeMode::CenterCrop)).run(&img).unwrap().to_vec();
+        assert!(cropped[..16].iter().all(|v| (v - white).abs() < 1e-6), "{cropped:?}");
+        let squashed = Preprocessor::new(&spec(ResizeMode::Squash)).run(&img).unwrap().to_vec();
+        assert!(squashed[..16].iter().any(|v| (v - white).abs() > 0.5), "{squashed:?}");
+    }
+}

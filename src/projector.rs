@@ -1,0 +1,122 @@
+//! The input projector: pools the encoder's patch grid and maps it (ONNX) into the LLM's
+//! embedding space, giving the image tokens the backbone reads.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::cache;
+use crate::encoder::{ms_since, PatchFeatures, VisionError};
+use crate::manifest::{Manifest, ProjectorSpec};
+use crate::onnx::{OnnxRuntime, OnnxSession};
+
+/// Image tokens ready for the backbone: `[n_tokens, n_embd]` f32, row-major.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageTokens {
+    /// Number of image tokens.
+    pub n_tokens: usize,
+    /// Embedding width (the LLM's `n_embd`).
+    pub n_embd: usize,
+    /// The embeddings.
+    pub data: Vec<f32>,
+}
+
+/// Average-pools a row-major `grid` of patch tokens (after `prefix` leading tokens) to `pool`
+/// cells, writing `[pool_rows * pool_cols, width]` into `out`. `pool` must divide `grid`, which the
+/// manifest guarantees.
+pub fn pool_patches(features: &PatchFeatures, prefix: usize, grid: [usize; 2], pool: [usize; 2], out: &mut Vec<f32>) {
+    let width = features.width;
+    let [rows, cols] = grid;
+    let [pool_rows, pool_cols] = pool;
+    let (cell_rows, cell_cols) = (rows / pool_rows, cols / pool_cols);
+    let scale = 1.0 / (cell_rows * cell_cols) as f32;
+    out.clear();
+    out.resize(pool_rows * pool_cols * width, 0.0);
+    for row in 0..rows {
+        for col in 0..cols {
+            let cell = (row / cell_rows) * pool_cols + col / cell_cols;
+            let dst = &mut out[cell * width..(cell + 1) * width];
+            for (d, s) in dst.iter_mut().zip(features.token(prefix + row * cols + col)) {
+                *d += s * scale;
+            }
+        }
+    }
+}
+
+/// The projector session and its pooling buffer.
+pub struct Projector {
+    session: OnnxSession,
+    spec: ProjectorSpec,
+    prefix: usize,
+    grid: [usize; 2],
+    pooled: Vec<f32>,
+}
+
+impl Projector {
+    /// Loads the projector the manifest names. `llm_n_embd`, when known (read from the GGUF),
+    /// must equal the projector's output width.
+    pub fn load(runtime: &OnnxRuntime, manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, usize)>) -> Result<Self, VisionError> {
+        let spec = manifest.projector.clone();
+        let path = manifest.resolve(&spec.file, cache_root);
+        if let Some((llm_path, llm_width)) = llm {
+            if llm_width != spec.out_width {
+                return Err(VisionError::WidthMismatch { projector: path, projector_width: spec.out_width, llm: llm_path.to_owned(), llm_width });
+            }
+        }
+        cache::verify(&path, "the projector ONNX model", spec.file.size, None)?;
+        let session = runtime.session(&path, "the input projector")?;
+        session.check_signature(&spec.input, &[-1, spec.in_width as i64], &spec.output, &[-1, spec.out_width as i64])?;
+        if spec.untrained {
+            tracing::warn!(projector = %path.display(), "the projector is the untrained placeholder: captions will not describe the image");
+        }
+        Ok(Projector { session, spec, prefix: manifest.encoder.prefix_tokens, grid: manifest.encoder.patch_grid, pooled: Vec::new() })
+    }
+
+    /// The ONNX session (for its provider and file).
+    pub fn session(&self) -> &OnnxSession {
+        &self.session
+    }
+
+    /// Pools and projects one frame's features into `out`; returns the time in ms.
+    pub fn project(&mut self, features: &PatchFeatures, out: &mut ImageTokens) -> Result<f64, VisionError> {
+        let start = Instant::now();
+        pool_patches(features, self.prefix, self.grid, self.spec.pool, &mut self.pooled);
+        let n_tokens = self.spec.pool[0] * self.spec.pool[1];
+        let shape = self.session.run_f32(&self.spec.input, &self.pooled, &[n_tokens, self.spec.in_width], &self.spec.output, &mut out.data)?;
+        if shape != [n_tokens, self.spec.out_width] {
+            return Err(VisionError::OutputShape {
+                file: self.session.file().to_owned(),
+                manifest: "projector.pool / projector.out_width".into(),
+                expected: vec![n_tokens, self.spec.out_width],
+                actual: shape,
+            });
+        }
+        out.n_tokens = n_tokens;
+        out.n_embd = self.spec.out_width;
+        Ok(ms_since(start))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_averages_each_cell_and_skips_the_prefix() {
+        // 1 prefix token (value 1000) + a 4x4 grid where token value = its index, width 2
+        // (second channel negated). Pooled to 2x2: each cell averages a 2x2 block.
+        let mut data = vec![1000.0, 1000.0];
+        for i in 0..16 {
+            data.extend_from_slice(&[i as f32, -(i as f32)]);
+        }
+        let features = PatchFeatures { n_tokens: 17, width: 2, data };
+        let mut out = Vec::new();
+        pool_patches(&features, 1, [4, 4], [2, 2], &mut out);
+        let cells = [(0 + 1 + 4 + 5) as f32 / 4.0, (2 + 3 + 6 + 7) as f32 / 4.0, (8 + 9 + 12 + 13) as f32 / 4.0, (10 + 11 + 14 + 15) as f32 / 4.0];
+        let expected: Vec<f32> = cells.iter().flat_map(|v| [*v, -v]).collect();
+        assert_eq!(out, expected);
+        // The buffer is reused, not appended to.
+        pool_patches(&features, 1, [4, 4], [4, 4], &mut out);
+        assert_eq!(out.len(), 16 * 2);
+        assert_eq!(&out[..2], &[0.0, -0.0]);
+    }
+}

@@ -1,0 +1,62 @@
+//! The vision path as one unit: frame → encoder → pooled patch features → projector → image
+//! tokens. The last frame's features stay available for scene-change gating.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::backbone::GgufInfo;
+use crate::encoder::{Encoder, PatchFeatures, VisionError};
+use crate::frame::RgbImage;
+use crate::manifest::Manifest;
+use crate::onnx::OnnxRuntime;
+use crate::projector::{ImageTokens, Projector};
+
+/// Milliseconds per vision stage for one frame.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct VisionTimings {
+    /// Resize and normalise.
+    pub preprocess_ms: f64,
+    /// The ViT.
+    pub encode_ms: f64,
+    /// Pooling and the projector.
+    pub project_ms: f64,
+}
+
+/// Encoder and projector, loaded together and checked against each other and the LLM.
+pub struct Vision {
+    encoder: Encoder,
+    projector: Projector,
+    features: PatchFeatures,
+}
+
+impl Vision {
+    /// Loads both models. With `llm`, the projector's width is checked against the GGUF's.
+    pub fn load(runtime: &OnnxRuntime, manifest: &Manifest, cache_root: &Path, llm: Option<&GgufInfo>) -> Result<Self, VisionError> {
+        let projector = Projector::load(runtime, manifest, cache_root, llm.map(|info| (info.path.as_path(), info.n_embd)))?;
+        let encoder = Encoder::load(runtime, manifest, cache_root)?;
+        Ok(Vision { encoder, projector, features: PatchFeatures::default() })
+    }
+
+    /// Runs the whole path on one frame, writing the image tokens into `out`.
+    pub fn run(&mut self, image: &RgbImage, out: &mut ImageTokens) -> Result<VisionTimings, VisionError> {
+        let enc = self.encoder.encode(image, &mut self.features)?;
+        let project_ms = self.projector.project(&self.features, out)?;
+        Ok(VisionTimings { preprocess_ms: enc.preprocess_ms, encode_ms: enc.encode_ms, project_ms })
+    }
+
+    /// The encoder output of the last frame run.
+    pub fn features(&self) -> &PatchFeatures {
+        &self.features
+    }
+
+    /// The encoder alone (for feature-only work such as benchmarks and scene gating).
+    pub fn encoder_mut(&mut self) -> &mut Encoder {
+        &mut self.encoder
+    }
+
+    /// The encoder's and projector's preferred execution providers.
+    pub fn providers(&self) -> (String, String) {
+        (self.encoder.session().ep().to_string(), self.projector.session().ep().to_string())
+    }
+}

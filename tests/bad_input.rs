@@ -1,0 +1,139 @@
+//! Bad input to the foundation: each case must give one clear error naming the file and what was
+//! expected, never a panic. Library-level cases call the library; process-level ones (the ONNX
+//! Runtime library is loaded once per process) run the binary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use scenecast::backbone::GgufInfo;
+use scenecast::encoder::Encoder;
+use scenecast::manifest::{Manifest, REFERENCE_MANIFEST};
+use scenecast::vision::Vision;
+
+fn models() -> PathBuf {
+    cache_root().join("models")
+}
+
+/// The reference manifest with the encoder's file reference replaced.
+fn encoder_at(file: &str, dir: &Path) -> Manifest {
+    let line = REFERENCE_MANIFEST.lines().find(|l| l.starts_with("file = { cache = \"dinov2s/encoder.onnx\"")).unwrap();
+    Manifest::parse(&REFERENCE_MANIFEST.replacen(line, &format!("file = {file}"), 1), "test.toml", dir).unwrap()
+}
+
+fn encoder_error(manifest: &Manifest) -> String {
+    match Encoder::load(&runtime(), manifest, &cache_root()) {
+        Ok(_) => panic!("expected the encoder to be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_contains(haystack: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(haystack.contains(needle), "expected {needle:?} in:\n{haystack}");
+    }
+}
+
+#[test]
+fn missing_truncated_and_wrong_encoder_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = encoder_at("{ path = \"nope.onnx\" }", dir.path());
+    assert_contains(&encoder_error(&m), &["nope.onnx: file not found (expected the encoder ONNX model"]);
+
+    let head = std::fs::read(models().join("dinov2s/encoder.onnx")).unwrap()[..4096].to_vec();
+    write_temp(dir.path(), "cut.onnx", &head);
+    let m = encoder_at("{ path = \"cut.onnx\", size = 88637696 }", dir.path());
+    assert_contains(&encoder_error(&m), &["cut.onnx: 4096 bytes, expected 88637696 bytes"]);
+    let m = encoder_at("{ path = \"cut.onnx\" }", dir.path());
+    assert_contains(&encoder_error(&m), &["cut.onnx: ONNX Runtime cannot load it as the image encoder"]);
+
+    write_temp(dir.path(), "photo.onnx", &std::fs::read(models().join("photos/chelsea.png")).unwrap());
+    let m = encoder_at("{ path = \"photo.onnx\" }", dir.path());
+    assert_contains(&encoder_error(&m), &["photo.onnx: ONNX Runtime cannot load it as the image encoder"]);
+}
+
+#[test]
+fn onnx_with_other_names_or_shapes() {
+    let projector = models().join("projector/untrained-384x576.onnx");
+    let m = encoder_at(&format!("{{ path = {:?} }}", projector.display().to_string()), Path::new("/"));
+    assert_contains(
+        &encoder_error(&m),
+        &["untrained-384x576.onnx: expected input `input_image` with shape [-1, 3, 224, 224]; the model's inputs are: `image_features`"],
+    );
+
+    let text = REFERENCE_MANIFEST.replacen("input_shape = [-1, 3, 224, 224]", "input_shape = [-1, 3, 256, 256]", 1).replacen("size = [224, 224]", "size = [256, 256]", 1);
+    let m = Manifest::parse(&text, "test.toml", Path::new("/")).unwrap();
+    assert_contains(&encoder_error(&m), &["encoder.onnx: input `input_image`: expected f32 [-1, 3, 256, 256] (-1 = any), the model has `input_image` [-1, 3, 224, 224]"]);
+}
+
+#[test]
+fn gguf_of_another_width_or_not_a_gguf() {
+    let gemma = GgufInfo::read(&models().join("gemma3/gemma-3-270m-q4_k_m.gguf")).unwrap();
+    assert_eq!((gemma.architecture.as_str(), gemma.n_embd), ("gemma3", 640));
+    let err = gemma.check_against(&manifest()).unwrap_err().to_string();
+    assert_contains(&err, &["gemma-3-270m-q4_k_m.gguf: general.architecture is gemma3, but manifest <built-in reference> expects llama"]);
+    let err = match Vision::load(&runtime(), &manifest(), &cache_root(), Some(&gemma)) {
+        Ok(_) => panic!("a 576-wide projector must not load for a 640-wide LLM"),
+        Err(e) => e.to_string(),
+    };
+    assert_contains(&err, &["untrained-384x576.onnx outputs width 576", "gemma-3-270m-q4_k_m.gguf has n_embd 640"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_temp(dir.path(), "notes.gguf", b"this is not a model\n");
+    assert_contains(&GgufInfo::read(&text).unwrap_err().to_string(), &["notes.gguf: not a readable GGUF file"]);
+    let smol = std::fs::read(models().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let cut = write_temp(dir.path(), "cut.gguf", &smol[..smol.len() / 2]);
+    assert_contains(&GgufInfo::read(&cut).unwrap_err().to_string(), &["cut.gguf: truncated: 49181216 bytes, but its tensors end at byte 98362432"]);
+    assert_contains(&GgufInfo::read(&dir.path().join("gone.gguf")).unwrap_err().to_string(), &["gone.gguf: file not found"]);
+}
+
+#[test]
+fn image_that_does_not_decode() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_temp(dir.path(), "frame.png", b"\x89PNG\r\n\x1a\n but then garbage");
+    let (ok, _, stderr) = scenecast(&["encode", bad.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert_contains(&stderr, &["frame.png", "(expected a PNG or JPEG file)"]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn onnx_runtime_library_missing_foreign_or_too_old() {
+    let photo = models().join("photos/chelsea.png");
+    let photo = photo.to_str().unwrap();
+    let (ok, _, stderr) = scenecast(&["encode", photo], &[("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")]);
+    assert!(!ok);
+    assert_contains(&stderr, &["ONNX Runtime library /nonexistent/libonnxruntime.so (from ORT_DYLIB_PATH) not found"]);
+
+    // A real shared library that is not ONNX Runtime.
+    let dir = tempfile::tempdir().unwrap();
+    let not_ort = build_library(dir.path(), "libnotort.so", "int answer(void) { return 42; }");
+    let (ok, _, stderr) = scenecast(&["encode", photo], &[("ORT_DYLIB_PATH", not_ort.to_str().unwrap())]);
+    assert!(!ok);
+    assert_contains(&stderr, &["libnotort.so (from ORT_DYLIB_PATH)", "does not export `OrtGetApiBase`", "expected libonnxruntime.so >= 1.17"]);
+
+    // A library that answers OrtGetApiBase like ONNX Runtime 1.16 does: refused by its version.
+    let old = build_library(
+        dir.path(),
+        "libonnxruntime.so.1.16.0",
+        "static const char* version(void) { return \"1.16.0\"; }\n\
+         static const void* api(unsigned v) { (void)v; return 0; }\n\
+         struct base { const void* (*get_api)(unsigned); const char* (*get_version)(void); };\n\
+         static const struct base b = { api, version };\n\
+         const struct base* OrtGetApiBase(void) { return &b; }",
+    );
+    let (ok, _, stderr) = scenecast(&["encode", photo], &[("ORT_DYLIB_PATH", old.to_str().unwrap())]);
+    assert!(!ok);
+    assert_contains(&stderr, &["libonnxruntime.so.1.16.0 (from ORT_DYLIB_PATH)", "but got '1.16.0'", "expected libonnxruntime.so >= 1.17"]);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// Compiles a small shared library with the system C compiler.
+fn build_library(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let src = write_temp(dir, &format!("{name}.c"), source.as_bytes());
+    let out = dir.join(name);
+    let status = std::process::Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&out).arg(&src).status().expect("run cc");
+    assert!(status.success(), "cc failed for {name}");
+    out
+}
