@@ -36,6 +36,8 @@ enum Command {
     /// Fetch and check the model files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The main job on the embedded default: the fetched sample photos as the camera.
+    Demo,
     /// Run one image through the encoder and projector; print the image-token shape and timings.
     Encode {
         /// A PNG or JPEG file.
@@ -65,8 +67,10 @@ enum ModelsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // ONNX Runtime logs every graph transformation at INFO; keep it at WARN unless asked for.
+    let filter = if cli.log.contains("ort") { cli.log.clone() } else { format!("{},ort=warn", cli.log) };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -91,6 +95,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models(ModelsCommand::Fetch { gemma, arch }) => fetch(&config, gemma, arch),
         Command::Models(ModelsCommand::Check) => check(&config),
         Command::Encode { image, json } => encode(&config, &image, json),
+        Command::Demo => demo(&config),
     }
 }
 
@@ -267,6 +272,51 @@ fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode> {
         println!(
             "timings ms: decode {decode_ms:.1}, preprocess {:.1}, encode {:.1}, project {:.1}",
             timings.preprocess_ms, timings.encode_ms, timings.project_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The fetched sample photos, sorted by name.
+fn sample_photos(root: &Path) -> Result<Vec<PathBuf>> {
+    let dir = cache::models_dir(root).join("photos");
+    let mut photos: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("sample photos in {} (run `make models`)", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("png" | "jpg" | "jpeg")))
+        .collect();
+    photos.sort();
+    anyhow::ensure!(!photos.is_empty(), "no sample photos in {} (run `make models`)", dir.display());
+    Ok(photos)
+}
+
+fn demo(config: &Config) -> Result<ExitCode> {
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+    let llm = GgufInfo::read(&manifest.resolve(&manifest.llm.file, &root))?;
+    llm.check_against(&manifest)?;
+    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&llm))?;
+    let mut tokens = ImageTokens::default();
+    for path in sample_photos(&root)? {
+        let image = match RgbImage::open(&path) {
+            Ok(image) => image,
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                continue;
+            }
+        };
+        let t = vision.run(&image, &mut tokens)?;
+        println!(
+            "{:<22} {:>4}x{:<4} -> {} image tokens x {} (preprocess {:.1} ms, encode {:.1} ms, project {:.1} ms)",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            image.width(),
+            image.height(),
+            tokens.n_tokens,
+            tokens.n_embd,
+            t.preprocess_ms,
+            t.encode_ms,
+            t.project_ms
         );
     }
     Ok(ExitCode::SUCCESS)

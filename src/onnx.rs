@@ -150,6 +150,12 @@ impl OnnxRuntime {
         &self.loaded.version
     }
 
+    /// The process's ONNX Runtime environment, for benchmarks that compare scenecast against a bare
+    /// `ort` session in the same process (ONNX Runtime allows one environment per process).
+    pub fn ort_environment(&self) -> &ort::environment::Environment {
+        &self.loaded.environment
+    }
+
     /// Opens `file` (described as `what` in errors) with the configured execution providers.
     ///
     /// Providers are tried in the configured order. One that fails to register is skipped with a
