@@ -19,7 +19,8 @@ APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-d
 run: deps models build
 	$(CARGO) run --release --quiet -- demo
 
-## test: set up everything, then run every test
+## test: set up everything, then run every test (the tests use Gemma-3 as a second architecture)
+test: FETCH_ARGS += --gemma
 test: deps models
 	$(CARGO) test --release --all-targets
 	$(CARGO) test --release --doc
