@@ -165,3 +165,404 @@ impl GgufInfo {
         Ok(())
     }
 }
+
+/// An error while loading or running the backbone.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The GGUF failed the metadata checks.
+    #[error(transparent)]
+    File(#[from] BackboneError),
+    /// llama.cpp refused the model.
+    #[error("{path}: llama.cpp cannot load it: {reason} (expected a complete GGUF of an architecture llama.cpp supports)")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// llama.cpp's last error.
+        reason: String,
+    },
+    /// llama.cpp could not create the context.
+    #[error("cannot create a llama.cpp context of {n_ctx} tokens: {reason}")]
+    Context {
+        /// The requested length.
+        n_ctx: u32,
+        /// llama.cpp's last error.
+        reason: String,
+    },
+    /// The chat layout could not be built.
+    #[error(transparent)]
+    Prompt(#[from] crate::prompt::PromptError),
+    /// The context cannot hold what is asked of it.
+    #[error("the context of {n_ctx} tokens is too small: {what} needs {needed}; raise `llm.context`")]
+    ContextTooSmall {
+        /// The context length.
+        n_ctx: usize,
+        /// What does not fit.
+        what: String,
+        /// Tokens needed.
+        needed: usize,
+    },
+    /// Image tokens of another width than the model's.
+    #[error("image tokens are {got} wide, but the LLM's n_embd is {expected}")]
+    EmbeddingWidth {
+        /// The model's width.
+        expected: usize,
+        /// The tokens' width.
+        got: usize,
+    },
+    /// An empty question.
+    #[error("the question is empty")]
+    EmptyQuestion,
+    /// A question over the configured limit.
+    #[error("the question has {chars} characters; the limit is {limit} (`llm.max_question_chars`)")]
+    QuestionTooLong {
+        /// Its length.
+        chars: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// llama_decode failed.
+    #[error("llama.cpp failed to decode {what} (status {status})")]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// llama_decode's status.
+        status: i32,
+    },
+}
+
+/// A piece of a prompt: text, or embedding rows (image tokens).
+#[derive(Debug, Clone, Copy)]
+pub enum Part<'a> {
+    /// Text, tokenized with special tokens parsed.
+    Text(&'a str),
+    /// Row-major embeddings, `n_embd` floats per position.
+    Embeddings(&'a [f32]),
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// An end-of-generation token or a stop string.
+    End,
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// The context is full.
+    ContextFull,
+    /// The deadline passed.
+    Deadline,
+    /// Cancelled by the caller.
+    Cancelled,
+}
+
+/// Limits of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling settings.
+    pub sampling: crate::sampling::SamplingParams,
+    /// Stop when this instant passes.
+    pub deadline: Option<std::time::Instant>,
+    /// Stop when this flag becomes true.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// A finished caption or answer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    /// The text, without stop strings.
+    pub text: String,
+    /// Tokens generated.
+    pub n_tokens: usize,
+    /// Time to decode the request's prompt tokens (after the cached scene prefix), ms.
+    pub prefill_ms: f64,
+    /// Time generating, ms.
+    pub decode_ms: f64,
+    /// From the start of the request to the first generated token, ms.
+    pub ttft_ms: f64,
+    /// Whether the scene prefix was already in the cache.
+    pub prefix_cached: bool,
+    /// Why it ended.
+    pub stop: StopReason,
+}
+
+/// What the loaded model is.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelSummary {
+    /// The manifest's name for the stack.
+    pub stack: String,
+    /// GGUF metadata.
+    #[serde(flatten)]
+    pub gguf: GgufInfo,
+    /// Parameters, as llama.cpp counts them.
+    pub n_params: u64,
+    /// CPU threads used.
+    pub threads: usize,
+    /// Context length.
+    pub n_ctx: usize,
+}
+
+/// The scene whose prefix is in the KV cache.
+#[derive(Debug, Clone, Copy)]
+struct CachedScene {
+    id: u64,
+    /// Positions the prefix occupies.
+    n_past: usize,
+}
+
+/// The LLM backbone: model, context, chat layout, and the cached scene prefix.
+pub struct Backbone {
+    ctx: crate::ffi::Context,
+    layout: crate::prompt::ChatLayout,
+    summary: ModelSummary,
+    config: crate::config::LlmConfig,
+    scene: Option<CachedScene>,
+    history: Vec<i32>,
+}
+
+fn ms_since(start: std::time::Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+impl Backbone {
+    /// Loads the manifest's GGUF: metadata checks, llama.cpp model and context, chat layout.
+    pub fn load(manifest: &Manifest, cache_root: &Path, config: &crate::config::LlmConfig) -> Result<Self, EngineError> {
+        let path = manifest.resolve(&manifest.llm.file, cache_root);
+        let info = GgufInfo::read(&path)?;
+        info.check_against(manifest)?;
+        let options = crate::ffi::ModelOptions { n_gpu_layers: config.gpu_layers };
+        let model = crate::ffi::Model::load(&path, options).map_err(|reason| EngineError::Load { path: path.clone(), reason })?;
+        let model = std::sync::Arc::new(model);
+        let threads = if config.threads == 0 { crate::config::physical_cores() } else { config.threads };
+        let ctx_options = crate::ffi::ContextOptions { n_ctx: config.context, n_batch: config.batch, n_threads: threads as i32 };
+        let ctx = crate::ffi::Context::new(model.clone(), ctx_options).map_err(|reason| EngineError::Context { n_ctx: config.context, reason })?;
+        let system = config.system_prompt.as_deref().unwrap_or(&manifest.llm.chat.system);
+        let template = model.chat_template();
+        let layout = crate::prompt::ChatLayout::new(&manifest.llm.chat, system, |messages| {
+            crate::ffi::Model::apply_chat_template(template.as_deref()?, messages)
+        })?;
+        let summary = ModelSummary { stack: manifest.name.clone(), n_params: model.n_params(), threads, n_ctx: ctx.n_ctx(), gguf: info };
+        tracing::info!(model = %path.display(), params = summary.n_params, threads, n_ctx = summary.n_ctx, "LLM backbone loaded");
+        Ok(Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new() })
+    }
+
+    /// What is loaded.
+    pub fn summary(&self) -> &ModelSummary {
+        &self.summary
+    }
+
+    /// The id of the scene whose prefix is cached.
+    pub fn scene_id(&self) -> Option<u64> {
+        self.scene.map(|s| s.id)
+    }
+
+    /// Options for a caption or answer from the config, with the configured deadline.
+    pub fn default_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.config.max_tokens,
+            sampling: self.config.sampling.clone(),
+            deadline: Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(self.config.request_timeout_s)),
+            cancel: None,
+        }
+    }
+
+    /// The configured caption prompt.
+    pub fn caption_prompt(&self) -> &str {
+        &self.config.caption_prompt
+    }
+
+    fn tokens_of(&self, parts: &[Part<'_>], at_start: bool) -> Vec<Vec<i32>> {
+        let mut first = at_start && self.ctx.model().adds_bos();
+        parts
+            .iter()
+            .map(|part| match part {
+                Part::Text(text) => {
+                    let tokens = self.ctx.model().tokenize(text, first);
+                    first = false;
+                    tokens
+                }
+                Part::Embeddings(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// Decodes `parts` at `pos`; returns the position after them.
+    fn decode_parts(&mut self, parts: &[Part<'_>], pos: usize, what: &'static str) -> Result<usize, EngineError> {
+        let n_embd = self.ctx.model().n_embd();
+        let tokens = self.tokens_of(parts, pos == 0);
+        let needed = pos
+            + parts
+                .iter()
+                .zip(&tokens)
+                .map(|(part, toks)| match part {
+                    Part::Text(_) => toks.len(),
+                    Part::Embeddings(embd) => embd.len() / n_embd.max(1),
+                })
+                .sum::<usize>();
+        if needed >= self.ctx.n_ctx() {
+            return Err(EngineError::ContextTooSmall { n_ctx: self.ctx.n_ctx(), what: what.to_owned(), needed: needed + 1 });
+        }
+        let mut pos = pos;
+        for (part, toks) in parts.iter().zip(&tokens) {
+            let (input, n) = match part {
+                Part::Text(_) => (crate::ffi::BatchInput::Tokens(toks), toks.len()),
+                Part::Embeddings(embd) => {
+                    if embd.len() % n_embd != 0 {
+                        return Err(EngineError::EmbeddingWidth { expected: n_embd, got: embd.len() });
+                    }
+                    (crate::ffi::BatchInput::Embeddings(embd), embd.len() / n_embd)
+                }
+            };
+            if n == 0 {
+                continue;
+            }
+            self.ctx.decode(input, pos).map_err(|status| EngineError::Decode { what, status })?;
+            pos += n;
+        }
+        Ok(pos)
+    }
+
+    /// Makes `parts` the cached prefix of scene `id`: the cache is cleared and the prefix decoded
+    /// once. Returns the prefill time in ms.
+    pub fn set_prefix(&mut self, id: u64, parts: &[Part<'_>]) -> Result<f64, EngineError> {
+        let start = std::time::Instant::now();
+        self.ctx.clear();
+        self.scene = None;
+        let n_past = self.decode_parts(parts, 0, "the scene prefix")?;
+        self.scene = Some(CachedScene { id, n_past });
+        Ok(ms_since(start))
+    }
+
+    /// Makes a camera scene current: the chat prefix followed by the image tokens (or no image).
+    pub fn set_scene(&mut self, id: u64, image: Option<&crate::projector::ImageTokens>) -> Result<f64, EngineError> {
+        let n_embd = self.ctx.model().n_embd();
+        if let Some(image) = image {
+            if image.n_embd != n_embd {
+                return Err(EngineError::EmbeddingWidth { expected: n_embd, got: image.n_embd });
+            }
+        }
+        let prefix = self.layout.prefix().to_owned();
+        match image {
+            Some(image) => self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]),
+            None => self.set_prefix(id, &[Part::Text(&prefix)]),
+        }
+    }
+
+    /// Checks a question against the limits.
+    pub fn check_question(&self, question: &str) -> Result<(), EngineError> {
+        if question.trim().is_empty() {
+            return Err(EngineError::EmptyQuestion);
+        }
+        let chars = question.chars().count();
+        if chars > self.config.max_question_chars {
+            return Err(EngineError::QuestionTooLong { chars, limit: self.config.max_question_chars });
+        }
+        Ok(())
+    }
+
+    /// Answers `question` about the current scene (a text-only prefix when none is set).
+    /// `on_text` receives the answer as it is generated and returns false to stop early.
+    pub fn ask(&mut self, question: &str, options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation, EngineError> {
+        self.check_question(question)?;
+        if self.scene.is_none() {
+            self.set_scene(u64::MAX, None)?;
+        }
+        let request = self.layout.request(question);
+        self.generate(&[Part::Text(&request)], options, on_text)
+    }
+
+    /// Continues the cached prefix with `tail` and generates. The cache is first cut back to the
+    /// prefix, so every request sees the same scene prefix and nothing of earlier requests.
+    pub fn generate(&mut self, tail: &[Part<'_>], options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation, EngineError> {
+        let start = std::time::Instant::now();
+        let scene = match self.scene {
+            Some(scene) => scene,
+            None => {
+                self.set_prefix(u64::MAX, &[])?;
+                self.scene.expect("set above")
+            }
+        };
+        let prefix_cached = scene.n_past > 0;
+        self.ctx.truncate(scene.n_past);
+        let mut pos = self.decode_parts(tail, scene.n_past, "the request")?;
+        let prefill_ms = ms_since(start);
+        let mut sampler = crate::sampling::Sampler::new(options.sampling.clone());
+        let mut filter = crate::prompt::StopFilter::new(self.layout.stop());
+        self.history.clear();
+        let decode_start = std::time::Instant::now();
+        let mut ttft_ms = 0.0;
+        let mut stop = StopReason::MaxTokens;
+        while self.history.len() < options.max_tokens {
+            if options.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                stop = StopReason::Cancelled;
+                break;
+            }
+            if options.deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                stop = StopReason::Deadline;
+                break;
+            }
+            let Some(token) = sampler.sample(self.ctx.last_logits(), &self.history) else {
+                return Err(EngineError::Decode { what: "logits", status: -1 });
+            };
+            if self.history.is_empty() {
+                ttft_ms = ms_since(start);
+            }
+            if self.ctx.model().is_eog(token) {
+                stop = StopReason::End;
+                break;
+            }
+            self.history.push(token);
+            let (text, stopped) = filter.push(&self.ctx.model().token_bytes(token));
+            if (!text.is_empty() && !on_text(&text)) || stopped {
+                stop = if stopped { StopReason::End } else { StopReason::Cancelled };
+                break;
+            }
+            if pos + 1 >= self.ctx.n_ctx() {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            self.ctx.decode(crate::ffi::BatchInput::Tokens(&[token]), pos).map_err(|status| EngineError::Decode { what: "a generated token", status })?;
+            pos += 1;
+        }
+        let rest = filter.finish();
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        Ok(Generation {
+            text: filter.text().trim().to_owned(),
+            n_tokens: self.history.len(),
+            prefill_ms,
+            decode_ms: ms_since(decode_start),
+            ttft_ms,
+            prefix_cached,
+            stop,
+        })
+    }
+
+    /// Tokenizes text as the model does (with special tokens parsed, no BOS).
+    pub fn tokenize(&self, text: &str) -> Vec<i32> {
+        self.ctx.model().tokenize(text, false)
+    }
+}
+
+/// The rows of `tokens` in the GGUF's token-embedding matrix (`token_embd.weight`), dequantised:
+/// what the model itself feeds its first layer for those tokens.
+pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, BackboneError> {
+    let gguf = GgufFile::open(path).ok_or_else(|| BackboneError::NotGguf { path: path.to_owned() })?;
+    let (matrix, width) = gguf
+        .tensor_f32(path, "token_embd.weight")
+        .ok_or_else(|| BackboneError::MissingKey { path: path.to_owned(), key: "token_embd.weight".into(), expected: "a dequantisable tensor" })?;
+    let n_rows = matrix.len() / width;
+    let mut out = Vec::with_capacity(tokens.len() * width);
+    for &t in tokens {
+        let row = usize::try_from(t).ok().filter(|r| *r < n_rows).ok_or_else(|| BackboneError::MissingKey {
+            path: path.to_owned(),
+            key: format!("token_embd.weight row {t}"),
+            expected: "a token id inside the vocabulary",
+        })?;
+        out.extend_from_slice(&matrix[row * width..(row + 1) * width]);
+    }
+    Ok(out)
+}

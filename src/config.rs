@@ -118,6 +118,69 @@ impl Default for OnnxConfig {
     }
 }
 
+/// The LLM backbone: llama.cpp settings, prompts and generation limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// CPU threads (0: the number of physical cores).
+    pub threads: usize,
+    /// Context length in tokens: the scene prefix, a question and its answer must fit.
+    pub context: u32,
+    /// Most tokens decoded in one llama.cpp call (prefill chunk).
+    pub batch: u32,
+    /// Layers offloaded to the GPU (needs the `cuda` build; 0: CPU only).
+    pub gpu_layers: i32,
+    /// Most tokens in one caption or answer.
+    pub max_tokens: usize,
+    /// Longest accepted question, in characters.
+    pub max_question_chars: usize,
+    /// Replaces the manifest's system prompt.
+    pub system_prompt: Option<String>,
+    /// The question that asks for a caption.
+    pub caption_prompt: String,
+    /// A caption or answer that takes longer is cut off (seconds).
+    pub request_timeout_s: f64,
+    /// Sampling; the default (temperature 0) is greedy and deterministic.
+    pub sampling: crate::sampling::SamplingParams,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            threads: 0,
+            context: 2048,
+            batch: 512,
+            gpu_layers: 0,
+            max_tokens: 96,
+            max_question_chars: 500,
+            system_prompt: None,
+            caption_prompt: "Describe what you see in one sentence.".into(),
+            request_timeout_s: 60.0,
+            sampling: crate::sampling::SamplingParams::default(),
+        }
+    }
+}
+
+/// The number of physical CPU cores (logical CPUs where the topology is not known).
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, usize::from);
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else { return logical };
+    let mut cores = std::collections::HashSet::new();
+    let mut physical = "0".to_owned();
+    for line in cpuinfo.lines() {
+        if let Some((key, value)) = line.split_once(':') {
+            match key.trim() {
+                "physical id" => physical = value.trim().to_owned(),
+                "core id" => {
+                    cores.insert((physical.clone(), value.trim().to_owned()));
+                }
+                _ => {}
+            }
+        }
+    }
+    if cores.is_empty() { logical } else { cores.len().min(logical) }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -126,6 +189,8 @@ pub struct Config {
     pub models: ModelsConfig,
     /// ONNX Runtime.
     pub onnx: OnnxConfig,
+    /// The LLM backbone.
+    pub llm: LlmConfig,
     /// Where the config came from; not in the TOML.
     #[serde(skip)]
     pub origin: String,
@@ -166,6 +231,23 @@ impl Config {
             if ep.device_id < 0 {
                 return Err(self.invalid(format!("onnx.execution_providers[{i}].device_id"), format!("must be >= 0, got {}", ep.device_id)));
             }
+        }
+        let llm = &self.llm;
+        let checks: [(&str, bool, &str); 8] = [
+            ("llm.context", llm.context >= 64, "must be at least 64 tokens"),
+            ("llm.batch", llm.batch >= 1, "must be at least 1"),
+            ("llm.max_tokens", llm.max_tokens >= 1, "must be at least 1"),
+            ("llm.max_question_chars", llm.max_question_chars >= 1, "must be at least 1"),
+            ("llm.request_timeout_s", llm.request_timeout_s > 0.0 && llm.request_timeout_s.is_finite(), "must be a positive number of seconds"),
+            ("llm.sampling.temperature", llm.sampling.temperature >= 0.0, "must be >= 0 (0 is greedy)"),
+            ("llm.sampling.top_p", llm.sampling.top_p > 0.0 && llm.sampling.top_p <= 1.0, "must be in (0, 1]"),
+            ("llm.sampling.repeat_penalty", llm.sampling.repeat_penalty > 0.0, "must be > 0 (1 is off)"),
+        ];
+        if let Some((key, _, message)) = checks.iter().find(|(_, ok, _)| !ok) {
+            return Err(self.invalid(*key, *message));
+        }
+        if llm.caption_prompt.trim().is_empty() {
+            return Err(self.invalid("llm.caption_prompt", "is empty"));
         }
         if let Some(lib) = &self.onnx.library {
             if lib.as_os_str().is_empty() {
@@ -209,6 +291,10 @@ mod tests {
             ("[onnx]\nexecution_providers = [{ kind = \"cuda\", device_id = -1 }]\n", "`onnx.execution_providers[0].device_id`: must be >= 0"),
             ("[onnx]\nlibrary = \"\"\n", "`onnx.library`: is empty"),
             ("[modles]\n", "unknown field `modles`"),
+            ("[llm]\ncontext = 16\n", "`llm.context`: must be at least 64 tokens"),
+            ("[llm.sampling]\ntop_p = 1.5\n", "`llm.sampling.top_p`: must be in (0, 1]"),
+            ("[llm]\ncaption_prompt = \" \"\n", "`llm.caption_prompt`: is empty"),
+            ("[llm.sampling]\ntemprature = 0.7\n", "unknown field `temprature`"),
         ];
         for (text, expect) in cases {
             let err = Config::parse(text, "t.toml").unwrap_err().to_string();

@@ -149,3 +149,400 @@ pub fn ort_version(path: &Path) -> Option<String> {
         (!version.is_null()).then(|| CStr::from_ptr(version).to_string_lossy().into_owned())
     }
 }
+
+impl GgufFile {
+    /// The float values of a tensor (for example `token_embd.weight`), read from `path` at the
+    /// offset this header gives and dequantised with ggml's own `to_float` for its type.
+    /// Returns `(values, row_len)`; `None` when the tensor is absent or its type has no converter.
+    pub fn tensor_f32(&self, path: &Path, name: &str) -> Option<(Vec<f32>, usize)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let c_name = CString::new(name).ok()?;
+        let ctx = self.ctx.as_ptr();
+        // SAFETY: valid context and NUL-terminated name; the id is checked before use; the
+        // type traits are static in ggml; `to_float` is called with a source of exactly
+        // `n_rows * row_size(ty, row_len)` bytes and a destination of `n_rows * row_len` floats.
+        unsafe {
+            let id = sys::gguf_find_tensor(ctx, c_name.as_ptr());
+            if id < 0 {
+                return None;
+            }
+            let ty = sys::gguf_get_tensor_type(ctx, id);
+            let n_bytes = sys::gguf_get_tensor_size(ctx, id);
+            let offset = sys::gguf_get_data_offset(ctx) + sys::gguf_get_tensor_offset(ctx, id);
+            let row_len = self.tensor_row_len(name)?;
+            let row_bytes = sys::ggml_row_size(ty, row_len as i64);
+            if row_bytes == 0 || n_bytes % row_bytes != 0 {
+                return None;
+            }
+            let n_rows = n_bytes / row_bytes;
+            let traits = sys::ggml_get_type_traits(ty);
+            let to_float = (*traits).to_float?;
+            let mut raw = vec![0u8; n_bytes];
+            let mut file = std::fs::File::open(path).ok()?;
+            file.seek(SeekFrom::Start(offset as u64)).ok()?;
+            file.read_exact(&mut raw).ok()?;
+            let mut out = vec![0f32; n_rows * row_len];
+            to_float(raw.as_ptr().cast(), out.as_mut_ptr(), (n_rows * row_len) as i64);
+            Some((out, row_len))
+        }
+    }
+
+    /// The first dimension (row length) of a tensor, from its ggml meta tensor.
+    fn tensor_row_len(&self, name: &str) -> Option<usize> {
+        // The gguf reader does not expose shapes without a ggml context; the embedding matrix's
+        // row length is the model's width, which every architecture records.
+        let arch = match self.get("general.architecture")? {
+            GgufValue::Str(arch) => arch,
+            _ => return None,
+        };
+        match (name, self.get(&format!("{arch}.embedding_length"))?) {
+            ("token_embd.weight", GgufValue::Int(width)) if width > 0 => Some(width as usize),
+            _ => None,
+        }
+    }
+}
+
+/// Routes llama.cpp's and ggml's log lines into `tracing` and remembers the last error, so that
+/// a failed load can say why. Installed once by [`backend_init`].
+static LAST_ERROR: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+static LAST_LEVEL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const std::ffi::c_char, _user: *mut std::ffi::c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a NUL-terminated string valid for the duration of the call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    use std::sync::atomic::Ordering;
+    let level = if level == sys::GGML_LOG_LEVEL_CONT { LAST_LEVEL.load(Ordering::Relaxed) } else { level };
+    LAST_LEVEL.store(level, Ordering::Relaxed);
+    let line = text.trim_end();
+    match level {
+        sys::GGML_LOG_LEVEL_ERROR => {
+            tracing::error!(target: "llama.cpp", "{line}");
+            if let Ok(mut last) = LAST_ERROR.lock() {
+                *last = line.to_owned();
+            }
+        }
+        sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama.cpp", "{line}"),
+        sys::GGML_LOG_LEVEL_INFO => tracing::debug!(target: "llama.cpp", "{line}"),
+        _ => tracing::trace!(target: "llama.cpp", "{line}"),
+    }
+}
+
+/// Takes the last error line llama.cpp logged (empty if none).
+pub fn take_last_error() -> String {
+    LAST_ERROR.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default()
+}
+
+/// Initialises llama.cpp's backends and its logging, once per process.
+pub fn backend_init() {
+    static INIT: std::sync::Once = std::sync::Once::new();
+    // SAFETY: called once; the callback is a plain function valid for the program's lifetime.
+    INIT.call_once(|| unsafe {
+        sys::llama_log_set(Some(log_callback), std::ptr::null_mut());
+        sys::llama_backend_init();
+    });
+}
+
+/// Options for loading a model.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelOptions {
+    /// Layers to offload to a GPU (0: CPU only).
+    pub n_gpu_layers: i32,
+}
+
+/// A loaded llama.cpp model. Immutable after loading, so it is shared (`Arc`) by contexts.
+pub struct Model {
+    ptr: NonNull<sys::llama_model>,
+    vocab: NonNull<sys::llama_vocab>,
+}
+
+// SAFETY: a llama_model is read-only after loading and llama.cpp documents it as shareable between
+// contexts on different threads.
+unsafe impl Send for Model {}
+unsafe impl Sync for Model {}
+
+impl Model {
+    /// Loads `path`; on failure returns llama.cpp's last logged error.
+    pub fn load(path: &Path, options: ModelOptions) -> Result<Self, String> {
+        backend_init();
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_owned())?;
+        let _ = take_last_error();
+        // SAFETY: default params are plain data; the path is a valid C string for the call; a null
+        // return means failure, with the reason logged.
+        unsafe {
+            let mut params = sys::llama_model_default_params();
+            params.n_gpu_layers = options.n_gpu_layers;
+            let ptr = sys::llama_model_load_from_file(c_path.as_ptr(), params);
+            let Some(ptr) = NonNull::new(ptr) else {
+                let reason = take_last_error();
+                return Err(if reason.is_empty() { "llama.cpp could not load the model".into() } else { reason });
+            };
+            let vocab = sys::llama_model_get_vocab(ptr.as_ptr()).cast_mut();
+            match NonNull::new(vocab) {
+                Some(vocab) => Ok(Model { ptr, vocab }),
+                None => {
+                    sys::llama_model_free(ptr.as_ptr());
+                    Err("the model has no vocabulary".into())
+                }
+            }
+        }
+    }
+
+    /// Embedding width.
+    pub fn n_embd(&self) -> usize {
+        // SAFETY: valid model.
+        unsafe { sys::llama_model_n_embd(self.ptr.as_ptr()) as usize }
+    }
+
+    /// Parameter count.
+    pub fn n_params(&self) -> u64 {
+        // SAFETY: valid model.
+        unsafe { sys::llama_model_n_params(self.ptr.as_ptr()) }
+    }
+
+    /// Vocabulary size.
+    pub fn n_vocab(&self) -> usize {
+        // SAFETY: valid vocab.
+        unsafe { sys::llama_vocab_n_tokens(self.vocab.as_ptr()) as usize }
+    }
+
+    /// Whether `token` ends generation (end of turn, end of sequence).
+    pub fn is_eog(&self, token: i32) -> bool {
+        // SAFETY: valid vocab; llama.cpp range-checks the token.
+        unsafe { sys::llama_vocab_is_eog(self.vocab.as_ptr(), token) }
+    }
+
+    /// Whether the vocabulary wants a BOS token in front of a fresh sequence.
+    pub fn adds_bos(&self) -> bool {
+        // SAFETY: valid vocab.
+        unsafe { sys::llama_vocab_get_add_bos(self.vocab.as_ptr()) }
+    }
+
+    /// Tokenizes `text`; `add_special` adds BOS where the model wants it; special tokens written
+    /// in the text (`<|im_start|>`) are parsed as such.
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Vec<i32> {
+        let len = i32::try_from(text.len()).unwrap_or(i32::MAX);
+        let mut tokens = vec![0i32; text.len() + 2];
+        // SAFETY: `text` is valid for `len` bytes; `tokens` has room for the count passed. A
+        // negative result is the needed size; the second call has exactly that room.
+        unsafe {
+            let mut n = sys::llama_tokenize(self.vocab.as_ptr(), text.as_ptr().cast(), len, tokens.as_mut_ptr(), tokens.len() as i32, add_special, true);
+            if n < 0 {
+                tokens.resize(n.unsigned_abs() as usize, 0);
+                n = sys::llama_tokenize(self.vocab.as_ptr(), text.as_ptr().cast(), len, tokens.as_mut_ptr(), tokens.len() as i32, add_special, true);
+            }
+            tokens.truncate(n.max(0) as usize);
+        }
+        tokens
+    }
+
+    /// The bytes a token stands for (special tokens rendered as text).
+    pub fn token_bytes(&self, token: i32) -> Vec<u8> {
+        let mut buf = vec![0u8; 64];
+        // SAFETY: `buf` has the room passed; a negative result is the needed size.
+        unsafe {
+            let mut n = sys::llama_token_to_piece(self.vocab.as_ptr(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, true);
+            if n < 0 {
+                buf.resize(n.unsigned_abs() as usize, 0);
+                n = sys::llama_token_to_piece(self.vocab.as_ptr(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, true);
+            }
+            buf.truncate(n.max(0) as usize);
+        }
+        buf
+    }
+
+    /// The GGUF's own chat template, if it has one.
+    pub fn chat_template(&self) -> Option<String> {
+        // SAFETY: valid model; the returned string is owned by the model and copied at once.
+        unsafe {
+            let ptr = sys::llama_model_chat_template(self.ptr.as_ptr(), std::ptr::null());
+            (!ptr.is_null()).then(|| CStr::from_ptr(ptr).to_string_lossy().into_owned())
+        }
+    }
+
+    /// Renders `messages` (role, content) with `template` (a Jinja template string of a kind
+    /// llama.cpp recognises, or a built-in name such as `chatml`), adding the assistant prefix.
+    pub fn apply_chat_template(template: &str, messages: &[(&str, &str)]) -> Option<String> {
+        let template = CString::new(template).ok()?;
+        let owned: Vec<(CString, CString)> = messages.iter().map(|(r, c)| Some((CString::new(*r).ok()?, CString::new(*c).ok()?))).collect::<Option<_>>()?;
+        let chat: Vec<sys::llama_chat_message> = owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+        let mut buf = vec![0u8; 4096];
+        // SAFETY: all strings live in `owned`/`template` for the call; `buf` has the room passed;
+        // a result larger than the room is the needed size, and the second call has it.
+        unsafe {
+            let mut n = sys::llama_chat_apply_template(template.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32);
+            if n < 0 {
+                return None;
+            }
+            if n as usize > buf.len() {
+                buf.resize(n as usize, 0);
+                n = sys::llama_chat_apply_template(template.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32);
+            }
+            buf.truncate(n.max(0) as usize);
+        }
+        String::from_utf8(buf).ok()
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        // SAFETY: the model came from llama_model_load_from_file; contexts hold an `Arc<Model>`,
+        // so none is alive when this runs.
+        unsafe { sys::llama_model_free(self.ptr.as_ptr()) }
+    }
+}
+
+/// Options for a context.
+#[derive(Debug, Clone, Copy)]
+pub struct ContextOptions {
+    /// Context length in tokens.
+    pub n_ctx: u32,
+    /// Most tokens decoded in one call.
+    pub n_batch: u32,
+    /// CPU threads.
+    pub n_threads: i32,
+}
+
+/// The input of one decode call: token ids or embedding rows.
+pub enum BatchInput<'a> {
+    /// Token ids.
+    Tokens(&'a [i32]),
+    /// Row-major embeddings, `n_embd` floats per position.
+    Embeddings(&'a [f32]),
+}
+
+/// A llama.cpp context (KV cache and compute buffers) on one sequence, 0.
+pub struct Context {
+    ptr: NonNull<sys::llama_context>,
+    model: std::sync::Arc<Model>,
+    n_batch: usize,
+}
+
+// SAFETY: a llama_context is not tied to a thread; `&mut self` on every mutating method ensures
+// one user at a time.
+unsafe impl Send for Context {}
+
+impl Context {
+    /// A context on `model`.
+    pub fn new(model: std::sync::Arc<Model>, options: ContextOptions) -> Result<Self, String> {
+        // SAFETY: default params are plain data; the model outlives the context (held by Arc and
+        // dropped after it, see Drop); a null return means failure.
+        unsafe {
+            let mut params = sys::llama_context_default_params();
+            params.n_ctx = options.n_ctx;
+            params.n_batch = options.n_batch;
+            params.n_ubatch = options.n_batch;
+            params.n_seq_max = 1;
+            params.n_threads = options.n_threads;
+            params.n_threads_batch = options.n_threads;
+            // Keep the whole cache for sliding-window models, so a scene prefix can be kept
+            // while later positions are dropped and rewritten.
+            params.swa_full = true;
+            params.no_perf = true;
+            let _ = take_last_error();
+            let ptr = sys::llama_init_from_model(model.ptr.as_ptr(), params);
+            let ptr = NonNull::new(ptr).ok_or_else(|| {
+                let reason = take_last_error();
+                if reason.is_empty() { "llama.cpp could not create a context".to_owned() } else { reason }
+            })?;
+            Ok(Context { ptr, model, n_batch: options.n_batch as usize })
+        }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Context length.
+    pub fn n_ctx(&self) -> usize {
+        // SAFETY: valid context.
+        unsafe { sys::llama_n_ctx(self.ptr.as_ptr()) as usize }
+    }
+
+    /// Decodes `input` at positions `pos0..` of sequence 0, in chunks of at most `n_batch`;
+    /// logits are computed for the last position only. Returns llama.cpp's status on failure.
+    pub fn decode(&mut self, input: BatchInput<'_>, pos0: usize) -> Result<(), i32> {
+        let n_embd = self.model.n_embd();
+        let n_total = match input {
+            BatchInput::Tokens(tokens) => tokens.len(),
+            BatchInput::Embeddings(embd) if n_embd > 0 && embd.len() % n_embd == 0 => embd.len() / n_embd,
+            // Rows of another width cannot be decoded; the caller checks and names the widths.
+            BatchInput::Embeddings(_) => return Err(-1),
+        };
+        let mut start = 0;
+        while start < n_total {
+            let n = (n_total - start).min(self.n_batch);
+            let is_last_chunk = start + n == n_total;
+            let embd_width = if matches!(input, BatchInput::Embeddings(_)) { n_embd as i32 } else { 0 };
+            // SAFETY: llama_batch_init allocates `n` entries of each array (and `n * n_embd`
+            // floats when embd_width > 0, else a token array) with room for 1 seq id each; we
+            // write exactly `n` entries, set n_tokens = n, decode, and free the batch on every path.
+            let status = unsafe {
+                let mut batch = sys::llama_batch_init(n as i32, embd_width, 1);
+                for i in 0..n {
+                    match input {
+                        BatchInput::Tokens(tokens) => *batch.token.add(i) = tokens[start + i],
+                        BatchInput::Embeddings(embd) => {
+                            let row = &embd[(start + i) * n_embd..(start + i + 1) * n_embd];
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), batch.embd.add(i * n_embd), n_embd);
+                        }
+                    }
+                    *batch.pos.add(i) = (pos0 + start + i) as i32;
+                    *batch.n_seq_id.add(i) = 1;
+                    *(*batch.seq_id.add(i)).add(0) = 0;
+                    *batch.logits.add(i) = i8::from(is_last_chunk && i == n - 1);
+                }
+                batch.n_tokens = n as i32;
+                let status = sys::llama_decode(self.ptr.as_ptr(), batch);
+                sys::llama_batch_free(batch);
+                status
+            };
+            if status != 0 {
+                return Err(status);
+            }
+            start += n;
+        }
+        Ok(())
+    }
+
+    /// The logits of the last decoded position (length `n_vocab`).
+    pub fn last_logits(&mut self) -> &[f32] {
+        let n_vocab = self.model.n_vocab();
+        // SAFETY: after a successful decode with the last position's logits requested, index -1
+        // is that position's row of `n_vocab` floats, valid until the next decode (`&mut self`
+        // borrow prevents one while the slice lives).
+        unsafe {
+            let ptr = sys::llama_get_logits_ith(self.ptr.as_ptr(), -1);
+            if ptr.is_null() {
+                return &[];
+            }
+            std::slice::from_raw_parts(ptr, n_vocab)
+        }
+    }
+
+    /// Drops positions `from..` of sequence 0, keeping `0..from` (the scene prefix).
+    pub fn truncate(&mut self, from: usize) -> bool {
+        // SAFETY: valid context; its memory is owned by it.
+        unsafe {
+            let mem = sys::llama_get_memory(self.ptr.as_ptr());
+            sys::llama_memory_seq_rm(mem, 0, from as i32, -1)
+        }
+    }
+
+    /// Empties the cache.
+    pub fn clear(&mut self) {
+        // SAFETY: valid context; `true` also clears the data buffers.
+        unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: the context came from llama_init_from_model and is freed once, before its
+        // `Arc<Model>` field is dropped (fields drop after this body).
+        unsafe { sys::llama_free(self.ptr.as_ptr()) }
+    }
+}

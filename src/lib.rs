@@ -30,4 +30,6 @@ pub mod manifest;
 pub mod onnx;
 pub mod preprocess;
 pub mod projector;
+pub mod prompt;
+pub mod sampling;
 pub mod vision;

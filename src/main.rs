@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use scenecast::backbone::GgufInfo;
+use scenecast::backbone::{Backbone, GgufInfo};
 use scenecast::config::Config;
 use scenecast::frame::RgbImage;
 use scenecast::manifest::{FileRef, Manifest};
@@ -38,6 +38,27 @@ enum Command {
     Models(ModelsCommand),
     /// The main job on the embedded default: the fetched sample photos as the camera.
     Demo,
+    /// Caption one image: encoder, projector, LLM.
+    Caption {
+        /// A PNG or JPEG file.
+        image: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer questions about one image; several questions share one cached scene prefix.
+    Ask {
+        /// A PNG or JPEG file.
+        image: PathBuf,
+        /// The question (more with --question).
+        question: Option<String>,
+        /// Further questions, answered in turn against the same cached prefix.
+        #[arg(long = "question", short = 'q')]
+        questions: Vec<String>,
+        /// Print JSON (one object per answer) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one image through the encoder and projector; print the image-token shape and timings.
     Encode {
         /// A PNG or JPEG file.
@@ -96,6 +117,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models(ModelsCommand::Check) => check(&config),
         Command::Encode { image, json } => encode(&config, &image, json),
         Command::Demo => demo(&config),
+        Command::Caption { image, json } => {
+            let prompt = config.llm.caption_prompt.clone();
+            describe(&config, &image, &[prompt], json)
+        }
+        Command::Ask { image, question, questions, json } => {
+            let all: Vec<String> = question.into_iter().chain(questions).collect();
+            anyhow::ensure!(!all.is_empty(), "give a question: scenecast ask IMAGE \"What is on the table?\"");
+            describe(&config, &image, &all, json)
+        }
     }
 }
 
@@ -318,6 +348,71 @@ fn demo(config: &Config) -> Result<ExitCode> {
             t.encode_ms,
             t.project_ms
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The image through the whole stack, then each question against the one cached scene prefix.
+fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool) -> Result<ExitCode> {
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let start = Instant::now();
+    let image = RgbImage::open(image_path)?;
+    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+    let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
+    for question in questions {
+        backbone.check_question(question)?;
+    }
+    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+    let mut tokens = ImageTokens::default();
+    let vision_start = Instant::now();
+    let vt = vision.run(&image, &mut tokens)?;
+    let scene_prefill_ms = backbone.set_scene(0, Some(&tokens))?;
+    let vision_ms = vision_start.elapsed().as_secs_f64() * 1e3 - scene_prefill_ms;
+    for (i, question) in questions.iter().enumerate() {
+        let request_start = Instant::now();
+        let answer = backbone.ask(question, &backbone.default_options(), &mut |_| true)?;
+        // The first request pays for the image (vision + scene prefill); later ones reuse it.
+        let (first, scene_ms) = if i == 0 { (true, scene_prefill_ms) } else { (false, 0.0) };
+        let total_ms = request_start.elapsed().as_secs_f64() * 1e3 + if first { decode_ms + vision_ms + scene_prefill_ms } else { 0.0 };
+        let ttft_ms = answer.ttft_ms + if first { vision_ms + scene_prefill_ms } else { 0.0 };
+        if json {
+            let out = json!({
+                "question": question,
+                "text": answer.text,
+                "tokens": answer.n_tokens,
+                "stop": answer.stop,
+                "timings_ms": {
+                    "decode_image": if first { decode_ms } else { 0.0 },
+                    "preprocess": if first { vt.preprocess_ms } else { 0.0 },
+                    "encode": if first { vt.encode_ms } else { 0.0 },
+                    "project": if first { vt.project_ms } else { 0.0 },
+                    "prefill": scene_ms + answer.prefill_ms,
+                    "decode": answer.decode_ms,
+                    "total": total_ms,
+                },
+                "ttft_ms": ttft_ms,
+                "prefix_cached": !first,
+                "model": backbone.summary(),
+            });
+            println!("{out}");
+        } else {
+            if questions.len() > 1 || question != &config.llm.caption_prompt {
+                println!("Q: {question}");
+            }
+            println!("{}", answer.text);
+            println!(
+                "  [{} tokens, ttft {:.0} ms, prefill {:.0} ms, decode {:.0} ms ({:.1} tok/s), total {:.0} ms{}]",
+                answer.n_tokens,
+                ttft_ms,
+                scene_ms + answer.prefill_ms,
+                answer.decode_ms,
+                answer.n_tokens as f64 / (answer.decode_ms / 1e3).max(1e-9),
+                total_ms,
+                if first { "" } else { ", scene prefix cached" }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -126,17 +126,21 @@ pub struct ProjectorSpec {
     pub untrained: bool,
 }
 
-/// How a conversation is laid out around the image tokens.
+/// How a conversation is laid out around the image tokens: either written out (`prefix` and
+/// `suffix`) or taken from the GGUF's own `tokenizer.chat_template` (`template = "gguf"`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatSpec {
     /// The default system prompt, substituted for `{system}`.
     pub system: String,
-    /// Text before the image tokens.
-    pub prefix: String,
+    /// `"gguf"`: derive prefix and suffix from the GGUF's chat template.
+    pub template: Option<String>,
+    /// Text before the image tokens; `{system}` is substituted.
+    pub prefix: Option<String>,
     /// Text after the image tokens; `{question}` is substituted.
-    pub suffix: String,
-    /// Strings that end generation.
+    pub suffix: Option<String>,
+    /// Strings that end generation (besides the model's end-of-generation tokens).
+    #[serde(default)]
     pub stop: Vec<String>,
 }
 
@@ -267,8 +271,14 @@ impl Manifest {
                 format!("{} differs from llm.n_embd {}", proj.out_width, self.llm.n_embd),
             ));
         }
-        if !self.llm.chat.suffix.contains("{question}") {
-            return Err(self.invalid("llm.chat.suffix", "must contain `{question}`".into()));
+        let chat = &self.llm.chat;
+        match (chat.template.as_deref(), &chat.prefix, &chat.suffix) {
+            (Some("gguf"), None, None) => {}
+            (Some("gguf"), _, _) => return Err(self.invalid("llm.chat.template", "\"gguf\" takes the layout from the GGUF; remove prefix and suffix".into())),
+            (Some(other), _, _) => return Err(self.invalid("llm.chat.template", format!("{other:?} is not known; the one value is \"gguf\""))),
+            (None, Some(_), Some(suffix)) if suffix.contains("{question}") => {}
+            (None, Some(_), Some(_)) => return Err(self.invalid("llm.chat.suffix", "must contain `{question}`".into())),
+            (None, _, _) => return Err(self.invalid("llm.chat", "give `prefix` and `suffix`, or `template = \"gguf\"`".into())),
         }
         Ok(())
     }
@@ -319,6 +329,8 @@ mod tests {
             ("prefix_tokens = 1", "prefix_tokens = 1\ncolour = \"red\"", "unknown field `colour`"),
             ("resize = \"squash\"", "resize = \"stretch\"", "unknown variant `stretch`"),
             ("n_embd = 576", "n_embd = \"wide\"", "n_embd"),
+            ("suffix = \"\\n{question}", "suffix = \"\\n{query}", "`llm.chat.suffix`: must contain `{question}`"),
+            ("stop = [", "template = \"jinja\"\nstop = [", "`llm.chat.template`: \"jinja\" is not known"),
         ];
         for (from, to, expect) in cases {
             assert!(REFERENCE_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");

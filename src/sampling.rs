@@ -1,0 +1,164 @@
+//! Choosing the next token from logits: greedy (the default for captions: deterministic), or
+//! repeat penalty → top-k → temperature → top-p → a seeded draw. Pure Rust, no FFI.
+
+use serde::Deserialize;
+
+/// Sampling settings; `temperature = 0` means greedy.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingParams {
+    /// Softmax temperature; 0 picks the most likely token.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `top_p` (1: all).
+    pub top_p: f32,
+    /// Divide positive logits (multiply negative ones) of recently generated tokens by this.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty looks at.
+    pub repeat_last_n: usize,
+    /// Seed of the draw, for reproducible sampling.
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 40, top_p: 0.95, repeat_penalty: 1.1, repeat_last_n: 64, seed: 0 }
+    }
+}
+
+/// A sampler with its random state and scratch buffer.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: u64,
+    candidates: Vec<(i32, f32)>,
+}
+
+impl Sampler {
+    /// A sampler seeded from `params.seed`.
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = params.seed ^ 0x9E37_79B9_7F4A_7C15;
+        Sampler { params, rng, candidates: Vec::new() }
+    }
+
+    /// SplitMix64: small, fast and good enough for picking tokens.
+    fn next_f32(&mut self) -> f32 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Picks the next token from `logits`, given the tokens generated so far (`history`).
+    /// Returns `None` for empty logits.
+    pub fn sample(&mut self, logits: &[f32], history: &[i32]) -> Option<i32> {
+        let p = &self.params;
+        let penalised = |token: usize, logit: f32| {
+            let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
+            if p.repeat_penalty != 1.0 && recent.contains(&(token as i32)) {
+                if logit > 0.0 { logit / p.repeat_penalty } else { logit * p.repeat_penalty }
+            } else {
+                logit
+            }
+        };
+        if p.temperature <= 0.0 {
+            return logits
+                .iter()
+                .enumerate()
+                .map(|(t, l)| (t, penalised(t, *l)))
+                .fold(None, |best: Option<(usize, f32)>, (t, l)| match best {
+                    Some((_, bl)) if bl >= l => best,
+                    _ => Some((t, l)),
+                })
+                .map(|(t, _)| t as i32);
+        }
+        self.candidates.clear();
+        self.candidates.extend(logits.iter().enumerate().map(|(t, l)| (t as i32, penalised(t, *l))));
+        let temperature = p.temperature;
+        let (top_k, top_p) = (p.top_k, p.top_p);
+        self.candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if top_k > 0 {
+            self.candidates.truncate(top_k);
+        }
+        let max = self.candidates.first()?.1;
+        let mut total = 0.0;
+        for c in &mut self.candidates {
+            c.1 = ((c.1 - max) / temperature).exp();
+            total += c.1;
+        }
+        let mut kept = 0;
+        let mut mass = 0.0;
+        for c in &mut self.candidates {
+            c.1 /= total;
+            mass += c.1;
+            kept += 1;
+            if mass >= top_p {
+                break;
+            }
+        }
+        self.candidates.truncate(kept);
+        let mut draw = self.next_f32() * mass;
+        for (token, prob) in &self.candidates {
+            draw -= prob;
+            if draw <= 0.0 {
+                return Some(*token);
+            }
+        }
+        self.candidates.last().map(|c| c.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn greedy() -> SamplingParams {
+        SamplingParams { temperature: 0.0, repeat_penalty: 1.0, ..SamplingParams::default() }
+    }
+
+    #[test]
+    fn greedy_picks_the_largest_logit_and_penalises_repeats() {
+        // (logits, history, penalty, expected token)
+        let cases: &[(&[f32], &[i32], f32, i32)] = &[
+            (&[0.1, 2.0, 1.5], &[], 1.0, 1),
+            (&[0.1, 2.0, 1.5], &[1], 1.5, 2),     // 2.0 / 1.5 = 1.33 < 1.5
+            (&[-1.0, -0.5, -0.6], &[1], 1.5, 2),  // -0.5 * 1.5 = -0.75 < -0.6
+            (&[3.0, 3.0], &[], 1.0, 0),           // ties go to the first
+        ];
+        for (logits, history, penalty, expected) in cases {
+            let mut s = Sampler::new(SamplingParams { repeat_penalty: *penalty, ..greedy() });
+            assert_eq!(s.sample(logits, history), Some(*expected), "{logits:?} {history:?}");
+        }
+        assert_eq!(Sampler::new(greedy()).sample(&[], &[]), None);
+    }
+
+    #[test]
+    fn sampling_is_seeded_and_respects_top_k() {
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let params = SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, repeat_penalty: 1.0, repeat_last_n: 0, seed: 7 };
+        let draw = |params: &SamplingParams| {
+            let mut s = Sampler::new(params.clone());
+            (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>()
+        };
+        let a = draw(&params);
+        assert_eq!(a, draw(&params), "the same seed gives the same draws");
+        assert_ne!(a, draw(&SamplingParams { seed: 8, ..params.clone() }));
+        let mut top3: Vec<i32> = (0..50).collect();
+        top3.sort_by(|x, y| logits[*y as usize].total_cmp(&logits[*x as usize]));
+        top3.truncate(3);
+        assert!(a.iter().all(|t| top3.contains(t)), "only the top 3 are drawn");
+        let distinct: std::collections::HashSet<_> = a.iter().collect();
+        assert!(distinct.len() > 1, "temperature 1 over three close logits draws more than one token");
+    }
+
+    #[test]
+    fn top_p_keeps_the_smallest_set_reaching_the_mass() {
+        // Probabilities after softmax at T=1: one token dominates (~0.97), so top_p 0.9 keeps it alone.
+        let logits = [10.0, 6.0, 5.0, 4.0];
+        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, repeat_penalty: 1.0, repeat_last_n: 0, seed: 1 };
+        let mut s = Sampler::new(params);
+        assert!((0..100).all(|_| s.sample(&logits, &[]) == Some(0)));
+    }
+}
