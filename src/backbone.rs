@@ -541,9 +541,10 @@ impl Backbone {
         })
     }
 
-    /// Tokenizes text as the model does (with special tokens parsed, no BOS).
-    pub fn tokenize(&self, text: &str) -> Vec<i32> {
-        self.ctx.model().tokenize(text, false)
+    /// Tokenizes text as a prompt part does: special tokens parsed, and BOS in front when
+    /// `at_start` and the model wants one.
+    pub fn tokenize(&self, text: &str, at_start: bool) -> Vec<i32> {
+        self.ctx.model().tokenize(text, at_start && self.ctx.model().adds_bos())
     }
 }
 

@@ -220,8 +220,13 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const std::
     match level {
         sys::GGML_LOG_LEVEL_ERROR => {
             tracing::error!(target: "llama.cpp", "{line}");
+            // Keep every error line since the last take: a failed load logs its cause first
+            // and a generic "failed to load model" last.
             if let Ok(mut last) = LAST_ERROR.lock() {
-                *last = line.to_owned();
+                if !last.is_empty() {
+                    last.push_str("; ");
+                }
+                last.push_str(line);
             }
         }
         sys::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "llama.cpp", "{line}"),
@@ -230,7 +235,7 @@ unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const std::
     }
 }
 
-/// Takes the last error line llama.cpp logged (empty if none).
+/// Takes the error lines llama.cpp logged since the last call, joined by "; " (empty if none).
 pub fn take_last_error() -> String {
     LAST_ERROR.lock().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default()
 }

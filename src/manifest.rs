@@ -131,7 +131,8 @@ pub struct ProjectorSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChatSpec {
-    /// The default system prompt, substituted for `{system}`.
+    /// The default system prompt, substituted for `{system}` (none by default).
+    #[serde(default)]
     pub system: String,
     /// `"gguf"`: derive prefix and suffix from the GGUF's chat template.
     pub template: Option<String>,
