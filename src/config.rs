@@ -283,6 +283,16 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_a_valid_config() {
+        let readme = include_str!("../README.md");
+        let start = readme.find("```toml\n[models]").expect("README has the config example") + "```toml\n".len();
+        let end = start + readme[start..].find("```").unwrap();
+        let config = Config::parse(&readme[start..end], "README.md").unwrap();
+        assert_eq!(config.onnx.execution_providers.len(), 3);
+        assert_eq!(config.llm.context, 2048);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[onnx]\nthreads = 2\n", "unknown field `threads`"),

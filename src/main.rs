@@ -185,15 +185,21 @@ fn check(config: &Config) -> Result<ExitCode> {
     let llm = verify_file(&manifest, &manifest.llm.file, &root, "the LLM GGUF")
         .and_then(|path| GgufInfo::read(&path).map_err(|e| e.to_string()))
         .and_then(|info| info.check_against(&manifest).map(|()| info).map_err(|e| e.to_string()));
+    let llm = llm.and_then(|info| {
+        scenecast::ffi::Model::load(&info.path, scenecast::ffi::ModelOptions { n_gpu_layers: 0 })
+            .map(|model| (model.n_params(), info))
+            .map_err(|reason| format!("{}: llama.cpp cannot load it: {reason}", manifest.resolve(&manifest.llm.file, &root).display()))
+    });
     match &llm {
-        Ok(info) => report(
+        Ok((n_params, info)) => report(
             true,
             "llm",
             &format!(
-                "{}: {} {}, n_embd {}, {} layers, context {}, {}, {}",
+                "{}: {} {}, {:.0}M parameters, n_embd {}, {} layers, context {}, {}, {}",
                 info.path.display(),
                 info.architecture,
                 info.name.as_deref().unwrap_or("(unnamed)"),
+                *n_params as f64 / 1e6,
                 info.n_embd,
                 info.n_layer.map_or("?".into(), |n| n.to_string()),
                 info.n_ctx_train.map_or("?".into(), |n| n.to_string()),
@@ -227,7 +233,7 @@ fn check(config: &Config) -> Result<ExitCode> {
                     .map_err(|e| e.to_string())
             } else {
                 let proj = &manifest.projector;
-                let llm_width = llm.as_ref().ok().map(|info| (info.path.as_path(), info.n_embd));
+                let llm_width = llm.as_ref().ok().map(|(_, info)| (info.path.as_path(), info.n_embd));
                 scenecast::projector::Projector::load(runtime, &manifest, &root, llm_width)
                     .map(|p| {
                         format!(
@@ -324,29 +330,31 @@ fn demo(config: &Config) -> Result<ExitCode> {
     let root = config.cache_root();
     let manifest = config.manifest()?;
     let runtime = OnnxRuntime::init(&config.onnx, &root)?;
-    let llm = GgufInfo::read(&manifest.resolve(&manifest.llm.file, &root))?;
-    llm.check_against(&manifest)?;
-    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&llm))?;
+    let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
+    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+    if manifest.projector.untrained {
+        println!("note: the projector is the untrained placeholder, so captions do not describe the photos yet");
+    }
     let mut tokens = ImageTokens::default();
-    for path in sample_photos(&root)? {
-        let image = match RgbImage::open(&path) {
+    for (seq, path) in sample_photos(&root)?.iter().enumerate() {
+        let image = match RgbImage::open(path) {
             Ok(image) => image,
             Err(e) => {
                 eprintln!("skipping: {e}");
                 continue;
             }
         };
-        let t = vision.run(&image, &mut tokens)?;
+        let start = Instant::now();
+        vision.run(&image, &mut tokens)?;
+        backbone.set_scene(seq as u64, Some(&tokens))?;
+        let (prompt, options) = (backbone.caption_prompt().to_owned(), backbone.default_options());
+        let caption = backbone.ask(&prompt, &options, &mut |_| true)?;
         println!(
-            "{:<22} {:>4}x{:<4} -> {} image tokens x {} (preprocess {:.1} ms, encode {:.1} ms, project {:.1} ms)",
+            "[{seq}] {}: {} ({} tokens, {:.0} ms)",
             path.file_name().unwrap_or_default().to_string_lossy(),
-            image.width(),
-            image.height(),
-            tokens.n_tokens,
-            tokens.n_embd,
-            t.preprocess_ms,
-            t.encode_ms,
-            t.project_ms
+            caption.text,
+            caption.n_tokens,
+            start.elapsed().as_secs_f64() * 1e3
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -372,7 +380,8 @@ fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool
     let vision_ms = vision_start.elapsed().as_secs_f64() * 1e3 - scene_prefill_ms;
     for (i, question) in questions.iter().enumerate() {
         let request_start = Instant::now();
-        let answer = backbone.ask(question, &backbone.default_options(), &mut |_| true)?;
+        let options = backbone.default_options();
+        let answer = backbone.ask(question, &options, &mut |_| true)?;
         // The first request pays for the image (vision + scene prefill); later ones reuse it.
         let (first, scene_ms) = if i == 0 { (true, scene_prefill_ms) } else { (false, 0.0) };
         let total_ms = request_start.elapsed().as_secs_f64() * 1e3 + if first { decode_ms + vision_ms + scene_prefill_ms } else { 0.0 };

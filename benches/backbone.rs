@@ -1,0 +1,116 @@
+//! Backbone benchmarks, each against a baseline in the same process, same GGUF, same threads:
+//!
+//! 1. Decode speed: scenecast's generation loop (sys-crate decode, Rust sampler, stop filter)
+//!    against a bare llama.cpp decode loop written with the `llama-cpp-2` crate (greedy sampler).
+//! 2. Time to first token for a question about the current scene: with the scene prefix cached,
+//!    against re-encoding the image and re-prefilling the prefix.
+//!
+//! Run with `cargo bench --bench backbone` after `make models`.
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use scenecast::backbone::{Backbone, GenerateOptions, Part};
+use scenecast::config::{Config, LlmConfig};
+use scenecast::frame::RgbImage;
+use scenecast::manifest::Manifest;
+use scenecast::onnx::OnnxRuntime;
+use scenecast::projector::ImageTokens;
+use scenecast::sampling::SamplingParams;
+use scenecast::vision::Vision;
+
+const PROMPT: &str = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n";
+const N_GEN: usize = 96;
+
+fn options(max_tokens: usize) -> GenerateOptions {
+    // No repeat penalty: the bare loop's greedy sampler has none either.
+    GenerateOptions { max_tokens, sampling: SamplingParams { repeat_penalty: 1.0, ..SamplingParams::default() }, deadline: None, cancel: None }
+}
+
+/// tokens/s of a bare llama-cpp-2 greedy decode loop.
+fn bare_decode(backend: &LlamaBackend, model: &LlamaModel, threads: i32) -> f64 {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(2048))
+        .with_n_batch(512)
+        .with_n_ubatch(512)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(backend, params).unwrap();
+    let tokens = model.vocab().tokenize(PROMPT.as_bytes(), false, true);
+    let mut batch = LlamaBatch::new(512, 1);
+    for (i, t) in tokens.iter().enumerate() {
+        batch.add(*t, i as i32, &[0], i == tokens.len() - 1).unwrap();
+    }
+    ctx.decode(&mut batch).unwrap();
+    let mut sampler = LlamaSampler::greedy();
+    let mut pos = tokens.len() as i32;
+    let start = Instant::now();
+    let mut n = 0;
+    while n < N_GEN {
+        let token = sampler.sample(&ctx, batch.n_tokens() - 1);
+        sampler.accept(token);
+        n += 1;
+        batch.clear();
+        batch.add(token, pos, &[0], true).unwrap();
+        pos += 1;
+        ctx.decode(&mut batch).unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let config = Config::builtin();
+    let root = config.cache_root();
+    let manifest = Manifest::reference().unwrap();
+    let threads = scenecast::config::physical_cores();
+    let llm = LlmConfig { threads, ..LlmConfig::default() };
+    let mut ours = Backbone::load(&manifest, &root, &llm).expect("SmolLM2 (run `make models` first)");
+
+    let backend = LlamaBackend::init().unwrap();
+    let path = manifest.resolve(&manifest.llm.file, &root);
+    let model = LlamaModel::load_from_file(&backend, &path, &LlamaModelParams::default()).unwrap();
+
+    let (mut ours_tps, mut bare_tps) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        ours.set_prefix(1, &[Part::Text(PROMPT)]).unwrap();
+        let g = ours.generate(&[], &options(N_GEN), &mut |_| true).unwrap();
+        // Generation stops at the end token if the model gets there; count what it decoded.
+        ours_tps.push(g.n_tokens as f64 / (g.decode_ms / 1e3));
+        bare_tps.push(bare_decode(&backend, &model, threads as i32));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (ours_tps, bare_tps) = (median(ours_tps), median(bare_tps));
+    println!("decode, SmolLM2-135M Q4_1, {threads} threads, greedy, up to {N_GEN} tokens (median of 3):");
+    println!("  bare llama.cpp loop (llama-cpp-2)  {bare_tps:7.1} tok/s  (baseline)");
+    println!("  scenecast Backbone::generate       {ours_tps:7.1} tok/s  ratio {:.3}", ours_tps / bare_tps);
+
+    let runtime = OnnxRuntime::init(&config.onnx, &root).unwrap();
+    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&ours.summary().gguf)).unwrap();
+    let photo = RgbImage::open(&root.join("models/photos/chelsea.png")).unwrap();
+    let mut tokens = ImageTokens::default();
+    let question = "What is in the picture?";
+    let (mut cached, mut uncached) = (Vec::new(), Vec::new());
+    for i in 0..5u64 {
+        let start = Instant::now();
+        vision.run(&photo, &mut tokens).unwrap();
+        ours.set_scene(i, Some(&tokens)).unwrap();
+        let setup_ms = start.elapsed().as_secs_f64() * 1e3;
+        let g = ours.ask(question, &options(1), &mut |_| true).unwrap();
+        uncached.push(setup_ms + g.ttft_ms);
+        let g = ours.ask(question, &options(1), &mut |_| true).unwrap();
+        cached.push(g.ttft_ms);
+    }
+    let (cached, uncached) = (median(cached), median(uncached));
+    println!("time to first token, question about the current scene (median of 5):");
+    println!("  re-encode image + re-prefill prefix  {uncached:7.1} ms  (baseline)");
+    println!("  scene prefix cached                  {cached:7.1} ms  {:.1}x faster", uncached / cached);
+}
