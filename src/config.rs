@@ -181,6 +181,171 @@ pub fn physical_cores() -> usize {
     if cores.is_empty() { logical } else { cores.len().min(logical) }
 }
 
+/// Where frames come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CameraConfig {
+    /// An image file or a directory of images played as a slideshow (default: the fetched sample
+    /// photos, the demo camera).
+    pub path: Option<PathBuf>,
+    /// Seconds each slideshow frame stays.
+    pub interval_s: f64,
+}
+
+impl Default for CameraConfig {
+    fn default() -> Self {
+        CameraConfig { path: None, interval_s: 10.0 }
+    }
+}
+
+/// The MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 5 (request/response properties, message expiry).
+    #[serde(rename = "v5")]
+    V5,
+    /// MQTT 3.1.1 (requests carry `id` and `reply_to` in their JSON).
+    #[serde(rename = "v3.1.1")]
+    V311,
+}
+
+/// TLS to the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate, for brokers that require one (with `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub client_key: Option<PathBuf>,
+}
+
+/// Home Assistant discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Publish discovery; when turned off, the device is removed from Home Assistant.
+    pub enabled: bool,
+    /// Home Assistant's discovery prefix.
+    pub prefix: String,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { enabled: true, prefix: "homeassistant".into() }
+    }
+}
+
+/// MQTT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Connect to a broker at all.
+    pub enabled: bool,
+    /// Broker host.
+    pub host: String,
+    /// Broker port (1883; 8883 is usual with TLS).
+    pub port: u16,
+    /// Protocol version.
+    pub protocol: MqttProtocol,
+    /// The device name: in the default client id, topic prefix and discovery id (default: hostname).
+    pub device: Option<String>,
+    /// Client id (default `scenecast-<device>`).
+    pub client_id: Option<String>,
+    /// Topic prefix (default `scenecast/<device>`).
+    pub topic_prefix: Option<String>,
+    /// Keep-alive interval in seconds.
+    pub keep_alive_s: u64,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// TLS; absent means plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// Reconnect backoff: first delay, seconds (doubles up to `reconnect_max_s`, with jitter).
+    pub reconnect_min_s: f64,
+    /// Reconnect backoff: longest delay, seconds.
+    pub reconnect_max_s: f64,
+    /// Largest accepted request payload, bytes.
+    pub max_payload_bytes: usize,
+    /// Requests waiting for the model; beyond this a request gets a `busy` reply.
+    pub request_queue: usize,
+    /// MQTT filters a reply topic must match (`#` allows any).
+    pub allowed_reply_topics: Vec<String>,
+    /// Messages kept on disk while the broker is unreachable; beyond this the oldest are dropped.
+    pub spool_limit: usize,
+    /// Where the spool lives (default: `<state dir>/spool`).
+    pub spool_dir: Option<PathBuf>,
+    /// Home Assistant discovery.
+    pub discovery: DiscoveryConfig,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            protocol: MqttProtocol::V5,
+            device: None,
+            client_id: None,
+            topic_prefix: None,
+            keep_alive_s: 30,
+            username: None,
+            password: None,
+            tls: None,
+            reconnect_min_s: 0.5,
+            reconnect_max_s: 30.0,
+            max_payload_bytes: 16 * 1024,
+            request_queue: 8,
+            allowed_reply_topics: vec!["#".into()],
+            spool_limit: 1000,
+            spool_dir: None,
+            discovery: DiscoveryConfig::default(),
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The device name in effect.
+    pub fn device_name(&self) -> String {
+        self.device.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "camera".into())
+        })
+    }
+
+    /// The device name reduced to what topics and ids allow.
+    pub fn device_id(&self) -> String {
+        self.device_name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    }
+
+    /// The client id in effect.
+    pub fn client_id(&self) -> String {
+        self.client_id.clone().unwrap_or_else(|| format!("scenecast-{}", self.device_id()))
+    }
+
+    /// The topic prefix in effect.
+    pub fn topic_prefix(&self) -> String {
+        self.topic_prefix.clone().unwrap_or_else(|| format!("scenecast/{}", self.device_id()))
+    }
+}
+
+/// Where the daemon keeps state (the spool): `$STATE_DIRECTORY` under systemd, else
+/// `$XDG_STATE_HOME/scenecast`, else `~/.local/state/scenecast`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|v| !v.is_empty()) {
+        // systemd may pass several, separated by ':'; the first is ours.
+        let first = dir.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+        return PathBuf::from(first);
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("scenecast");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
+    home.join(".local/state/scenecast")
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -191,6 +356,12 @@ pub struct Config {
     pub onnx: OnnxConfig,
     /// The LLM backbone.
     pub llm: LlmConfig,
+    /// MQTT.
+    pub mqtt: MqttConfig,
+    /// Frame source.
+    pub camera: CameraConfig,
+    /// Where the spool lives (default: `$STATE_DIRECTORY`, `$XDG_STATE_HOME/scenecast`).
+    pub state_dir: Option<PathBuf>,
     /// Where the config came from; not in the TOML.
     #[serde(skip)]
     pub origin: String,
@@ -245,6 +416,35 @@ impl Config {
         ];
         if let Some((key, _, message)) = checks.iter().find(|(_, ok, _)| !ok) {
             return Err(self.invalid(*key, *message));
+        }
+        if !(self.camera.interval_s > 0.0 && self.camera.interval_s.is_finite()) {
+            return Err(self.invalid("camera.interval_s", "must be a positive number of seconds"));
+        }
+        let mqtt = &self.mqtt;
+        if mqtt.host.trim().is_empty() {
+            return Err(self.invalid("mqtt.host", "is empty"));
+        }
+        if mqtt.request_queue == 0 {
+            return Err(self.invalid("mqtt.request_queue", "must be at least 1"));
+        }
+        if mqtt.spool_limit == 0 {
+            return Err(self.invalid("mqtt.spool_limit", "must be at least 1"));
+        }
+        if !(mqtt.reconnect_min_s > 0.0 && mqtt.reconnect_max_s >= mqtt.reconnect_min_s) {
+            return Err(self.invalid("mqtt.reconnect_max_s", "must be >= mqtt.reconnect_min_s > 0"));
+        }
+        if mqtt.keep_alive_s < 5 {
+            return Err(self.invalid("mqtt.keep_alive_s", "must be at least 5 seconds"));
+        }
+        if let Some(prefix) = &mqtt.topic_prefix {
+            if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.ends_with('/') {
+                return Err(self.invalid("mqtt.topic_prefix", format!("{prefix:?} must be non-empty, without wildcards or a trailing '/'")));
+            }
+        }
+        if let Some(tls) = &mqtt.tls {
+            if tls.client_cert.is_some() != tls.client_key.is_some() {
+                return Err(self.invalid("mqtt.tls", "give both client_cert and client_key, or neither"));
+            }
         }
         if llm.caption_prompt.trim().is_empty() {
             return Err(self.invalid("llm.caption_prompt", "is empty"));
@@ -305,6 +505,10 @@ mod tests {
             ("[llm.sampling]\ntop_p = 1.5\n", "`llm.sampling.top_p`: must be in (0, 1]"),
             ("[llm]\ncaption_prompt = \" \"\n", "`llm.caption_prompt`: is empty"),
             ("[llm.sampling]\ntemprature = 0.7\n", "unknown field `temprature`"),
+            ("[mqtt]\nprotocol = \"v4\"\n", "unknown variant `v4`, expected `v5` or `v3.1.1`"),
+            ("[mqtt]\ntopic_prefix = \"cams/#\"\n", "`mqtt.topic_prefix`: \"cams/#\" must be non-empty, without wildcards"),
+            ("[mqtt.tls]\nca_file = \"/ca.pem\"\nclient_cert = \"/c.pem\"\n", "`mqtt.tls`: give both client_cert and client_key"),
+            ("[mqtt]\nrequest_queue = 0\n", "`mqtt.request_queue`: must be at least 1"),
         ];
         for (text, expect) in cases {
             let err = Config::parse(text, "t.toml").unwrap_err().to_string();

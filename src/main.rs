@@ -36,6 +36,8 @@ enum Command {
     /// Fetch and check the model files.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// The daemon: frames in, captions and answers out over MQTT, until SIGTERM or SIGINT.
+    Run,
     /// The main job on the embedded default: the fetched sample photos as the camera.
     Demo,
     /// Caption one image: encoder, projector, LLM.
@@ -117,6 +119,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models(ModelsCommand::Check) => check(&config),
         Command::Encode { image, json } => encode(&config, &image, json),
         Command::Demo => demo(&config),
+        Command::Run => run_daemon(&config),
         Command::Caption { image, json } => {
             let prompt = config.llm.caption_prompt.clone();
             describe(&config, &image, &[prompt], json)
@@ -423,5 +426,47 @@ fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool
             );
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_daemon(config: &Config) -> Result<ExitCode> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    anyhow::ensure!(config.mqtt.enabled, "`mqtt.enabled` is false: the daemon has nowhere to publish (use `scenecast demo` to print captions)");
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+    let backbone = Backbone::load(&manifest, &root, &config.llm)?;
+    let vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+    let source_path = config.camera.path.clone().unwrap_or_else(|| cache::models_dir(&root).join("photos"));
+    let source = scenecast::source::Slideshow::open(&source_path, Duration::from_secs_f64(config.camera.interval_s))?;
+    let state_dir = config.state_dir.clone().unwrap_or_else(scenecast::config::default_state_dir);
+
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    tokio_rt.block_on(async {
+        let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
+        let mqtt = scenecast::mqtt::start(&config.mqtt, &state_dir, questions_tx, &manifest.name)?;
+        tracing::info!(prefix = mqtt.topics.prefix(), broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port), "scenecast running");
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = scenecast::worker::Worker { vision, backbone, source: Box::new(source), model: manifest.name.clone() };
+        let out = mqtt.outgoing.clone();
+        let worker_stop = stop.clone();
+        let worker_thread = std::thread::Builder::new().name("inference".into()).spawn(move || worker.run(questions_rx, out, worker_stop))?;
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        }
+        stop.store(true, Ordering::SeqCst);
+        let joined = tokio::task::spawn_blocking(move || worker_thread.join());
+        if tokio::time::timeout(Duration::from_secs(10), joined).await.is_err() {
+            tracing::warn!("the inference worker did not stop within 10 s");
+        }
+        mqtt.shutdown(Duration::from_secs(5)).await;
+        anyhow::Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,454 @@
+//! The MQTT wire format: topics, JSON payloads and their parsing, and Home Assistant discovery.
+//!
+//! Serialisable types are a compatibility promise, so they all live here, at the edge, and each
+//! has a JSON Schema under `docs/schemas/` (referenced by `docs/asyncapi.yaml`). Parsing is pure:
+//! bytes in, a typed request or a typed error out, never a panic.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The topics of one device, under a prefix (default `scenecast/<device>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    /// Topics under `prefix` (no trailing slash).
+    pub fn new(prefix: &str) -> Self {
+        Topics { prefix: prefix.trim_end_matches('/').to_owned() }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn at(&self, leaf: &str) -> String {
+        format!("{}/{leaf}", self.prefix)
+    }
+
+    /// `online` / `offline` (last will) / `stopped`, retained.
+    pub fn status(&self) -> String {
+        self.at("status")
+    }
+    /// Counters of the MQTT side (spool, drops), retained JSON.
+    pub fn status_attributes(&self) -> String {
+        self.at("status/attributes")
+    }
+    /// The latest caption, retained JSON.
+    pub fn caption(&self) -> String {
+        self.at("caption")
+    }
+    /// Questions (JSON requests).
+    pub fn ask(&self) -> String {
+        self.at("ask")
+    }
+    /// Questions as plain text (Home Assistant's text entity); answers go to [`Topics::answer`].
+    pub fn ask_text(&self) -> String {
+        self.at("ask/text")
+    }
+    /// The last answer to a plain-text question, retained JSON.
+    pub fn answer(&self) -> String {
+        self.at("answer")
+    }
+    /// Image generation requests.
+    pub fn generate(&self) -> String {
+        self.at("generate")
+    }
+    /// The latest published image (binary), retained.
+    pub fn image(&self) -> String {
+        self.at("image")
+    }
+    /// Runtime configuration changes.
+    pub fn config_set(&self) -> String {
+        self.at("config/set")
+    }
+    /// The configuration in effect, retained.
+    pub fn config_state(&self) -> String {
+        self.at("config/state")
+    }
+}
+
+/// Whether `topic` matches the MQTT filter `filter` (`+` one level, `#` the rest).
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        match (f, levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+/// A question, as its JSON request body.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AskRequest {
+    /// The question.
+    pub question: String,
+    /// Stream partial answers to the reply topic before the final one.
+    #[serde(default)]
+    pub stream: bool,
+    /// Request id, echoed in the reply (MQTT v3.1.1 correlation; optional with v5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Reply topic (MQTT v3.1.1; with v5 the Response Topic property takes precedence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+/// Limits applied to incoming requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest accepted payload.
+    pub max_payload_bytes: usize,
+    /// Longest accepted question, in characters.
+    pub max_question_chars: usize,
+}
+
+/// Why a request was refused. `code()` is the stable identifier sent in error replies.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The payload exceeds the limit.
+    #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not UTF-8.
+    #[error("payload is not valid UTF-8 (at byte {at})")]
+    NotUtf8 {
+        /// Where decoding failed.
+        at: usize,
+    },
+    /// Not JSON, a wrong type, a missing or unknown field.
+    #[error("payload is not a valid request: {0}")]
+    Invalid(String),
+    /// An empty question.
+    #[error("the question is empty")]
+    EmptyQuestion,
+    /// A question over the limit.
+    #[error("the question has {chars} characters; the limit is {limit}")]
+    QuestionTooLong {
+        /// Its length.
+        chars: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The reply topic is not allowed by the configuration.
+    #[error("reply topic {0:?} is not allowed by mqtt.allowed_reply_topics")]
+    ForbiddenReplyTopic(String),
+    /// The request queue is full.
+    #[error("busy: {0} requests are waiting; try again later")]
+    Busy(usize),
+    /// Answering failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// The stable error code of the reply.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::TooLarge { .. } => "too_large",
+            RequestError::NotUtf8 { .. } | RequestError::Invalid(_) => "bad_request",
+            RequestError::EmptyQuestion | RequestError::QuestionTooLong { .. } => "bad_question",
+            RequestError::ForbiddenReplyTopic(_) => "forbidden_reply_topic",
+            RequestError::Busy(_) => "busy",
+            RequestError::Internal(_) => "internal",
+        }
+    }
+}
+
+fn utf8(payload: &[u8], limits: &Limits) -> Result<String, RequestError> {
+    if payload.len() > limits.max_payload_bytes {
+        return Err(RequestError::TooLarge { size: payload.len(), limit: limits.max_payload_bytes });
+    }
+    std::str::from_utf8(payload).map(str::to_owned).map_err(|e| RequestError::NotUtf8 { at: e.valid_up_to() })
+}
+
+fn check_question(question: &str, limits: &Limits) -> Result<(), RequestError> {
+    if question.trim().is_empty() {
+        return Err(RequestError::EmptyQuestion);
+    }
+    let chars = question.chars().count();
+    if chars > limits.max_question_chars {
+        return Err(RequestError::QuestionTooLong { chars, limit: limits.max_question_chars });
+    }
+    Ok(())
+}
+
+/// Parses a JSON ask request.
+pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<AskRequest, RequestError> {
+    let text = utf8(payload, limits)?;
+    let request: AskRequest = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
+    check_question(&request.question, limits)?;
+    Ok(request)
+}
+
+/// Parses a plain-text question (Home Assistant's text entity).
+pub fn parse_text_question(payload: &[u8], limits: &Limits) -> Result<String, RequestError> {
+    let text = utf8(payload, limits)?;
+    check_question(&text, limits)?;
+    Ok(text.trim().to_owned())
+}
+
+/// The id and reply address a request gives, as far as they can be recovered from a payload that
+/// did not parse, so that even a malformed request gets its error reply.
+pub fn salvage_reply_address(payload: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return (None, None);
+    };
+    let get = |key: &str| map.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+    (get("id"), get("reply_to"))
+}
+
+/// Milliseconds per stage.
+pub type Timings = BTreeMap<String, f64>;
+
+/// A published caption.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Caption {
+    /// The caption.
+    pub text: String,
+    /// The frame's sequence number.
+    pub frame_seq: u64,
+    /// The frame's capture time, ms since the Unix epoch.
+    pub frame_ts_ms: u64,
+    /// Per-stage timings.
+    pub timings_ms: Timings,
+    /// The model stack.
+    pub model: String,
+}
+
+/// A reply to an ask request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    /// The answer, or a partial one while streaming.
+    Answer(Answer),
+    /// A refusal or failure.
+    Error(ErrorReply),
+}
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Answer {
+    /// The request's id, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The answer text (so far, when `done` is false).
+    pub text: String,
+    /// False for a partial answer while streaming.
+    pub done: bool,
+    /// The sequence number of the frame the answer is about (absent without a camera frame).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_seq: Option<u64>,
+    /// That frame's capture time, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame_ts_ms: Option<u64>,
+    /// Per-stage timings (final answers).
+    #[serde(default, skip_serializing_if = "Timings::is_empty")]
+    pub timings_ms: Timings,
+}
+
+/// An error reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    /// The request's id, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// What went wrong.
+    pub error: ErrorBody,
+}
+
+/// The error of an [`ErrorReply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// Stable code: `bad_request`, `too_large`, `bad_question`, `forbidden_reply_topic`, `busy`, `internal`.
+    pub code: String,
+    /// A sentence for humans.
+    pub message: String,
+}
+
+impl ErrorReply {
+    /// The reply for `err`.
+    pub fn new(id: Option<String>, err: &RequestError) -> Self {
+        ErrorReply { id, error: ErrorBody { code: err.code().to_owned(), message: err.to_string() } }
+    }
+}
+
+/// Counters published on the status attributes topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusAttributes {
+    /// Messages waiting in the on-disk spool.
+    pub spooled: u64,
+    /// Messages dropped because the spool was full (oldest first).
+    pub spool_dropped: u64,
+    /// The spool's bound, in messages.
+    pub spool_limit: u64,
+    /// Requests refused as busy.
+    pub busy_replies: u64,
+    /// Requests refused as malformed.
+    pub bad_requests: u64,
+    /// Requests dropped because their message expiry passed while queued.
+    pub expired_requests: u64,
+}
+
+/// Home Assistant device-based discovery for one device.
+pub struct Discovery<'a> {
+    /// The discovery prefix (`homeassistant`).
+    pub prefix: &'a str,
+    /// A stable device id (letters, digits, `_`, `-`).
+    pub device_id: &'a str,
+    /// A display name.
+    pub device_name: &'a str,
+    /// The model stack, shown as the model.
+    pub model: &'a str,
+    /// The device's topics.
+    pub topics: &'a Topics,
+}
+
+impl Discovery<'_> {
+    /// `<prefix>/device/<id>/config`.
+    pub fn topic(&self) -> String {
+        format!("{}/device/{}/config", self.prefix, self.device_id)
+    }
+
+    /// The discovery payload: a caption sensor (state cut to Home Assistant's 255 characters, the
+    /// full caption in the attributes), an image entity, a text entity to ask and a sensor with the
+    /// last answer; availability bound to the status topic.
+    pub fn payload(&self) -> serde_json::Value {
+        let id = self.device_id;
+        let t = self.topics;
+        serde_json::json!({
+            "dev": {
+                "ids": [format!("scenecast_{id}")],
+                "name": self.device_name,
+                "mf": "scenecast",
+                "mdl": self.model,
+                "sw": env!("CARGO_PKG_VERSION"),
+            },
+            "o": { "name": "scenecast", "sw": env!("CARGO_PKG_VERSION") },
+            "avty_t": t.status(),
+            "pl_avail": "online",
+            "pl_not_avail": "offline",
+            "qos": 1,
+            "cmps": {
+                "caption": {
+                    "p": "sensor",
+                    "name": "Caption",
+                    "uniq_id": format!("{id}_caption"),
+                    "stat_t": t.caption(),
+                    "val_tpl": "{{ value_json.text[:255] }}",
+                    "json_attr_t": t.caption(),
+                    "icon": "mdi:cctv",
+                },
+                "image": {
+                    "p": "image",
+                    "name": "Image",
+                    "uniq_id": format!("{id}_image"),
+                    "image_topic": t.image(),
+                    "content_type": "image/png",
+                },
+                "question": {
+                    "p": "text",
+                    "name": "Ask",
+                    "uniq_id": format!("{id}_question"),
+                    "cmd_t": t.ask_text(),
+                    "max": 255,
+                    "icon": "mdi:comment-question",
+                },
+                "answer": {
+                    "p": "sensor",
+                    "name": "Answer",
+                    "uniq_id": format!("{id}_answer"),
+                    "stat_t": t.answer(),
+                    "val_tpl": "{{ value_json.text[:255] }}",
+                    "json_attr_t": t.answer(),
+                    "icon": "mdi:comment-text",
+                },
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits { max_payload_bytes: 256, max_question_chars: 40 };
+
+    #[test]
+    fn ask_requests_parse_or_name_what_is_wrong() {
+        // (payload, expected Ok question or Err code + message fragment)
+        let cases: &[(&[u8], Result<&str, (&str, &str)>)] = &[
+            (br#"{"question":"What is on the table?"}"#, Ok("What is on the table?")),
+            (br#"{"question":"hi","stream":true,"id":"7","reply_to":"a/b"}"#, Ok("hi")),
+            (br#"{"question":""}"#, Err(("bad_question", "the question is empty"))),
+            (br#"{"question":"   "}"#, Err(("bad_question", "the question is empty"))),
+            (br#"{"question":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#, Err(("bad_question", "51 characters; the limit is 40"))),
+            (br#"{"question":42}"#, Err(("bad_request", "invalid type: integer `42`, expected a string"))),
+            (br#"{"quest":"x"}"#, Err(("bad_request", "unknown field `quest`"))),
+            (br#"{}"#, Err(("bad_request", "missing field `question`"))),
+            (br#"{"question":"x","colour":"red"}"#, Err(("bad_request", "unknown field `colour`"))),
+            (b"not json", Err(("bad_request", "expected ident"))),
+            (b"{\"question\":\"\xff\xfe\"}", Err(("bad_request", "not valid UTF-8 (at byte 13)"))),
+            (&[b'x'; 300], Err(("too_large", "payload of 300 bytes exceeds the limit of 256 bytes"))),
+        ];
+        for (payload, expected) in cases {
+            let got = parse_ask(payload, &LIMITS);
+            match (got, expected) {
+                (Ok(req), Ok(q)) => assert_eq!(req.question, *q),
+                (Err(e), Err((code, fragment))) => {
+                    assert_eq!(e.code(), *code, "{e}");
+                    assert!(e.to_string().contains(fragment), "{fragment:?} not in {e}");
+                }
+                (got, expected) => panic!("{:?}: got {got:?}, expected {expected:?}", String::from_utf8_lossy(payload)),
+            }
+        }
+    }
+
+    #[test]
+    fn salvage_finds_id_and_reply_to_in_a_bad_request() {
+        assert_eq!(salvage_reply_address(br#"{"question":5,"id":"9","reply_to":"r/t"}"#), (Some("9".into()), Some("r/t".into())));
+        assert_eq!(salvage_reply_address(b"garbage"), (None, None));
+    }
+
+    #[test]
+    fn topic_filters() {
+        let cases = [
+            ("#", "a/b", true),
+            ("a/+/c", "a/b/c", true),
+            ("a/+/c", "a/b/d", false),
+            ("a/#", "a", true),
+            ("a/b", "a/b/c", false),
+            ("scenecast/+/reply/#", "scenecast/hub/reply/1", true),
+            ("scenecast/+/reply/#", "other/hub/reply/1", false),
+        ];
+        for (filter, topic, expected) in cases {
+            assert_eq!(topic_matches(filter, topic), expected, "{filter} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn replies_serialise_without_empty_fields() {
+        let err = ErrorReply::new(Some("3".into()), &RequestError::Busy(8));
+        assert_eq!(serde_json::to_string(&err).unwrap(), r#"{"id":"3","error":{"code":"busy","message":"busy: 8 requests are waiting; try again later"}}"#);
+        let partial = Answer { id: None, text: "A c".into(), done: false, frame_seq: None, frame_ts_ms: None, timings_ms: Timings::new() };
+        assert_eq!(serde_json::to_string(&partial).unwrap(), r#"{"text":"A c","done":false}"#);
+    }
+}
