@@ -11,7 +11,7 @@ VENV := $(CACHE)/venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 # Build tools for llama.cpp (cmake, clang for bindgen), Python for the model tools, the fetch clients.
-APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates
+APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto
 
 .PHONY: run test deps venv models build bench check fmt clean-target
 

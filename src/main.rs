@@ -447,7 +447,7 @@ fn run_daemon(config: &Config) -> Result<ExitCode> {
     let tokio_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     tokio_rt.block_on(async {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
-        let mqtt = scenecast::mqtt::start(&config.mqtt, &state_dir, questions_tx, &manifest.name)?;
+        let mqtt = scenecast::mqtt::start(&config.mqtt, &state_dir, questions_tx, &manifest.name, config.llm.max_question_chars)?;
         tracing::info!(prefix = mqtt.topics.prefix(), broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port), "scenecast running");
         let stop = Arc::new(AtomicBool::new(false));
         let worker = scenecast::worker::Worker { vision, backbone, source: Box::new(source), model: manifest.name.clone() };

@@ -105,7 +105,7 @@ pub struct MqttHandle {
 }
 
 impl MqttHandle {
-    /// Waits until the client is connected (or `timeout` passes); returns whether it is.
+    /// Waits until the client is connected and subscribed (or `timeout` passes); returns whether it is.
     pub async fn wait_connected(&mut self, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.connected.wait_for(|c| *c)).await.is_ok_and(|r| r.is_ok())
     }
@@ -130,6 +130,7 @@ impl MqttHandle {
 /// A connection-level event, the same for both protocol versions.
 enum Event {
     Connected,
+    SubAck,
     Publish { topic: String, payload: Vec<u8>, response_topic: Option<String>, correlation: Option<Vec<u8>>, expiry_s: Option<u32> },
     Disconnected,
     Other,
@@ -187,6 +188,7 @@ impl EventLoop {
                 use rumqttc::v5::Event as E;
                 match l.poll().await.map_err(|e| e.to_string())? {
                     E::Incoming(Packet::ConnAck(_)) => Ok(Event::Connected),
+                    E::Incoming(Packet::SubAck(_)) => Ok(Event::SubAck),
                     E::Incoming(Packet::Publish(p)) => {
                         let props = p.properties.unwrap_or_default();
                         Ok(Event::Publish {
@@ -205,6 +207,7 @@ impl EventLoop {
                 use rumqttc::{Event as E, Packet};
                 match l.poll().await.map_err(|e| e.to_string())? {
                     E::Incoming(Packet::ConnAck(_)) => Ok(Event::Connected),
+                    E::Incoming(Packet::SubAck(_)) => Ok(Event::SubAck),
                     E::Incoming(Packet::Publish(p)) => Ok(Event::Publish { topic: p.topic.clone(), payload: p.payload.to_vec(), response_topic: None, correlation: None, expiry_s: None }),
                     E::Incoming(Packet::Disconnect) | E::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Event::Disconnected),
                     _ => Ok(Event::Other),
@@ -289,7 +292,13 @@ pub fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
 /// handle through which results are published. Valid questions go to `questions`, a bounded
 /// channel (its capacity is `mqtt.request_queue`) that the inference worker drains on its own thread.
 /// Must be called inside a tokio runtime.
-pub fn start(config: &MqttConfig, state_dir: &std::path::Path, questions: std::sync::mpsc::SyncSender<Question>, model: &str) -> Result<MqttHandle, MqttError> {
+pub fn start(
+    config: &MqttConfig,
+    state_dir: &std::path::Path,
+    questions: std::sync::mpsc::SyncSender<Question>,
+    model: &str,
+    max_question_chars: usize,
+) -> Result<MqttHandle, MqttError> {
     let topics = Topics::new(&config.topic_prefix());
     let spool_dir = config.spool_dir.clone().unwrap_or_else(|| state_dir.join("spool"));
     let spool = Spool::open(&spool_dir, config.spool_limit)?;
@@ -314,6 +323,7 @@ pub fn start(config: &MqttConfig, state_dir: &std::path::Path, questions: std::s
         drain: drain.clone(),
         model: model.to_owned(),
         closed: closed.clone(),
+        limits: Limits { max_payload_bytes: config.max_payload_bytes, max_question_chars },
     };
     let publisher = PublisherTask { client, topics: topics.clone(), spool, online, drain, counters, shutdown: shutdown.clone(), closed };
     let conn_task = tokio::spawn(conn.run(eventloop));
@@ -334,6 +344,7 @@ struct ConnectionTask {
     model: String,
     /// Cancelled by the publisher once it has sent `stopped` and the disconnect.
     closed: CancellationToken,
+    limits: Limits,
 }
 
 impl ConnectionTask {
@@ -346,15 +357,19 @@ impl ConnectionTask {
         (d.topic(), payload)
     }
 
-    async fn on_connect(&self) {
+    /// Subscribes and announces the device; returns how many subscriptions await their SubAck.
+    async fn on_connect(&self) -> usize {
+        let mut pending = 0;
         for topic in [self.topics.ask(), self.topics.ask_text(), format!("{}/status", self.config.discovery.prefix)] {
-            if let Err(e) = self.client.subscribe(&topic).await {
-                tracing::warn!(topic, "subscribe failed: {e}");
+            match self.client.subscribe(&topic).await {
+                Ok(()) => pending += 1,
+                Err(e) => tracing::warn!(topic, "subscribe failed: {e}"),
             }
         }
         let status = SpooledMessage { topic: self.topics.status(), payload: b"online".to_vec(), retain: true, correlation: None, user_properties: vec![], content_type: None };
         let _ = self.client.publish(&status).await;
         self.publish_discovery().await;
+        pending
     }
 
     async fn publish_discovery(&self) {
@@ -367,6 +382,7 @@ impl ConnectionTask {
 
     async fn run(self, mut eventloop: EventLoop) {
         let mut backoff = self.config.reconnect_min_s;
+        let mut pending_subacks = 0usize;
         // Once the publisher has queued `stopped` and the disconnect, keep polling a little longer
         // so they go out, then stop.
         let mut stopping = false;
@@ -386,10 +402,19 @@ impl ConnectionTask {
                 Ok(Event::Connected) => {
                     tracing::info!(host = %self.config.host, port = self.config.port, "MQTT connected");
                     backoff = self.config.reconnect_min_s;
-                    self.on_connect().await;
+                    pending_subacks = self.on_connect().await;
                     self.online.store(true, Ordering::SeqCst);
-                    let _ = self.connected.send(true);
                     self.drain.notify_one();
+                    if pending_subacks == 0 {
+                        let _ = self.connected.send(true);
+                    }
+                }
+                Ok(Event::SubAck) => {
+                    pending_subacks = pending_subacks.saturating_sub(1);
+                    if pending_subacks == 0 {
+                        // Ready: requests published from now on reach us.
+                        let _ = self.connected.send(true);
+                    }
                 }
                 Ok(Event::Publish { topic, payload, response_topic, correlation, expiry_s }) => {
                     self.on_publish(&topic, &payload, response_topic, correlation, expiry_s).await;
@@ -433,7 +458,7 @@ impl ConnectionTask {
     }
 
     async fn on_publish(&self, topic: &str, payload: &[u8], response_topic: Option<String>, correlation: Option<Vec<u8>>, expiry_s: Option<u32>) {
-        let limits = Limits { max_payload_bytes: self.config.max_payload_bytes, max_question_chars: 10_000 };
+        let limits = self.limits;
         if topic == format!("{}/status", self.config.discovery.prefix) {
             if payload == b"online" {
                 tracing::info!("Home Assistant came online; republishing discovery");

@@ -84,6 +84,9 @@ impl Worker {
         let prompt = self.backbone.caption_prompt().to_owned();
         let options = self.options(stop);
         let g = self.backbone.ask(&prompt, &options, &mut |_| true)?;
+        if g.stop == crate::backbone::StopReason::Cancelled {
+            return Err("cancelled by shutdown".into());
+        }
         let timings: BTreeMap<String, f64> = [
             ("preprocess", vt.preprocess_ms),
             ("encode", vt.encode_ms),

@@ -46,3 +46,182 @@ pub fn write_temp(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
     std::fs::write(&path, contents).unwrap();
     path
 }
+
+/// A real Mosquitto broker on a free loopback port, with persistence in its own directory so that
+/// sessions survive a restart.
+pub struct Broker {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        // Mosquitto started as root drops to its own user: let it write its persistence file.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let mut broker = Broker { port: free_port(), dir, child: None };
+        broker.restart();
+        broker
+    }
+
+    /// Starts the broker process (again) on the same port and persistence directory.
+    pub fn restart(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\n",
+                self.port,
+                self.dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto (make test installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "mosquitto did not start on port {}", self.port);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the broker (SIGTERM, so it saves its sessions) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A message a test client received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    pub correlation: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Received {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {:?}", self.topic, String::from_utf8_lossy(&self.payload)))
+    }
+}
+
+/// A v5 test client that subscribes to `filters` and collects what arrives. With a fixed
+/// `client_id` its session persists (clean start off), so it gets QoS 1 messages sent while it
+/// was disconnected.
+pub struct TestClient {
+    pub client: rumqttc::v5::AsyncClient,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Received>,
+    /// Messages received while waiting for another topic, in arrival order.
+    backlog: std::collections::VecDeque<Received>,
+}
+
+impl TestClient {
+    pub async fn connect(port: u16, client_id: &str, filters: &[&str]) -> TestClient {
+        use rumqttc::v5::mqttbytes::v5::Packet;
+        use rumqttc::v5::mqttbytes::QoS;
+        let mut options = rumqttc::v5::MqttOptions::new(client_id, "127.0.0.1", port);
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(600));
+        options.set_keep_alive(std::time::Duration::from_secs(5));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 100);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let mut ready_tx = Some(ready_tx);
+        let sub = client.clone();
+        let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))) => {
+                        for f in &filters {
+                            sub.subscribe(f.clone(), QoS::AtLeastOnce).await.unwrap();
+                        }
+                    }
+                    Ok(rumqttc::v5::Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(ready) = ready_tx.take() {
+                            let _ = ready.send(());
+                        }
+                    }
+                    Ok(rumqttc::v5::Event::Incoming(Packet::Publish(p))) => {
+                        let props = p.properties.clone().unwrap_or_default();
+                        let _ = tx.send(Received {
+                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                            correlation: props.correlation_data.map(|b| b.to_vec()),
+                            user_properties: props.user_properties,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), ready_rx).await.expect("test client subscribed").unwrap();
+        TestClient { client, rx, backlog: Default::default() }
+    }
+
+    /// The next message on `topic` within `timeout`; messages on other topics are kept for later.
+    pub async fn next_on(&mut self, topic: &str, timeout: std::time::Duration) -> Option<Received> {
+        if let Some(i) = self.backlog.iter().position(|m| m.topic == topic) {
+            return self.backlog.remove(i);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(m)) if m.topic == topic => return Some(m),
+                Ok(Some(m)) => self.backlog.push_back(m),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Publishes a request with v5 properties.
+    pub async fn request(&self, topic: &str, payload: &[u8], response_topic: Option<&str>, correlation: Option<&[u8]>, expiry_s: Option<u32>) {
+        let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+            response_topic: response_topic.map(str::to_owned),
+            correlation_data: correlation.map(|c| c.to_vec().into()),
+            message_expiry_interval: expiry_s,
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, payload.to_vec(), props)
+            .await
+            .unwrap();
+    }
+}
+
+/// Validates `instance` against a schema file under docs/schemas.
+pub fn assert_schema(schema_file: &str, instance: &serde_json::Value) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas").join(schema_file);
+    let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{schema_file}: {e}"));
+    let errors: Vec<String> = validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+    assert!(errors.is_empty(), "{schema_file} rejects {instance}: {errors:?}");
+}

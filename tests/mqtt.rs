@@ -1,0 +1,264 @@
+//! The MQTT side against a real Mosquitto broker on a free loopback port, with the real inference
+//! worker (DINOv2-S, projector, SmolLM2 on llama.cpp) answering. Payloads are validated against the
+//! JSON Schemas that docs/asyncapi.yaml references.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use scenecast::backbone::Backbone;
+use scenecast::config::{Config, LlmConfig, MqttConfig, MqttProtocol};
+use scenecast::mqtt::{self, MqttHandle, Outgoing, Question};
+use scenecast::source::Slideshow;
+use scenecast::vision::Vision;
+use scenecast::worker::Worker;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn mqtt_config(port: u16, device: &str) -> MqttConfig {
+    MqttConfig { port, device: Some(device.into()), reconnect_min_s: 0.2, reconnect_max_s: 1.0, ..MqttConfig::default() }
+}
+
+/// The MQTT side plus, when started, the real worker.
+struct Daemon {
+    handle: Option<MqttHandle>,
+    questions: Option<std::sync::mpsc::Receiver<Question>>,
+    stop: Arc<AtomicBool>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    _state: tempfile::TempDir,
+}
+
+impl Daemon {
+    async fn start(config: MqttConfig) -> Daemon {
+        let state = tempfile::tempdir().unwrap();
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.request_queue);
+        let mut handle = mqtt::start(&config, state.path(), tx, "dinov2s-smollm2-135m", 200).unwrap();
+        assert!(handle.wait_connected(WAIT).await, "daemon connects");
+        Daemon { handle: Some(handle), questions: Some(rx), stop: Arc::new(AtomicBool::new(false)), worker: None, _state: state }
+    }
+
+    fn handle(&self) -> &MqttHandle {
+        self.handle.as_ref().unwrap()
+    }
+
+    /// Starts the real worker on one photo (its frames: that photo once).
+    fn start_worker(&mut self) {
+        let root = cache_root();
+        let m = manifest();
+        let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
+        let vision = Vision::load(&runtime(), &m, &root, Some(&backbone.summary().gguf)).unwrap();
+        let source = Slideshow::open(&root.join("models/photos/coffee.png"), Duration::from_secs(3600)).unwrap();
+        let worker = Worker { vision, backbone, source: Box::new(source), model: m.name.clone() };
+        let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().outgoing.clone(), self.stop.clone());
+        self.worker = Some(std::thread::spawn(move || worker.run(questions, out, stop)));
+    }
+
+    async fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.worker.take() {
+            tokio::task::spawn_blocking(move || w.join()).await.unwrap().unwrap();
+        }
+        self.handle.take().unwrap().shutdown(Duration::from_secs(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captions_status_discovery_and_clean_stop() {
+    let broker = Broker::start();
+    let mut watcher = TestClient::connect(broker.port, "watch-1", &["#"]).await;
+    let mut d = Daemon::start(mqtt_config(broker.port, "cam1")).await;
+
+    let status = watcher.next_on("scenecast/cam1/status", WAIT).await.unwrap();
+    assert_eq!(status.payload, b"online");
+    let discovery = watcher.next_on("homeassistant/device/cam1/config", WAIT).await.unwrap();
+    assert_schema("ha_device_discovery.schema.json", &discovery.json());
+
+    d.start_worker();
+    let caption = watcher.next_on("scenecast/cam1/caption", WAIT).await.expect("a caption");
+    let json = caption.json();
+    assert_schema("caption.schema.json", &json);
+    assert_eq!(json["frame_seq"], 0);
+    assert!(!json["text"].as_str().unwrap().is_empty());
+    assert!(caption.user_properties.iter().any(|(k, _)| k == "total_ms"), "{:?}", caption.user_properties);
+
+    // Retained: a client that connects now still sees `online` and the caption.
+    let topics = ["scenecast/cam1/status", "scenecast/cam1/caption", "homeassistant/device/cam1/config"];
+    let mut late = TestClient::connect(broker.port, "late-1", &topics).await;
+    let retained = late.next_on("scenecast/cam1/status", WAIT).await.unwrap();
+    assert!(retained.retain && retained.payload == b"online");
+    assert!(late.next_on("scenecast/cam1/caption", WAIT).await.unwrap().retain);
+    assert!(late.next_on("homeassistant/device/cam1/config", WAIT).await.unwrap().retain);
+
+    // Home Assistant restarts: discovery is published again.
+    watcher.client.publish("homeassistant/status", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "online").await.unwrap();
+    assert!(watcher.next_on("homeassistant/device/cam1/config", WAIT).await.is_some(), "discovery republished");
+
+    d.shutdown().await;
+    let stopped = watcher.next_on("scenecast/cam1/status", WAIT).await.unwrap();
+    assert_eq!(stopped.payload, b"stopped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_request_response_with_correlation_expiry_and_busy() {
+    let broker = Broker::start();
+    let mut client = TestClient::connect(broker.port, "asker-1", &["replies/#", "scenecast/cam2/status/attributes", "scenecast/cam2/caption"]).await;
+    let mut d = Daemon::start(MqttConfig { request_queue: 1, ..mqtt_config(broker.port, "cam2") }).await;
+
+    // No worker yet: one request fills the queue of 1 and expires there; the next one is busy.
+    client.request("scenecast/cam2/ask", br#"{"question":"Is anyone there?"}"#, Some("replies/expired"), Some(b"c-0"), Some(1)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.request("scenecast/cam2/ask", br#"{"question":"And now?"}"#, Some("replies/busy"), Some(b"c-1"), None).await;
+    let busy = client.next_on("replies/busy", WAIT).await.unwrap();
+    assert_eq!(busy.correlation.as_deref(), Some(&b"c-1"[..]));
+    assert_schema("reply.schema.json", &busy.json());
+    assert_eq!(busy.json()["error"]["code"], "busy");
+
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    d.start_worker();
+    // The worker takes questions first, so by its first caption the expired request is gone.
+    client.next_on("scenecast/cam2/caption", WAIT).await.expect("the worker runs");
+    client.request("scenecast/cam2/ask", br#"{"question":"What is the capital of France?","id":"q7"}"#, Some("replies/ok"), Some(b"\x00\x01corr"), None).await;
+    let answer = client.next_on("replies/ok", WAIT).await.expect("an answer");
+    assert_eq!(answer.correlation.as_deref(), Some(&b"\x00\x01corr"[..]), "correlation data echoed");
+    let json = answer.json();
+    assert_schema("reply.schema.json", &json);
+    assert_eq!((json["id"].as_str(), json["done"].as_bool()), (Some("q7"), Some(true)));
+    assert!(json["text"].as_str().unwrap().contains("Paris"), "{json}");
+    assert!(json["frame_seq"].is_u64() || json["frame_seq"].is_null());
+    assert!(answer.user_properties.iter().any(|(k, _)| k == "total_ms"));
+    assert!(client.next_on("replies/expired", Duration::from_secs(2)).await.is_none(), "an expired request is not answered");
+    let attributes = loop {
+        let m = client.next_on("scenecast/cam2/status/attributes", WAIT).await.expect("status attributes");
+        if m.json()["expired_requests"] == 1 {
+            break m;
+        }
+    };
+    assert_schema("status_attributes.schema.json", &attributes.json());
+    assert_eq!(attributes.json()["busy_replies"], 1);
+
+    // Streaming: partial answers, then the final one.
+    client.request("scenecast/cam2/ask", br#"{"question":"Describe the picture.","stream":true}"#, Some("replies/stream"), None, None).await;
+    let mut partials = 0;
+    loop {
+        let m = client.next_on("replies/stream", WAIT).await.expect("stream messages");
+        assert_schema("reply.schema.json", &m.json());
+        if m.json()["done"] == true {
+            break;
+        }
+        partials += 1;
+    }
+    assert!(partials > 1, "{partials} partial answers");
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_round_trip_with_id_and_reply_to() {
+    let broker = Broker::start();
+    let mut client = TestClient::connect(broker.port, "asker-3", &["replies/#"]).await;
+    let mut d = Daemon::start(MqttConfig { protocol: MqttProtocol::V311, ..mqtt_config(broker.port, "cam3") }).await;
+    d.start_worker();
+    client.request("scenecast/cam3/ask", br#"{"question":"What is the capital of France?","id":"a1","reply_to":"replies/v3"}"#, None, None, None).await;
+    let answer = client.next_on("replies/v3", WAIT).await.expect("an answer");
+    let json = answer.json();
+    assert_schema("reply.schema.json", &json);
+    assert_eq!(json["id"], "a1");
+    assert!(json["text"].as_str().unwrap().contains("Paris"), "{json}");
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_error_replies_and_the_daemon_keeps_serving() {
+    let broker = Broker::start();
+    let mut client = TestClient::connect(broker.port, "asker-4", &["replies/#", "elsewhere/#"]).await;
+    let config = MqttConfig { max_payload_bytes: 512, allowed_reply_topics: vec!["replies/#".into()], ..mqtt_config(broker.port, "cam4") };
+    let mut d = Daemon::start(config).await;
+    d.start_worker();
+    let long_question = format!(r#"{{"question":"{}"}}"#, "why ".repeat(60));
+    let oversized = format!(r#"{{"question":"{}"}}"#, "x".repeat(600));
+    // (payload, expected error code, fragment of the message)
+    let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+        (b"{not json".to_vec(), "bad_request", "key must be a string"),
+        (br#"{"question":7}"#.to_vec(), "bad_request", "invalid type: integer `7`, expected a string"),
+        (br#"{"stream":true}"#.to_vec(), "bad_request", "missing field `question`"),
+        (br#"{"question":"hi","priority":1}"#.to_vec(), "bad_request", "unknown field `priority`"),
+        (oversized.into_bytes(), "too_large", "exceeds the limit of 512 bytes"),
+        (long_question.into_bytes(), "bad_question", "the limit is 200"),
+        (b"{\"question\":\"caf\xe9\"}".to_vec(), "bad_request", "not valid UTF-8"),
+        (br#"{"question":""}"#.to_vec(), "bad_question", "the question is empty"),
+    ];
+    for (i, (payload, code, fragment)) in cases.iter().enumerate() {
+        let corr = format!("bad-{i}");
+        client.request("scenecast/cam4/ask", payload, Some("replies/bad"), Some(corr.as_bytes()), None).await;
+        let reply = client.next_on("replies/bad", WAIT).await.unwrap_or_else(|| panic!("no reply to case {i}"));
+        assert_eq!(reply.correlation.as_deref(), Some(corr.as_bytes()));
+        let json = reply.json();
+        assert_schema("reply.schema.json", &json);
+        assert_eq!(json["error"]["code"], *code, "case {i}: {json}");
+        assert!(json["error"]["message"].as_str().unwrap().contains(fragment), "case {i}: {json}");
+    }
+    // A reply topic the config forbids gets no reply at all (and certainly not on that topic).
+    client.request("scenecast/cam4/ask", br#"{"question":"hi"}"#, Some("elsewhere/x"), None, None).await;
+    assert!(client.next_on("elsewhere/x", Duration::from_secs(2)).await.is_none());
+    // After all that, a valid request is still answered.
+    client.request("scenecast/cam4/ask", br#"{"question":"What is the capital of France?"}"#, Some("replies/good"), None, None).await;
+    let good = client.next_on("replies/good", WAIT).await.expect("still serving");
+    assert!(good.json()["text"].as_str().unwrap().contains("Paris"));
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
+    let mut broker = Broker::start();
+    let mut client = TestClient::connect(broker.port, "archive-5", &["scenecast/cam5/caption"]).await;
+    let d = Daemon::start(mqtt_config(broker.port, "cam5")).await;
+
+    broker.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for seq in 0..20u64 {
+        let caption = scenecast::wire::Caption { text: format!("scene {seq}"), frame_seq: seq, frame_ts_ms: 1_700_000_000_000 + seq, timings_ms: Default::default(), model: "test".into() };
+        d.handle().outgoing.send(Outgoing::Caption(caption)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.restart();
+
+    let mut seqs = Vec::new();
+    while seqs.len() < 20 {
+        let m = client.next_on("scenecast/cam5/caption", WAIT).await.unwrap_or_else(|| panic!("only {} captions arrived: {seqs:?}", seqs.len()));
+        assert_schema("caption.schema.json", &m.json());
+        seqs.push(m.json()["frame_seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (0..20).collect::<Vec<_>>());
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_will_says_offline_when_the_daemon_is_killed() {
+    let broker = Broker::start();
+    let mut watcher = TestClient::connect(broker.port, "watch-6", &["scenecast/cam6/status"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let photo = cache_root().join("models/photos/rocket.jpg");
+    let config = format!(
+        "state_dir = {:?}\n[mqtt]\nport = {}\ndevice = \"cam6\"\n[camera]\npath = {:?}\n[llm]\nthreads = 1\n",
+        dir.path().display().to_string(),
+        broker.port,
+        photo.display().to_string()
+    );
+    Config::parse(&config, "test").unwrap();
+    let config_path = write_temp(dir.path(), "scenecast.toml", config.as_bytes());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_scenecast"))
+        .args(["--config", config_path.to_str().unwrap(), "run"])
+        .env_remove("ORT_DYLIB_PATH")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let online = watcher.next_on("scenecast/cam6/status", WAIT).await.expect("the daemon comes online");
+    assert_eq!(online.payload, b"online");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let will = watcher.next_on("scenecast/cam6/status", WAIT).await.expect("the last will");
+    assert_eq!(will.payload, b"offline");
+}
