@@ -15,9 +15,9 @@ APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-d
 
 .PHONY: run test deps venv models build bench check fmt clean-target
 
-## run: set up everything, then run the main job on the embedded default
+## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
-	$(CARGO) run --release --quiet -- demo
+	$(CARGO) run --release --quiet -- run --demo
 
 ## test: set up everything, then run every test (the tests use Gemma-3 as a second architecture)
 test: FETCH_ARGS += --gemma

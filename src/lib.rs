@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod backbone;
+pub mod broker;
 pub mod cache;
 pub mod config;
 pub mod encoder;

@@ -24,9 +24,10 @@ struct Cli {
     /// Configuration file (TOML). Without it, built-in defaults and the reference model stack.
     #[arg(long, global = true, env = "SCENECAST_CONFIG")]
     config: Option<PathBuf>,
-    /// Log filter, e.g. `info` or `scenecast=debug` (RUST_LOG works too).
-    #[arg(long, global = true, default_value = "warn", env = "RUST_LOG")]
-    log: String,
+    /// Log filter, e.g. `info` or `scenecast=debug` (RUST_LOG works too). Default: `info` for
+    /// `run`, `warn` for the other commands.
+    #[arg(long, global = true, env = "RUST_LOG")]
+    log: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,7 +38,12 @@ enum Command {
     #[command(subcommand)]
     Models(ModelsCommand),
     /// The daemon: frames in, captions and answers out over MQTT, until SIGTERM or SIGINT.
-    Run,
+    Run {
+        /// The zero-install demo: an embedded broker on 127.0.0.1 (mqtt.port), the sample photos
+        /// as the camera, and every caption printed as it is published.
+        #[arg(long)]
+        demo: bool,
+    },
     /// The main job on the embedded default: the fetched sample photos as the camera.
     Demo,
     /// Caption one image: encoder, projector, LLM.
@@ -90,8 +96,16 @@ enum ModelsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // ONNX Runtime logs every graph transformation at INFO; keep it at WARN unless asked for.
-    let filter = if cli.log.contains("ort") { cli.log.clone() } else { format!("{},ort=warn", cli.log) };
+    let log = cli.log.clone().unwrap_or_else(|| if matches!(cli.command, Command::Run { .. }) { "info".into() } else { "warn".into() });
+    // ONNX Runtime logs every graph transformation at INFO, and the embedded broker logs every
+    // client that goes away as an ERROR: quiet them unless asked for by name.
+    let mut filter = log.clone();
+    if !log.contains("ort") {
+        filter.push_str(",ort=warn");
+    }
+    if !log.contains("rumqttd") {
+        filter.push_str(",rumqttd=off");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
@@ -119,7 +133,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models(ModelsCommand::Check) => check(&config),
         Command::Encode { image, json } => encode(&config, &image, json),
         Command::Demo => demo(&config),
-        Command::Run => run_daemon(&config),
+        Command::Run { demo } => run_daemon(&config, demo),
         Command::Caption { image, json } => {
             let prompt = config.llm.caption_prompt.clone();
             describe(&config, &image, &[prompt], json)
@@ -429,10 +443,23 @@ fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_daemon(config: &Config) -> Result<ExitCode> {
+fn run_daemon(config: &Config, demo: bool) -> Result<ExitCode> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
+
+    if demo {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", config.mqtt.port).parse()?;
+        let v5 = config.mqtt.protocol == scenecast::config::MqttProtocol::V5;
+        let prefix = config.mqtt.topic_prefix();
+        if std::net::TcpStream::connect(addr).is_ok() {
+            println!("demo: a broker already listens on {addr}; using it (captions appear in the log)");
+        } else {
+            let link = scenecast::broker::start(addr, v5, &format!("{prefix}/#")).context("the demo's embedded broker")?;
+            println!("demo: embedded MQTT broker on {addr}; topics under {prefix}/ (try: mosquitto_sub -h 127.0.0.1 -p {} -t '{prefix}/#' -v)", config.mqtt.port);
+            print_captions(link);
+        }
+    }
 
     anyhow::ensure!(config.mqtt.enabled, "`mqtt.enabled` is false: the daemon has nowhere to publish (use `scenecast demo` to print captions)");
     let root = config.cache_root();
@@ -469,4 +496,21 @@ fn run_daemon(config: &Config) -> Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the captions and status changes the embedded broker sees.
+fn print_captions(mut link: rumqttd::local::LinkRx) {
+    std::thread::spawn(move || {
+            while let Ok(notification) = link.recv() {
+                if let Some(rumqttd::Notification::Forward(forward)) = notification {
+                    let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
+                    let payload = String::from_utf8_lossy(&forward.publish.payload).into_owned();
+                    match serde_json::from_str::<scenecast::wire::Caption>(&payload) {
+                        Ok(c) if topic.ends_with("/caption") => println!("{topic} [frame {}] {} ({:.0} ms)", c.frame_seq, c.text, c.timings_ms.get("total").copied().unwrap_or(0.0)),
+                        _ if topic.ends_with("/status") => println!("{topic}: {payload}"),
+                        _ => {}
+                    }
+                }
+            }
+    });
 }
