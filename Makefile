@@ -10,8 +10,9 @@ export CARGO_TARGET_DIR ?= $(CACHE)/target
 VENV := $(CACHE)/venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
-# Build tools for llama.cpp (cmake, clang for bindgen), Python for the model tools, the fetch clients.
-APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto
+# Build tools for llama.cpp (cmake, clang for bindgen), Python for the model tools, the fetch clients,
+# and for the tests a real MQTT broker and openssl (TLS certificates).
+APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto openssl
 
 .PHONY: run test deps venv models build bench check fmt clean-target
 

@@ -262,3 +262,72 @@ async fn the_last_will_says_offline_when_the_daemon_is_killed() {
     let will = watcher.next_on("scenecast/cam6/status", WAIT).await.expect("the last will");
     assert_eq!(will.payload, b"offline");
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &str) {
+    let status = std::process::Command::new("openssl").args(args.split_whitespace()).current_dir(dir).stderr(std::process::Stdio::null()).status().expect("openssl");
+    assert!(status.success(), "openssl {args}");
+}
+
+/// A CA, a server certificate for localhost and a client certificate, all EC P-256.
+fn make_certs(dir: &std::path::Path) {
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    for name in ["ca", "server", "client"] {
+        openssl(dir, &format!("genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {name}.key"));
+    }
+    openssl(dir, "req -x509 -new -key ca.key -days 2 -subj /CN=scenecast-test-ca -out ca.pem");
+    for (name, cn) in [("server", "localhost"), ("client", "scenecast-client")] {
+        openssl(dir, &format!("req -new -key {name}.key -subj /CN={cn} -out {name}.csr"));
+        openssl(dir, &format!("x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile san.ext -out {name}.pem"));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["server.key", "server.pem", "ca.pem"] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_client_certificate() {
+    let broker = Broker::start_with(|dir| {
+        make_certs(dir);
+        format!("cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true", dir.display())
+    });
+    let certs = broker.dir.path();
+    let tls = scenecast::config::TlsConfig { ca_file: certs.join("ca.pem"), client_cert: Some(certs.join("client.pem")), client_key: Some(certs.join("client.key")) };
+    let config = MqttConfig { host: "localhost".into(), tls: Some(tls.clone()), ..mqtt_config(broker.port, "cam7") };
+    let d = Daemon::start(config).await;
+    d.shutdown().await;
+
+    // Without the client certificate the broker refuses the handshake: never connected.
+    let state = tempfile::tempdir().unwrap();
+    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+    let no_cert = MqttConfig { host: "localhost".into(), tls: Some(scenecast::config::TlsConfig { client_cert: None, client_key: None, ..tls }), ..mqtt_config(broker.port, "cam8") };
+    let mut handle = mqtt::start(&no_cert, state.path(), tx, "m", 200).unwrap();
+    assert!(!handle.wait_connected(Duration::from_secs(3)).await);
+    handle.shutdown(Duration::from_secs(2)).await;
+
+    // A CA file that does not exist is a clear error naming it.
+    let missing = MqttConfig { tls: Some(scenecast::config::TlsConfig { ca_file: "/nonexistent/ca.pem".into(), client_cert: None, client_key: None }), ..mqtt_config(broker.port, "cam9") };
+    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+    let err = mqtt::start(&missing, state.path(), tx, "m", 200).err().expect("a missing CA file is refused").to_string();
+    assert!(err.starts_with("mqtt.tls: cannot read /nonexistent/ca.pem"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_discovery_removes_the_device_from_home_assistant() {
+    let broker = Broker::start();
+    let mut watcher = TestClient::connect(broker.port, "watch-10", &["homeassistant/device/cam10/config"]).await;
+    let d = Daemon::start(mqtt_config(broker.port, "cam10")).await;
+    assert!(!watcher.next_on("homeassistant/device/cam10/config", WAIT).await.unwrap().payload.is_empty());
+    d.shutdown().await;
+
+    let mut off = mqtt_config(broker.port, "cam10");
+    off.discovery.enabled = false;
+    let d = Daemon::start(off).await;
+    let removal = watcher.next_on("homeassistant/device/cam10/config", WAIT).await.unwrap();
+    assert!(removal.payload.is_empty(), "an empty payload removes the device");
+    d.shutdown().await;
+    // Nothing retained is left for Home Assistant to find.
+    let mut late = TestClient::connect(broker.port, "late-10", &["homeassistant/device/cam10/config"]).await;
+    assert!(late.next_on("homeassistant/device/cam10/config", Duration::from_secs(2)).await.is_none());
+}

@@ -51,7 +51,9 @@ pub fn write_temp(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
 /// sessions survive a restart.
 pub struct Broker {
     pub port: u16,
-    dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
+    /// Extra lines for the listener (TLS files, ...).
+    listener_options: String,
     child: Option<std::process::Child>,
 }
 
@@ -61,11 +63,17 @@ fn free_port() -> u16 {
 
 impl Broker {
     pub fn start() -> Broker {
+        Broker::start_with(|_| String::new())
+    }
+
+    /// A broker whose listener gets the lines `options` returns, given the broker's directory.
+    pub fn start_with(options: impl FnOnce(&Path) -> String) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         // Mosquitto started as root drops to its own user: let it write its persistence file.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-        let mut broker = Broker { port: free_port(), dir, child: None };
+        let listener_options = options(dir.path());
+        let mut broker = Broker { port: free_port(), dir, listener_options, child: None };
         broker.restart();
         broker
     }
@@ -76,8 +84,9 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\n",
+                "listener {} 127.0.0.1\n{}\nallow_anonymous true\npersistence true\npersistence_location {}/\nautosave_interval 1\n",
                 self.port,
+                self.listener_options,
                 self.dir.path().display()
             ),
         )
