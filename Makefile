@@ -23,8 +23,9 @@ run: deps models build
 ## test: set up everything, then run every test (the tests use Gemma-3 as a second architecture)
 test: FETCH_ARGS += --gemma
 test: deps models
-	$(CARGO) test --release --all-targets
-	$(CARGO) test --release --doc
+	$(CARGO) test --release
+	$(CARGO) build --release --benches
+	$(MAKE) --no-print-directory check-unit
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

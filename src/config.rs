@@ -181,20 +181,38 @@ pub fn physical_cores() -> usize {
     if cores.is_empty() { logical } else { cores.len().min(logical) }
 }
 
-/// Where frames come from.
+/// Where frames come from: a V4L2 camera when `[camera.v4l2]` is given, else images.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CameraConfig {
+    /// A V4L2 camera.
+    pub v4l2: Option<crate::camera::V4l2Config>,
     /// An image file or a directory of images played as a slideshow (default: the fetched sample
     /// photos, the demo camera).
     pub path: Option<PathBuf>,
-    /// Seconds each slideshow frame stays.
+    /// Seconds each slideshow frame stays (a still image is delivered again at this rate).
     pub interval_s: f64,
 }
 
 impl Default for CameraConfig {
     fn default() -> Self {
-        CameraConfig { path: None, interval_s: 10.0 }
+        CameraConfig { v4l2: None, path: None, interval_s: 10.0 }
+    }
+}
+
+/// What the systemd watchdog checks before each ping.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// Frames older than this (seconds) mean a stuck camera: no ping.
+    pub max_frame_age_s: f64,
+    /// A worker without progress for this long (seconds) is hung: no ping.
+    pub max_stall_s: f64,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig { max_frame_age_s: 60.0, max_stall_s: 120.0 }
     }
 }
 
@@ -360,6 +378,10 @@ pub struct Config {
     pub mqtt: MqttConfig,
     /// Frame source.
     pub camera: CameraConfig,
+    /// Scene-change gating.
+    pub scene: crate::scene::GateConfig,
+    /// systemd watchdog checks.
+    pub watchdog: WatchdogConfig,
     /// Where the spool lives (default: `$STATE_DIRECTORY`, `$XDG_STATE_HOME/scenecast`).
     pub state_dir: Option<PathBuf>,
     /// Where the config came from; not in the TOML.
@@ -419,6 +441,24 @@ impl Config {
         }
         if !(self.camera.interval_s > 0.0 && self.camera.interval_s.is_finite()) {
             return Err(self.invalid("camera.interval_s", "must be a positive number of seconds"));
+        }
+        if self.camera.v4l2.is_some() && self.camera.path.is_some() {
+            return Err(self.invalid("camera", "give either `path` or `[camera.v4l2]`, not both"));
+        }
+        if let Some(v) = &self.camera.v4l2 {
+            if v.width == 0 || v.height == 0 || v.fps == 0 {
+                return Err(self.invalid("camera.v4l2", format!("width, height and fps must be positive, got {}x{} at {}", v.width, v.height, v.fps)));
+            }
+        }
+        let scene = &self.scene;
+        if !(0.0..=2.0).contains(&scene.change_threshold) {
+            return Err(self.invalid("scene.change_threshold", format!("{} is outside 0..2 (a cosine distance)", scene.change_threshold)));
+        }
+        if !(scene.min_interval_s >= 0.0 && scene.max_interval_s >= scene.min_interval_s) {
+            return Err(self.invalid("scene.max_interval_s", "must be >= scene.min_interval_s >= 0"));
+        }
+        if !(self.watchdog.max_frame_age_s > 0.0 && self.watchdog.max_stall_s > 0.0) {
+            return Err(self.invalid("watchdog", "max_frame_age_s and max_stall_s must be positive"));
         }
         let mqtt = &self.mqtt;
         if mqtt.host.trim().is_empty() {
@@ -509,6 +549,9 @@ mod tests {
             ("[mqtt]\ntopic_prefix = \"cams/#\"\n", "`mqtt.topic_prefix`: \"cams/#\" must be non-empty, without wildcards"),
             ("[mqtt.tls]\nca_file = \"/ca.pem\"\nclient_cert = \"/c.pem\"\n", "`mqtt.tls`: give both client_cert and client_key"),
             ("[mqtt]\nrequest_queue = 0\n", "`mqtt.request_queue`: must be at least 1"),
+            ("[scene]\nchange_threshold = 3.0\n", "`scene.change_threshold`: 3 is outside 0..2"),
+            ("[camera]\npath = \"/x\"\n[camera.v4l2]\ndevice = \"/dev/video0\"\n", "`camera`: give either `path` or `[camera.v4l2]`"),
+            ("[camera.v4l2]\nfps = 0\n", "`camera.v4l2`: width, height and fps must be positive"),
         ];
         for (text, expect) in cases {
             let err = Config::parse(text, "t.toml").unwrap_err().to_string();

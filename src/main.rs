@@ -106,10 +106,7 @@ fn main() -> ExitCode {
     if !log.contains("rumqttd") {
         filter.push_str(",rumqttd=off");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&filter);
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -117,6 +114,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs go to journald (structured fields kept) when systemd connected stderr to the journal, to
+/// the terminal otherwise.
+fn init_logging(filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let env_filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "warn".into());
+    if scenecast::systemd::logs_to_journal() {
+        if let Ok(journald) = tracing_journald::layer() {
+            tracing_subscriber::registry().with(env_filter).with(journald.with_syslog_identifier("scenecast".into())).init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt().with_env_filter(env_filter).with_writer(std::io::stderr).init();
 }
 
 fn load_config(path: Option<&Path>) -> Result<Config> {
@@ -133,7 +145,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models(ModelsCommand::Check) => check(&config),
         Command::Encode { image, json } => encode(&config, &image, json),
         Command::Demo => demo(&config),
-        Command::Run { demo } => run_daemon(&config, demo),
+        Command::Run { demo } => run_daemon(&config, cli.config.as_deref(), demo),
         Command::Caption { image, json } => {
             let prompt = config.llm.caption_prompt.clone();
             describe(&config, &image, &[prompt], json)
@@ -443,10 +455,7 @@ fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_daemon(config: &Config, demo: bool) -> Result<ExitCode> {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    use std::time::Duration;
+fn run_daemon(config: &Config, config_path: Option<&Path>, demo: bool) -> Result<ExitCode> {
 
     if demo {
         let addr: std::net::SocketAddr = format!("127.0.0.1:{}", config.mqtt.port).parse()?;
@@ -462,39 +471,7 @@ fn run_daemon(config: &Config, demo: bool) -> Result<ExitCode> {
     }
 
     anyhow::ensure!(config.mqtt.enabled, "`mqtt.enabled` is false: the daemon has nowhere to publish (use `scenecast demo` to print captions)");
-    let root = config.cache_root();
-    let manifest = config.manifest()?;
-    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
-    let backbone = Backbone::load(&manifest, &root, &config.llm)?;
-    let vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
-    let source_path = config.camera.path.clone().unwrap_or_else(|| cache::models_dir(&root).join("photos"));
-    let source = scenecast::source::Slideshow::open(&source_path, Duration::from_secs_f64(config.camera.interval_s))?;
-    let state_dir = config.state_dir.clone().unwrap_or_else(scenecast::config::default_state_dir);
-
-    let tokio_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    tokio_rt.block_on(async {
-        let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
-        let mqtt = scenecast::mqtt::start(&config.mqtt, &state_dir, questions_tx, &manifest.name, config.llm.max_question_chars)?;
-        tracing::info!(prefix = mqtt.topics.prefix(), broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port), "scenecast running");
-        let stop = Arc::new(AtomicBool::new(false));
-        let worker = scenecast::worker::Worker { vision, backbone, source: Box::new(source), model: manifest.name.clone() };
-        let out = mqtt.outgoing.clone();
-        let worker_stop = stop.clone();
-        let worker_thread = std::thread::Builder::new().name("inference".into()).spawn(move || worker.run(questions_rx, out, worker_stop))?;
-
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        }
-        stop.store(true, Ordering::SeqCst);
-        let joined = tokio::task::spawn_blocking(move || worker_thread.join());
-        if tokio::time::timeout(Duration::from_secs(10), joined).await.is_err() {
-            tracing::warn!("the inference worker did not stop within 10 s");
-        }
-        mqtt.shutdown(Duration::from_secs(5)).await;
-        anyhow::Ok(())
-    })?;
+    scenecast::daemon::run(config.clone(), config_path.map(Path::to_path_buf))?;
     Ok(ExitCode::SUCCESS)
 }
 

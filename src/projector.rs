@@ -76,6 +76,11 @@ impl Projector {
         &self.session
     }
 
+    /// Pools `features` as the projector's input is pooled, into `out`.
+    pub fn pool(&self, features: &PatchFeatures, out: &mut Vec<f32>) {
+        pool_patches(features, self.prefix, self.grid, self.spec.pool, out);
+    }
+
     /// Pools and projects one frame's features into `out`; returns the time in ms.
     pub fn project(&mut self, features: &PatchFeatures, out: &mut ImageTokens) -> Result<f64, VisionError> {
         let start = Instant::now();

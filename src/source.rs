@@ -1,5 +1,6 @@
-//! Frame sources behind one trait. For now: still images and a slideshow of a directory (the demo
-//! camera, using the fetched sample photos).
+//! Frame sources behind one trait: a V4L2 camera ([`crate::camera`]), and here a still image or a
+//! slideshow of a directory (the demo camera, using the fetched sample photos). A capture thread
+//! pulls frames and puts each in the [`FrameSlot`], which keeps only the newest.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -31,8 +32,45 @@ pub enum SourceError {
 
 /// Something that delivers frames.
 pub trait FrameSource: Send {
-    /// The next frame if one is due (`None` while the current frame is still the newest).
-    fn poll(&mut self) -> Result<Option<Frame>, SourceError>;
+    /// Blocks until the next frame. An error means this attempt failed (a camera that vanished,
+    /// a file that no longer decodes); the caller retries with backoff.
+    fn next_frame(&mut self) -> Result<Frame, SourceError>;
+}
+
+/// The latest frame, shared between the capture thread and the worker. Old frames are replaced,
+/// never queued.
+#[derive(Default)]
+pub struct FrameSlot {
+    frame: std::sync::Mutex<Option<Frame>>,
+    /// When the capture thread last delivered a frame (for the watchdog).
+    last_delivery: std::sync::Mutex<Option<Instant>>,
+}
+
+impl FrameSlot {
+    /// An empty slot.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Puts a frame in, replacing any frame not yet taken.
+    pub fn put(&self, frame: Frame) {
+        if let Ok(mut slot) = self.frame.lock() {
+            *slot = Some(frame);
+        }
+        if let Ok(mut at) = self.last_delivery.lock() {
+            *at = Some(Instant::now());
+        }
+    }
+
+    /// Takes the newest frame, if one arrived since the last take.
+    pub fn take(&self) -> Option<Frame> {
+        self.frame.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// How long ago the last frame arrived (`None`: never).
+    pub fn age(&self) -> Option<Duration> {
+        self.last_delivery.lock().ok().and_then(|at| at.map(|t| t.elapsed()))
+    }
 }
 
 /// A still image or a directory of images played in name order, one every `interval`, looping.
@@ -68,16 +106,19 @@ impl Slideshow {
 }
 
 impl FrameSource for Slideshow {
-    fn poll(&mut self) -> Result<Option<Frame>, SourceError> {
-        if Instant::now() < self.next_due || (self.files.len() == 1 && self.seq > 0) {
-            return Ok(None);
+    /// The next image once its time has come; a still image is delivered again every interval,
+    /// as a camera pointed at a still scene would.
+    fn next_frame(&mut self) -> Result<Frame, SourceError> {
+        let now = Instant::now();
+        if now < self.next_due {
+            std::thread::sleep(self.next_due - now);
         }
+        self.next_due = Instant::now() + self.interval;
         let path = &self.files[self.next_index];
         self.next_index = (self.next_index + 1) % self.files.len();
-        self.next_due = Instant::now() + self.interval;
         let image = RgbImage::open(path)?;
         let frame = Frame { seq: self.seq, captured_at: SystemTime::now(), image };
         self.seq += 1;
-        Ok(Some(frame))
+        Ok(frame)
     }
 }

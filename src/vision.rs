@@ -40,9 +40,25 @@ impl Vision {
 
     /// Runs the whole path on one frame, writing the image tokens into `out`.
     pub fn run(&mut self, image: &RgbImage, out: &mut ImageTokens) -> Result<VisionTimings, VisionError> {
-        let enc = self.encoder.encode(image, &mut self.features)?;
-        let project_ms = self.projector.project(&self.features, out)?;
+        let enc = self.encode(image)?;
+        let project_ms = self.project(out)?;
         Ok(VisionTimings { preprocess_ms: enc.preprocess_ms, encode_ms: enc.encode_ms, project_ms })
+    }
+
+    /// Encodes one frame; its features stay for [`Vision::signature`] and [`Vision::project`].
+    pub fn encode(&mut self, image: &RgbImage) -> Result<crate::encoder::EncodeTimings, VisionError> {
+        self.encoder.encode(image, &mut self.features)
+    }
+
+    /// The scene signature of the last encoded frame: its patch grid pooled as the projector pools
+    /// it (written into `out`, reused).
+    pub fn signature(&self, out: &mut Vec<f32>) {
+        self.projector.pool(&self.features, out);
+    }
+
+    /// Projects the last encoded frame into image tokens; returns the time in ms.
+    pub fn project(&mut self, out: &mut ImageTokens) -> Result<f64, VisionError> {
+        self.projector.project(&self.features, out)
     }
 
     /// The encoder output of the last frame run.

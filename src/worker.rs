@@ -1,21 +1,67 @@
-//! The inference worker: one thread that owns the models. It captions new frames and answers
-//! questions about the latest one, questions first, and hands results to the MQTT side.
+//! The inference worker: one thread that owns the models. It takes the newest frame from the
+//! [`FrameSlot`], encodes it, lets the [`SceneGate`] decide whether the scene changed, captions
+//! changed scenes, and answers questions about the latest frame — questions first. Results go to
+//! the MQTT side as [`Outgoing`] values.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use tokio::sync::mpsc::Sender;
 
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, StopReason};
 use crate::frame::Frame;
 use crate::mqtt::{Outgoing, Question};
 use crate::projector::ImageTokens;
-use crate::source::FrameSource;
+use crate::scene::{cosine_distance, GateConfig, SceneGate};
+use crate::source::FrameSlot;
 use crate::vision::Vision;
 use crate::wire::{self, Reply, RequestError};
+
+/// Settings the worker re-reads on every frame, so a reload (SIGHUP) applies without reloading
+/// models.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSettings {
+    /// The question that asks for a caption.
+    pub caption_prompt: String,
+    /// Scene-change gating.
+    pub gate: GateConfig,
+}
+
+/// What the worker has done, for the watchdog, `STATUS=` lines and benchmarks.
+#[derive(Debug)]
+pub struct Progress {
+    heartbeat: Mutex<Instant>,
+    /// Frames encoded.
+    pub frames: AtomicU64,
+    /// LLM runs (captions and answers).
+    pub llm_runs: AtomicU64,
+    /// Captions published.
+    pub captions: AtomicU64,
+    /// Questions answered.
+    pub answers: AtomicU64,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress { heartbeat: Mutex::new(Instant::now()), frames: AtomicU64::new(0), llm_runs: AtomicU64::new(0), captions: AtomicU64::new(0), answers: AtomicU64::new(0) }
+    }
+}
+
+impl Progress {
+    fn beat(&self) {
+        if let Ok(mut at) = self.heartbeat.lock() {
+            *at = Instant::now();
+        }
+    }
+
+    /// Time since the worker last showed progress (a loop turn or a generated token).
+    pub fn stalled_for(&self) -> Duration {
+        self.heartbeat.lock().map(|at| at.elapsed()).unwrap_or_default()
+    }
+}
 
 /// What the worker owns.
 pub struct Worker {
@@ -23,52 +69,83 @@ pub struct Worker {
     pub vision: Vision,
     /// The LLM.
     pub backbone: Backbone,
-    /// Where frames come from.
-    pub source: Box<dyn FrameSource>,
+    /// The newest frame from the capture thread.
+    pub frames: Arc<FrameSlot>,
+    /// Reloadable settings.
+    pub settings: Arc<RwLock<WorkerSettings>>,
+    /// Progress counters and heartbeat.
+    pub progress: Arc<Progress>,
     /// The model stack's name, reported with captions.
     pub model: String,
 }
 
-/// The frame whose scene is in the backbone's cache.
-struct Scene {
+/// A frame the worker has encoded.
+#[derive(Debug, Clone)]
+struct Seen {
     seq: u64,
     ts_ms: u64,
+    signature: Vec<f32>,
 }
 
 fn ts_ms(frame: &Frame) -> u64 {
     frame.captured_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+fn rounded(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (v * 10.0).round() / 10.0)).collect()
+}
+
 impl Worker {
-    /// Runs until `stop` is set or the question channel closes. Results go to `out`.
+    fn settings(&self) -> WorkerSettings {
+        self.settings.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Runs until `stop` is set or the question channel closes.
     pub fn run(mut self, questions: Receiver<Question>, out: Sender<Outgoing>, stop: Arc<AtomicBool>) {
+        let mut gate = SceneGate::new();
         let mut tokens = ImageTokens::default();
-        let mut scene: Option<Scene> = None;
+        let mut latest: Option<Seen> = None;
+        let mut scene: Option<Seen> = None;
+        let mut signature = Vec::new();
         while !stop.load(Ordering::SeqCst) {
-            // Questions first.
-            match questions.recv_timeout(Duration::from_millis(50)) {
+            self.progress.beat();
+            match questions.recv_timeout(Duration::from_millis(20)) {
                 Ok(question) => {
-                    self.answer(question, scene.as_ref(), &out, &stop);
+                    self.answer(question, latest.as_ref(), &mut scene, &mut tokens, &out, &stop);
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            match self.source.poll() {
-                Ok(Some(frame)) => match self.caption(&frame, &mut tokens, &stop) {
-                    Ok(caption) => {
-                        scene = Some(Scene { seq: frame.seq, ts_ms: ts_ms(&frame) });
-                        if out.blocking_send(Outgoing::Caption(caption)).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => tracing::error!(frame = frame.seq, "captioning failed: {e}"),
-                },
-                Ok(None) => {}
+            let Some(frame) = self.frames.take() else { continue };
+            let start = Instant::now();
+            let encoded = match self.vision.encode(&frame.image) {
+                Ok(t) => t,
                 Err(e) => {
-                    tracing::error!("frame source: {e}");
-                    std::thread::sleep(Duration::from_secs(1));
+                    tracing::error!(frame = frame.seq, "encoding failed: {e}");
+                    continue;
                 }
+            };
+            self.progress.frames.fetch_add(1, Ordering::Relaxed);
+            self.vision.signature(&mut signature);
+            let settings = self.settings();
+            let now = Instant::now();
+            let decision = gate.decide(&settings.gate, &signature, now);
+            latest = Some(Seen { seq: frame.seq, ts_ms: ts_ms(&frame), signature: signature.clone() });
+            tracing::debug!(frame = frame.seq, ?decision, "scene gate");
+            if !decision.caption() {
+                continue;
+            }
+            match self.caption(&frame, &settings.caption_prompt, &mut tokens, &stop, start, encoded) {
+                Ok(caption) => {
+                    gate.captioned(&signature, now);
+                    scene = latest.clone();
+                    self.progress.captions.fetch_add(1, Ordering::Relaxed);
+                    if out.blocking_send(Outgoing::Caption(caption)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!(frame = frame.seq, "captioning failed: {e}"),
             }
         }
     }
@@ -77,32 +154,42 @@ impl Worker {
         crate::backbone::GenerateOptions { cancel: Some(stop.clone()), ..self.backbone.default_options() }
     }
 
-    fn caption(&mut self, frame: &Frame, tokens: &mut ImageTokens, stop: &Arc<AtomicBool>) -> Result<wire::Caption, Box<dyn std::error::Error>> {
-        let start = Instant::now();
-        let vt = self.vision.run(&frame.image, tokens)?;
+    fn caption(
+        &mut self,
+        frame: &Frame,
+        prompt: &str,
+        tokens: &mut ImageTokens,
+        stop: &Arc<AtomicBool>,
+        start: Instant,
+        encoded: crate::encoder::EncodeTimings,
+    ) -> Result<wire::Caption, Box<dyn std::error::Error>> {
+        let project_ms = self.vision.project(tokens)?;
         let prefill_ms = self.backbone.set_scene(frame.seq, Some(tokens))?;
-        let prompt = self.backbone.caption_prompt().to_owned();
         let options = self.options(stop);
-        let g = self.backbone.ask(&prompt, &options, &mut |_| true)?;
-        if g.stop == crate::backbone::StopReason::Cancelled {
+        let progress = self.progress.clone();
+        self.progress.llm_runs.fetch_add(1, Ordering::Relaxed);
+        let g = self.backbone.ask(prompt, &options, &mut |_| {
+            progress.beat();
+            true
+        })?;
+        if g.stop == StopReason::Cancelled {
             return Err("cancelled by shutdown".into());
         }
-        let timings: BTreeMap<String, f64> = [
-            ("preprocess", vt.preprocess_ms),
-            ("encode", vt.encode_ms),
-            ("project", vt.project_ms),
+        let timings = rounded(&[
+            ("preprocess", encoded.preprocess_ms),
+            ("encode", encoded.encode_ms),
+            ("project", project_ms),
             ("prefill", prefill_ms + g.prefill_ms),
             ("decode", g.decode_ms),
             ("total", start.elapsed().as_secs_f64() * 1e3),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), (v * 10.0).round() / 10.0))
-        .collect();
+        ]);
         tracing::info!(frame = frame.seq, total_ms = timings["total"], "caption: {}", g.text);
         Ok(wire::Caption { text: g.text, frame_seq: frame.seq, frame_ts_ms: ts_ms(frame), timings_ms: timings, model: self.model.clone() })
     }
 
-    fn answer(&mut self, question: Question, scene: Option<&Scene>, out: &Sender<Outgoing>, stop: &Arc<AtomicBool>) {
+    /// Answers about the latest frame: its cached scene prefix when it is the current scene, else
+    /// the latest frame is made the scene first.
+    fn answer(&mut self, question: Question, latest: Option<&Seen>, scene: &mut Option<Seen>, tokens: &mut ImageTokens, out: &Sender<Outgoing>, stop: &Arc<AtomicBool>) {
         if question.expired(Instant::now()) {
             tracing::warn!(question = %question.text, "request expired while queued; not answered");
             let _ = out.blocking_send(Outgoing::Expired);
@@ -111,10 +198,25 @@ impl Worker {
         let start = Instant::now();
         let to = question.reply.clone();
         let id = to.id.clone();
+        let threshold = self.settings().gate.change_threshold;
+        if let Some(latest) = latest {
+            let current = scene.as_ref().is_some_and(|s| s.seq == latest.seq || cosine_distance(&s.signature, &latest.signature) <= threshold);
+            if !current {
+                // The features in `vision` are the latest frame's (it was the last encoded).
+                let made = self.vision.project(tokens).map_err(|e| e.to_string()).and_then(|_| self.backbone.set_scene(latest.seq, Some(tokens)).map_err(|e| e.to_string()));
+                match made {
+                    Ok(_) => *scene = Some(latest.clone()),
+                    Err(e) => tracing::error!("cannot make frame {} the scene: {e}", latest.seq),
+                }
+            }
+        }
         let options = self.options(stop);
         let stream = question.stream;
         let mut so_far = String::new();
+        let progress = self.progress.clone();
+        self.progress.llm_runs.fetch_add(1, Ordering::Relaxed);
         let result = self.backbone.ask(&question.text, &options, &mut |piece| {
+            progress.beat();
             if stream {
                 so_far.push_str(piece);
                 let partial = wire::Answer { id: id.clone(), text: so_far.trim().to_owned(), done: false, frame_seq: None, frame_ts_ms: None, timings_ms: BTreeMap::new() };
@@ -122,19 +224,18 @@ impl Worker {
             }
             true
         });
+        let about = scene.as_ref();
         let reply = match result {
             Ok(g) => {
-                let timings: BTreeMap<String, f64> = [
+                self.progress.answers.fetch_add(1, Ordering::Relaxed);
+                let timings = rounded(&[
                     ("queue", (start - question.received_at).as_secs_f64() * 1e3),
                     ("prefill", g.prefill_ms),
                     ("decode", g.decode_ms),
                     ("ttft", g.ttft_ms),
                     ("total", start.elapsed().as_secs_f64() * 1e3),
-                ]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), (v * 10.0).round() / 10.0))
-                .collect();
-                Reply::Answer(wire::Answer { id, text: g.text, done: true, frame_seq: scene.map(|s| s.seq), frame_ts_ms: scene.map(|s| s.ts_ms), timings_ms: timings })
+                ]);
+                Reply::Answer(wire::Answer { id, text: g.text, done: true, frame_seq: about.map(|s| s.seq), frame_ts_ms: about.map(|s| s.ts_ms), timings_ms: timings })
             }
             Err(e) => Reply::Error(wire::ErrorReply::new(id, &RequestError::Internal(e.to_string()))),
         };
