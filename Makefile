@@ -12,9 +12,9 @@ PY := $(VENV)/bin/python
 CARGO ?= cargo
 # Build tools for llama.cpp (cmake, clang for bindgen), Python for the model tools, the fetch clients,
 # and for the tests a real MQTT broker and openssl (TLS certificates).
-APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto openssl
+APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto openssl systemd
 
-.PHONY: run test deps venv models build bench check fmt clean-target
+.PHONY: run test deps venv models build bench check check-unit
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -57,3 +57,7 @@ bench: deps models
 
 check: build
 	$(CARGO) run --release --quiet -- models check
+
+## check-unit: systemd-analyze verify and security (exposure <= 2.0) on systemd/scenecast.service
+check-unit: build
+	bash systemd/check.sh $(CARGO_TARGET_DIR)/release/scenecast

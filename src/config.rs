@@ -533,6 +533,13 @@ mod tests {
     }
 
     #[test]
+    fn the_annotated_example_config_is_valid() {
+        let config = Config::parse(include_str!("../systemd/scenecast.toml"), "systemd/scenecast.toml").unwrap();
+        assert_eq!(config.camera.v4l2.as_ref().map(|v| v.fps), Some(15));
+        assert!(config.mqtt.discovery.enabled);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[onnx]\nthreads = 2\n", "unknown field `threads`"),
