@@ -19,7 +19,7 @@ use scenecast::onnx::OnnxRuntime;
 use scenecast::scene::GateConfig;
 use scenecast::source::FrameSlot;
 use scenecast::vision::Vision;
-use scenecast::worker::{Progress, Worker, WorkerSettings};
+use scenecast::worker::{Progress, Worker, RuntimeSettings};
 
 const FPS: f64 = 2.0;
 const PHASE: Duration = Duration::from_secs(15);
@@ -52,7 +52,9 @@ fn main() {
     let state = tempfile::tempdir().unwrap();
     let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(4);
     let mqtt_config = MqttConfig { port, topic_prefix: Some("bench/cam".into()), ..MqttConfig::default() };
-    let mut mqtt = rt.block_on(async { scenecast::mqtt::start(&mqtt_config, state.path(), questions_tx, &manifest.name, 200).unwrap() });
+    let ungated = GateConfig { change_threshold: 0.0, min_interval_s: 0.0, max_interval_s: 0.0 };
+    let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate: ungated.clone() }));
+    let mut mqtt = rt.block_on(async { scenecast::mqtt::start(&mqtt_config, state.path(), questions_tx, settings.clone(), &manifest.name, 200).unwrap() });
     assert!(rt.block_on(mqtt.wait_connected(Duration::from_secs(10))));
 
     let ort = OnnxRuntime::init(&config.onnx, &root).unwrap();
@@ -60,8 +62,6 @@ fn main() {
     let vision = Vision::load(&ort, &manifest, &root, Some(&backbone.summary().gguf)).unwrap();
     let slot = Arc::new(FrameSlot::new());
     let progress = Arc::new(Progress::default());
-    let ungated = GateConfig { change_threshold: 0.0, min_interval_s: 0.0, max_interval_s: 0.0 };
-    let settings = Arc::new(RwLock::new(WorkerSettings { caption_prompt: "Describe the image.".into(), gate: ungated.clone() }));
     let worker = Worker { vision, backbone, frames: slot.clone(), settings: settings.clone(), progress: progress.clone(), model: manifest.name.clone() };
     let stop = Arc::new(AtomicBool::new(false));
     let (out, worker_stop) = (mqtt.outgoing.clone(), stop.clone());
@@ -70,7 +70,7 @@ fn main() {
     let mut seq = 0u64;
     let mut put_at = std::collections::HashMap::new();
     let mut phase = |name: &str, gate: GateConfig, changing: bool| -> f64 {
-        *settings.write().unwrap() = WorkerSettings { caption_prompt: "Describe the image.".into(), gate };
+        *settings.write().unwrap() = RuntimeSettings { caption_prompt: "Describe the image.".into(), gate };
         let runs_before = progress.llm_runs.load(Ordering::SeqCst);
         let start = Instant::now();
         let mut i = 0;

@@ -19,7 +19,7 @@ use crate::onnx::{OnnxError, OnnxRuntime};
 use crate::source::{FrameSlot, FrameSource, SourceError};
 use crate::systemd::Notifier;
 use crate::vision::Vision;
-use crate::worker::{Progress, Worker, WorkerSettings};
+use crate::worker::{Progress, Worker, RuntimeSettings};
 
 /// An error that stops the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +55,10 @@ fn runtime_err(what: &str) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
     move |e| DaemonError::Runtime(format!("{what}: {e}"))
 }
 
-fn worker_settings(config: &Config) -> WorkerSettings {
-    WorkerSettings { caption_prompt: config.llm.caption_prompt.clone(), gate: config.scene.clone() }
+fn worker_settings(config: &Config) -> RuntimeSettings {
+    RuntimeSettings { caption_prompt: config.llm.caption_prompt.clone(), gate: config.scene.clone() }
 }
+
 
 fn open_source(config: &Config) -> Result<Box<dyn FrameSource>, DaemonError> {
     Ok(match &config.camera.v4l2 {
@@ -113,8 +114,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     let tokio_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(runtime_err("tokio runtime"))?;
     tokio_rt.block_on(async move {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
-        let mqtt = crate::mqtt::start(&config.mqtt, &state_dir, questions_tx, &manifest.name, config.llm.max_question_chars)?;
         let settings = Arc::new(RwLock::new(worker_settings(&config)));
+        let mqtt = crate::mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, config.llm.max_question_chars)?;
         let progress = Arc::new(Progress::default());
         let worker = Worker { vision, backbone, frames: slot.clone(), settings: settings.clone(), progress: progress.clone(), model: manifest.name.clone() };
         let (out, worker_stop) = (mqtt.outgoing.clone(), stop.clone());
@@ -174,7 +175,7 @@ async fn watchdog_loop(notifier: Arc<Notifier>, slot: Arc<FrameSlot>, progress: 
 }
 
 /// Waits for SIGTERM or SIGINT; applies SIGHUP reloads meanwhile. Returns the signal's name.
-async fn wait_for_stop(config_path: Option<PathBuf>, settings: Arc<RwLock<WorkerSettings>>, notifier: Arc<Notifier>) -> &'static str {
+async fn wait_for_stop(config_path: Option<PathBuf>, settings: Arc<RwLock<RuntimeSettings>>, notifier: Arc<Notifier>) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
         tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");
@@ -194,7 +195,7 @@ async fn wait_for_stop(config_path: Option<PathBuf>, settings: Arc<RwLock<Worker
     }
 }
 
-fn reload(config_path: Option<&std::path::Path>, settings: &Arc<RwLock<WorkerSettings>>) {
+fn reload(config_path: Option<&std::path::Path>, settings: &Arc<RwLock<RuntimeSettings>>) {
     let Some(path) = config_path else {
         tracing::warn!("SIGHUP: no config file to reload (started without --config)");
         return;

@@ -84,6 +84,8 @@ pub enum Outgoing {
     },
     /// The worker dropped a request whose message expiry passed (counted, not published).
     Expired,
+    /// The runtime settings in effect (retained on `config/state`).
+    ConfigState(wire::RuntimeSettings),
 }
 
 #[derive(Default)]
@@ -296,6 +298,7 @@ pub fn start(
     config: &MqttConfig,
     state_dir: &std::path::Path,
     questions: std::sync::mpsc::SyncSender<Question>,
+    settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
     model: &str,
     max_question_chars: usize,
 ) -> Result<MqttHandle, MqttError> {
@@ -324,8 +327,9 @@ pub fn start(
         model: model.to_owned(),
         closed: closed.clone(),
         limits: Limits { max_payload_bytes: config.max_payload_bytes, max_question_chars },
+        settings: settings.clone(),
     };
-    let publisher = PublisherTask { client, topics: topics.clone(), spool, online, drain, counters, shutdown: shutdown.clone(), closed };
+    let publisher = PublisherTask { client, topics: topics.clone(), spool, online, drain, counters, shutdown: shutdown.clone(), closed, settings, published_settings: None };
     let conn_task = tokio::spawn(conn.run(eventloop));
     let pub_task = tokio::spawn(publisher.run(out_rx));
     Ok(MqttHandle { outgoing: out_tx, topics, connected: connected_rx, shutdown, tasks: vec![pub_task, conn_task] })
@@ -345,6 +349,7 @@ struct ConnectionTask {
     /// Cancelled by the publisher once it has sent `stopped` and the disconnect.
     closed: CancellationToken,
     limits: Limits,
+    settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
 }
 
 impl ConnectionTask {
@@ -360,7 +365,7 @@ impl ConnectionTask {
     /// Subscribes and announces the device; returns how many subscriptions await their SubAck.
     async fn on_connect(&self) -> usize {
         let mut pending = 0;
-        for topic in [self.topics.ask(), self.topics.ask_text(), format!("{}/status", self.config.discovery.prefix)] {
+        for topic in [self.topics.ask(), self.topics.ask_text(), self.topics.config_set(), format!("{}/status", self.config.discovery.prefix)] {
             match self.client.subscribe(&topic).await {
                 Ok(()) => pending += 1,
                 Err(e) => tracing::warn!(topic, "subscribe failed: {e}"),
@@ -457,6 +462,31 @@ impl ConnectionTask {
         !reply_topic.is_empty() && !reply_topic.contains(['+', '#']) && self.config.allowed_reply_topics.iter().any(|f| wire::topic_matches(f, reply_topic))
     }
 
+    /// Validates a `config/set` request, applies it to the worker's settings and acknowledges the
+    /// new state on `config/state` (retained); a refusal goes to the request's reply address.
+    async fn on_config_set(&self, topic: &str, payload: &[u8], response_topic: Option<String>, correlation: Option<Vec<u8>>) {
+        let parsed = wire::parse_config_patch(payload, &self.limits);
+        let (id, reply_to) = match &parsed {
+            Ok(p) => (p.id.clone(), p.reply_to.clone()),
+            Err(_) => wire::salvage_reply_address(payload),
+        };
+        let to = response_topic.or(reply_to).filter(|t| self.allowed(t)).map(|t| ReplyAddress { topic: t, correlation, id, retain: false });
+        let current = self.settings.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        match parsed.and_then(|patch| patch.apply(&current)) {
+            Ok(next) => {
+                tracing::info!(prompt = %next.caption_prompt, threshold = next.gate.change_threshold, "config/set applied");
+                if let Ok(mut s) = self.settings.write() {
+                    *s = next.clone();
+                }
+                let _ = self.replies.send(Outgoing::ConfigState(next)).await;
+            }
+            Err(e) => {
+                self.counters.bad.fetch_add(1, Ordering::Relaxed);
+                self.reply_error(to, e, topic).await;
+            }
+        }
+    }
+
     async fn on_publish(&self, topic: &str, payload: &[u8], response_topic: Option<String>, correlation: Option<Vec<u8>>, expiry_s: Option<u32>) {
         let limits = self.limits;
         if topic == format!("{}/status", self.config.discovery.prefix) {
@@ -465,6 +495,9 @@ impl ConnectionTask {
                 self.publish_discovery().await;
             }
             return;
+        }
+        if topic == self.topics.config_set() {
+            return self.on_config_set(topic, payload, response_topic, correlation).await;
         }
         let received_at = Instant::now();
         let expires_at = expiry_s.map(|s| received_at + Duration::from_secs(u64::from(s)));
@@ -530,9 +563,32 @@ struct PublisherTask {
     counters: Arc<Counters>,
     shutdown: CancellationToken,
     closed: CancellationToken,
+    settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
+    /// The settings last retained on `config/state` (a SIGHUP reload changes them behind our back).
+    published_settings: Option<wire::RuntimeSettings>,
 }
 
 impl PublisherTask {
+    async fn publish_config_state(&mut self, state: wire::RuntimeSettings) {
+        let m = SpooledMessage {
+            topic: self.topics.config_state(),
+            payload: serde_json::to_vec(&state).unwrap_or_default(),
+            retain: true,
+            correlation: None,
+            user_properties: vec![],
+            content_type: Some("application/json".into()),
+        };
+        self.send(m).await;
+        self.published_settings = Some(state);
+    }
+
+    async fn refresh_config_state(&mut self) {
+        let current = self.settings.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        if self.published_settings.as_ref() != Some(&current) && self.online.load(Ordering::SeqCst) {
+            self.publish_config_state(current).await;
+        }
+    }
+
     fn attributes(&self) -> StatusAttributes {
         StatusAttributes {
             spooled: self.spool.len() as u64,
@@ -599,7 +655,12 @@ impl PublisherTask {
         loop {
             tokio::select! {
                 biased;
-                _ = self.drain.notified() => self.drain_spool().await,
+                _ = self.drain.notified() => {
+                    self.drain_spool().await;
+                    // Retain the settings in effect on every connect.
+                    self.published_settings = None;
+                    self.refresh_config_state().await;
+                }
                 message = rx.recv() => match message {
                     Some(Outgoing::Caption(caption)) => {
                         let m = SpooledMessage {
@@ -616,9 +677,13 @@ impl PublisherTask {
                     Some(Outgoing::Expired) => {
                         self.counters.expired.fetch_add(1, Ordering::Relaxed);
                     }
+                    Some(Outgoing::ConfigState(state)) => self.publish_config_state(state).await,
                     None => break,
                 },
-                _ = tick.tick() => self.publish_attributes(&mut last).await,
+                _ = tick.tick() => {
+                    self.publish_attributes(&mut last).await;
+                    self.refresh_config_state().await;
+                }
                 _ = self.shutdown.cancelled() => break,
             }
         }
@@ -636,7 +701,7 @@ impl PublisherTask {
                         content_type: Some("application/json".into()),
                     },
                     Outgoing::Reply { to, reply } => reply_message(&to, &reply),
-                    Outgoing::Expired => continue,
+                    Outgoing::Expired | Outgoing::ConfigState(_) => continue,
                 };
                 self.send(m).await;
             }

@@ -290,6 +290,87 @@ impl ErrorReply {
     }
 }
 
+/// The settings that can change at run time (SIGHUP, `config/set`), as retained on `config/state`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// The question that asks for a caption.
+    pub caption_prompt: String,
+    /// Scene-change gating.
+    #[serde(rename = "scene")]
+    pub gate: crate::scene::GateConfig,
+}
+
+/// A `config/set` request: any subset of the runtime settings.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPatch {
+    /// New caption prompt.
+    pub caption_prompt: Option<String>,
+    /// New gating values (each optional).
+    pub scene: Option<GatePatch>,
+    /// Echoed in the error reply (v3.1.1 correlation).
+    pub id: Option<String>,
+    /// Where an error reply goes (MQTT v3.1.1; v5: the Response Topic).
+    pub reply_to: Option<String>,
+}
+
+/// Part of a [`ConfigPatch`].
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatePatch {
+    /// See [`crate::scene::GateConfig::change_threshold`].
+    pub change_threshold: Option<f32>,
+    /// See [`crate::scene::GateConfig::min_interval_s`].
+    pub min_interval_s: Option<f64>,
+    /// See [`crate::scene::GateConfig::max_interval_s`].
+    pub max_interval_s: Option<f64>,
+}
+
+/// The longest caption prompt `config/set` accepts.
+pub const MAX_PROMPT_CHARS: usize = 1000;
+
+/// Parses a `config/set` request.
+pub fn parse_config_patch(payload: &[u8], limits: &Limits) -> Result<ConfigPatch, RequestError> {
+    let text = utf8(payload, limits)?;
+    serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))
+}
+
+impl ConfigPatch {
+    /// The settings after this patch, validated; an error names the key.
+    pub fn apply(&self, current: &RuntimeSettings) -> Result<RuntimeSettings, RequestError> {
+        let bad = |key: &str, why: String| RequestError::Invalid(format!("`{key}`: {why}"));
+        let mut next = current.clone();
+        if let Some(prompt) = &self.caption_prompt {
+            if prompt.trim().is_empty() {
+                return Err(bad("caption_prompt", "is empty".into()));
+            }
+            if prompt.chars().count() > MAX_PROMPT_CHARS {
+                return Err(bad("caption_prompt", format!("is longer than {MAX_PROMPT_CHARS} characters")));
+            }
+            next.caption_prompt = prompt.clone();
+        }
+        if let Some(scene) = &self.scene {
+            if let Some(t) = scene.change_threshold {
+                if !(0.0..=2.0).contains(&t) {
+                    return Err(bad("scene.change_threshold", format!("{t} is outside 0..2 (a cosine distance)")));
+                }
+                next.gate.change_threshold = t;
+            }
+            if let Some(v) = scene.min_interval_s {
+                next.gate.min_interval_s = v;
+            }
+            if let Some(v) = scene.max_interval_s {
+                next.gate.max_interval_s = v;
+            }
+            if !(next.gate.min_interval_s >= 0.0 && next.gate.max_interval_s >= next.gate.min_interval_s && next.gate.max_interval_s.is_finite()) {
+                return Err(bad("scene.max_interval_s", format!("need 0 <= min_interval_s ({}) <= max_interval_s ({})", next.gate.min_interval_s, next.gate.max_interval_s)));
+            }
+        }
+        Ok(next)
+    }
+}
+
 /// Counters published on the status attributes topic.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -426,6 +507,25 @@ mod tests {
     fn salvage_finds_id_and_reply_to_in_a_bad_request() {
         assert_eq!(salvage_reply_address(br#"{"question":5,"id":"9","reply_to":"r/t"}"#), (Some("9".into()), Some("r/t".into())));
         assert_eq!(salvage_reply_address(b"garbage"), (None, None));
+    }
+
+    #[test]
+    fn config_patches_apply_or_name_the_key() {
+        let current = RuntimeSettings { caption_prompt: "Describe.".into(), gate: crate::scene::GateConfig::default() };
+        let ok = parse_config_patch(br#"{"caption_prompt":"Count the people.","scene":{"change_threshold":0.1}}"#, &LIMITS).unwrap().apply(&current).unwrap();
+        assert_eq!((ok.caption_prompt.as_str(), ok.gate.change_threshold, ok.gate.min_interval_s), ("Count the people.", 0.1, 2.0));
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"caption_prompt":" "}"#, "`caption_prompt`: is empty"),
+            (br#"{"scene":{"change_threshold":5}}"#, "`scene.change_threshold`: 5 is outside 0..2"),
+            (br#"{"scene":{"min_interval_s":10,"max_interval_s":1}}"#, "`scene.max_interval_s`: need 0 <= min_interval_s (10) <= max_interval_s (1)"),
+            (br#"{"prompt":"x"}"#, "unknown field `prompt`"),
+            (br#"{"scene":{"threshold":1}}"#, "unknown field `threshold`"),
+        ];
+        for (payload, expected) in cases {
+            let err = parse_config_patch(payload, &LIMITS).and_then(|p| p.apply(&current)).unwrap_err();
+            assert_eq!(err.code(), "bad_request");
+            assert!(err.to_string().contains(expected), "{expected:?} not in {err}");
+        }
     }
 
     #[test]

@@ -15,20 +15,12 @@ use crate::backbone::{Backbone, StopReason};
 use crate::frame::Frame;
 use crate::mqtt::{Outgoing, Question};
 use crate::projector::ImageTokens;
-use crate::scene::{cosine_distance, GateConfig, SceneGate};
+use crate::scene::{cosine_distance, SceneGate};
 use crate::source::FrameSlot;
 use crate::vision::Vision;
 use crate::wire::{self, Reply, RequestError};
 
-/// Settings the worker re-reads on every frame, so a reload (SIGHUP) applies without reloading
-/// models.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkerSettings {
-    /// The question that asks for a caption.
-    pub caption_prompt: String,
-    /// Scene-change gating.
-    pub gate: GateConfig,
-}
+pub use crate::wire::RuntimeSettings;
 
 /// What the worker has done, for the watchdog, `STATUS=` lines and benchmarks.
 #[derive(Debug)]
@@ -72,7 +64,7 @@ pub struct Worker {
     /// The newest frame from the capture thread.
     pub frames: Arc<FrameSlot>,
     /// Reloadable settings.
-    pub settings: Arc<RwLock<WorkerSettings>>,
+    pub settings: Arc<RwLock<RuntimeSettings>>,
     /// Progress counters and heartbeat.
     pub progress: Arc<Progress>,
     /// The model stack's name, reported with captions.
@@ -96,7 +88,7 @@ fn rounded(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
 }
 
 impl Worker {
-    fn settings(&self) -> WorkerSettings {
+    fn settings(&self) -> RuntimeSettings {
         self.settings.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 

@@ -12,9 +12,12 @@ use common::*;
 use scenecast::backbone::Backbone;
 use scenecast::config::{Config, LlmConfig, MqttConfig, MqttProtocol};
 use scenecast::mqtt::{self, MqttHandle, Outgoing, Question};
-use scenecast::source::Slideshow;
+use std::sync::RwLock;
+
+use scenecast::scene::GateConfig;
+use scenecast::source::FrameSlot;
 use scenecast::vision::Vision;
-use scenecast::worker::Worker;
+use scenecast::worker::{Progress, RuntimeSettings, Worker};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -28,6 +31,7 @@ struct Daemon {
     questions: Option<std::sync::mpsc::Receiver<Question>>,
     stop: Arc<AtomicBool>,
     worker: Option<std::thread::JoinHandle<()>>,
+    settings: Arc<RwLock<RuntimeSettings>>,
     _state: tempfile::TempDir,
 }
 
@@ -35,9 +39,10 @@ impl Daemon {
     async fn start(config: MqttConfig) -> Daemon {
         let state = tempfile::tempdir().unwrap();
         let (tx, rx) = std::sync::mpsc::sync_channel(config.request_queue);
-        let mut handle = mqtt::start(&config, state.path(), tx, "dinov2s-smollm2-135m", 200).unwrap();
+        let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate: GateConfig::default() }));
+        let mut handle = mqtt::start(&config, state.path(), tx, settings.clone(), "dinov2s-smollm2-135m", 200).unwrap();
         assert!(handle.wait_connected(WAIT).await, "daemon connects");
-        Daemon { handle: Some(handle), questions: Some(rx), stop: Arc::new(AtomicBool::new(false)), worker: None, _state: state }
+        Daemon { handle: Some(handle), questions: Some(rx), stop: Arc::new(AtomicBool::new(false)), worker: None, settings, _state: state }
     }
 
     fn handle(&self) -> &MqttHandle {
@@ -50,8 +55,11 @@ impl Daemon {
         let m = manifest();
         let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
         let vision = Vision::load(&runtime(), &m, &root, Some(&backbone.summary().gguf)).unwrap();
-        let source = Slideshow::open(&root.join("models/photos/coffee.png"), Duration::from_secs(3600)).unwrap();
-        let worker = Worker { vision, backbone, source: Box::new(source), model: m.name.clone() };
+        // One frame of a still scene, as the capture thread would deliver it.
+        let frames = Arc::new(FrameSlot::new());
+        let image = scenecast::frame::RgbImage::open(&root.join("models/photos/coffee.png")).unwrap();
+        frames.put(scenecast::frame::Frame { seq: 0, captured_at: std::time::SystemTime::now(), image });
+        let worker = Worker { vision, backbone, frames, settings: self.settings.clone(), progress: Arc::new(Progress::default()), model: m.name.clone() };
         let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().outgoing.clone(), self.stop.clone());
         self.worker = Some(std::thread::spawn(move || worker.run(questions, out, stop)));
     }
@@ -302,14 +310,15 @@ async fn tls_with_a_client_certificate() {
     let state = tempfile::tempdir().unwrap();
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
     let no_cert = MqttConfig { host: "localhost".into(), tls: Some(scenecast::config::TlsConfig { client_cert: None, client_key: None, ..tls }), ..mqtt_config(broker.port, "cam8") };
-    let mut handle = mqtt::start(&no_cert, state.path(), tx, "m", 200).unwrap();
+    let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "x".into(), gate: GateConfig::default() }));
+    let mut handle = mqtt::start(&no_cert, state.path(), tx, settings.clone(), "m", 200).unwrap();
     assert!(!handle.wait_connected(Duration::from_secs(3)).await);
     handle.shutdown(Duration::from_secs(2)).await;
 
     // A CA file that does not exist is a clear error naming it.
     let missing = MqttConfig { tls: Some(scenecast::config::TlsConfig { ca_file: "/nonexistent/ca.pem".into(), client_cert: None, client_key: None }), ..mqtt_config(broker.port, "cam9") };
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-    let err = mqtt::start(&missing, state.path(), tx, "m", 200).err().expect("a missing CA file is refused").to_string();
+    let err = mqtt::start(&missing, state.path(), tx, settings, "m", 200).err().expect("a missing CA file is refused").to_string();
     assert!(err.starts_with("mqtt.tls: cannot read /nonexistent/ca.pem"), "{err}");
 }
 
@@ -330,4 +339,29 @@ async fn disabling_discovery_removes_the_device_from_home_assistant() {
     // Nothing retained is left for Home Assistant to find.
     let mut late = TestClient::connect(broker.port, "late-10", &["homeassistant/device/cam10/config"]).await;
     assert!(late.next_on("homeassistant/device/cam10/config", Duration::from_secs(2)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_set_is_validated_applied_and_acknowledged() {
+    let broker = Broker::start();
+    let mut client = TestClient::connect(broker.port, "admin-11", &["scenecast/cam11/config/state", "replies/#"]).await;
+    let d = Daemon::start(mqtt_config(broker.port, "cam11")).await;
+    let initial = client.next_on("scenecast/cam11/config/state", WAIT).await.expect("the state is retained on connect");
+    assert!(initial.retain || initial.json()["caption_prompt"] == "Describe the image.");
+    assert_schema("config_state.schema.json", &initial.json());
+
+    let set = br#"{"caption_prompt":"Count the people.","scene":{"change_threshold":0.2}}"#;
+    client.request("scenecast/cam11/config/set", set, Some("replies/cfg"), None, None).await;
+    let state = client.next_on("scenecast/cam11/config/state", WAIT).await.unwrap().json();
+    assert_schema("config_state.schema.json", &state);
+    assert_eq!(state["caption_prompt"], "Count the people.");
+    assert!((state["scene"]["change_threshold"].as_f64().unwrap() - 0.2).abs() < 1e-6, "{state}");
+    assert_eq!(d.settings.read().unwrap().caption_prompt, "Count the people.", "the worker sees it");
+
+    client.request("scenecast/cam11/config/set", br#"{"scene":{"change_threshold":9}}"#, Some("replies/cfg"), Some(b"k"), None).await;
+    let refused = client.next_on("replies/cfg", WAIT).await.unwrap();
+    assert_schema("reply.schema.json", &refused.json());
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("`scene.change_threshold`: 9 is outside 0..2"));
+    assert_eq!(d.settings.read().unwrap().gate.change_threshold, 0.2, "a refused change leaves the settings alone");
+    d.shutdown().await;
 }
