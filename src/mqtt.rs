@@ -274,20 +274,24 @@ fn connect(config: &MqttConfig, topics: &Topics) -> Result<(Client, EventLoop), 
     })
 }
 
+/// A caption as a message ready to publish (retained, timings as user properties).
+pub fn caption_message(topics: &Topics, caption: &wire::Caption) -> SpooledMessage {
+    SpooledMessage::json(topics.caption(), serde_json::to_vec(caption).unwrap_or_default(), true, &caption.timings_ms)
+}
+
 /// A reply as a message ready to publish.
 pub fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
-    let user_properties = match reply {
-        Reply::Answer(a) => a.timings_ms.iter().map(|(k, v)| (format!("{k}_ms"), format!("{v:.1}"))).collect(),
-        Reply::Error(e) => vec![("error".into(), e.error.code.clone())],
+    let payload = serde_json::to_vec(reply).unwrap_or_default();
+    let mut message = match reply {
+        Reply::Answer(a) => SpooledMessage::json(to.topic.clone(), payload, to.retain, &a.timings_ms),
+        Reply::Error(e) => {
+            let mut m = SpooledMessage::json(to.topic.clone(), payload, to.retain, &Default::default());
+            m.user_properties.push(("error".into(), e.error.code.clone()));
+            m
+        }
     };
-    SpooledMessage {
-        topic: to.topic.clone(),
-        payload: serde_json::to_vec(reply).unwrap_or_default(),
-        retain: to.retain,
-        correlation: to.correlation.clone(),
-        user_properties,
-        content_type: Some("application/json".into()),
-    }
+    message.correlation = to.correlation.clone();
+    message
 }
 
 /// Starts the MQTT side: connects (retrying with backoff in the background), and returns the
@@ -371,7 +375,7 @@ impl ConnectionTask {
                 Err(e) => tracing::warn!(topic, "subscribe failed: {e}"),
             }
         }
-        let status = SpooledMessage { topic: self.topics.status(), payload: b"online".to_vec(), retain: true, correlation: None, user_properties: vec![], content_type: None };
+        let status = SpooledMessage::plain(self.topics.status(), b"online".to_vec(), true);
         let _ = self.client.publish(&status).await;
         self.publish_discovery().await;
         pending
@@ -379,7 +383,7 @@ impl ConnectionTask {
 
     async fn publish_discovery(&self) {
         let (topic, payload) = self.discovery();
-        let m = SpooledMessage { topic, payload, retain: true, correlation: None, user_properties: vec![], content_type: None };
+        let m = SpooledMessage::plain(topic, payload, true);
         if let Err(e) = self.client.publish(&m).await {
             tracing::warn!("discovery publish failed: {e}");
         }
@@ -570,14 +574,7 @@ struct PublisherTask {
 
 impl PublisherTask {
     async fn publish_config_state(&mut self, state: wire::RuntimeSettings) {
-        let m = SpooledMessage {
-            topic: self.topics.config_state(),
-            payload: serde_json::to_vec(&state).unwrap_or_default(),
-            retain: true,
-            correlation: None,
-            user_properties: vec![],
-            content_type: Some("application/json".into()),
-        };
+        let m = SpooledMessage::json(self.topics.config_state(), serde_json::to_vec(&state).unwrap_or_default(), true, &Default::default());
         self.send(m).await;
         self.published_settings = Some(state);
     }
@@ -635,14 +632,7 @@ impl PublisherTask {
     async fn publish_attributes(&mut self, last: &mut StatusAttributes) {
         let now = self.attributes();
         if now != *last && self.online.load(Ordering::SeqCst) {
-            let m = SpooledMessage {
-                topic: self.topics.status_attributes(),
-                payload: serde_json::to_vec(&now).unwrap_or_default(),
-                retain: true,
-                correlation: None,
-                user_properties: vec![],
-                content_type: Some("application/json".into()),
-            };
+            let m = SpooledMessage::json(self.topics.status_attributes(), serde_json::to_vec(&now).unwrap_or_default(), true, &Default::default());
             if self.client.publish(&m).await.is_ok() {
                 *last = now;
             }
@@ -662,17 +652,7 @@ impl PublisherTask {
                     self.refresh_config_state().await;
                 }
                 message = rx.recv() => match message {
-                    Some(Outgoing::Caption(caption)) => {
-                        let m = SpooledMessage {
-                            topic: self.topics.caption(),
-                            payload: serde_json::to_vec(&caption).unwrap_or_default(),
-                            retain: true,
-                            correlation: None,
-                            user_properties: caption.timings_ms.iter().map(|(k, v)| (format!("{k}_ms"), format!("{v:.1}"))).collect(),
-                            content_type: Some("application/json".into()),
-                        };
-                        self.send(m).await;
-                    }
+                    Some(Outgoing::Caption(caption)) => self.send(caption_message(&self.topics, &caption)).await,
                     Some(Outgoing::Reply { to, reply }) => self.send(reply_message(&to, &reply)).await,
                     Some(Outgoing::Expired) => {
                         self.counters.expired.fetch_add(1, Ordering::Relaxed);
@@ -690,26 +670,17 @@ impl PublisherTask {
         // Shutdown: whatever is still queued, then `stopped`, then a clean disconnect (which
         // suppresses the last will).
         while let Ok(message) = rx.try_recv() {
-            if let Outgoing::Caption(_) | Outgoing::Reply { .. } = message {
-                let m = match message {
-                    Outgoing::Caption(c) => SpooledMessage {
-                        topic: self.topics.caption(),
-                        payload: serde_json::to_vec(&c).unwrap_or_default(),
-                        retain: true,
-                        correlation: None,
-                        user_properties: vec![],
-                        content_type: Some("application/json".into()),
-                    },
-                    Outgoing::Reply { to, reply } => reply_message(&to, &reply),
-                    Outgoing::Expired | Outgoing::ConfigState(_) => continue,
-                };
-                self.send(m).await;
-            }
+            let m = match message {
+                Outgoing::Caption(c) => caption_message(&self.topics, &c),
+                Outgoing::Reply { to, reply } => reply_message(&to, &reply),
+                Outgoing::Expired | Outgoing::ConfigState(_) => continue,
+            };
+            self.send(m).await;
         }
         self.drain_spool().await;
         if self.online.load(Ordering::SeqCst) {
             self.publish_attributes(&mut last).await;
-            let stopped = SpooledMessage { topic: self.topics.status(), payload: b"stopped".to_vec(), retain: true, correlation: None, user_properties: vec![], content_type: None };
+            let stopped = SpooledMessage::plain(self.topics.status(), b"stopped".to_vec(), true);
             let _ = self.client.publish(&stopped).await;
             self.client.disconnect().await;
         }

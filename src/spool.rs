@@ -30,6 +30,25 @@ pub struct SpooledMessage {
     pub content_type: Option<String>,
 }
 
+impl SpooledMessage {
+    /// A message without v5 properties.
+    pub fn plain(topic: String, payload: Vec<u8>, retain: bool) -> Self {
+        SpooledMessage { topic, payload, retain, correlation: None, user_properties: Vec::new(), content_type: None }
+    }
+
+    /// A JSON message, with per-stage timings (if any) as `<stage>_ms` user properties.
+    pub fn json(topic: String, payload: Vec<u8>, retain: bool, timings: &std::collections::BTreeMap<String, f64>) -> Self {
+        SpooledMessage {
+            topic,
+            payload,
+            retain,
+            correlation: None,
+            user_properties: timings.iter().map(|(k, v)| (format!("{k}_ms"), format!("{v:.1}"))).collect(),
+            content_type: Some("application/json".into()),
+        }
+    }
+}
+
 /// An error of the spool's directory.
 #[derive(Debug, thiserror::Error)]
 #[error("spool {path}: {source}")]
@@ -150,7 +169,7 @@ mod tests {
     use super::*;
 
     fn msg(i: usize) -> SpooledMessage {
-        SpooledMessage { topic: "t".into(), payload: format!("{i}").into_bytes(), retain: false, correlation: None, user_properties: vec![], content_type: None }
+        SpooledMessage::plain("t".into(), format!("{i}").into_bytes(), false)
     }
 
     #[test]
