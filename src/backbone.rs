@@ -485,7 +485,11 @@ impl Backbone {
             }
         };
         let prefix_cached = scene.n_past > 0;
-        self.ctx.truncate(scene.n_past);
+        if !self.ctx.truncate(scene.n_past) {
+            // The cache cannot drop the last request (a recurrent model): rebuild from scratch.
+            tracing::warn!("the KV cache cannot be cut back to the scene prefix; the prefix is decoded again");
+            return Err(EngineError::Decode { what: "the cache cut back to the scene prefix", status: -1 });
+        }
         let mut pos = self.decode_parts(tail, scene.n_past, "the request")?;
         let prefill_ms = ms_since(start);
         let mut sampler = crate::sampling::Sampler::new(options.sampling.clone());

@@ -17,6 +17,15 @@ use scenecast::projector::ImageTokens;
 use scenecast::vision::Vision;
 use scenecast::{cache, encoder::Encoder};
 
+/// Prints a line to stdout; a closed pipe (`scenecast models check | head`) ends output quietly
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// Give a camera a multimodal LLM: captions and answers over MQTT.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -184,7 +193,7 @@ fn fetch(config: &Config, gemma: bool, arch: Option<String>) -> Result<ExitCode>
 
 /// One line of `models check`.
 fn report(ok: bool, part: &str, detail: &str) {
-    println!("{:<5} {:<12} {}", if ok { "ok" } else { "FAIL" }, part, detail);
+    out!("{:<5} {:<12} {}", if ok { "ok" } else { "FAIL" }, part, detail);
 }
 
 fn verify_file(manifest: &Manifest, file: &FileRef, root: &Path, what: &str) -> Result<PathBuf, String> {
@@ -196,7 +205,7 @@ fn verify_file(manifest: &Manifest, file: &FileRef, root: &Path, what: &str) -> 
 fn check(config: &Config) -> Result<ExitCode> {
     let root = config.cache_root();
     let manifest = config.manifest()?;
-    println!("manifest {} ({}); cache {}", manifest.name, manifest.origin, root.display());
+    out!("manifest {} ({}); cache {}", manifest.name, manifest.origin, root.display());
     let mut failed = 0;
 
     let runtime = match OnnxRuntime::init(&config.onnx, &root) {
@@ -330,11 +339,11 @@ fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode> {
             },
             "manifest": manifest.name,
         });
-        println!("{out}");
+        out!("{out}");
     } else {
-        println!("{}: {}x{} -> image tokens [{}, {}]", image_path.display(), image.width(), image.height(), tokens.n_tokens, tokens.n_embd);
-        println!("ep: encoder {encoder_ep}, projector {projector_ep}");
-        println!(
+        out!("{}: {}x{} -> image tokens [{}, {}]", image_path.display(), image.width(), image.height(), tokens.n_tokens, tokens.n_embd);
+        out!("ep: encoder {encoder_ep}, projector {projector_ep}");
+        out!(
             "timings ms: decode {decode_ms:.1}, preprocess {:.1}, encode {:.1}, project {:.1}",
             timings.preprocess_ms, timings.encode_ms, timings.project_ms
         );
@@ -362,7 +371,7 @@ fn demo(config: &Config) -> Result<ExitCode> {
     let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
     let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
     if manifest.projector.untrained {
-        println!("note: the projector is the untrained placeholder, so captions do not describe the photos yet");
+        out!("note: the projector is the untrained placeholder, so captions do not describe the photos yet");
     }
     let mut tokens = ImageTokens::default();
     for (seq, path) in sample_photos(&root)?.iter().enumerate() {
@@ -378,7 +387,7 @@ fn demo(config: &Config) -> Result<ExitCode> {
         backbone.set_scene(seq as u64, Some(&tokens))?;
         let (prompt, options) = (backbone.caption_prompt().to_owned(), backbone.default_options());
         let caption = backbone.ask(&prompt, &options, &mut |_| true)?;
-        println!(
+        out!(
             "[{seq}] {}: {} ({} tokens, {:.0} ms)",
             path.file_name().unwrap_or_default().to_string_lossy(),
             caption.text,
@@ -434,13 +443,13 @@ fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool
                 "prefix_cached": !first,
                 "model": backbone.summary(),
             });
-            println!("{out}");
+            out!("{out}");
         } else {
             if questions.len() > 1 || question != &config.llm.caption_prompt {
-                println!("Q: {question}");
+                out!("Q: {question}");
             }
-            println!("{}", answer.text);
-            println!(
+            out!("{}", answer.text);
+            out!(
                 "  [{} tokens, ttft {:.0} ms, prefill {:.0} ms, decode {:.0} ms ({:.1} tok/s), total {:.0} ms{}]",
                 answer.n_tokens,
                 ttft_ms,
@@ -462,10 +471,10 @@ fn run_daemon(config: &Config, config_path: Option<&Path>, demo: bool) -> Result
         let v5 = config.mqtt.protocol == scenecast::config::MqttProtocol::V5;
         let prefix = config.mqtt.topic_prefix();
         if std::net::TcpStream::connect(addr).is_ok() {
-            println!("demo: a broker already listens on {addr}; using it (captions appear in the log)");
+            out!("demo: a broker already listens on {addr}; using it (captions appear in the log)");
         } else {
             let link = scenecast::broker::start(addr, v5, &format!("{prefix}/#")).context("the demo's embedded broker")?;
-            println!("demo: embedded MQTT broker on {addr}; topics under {prefix}/ (try: mosquitto_sub -h 127.0.0.1 -p {} -t '{prefix}/#' -v)", config.mqtt.port);
+            out!("demo: embedded MQTT broker on {addr}; topics under {prefix}/ (try: mosquitto_sub -h 127.0.0.1 -p {} -t '{prefix}/#' -v)", config.mqtt.port);
             print_captions(link);
         }
     }
@@ -483,8 +492,8 @@ fn print_captions(mut link: rumqttd::local::LinkRx) {
                     let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
                     let payload = String::from_utf8_lossy(&forward.publish.payload).into_owned();
                     match serde_json::from_str::<scenecast::wire::Caption>(&payload) {
-                        Ok(c) if topic.ends_with("/caption") => println!("{topic} [frame {}] {} ({:.0} ms)", c.frame_seq, c.text, c.timings_ms.get("total").copied().unwrap_or(0.0)),
-                        _ if topic.ends_with("/status") => println!("{topic}: {payload}"),
+                        Ok(c) if topic.ends_with("/caption") => out!("{topic} [frame {}] {} ({:.0} ms)", c.frame_seq, c.text, c.timings_ms.get("total").copied().unwrap_or(0.0)),
+                        _ if topic.ends_with("/status") => out!("{topic}: {payload}"),
                         _ => {}
                     }
                 }
