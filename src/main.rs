@@ -53,7 +53,7 @@ enum Command {
         #[arg(long)]
         demo: bool,
     },
-    /// The main job on the embedded default: the fetched sample photos as the camera.
+    /// Caption each fetched sample photo once and print it (no MQTT).
     Demo,
     /// Caption one image: encoder, projector, LLM.
     Caption {
