@@ -34,7 +34,7 @@ struct Cli {
     #[arg(long, global = true, env = "SCENECAST_CONFIG")]
     config: Option<PathBuf>,
     /// Log filter, e.g. `info` or `scenecast=debug` (RUST_LOG works too). Default: `info` for
-    /// `run`, `warn` for the other commands.
+    /// `run`, `warn` for `run --demo` and the other commands.
     #[arg(long, global = true, env = "RUST_LOG")]
     log: Option<String>,
     #[command(subcommand)]
@@ -105,7 +105,8 @@ enum ModelsCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log = cli.log.clone().unwrap_or_else(|| if matches!(cli.command, Command::Run { .. }) { "info".into() } else { "warn".into() });
+    // The daemon logs at INFO; the demo prints its captions itself, so it only needs warnings.
+    let log = cli.log.clone().unwrap_or_else(|| if matches!(cli.command, Command::Run { demo: false }) { "info".into() } else { "warn".into() });
     // ONNX Runtime logs every graph transformation at INFO, and the embedded broker logs every
     // client that goes away as an ERROR: quiet them unless asked for by name.
     let mut filter = log.clone();
