@@ -14,7 +14,7 @@ CARGO ?= cargo
 # and for the tests a real MQTT broker and openssl (TLS certificates).
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto openssl systemd
 
-.PHONY: run test deps venv models build bench check check-unit
+.PHONY: run test deps venv models build bench check check-unit deb check-deb
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -25,7 +25,7 @@ test: FETCH_ARGS += --gemma
 test: deps models
 	$(CARGO) test --release
 	$(CARGO) build --release --benches
-	$(MAKE) --no-print-directory check-unit
+	$(MAKE) --no-print-directory check-unit check-deb
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -61,3 +61,12 @@ check: build
 ## check-unit: systemd-analyze verify and security (exposure <= 2.0) on systemd/scenecast.service
 check-unit: build
 	bash systemd/check.sh $(CARGO_TARGET_DIR)/release/scenecast
+
+## deb: the Debian package of this machine's architecture (cargo-deb is installed if missing)
+deb: build
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked
+	$(CARGO) deb --no-build --strip
+
+## check-deb: install the package into a fresh dpkg root; upgrade and removal keep the config
+check-deb: deb
+	bash cross/check-deb.sh $$(ls -t $(CARGO_TARGET_DIR)/debian/scenecast_*.deb | head -n 1)

@@ -55,6 +55,8 @@ enum Command {
     },
     /// Caption each fetched sample photo once and print it (no MQTT).
     Demo,
+    /// Check the configuration file and print it with every default filled in (as TOML-like debug).
+    Config,
     /// Caption one image: encoder, projector, LLM.
     Caption {
         /// A PNG or JPEG file.
@@ -155,6 +157,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models(ModelsCommand::Check) => check(&config),
         Command::Encode { image, json } => encode(&config, &image, json),
         Command::Demo => demo(&config),
+        Command::Config => {
+            out!("{} is valid; in effect:\n{config:#?}", config.origin);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { demo } => run_daemon(&config, cli.config.as_deref(), demo),
         Command::Caption { image, json } => {
             let prompt = config.llm.caption_prompt.clone();
@@ -168,19 +174,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Where the model tools are: `$SCENECAST_FETCH_SCRIPT`, the package's
+/// `/usr/share/scenecast/models/fetch.py` (next to the binary's `../share`), or the source tree.
+fn fetch_script() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("SCENECAST_FETCH_SCRIPT").map(PathBuf::from).into_iter().collect();
+    if let Some(prefix) = std::env::current_exe().ok().and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf)) {
+        candidates.push(prefix.join("share/scenecast/models/fetch.py"));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fetch.py"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
 fn fetch(config: &Config, gemma: bool, arch: Option<String>) -> Result<ExitCode> {
-    let script = std::env::var_os("SCENECAST_FETCH_SCRIPT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fetch.py"));
+    let script = fetch_script().context("models/fetch.py not found; set SCENECAST_FETCH_SCRIPT to its path")?;
     let root = config.cache_root();
-    let venv_python = root.join("venv/bin/python");
-    anyhow::ensure!(script.is_file(), "fetch script {} not found; set SCENECAST_FETCH_SCRIPT to models/fetch.py", script.display());
-    anyhow::ensure!(
-        venv_python.is_file(),
-        "{} not found: run `make models` once, which creates the Python venv the fetch needs",
-        venv_python.display()
-    );
-    let mut cmd = std::process::Command::new(&venv_python);
+    let venv = root.join("venv");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        // First fetch on this device: the model tools' venv (onnx, numpy) next to the models.
+        let requirements = script.with_file_name("requirements.txt");
+        out!("creating the model tools' Python venv in {}", venv.display());
+        let ok = std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).status().context("running python3 (install python3 and python3-venv)")?;
+        anyhow::ensure!(ok.success(), "`python3 -m venv {}` failed; install python3-venv", venv.display());
+        let ok = std::process::Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements).status()?;
+        anyhow::ensure!(ok.success(), "installing {} into {} failed (is PyPI reachable?)", requirements.display(), venv.display());
+    }
+    let mut cmd = std::process::Command::new(&python);
     cmd.arg(&script).arg("--cache").arg(&root);
     if gemma {
         cmd.arg("--gemma");
@@ -188,7 +207,7 @@ fn fetch(config: &Config, gemma: bool, arch: Option<String>) -> Result<ExitCode>
     if let Some(arch) = arch {
         cmd.args(["--arch", &arch]);
     }
-    let status = cmd.status().with_context(|| format!("running {}", venv_python.display()))?;
+    let status = cmd.status().with_context(|| format!("running {}", python.display()))?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 

@@ -3,11 +3,12 @@
 # must rate its exposure 2.0 or lower. The unit's ExecStart names /usr/bin/scenecast (where the
 # package installs it); for the check it points at the freshly built binary.
 set -euo pipefail
-bin=${1:?usage: systemd/check.sh PATH-TO-BUILT-scenecast}
+bin=${1:?usage: systemd/check.sh PATH-TO-BUILT-scenecast [UNIT-FILE]}
 here=$(cd "$(dirname "$0")" && pwd)
+unit=${2:-$here/scenecast.service}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-sed "s|/usr/bin/scenecast|$(realpath "$bin")|" "$here/scenecast.service" > "$tmp/scenecast.service"
+sed "s|/usr/bin/scenecast|$(realpath "$bin")|" "$unit" > "$tmp/scenecast.service"
 systemd-analyze verify --man=no "$tmp/scenecast.service"
 report=$(systemd-analyze security --offline=yes "$tmp/scenecast.service")
 score=$(printf '%s\n' "$report" | sed -n 's/.*Overall exposure level for scenecast.service: \([0-9.]*\).*/\1/p')
