@@ -137,7 +137,14 @@ def download(part: dict, workdir: Path) -> list[Path]:
             argv.append(spec)
             run_client(argv, f"PyPI package {spec}")
         elif part["registry"] == "debian":
-            run_client(["apt-get", "download", spec], f"Debian package {spec}", cwd=workdir)
+            try:
+                run_client(["apt-get", "download", spec], f"Debian package {spec}", cwd=workdir)
+            except FetchError:
+                # A fresh machine may have no package lists yet: refresh them once and retry.
+                if os.geteuid() != 0:
+                    raise
+                run_client(["apt-get", "update", "-qq"], "apt-get update")
+                run_client(["apt-get", "download", spec], f"Debian package {spec}", cwd=workdir)
         else:
             raise FetchError(f"sources.toml: part {part['id']}: unknown registry {part['registry']!r}")
         new = sorted(set(workdir.iterdir()) - before)

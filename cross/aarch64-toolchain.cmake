@@ -1,0 +1,12 @@
+# CMake toolchain for llama.cpp's aarch64 cross build (used by cross/build-aarch64.sh).
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR aarch64)
+set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
+set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
+set(CMAKE_FIND_ROOT_PATH /usr/aarch64-linux-gnu)
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+# Armv8.2-A with the int8 dot product and fp16 arithmetic: Cortex-A76 (Raspberry Pi 5) and
+# Cortex-A78AE (Jetson Orin). ggml picks its matching kernels from these compiler defines.
+set(GGML_CPU_ARM_ARCH "armv8.2-a+dotprod+fp16" CACHE STRING "ggml CPU architecture" FORCE)
