@@ -14,7 +14,7 @@ CARGO ?= cargo
 # and for the tests a real MQTT broker and openssl (TLS certificates).
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto openssl systemd
 
-.PHONY: run test deps venv models build bench check check-unit deb check-deb
+.PHONY: run test deps venv models build bench check check-unit deb check-deb cross deb-arm64
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -70,3 +70,13 @@ deb: build
 ## check-deb: install the package into a fresh dpkg root; upgrade and removal keep the config
 check-deb: deb
 	bash cross/check-deb.sh $$(ls -t $(CARGO_TARGET_DIR)/debian/scenecast_*.deb | head -n 1)
+
+## cross: build for aarch64 and run the unit tests under qemu (see cross/README.md)
+cross:
+	bash cross/build-aarch64.sh
+
+## deb-arm64: the arm64 .deb from the cross build
+deb-arm64:
+	bash cross/build-aarch64.sh --no-test
+	@command -v cargo-deb >/dev/null || $(CARGO) install cargo-deb --locked
+	$(CARGO) deb --no-build --strip --target aarch64-unknown-linux-gnu
