@@ -485,22 +485,26 @@ fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool
 }
 
 fn run_daemon(config: &Config, config_path: Option<&Path>, demo: bool) -> Result<ExitCode> {
-
+    let mut config = config.clone();
     if demo {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", config.mqtt.port).parse()?;
+        let mut addr: std::net::SocketAddr = format!("127.0.0.1:{}", config.mqtt.port).parse()?;
+        if std::net::TcpStream::connect(addr).is_ok() {
+            // Another broker (Debian's mosquitto starts one) holds the port: take a free one, so
+            // the demo still prints what it publishes.
+            let taken = addr;
+            addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            config.mqtt.port = addr.port();
+            out!("demo: {taken} is taken by another broker; the embedded broker listens on {addr} instead");
+        }
         let v5 = config.mqtt.protocol == scenecast::config::MqttProtocol::V5;
         let prefix = config.mqtt.topic_prefix();
-        if std::net::TcpStream::connect(addr).is_ok() {
-            out!("demo: a broker already listens on {addr}; using it (captions appear in the log)");
-        } else {
-            let link = scenecast::broker::start(addr, v5, &format!("{prefix}/#")).context("the demo's embedded broker")?;
-            out!("demo: embedded MQTT broker on {addr}; topics under {prefix}/ (try: mosquitto_sub -h 127.0.0.1 -p {} -t '{prefix}/#' -v)", config.mqtt.port);
-            print_captions(link);
-        }
+        let link = scenecast::broker::start(addr, v5, &format!("{prefix}/#")).context("the demo's embedded broker")?;
+        out!("demo: embedded MQTT broker on {addr}; topics under {prefix}/ (try: mosquitto_sub -h 127.0.0.1 -p {} -t '{prefix}/#' -v)", config.mqtt.port);
+        print_captions(link);
     }
 
     anyhow::ensure!(config.mqtt.enabled, "`mqtt.enabled` is false: the daemon has nowhere to publish (use `scenecast demo` to print captions)");
-    scenecast::daemon::run(config.clone(), config_path.map(Path::to_path_buf))?;
+    scenecast::daemon::run(config, config_path.map(Path::to_path_buf))?;
     Ok(ExitCode::SUCCESS)
 }
 
