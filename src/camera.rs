@@ -13,7 +13,7 @@ use v4l::io::traits::CaptureStream;
 use v4l::video::Capture;
 
 use crate::frame::{Frame, RgbImage};
-use crate::preprocess::{mjpeg_to_rgb, rgb24_to_rgb, FrameConverter, PreprocessError};
+use crate::preprocess::{rgb24_to_rgb, FrameConverter, PreprocessError};
 use crate::source::{FrameSource, SourceError};
 
 /// The pixel formats scenecast converts, in order of preference.
@@ -85,7 +85,7 @@ pub fn choose_format(offers: &[([u8; 4], Vec<(u32, u32)>)], want: (u32, u32)) ->
 /// Converts one captured buffer to RGB8: the device path's conversion, shared with the tests.
 pub fn convert_buffer(format: PixelFormat, width: u32, height: u32, stride: u32, data: &[u8], converter: &mut FrameConverter, out: &mut RgbImage) -> Result<(), PreprocessError> {
     match format {
-        PixelFormat::Mjpeg => mjpeg_to_rgb(data, 8192, out),
+        PixelFormat::Mjpeg => converter.mjpeg_to_rgb(data, 8192, out),
         PixelFormat::Yuyv => converter.yuyv_to_rgb(data, width, height, stride.max(width * 2), out),
         PixelFormat::Rgb24 => rgb24_to_rgb(data, width, height, stride.max(width * 3), out),
     }
