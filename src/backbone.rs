@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::ffi::{GgufFile, GgufValue};
 use crate::manifest::Manifest;
+use crate::ms_since;
 
 /// An error about the backbone's model file.
 #[derive(Debug, thiserror::Error)]
@@ -221,14 +222,25 @@ pub enum EngineError {
         /// The limit.
         limit: usize,
     },
+    /// The cache cannot drop the previous request while keeping the scene prefix.
+    #[error("this model's cache cannot drop a request while keeping the scene prefix (recurrent architectures are not supported); pick a transformer GGUF")]
+    CacheCut,
+    /// llama.cpp produced no logits after a decode.
+    #[error("llama.cpp returned no logits for the last position (a decode that asked for them succeeded)")]
+    NoLogits,
     /// llama_decode failed.
-    #[error("llama.cpp failed to decode {what} (status {status})")]
+    #[error("llama.cpp failed to decode {what} (status {status}){}", decode_hint(*status))]
     Decode {
         /// What was being decoded.
         what: &'static str,
         /// llama_decode's status.
         status: i32,
     },
+}
+
+/// What a user can do about a `llama_decode` status (1: no room left in the KV cache).
+fn decode_hint(status: i32) -> &'static str {
+    if status == 1 { ": no room left in the context; raise `llm.context`" } else { "" }
 }
 
 /// A piece of a prompt: text, or embedding rows (image tokens).
@@ -320,10 +332,6 @@ pub struct Backbone {
     config: crate::config::LlmConfig,
     scene: Option<CachedScene>,
     history: Vec<i32>,
-}
-
-fn ms_since(start: std::time::Instant) -> f64 {
-    start.elapsed().as_secs_f64() * 1e3
 }
 
 impl Backbone {
@@ -486,9 +494,7 @@ impl Backbone {
         };
         let prefix_cached = scene.n_past > 0;
         if !self.ctx.truncate(scene.n_past) {
-            // The cache cannot drop the last request (a recurrent model): rebuild from scratch.
-            tracing::warn!("the KV cache cannot be cut back to the scene prefix; the prefix is decoded again");
-            return Err(EngineError::Decode { what: "the cache cut back to the scene prefix", status: -1 });
+            return Err(EngineError::CacheCut);
         }
         let mut pos = self.decode_parts(tail, scene.n_past, "the request")?;
         let prefill_ms = ms_since(start);
@@ -508,7 +514,7 @@ impl Backbone {
                 break;
             }
             let Some(token) = sampler.sample(self.ctx.last_logits(), &self.history) else {
-                return Err(EngineError::Decode { what: "logits", status: -1 });
+                return Err(EngineError::NoLogits);
             };
             if self.history.is_empty() {
                 ttft_ms = ms_since(start);

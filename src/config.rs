@@ -364,6 +364,10 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/state/scenecast")
 }
 
+/// The longest duration a config key may give, in seconds (1e9, about 31 years; the error
+/// messages name it).
+const MAX_SECONDS: f64 = 1e9;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -438,6 +442,21 @@ impl Config {
         ];
         if let Some((key, _, message)) = checks.iter().find(|(_, ok, _)| !ok) {
             return Err(self.invalid(*key, *message));
+        }
+        // Every duration becomes a `Duration`, which cannot hold NaN, infinity or absurdly large
+        // values (TOML can write `inf` and `nan`): check them all in one place.
+        let durations = [
+            ("camera.interval_s", self.camera.interval_s),
+            ("scene.min_interval_s", self.scene.min_interval_s),
+            ("scene.max_interval_s", self.scene.max_interval_s),
+            ("watchdog.max_frame_age_s", self.watchdog.max_frame_age_s),
+            ("watchdog.max_stall_s", self.watchdog.max_stall_s),
+            ("mqtt.reconnect_min_s", self.mqtt.reconnect_min_s),
+            ("mqtt.reconnect_max_s", self.mqtt.reconnect_max_s),
+            ("llm.request_timeout_s", self.llm.request_timeout_s),
+        ];
+        if let Some((key, value)) = durations.iter().find(|(_, v)| !(v.is_finite() && (0.0..=MAX_SECONDS).contains(v))) {
+            return Err(self.invalid(*key, format!("{value:?} is not a number of seconds between 0 and 1e9")));
         }
         if !(self.camera.interval_s > 0.0 && self.camera.interval_s.is_finite()) {
             return Err(self.invalid("camera.interval_s", "must be a positive number of seconds"));
@@ -557,6 +576,9 @@ mod tests {
             ("[mqtt.tls]\nca_file = \"/ca.pem\"\nclient_cert = \"/c.pem\"\n", "`mqtt.tls`: give both client_cert and client_key"),
             ("[mqtt]\nrequest_queue = 0\n", "`mqtt.request_queue`: must be at least 1"),
             ("[scene]\nchange_threshold = 3.0\n", "`scene.change_threshold`: 3 is outside 0..2"),
+            ("[scene]\nmax_interval_s = inf\n", "`scene.max_interval_s`: inf is not a number of seconds between 0 and 1e9"),
+            ("[watchdog]\nmax_frame_age_s = nan\n", "`watchdog.max_frame_age_s`: NaN is not a number of seconds"),
+            ("[mqtt]\nreconnect_max_s = 1e300\n", "`mqtt.reconnect_max_s`: 1e300 is not a number of seconds"),
             ("[camera]\npath = \"/x\"\n[camera.v4l2]\ndevice = \"/dev/video0\"\n", "`camera`: give either `path` or `[camera.v4l2]`"),
             ("[camera.v4l2]\nfps = 0\n", "`camera.v4l2`: width, height and fps must be positive"),
         ];

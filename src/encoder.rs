@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::cache::{self, CacheError};
 use crate::frame::RgbImage;
 use crate::manifest::{EncoderSpec, Manifest};
+use crate::ms_since;
 use crate::onnx::{OnnxError, OnnxRuntime, OnnxSession};
 use crate::preprocess::{PreprocessError, Preprocessor};
 
@@ -82,10 +83,6 @@ pub struct Encoder {
     preprocessor: Preprocessor,
     spec: EncoderSpec,
     manifest_origin: String,
-}
-
-pub(crate) fn ms_since(start: Instant) -> f64 {
-    start.elapsed().as_secs_f64() * 1e3
 }
 
 impl Encoder {

@@ -20,6 +20,11 @@
 //! ```
 #![warn(missing_docs)]
 
+/// Milliseconds since `start`: the unit of every timing scenecast reports.
+pub fn ms_since(start: std::time::Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
 pub mod backbone;
 pub mod broker;
 pub mod cache;

@@ -15,7 +15,7 @@ use scenecast::manifest::{FileRef, Manifest};
 use scenecast::onnx::{self, OnnxRuntime};
 use scenecast::projector::ImageTokens;
 use scenecast::vision::Vision;
-use scenecast::{cache, encoder::Encoder};
+use scenecast::{cache, encoder::Encoder, ms_since};
 
 /// Prints a line to stdout; a closed pipe (`scenecast models check | head`) ends output quietly
 /// instead of panicking.
@@ -327,9 +327,7 @@ fn check(config: &Config) -> Result<ExitCode> {
 fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode> {
     let root = config.cache_root();
     let manifest = config.manifest()?;
-    let start = Instant::now();
-    let image = RgbImage::open(image_path)?;
-    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (image, decode_ms) = open_image(image_path)?;
     let runtime = OnnxRuntime::init(&config.onnx, &root)?;
     let llm_path = manifest.resolve(&manifest.llm.file, &root);
     // The width check needs the GGUF; without it the image tokens are still computed.
@@ -369,6 +367,13 @@ fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Decodes an image file; returns it with the decode time in ms.
+fn open_image(path: &Path) -> Result<(RgbImage, f64)> {
+    let start = Instant::now();
+    let image = RgbImage::open(path)?;
+    Ok((image, ms_since(start)))
 }
 
 /// The fetched sample photos, sorted by name.
@@ -412,7 +417,7 @@ fn demo(config: &Config) -> Result<ExitCode> {
             path.file_name().unwrap_or_default().to_string_lossy(),
             caption.text,
             caption.n_tokens,
-            start.elapsed().as_secs_f64() * 1e3
+            ms_since(start)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -422,9 +427,7 @@ fn demo(config: &Config) -> Result<ExitCode> {
 fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool) -> Result<ExitCode> {
     let root = config.cache_root();
     let manifest = config.manifest()?;
-    let start = Instant::now();
-    let image = RgbImage::open(image_path)?;
-    let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+    let (image, decode_ms) = open_image(image_path)?;
     let runtime = OnnxRuntime::init(&config.onnx, &root)?;
     let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
     for question in questions {
@@ -435,14 +438,14 @@ fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool
     let vision_start = Instant::now();
     let vt = vision.run(&image, &mut tokens)?;
     let scene_prefill_ms = backbone.set_scene(0, Some(&tokens))?;
-    let vision_ms = vision_start.elapsed().as_secs_f64() * 1e3 - scene_prefill_ms;
+    let vision_ms = ms_since(vision_start) - scene_prefill_ms;
     for (i, question) in questions.iter().enumerate() {
         let request_start = Instant::now();
         let options = backbone.default_options();
         let answer = backbone.ask(question, &options, &mut |_| true)?;
         // The first request pays for the image (vision + scene prefill); later ones reuse it.
         let (first, scene_ms) = if i == 0 { (true, scene_prefill_ms) } else { (false, 0.0) };
-        let total_ms = request_start.elapsed().as_secs_f64() * 1e3 + if first { decode_ms + vision_ms + scene_prefill_ms } else { 0.0 };
+        let total_ms = ms_since(request_start) + if first { decode_ms + vision_ms + scene_prefill_ms } else { 0.0 };
         let ttft_ms = answer.ttft_ms + if first { vision_ms + scene_prefill_ms } else { 0.0 };
         if json {
             let out = json!({

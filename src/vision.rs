@@ -61,16 +61,6 @@ impl Vision {
         self.projector.project(&self.features, out)
     }
 
-    /// The encoder output of the last frame run.
-    pub fn features(&self) -> &PatchFeatures {
-        &self.features
-    }
-
-    /// The encoder alone (for feature-only work such as benchmarks and scene gating).
-    pub fn encoder_mut(&mut self) -> &mut Encoder {
-        &mut self.encoder
-    }
-
     /// The encoder's and projector's preferred execution providers.
     pub fn providers(&self) -> (String, String) {
         (self.encoder.session().ep().to_string(), self.projector.session().ep().to_string())

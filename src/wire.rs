@@ -53,10 +53,6 @@ impl Topics {
     pub fn answer(&self) -> String {
         self.at("answer")
     }
-    /// Image generation requests.
-    pub fn generate(&self) -> String {
-        self.at("generate")
-    }
     /// The latest published image (binary), retained.
     pub fn image(&self) -> String {
         self.at("image")

@@ -98,7 +98,6 @@ impl Worker {
         let mut tokens = ImageTokens::default();
         let mut latest: Option<Seen> = None;
         let mut scene: Option<Seen> = None;
-        let mut signature = Vec::new();
         while !stop.load(Ordering::SeqCst) {
             self.progress.beat();
             match questions.recv_timeout(Duration::from_millis(20)) {
@@ -119,19 +118,21 @@ impl Worker {
                 }
             };
             self.progress.frames.fetch_add(1, Ordering::Relaxed);
+            // The previous frame's signature buffer is reused: no allocation per frame.
+            let mut signature = latest.take().map(|seen| seen.signature).unwrap_or_default();
             self.vision.signature(&mut signature);
             let settings = self.settings();
             let now = Instant::now();
             let decision = gate.decide(&settings.gate, &signature, now);
-            latest = Some(Seen { seq: frame.seq, ts_ms: ts_ms(&frame), signature: signature.clone() });
+            let seen = latest.insert(Seen { seq: frame.seq, ts_ms: ts_ms(&frame), signature });
             tracing::debug!(frame = frame.seq, ?decision, "scene gate");
             if !decision.caption() {
                 continue;
             }
             match self.caption(&frame, &settings.caption_prompt, &mut tokens, &stop, start, encoded) {
                 Ok(caption) => {
-                    gate.captioned(&signature, now);
-                    scene = latest.clone();
+                    gate.captioned(&seen.signature, now);
+                    scene = Some(seen.clone());
                     self.progress.captions.fetch_add(1, Ordering::Relaxed);
                     if out.blocking_send(Outgoing::Caption(caption)).is_err() {
                         break;
@@ -173,7 +174,7 @@ impl Worker {
             ("project", project_ms),
             ("prefill", prefill_ms + g.prefill_ms),
             ("decode", g.decode_ms),
-            ("total", start.elapsed().as_secs_f64() * 1e3),
+            ("total", crate::ms_since(start)),
         ]);
         tracing::info!(frame = frame.seq, total_ms = timings["total"], "caption: {}", g.text);
         Ok(wire::Caption { text: g.text, frame_seq: frame.seq, frame_ts_ms: ts_ms(frame), timings_ms: timings, model: self.model.clone() })
@@ -225,7 +226,7 @@ impl Worker {
                     ("prefill", g.prefill_ms),
                     ("decode", g.decode_ms),
                     ("ttft", g.ttft_ms),
-                    ("total", start.elapsed().as_secs_f64() * 1e3),
+                    ("total", crate::ms_since(start)),
                 ]);
                 Reply::Answer(wire::Answer { id, text: g.text, done: true, frame_seq: about.map(|s| s.seq), frame_ts_ms: about.map(|s| s.ts_ms), timings_ms: timings })
             }
