@@ -54,7 +54,7 @@ fn main() {
     let mqtt_config = MqttConfig { port, topic_prefix: Some("bench/cam".into()), ..MqttConfig::default() };
     let ungated = GateConfig { change_threshold: 0.0, min_interval_s: 0.0, max_interval_s: 0.0 };
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate: ungated.clone() }));
-    let mut mqtt = rt.block_on(async { scenecast::mqtt::start(&mqtt_config, state.path(), questions_tx, settings.clone(), &manifest.name, 200).unwrap() });
+    let mut mqtt = rt.block_on(async { scenecast::mqtt::start(&mqtt_config, state.path(), questions_tx, settings.clone(), &manifest.name, scenecast::mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).unwrap() });
     assert!(rt.block_on(mqtt.wait_connected(Duration::from_secs(10))));
 
     let ort = OnnxRuntime::init(&config.onnx, &root).unwrap();
@@ -62,7 +62,7 @@ fn main() {
     let vision = Vision::load(&ort, &manifest, &root, Some(&backbone.summary().gguf)).unwrap();
     let slot = Arc::new(FrameSlot::new());
     let progress = Arc::new(Progress::default());
-    let worker = Worker { vision, backbone, frames: slot.clone(), settings: settings.clone(), progress: progress.clone(), model: manifest.name.clone() };
+    let worker = Worker { vision, backbone, frames: slot.clone(), settings: settings.clone(), progress: progress.clone(), model: manifest.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
     let stop = Arc::new(AtomicBool::new(false));
     let (out, worker_stop) = (mqtt.outgoing.clone(), stop.clone());
     let thread = std::thread::spawn(move || worker.run(questions_rx, out, worker_stop));

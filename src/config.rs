@@ -364,6 +364,69 @@ pub fn default_state_dir() -> PathBuf {
     home.join(".local/state/scenecast")
 }
 
+/// How conditioning reaches the generator for scene re-renderings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConditionPath {
+    /// The text encoder on the LLM's own description (works with off-the-shelf weights).
+    #[default]
+    Text,
+    /// The output projector on the LLM's hidden states at the signal tokens.
+    Hidden,
+}
+
+/// The modality generator: limits, memory budget, output.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// Serve `generate` requests (when the manifest has a generator).
+    pub enabled: bool,
+    /// Unload the generator after this many idle seconds, so a device with shared RAM does not hold it.
+    pub idle_unload_s: f64,
+    /// Most denoising steps a request may ask for.
+    pub max_steps: usize,
+    /// Largest image side a request may ask for, in pixels.
+    pub max_side: usize,
+    /// PNG or JPEG.
+    pub format: crate::generator::ImageFormat,
+    /// How `from_scene` renderings are conditioned: `text` (text encoder on the description) or
+    /// `hidden` (output projector on the LLM's hidden states).
+    pub condition: ConditionPath,
+    /// Longest prompt in characters; longer prompts are refused (the tokenizer's own token limit
+    /// truncates with a warning in the reply).
+    pub max_prompt_chars: usize,
+    /// Refuse to load when less memory than this is available (MiB, from /proc/meminfo; 0: no check).
+    pub min_free_mib: u64,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        GeneratorConfig {
+            enabled: true,
+            idle_unload_s: 120.0,
+            max_steps: 8,
+            max_side: 1024,
+            format: crate::generator::ImageFormat::Png,
+            condition: ConditionPath::Text,
+            max_prompt_chars: 2000,
+            min_free_mib: 0,
+        }
+    }
+}
+
+/// What the daemon may publish about what the camera sees.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Never publish camera pixels: the Home Assistant image entity shows only generated
+    /// re-renderings of the described scene, and requests for a snapshot are refused. Off by
+    /// default: then each caption's frame is published there as a JPEG snapshot.
+    pub no_camera_pixels: bool,
+    /// With `no_camera_pixels`, publish a re-rendering of each caption to the image entity
+    /// (costs one generator run per caption).
+    pub rerender_captions: bool,
+}
+
 /// The longest duration a config key may give, in seconds (1e9, about 31 years; the error
 /// messages name it).
 const MAX_SECONDS: f64 = 1e9;
@@ -388,6 +451,10 @@ pub struct Config {
     pub watchdog: WatchdogConfig,
     /// Where the spool lives (default: `$STATE_DIRECTORY`, `$XDG_STATE_HOME/scenecast`).
     pub state_dir: Option<PathBuf>,
+    /// The modality generator.
+    pub generator: GeneratorConfig,
+    /// What may leave the device.
+    pub privacy: PrivacyConfig,
     /// Where the config came from; not in the TOML.
     #[serde(skip)]
     pub origin: String,
@@ -454,6 +521,7 @@ impl Config {
             ("mqtt.reconnect_min_s", self.mqtt.reconnect_min_s),
             ("mqtt.reconnect_max_s", self.mqtt.reconnect_max_s),
             ("llm.request_timeout_s", self.llm.request_timeout_s),
+            ("generator.idle_unload_s", self.generator.idle_unload_s),
         ];
         if let Some((key, value)) = durations.iter().find(|(_, v)| !(v.is_finite() && (0.0..=MAX_SECONDS).contains(v))) {
             return Err(self.invalid(*key, format!("{value:?} is not a number of seconds between 0 and 1e9")));
@@ -507,6 +575,19 @@ impl Config {
         }
         if llm.caption_prompt.trim().is_empty() {
             return Err(self.invalid("llm.caption_prompt", "is empty"));
+        }
+        let g = &self.generator;
+        if !(1..=64).contains(&g.max_steps) {
+            return Err(self.invalid("generator.max_steps", format!("{} is outside 1..=64", g.max_steps)));
+        }
+        if !(8..=4096).contains(&g.max_side) {
+            return Err(self.invalid("generator.max_side", format!("{} is outside 8..=4096 pixels", g.max_side)));
+        }
+        if g.max_prompt_chars == 0 {
+            return Err(self.invalid("generator.max_prompt_chars", "must be at least 1"));
+        }
+        if self.privacy.rerender_captions && !self.privacy.no_camera_pixels {
+            return Err(self.invalid("privacy.rerender_captions", "only applies with privacy.no_camera_pixels = true (otherwise the snapshot is published)"));
         }
         if let Some(lib) = &self.onnx.library {
             if lib.as_os_str().is_empty() {

@@ -115,9 +115,22 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     tokio_rt.block_on(async move {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
         let settings = Arc::new(RwLock::new(worker_settings(&config)));
-        let mqtt = crate::mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, config.llm.max_question_chars)?;
+        let mqtt = crate::mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, crate::mqtt::RequestSettings::from_config(&config))?;
         let progress = Arc::new(Progress::default());
-        let worker = Worker { vision, backbone, frames: slot.clone(), settings: settings.clone(), progress: progress.clone(), model: manifest.name.clone() };
+        // The generator is loaded on the first request that needs it, not here.
+        let generator = (manifest.generator.is_some() && config.generator.enabled)
+            .then(|| crate::generator::OnDemand::new(runtime.clone(), manifest.clone(), root.clone(), config.generator.clone()));
+        let worker = Worker {
+            vision,
+            backbone,
+            frames: slot.clone(),
+            settings: settings.clone(),
+            progress: progress.clone(),
+            model: manifest.name.clone(),
+            generator,
+            privacy: config.privacy.clone(),
+            image_format: config.generator.format,
+        };
         let (out, worker_stop) = (mqtt.outgoing.clone(), stop.clone());
         let worker_thread = std::thread::Builder::new().name("inference".into()).spawn(move || worker.run(questions_rx, out, worker_stop)).map_err(runtime_err("inference thread"))?;
 

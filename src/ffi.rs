@@ -470,6 +470,12 @@ impl Context {
     /// Decodes `input` at positions `pos0..` of sequence 0, in chunks of at most `n_batch`;
     /// logits are computed for the last position only. Returns llama.cpp's status on failure.
     pub fn decode(&mut self, input: BatchInput<'_>, pos0: usize) -> Result<(), i32> {
+        self.decode_outputs(input, pos0, 1)
+    }
+
+    /// Like [`Context::decode`], with outputs (logits, or hidden states in embeddings mode) for
+    /// the last `n_outputs` positions, which must lie in the last chunk of `n_batch`.
+    fn decode_outputs(&mut self, input: BatchInput<'_>, pos0: usize, n_outputs: usize) -> Result<(), i32> {
         let n_embd = self.model.n_embd();
         let n_total = match input {
             BatchInput::Tokens(tokens) => tokens.len(),
@@ -498,7 +504,7 @@ impl Context {
                     *batch.pos.add(i) = (pos0 + start + i) as i32;
                     *batch.n_seq_id.add(i) = 1;
                     *(*batch.seq_id.add(i)).add(0) = 0;
-                    *batch.logits.add(i) = i8::from(is_last_chunk && i == n - 1);
+                    *batch.logits.add(i) = i8::from(is_last_chunk && i + n_outputs >= n);
                 }
                 batch.n_tokens = n as i32;
                 let status = sys::llama_decode(self.ptr.as_ptr(), batch);
@@ -511,6 +517,34 @@ impl Context {
             start += n;
         }
         Ok(())
+    }
+
+    /// Decodes `tokens` at positions `pos0..` and returns the final hidden states (after the
+    /// output norm, `n_embd` floats per token) of all of them, row-major. At most `n_batch` tokens.
+    pub fn hidden_states(&mut self, tokens: &[i32], pos0: usize) -> Result<Vec<f32>, i32> {
+        let n_embd = self.model.n_embd();
+        if tokens.is_empty() || tokens.len() > self.n_batch {
+            return Err(-1);
+        }
+        // SAFETY: valid context; embeddings mode only changes what the next decode outputs.
+        unsafe { sys::llama_set_embeddings(self.ptr.as_ptr(), true) };
+        let result = self.decode_outputs(BatchInput::Tokens(tokens), pos0, tokens.len()).and_then(|()| {
+            let mut out = Vec::with_capacity(tokens.len() * n_embd);
+            for i in 0..tokens.len() {
+                // SAFETY: after a successful decode with outputs requested for every position of
+                // this batch and embeddings on (no pooling for a causal LM), row `i` of the batch
+                // is `n_embd` floats, valid until the next decode; copied out at once.
+                let row = unsafe { sys::llama_get_embeddings_ith(self.ptr.as_ptr(), i as i32) };
+                if row.is_null() {
+                    return Err(-2);
+                }
+                out.extend_from_slice(unsafe { std::slice::from_raw_parts(row, n_embd) });
+            }
+            Ok(out)
+        });
+        // SAFETY: as above; back to logits for generation.
+        unsafe { sys::llama_set_embeddings(self.ptr.as_ptr(), false) };
+        result
     }
 
     /// The logits of the last decoded position (length `n_vocab`).

@@ -78,6 +78,53 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Evaluate the model stack through this runtime on an evaluation set (JSON, written by
+    /// models/train_projector.py): object precision/recall in captions, yes/no and position accuracy.
+    Eval {
+        /// The evaluation set (eval.json).
+        set: PathBuf,
+        /// Also write the report (Markdown) here, and the per-scene results next to it as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Sample outputs per kind of scene in the report.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        /// Print one line per scene as it is evaluated.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Render an image with the generator (the manifest's [generator]) and write it as PNG or JPEG.
+    Generate {
+        /// What to render. With --from-image, added to the LLM's description of that image.
+        prompt: Option<String>,
+        /// The output file (.png or .jpg).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Describe this image with the LLM first and render the description (a privacy-safe re-rendering).
+        #[arg(long)]
+        from_image: Option<PathBuf>,
+        /// Condition on the LLM's hidden states through the output projector instead of the text encoder.
+        #[arg(long)]
+        hidden: bool,
+        /// Noise seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Denoising steps (default: the manifest's).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Image size as WIDTHxHEIGHT (default: the manifest's).
+        #[arg(long)]
+        size: Option<String>,
+        /// Classifier-free guidance scale (default: the manifest's; SD-Turbo: 0).
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// euler (SD-Turbo's one-step default) or lcm.
+        #[arg(long)]
+        sampler: Option<String>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one image through the encoder and projector; print the image-token shape and timings.
     Encode {
         /// A PNG or JPEG file.
@@ -157,6 +204,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Models(ModelsCommand::Check) => check(&config),
         Command::Encode { image, json } => encode(&config, &image, json),
         Command::Demo => demo(&config),
+        Command::Generate { prompt, output, from_image, hidden, seed, steps, size, guidance, sampler, json } => {
+            let args = GenerateArgs { prompt, output, from_image, hidden, seed, steps, size, guidance, sampler, json };
+            generate(&config, &args)
+        }
+        Command::Eval { set, report, samples, verbose } => evaluate(&config, &set, report.as_deref(), samples, verbose),
         Command::Config => {
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
             Ok(ExitCode::SUCCESS)
@@ -419,6 +471,134 @@ fn demo(config: &Config) -> Result<ExitCode> {
             caption.n_tokens,
             ms_since(start)
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct GenerateArgs {
+    prompt: Option<String>,
+    output: PathBuf,
+    from_image: Option<PathBuf>,
+    hidden: bool,
+    seed: u64,
+    steps: Option<usize>,
+    size: Option<String>,
+    guidance: Option<f32>,
+    sampler: Option<String>,
+    json: bool,
+}
+
+fn parse_size(text: &str) -> Result<[usize; 2]> {
+    let (w, h) = text.split_once(['x', 'X']).with_context(|| format!("--size {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
+    let parse = |v: &str| v.trim().parse::<usize>().with_context(|| format!("--size {text:?}: {v:?} is not a whole number of pixels"));
+    Ok([parse(h)?, parse(w)?])
+}
+
+fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
+    use scenecast::config::ConditionPath;
+    use scenecast::generator::{encode_image, Generator, ImageFormat, RenderLimits};
+    use scenecast::sampler::SamplerKind;
+    let format = ImageFormat::from_path(&args.output)
+        .with_context(|| format!("{}: expected a .png, .jpg or .jpeg file name", args.output.display()))?;
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let spec = manifest.generator.clone().ok_or_else(|| scenecast::generator::GeneratorError::NotConfigured(manifest.origin.clone()))?;
+    let mut options = Generator::default_options(&spec, args.seed);
+    options.steps = args.steps.unwrap_or(options.steps);
+    options.guidance = args.guidance.unwrap_or(options.guidance);
+    if let Some(size) = &args.size {
+        options.size = parse_size(size)?;
+    }
+    options.sampler = match args.sampler.as_deref() {
+        None => options.sampler,
+        Some("euler") => SamplerKind::Euler,
+        Some("lcm") => SamplerKind::Lcm,
+        Some(other) => anyhow::bail!("--sampler {other:?}: expected euler or lcm"),
+    };
+    Generator::check(&spec, &options, RenderLimits { max_steps: config.generator.max_steps, max_side: config.generator.max_side })?;
+    let prompt = args.prompt.as_deref().map(str::trim).unwrap_or_default();
+    if prompt.is_empty() && args.from_image.is_none() {
+        anyhow::bail!("give a prompt, or --from-image IMAGE to render the LLM's description of an image");
+    }
+    if prompt.chars().count() > config.generator.max_prompt_chars {
+        anyhow::bail!("the prompt has {} characters; the limit is {} (generator.max_prompt_chars)", prompt.chars().count(), config.generator.max_prompt_chars);
+    }
+    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+    let condition = if args.hidden { ConditionPath::Hidden } else { ConditionPath::Text };
+    // The LLM is needed to describe an image, and for hidden-state conditioning.
+    let mut backbone = if args.from_image.is_some() || args.hidden { Some(Backbone::load(&manifest, &root, &config.llm)?) } else { None };
+    let mut text = prompt.to_owned();
+    if let (Some(image_path), Some(backbone)) = (&args.from_image, backbone.as_mut()) {
+        let (image, _) = open_image(image_path)?;
+        let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+        let mut tokens = ImageTokens::default();
+        vision.run(&image, &mut tokens)?;
+        backbone.set_scene(0, Some(&tokens))?;
+        let prompt_text = backbone.caption_prompt().to_owned();
+        let description = backbone.ask(&prompt_text, &backbone.default_options(), &mut |_| true)?.text;
+        text = if prompt.is_empty() { description } else { format!("{description} {prompt}") };
+    }
+    // Random test weights are announced by a WARN from the loader.
+    let mut generator = Generator::load(&runtime, &manifest, &root)?;
+    let rendered = match backbone.as_mut() {
+        Some(backbone) => {
+            let question = backbone.caption_prompt().to_owned();
+            scenecast::worker::render_description(backbone, &mut generator, condition, &question, &text, &options).map_err(|e| anyhow::anyhow!(e))?
+        }
+        None => generator.render(scenecast::generator::Conditioning::Prompt(&text), &options)?,
+    };
+    let bytes = encode_image(&rendered.image, format)?;
+    std::fs::write(&args.output, &bytes).with_context(|| format!("writing {}", args.output.display()))?;
+    let warning = (rendered.truncated_tokens > 0).then(|| format!("the prompt was cut to {} tokens ({} dropped)", spec.context_tokens, rendered.truncated_tokens));
+    if args.json {
+        out!("{}", json!({
+            "output": args.output, "prompt": text, "options": options, "condition": condition,
+            "prompt_tokens": rendered.prompt_tokens, "warning": warning,
+            "load_ms": generator.load_ms(), "timings_ms": rendered.timings, "bytes": bytes.len(),
+        }));
+    } else {
+        if let Some(w) = &warning {
+            eprintln!("warning: {w}");
+        }
+        let [h, w] = options.size;
+        out!("{}: {w}x{h} {} ({} bytes) from {:?}", args.output.display(), format.content_type(), bytes.len(), text);
+        out!(
+            "  [{} {} step(s), seed {}, load {:.0} ms, condition {:.0} ms, steps {:.0} ms, vae {:.0} ms, total {:.0} ms]",
+            options.sampler, options.steps, options.seed, generator.load_ms(), rendered.timings.condition_ms,
+            rendered.timings.step_ms.iter().sum::<f64>(), rendered.timings.vae_ms, rendered.timings.total_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn evaluate(config: &Config, set_path: &Path, report: Option<&Path>, samples: usize, verbose: bool) -> Result<ExitCode> {
+    use scenecast::eval;
+    let set = eval::EvalSet::load(set_path)?;
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+    let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
+    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+    if manifest.projector.untrained {
+        eprintln!("note: the projector is the untrained placeholder; expect scores near zero");
+    }
+    let start = Instant::now();
+    let total = set.scenes.len();
+    let results = eval::run(&set, &mut vision, &mut backbone, &mut |i, r| {
+        if verbose {
+            let wrong = r.answers.iter().filter(|a| !a.2).count();
+            eprintln!("[{}/{total}] {} {}: \"{}\" ({} wrong answers)", i + 1, r.kind, r.image.display(), r.caption, wrong);
+        } else if (i + 1) % 20 == 0 {
+            eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
+        }
+    })?;
+    let text = eval::markdown(&set, &results, samples, start.elapsed().as_secs_f64());
+    out!("{text}");
+    if let Some(path) = report {
+        std::fs::write(path, &text).with_context(|| format!("writing the report {}", path.display()))?;
+        let json_path = path.with_extension("json");
+        let detail = json!({ "manifest": manifest.name, "summary": eval::summarize(&results), "scenes": results });
+        std::fs::write(&json_path, serde_json::to_string_pretty(&detail)?).with_context(|| format!("writing {}", json_path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }

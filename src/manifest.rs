@@ -159,6 +159,97 @@ pub struct LlmSpec {
     pub chat: ChatSpec,
 }
 
+/// An ONNX model of the generator with the input and output it is run with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxIo {
+    /// The ONNX file.
+    pub file: FileRef,
+    /// Input name.
+    pub input: String,
+    /// Output name.
+    pub output: String,
+}
+
+/// The denoising UNet's tensor names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnetSpec {
+    /// The ONNX file.
+    pub file: FileRef,
+    /// Noisy latents `[b, channels, h, w]` (f32).
+    pub sample: String,
+    /// Timestep `[b]` (i64 or f32, whichever the export declares).
+    pub timestep: String,
+    /// Conditioning `[b, context_tokens, text_width]` (f32).
+    pub context: String,
+    /// Predicted noise, shaped like `sample`.
+    pub output: String,
+}
+
+/// The output projector: LLM hidden states at the signal tokens to the generator's conditioning.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputProjectorSpec {
+    /// The ONNX file.
+    pub file: FileRef,
+    /// Input name; shape `[n_signal_tokens, llm.n_embd]`.
+    pub input: String,
+    /// Output name; shape `[1, context_tokens, text_width]`.
+    pub output: String,
+    /// Text appended after the LLM's description; the hidden states of its tokens are the input.
+    pub signal: String,
+}
+
+/// The modality generator: a distilled latent diffusion model in the layout of SD-Turbo's ONNX
+/// export (CLIP tokenizer, text encoder, UNet, VAE decoder), and optionally an output projector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorSpec {
+    /// A sentence for humans.
+    #[serde(default)]
+    pub description: String,
+    /// True for randomly initialised test weights of the real layout: their images are noise.
+    #[serde(default)]
+    pub random: bool,
+    /// The tokenizer (`tokenizer.json` of the Hugging Face `tokenizers` format).
+    pub tokenizer: FileRef,
+    /// The id prompts are padded with to `context_tokens` (from the export's tokenizer config).
+    pub pad_token: u32,
+    /// Token ids `[b, context_tokens]` to hidden states `[b, context_tokens, text_width]`.
+    pub text_encoder: OnnxIo,
+    /// The denoiser.
+    pub unet: UnetSpec,
+    /// Latents `[b, channels, h, w]` to an image `[b, 3, h * vae_scale, w * vae_scale]` in [-1, 1].
+    pub vae_decoder: OnnxIo,
+    /// Optional: conditioning from the LLM's hidden states instead of the text encoder.
+    pub output_projector: Option<OutputProjectorSpec>,
+    /// Tokens of conditioning (CLIP: 77).
+    pub context_tokens: usize,
+    /// Width of the conditioning.
+    pub text_width: usize,
+    /// Latent channels.
+    pub latent_channels: usize,
+    /// Pixels per latent cell along each side.
+    pub vae_scale: usize,
+    /// Latents are divided by this before decoding (SD 2.x: 0.18215).
+    pub latent_scaling: f32,
+    /// Image sides must be multiples of this (the UNet's total down-sampling times `vae_scale`).
+    pub size_multiple: usize,
+    /// The training noise schedule.
+    #[serde(default)]
+    pub schedule: crate::sampler::NoiseSchedule,
+    /// Default sampler, steps, guidance and `[height, width]`.
+    pub sampler: crate::sampler::SamplerKind,
+    /// Default number of steps.
+    pub steps: usize,
+    /// Default classifier-free guidance scale; 1 or less turns guidance off (SD-Turbo: 0).
+    #[serde(default)]
+    pub guidance: f32,
+    /// Default image size `[height, width]`.
+    pub size: [usize; 2],
+}
+
 /// One model stack.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +264,8 @@ pub struct Manifest {
     pub projector: ProjectorSpec,
     /// The LLM backbone.
     pub llm: LlmSpec,
+    /// The modality generator (optional).
+    pub generator: Option<GeneratorSpec>,
     /// Where the manifest came from (a path, or `<built-in reference>`); not in the TOML.
     #[serde(skip)]
     pub origin: String,
@@ -209,8 +302,25 @@ impl Manifest {
         ManifestError::Invalid { origin: self.origin.clone(), key, message }
     }
 
+    /// Every file the manifest names, with its dotted key.
+    pub fn files(&self) -> Vec<(&'static str, &FileRef)> {
+        let mut files = vec![("encoder.file", &self.encoder.file), ("projector.file", &self.projector.file), ("llm.file", &self.llm.file)];
+        if let Some(g) = &self.generator {
+            files.extend([
+                ("generator.tokenizer", &g.tokenizer),
+                ("generator.text_encoder.file", &g.text_encoder.file),
+                ("generator.unet.file", &g.unet.file),
+                ("generator.vae_decoder.file", &g.vae_decoder.file),
+            ]);
+            if let Some(o) = &g.output_projector {
+                files.push(("generator.output_projector.file", &o.file));
+            }
+        }
+        files
+    }
+
     fn validate(&self) -> Result<(), ManifestError> {
-        for (key, file) in [("encoder.file", &self.encoder.file), ("projector.file", &self.projector.file), ("llm.file", &self.llm.file)] {
+        for (key, file) in self.files() {
             if file.cache.is_some() == file.path.is_some() {
                 return Err(self.invalid(key, "give exactly one of `cache = \"...\"` or `path = \"...\"`".into()));
             }
@@ -272,6 +382,9 @@ impl Manifest {
                 format!("{} differs from llm.n_embd {}", proj.out_width, self.llm.n_embd),
             ));
         }
+        if let Some(g) = &self.generator {
+            self.validate_generator(g)?;
+        }
         let chat = &self.llm.chat;
         match (chat.template.as_deref(), &chat.prefix, &chat.suffix) {
             (Some("gguf"), None, None) => {}
@@ -280,6 +393,42 @@ impl Manifest {
             (None, Some(_), Some(suffix)) if suffix.contains("{question}") => {}
             (None, Some(_), Some(_)) => return Err(self.invalid("llm.chat.suffix", "must contain `{question}`".into())),
             (None, _, _) => return Err(self.invalid("llm.chat", "give `prefix` and `suffix`, or `template = \"gguf\"`".into())),
+        }
+        Ok(())
+    }
+
+    fn validate_generator(&self, g: &GeneratorSpec) -> Result<(), ManifestError> {
+        let positive = [
+            ("generator.context_tokens", g.context_tokens),
+            ("generator.text_width", g.text_width),
+            ("generator.latent_channels", g.latent_channels),
+            ("generator.vae_scale", g.vae_scale),
+            ("generator.size_multiple", g.size_multiple),
+            ("generator.steps", g.steps),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(self.invalid(key, "must be at least 1".into()));
+            }
+        }
+        if g.size_multiple % g.vae_scale != 0 {
+            return Err(self.invalid("generator.size_multiple", format!("{} is not a multiple of generator.vae_scale {}", g.size_multiple, g.vae_scale)));
+        }
+        if let Some(bad) = g.size.iter().find(|s| **s == 0 || **s % g.size_multiple != 0) {
+            return Err(self.invalid("generator.size", format!("{bad} is not a positive multiple of generator.size_multiple {}", g.size_multiple)));
+        }
+        if !(g.latent_scaling.is_finite() && g.latent_scaling > 0.0) {
+            return Err(self.invalid("generator.latent_scaling", format!("expected a number > 0, got {}", g.latent_scaling)));
+        }
+        if !g.guidance.is_finite() || g.guidance < 0.0 {
+            return Err(self.invalid("generator.guidance", format!("expected a number >= 0, got {}", g.guidance)));
+        }
+        let s = &g.schedule;
+        if s.num_train_timesteps < 2 || !(s.beta_start > 0.0 && s.beta_end < 1.0 && s.beta_start < s.beta_end) {
+            return Err(self.invalid("generator.schedule", "expected num_train_timesteps >= 2 and 0 < beta_start < beta_end < 1".into()));
+        }
+        if g.output_projector.as_ref().is_some_and(|o| o.signal.trim().is_empty()) {
+            return Err(self.invalid("generator.output_projector.signal", "is empty; give the text whose hidden states condition the image".into()));
         }
         Ok(())
     }

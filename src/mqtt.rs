@@ -48,13 +48,25 @@ pub struct ReplyAddress {
     pub retain: bool,
 }
 
-/// A validated question on its way to the worker.
+/// What a request asks the worker to do.
+#[derive(Debug, Clone)]
+pub enum Task {
+    /// Answer the question in `Question::text`.
+    Answer {
+        /// Stream partial answers.
+        stream: bool,
+    },
+    /// Render an image.
+    Generate(wire::GenerateRequest),
+}
+
+/// A validated request on its way to the worker.
 #[derive(Debug, Clone)]
 pub struct Question {
-    /// The question.
+    /// The question (for `Task::Generate`, the prompt, possibly empty).
     pub text: String,
-    /// Stream partial answers.
-    pub stream: bool,
+    /// What to do.
+    pub task: Task,
     /// Where to reply.
     pub reply: ReplyAddress,
     /// When it arrived.
@@ -86,6 +98,46 @@ pub enum Outgoing {
     Expired,
     /// The runtime settings in effect (retained on `config/state`).
     ConfigState(wire::RuntimeSettings),
+    /// An image: to a request's reply topic (when `to` is given) and, retained, to the image topic.
+    Image {
+        /// The requester, if any.
+        to: Option<ReplyAddress>,
+        /// PNG or JPEG bytes.
+        bytes: Vec<u8>,
+        /// Their MIME type.
+        content_type: &'static str,
+        /// What was rendered (user properties on the reply).
+        info: Option<wire::ImageInfo>,
+    },
+}
+
+/// Limits and formats of incoming requests that come from outside `[mqtt]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestSettings {
+    /// `llm.max_question_chars`.
+    pub max_question_chars: usize,
+    /// `generator.max_prompt_chars`.
+    pub max_prompt_chars: usize,
+    /// What the image topic carries (`generator.format`), for discovery.
+    pub image_type: &'static str,
+}
+
+impl Default for RequestSettings {
+    fn default() -> Self {
+        let config = crate::config::Config::default();
+        RequestSettings::from_config(&config)
+    }
+}
+
+impl RequestSettings {
+    /// From the whole config.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        RequestSettings {
+            max_question_chars: config.llm.max_question_chars,
+            max_prompt_chars: config.generator.max_prompt_chars,
+            image_type: config.generator.format.content_type(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -294,6 +346,26 @@ pub fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
     message
 }
 
+/// Image messages: the retained copy on the image topic, and the reply when there is a requester.
+pub fn image_messages(topics: &Topics, to: Option<&ReplyAddress>, bytes: &[u8], content_type: &str, info: Option<&wire::ImageInfo>) -> Vec<SpooledMessage> {
+    let properties = info.map(wire::ImageInfo::user_properties).unwrap_or_default();
+    let message = |topic: String, retain: bool| SpooledMessage {
+        topic,
+        payload: bytes.to_vec(),
+        retain,
+        correlation: None,
+        user_properties: properties.clone(),
+        content_type: Some(content_type.to_owned()),
+    };
+    let mut out = vec![message(topics.image(), true)];
+    if let Some(to) = to {
+        let mut reply = message(to.topic.clone(), false);
+        reply.correlation = to.correlation.clone();
+        out.push(reply);
+    }
+    out
+}
+
 /// Starts the MQTT side: connects (retrying with backoff in the background), and returns the
 /// handle through which results are published. Valid questions go to `questions`, a bounded
 /// channel (its capacity is `mqtt.request_queue`) that the inference worker drains on its own thread.
@@ -304,7 +376,7 @@ pub fn start(
     questions: std::sync::mpsc::SyncSender<Question>,
     settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
     model: &str,
-    max_question_chars: usize,
+    requests: RequestSettings,
 ) -> Result<MqttHandle, MqttError> {
     let topics = Topics::new(&config.topic_prefix());
     let spool_dir = config.spool_dir.clone().unwrap_or_else(|| state_dir.join("spool"));
@@ -330,7 +402,8 @@ pub fn start(
         drain: drain.clone(),
         model: model.to_owned(),
         closed: closed.clone(),
-        limits: Limits { max_payload_bytes: config.max_payload_bytes, max_question_chars },
+        limits: Limits { max_payload_bytes: config.max_payload_bytes, max_question_chars: requests.max_question_chars },
+        requests,
         settings: settings.clone(),
     };
     let publisher = PublisherTask { client, topics: topics.clone(), spool, online, drain, counters, shutdown: shutdown.clone(), closed, settings, published_settings: None };
@@ -353,6 +426,7 @@ struct ConnectionTask {
     /// Cancelled by the publisher once it has sent `stopped` and the disconnect.
     closed: CancellationToken,
     limits: Limits,
+    requests: RequestSettings,
     settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
 }
 
@@ -360,7 +434,7 @@ impl ConnectionTask {
     fn discovery(&self) -> (String, Vec<u8>) {
         let device_id = self.config.device_id();
         let device_name = self.config.device_name();
-        let d = Discovery { prefix: &self.config.discovery.prefix, device_id: &device_id, device_name: &device_name, model: &self.model, topics: &self.topics };
+        let d = Discovery { prefix: &self.config.discovery.prefix, device_id: &device_id, device_name: &device_name, model: &self.model, topics: &self.topics, image_type: self.requests.image_type };
         // Disabled discovery publishes an empty retained payload: Home Assistant removes the device.
         let payload = if self.config.discovery.enabled { d.payload().to_string().into_bytes() } else { Vec::new() };
         (d.topic(), payload)
@@ -369,7 +443,7 @@ impl ConnectionTask {
     /// Subscribes and announces the device; returns how many subscriptions await their SubAck.
     async fn on_connect(&self) -> usize {
         let mut pending = 0;
-        for topic in [self.topics.ask(), self.topics.ask_text(), self.topics.config_set(), format!("{}/status", self.config.discovery.prefix)] {
+        for topic in [self.topics.ask(), self.topics.ask_text(), self.topics.generate(), self.topics.config_set(), format!("{}/status", self.config.discovery.prefix)] {
             match self.client.subscribe(&topic).await {
                 Ok(()) => pending += 1,
                 Err(e) => tracing::warn!(topic, "subscribe failed: {e}"),
@@ -505,19 +579,26 @@ impl ConnectionTask {
         }
         let received_at = Instant::now();
         let expires_at = expiry_s.map(|s| received_at + Duration::from_secs(u64::from(s)));
-        let (text, stream, reply) = if topic == self.topics.ask_text() {
+        let (text, task, reply) = if topic == self.topics.ask_text() {
             let to = ReplyAddress { topic: self.topics.answer(), correlation: None, id: None, retain: true };
             match wire::parse_text_question(payload, &limits) {
-                Ok(q) => (q, false, to),
+                Ok(q) => (q, Task::Answer { stream: false }, to),
                 Err(e) => {
                     self.counters.bad.fetch_add(1, Ordering::Relaxed);
                     return self.reply_error(Some(to), e, topic).await;
                 }
             }
-        } else if topic == self.topics.ask() {
-            let parsed = wire::parse_ask(payload, &limits);
+        } else if topic == self.topics.ask() || topic == self.topics.generate() {
+            let parsed = if topic == self.topics.ask() {
+                wire::parse_ask(payload, &limits).map(|r| (r.question, Task::Answer { stream: r.stream }, r.id, r.reply_to))
+            } else {
+                wire::parse_generate(payload, &limits, self.requests.max_prompt_chars).map(|r| {
+                    let (id, reply_to) = (r.id.clone(), r.reply_to.clone());
+                    (r.prompt.clone().unwrap_or_default(), Task::Generate(r), id, reply_to)
+                })
+            };
             let (id, reply_to) = match &parsed {
-                Ok(r) => (r.id.clone(), r.reply_to.clone()),
+                Ok((_, _, id, reply_to)) => (id.clone(), reply_to.clone()),
                 Err(_) => wire::salvage_reply_address(payload),
             };
             let reply_topic = response_topic.or(reply_to);
@@ -530,10 +611,10 @@ impl ConnectionTask {
                 }
             }
             match (parsed, to) {
-                (Ok(r), Some(to)) => (r.question, r.stream, to),
+                (Ok((text, task, _, _)), Some(to)) => (text, task, to),
                 (Ok(_), None) => {
                     self.counters.bad.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(topic, "question without a reply address (MQTT v5 Response Topic, or `reply_to`): ignored");
+                    tracing::warn!(topic, "request without a reply address (MQTT v5 Response Topic, or `reply_to`): ignored");
                     return;
                 }
                 (Err(e), to) => {
@@ -544,7 +625,7 @@ impl ConnectionTask {
         } else {
             return;
         };
-        let question = Question { text, stream, reply: reply.clone(), received_at, expires_at };
+        let question = Question { text, task, reply: reply.clone(), received_at, expires_at };
         match self.questions.try_send(question) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
@@ -658,6 +739,11 @@ impl PublisherTask {
                         self.counters.expired.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(Outgoing::ConfigState(state)) => self.publish_config_state(state).await,
+                    Some(Outgoing::Image { to, bytes, content_type, info }) => {
+                        for m in image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref()) {
+                            self.send(m).await;
+                        }
+                    }
                     None => break,
                 },
                 _ = tick.tick() => {
@@ -670,12 +756,15 @@ impl PublisherTask {
         // Shutdown: whatever is still queued, then `stopped`, then a clean disconnect (which
         // suppresses the last will).
         while let Ok(message) = rx.try_recv() {
-            let m = match message {
-                Outgoing::Caption(c) => caption_message(&self.topics, &c),
-                Outgoing::Reply { to, reply } => reply_message(&to, &reply),
+            let messages = match message {
+                Outgoing::Caption(c) => vec![caption_message(&self.topics, &c)],
+                Outgoing::Reply { to, reply } => vec![reply_message(&to, &reply)],
+                Outgoing::Image { to, bytes, content_type, info } => image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref()),
                 Outgoing::Expired | Outgoing::ConfigState(_) => continue,
             };
-            self.send(m).await;
+            for m in messages {
+                self.send(m).await;
+            }
         }
         self.drain_spool().await;
         if self.online.load(Ordering::SeqCst) {

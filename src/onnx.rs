@@ -97,6 +97,7 @@ struct Loaded {
 static LOADED: Mutex<Option<Arc<Loaded>>> = Mutex::new(None);
 
 /// The loaded ONNX Runtime library with one session configuration (providers, threads).
+#[derive(Clone)]
 pub struct OnnxRuntime {
     loaded: Arc<Loaded>,
     config: OnnxConfig,
@@ -220,6 +221,41 @@ pub struct OnnxSession {
     providers: Vec<EpKind>,
 }
 
+/// One input tensor for [`OnnxSession::run`]: its data in one of the element types models take.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    /// 32-bit floats.
+    F32(&'a [f32]),
+    /// 32-bit integers (token ids in some exports).
+    I32(&'a [i32]),
+    /// 64-bit integers (token ids, timesteps).
+    I64(&'a [i64]),
+}
+
+/// The element type of a declared input or output, as far as scenecast uses them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Element {
+    /// f32.
+    F32,
+    /// i32.
+    I32,
+    /// i64.
+    I64,
+    /// Anything else (f16, bool, strings, ...).
+    Other,
+}
+
+impl std::fmt::Display for Element {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Element::F32 => "f32",
+            Element::I32 => "i32",
+            Element::I64 => "i64",
+            Element::Other => "another type",
+        })
+    }
+}
+
 /// A tensor's name and shape as the model declares it (-1 for a free dimension).
 fn describe(name: &str, dtype: &ValueType) -> String {
     match dtype.tensor_shape() {
@@ -275,6 +311,64 @@ impl OnnxSession {
         };
         check("input", input, input_shape, inputs)?;
         check("output", output, output_shape, outputs)
+    }
+
+    /// The element type and rank of the input or output `name`, if the model has one.
+    pub fn io_type(&self, name: &str) -> Option<(Element, usize)> {
+        let outlets = self.session.inputs().iter().chain(self.session.outputs());
+        outlets.filter(|o| o.name() == name).map(|o| {
+            let element = match o.dtype().tensor_type() {
+                Some(TensorElementType::Float32) => Element::F32,
+                Some(TensorElementType::Int32) => Element::I32,
+                Some(TensorElementType::Int64) => Element::I64,
+                _ => Element::Other,
+            };
+            (element, o.dtype().tensor_shape().map_or(0, |s| s.len()))
+        }).next()
+    }
+
+    /// Checks that the model has each named input and output with one of the allowed element
+    /// types and the given rank; the error lists what the model has instead.
+    pub fn check_io(&self, inputs: &[(&str, &[Element], usize)], outputs: &[(&str, &[Element], usize)]) -> Result<(), OnnxError> {
+        let list = |outlets: &[ort::value::Outlet]| outlets.iter().map(|o| describe(o.name(), o.dtype())).collect::<Vec<_>>().join(", ");
+        for (kind, wanted, outlets) in [("input", inputs, self.session.inputs()), ("output", outputs, self.session.outputs())] {
+            for (name, types, rank) in wanted {
+                let found = outlets.iter().find(|o| o.name() == *name).and_then(|_| self.io_type(name));
+                let ok = found.is_some_and(|(e, r)| types.contains(&e) && r == *rank);
+                if !ok {
+                    let want = types.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ");
+                    return Err(OnnxError::Signature {
+                        file: self.file.clone(),
+                        message: format!("expected {kind} `{name}` of {want} with rank {rank}; the model's {kind}s are: {}", list(outlets)),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the model on named inputs of any supported element type and copies the named f32
+    /// output into `out` (reused across calls). Returns the output's shape.
+    pub fn run(&mut self, inputs: &[(&str, &[usize], Input<'_>)], output: &str, out: &mut Vec<f32>) -> Result<Vec<usize>, OnnxError> {
+        let file = &self.file;
+        let run_err = |message: String| OnnxError::Run { file: file.clone(), message };
+        let mut values: Vec<(&str, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
+        for (name, shape, data) in inputs {
+            let shape = shape.to_vec();
+            let value = match *data {
+                Input::F32(d) => TensorRef::from_array_view((shape, d)).map(Into::into),
+                Input::I32(d) => TensorRef::from_array_view((shape, d)).map(Into::into),
+                Input::I64(d) => TensorRef::from_array_view((shape, d)).map(Into::into),
+            }
+            .map_err(|e| run_err(format!("input `{name}`: {e}")))?;
+            values.push((name, value));
+        }
+        let outputs = self.session.run(values).map_err(|e| run_err(e.to_string()))?;
+        let value = outputs.get(output).ok_or_else(|| run_err(format!("the model produced no output `{output}`")))?;
+        let (out_shape, data) = value.try_extract_tensor::<f32>().map_err(|e| run_err(e.to_string()))?;
+        out.clear();
+        out.extend_from_slice(data);
+        Ok(out_shape.iter().map(|d| *d as usize).collect())
     }
 
     /// Runs the model on one f32 input and copies the named f32 output into `out`, which is

@@ -57,6 +57,10 @@ impl Topics {
     pub fn image(&self) -> String {
         self.at("image")
     }
+    /// Image generation requests (JSON); the image goes to the reply topic and to [`Topics::image`].
+    pub fn generate(&self) -> String {
+        self.at("generate")
+    }
     /// Runtime configuration changes.
     pub fn config_set(&self) -> String {
         self.at("config/set")
@@ -145,6 +149,23 @@ pub enum RequestError {
     /// The request queue is full.
     #[error("busy: {0} requests are waiting; try again later")]
     Busy(usize),
+    /// An empty generation prompt.
+    #[error("the prompt is empty; give `prompt` or `from_scene: true`")]
+    EmptyPrompt,
+    /// A prompt over the limit.
+    #[error("the prompt has {chars} characters; the limit is {limit} (generator.max_prompt_chars)")]
+    PromptTooLong {
+        /// Its length.
+        chars: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A value out of the range the model or the config allows.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The feature is not available on this device now (not configured, disabled, memory short).
+    #[error("{0}")]
+    Unavailable(String),
     /// Answering failed.
     #[error("{0}")]
     Internal(String),
@@ -159,6 +180,9 @@ impl RequestError {
             RequestError::EmptyQuestion | RequestError::QuestionTooLong { .. } => "bad_question",
             RequestError::ForbiddenReplyTopic(_) => "forbidden_reply_topic",
             RequestError::Busy(_) => "busy",
+            RequestError::EmptyPrompt | RequestError::PromptTooLong { .. } => "bad_prompt",
+            RequestError::OutOfRange(_) => "out_of_range",
+            RequestError::Unavailable(_) => "unavailable",
             RequestError::Internal(_) => "internal",
         }
     }
@@ -188,6 +212,109 @@ pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<AskRequest, RequestE
     let request: AskRequest = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
     check_question(&request.question, limits)?;
     Ok(request)
+}
+
+/// An image generation request, as its JSON body. Give `prompt`, or `from_scene: true` to have the
+/// LLM describe the current scene and render the description.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    /// What to render.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Describe the current scene and render that (with `prompt`, the prompt is added to the
+    /// description, e.g. "as a watercolour").
+    #[serde(default)]
+    pub from_scene: bool,
+    /// Noise seed (default: from the clock; echoed in the reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Denoising steps (default: the model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Image width in pixels (default: the model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// Image height in pixels (default: the model's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    /// Classifier-free guidance (default: the model's; SD-Turbo: 0, off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f32>,
+    /// `text` or `hidden` conditioning for `from_scene` (default: the config's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<crate::config::ConditionPath>,
+    /// Request id, echoed in the reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Reply topic (MQTT v3.1.1; with v5 the Response Topic property takes precedence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+/// Parses a JSON generate request; `max_prompt_chars` is `generator.max_prompt_chars`. Ranges that
+/// depend on the model (steps, sizes) are checked by the worker against the manifest and config.
+pub fn parse_generate(payload: &[u8], limits: &Limits, max_prompt_chars: usize) -> Result<GenerateRequest, RequestError> {
+    let text = utf8(payload, limits)?;
+    let request: GenerateRequest = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
+    match &request.prompt {
+        Some(p) if p.trim().is_empty() => return Err(RequestError::EmptyPrompt),
+        Some(p) if p.chars().count() > max_prompt_chars => {
+            return Err(RequestError::PromptTooLong { chars: p.chars().count(), limit: max_prompt_chars });
+        }
+        None if !request.from_scene => return Err(RequestError::EmptyPrompt),
+        _ => {}
+    }
+    if request.guidance.is_some_and(|g| !g.is_finite()) {
+        return Err(RequestError::OutOfRange("guidance must be a finite number".into()));
+    }
+    Ok(request)
+}
+
+/// What a generated image's reply carries besides the image bytes (as MQTT v5 user properties).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImageInfo {
+    /// The request's id.
+    pub id: Option<String>,
+    /// The prompt rendered (the description, for `from_scene`).
+    pub prompt: String,
+    /// Seed, steps, size, sampler.
+    pub seed: u64,
+    /// Steps.
+    pub steps: usize,
+    /// Width × height.
+    pub size: [usize; 2],
+    /// Euler or LCM.
+    pub sampler: String,
+    /// A warning for the requester (prompt truncated at the tokenizer's limit).
+    pub warning: Option<String>,
+    /// Per-stage timings (load, condition, steps, vae, total).
+    pub timings_ms: Timings,
+}
+
+impl ImageInfo {
+    /// As MQTT v5 user properties.
+    pub fn user_properties(&self) -> Vec<(String, String)> {
+        let mut p = vec![
+            ("seed".to_owned(), self.seed.to_string()),
+            ("steps".to_owned(), self.steps.to_string()),
+            ("width".to_owned(), self.size[1].to_string()),
+            ("height".to_owned(), self.size[0].to_string()),
+            ("sampler".to_owned(), self.sampler.clone()),
+            // User properties are UTF-8 strings of at most 64 KiB; a prompt is far below that.
+            ("prompt".to_owned(), self.prompt.chars().take(2000).collect()),
+        ];
+        if let Some(id) = &self.id {
+            p.push(("id".to_owned(), id.clone()));
+        }
+        if let Some(w) = &self.warning {
+            p.push(("warning".to_owned(), w.clone()));
+        }
+        for (k, v) in &self.timings_ms {
+            p.push((format!("{k}_ms"), format!("{v:.1}")));
+        }
+        p
+    }
 }
 
 /// Parses a plain-text question (Home Assistant's text entity).
@@ -397,6 +524,8 @@ pub struct Discovery<'a> {
     pub model: &'a str,
     /// The device's topics.
     pub topics: &'a Topics,
+    /// The MIME type of what `<prefix>/image` carries.
+    pub image_type: &'a str,
 }
 
 impl Discovery<'_> {
@@ -439,7 +568,7 @@ impl Discovery<'_> {
                     "name": "Image",
                     "uniq_id": format!("{id}_image"),
                     "image_topic": t.image(),
-                    "content_type": "image/png",
+                    "content_type": self.image_type,
                 },
                 "question": {
                     "p": "text",

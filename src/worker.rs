@@ -12,8 +12,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::sync::mpsc::Sender;
 
 use crate::backbone::{Backbone, StopReason};
+use crate::config::{ConditionPath, PrivacyConfig};
 use crate::frame::Frame;
-use crate::mqtt::{Outgoing, Question};
+use crate::generator::{encode_image, Conditioning, Generator, GeneratorError, ImageFormat, OnDemand, RenderOptions, Rendered};
+use crate::mqtt::{Outgoing, Question, Task};
 use crate::projector::ImageTokens;
 use crate::scene::{cosine_distance, SceneGate};
 use crate::source::FrameSlot;
@@ -69,6 +71,39 @@ pub struct Worker {
     pub progress: Arc<Progress>,
     /// The model stack's name, reported with captions.
     pub model: String,
+    /// The generator, loaded on demand (None: the manifest has none, or it is disabled).
+    pub generator: Option<OnDemand>,
+    /// What may be published about the scene.
+    pub privacy: PrivacyConfig,
+    /// The format of images on the image topic.
+    pub image_format: ImageFormat,
+}
+
+/// Renders `text` with the generator: through the text encoder, or (`ConditionPath::Hidden`)
+/// through the LLM's hidden states at the manifest's signal tokens and the output projector.
+/// `question` is the prompt the description answers (the caption prompt).
+pub fn render_description(
+    backbone: &mut Backbone,
+    generator: &mut Generator,
+    condition: ConditionPath,
+    question: &str,
+    text: &str,
+    options: &RenderOptions,
+) -> Result<Rendered, Box<dyn std::error::Error + Send + Sync>> {
+    match condition {
+        ConditionPath::Text => Ok(generator.render(Conditioning::Prompt(text), options)?),
+        ConditionPath::Hidden => {
+            let signal = generator.spec().output_projector.as_ref().ok_or(GeneratorError::NoOutputProjector)?.signal.clone();
+            let states = backbone.signal_states(question, text, &signal)?;
+            let n_embd = backbone.summary().gguf.n_embd;
+            Ok(generator.render(Conditioning::Hidden { states: &states, n_embd }, options)?)
+        }
+    }
+}
+
+/// A seed from the clock, for requests that give none (echoed in the reply, so a render can be repeated).
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64 & 0xFFFF_FFFF)
 }
 
 /// A frame the worker has encoded.
@@ -100,9 +135,15 @@ impl Worker {
         let mut scene: Option<Seen> = None;
         while !stop.load(Ordering::SeqCst) {
             self.progress.beat();
+            if let Some(g) = self.generator.as_mut() {
+                g.unload_if_idle();
+            }
             match questions.recv_timeout(Duration::from_millis(20)) {
                 Ok(question) => {
-                    self.answer(question, latest.as_ref(), &mut scene, &mut tokens, &out, &stop);
+                    match question.task.clone() {
+                        Task::Answer { stream } => self.answer(question, stream, latest.as_ref(), &mut scene, &mut tokens, &out, &stop),
+                        Task::Generate(request) => self.generate(question, &request, latest.as_ref(), &mut scene, &mut tokens, &out, &stop),
+                    }
                     continue;
                 }
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -134,8 +175,12 @@ impl Worker {
                     gate.captioned(&seen.signature, now);
                     scene = Some(seen.clone());
                     self.progress.captions.fetch_add(1, Ordering::Relaxed);
+                    let picture = self.scene_picture(&frame, &caption.text, &settings.caption_prompt);
                     if out.blocking_send(Outgoing::Caption(caption)).is_err() {
                         break;
+                    }
+                    if let Some(picture) = picture {
+                        let _ = out.blocking_send(picture);
                     }
                 }
                 Err(e) => tracing::error!(frame = frame.seq, "captioning failed: {e}"),
@@ -180,17 +225,27 @@ impl Worker {
         Ok(wire::Caption { text: g.text, frame_seq: frame.seq, frame_ts_ms: ts_ms(frame), timings_ms: timings, model: self.model.clone() })
     }
 
-    /// Answers about the latest frame: its cached scene prefix when it is the current scene, else
-    /// the latest frame is made the scene first.
-    fn answer(&mut self, question: Question, latest: Option<&Seen>, scene: &mut Option<Seen>, tokens: &mut ImageTokens, out: &Sender<Outgoing>, stop: &Arc<AtomicBool>) {
-        if question.expired(Instant::now()) {
-            tracing::warn!(question = %question.text, "request expired while queued; not answered");
-            let _ = out.blocking_send(Outgoing::Expired);
-            return;
-        }
-        let start = Instant::now();
-        let to = question.reply.clone();
-        let id = to.id.clone();
+    /// What the image topic gets for a new caption: the frame itself (unless privacy forbids
+    /// camera pixels), or a re-rendering of the caption (privacy with `rerender_captions`).
+    fn scene_picture(&mut self, frame: &Frame, caption: &str, prompt: &str) -> Option<Outgoing> {
+        let bytes = if !self.privacy.no_camera_pixels {
+            encode_image(&frame.image, self.image_format).map_err(|e| tracing::warn!("snapshot: {e}")).ok()?
+        } else if self.privacy.rerender_captions {
+            let generator = self.generator.as_mut()?;
+            let spec = generator.spec().ok()?.clone();
+            let condition = generator.config().condition;
+            let (g, _) = generator.get().map_err(|e| tracing::warn!("re-rendering the caption: {e}")).ok()?;
+            let options = Generator::default_options(&spec, frame.seq);
+            let rendered = render_description(&mut self.backbone, g, condition, prompt, caption, &options).map_err(|e| tracing::warn!("re-rendering the caption: {e}")).ok()?;
+            encode_image(&rendered.image, self.image_format).ok()?
+        } else {
+            return None;
+        };
+        Some(Outgoing::Image { to: None, bytes, content_type: self.image_format.content_type(), info: None })
+    }
+
+    /// Makes the latest frame the cached scene unless the current scene still shows it.
+    fn make_current(&mut self, latest: Option<&Seen>, scene: &mut Option<Seen>, tokens: &mut ImageTokens) {
         let threshold = self.settings().gate.change_threshold;
         if let Some(latest) = latest {
             let current = scene.as_ref().is_some_and(|s| s.seq == latest.seq || cosine_distance(&s.signature, &latest.signature) <= threshold);
@@ -203,8 +258,115 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Renders an image for a `generate` request; the image or an error goes to the requester.
+    #[allow(clippy::too_many_arguments)]
+    fn generate(&mut self, question: Question, request: &wire::GenerateRequest, latest: Option<&Seen>, scene: &mut Option<Seen>, tokens: &mut ImageTokens, out: &Sender<Outgoing>, stop: &Arc<AtomicBool>) {
+        if question.expired(Instant::now()) {
+            let _ = out.blocking_send(Outgoing::Expired);
+            return;
+        }
+        let to = question.reply.clone();
+        let id = to.id.clone();
+        let message = match self.render_request(&question, request, latest, scene, tokens, stop) {
+            Ok((bytes, info)) => Outgoing::Image { to: Some(to), bytes, content_type: self.image_format.content_type(), info: Some(info) },
+            Err(e) => {
+                tracing::warn!(code = e.code(), "generate request failed: {e}");
+                Outgoing::Reply { to, reply: Reply::Error(wire::ErrorReply::new(id, &e)) }
+            }
+        };
+        let _ = out.blocking_send(message);
+    }
+
+    fn render_request(
+        &mut self,
+        question: &Question,
+        request: &wire::GenerateRequest,
+        latest: Option<&Seen>,
+        scene: &mut Option<Seen>,
+        tokens: &mut ImageTokens,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(Vec<u8>, wire::ImageInfo), RequestError> {
+        let start = Instant::now();
+        let unavailable = |e: GeneratorError| RequestError::Unavailable(e.to_string());
+        let generator = self.generator.as_ref().ok_or_else(|| RequestError::Unavailable("no generator is configured: the model manifest has no [generator] section".into()))?;
+        let spec = generator.spec().map_err(unavailable)?.clone();
+        let limits = generator.limits();
+        let condition = request.condition.unwrap_or(generator.config().condition);
+        let mut options = Generator::default_options(&spec, request.seed.unwrap_or_else(clock_seed));
+        options.steps = request.steps.unwrap_or(options.steps);
+        options.size = [request.height.unwrap_or(options.size[0]), request.width.unwrap_or(options.size[1])];
+        options.guidance = request.guidance.unwrap_or(options.guidance);
+        Generator::check(&spec, &options, limits).map_err(|e| RequestError::OutOfRange(e.to_string()))?;
+        if condition == ConditionPath::Hidden && spec.output_projector.is_none() {
+            return Err(RequestError::Unavailable(GeneratorError::NoOutputProjector.to_string()));
+        }
+        let caption_prompt = self.settings().caption_prompt;
+        let text = if request.from_scene {
+            if latest.is_none() {
+                return Err(RequestError::Unavailable("no frame has been seen yet, so there is no scene to describe".into()));
+            }
+            self.make_current(latest, scene, tokens);
+            let options = self.options(stop);
+            self.progress.llm_runs.fetch_add(1, Ordering::Relaxed);
+            let description = self.backbone.ask(&caption_prompt, &options, &mut |_| true).map_err(|e| RequestError::Internal(e.to_string()))?;
+            match question.text.trim() {
+                "" => description.text,
+                extra => format!("{} {extra}", description.text),
+            }
+        } else {
+            question.text.clone()
+        };
+        let on_demand = self.generator.as_mut().expect("checked above");
+        let (generator, load_ms) = on_demand.get().map_err(|e| match e {
+            GeneratorError::Memory { .. } | GeneratorError::Disabled | GeneratorError::NotConfigured(_) => RequestError::Unavailable(e.to_string()),
+            e => RequestError::Internal(e.to_string()),
+        })?;
+        self.progress.beat();
+        let rendered = render_description(&mut self.backbone, generator, condition, &caption_prompt, &text, &options).map_err(|e| RequestError::Internal(e.to_string()))?;
+        self.progress.beat();
+        let bytes = encode_image(&rendered.image, self.image_format).map_err(|e| RequestError::Internal(e.to_string()))?;
+        let warning = (rendered.truncated_tokens > 0).then(|| {
+            format!("the prompt was cut to the tokenizer's limit of {} tokens ({} tokens dropped)", spec.context_tokens, rendered.truncated_tokens)
+        });
+        let steps_ms: f64 = rendered.timings.step_ms.iter().sum();
+        let mut timings = vec![
+            ("condition", rendered.timings.condition_ms),
+            ("steps", steps_ms),
+            ("vae", rendered.timings.vae_ms),
+            ("total", crate::ms_since(start)),
+        ];
+        if let Some(ms) = load_ms {
+            timings.push(("load", ms));
+        }
+        let info = wire::ImageInfo {
+            id: question.reply.id.clone(),
+            prompt: text,
+            seed: options.seed,
+            steps: options.steps,
+            size: options.size,
+            sampler: options.sampler.to_string(),
+            warning,
+            timings_ms: rounded(&timings),
+        };
+        Ok((bytes, info))
+    }
+
+    /// Answers about the latest frame: its cached scene prefix when it is the current scene, else
+    /// the latest frame is made the scene first.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(&mut self, question: Question, stream: bool, latest: Option<&Seen>, scene: &mut Option<Seen>, tokens: &mut ImageTokens, out: &Sender<Outgoing>, stop: &Arc<AtomicBool>) {
+        if question.expired(Instant::now()) {
+            tracing::warn!(question = %question.text, "request expired while queued; not answered");
+            let _ = out.blocking_send(Outgoing::Expired);
+            return;
+        }
+        let start = Instant::now();
+        let to = question.reply.clone();
+        let id = to.id.clone();
+        self.make_current(latest, scene, tokens);
         let options = self.options(stop);
-        let stream = question.stream;
         let mut so_far = String::new();
         let progress = self.progress.clone();
         self.progress.llm_runs.fetch_add(1, Ordering::Relaxed);

@@ -191,7 +191,7 @@ fn an_unchanged_scene_runs_the_llm_once_and_a_change_triggers_a_caption() {
     let progress = Arc::new(Progress::default());
     let gate = GateConfig { change_threshold: 0.05, min_interval_s: 0.0, max_interval_s: 3600.0 };
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate }));
-    let worker = Worker { vision, backbone, frames: slot.clone(), settings, progress: progress.clone(), model: m.name.clone() };
+    let worker = Worker { vision, backbone, frames: slot.clone(), settings, progress: progress.clone(), model: m.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
     let (_questions_tx, questions_rx) = std::sync::mpsc::sync_channel(1);
     let stop = Arc::new(AtomicBool::new(false));

@@ -40,7 +40,7 @@ impl Daemon {
         let state = tempfile::tempdir().unwrap();
         let (tx, rx) = std::sync::mpsc::sync_channel(config.request_queue);
         let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate: GateConfig::default() }));
-        let mut handle = mqtt::start(&config, state.path(), tx, settings.clone(), "dinov2s-smollm2-135m", 200).unwrap();
+        let mut handle = mqtt::start(&config, state.path(), tx, settings.clone(), "dinov2s-smollm2-135m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).unwrap();
         assert!(handle.wait_connected(WAIT).await, "daemon connects");
         Daemon { handle: Some(handle), questions: Some(rx), stop: Arc::new(AtomicBool::new(false)), worker: None, settings, _state: state }
     }
@@ -59,7 +59,7 @@ impl Daemon {
         let frames = Arc::new(FrameSlot::new());
         let image = scenecast::frame::RgbImage::open(&root.join("models/photos/coffee.png")).unwrap();
         frames.put(scenecast::frame::Frame { seq: 0, captured_at: std::time::SystemTime::now(), image });
-        let worker = Worker { vision, backbone, frames, settings: self.settings.clone(), progress: Arc::new(Progress::default()), model: m.name.clone() };
+        let worker = Worker { vision, backbone, frames, settings: self.settings.clone(), progress: Arc::new(Progress::default()), model: m.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
         let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().outgoing.clone(), self.stop.clone());
         self.worker = Some(std::thread::spawn(move || worker.run(questions, out, stop)));
     }
@@ -311,14 +311,14 @@ async fn tls_with_a_client_certificate() {
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
     let no_cert = MqttConfig { host: "localhost".into(), tls: Some(scenecast::config::TlsConfig { client_cert: None, client_key: None, ..tls }), ..mqtt_config(broker.port, "cam8") };
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "x".into(), gate: GateConfig::default() }));
-    let mut handle = mqtt::start(&no_cert, state.path(), tx, settings.clone(), "m", 200).unwrap();
+    let mut handle = mqtt::start(&no_cert, state.path(), tx, settings.clone(), "m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).unwrap();
     assert!(!handle.wait_connected(Duration::from_secs(3)).await);
     handle.shutdown(Duration::from_secs(2)).await;
 
     // A CA file that does not exist is a clear error naming it.
     let missing = MqttConfig { tls: Some(scenecast::config::TlsConfig { ca_file: "/nonexistent/ca.pem".into(), client_cert: None, client_key: None }), ..mqtt_config(broker.port, "cam9") };
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-    let err = mqtt::start(&missing, state.path(), tx, settings, "m", 200).err().expect("a missing CA file is refused").to_string();
+    let err = mqtt::start(&missing, state.path(), tx, settings, "m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).err().expect("a missing CA file is refused").to_string();
     assert!(err.starts_with("mqtt.tls: cannot read /nonexistent/ca.pem"), "{err}");
 }
 

@@ -1,0 +1,491 @@
+#!/usr/bin/env python3
+"""Trains the input projector (DINOv2-S patch features -> SmolLM2 embeddings) and exports it to ONNX.
+
+LLaVA stage 1 + 2 on one CPU: the encoder and the LLM are frozen; only the projector (pooled patch
+tokens -> Linear -> GELU -> Linear) learns, on scenes composed from real photos (captions) and on
+visual questions (presence yes/no, position, count) about the same scenes.
+
+    python models/train_projector.py                         # data, features, training, export, eval set
+    python models/train_projector.py --user-data DIR         # add your own photos (DIR/x.jpg + DIR/x.txt)
+
+Steps, each cached under $SCENECAST_CACHE/train/<name>/ so a rerun skips what is done:
+  1. compose the training images and the held-out evaluation set (seeded; train.toml says how);
+  2. encode them with the frozen ONNX encoder (ONNX Runtime) and average-pool the patch grid;
+  3. load the GGUF backbone as a frozen float model (transformers, gguf_file=) and train the projector;
+  4. export the projector as ONNX (models/make_projector.py's graph) and check it against torch.
+The evaluation then runs through the shipped Rust pipeline: `scenecast eval <cache>/train/<name>/eval/eval.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+
+HERE = Path(__file__).resolve().parent
+SIZE = 224
+POSITIONS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
+# Horizontal centre of an object at each named position, as a fraction of the width.
+CENTRES = {"left": (0.2, 0.32), "centre": (0.44, 0.56), "right": (0.68, 0.8)}
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def default_cache() -> Path:
+    env = os.environ.get("SCENECAST_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "scenecast"
+
+
+def article(name: str, capital: bool = False) -> str:
+    a = "an" if name[0] in "aeiou" else "a"
+    return f"{a.capitalize() if capital else a} {name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Composing scenes
+
+
+class Composer:
+    def __init__(self, cfg: dict, photos: Path, rng: np.random.Generator):
+        self.cfg, self.rng, self.photos = cfg, rng, photos
+        self._open = lru_cache(maxsize=None)(lambda f: Image.open(photos / f).convert("RGB"))
+        self.categories = [c["name"] for c in cfg["category"]]
+        self.train_photos = {c["name"]: [p for p in c["photos"] if not p.get("heldout")] for c in cfg["category"]}
+        held = {frozenset(p) for p in cfg["sets"]["heldout_pairs"]}
+        self.heldout_pairs = [tuple(p) for p in cfg["sets"]["heldout_pairs"]]
+        self.train_pairs = [(a, b) for i, a in enumerate(self.categories) for b in self.categories[i + 1:]
+                            if frozenset((a, b)) not in held]
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return float(self.rng.uniform(lo, hi))
+
+    def background(self) -> Image.Image:
+        r = self.rng.random()
+        if r < 0.15:
+            colour = tuple(int(v) for v in self.rng.integers(0, 256, 3))
+            return Image.new("RGB", (SIZE, SIZE), colour)
+        if r < 0.25:
+            a, b = self.rng.integers(0, 256, (2, 3)).astype(np.float32)
+            t = np.linspace(0, 1, SIZE, dtype=np.float32)[:, None, None]
+            grad = a + (b - a) * t
+            img = np.broadcast_to(grad, (SIZE, SIZE, 3)) if self.rng.random() < 0.5 else np.broadcast_to(
+                grad.transpose(1, 0, 2), (SIZE, SIZE, 3))
+            return Image.fromarray(np.ascontiguousarray(img).astype(np.uint8))
+        if r < 0.33:
+            base = self.rng.integers(0, 256, 3)
+            noise = self.rng.normal(0, self.uniform(10, 60), (SIZE, SIZE, 3))
+            return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+        photo = self._open(self.cfg["sets"]["backgrounds"][self.rng.integers(len(self.cfg["sets"]["backgrounds"]))])
+        w, h = photo.size
+        side = self.uniform(0.4, 1.0) * min(w, h)
+        x0, y0 = self.uniform(0, w - side), self.uniform(0, h - side)
+        img = photo.crop((int(x0), int(y0), int(x0 + side), int(y0 + side))).resize((SIZE, SIZE), Image.BILINEAR)
+        return self.jitter(img)
+
+    def jitter(self, img: Image.Image) -> Image.Image:
+        img = ImageEnhance.Brightness(img).enhance(self.uniform(0.75, 1.25))
+        img = ImageEnhance.Contrast(img).enhance(self.uniform(0.75, 1.25))
+        img = ImageEnhance.Color(img).enhance(self.uniform(0.7, 1.3))
+        if self.rng.random() < 0.15:
+            img = img.filter(ImageFilter.GaussianBlur(self.uniform(0.5, 1.5)))
+        return img
+
+    def cutout(self, photo: dict) -> Image.Image:
+        img = self._open(photo["file"])
+        w, h = img.size
+        x0, y0, x1, y1 = photo["box"]
+        j = lambda v: v + self.uniform(-0.04, 0.04)  # noqa: E731
+        box = (max(0.0, j(x0)) * w, max(0.0, j(y0)) * h, min(1.0, j(x1)) * w, min(1.0, j(y1)) * h)
+        out = img.crop(tuple(int(v) for v in box))
+        if self.rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return self.jitter(out)
+
+    def paste(self, canvas: Image.Image, obj: Image.Image, position: str, scale: tuple[float, float]) -> None:
+        width = int(self.uniform(*scale) * SIZE)
+        aspect = obj.height / obj.width
+        height = min(int(width * aspect), int(SIZE * 0.95))
+        width = max(8, int(height / aspect)) if height == int(SIZE * 0.95) else width
+        obj = obj.resize((width, max(8, height)), Image.BILINEAR)
+        cx = self.uniform(*CENTRES[position]) * SIZE
+        x = int(np.clip(cx - width / 2, 0, SIZE - width))
+        y = int(self.uniform(0, max(1, SIZE - obj.height)))
+        canvas.paste(obj, (x, y))
+
+    def pick_photo(self, name: str) -> dict:
+        ps = self.train_photos[name]
+        return ps[self.rng.integers(len(ps))]
+
+    def single(self) -> tuple[Image.Image, dict]:
+        name = self.categories[self.rng.integers(len(self.categories))]
+        position = list(POSITIONS)[self.rng.integers(3)]
+        canvas = self.background()
+        self.paste(canvas, self.cutout(self.pick_photo(name)), position, tuple(self.cfg["data"]["single_scale"]))
+        return canvas, {"kind": "single", "objects": [{"name": name, "position": position}]}
+
+    def pair(self, pairs: list[tuple[str, str]], kind: str) -> tuple[Image.Image, dict]:
+        if kind == "pair" and self.rng.random() < self.cfg["data"]["same_pair"]:
+            a = self.categories[self.rng.integers(len(self.categories))]
+            a, b = a, a
+        else:
+            a, b = pairs[self.rng.integers(len(pairs))]
+            if self.rng.random() < 0.5:
+                a, b = b, a
+        canvas = self.background()
+        scale = tuple(self.cfg["data"]["pair_scale"])
+        self.paste(canvas, self.cutout(self.pick_photo(a)), "left", scale)
+        self.paste(canvas, self.cutout(self.pick_photo(b)), "right", scale)
+        return canvas, {"kind": kind, "objects": [{"name": a, "position": "left"}, {"name": b, "position": "right"}]}
+
+    def empty(self) -> tuple[Image.Image, dict]:
+        canvas = self.background()
+        if self.rng.random() < 0.5:
+            unknown = self.cfg["sets"]["unknown"]
+            obj = self._open(unknown[self.rng.integers(len(unknown))])
+            position = list(POSITIONS)[self.rng.integers(3)]
+            self.paste(canvas, self.jitter(obj), position, tuple(self.cfg["data"]["single_scale"]))
+        return canvas, {"kind": "empty", "objects": []}
+
+    def photo_view(self, name: str, photo: dict, whole: bool = False) -> Image.Image:
+        """A real photo as a camera would frame it: the whole photo, or a crop around the object."""
+        img = self._open(photo["file"])
+        w, h = img.size
+        if not whole and self.rng.random() > 0.25:
+            x0, y0, x1, y1 = photo["box"]
+            m = lambda: self.uniform(0.0, 0.35)  # noqa: E731
+            box = (max(0.0, x0 - m()) * w, max(0.0, y0 - m()) * h, min(1.0, x1 + m()) * w, min(1.0, y1 + m()) * h)
+            img = img.crop(tuple(int(v) for v in box))
+        if not whole and self.rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.resize((SIZE, SIZE), Image.BILINEAR)
+        return img if whole else self.jitter(img)
+
+    def photo(self) -> tuple[Image.Image, dict]:
+        name = self.categories[self.rng.integers(len(self.categories))]
+        return self.photo_view(name, self.pick_photo(name)), {"kind": "photo", "objects": [{"name": name}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Questions and answers
+
+
+def caption(meta: dict, cfg: dict, rng: np.random.Generator) -> str:
+    objs = meta["objects"]
+    if meta.get("caption"):
+        return meta["caption"]
+    if not objs:
+        return cfg["questions"]["empty_caption"]
+    if meta["kind"] == "photo":
+        return f"A photo of {article(objs[0]['name'])}."
+    if len(objs) == 1:
+        o = objs[0]
+        t = rng.integers(2)
+        return (f"{article(o['name'], True)} {POSITIONS[o['position']]}." if t == 0
+                else f"There is {article(o['name'])} {POSITIONS[o['position']]}.")
+    a, b = objs[0]["name"], objs[1]["name"]
+    if a == b:
+        return f"Two {a}s, one on the left and one on the right."
+    t = rng.integers(2)
+    return (f"{article(a, True)} on the left and {article(b)} on the right." if t == 0
+            else f"There is {article(a)} on the left and {article(b)} on the right.")
+
+
+YESNO = ["Is there {a} in the image?", "Do you see {a}?", "Is there {a}?", "Can you see {a} here?"]
+WHERE = ["Where is the {x}?", "Where is the {x} in the image?"]
+COUNT = ["How many objects are there?", "How many things can you see?"]
+
+
+def question(meta: dict, cfg: dict, categories: list[str], rng: np.random.Generator) -> tuple[str, str]:
+    q = cfg["questions"]
+    kinds = ["caption", "yesno", "where", "count"]
+    names = [o["name"] for o in meta["objects"]]
+    if meta.get("caption"):  # a user's own photo: captions only
+        kinds = ["caption"]
+    weights = np.array([q[k] for k in kinds], np.float64)
+    if "where" in kinds and not (meta["kind"] in ("single", "pair") and len(set(names)) == len(names)):
+        weights[kinds.index("where")] = 0
+    kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    if kind == "caption":
+        prompts = q["caption_prompts"]
+        prompt = prompts[0] if rng.random() < 0.35 else prompts[rng.integers(len(prompts))]
+        return prompt, caption(meta, cfg, rng)
+    if kind == "yesno":
+        if names and rng.random() < 0.5:
+            name, answer = names[rng.integers(len(names))], "Yes."
+        else:
+            absent = [c for c in categories if c not in names]
+            name, answer = absent[rng.integers(len(absent))], "No."
+        return YESNO[rng.integers(len(YESNO))].format(a=article(name)), answer
+    if kind == "where":
+        o = meta["objects"][rng.integers(len(names))]
+        return WHERE[rng.integers(len(WHERE))].format(x=o["name"]), POSITIONS[o["position"]].capitalize() + "."
+    n = len(names)
+    return COUNT[rng.integers(len(COUNT))], ["None.", "One.", "Two."][n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Features
+
+
+def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: int) -> np.ndarray:
+    """Frozen encoder features, average-pooled like scenecast's projector.rs: [n, pool_h * pool_w, width]."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(encoder), opts, providers=["CPUExecutionProvider"])
+    inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    feats = []
+    start = time.monotonic()
+    for i in range(0, len(images), 16):
+        batch = np.stack([(np.asarray(im, np.float32) / 255.0 - MEAN) / STD for im in images[i:i + 16]])
+        tokens = sess.run([out], {inp: batch.transpose(0, 3, 1, 2).copy()})[0][:, 1:]  # drop CLS
+        n, _, width = tokens.shape
+        grid = tokens.reshape(n, 16, 16, width)
+        ph, pw = pool
+        pooled = grid.reshape(n, ph, 16 // ph, pw, 16 // pw, width).mean(axis=(2, 4))
+        feats.append(pooled.reshape(n, ph * pw, width).astype(np.float32))
+        done = min(i + 16, len(images))
+        if done % 320 == 0 or done == len(images):
+            rate = done / (time.monotonic() - start)
+            log(f"    encoded {done}/{len(images)} ({rate:.1f} img/s, {(len(images) - done) / rate:.0f} s left)")
+    return np.concatenate(feats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data set (steps 1 and 2)
+
+
+def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, list[dict]]:
+    key = hashlib.sha256(json.dumps([cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], cfg["model"],
+                                     str(user_data)], sort_keys=True).encode()).hexdigest()[:16]
+    feats_path, meta_path = work / f"features-{key}.npy", work / f"meta-{key}.json"
+    if feats_path.is_file() and meta_path.is_file():
+        log(f"[2/4] features cached: {feats_path}")
+        return np.load(feats_path), json.loads(meta_path.read_text())
+    photos = cache / "models" / "photos"
+    rng = np.random.default_rng(cfg["seed"])
+    comp = Composer(cfg, photos, rng)
+    d = cfg["data"]
+    images, metas = [], []
+    log(f"[1/4] composing {d['single'] + d['pair'] + d['empty'] + d['photo']} training images")
+    for _ in range(d["single"]):
+        im, m = comp.single(); images.append(im); metas.append(m)  # noqa: E702
+    for _ in range(d["pair"]):
+        im, m = comp.pair(comp.train_pairs, "pair"); images.append(im); metas.append(m)  # noqa: E702
+    for _ in range(d["empty"]):
+        im, m = comp.empty(); images.append(im); metas.append(m)  # noqa: E702
+    for _ in range(d["photo"]):
+        im, m = comp.photo(); images.append(im); metas.append(m)  # noqa: E702
+    if user_data:
+        user = sorted(p for p in user_data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        for p in user:
+            text = p.with_suffix(".txt")
+            if not text.is_file():
+                raise SystemExit(f"error: {p} has no caption file {text.name} (one line of text)")
+            cap = text.read_text().strip()
+            for _ in range(8):
+                img = Image.open(p).convert("RGB")
+                img = comp.jitter(img.resize((SIZE, SIZE), Image.BILINEAR))
+                images.append(img)
+                metas.append({"kind": "user", "objects": [], "caption": cap})
+        log(f"    + {len(user)} user photos x 8 views from {user_data}")
+    write_eval(cfg, cache, work, comp)
+    log(f"[2/4] encoding {len(images)} images with the frozen encoder")
+    feats = encode(images, cache / "models" / cfg["model"]["encoder"], cfg["model"]["pool"], cfg["train"]["threads"])
+    np.save(feats_path, feats)
+    meta_path.write_text(json.dumps(metas))
+    return feats, metas
+
+
+def write_eval(cfg: dict, cache: Path, work: Path, comp: Composer) -> None:
+    """The evaluation set for `scenecast eval`: held-out pair scenes, empty scenes, whole real photos."""
+    out = work / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = comp.rng
+    scenes = []
+
+    def questions(names: list[str], positions: dict[str, str]) -> list[dict]:
+        qs = []
+        for n in names:
+            qs.append({"kind": "yesno", "question": f"Is there {article(n)} in the image?", "expect": "yes"})
+        absent = [c for c in comp.categories if c not in names]
+        for n in rng.choice(absent, size=max(1, len(names)), replace=False):
+            qs.append({"kind": "yesno", "question": f"Is there {article(str(n))} in the image?", "expect": "no"})
+        for n, p in positions.items():
+            qs.append({"kind": "position", "question": f"Where is the {n}?", "expect": p})
+        return qs
+
+    for i in range(cfg["data"]["eval_pairs"]):
+        img, m = comp.pair(comp.heldout_pairs, "heldout-pair")
+        name = f"pair-{i:03}.png"
+        img.save(out / name)
+        names = [o["name"] for o in m["objects"]]
+        scenes.append({"image": name, "kind": m["kind"], "objects": names,
+                       "questions": questions(names, {o["name"]: o["position"] for o in m["objects"]})})
+    for i in range(cfg["data"]["eval_empty"]):
+        img, _ = comp.empty()
+        name = f"empty-{i:03}.png"
+        img.save(out / name)
+        scenes.append({"image": name, "kind": "empty", "objects": [], "questions": questions([], {})})
+    for c in cfg["category"]:
+        for p in c["photos"]:
+            # Whole photos, as the camera delivers them: the Rust pipeline resizes them itself.
+            scenes.append({"image": str(cache / "models" / "photos" / p["file"]),
+                           "kind": "photo-heldout" if p.get("heldout") else "photo",
+                           "objects": [c["name"]], "questions": questions([c["name"]], {})})
+    doc = {"name": cfg["name"], "categories": comp.categories, "caption_prompt": cfg["questions"]["caption_prompts"][0],
+           "scenes": scenes}
+    (out / "eval.json").write_text(json.dumps(doc, indent=1))
+    log(f"    evaluation set: {len(scenes)} scenes in {out / 'eval.json'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (step 3) and export (step 4)
+
+
+def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = cfg["train"]
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(t["threads"])
+    llm = cache / "models" / cfg["model"]["llm"]
+    log(f"[3/4] loading {llm.name} as a frozen float model")
+    model = AutoModelForCausalLM.from_pretrained(llm.parent, gguf_file=llm.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(llm.parent, gguf_file=llm.name)
+    model.requires_grad_(False)
+    model.eval()
+    embed = model.get_input_embeddings()
+    hidden = cfg["model"]["hidden"]
+    assert embed.weight.shape[1] == hidden, f"model.hidden {hidden} != LLM width {embed.weight.shape[1]}"
+
+    proj = torch.nn.Sequential(torch.nn.Linear(feats.shape[2], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+    opt = torch.optim.AdamW(proj.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
+
+    def lr_at(step: int) -> float:
+        if step < t["warmup"]:
+            return t["lr"] * (step + 1) / t["warmup"]
+        p = (step - t["warmup"]) / max(1, t["steps"] - t["warmup"])
+        return t["lr_min"] + 0.5 * (t["lr"] - t["lr_min"]) * (1 + math.cos(math.pi * p))
+
+    @lru_cache(maxsize=None)
+    def ids(text: str) -> tuple[int, ...]:
+        return tuple(tok(text, add_special_tokens=False).input_ids)
+
+    m = cfg["model"]
+    prefix = torch.tensor(ids(m["prefix"]))
+    rng = np.random.default_rng(cfg["seed"] + 1)
+    categories = [c["name"] for c in cfg["category"]]
+    feats_t = torch.from_numpy(feats)
+    history = []
+    start = time.monotonic()
+    for step in range(t["steps"]):
+        idx = rng.integers(len(metas), size=t["batch"])
+        img = proj(feats_t[idx])  # [b, tokens, hidden]
+        seqs, labels = [], []
+        for row, i in enumerate(idx):
+            q, a = question(metas[i], cfg, categories, rng)
+            suffix = torch.tensor(ids(m["suffix"].format(question=q)))
+            answer = torch.tensor(ids(a) + ids(m["end"]))
+            with torch.no_grad():
+                pre, suf, ans = embed(prefix), embed(suffix), embed(answer)
+            seqs.append(torch.cat([pre, img[row], suf, ans]))
+            labels.append(torch.cat([torch.full((len(prefix) + img.shape[1] + len(suffix),), -100), answer]))
+        length = max(len(s) for s in seqs)
+        x = torch.zeros(len(seqs), length, hidden)
+        y = torch.full((len(seqs), length), -100)
+        mask = torch.zeros(len(seqs), length, dtype=torch.long)
+        for r, (s, lab) in enumerate(zip(seqs, labels)):
+            x[r, :len(s)], y[r, :len(s)], mask[r, :len(s)] = s, lab, 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss = model(inputs_embeds=x, attention_mask=mask, labels=y).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(proj.parameters(), t["clip"])
+        opt.step()
+        history.append(float(loss))
+        if (step + 1) % 20 == 0 or step == 0:
+            el = time.monotonic() - start
+            recent = sum(history[-20:]) / len(history[-20:])
+            log(f"    step {step + 1}/{t['steps']}  loss {recent:.3f}  lr {lr_at(step):.2e}  "
+                f"{el / (step + 1):.2f} s/step, {el / (step + 1) * (t['steps'] - step - 1) / 60:.1f} min left")
+    return proj, history, time.monotonic() - start
+
+
+def export(cfg: dict, proj, feats: np.ndarray, dest: Path) -> float:
+    import onnxruntime as ort
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from make_projector import graph_from
+
+    w1, b1 = proj[0].weight.detach().numpy().T, proj[0].bias.detach().numpy()
+    w2, b2 = proj[2].weight.detach().numpy().T, proj[2].bias.detach().numpy()
+    model = graph_from(w1, b1, w2, b2, cfg["name"], "scenecast/models/train_projector.py")
+    dest.write_bytes(model.SerializeToString())
+    sess = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
+    x = feats[:32].reshape(-1, feats.shape[2])
+    with torch.no_grad():
+        ref = proj(torch.from_numpy(x)).numpy()
+    got = sess.run(["image_embeds"], {"image_features": x})[0]
+    return float(np.abs(ref - got).max())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train.toml", help="training configuration")
+    ap.add_argument("--cache", type=Path, default=default_cache(), help="cache root (default: $SCENECAST_CACHE)")
+    ap.add_argument("--user-data", type=Path, help="folder of your own photos, each with a same-named .txt caption")
+    ap.add_argument("--steps", type=int, help="override train.steps (for a quick trial)")
+    ap.add_argument("--output", type=Path, help="where to write the ONNX projector (default: from the config)")
+    args = ap.parse_args()
+
+    cfg = tomllib.loads(args.config.read_text())
+    if args.steps:
+        cfg["train"]["steps"] = args.steps
+    work = args.cache / "train" / cfg["name"]
+    work.mkdir(parents=True, exist_ok=True)
+    missing = [p for c in cfg["category"] for p in c["photos"] if not (args.cache / "models/photos" / p["file"]).is_file()]
+    if missing:
+        raise SystemExit(f"error: photo {missing[0]['file']} is not in {args.cache}/models/photos; run `make models` first")
+    total = time.monotonic()
+    feats, metas = build_data(cfg, args.cache, work, args.user_data)
+    proj, history, train_s = train(cfg, args.cache, feats, metas)
+    dest = args.output or args.config.parent / cfg["output"]
+    diff = export(cfg, proj, feats, dest)
+    log(f"[4/4] wrote {dest} ({dest.stat().st_size} B, sha256 {hashlib.sha256(dest.read_bytes()).hexdigest()}); "
+        f"ONNX Runtime vs torch max abs diff {diff:.2e}")
+    if diff > 1e-4:
+        raise SystemExit(f"error: the exported projector differs from torch by {diff:.2e} (> 1e-4)")
+    summary = {"name": cfg["name"], "steps": cfg["train"]["steps"], "train_seconds": round(train_s),
+               "total_seconds": round(time.monotonic() - total), "images": len(metas),
+               "loss_every_20": [round(sum(history[i:i + 20]) / len(history[i:i + 20]), 4) for i in range(0, len(history), 20)],
+               "onnx_vs_torch_max_abs": diff, "image_token_norm": float(np.linalg.norm(
+                   proj(__import__("torch").from_numpy(feats[:8])).detach().numpy(), axis=-1).mean())}
+    dest.with_suffix(".train.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate with: "
+        f"scenecast eval {work / 'eval' / 'eval.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+//! Evaluation of a model stack through the shipped runtime: the ONNX encoder and projector and the
+//! quantized GGUF on llama.cpp, exactly as the daemon runs them.
+//!
+//! An evaluation set is a JSON file (written by `models/train_projector.py`): the category names,
+//! the caption prompt, and scenes, each an image with the objects it shows and questions with their
+//! expected answers. Scoring is plain text matching, so it needs nothing model-specific:
+//! - captions: a category counts as named when its name (or plural) appears as a word; object
+//!   precision and recall are over named vs. shown categories;
+//! - yes/no questions: the first word of the answer;
+//! - position questions: the first of left/right/centre (center, middle) in the answer.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{Backbone, EngineError};
+use crate::frame::RgbImage;
+use crate::projector::ImageTokens;
+use crate::encoder::VisionError;
+use crate::vision::Vision;
+
+/// What can go wrong while evaluating.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    /// The set file cannot be read or parsed.
+    #[error("evaluation set {path}: {reason}")]
+    Set {
+        /// The set file.
+        path: PathBuf,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A scene's image cannot be opened.
+    #[error("evaluation image {path}: {reason}")]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// Why it could not be opened.
+        reason: String,
+    },
+    /// The encoder or projector failed.
+    #[error(transparent)]
+    Vision(#[from] VisionError),
+    /// The LLM failed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// An evaluation set.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EvalSet {
+    /// Its name (the projector it was made for).
+    #[serde(default)]
+    pub name: String,
+    /// Every category the model was trained on: the words that captions are searched for.
+    pub categories: Vec<String>,
+    /// The prompt captions are asked with.
+    pub caption_prompt: String,
+    /// The scenes.
+    pub scenes: Vec<Scene>,
+}
+
+/// One image, what it shows, and what to ask about it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Scene {
+    /// Image path, absolute or relative to the set file.
+    pub image: PathBuf,
+    /// A group name the report keeps apart (`heldout-pair`, `empty`, `photo`, …).
+    pub kind: String,
+    /// Categories shown.
+    pub objects: Vec<String>,
+    /// Questions with expected answers.
+    #[serde(default)]
+    pub questions: Vec<Question>,
+}
+
+/// A question and its expected answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Question {
+    /// `yesno` (expect `yes`/`no`) or `position` (expect `left`/`centre`/`right`).
+    pub kind: String,
+    /// The question as asked.
+    pub question: String,
+    /// The expected answer.
+    pub expect: String,
+}
+
+impl EvalSet {
+    /// Reads a set; relative image paths become relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Self, EvalError> {
+        let bad = |reason: String| EvalError::Set { path: path.to_owned(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let mut set: EvalSet = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        if set.categories.is_empty() || set.scenes.is_empty() {
+            return Err(bad("expected at least one category and one scene".into()));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for scene in &mut set.scenes {
+            if scene.image.is_relative() {
+                scene.image = base.join(&scene.image);
+            }
+            for q in &scene.questions {
+                let known = match q.kind.as_str() {
+                    "yesno" => matches!(q.expect.as_str(), "yes" | "no"),
+                    "position" => matches!(q.expect.as_str(), "left" | "centre" | "right"),
+                    _ => false,
+                };
+                if !known {
+                    return Err(bad(format!(
+                        "question {:?}: kind {:?} expecting {:?}; expected kind yesno (yes/no) or position (left/centre/right)",
+                        q.question, q.kind, q.expect
+                    )));
+                }
+            }
+        }
+        Ok(set)
+    }
+}
+
+/// The categories named in `text`: a name or its plural as a whole word, case-insensitive.
+pub fn mentions<'a>(text: &str, categories: &'a [String]) -> Vec<&'a str> {
+    let words: Vec<String> = text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    categories
+        .iter()
+        .filter(|name| {
+            let name = name.to_lowercase();
+            words.iter().any(|w| *w == name || *w == format!("{name}s") || *w == format!("{name}es"))
+        })
+        .map(String::as_str)
+        .collect()
+}
+
+/// `Some(true)` for an answer that starts with "yes", `Some(false)` for "no", else `None`.
+pub fn yes_no(text: &str) -> Option<bool> {
+    let first = text.split(|c: char| !c.is_alphanumeric()).find(|w| !w.is_empty())?.to_lowercase();
+    match first.as_str() {
+        "yes" => Some(true),
+        "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// The first position word in `text`, normalised to `left`, `centre` or `right`.
+pub fn position(text: &str) -> Option<&'static str> {
+    text.split(|c: char| !c.is_alphanumeric()).find_map(|w| match w.to_lowercase().as_str() {
+        "left" => Some("left"),
+        "right" => Some("right"),
+        "centre" | "center" | "middle" => Some("centre"),
+        _ => None,
+    })
+}
+
+/// The most tokens a caption or answer may take during evaluation.
+pub const MAX_ANSWER_TOKENS: usize = 48;
+
+/// Counts for one group of scenes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tally {
+    /// Scenes.
+    pub scenes: usize,
+    /// Shown categories that the caption named.
+    pub true_positives: usize,
+    /// Named categories that were not shown.
+    pub false_positives: usize,
+    /// Shown categories that the caption did not name.
+    pub false_negatives: usize,
+    /// Scenes whose caption named every shown category and nothing else.
+    pub exact: usize,
+    /// Yes/no questions answered correctly, of `yesno_total`.
+    pub yesno_correct: usize,
+    /// Yes/no questions asked.
+    pub yesno_total: usize,
+    /// Position questions answered correctly, of `position_total`.
+    pub position_correct: usize,
+    /// Position questions asked.
+    pub position_total: usize,
+}
+
+fn ratio(n: usize, d: usize) -> Option<f64> {
+    (d > 0).then(|| n as f64 / d as f64)
+}
+
+impl Tally {
+    /// Of the categories named, the share that were shown (`None` when nothing was named).
+    pub fn precision(&self) -> Option<f64> {
+        ratio(self.true_positives, self.true_positives + self.false_positives)
+    }
+    /// Of the categories shown, the share that were named.
+    pub fn recall(&self) -> Option<f64> {
+        ratio(self.true_positives, self.true_positives + self.false_negatives)
+    }
+    /// Share of yes/no questions answered correctly.
+    pub fn yesno_accuracy(&self) -> Option<f64> {
+        ratio(self.yesno_correct, self.yesno_total)
+    }
+    /// Share of position questions answered correctly.
+    pub fn position_accuracy(&self) -> Option<f64> {
+        ratio(self.position_correct, self.position_total)
+    }
+    fn add(&mut self, other: &Tally) {
+        self.scenes += other.scenes;
+        self.true_positives += other.true_positives;
+        self.false_positives += other.false_positives;
+        self.false_negatives += other.false_negatives;
+        self.exact += other.exact;
+        self.yesno_correct += other.yesno_correct;
+        self.yesno_total += other.yesno_total;
+        self.position_correct += other.position_correct;
+        self.position_total += other.position_total;
+    }
+}
+
+/// What the model said about one scene, and how it scored.
+#[derive(Debug, Clone, Serialize)]
+pub struct SceneResult {
+    /// The image.
+    pub image: PathBuf,
+    /// Its group.
+    pub kind: String,
+    /// Categories shown.
+    pub objects: Vec<String>,
+    /// The caption.
+    pub caption: String,
+    /// Categories the caption named.
+    pub named: Vec<String>,
+    /// (question, answer, correct) for each question.
+    pub answers: Vec<(String, String, bool)>,
+    /// This scene's counts.
+    pub tally: Tally,
+}
+
+/// Scores one scene from its caption and its answers (in the order of `scene.questions`).
+pub fn score(scene: &Scene, categories: &[String], caption: &str, answers: &[String]) -> (Vec<String>, Vec<bool>, Tally) {
+    let named: Vec<String> = mentions(caption, categories).into_iter().map(str::to_owned).collect();
+    let shown = |n: &String| scene.objects.contains(n);
+    let mut tally = Tally { scenes: 1, ..Tally::default() };
+    tally.true_positives = named.iter().filter(|n| shown(n)).count();
+    tally.false_positives = named.len() - tally.true_positives;
+    let mut distinct = scene.objects.clone();
+    distinct.sort();
+    distinct.dedup();
+    tally.false_negatives = distinct.iter().filter(|o| !named.contains(o)).count();
+    tally.exact = usize::from(tally.false_positives == 0 && tally.false_negatives == 0);
+    let mut correct = Vec::with_capacity(answers.len());
+    for (q, a) in scene.questions.iter().zip(answers) {
+        let ok = match q.kind.as_str() {
+            "yesno" => {
+                tally.yesno_total += 1;
+                yes_no(a) == Some(q.expect == "yes")
+            }
+            _ => {
+                tally.position_total += 1;
+                position(a) == Some(q.expect.as_str())
+            }
+        };
+        if ok {
+            if q.kind == "yesno" {
+                tally.yesno_correct += 1;
+            } else {
+                tally.position_correct += 1;
+            }
+        }
+        correct.push(ok);
+    }
+    (named, correct, tally)
+}
+
+/// Runs every scene through `vision` and `backbone`: a caption, then each question against the
+/// same cached scene prefix. `progress` sees each result as it is made.
+pub fn run(
+    set: &EvalSet,
+    vision: &mut Vision,
+    backbone: &mut Backbone,
+    progress: &mut dyn FnMut(usize, &SceneResult),
+) -> Result<Vec<SceneResult>, EvalError> {
+    let mut tokens = ImageTokens::default();
+    // Options carry a deadline, so each request gets fresh ones; answers are short, and a cap keeps
+    // a runaway answer from costing minutes.
+    let options = |b: &Backbone| {
+        let mut o = b.default_options();
+        o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
+        o
+    };
+    let mut results = Vec::with_capacity(set.scenes.len());
+    for (i, scene) in set.scenes.iter().enumerate() {
+        let image = RgbImage::open(&scene.image)
+            .map_err(|e| EvalError::Image { path: scene.image.clone(), reason: e.to_string() })?;
+        vision.run(&image, &mut tokens)?;
+        backbone.set_scene(i as u64, Some(&tokens))?;
+        let caption = backbone.ask(&set.caption_prompt, &options(backbone), &mut |_| true)?.text;
+        let mut answers = Vec::with_capacity(scene.questions.len());
+        for q in &scene.questions {
+            answers.push(backbone.ask(&q.question, &options(backbone), &mut |_| true)?.text);
+        }
+        let (named, correct, tally) = score(scene, &set.categories, &caption, &answers);
+        let answers = scene
+            .questions
+            .iter()
+            .zip(answers)
+            .zip(correct)
+            .map(|((q, a), ok)| (q.question.clone(), a, ok))
+            .collect();
+        let result = SceneResult { image: scene.image.clone(), kind: scene.kind.clone(), objects: scene.objects.clone(), caption, named, answers, tally };
+        progress(i, &result);
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// Counts per scene kind (in first-seen order), then `all`.
+pub fn summarize(results: &[SceneResult]) -> Vec<(String, Tally)> {
+    let mut groups: Vec<(String, Tally)> = Vec::new();
+    let mut all = Tally::default();
+    for r in results {
+        match groups.iter_mut().find(|(k, _)| *k == r.kind) {
+            Some((_, t)) => t.add(&r.tally),
+            None => groups.push((r.kind.clone(), r.tally.clone())),
+        }
+        all.add(&r.tally);
+    }
+    groups.push(("all".into(), all));
+    groups
+}
+
+/// The report as Markdown: the table of counts, then sample outputs (up to `samples` per kind,
+/// with their answers).
+pub fn markdown(set: &EvalSet, results: &[SceneResult], samples: usize, elapsed_s: f64) -> String {
+    let pct = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{:.1} %", v * 100.0));
+    let mut s = format!(
+        "Evaluation of `{}` through the Rust pipeline: {} scenes in {:.0} s. Caption prompt: \"{}\".\n\n",
+        set.name,
+        results.len(),
+        elapsed_s,
+        set.caption_prompt
+    );
+    s += "| scenes | n | object precision | object recall | exact captions | yes/no accuracy | position accuracy |\n";
+    s += "|---|---|---|---|---|---|---|\n";
+    for (kind, t) in summarize(results) {
+        s += &format!(
+            "| {kind} | {} | {} | {} | {} | {} ({}/{}) | {} ({}/{}) |\n",
+            t.scenes,
+            pct(t.precision()),
+            pct(t.recall()),
+            pct(ratio(t.exact, t.scenes)),
+            pct(t.yesno_accuracy()),
+            t.yesno_correct,
+            t.yesno_total,
+            pct(t.position_accuracy()),
+            t.position_correct,
+            t.position_total
+        );
+    }
+    s += "\nSample outputs (✓ correct, ✗ wrong):\n\n";
+    let mut shown: Vec<(&str, usize)> = Vec::new();
+    for r in results {
+        let n = match shown.iter_mut().find(|(k, _)| *k == r.kind) {
+            Some((_, n)) => n,
+            None => {
+                shown.push((&r.kind, 0));
+                &mut shown.last_mut().expect("just pushed").1
+            }
+        };
+        if *n >= samples {
+            continue;
+        }
+        *n += 1;
+        let name = r.image.file_name().unwrap_or_default().to_string_lossy();
+        s += &format!("- `{name}` ({}; shows {}): \"{}\"", r.kind, if r.objects.is_empty() { "nothing known".into() } else { r.objects.join(", ") }, r.caption);
+        for (q, a, ok) in &r.answers {
+            s += &format!(" · {q} → \"{a}\" {}", if *ok { "✓" } else { "✗" });
+        }
+        s += "\n";
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cats() -> Vec<String> {
+        ["cat", "dog", "orange", "bus"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn mentions_whole_words_and_plurals_only() {
+        let c = cats();
+        assert_eq!(mentions("A cat on the left and a dog on the right.", &c), vec!["cat", "dog"]);
+        assert_eq!(mentions("Two cats.", &c), vec!["cat"]);
+        assert_eq!(mentions("Buses and oranges", &c), vec!["orange", "bus"]);
+        // "category" and "hotdog" contain names but are other words.
+        assert!(mentions("A category of hotdogs.", &c).is_empty());
+        assert!(mentions("No known object.", &c).is_empty());
+    }
+
+    #[test]
+    fn yes_no_and_position_read_the_answer() {
+        assert_eq!(yes_no("Yes."), Some(true));
+        assert_eq!(yes_no("  no, there is none"), Some(false));
+        assert_eq!(yes_no("Nothing"), None);
+        assert_eq!(position("On the left."), Some("left"));
+        assert_eq!(position("In the center"), Some("centre"));
+        assert_eq!(position("right, next to the left one"), Some("right"));
+        assert_eq!(position("Everywhere"), None);
+    }
+
+    #[test]
+    fn score_counts_hits_misses_and_extras() {
+        let scene = Scene {
+            image: "x.png".into(),
+            kind: "pair".into(),
+            objects: vec!["cat".into(), "dog".into()],
+            questions: vec![
+                Question { kind: "yesno".into(), question: "Is there a cat?".into(), expect: "yes".into() },
+                Question { kind: "yesno".into(), question: "Is there a bus?".into(), expect: "no".into() },
+                Question { kind: "position".into(), question: "Where is the dog?".into(), expect: "right".into() },
+            ],
+        };
+        let answers = ["Yes.".to_string(), "Yes.".into(), "On the right.".into()];
+        let (named, correct, t) = score(&scene, &cats(), "A cat and an orange.", &answers);
+        assert_eq!(named, vec!["cat", "orange"]);
+        assert_eq!(correct, vec![true, false, true]);
+        assert_eq!((t.true_positives, t.false_positives, t.false_negatives, t.exact), (1, 1, 1, 0));
+        assert_eq!((t.yesno_correct, t.yesno_total, t.position_correct, t.position_total), (1, 2, 1, 1));
+        assert_eq!(t.precision(), Some(0.5));
+        assert_eq!(t.recall(), Some(0.5));
+    }
+
+    #[test]
+    fn an_empty_scene_scores_names_as_false_positives() {
+        let scene = Scene { image: "e.png".into(), kind: "empty".into(), objects: vec![], questions: vec![] };
+        let (_, _, t) = score(&scene, &cats(), "No known object.", &[]);
+        assert_eq!((t.exact, t.precision(), t.recall()), (1, None, None));
+        let (_, _, t) = score(&scene, &cats(), "A dog.", &[]);
+        assert_eq!((t.exact, t.false_positives), (0, 1));
+    }
+
+    #[test]
+    fn a_set_with_an_unknown_question_kind_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("scenecast-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("set.json");
+        let bad = r#"{"categories":["cat"],"caption_prompt":"Describe.","scenes":[{"image":"a.png","kind":"x","objects":[],
+            "questions":[{"kind":"count","question":"How many?","expect":"two"}]}]}"#;
+        std::fs::write(&path, bad).unwrap();
+        let err = EvalSet::load(&path).unwrap_err().to_string();
+        assert!(err.contains("\"count\"") && err.contains("expected kind yesno"), "{err}");
+        std::fs::write(&path, bad.replace(r#""kind":"count""#, r#""kind":"yesno""#).replace("two", "yes")).unwrap();
+        let set = EvalSet::load(&path).unwrap();
+        assert_eq!(set.scenes[0].image, dir.join("a.png"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
