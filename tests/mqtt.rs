@@ -51,6 +51,11 @@ impl Daemon {
 
     /// Starts the real worker on one photo (its frames: that photo once).
     fn start_worker(&mut self) {
+        self.start_worker_with(false, scenecast::config::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
+    }
+
+    /// The real worker with the reference generator (loaded on demand) and a privacy setting.
+    fn start_worker_with(&mut self, generator: bool, privacy: scenecast::config::PrivacyConfig) {
         let root = cache_root();
         let m = manifest();
         let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
@@ -59,7 +64,8 @@ impl Daemon {
         let frames = Arc::new(FrameSlot::new());
         let image = scenecast::frame::RgbImage::open(&root.join("models/photos/coffee.png")).unwrap();
         frames.put(scenecast::frame::Frame { seq: 0, captured_at: std::time::SystemTime::now(), image });
-        let worker = Worker { vision, backbone, frames, settings: self.settings.clone(), progress: Arc::new(Progress::default()), model: m.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
+        let generator = generator.then(|| scenecast::generator::OnDemand::new(runtime(), m.clone(), root.clone(), Default::default()));
+        let worker = Worker { vision, backbone, frames, settings: self.settings.clone(), progress: Arc::new(Progress::default()), model: m.name.clone(), generator, privacy, image_format: Default::default() };
         let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().outgoing.clone(), self.stop.clone());
         self.worker = Some(std::thread::spawn(move || worker.run(questions, out, stop)));
     }
@@ -363,5 +369,88 @@ async fn config_set_is_validated_applied_and_acknowledged() {
     assert_schema("reply.schema.json", &refused.json());
     assert!(refused.json()["error"]["message"].as_str().unwrap().contains("`scene.change_threshold`: 9 is outside 0..2"));
     assert_eq!(d.settings.read().unwrap().gate.change_threshold, 0.2, "a refused change leaves the settings alone");
+    d.shutdown().await;
+}
+
+/// A `generate` request returns a decodable PNG on its response topic (and retained on the image
+/// topic), deterministic for a seed; bad requests get error replies; captions and answers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_returns_a_png_and_bad_requests_get_errors() {
+    let broker = Broker::start();
+    let mut c = TestClient::connect(broker.port, "gen-watch", &["scenecast/gen1/#", "replies/#"]).await;
+    let mut d = Daemon::start(mqtt_config(broker.port, "gen1")).await;
+    d.start_worker_with(true, scenecast::config::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
+    c.next_on("scenecast/gen1/caption", WAIT).await.expect("a caption first");
+
+    let request = br#"{"prompt":"a red bicycle in the rain","seed":7,"steps":2,"width":64,"height":48}"#;
+    c.request("scenecast/gen1/generate", request, Some("replies/g1"), Some(b"corr-1"), None).await;
+    let reply = c.next_on("replies/g1", WAIT).await.expect("an image reply");
+    assert_eq!(reply.content_type.as_deref(), Some("image/png"));
+    assert_eq!(reply.correlation.as_deref(), Some(&b"corr-1"[..]));
+    let image = image::load_from_memory(&reply.payload).expect("a decodable PNG");
+    assert_eq!((image.width(), image.height()), (64, 48));
+    assert_eq!((reply.property("seed"), reply.property("steps")), (Some("7"), Some("2")));
+    assert!(reply.property("load_ms").is_some(), "the first request loads the generator: {:?}", reply.user_properties);
+    // Privacy on: the image topic carries the generated image, never the camera's frame.
+    let published = c.next_on("scenecast/gen1/image", WAIT).await.expect("the image entity's copy");
+    assert_eq!(published.payload, reply.payload);
+
+    // Same seed, same image; the generator stays loaded.
+    c.request("scenecast/gen1/generate", request, Some("replies/g2"), None, None).await;
+    let again = c.next_on("replies/g2", WAIT).await.unwrap();
+    assert_eq!(again.payload, reply.payload, "deterministic for a seed");
+    assert!(again.property("load_ms").is_none(), "already loaded");
+
+    // The description of the scene through the LLM's hidden states and the output projector.
+    c.request("scenecast/gen1/generate", br#"{"from_scene":true,"condition":"hidden","width":32,"height":32}"#, Some("replies/g3"), None, None).await;
+    let scene = c.next_on("replies/g3", WAIT).await.unwrap();
+    assert_eq!(scene.content_type.as_deref(), Some("image/png"), "{:?}", String::from_utf8_lossy(&scene.payload));
+    assert!(!scene.property("prompt").unwrap_or_default().is_empty());
+
+    // An over-long prompt is cut at the tokenizer's 77 tokens with a warning.
+    let long = format!(r#"{{"prompt":"{}","width":32,"height":32}}"#, "cat ".repeat(120));
+    c.request("scenecast/gen1/generate", long.as_bytes(), Some("replies/g4"), None, None).await;
+    let cut = c.next_on("replies/g4", WAIT).await.unwrap();
+    assert!(cut.property("warning").is_some_and(|w| w.contains("77 tokens")), "{:?}", cut.user_properties);
+
+    for (payload, code) in [
+        (&br#"{"prompt":"  "}"#[..], "bad_prompt"),
+        (br#"{"seed":1}"#, "bad_prompt"),
+        (br#"{"prompt":"x","steps":99}"#, "out_of_range"),
+        (br#"{"prompt":"x","width":100}"#, "out_of_range"),
+        (br#"{"prompt":"x","colour":"red"}"#, "bad_request"),
+        (b"\xff\xfe", "bad_request"),
+    ] {
+        c.request("scenecast/gen1/generate", payload, Some("replies/bad"), None, None).await;
+        let err = c.next_on("replies/bad", WAIT).await.expect("an error reply").json();
+        assert_schema("reply.schema.json", &err);
+        assert_eq!(err["error"]["code"], code, "{:?}: {err}", String::from_utf8_lossy(payload));
+    }
+
+    // The daemon keeps answering.
+    c.request("scenecast/gen1/ask", br#"{"question":"What is this?"}"#, Some("replies/q"), None, None).await;
+    let answer = c.next_on("replies/q", WAIT).await.unwrap().json();
+    assert_eq!(answer["done"], true, "{answer}");
+    d.shutdown().await;
+}
+
+/// Without a generator the request is refused as unavailable; with privacy off, each caption's
+/// frame is the image entity's picture.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_generator_is_unavailable_and_snapshots_follow_captions() {
+    let broker = Broker::start();
+    let mut c = TestClient::connect(broker.port, "snap-watch", &["scenecast/snap1/#", "replies/#"]).await;
+    let mut d = Daemon::start(mqtt_config(broker.port, "snap1")).await;
+    d.start_worker_with(false, scenecast::config::PrivacyConfig::default());
+    c.next_on("scenecast/snap1/caption", WAIT).await.expect("a caption");
+    let snapshot = c.next_on("scenecast/snap1/image", WAIT).await.expect("the captioned frame");
+    let frame = image::load_from_memory(&snapshot.payload).unwrap();
+    let photo = photo("coffee.png");
+    assert_eq!((frame.width(), frame.height()), (photo.width(), photo.height()));
+    assert_eq!(frame.to_rgb8().into_raw(), photo.pixels(), "the frame itself, lossless");
+
+    c.request("scenecast/snap1/generate", br#"{"prompt":"a cup"}"#, Some("replies/n"), None, None).await;
+    let err = c.next_on("replies/n", WAIT).await.unwrap().json();
+    assert_eq!(err["error"]["code"], "unavailable", "{err}");
     d.shutdown().await;
 }

@@ -132,9 +132,15 @@ pub struct Received {
     pub retain: bool,
     pub correlation: Option<Vec<u8>>,
     pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
 }
 
 impl Received {
+    /// A user property's value.
+    pub fn property(&self, key: &str) -> Option<&str> {
+        self.user_properties.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.payload).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {:?}", self.topic, String::from_utf8_lossy(&self.payload)))
     }
@@ -158,6 +164,8 @@ impl TestClient {
         options.set_clean_start(false);
         options.set_session_expiry_interval(Some(600));
         options.set_keep_alive(std::time::Duration::from_secs(5));
+        // Generated images are tens of kilobytes: above rumqttc's default packet limit.
+        options.set_max_packet_size(Some(1 << 24));
         let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 100);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -185,6 +193,7 @@ impl TestClient {
                             retain: p.retain,
                             correlation: props.correlation_data.map(|b| b.to_vec()),
                             user_properties: props.user_properties,
+                            content_type: props.content_type,
                         });
                     }
                     Ok(_) => {}
