@@ -220,9 +220,15 @@ fn an_unchanged_scene_runs_the_llm_once_and_a_change_triggers_a_caption() {
     }
     stop.store(true, Ordering::SeqCst);
     thread.join().unwrap();
-    let mut seqs = Vec::new();
-    while let Ok(scenecast::mqtt::Outgoing::Caption(c)) = out_rx.try_recv() {
-        seqs.push(c.frame_seq);
+    let (mut seqs, mut snapshots) = (Vec::new(), 0);
+    while let Ok(message) = out_rx.try_recv() {
+        match message {
+            scenecast::mqtt::Outgoing::Caption(c) => seqs.push(c.frame_seq),
+            // Privacy off (the default): each captioned frame goes to the image entity.
+            scenecast::mqtt::Outgoing::Image { to: None, .. } => snapshots += 1,
+            other => panic!("unexpected {other:?}"),
+        }
     }
     assert_eq!(seqs, [0, 6], "captions for the first frame and the changed scene only");
+    assert_eq!(snapshots, 2, "one snapshot per caption");
 }
