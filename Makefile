@@ -14,7 +14,7 @@ CARGO ?= cargo
 # and for the tests a real MQTT broker and openssl (TLS certificates).
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto openssl systemd
 
-.PHONY: run test deps venv models build bench check check-unit deb check-deb cross deb-arm64
+.PHONY: run test deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -50,6 +50,30 @@ models: venv
 
 build: deps
 	$(CARGO) build --release
+
+# Training tools (not needed to run or test): torch, transformers, diffusers in their own venv.
+TRAIN_VENV := $(CACHE)/train-venv
+TRAIN_PY := $(TRAIN_VENV)/bin/python
+
+$(TRAIN_PY): models/requirements-train.txt
+	python3 -m venv $(TRAIN_VENV)
+	$(TRAIN_PY) -m pip install --quiet -r models/requirements-train.txt
+	touch $(TRAIN_PY)
+
+train-venv: $(TRAIN_PY)
+
+## projector: train the input projector from scratch (about 35 min on 2 cores; models/README.md)
+projector: deps models train-venv
+	$(TRAIN_PY) models/train_projector.py --cache $(CACHE)
+
+## eval: evaluate the model stack through the Rust pipeline on the held-out set (models/README.md)
+eval: deps models build
+	$(PY) models/train_projector.py --cache $(CACHE) --eval-set-only
+	$(CARGO) run --release --quiet -- eval $(CACHE)/train/dinov2s-smollm2-v1/eval/eval.json --report models/projector/dinov2s-smollm2-v1.eval.md
+
+## generator-models: rewrite the tiny generator test models and sampler fixtures (models/generator)
+generator-models: train-venv
+	$(TRAIN_PY) models/make_generator.py
 
 ## bench: the benchmarks (ratios against baselines measured in the same process)
 bench: deps models

@@ -77,17 +77,17 @@ class Composer:
 
     def background(self) -> Image.Image:
         r = self.rng.random()
-        if r < 0.15:
+        if r < 0.2:
             colour = tuple(int(v) for v in self.rng.integers(0, 256, 3))
             return Image.new("RGB", (SIZE, SIZE), colour)
-        if r < 0.25:
+        if r < 0.35:
             a, b = self.rng.integers(0, 256, (2, 3)).astype(np.float32)
             t = np.linspace(0, 1, SIZE, dtype=np.float32)[:, None, None]
             grad = a + (b - a) * t
             img = np.broadcast_to(grad, (SIZE, SIZE, 3)) if self.rng.random() < 0.5 else np.broadcast_to(
                 grad.transpose(1, 0, 2), (SIZE, SIZE, 3))
             return Image.fromarray(np.ascontiguousarray(img).astype(np.uint8))
-        if r < 0.33:
+        if r < 0.5:
             base = self.rng.integers(0, 256, 3)
             noise = self.rng.normal(0, self.uniform(10, 60), (SIZE, SIZE, 3))
             return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
@@ -306,7 +306,7 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
                 images.append(img)
                 metas.append({"kind": "user", "objects": [], "caption": cap})
         log(f"    + {len(user)} user photos x 8 views from {user_data}")
-    write_eval(cfg, cache, work, comp)
+    write_eval(cfg, cache, work)
     log(f"[2/4] encoding {len(images)} images with the frozen encoder")
     feats = encode(images, cache / "models" / cfg["model"]["encoder"], cfg["model"]["pool"], cfg["train"]["threads"])
     np.save(feats_path, feats)
@@ -314,11 +314,14 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     return feats, metas
 
 
-def write_eval(cfg: dict, cache: Path, work: Path, comp: Composer) -> None:
-    """The evaluation set for `scenecast eval`: held-out pair scenes, empty scenes, whole real photos."""
+def write_eval(cfg: dict, cache: Path, work: Path) -> None:
+    """The evaluation set for `scenecast eval`: held-out pair scenes, empty scenes, whole real photos.
+
+    It has its own random stream (seed + 2), so it can be written without composing the training set."""
     out = work / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    rng = comp.rng
+    rng = np.random.default_rng(cfg["seed"] + 2)
+    comp = Composer(cfg, cache / "models" / "photos", rng)
     scenes = []
 
     def questions(names: list[str], positions: dict[str, str]) -> list[dict]:
@@ -417,7 +420,14 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
             x[r, :len(s)], y[r, :len(s)], mask[r, :len(s)] = s, lab, 1
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        loss = model(inputs_embeds=x, attention_mask=mask, labels=y).loss
+        # Every example weighs the same, however long its answer: with a token-mean over the batch
+        # a two-token "Yes." would count for little against a twelve-token caption.
+        logits = model(inputs_embeds=x, attention_mask=mask).logits[:, :-1]
+        target = y[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                               ignore_index=-100, reduction="none").view(target.shape)
+        valid = (target != -100).float()
+        loss = ((ce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(proj.parameters(), t["clip"])
@@ -457,6 +467,8 @@ def main() -> int:
     ap.add_argument("--user-data", type=Path, help="folder of your own photos, each with a same-named .txt caption")
     ap.add_argument("--steps", type=int, help="override train.steps (for a quick trial)")
     ap.add_argument("--output", type=Path, help="where to write the ONNX projector (default: from the config)")
+    ap.add_argument("--eval-set-only", action="store_true",
+                    help="only write the evaluation set (needs numpy and pillow, not torch)")
     args = ap.parse_args()
 
     cfg = tomllib.loads(args.config.read_text())
@@ -467,6 +479,9 @@ def main() -> int:
     missing = [p for c in cfg["category"] for p in c["photos"] if not (args.cache / "models/photos" / p["file"]).is_file()]
     if missing:
         raise SystemExit(f"error: photo {missing[0]['file']} is not in {args.cache}/models/photos; run `make models` first")
+    if args.eval_set_only:
+        write_eval(cfg, args.cache, work)
+        return 0
     total = time.monotonic()
     feats, metas = build_data(cfg, args.cache, work, args.user_data)
     proj, history, train_s = train(cfg, args.cache, feats, metas)

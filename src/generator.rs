@@ -429,6 +429,13 @@ impl OnDemand {
         &self.config
     }
 
+    /// Unloads the generator now (idle or not) and returns the freed memory to the system.
+    pub fn unload(&mut self) {
+        if self.loaded.take().is_some() {
+            crate::ffi::release_free_memory();
+        }
+    }
+
     /// Whether the models are in memory.
     pub fn is_loaded(&self) -> bool {
         self.loaded.is_some()
@@ -461,6 +468,7 @@ impl OnDemand {
         if self.loaded.is_some() && self.last_used.elapsed().as_secs_f64() >= self.config.idle_unload_s {
             let start = Instant::now();
             self.loaded = None;
+            crate::ffi::release_free_memory();
             let ms = ms_since(start);
             tracing::info!(unload_ms = ms, idle_s = self.config.idle_unload_s, "generator unloaded after idling");
             return Some(ms);

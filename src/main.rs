@@ -369,6 +369,33 @@ fn check(config: &Config) -> Result<ExitCode> {
             }
         }
     }
+    if let (Some(g), Some(runtime)) = (&manifest.generator, &runtime) {
+        // Every file's checksum, then one load: tokenizer and every session's names checked.
+        let files = manifest.files().into_iter().filter(|(key, _)| key.starts_with("generator."));
+        let verified = files.map(|(key, file)| verify_file(&manifest, file, &root, key)).collect::<Result<Vec<_>, _>>();
+        let result = verified.and_then(|_| scenecast::generator::Generator::load(runtime, &manifest, &root).map_err(|e| e.to_string()));
+        match result {
+            Ok(loaded) => report(
+                true,
+                "generator",
+                &format!(
+                    "{}: {} {}x{} {} step(s){}, output projector {}; loaded in {:.0} ms",
+                    g.description,
+                    g.sampler,
+                    g.size[1],
+                    g.size[0],
+                    g.steps,
+                    if g.random { " (random test weights)" } else { "" },
+                    if loaded.has_output_projector() { "yes" } else { "no" },
+                    loaded.load_ms()
+                ),
+            ),
+            Err(e) => {
+                failed += 1;
+                report(false, "generator", &e);
+            }
+        }
+    }
     if failed > 0 {
         eprintln!("{failed} part(s) failed; `make models` fetches and verifies the reference models");
         return Ok(ExitCode::FAILURE);

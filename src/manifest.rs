@@ -464,6 +464,9 @@ mod tests {
         assert_eq!(m.projector.out_width, m.llm.n_embd);
         let p = m.resolve(&m.llm.file, Path::new("/c"));
         assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        let g = m.generator.as_ref().expect("the reference stack has a generator");
+        assert!(g.random, "the shipped generator is the random test model and says so");
+        assert_eq!(m.files().len(), 8);
     }
 
     #[test]
@@ -481,6 +484,12 @@ mod tests {
             ("n_embd = 576", "n_embd = \"wide\"", "n_embd"),
             ("suffix = \"\\n{question}", "suffix = \"\\n{query}", "`llm.chat.suffix`: must contain `{question}`"),
             ("stop = [", "template = \"jinja\"\nstop = [", "`llm.chat.template`: \"jinja\" is not known"),
+            ("size = [128, 128]", "size = [120, 128]", "`generator.size`: 120 is not a positive multiple of generator.size_multiple 16"),
+            ("size_multiple = 16", "size_multiple = 12", "`generator.size_multiple`: 12 is not a multiple of generator.vae_scale 8"),
+            ("signal = \" Picture:\"", "signal = \" \"", "`generator.output_projector.signal`: is empty"),
+            ("latent_scaling = 0.18215", "latent_scaling = 0.0", "`generator.latent_scaling`: expected a number > 0"),
+            ("sampler = \"euler\"", "sampler = \"ddim\"", "unknown variant `ddim`"),
+            ("steps = 1\n", "steps = 0\n", "`generator.steps`: must be at least 1"),
         ];
         for (from, to, expect) in cases {
             assert!(REFERENCE_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");
@@ -492,7 +501,7 @@ mod tests {
 
     #[test]
     fn path_files_resolve_against_the_manifest_dir() {
-        let m = with(|t| t.replacen("file = { cache = \"projector/untrained-384x576.onnx\"", "file = { path = \"proj.onnx\"", 1)).unwrap();
+        let m = with(|t| t.replacen("file = { cache = \"projector/dinov2s-smollm2-v1.onnx\"", "file = { path = \"proj.onnx\"", 1)).unwrap();
         assert_eq!(m.resolve(&m.projector.file, Path::new("/c")), Path::new("/m/proj.onnx"));
         let err = with(|t| t.replacen("file = { cache = \"dinov2s/encoder.onnx\"", "file = { cache = \"a\", path = \"b\"", 1)).unwrap_err();
         assert!(err.to_string().contains("`encoder.file`: give exactly one of"), "{err}");

@@ -346,7 +346,7 @@ pub fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
     message
 }
 
-/// Image messages: the retained copy on the image topic, and the reply when there is a requester.
+/// Image messages: the retained copy on the image topic first, then the reply when there is a requester.
 pub fn image_messages(topics: &Topics, to: Option<&ReplyAddress>, bytes: &[u8], content_type: &str, info: Option<&wire::ImageInfo>) -> Vec<SpooledMessage> {
     let properties = info.map(wire::ImageInfo::user_properties).unwrap_or_default();
     let message = |topic: String, retain: bool| SpooledMessage {
@@ -710,6 +710,13 @@ impl PublisherTask {
         }
     }
 
+    /// Publishes now when connected with nothing spooled before it; otherwise drops the message.
+    async fn publish_if_online(&mut self, message: SpooledMessage) {
+        if !(self.online.load(Ordering::SeqCst) && self.spool.is_empty() && self.client.publish(&message).await.is_ok()) {
+            tracing::debug!(topic = %message.topic, "offline: the picture is not kept");
+        }
+    }
+
     async fn publish_attributes(&mut self, last: &mut StatusAttributes) {
         let now = self.attributes();
         if now != *last && self.online.load(Ordering::SeqCst) {
@@ -740,8 +747,14 @@ impl PublisherTask {
                     }
                     Some(Outgoing::ConfigState(state)) => self.publish_config_state(state).await,
                     Some(Outgoing::Image { to, bytes, content_type, info }) => {
-                        for m in image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref()) {
-                            self.send(m).await;
+                        let mut messages = image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref()).into_iter();
+                        // The image topic's copy is only the latest picture: published when online,
+                        // never spooled (a backlog of stale pictures would fill the disk).
+                        if let Some(latest) = messages.next() {
+                            self.publish_if_online(latest).await;
+                        }
+                        for reply in messages {
+                            self.send(reply).await;
                         }
                     }
                     None => break,

@@ -204,7 +204,9 @@ impl OnnxRuntime {
                     .register(builder)
             }
             EpKind::Cuda => ort::ep::CUDA::default().with_device_id(ep.device_id).register(builder),
-            EpKind::Cpu => ort::ep::CPU::default().register(builder),
+            // ort's CPU provider disables ONNX Runtime's memory arena unless asked: keep the arena,
+            // ONNX Runtime's own default (without it every run allocates its intermediate tensors).
+            EpKind::Cpu => ort::ep::CPU::default().with_arena_allocator(true).register(builder),
         };
         result.map_err(|e| e.to_string())
     }

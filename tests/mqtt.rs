@@ -383,6 +383,7 @@ async fn generate_returns_a_png_and_bad_requests_get_errors() {
     c.next_on("scenecast/gen1/caption", WAIT).await.expect("a caption first");
 
     let request = br#"{"prompt":"a red bicycle in the rain","seed":7,"steps":2,"width":64,"height":48}"#;
+    assert_schema("generate.schema.json", &serde_json::from_slice(request).unwrap());
     c.request("scenecast/gen1/generate", request, Some("replies/g1"), Some(b"corr-1"), None).await;
     let reply = c.next_on("replies/g1", WAIT).await.expect("an image reply");
     assert_eq!(reply.content_type.as_deref(), Some("image/png"));
@@ -452,5 +453,21 @@ async fn no_generator_is_unavailable_and_snapshots_follow_captions() {
     c.request("scenecast/snap1/generate", br#"{"prompt":"a cup"}"#, Some("replies/n"), None, None).await;
     let err = c.next_on("replies/n", WAIT).await.unwrap().json();
     assert_eq!(err["error"]["code"], "unavailable", "{err}");
+    d.shutdown().await;
+}
+
+/// Privacy with re-rendering: the image entity gets a rendering of each caption, never the frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privacy_rerenders_captions_instead_of_publishing_the_frame() {
+    let broker = Broker::start();
+    let mut c = TestClient::connect(broker.port, "priv-watch", &["scenecast/priv1/#"]).await;
+    let mut d = Daemon::start(mqtt_config(broker.port, "priv1")).await;
+    d.start_worker_with(true, scenecast::config::PrivacyConfig { no_camera_pixels: true, rerender_captions: true });
+    c.next_on("scenecast/priv1/caption", WAIT).await.expect("a caption");
+    let picture = c.next_on("scenecast/priv1/image", WAIT).await.expect("a re-rendering");
+    let image = image::load_from_memory(&picture.payload).unwrap();
+    let spec = manifest().generator.unwrap();
+    assert_eq!((image.width() as usize, image.height() as usize), (spec.size[1], spec.size[0]), "the generator's size, not the photo's");
+    assert_ne!((image.width(), image.height()), (photo("coffee.png").width(), photo("coffee.png").height()));
     d.shutdown().await;
 }

@@ -1,0 +1,39 @@
+//! The shipped (trained) projector through the whole real pipeline — DINOv2-S on ONNX Runtime, the
+//! projector, SmolLM2 Q4_1 on llama.cpp — names what fixed photos show. A regression in any stage
+//! (pre-processing, pooling, the projector file, the chat layout, injection of the image tokens)
+//! shows up here as a wrong or missing name.
+
+mod common;
+
+use common::*;
+use scenecast::backbone::Backbone;
+use scenecast::config::LlmConfig;
+use scenecast::eval::{mentions, yes_no};
+use scenecast::projector::ImageTokens;
+use scenecast::vision::Vision;
+
+/// (photo, the category the caption must name)
+const PHOTOS: &[(&str, &str)] = PHOTOS_UNDER_TEST;
+
+#[test]
+fn the_trained_projector_names_the_objects_in_fixed_photos() {
+    let root = cache_root();
+    let m = manifest();
+    assert!(!m.projector.untrained, "the reference stack ships the trained projector");
+    let mut backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
+    let mut vision = Vision::load(&runtime(), &m, &root, Some(&backbone.summary().gguf)).unwrap();
+    let categories: Vec<String> = PHOTOS.iter().map(|(_, c)| c.to_string()).collect();
+    let mut tokens = ImageTokens::default();
+    let prompt = LlmConfig::default().caption_prompt;
+    for (i, (file, category)) in PHOTOS.iter().enumerate() {
+        vision.run(&photo(file), &mut tokens).unwrap();
+        backbone.set_scene(i as u64, Some(&tokens)).unwrap();
+        let caption = backbone.ask(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
+        assert_eq!(mentions(&caption, &categories), vec![*category], "{file}: {caption:?}");
+        let yes = backbone.ask(&format!("Is there a {category} in the image?"), &backbone.default_options(), &mut |_| true).unwrap().text;
+        assert_eq!(yes_no(&yes), Some(true), "{file}: is there a {category}? {yes:?}");
+        let other = PHOTOS.iter().map(|(_, c)| *c).find(|c| c != category).unwrap();
+        let no = backbone.ask(&format!("Is there a {other} in the image?"), &backbone.default_options(), &mut |_| true).unwrap().text;
+        assert_eq!(yes_no(&no), Some(false), "{file}: is there a {other}? {no:?}");
+    }
+}
