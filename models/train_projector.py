@@ -211,8 +211,11 @@ WHERE = ["Where is the {x}?", "Where is the {x} in the image?"]
 COUNT = ["How many objects are there?", "How many things can you see?"]
 
 
-def question(meta: dict, cfg: dict, categories: list[str], rng: np.random.Generator) -> tuple[str, str]:
+def question(meta: dict, cfg: dict, categories: list[str], rng: np.random.Generator,
+             general: list[tuple[str, str]] | None = None) -> tuple[str, str]:
     q = cfg["questions"]
+    if general and rng.random() < q.get("general", 0.0):
+        return general[rng.integers(len(general))]
     kinds = ["caption", "yesno", "where", "count"]
     names = [o["name"] for o in meta["objects"]]
     if meta.get("caption"):  # a user's own photo: captions only
@@ -395,6 +398,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
 
     m = cfg["model"]
     prefix = torch.tensor(ids(m["prefix"]))
+    general = general_answers(cfg, model, tok, ids)
     rng = np.random.default_rng(cfg["seed"] + 1)
     categories = [c["name"] for c in cfg["category"]]
     feats_t = torch.from_numpy(feats)
@@ -405,7 +409,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         img = proj(feats_t[idx])  # [b, tokens, hidden]
         seqs, labels = [], []
         for row, i in enumerate(idx):
-            q, a = question(metas[i], cfg, categories, rng)
+            q, a = question(metas[i], cfg, categories, rng, general)
             suffix = torch.tensor(ids(m["suffix"].format(question=q)))
             answer = torch.tensor(ids(a) + ids(m["end"]))
             with torch.no_grad():
@@ -439,6 +443,27 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
             log(f"    step {step + 1}/{t['steps']}  loss {recent:.3f}  lr {lr_at(step):.2e}  "
                 f"{el / (step + 1):.2f} s/step, {el / (step + 1) * (t['steps'] - step - 1) / 60:.1f} min left")
     return proj, history, time.monotonic() - start
+
+
+def general_answers(cfg: dict, model, tok, ids) -> list[tuple[str, str]]:
+    """The frozen LLM's own answers to questions that are not about the image, asked without an
+    image. Trained with an image in front, they teach the projector to leave the LLM's other
+    abilities alone (LLaVA mixes in text-only data for the same reason)."""
+    import torch
+
+    questions = cfg["questions"].get("general_questions", [])
+    m = cfg["model"]
+    out = []
+    for q in questions:
+        prompt = torch.tensor([ids(m["prefix"]) + ids(m["suffix"].format(question=q))])
+        with torch.no_grad():
+            gen = model.generate(prompt, max_new_tokens=48, do_sample=False, eos_token_id=ids(m["end"])[0],
+                                 pad_token_id=ids(m["end"])[0])
+        answer = tok.decode(gen[0, prompt.shape[1]:], skip_special_tokens=True).strip()
+        if answer:
+            out.append((q, answer))
+    log(f"    {len(out)} general questions answered by the frozen LLM (kept as targets)")
+    return out
 
 
 def export(cfg: dict, proj, feats: np.ndarray, dest: Path) -> float:
