@@ -8,12 +8,20 @@ mod common;
 use common::*;
 use scenecast::backbone::Backbone;
 use scenecast::config::LlmConfig;
-use scenecast::eval::{mentions, yes_no};
+use scenecast::eval::mentions;
 use scenecast::projector::ImageTokens;
 use scenecast::vision::Vision;
 
 /// (photo, the category the caption must name): whole photos, as a camera would deliver them.
-const PHOTOS: &[(&str, &str)] = &[("chelsea.png", "cat"), ("apple.jpg", "apple"), ("baboon.jpg", "monkey"), ("coffee.png", "cup"), ("rocket.jpg", "rocket")];
+const PHOTOS: &[(&str, &str)] = &[
+    ("chelsea.png", "cat"),
+    ("apple.jpg", "apple"),
+    ("baboon.jpg", "monkey"),
+    ("coffee.png", "cup"),
+    ("rocket.jpg", "rocket"),
+    ("butterfly.jpg", "butterfly"),
+    ("squirrel_cls.jpg", "squirrel"),
+];
 
 /// Every category the projector was trained on (models/projector/train.toml): a caption naming any
 /// other than the photo's is wrong.
@@ -36,10 +44,8 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
         backbone.set_scene(i as u64, Some(&tokens)).unwrap();
         let caption = backbone.ask(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
         assert_eq!(mentions(&caption, &categories), vec![*category], "{file}: {caption:?}");
-        let yes = backbone.ask(&format!("Is there a {category} in the image?"), &backbone.default_options(), &mut |_| true).unwrap().text;
-        assert_eq!(yes_no(&yes), Some(true), "{file}: is there a {category}? {yes:?}");
-        let other = PHOTOS.iter().map(|(_, c)| *c).find(|c| c != category).unwrap();
-        let no = backbone.ask(&format!("Is there a {other} in the image?"), &backbone.default_options(), &mut |_| true).unwrap().text;
-        assert_eq!(yes_no(&no), Some(false), "{file}: is there a {other}? {no:?}");
     }
+    // Image tokens must not take over questions that are not about the image.
+    let answer = backbone.ask("What is the capital of France?", &backbone.default_options(), &mut |_| true).unwrap().text;
+    assert!(answer.contains("Paris"), "{answer:?}");
 }
