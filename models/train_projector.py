@@ -424,14 +424,23 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
             x[r, :len(s)], y[r, :len(s)], mask[r, :len(s)] = s, lab, 1
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        # Every example weighs the same, however long its answer: with a token-mean over the batch
-        # a two-token "Yes." would count for little against a twelve-token caption.
+        # How much each example weighs (train.example_weight): "example", every example the same
+        # however long its answer; "token", every answer token the same (a two-token "Yes." then
+        # counts for little against a twelve-token caption); "sqrt", in between.
         logits = model(inputs_embeds=x, attention_mask=mask).logits[:, :-1]
         target = y[:, 1:]
         ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                                ignore_index=-100, reduction="none").view(target.shape)
         valid = (target != -100).float()
-        loss = ((ce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+        n = valid.sum(1).clamp(min=1)
+        weighting = t.get("example_weight", "example")
+        weight = {"example": torch.ones_like(n), "sqrt": n.sqrt(), "token": n}[weighting]
+        loss = ((ce * valid).sum(1) / n * weight).sum() / weight.sum()
+        if t.get("norm_penalty", 0.0) > 0:
+            # Keep image tokens near the scale of text embeddings, so they inform attention
+            # instead of swamping it.
+            excess = (img.norm(dim=-1) - t["norm_target"]).clamp(min=0)
+            loss = loss + t["norm_penalty"] * (excess ** 2).mean()
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(proj.parameters(), t["clip"])
