@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 import tomllib
@@ -32,24 +31,14 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from fetch import default_cache, log  # noqa: E402  (the same cache and log lines as the fetch)
 SIZE = 224
 POSITIONS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 # Horizontal centre of an object at each named position, as a fraction of the width.
 CENTRES = {"left": (0.2, 0.32), "centre": (0.44, 0.56), "right": (0.68, 0.8)}
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def default_cache() -> Path:
-    env = os.environ.get("SCENECAST_CACHE")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "scenecast"
 
 
 def article(name: str, capital: bool = False) -> str:
@@ -479,7 +468,6 @@ def export(cfg: dict, proj, feats: np.ndarray, dest: Path) -> float:
     import onnxruntime as ort
     import torch
 
-    sys.path.insert(0, str(HERE))
     from make_projector import graph_from
 
     w1, b1 = proj[0].weight.detach().numpy().T, proj[0].bias.detach().numpy()

@@ -228,6 +228,14 @@ pub enum EngineError {
     /// llama.cpp produced no logits after a decode.
     #[error("llama.cpp returned no logits for the last position (a decode that asked for them succeeded)")]
     NoLogits,
+    /// The output projector's signal text is longer than one decode batch.
+    #[error("the manifest's generator.output_projector.signal is {n} tokens; at most `llm.batch` ({batch}) fit in one decode")]
+    SignalTooLong {
+        /// Its tokens.
+        n: usize,
+        /// `llm.batch`.
+        batch: usize,
+    },
     /// llama_decode failed.
     #[error("llama.cpp failed to decode {what} (status {status}){}", decode_hint(*status))]
     Decode {
@@ -497,6 +505,9 @@ impl Backbone {
         let request = self.layout.request(question);
         let pos = self.decode_parts(&[Part::Text(&request), Part::Text(answer)], scene.n_past, "the description")?;
         let tokens = self.tokenize(signal, false);
+        if tokens.len() > self.config.batch as usize {
+            return Err(EngineError::SignalTooLong { n: tokens.len(), batch: self.config.batch as usize });
+        }
         if tokens.is_empty() || pos + tokens.len() >= self.ctx.n_ctx() {
             return Err(EngineError::ContextTooSmall { n_ctx: self.ctx.n_ctx(), what: "the signal tokens".into(), needed: pos + tokens.len() + 1 });
         }

@@ -376,7 +376,7 @@ pub enum ConditionPath {
 }
 
 /// The modality generator: limits, memory budget, output.
-#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GeneratorConfig {
     /// Serve `generate` requests (when the manifest has a generator).
@@ -415,7 +415,7 @@ impl Default for GeneratorConfig {
 }
 
 /// What the daemon may publish about what the camera sees.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyConfig {
     /// Never publish camera pixels: the Home Assistant image entity shows only generated

@@ -429,13 +429,6 @@ impl OnDemand {
         &self.config
     }
 
-    /// Unloads the generator now (idle or not) and returns the freed memory to the system.
-    pub fn unload(&mut self) {
-        if self.loaded.take().is_some() {
-            crate::ffi::release_free_memory();
-        }
-    }
-
     /// Whether the models are in memory.
     pub fn is_loaded(&self) -> bool {
         self.loaded.is_some()

@@ -468,12 +468,27 @@ fn sample_photos(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(photos)
 }
 
+/// The captioning stack the one-shot commands share: the manifest, the LLM and the vision path.
+struct Stack {
+    root: PathBuf,
+    manifest: Manifest,
+    backbone: Backbone,
+    vision: Vision,
+}
+
+impl Stack {
+    fn load(config: &Config) -> Result<Self> {
+        let root = config.cache_root();
+        let manifest = config.manifest()?;
+        let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+        let backbone = Backbone::load(&manifest, &root, &config.llm)?;
+        let vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+        Ok(Stack { root, manifest, backbone, vision })
+    }
+}
+
 fn demo(config: &Config) -> Result<ExitCode> {
-    let root = config.cache_root();
-    let manifest = config.manifest()?;
-    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
-    let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
-    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+    let Stack { root, manifest, mut backbone, mut vision } = Stack::load(config)?;
     if manifest.projector.untrained {
         out!("note: the projector is the untrained placeholder, so captions do not describe the photos yet");
     }
@@ -601,11 +616,7 @@ fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
 fn evaluate(config: &Config, set_path: &Path, report: Option<&Path>, samples: usize, verbose: bool) -> Result<ExitCode> {
     use scenecast::eval;
     let set = eval::EvalSet::load(set_path)?;
-    let root = config.cache_root();
-    let manifest = config.manifest()?;
-    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
-    let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
-    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
+    let Stack { manifest, mut backbone, mut vision, .. } = Stack::load(config)?;
     if manifest.projector.untrained {
         eprintln!("note: the projector is the untrained placeholder; expect scores near zero");
     }
@@ -632,15 +643,11 @@ fn evaluate(config: &Config, set_path: &Path, report: Option<&Path>, samples: us
 
 /// The image through the whole stack, then each question against the one cached scene prefix.
 fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool) -> Result<ExitCode> {
-    let root = config.cache_root();
-    let manifest = config.manifest()?;
     let (image, decode_ms) = open_image(image_path)?;
-    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
-    let mut backbone = Backbone::load(&manifest, &root, &config.llm)?;
+    let Stack { mut backbone, mut vision, .. } = Stack::load(config)?;
     for question in questions {
         backbone.check_question(question)?;
     }
-    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
     let mut tokens = ImageTokens::default();
     let vision_start = Instant::now();
     let vt = vision.run(&image, &mut tokens)?;

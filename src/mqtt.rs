@@ -346,8 +346,8 @@ pub fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
     message
 }
 
-/// Image messages: the retained copy on the image topic first, then the reply when there is a requester.
-pub fn image_messages(topics: &Topics, to: Option<&ReplyAddress>, bytes: &[u8], content_type: &str, info: Option<&wire::ImageInfo>) -> Vec<SpooledMessage> {
+/// Image messages: the retained copy on the image topic, and the reply when there is a requester.
+pub fn image_messages(topics: &Topics, to: Option<&ReplyAddress>, bytes: &[u8], content_type: &str, info: Option<&wire::ImageInfo>) -> (SpooledMessage, Option<SpooledMessage>) {
     let properties = info.map(wire::ImageInfo::user_properties).unwrap_or_default();
     let message = |topic: String, retain: bool| SpooledMessage {
         topic,
@@ -357,13 +357,8 @@ pub fn image_messages(topics: &Topics, to: Option<&ReplyAddress>, bytes: &[u8], 
         user_properties: properties.clone(),
         content_type: Some(content_type.to_owned()),
     };
-    let mut out = vec![message(topics.image(), true)];
-    if let Some(to) = to {
-        let mut reply = message(to.topic.clone(), false);
-        reply.correlation = to.correlation.clone();
-        out.push(reply);
-    }
-    out
+    let reply = to.map(|to| SpooledMessage { correlation: to.correlation.clone(), ..message(to.topic.clone(), false) });
+    (message(topics.image(), true), reply)
 }
 
 /// Starts the MQTT side: connects (retrying with backoff in the background), and returns the
@@ -747,13 +742,11 @@ impl PublisherTask {
                     }
                     Some(Outgoing::ConfigState(state)) => self.publish_config_state(state).await,
                     Some(Outgoing::Image { to, bytes, content_type, info }) => {
-                        let mut messages = image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref()).into_iter();
+                        let (latest, reply) = image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref());
                         // The image topic's copy is only the latest picture: published when online,
                         // never spooled (a backlog of stale pictures would fill the disk).
-                        if let Some(latest) = messages.next() {
-                            self.publish_if_online(latest).await;
-                        }
-                        for reply in messages {
+                        self.publish_if_online(latest).await;
+                        if let Some(reply) = reply {
                             self.send(reply).await;
                         }
                     }
@@ -772,7 +765,10 @@ impl PublisherTask {
             let messages = match message {
                 Outgoing::Caption(c) => vec![caption_message(&self.topics, &c)],
                 Outgoing::Reply { to, reply } => vec![reply_message(&to, &reply)],
-                Outgoing::Image { to, bytes, content_type, info } => image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref()),
+                Outgoing::Image { to, bytes, content_type, info } => {
+                    let (latest, reply) = image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref());
+                    std::iter::once(latest).chain(reply).collect()
+                }
                 Outgoing::Expired | Outgoing::ConfigState(_) => continue,
             };
             for m in messages {

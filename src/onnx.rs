@@ -258,6 +258,11 @@ impl std::fmt::Display for Element {
     }
 }
 
+/// Every outlet (input or output) as `describe` writes it, comma-separated, for error messages.
+fn list(outlets: &[ort::value::Outlet]) -> String {
+    outlets.iter().map(|o| describe(o.name(), o.dtype())).collect::<Vec<_>>().join(", ")
+}
+
 /// A tensor's name and shape as the model declares it (-1 for a free dimension).
 fn describe(name: &str, dtype: &ValueType) -> String {
     match dtype.tensor_shape() {
@@ -293,7 +298,6 @@ impl OnnxSession {
     pub fn check_signature(&self, input: &str, input_shape: &[i64], output: &str, output_shape: &[i64]) -> Result<(), OnnxError> {
         let inputs = self.session.inputs();
         let outputs = self.session.outputs();
-        let list = |outlets: &[ort::value::Outlet]| outlets.iter().map(|o| describe(o.name(), o.dtype())).collect::<Vec<_>>().join(", ");
         let check = |kind: &str, name: &str, want: &[i64], outlets: &[ort::value::Outlet]| -> Result<(), OnnxError> {
             let Some(found) = outlets.iter().find(|o| o.name() == name) else {
                 return Err(OnnxError::Signature {
@@ -332,7 +336,6 @@ impl OnnxSession {
     /// Checks that the model has each named input and output with one of the allowed element
     /// types and the given rank; the error lists what the model has instead.
     pub fn check_io(&self, inputs: &[(&str, &[Element], usize)], outputs: &[(&str, &[Element], usize)]) -> Result<(), OnnxError> {
-        let list = |outlets: &[ort::value::Outlet]| outlets.iter().map(|o| describe(o.name(), o.dtype())).collect::<Vec<_>>().join(", ");
         for (kind, wanted, outlets) in [("input", inputs, self.session.inputs()), ("output", outputs, self.session.outputs())] {
             for (name, types, rank) in wanted {
                 let found = outlets.iter().find(|o| o.name() == *name).and_then(|_| self.io_type(name));

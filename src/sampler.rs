@@ -194,15 +194,8 @@ impl Sampler {
 /// on every machine.
 pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
     let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
-    let mut next = move || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        // (0, 1]: never 0, so the logarithm is finite.
-        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    };
+    // (0, 1]: never 0, so the logarithm is finite.
+    let mut next = move || ((crate::sampling::splitmix64(&mut state) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let (u1, u2) = (next(), next());

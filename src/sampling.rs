@@ -27,6 +27,16 @@ impl Default for SamplingParams {
     }
 }
 
+/// SplitMix64: advances `state` and returns the next 64 random bits. Small, fast, the same on
+/// every machine, and good enough for picking tokens and for diffusion noise.
+pub fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A sampler with its random state and scratch buffer.
 pub struct Sampler {
     params: SamplingParams,
@@ -41,14 +51,8 @@ impl Sampler {
         Sampler { params, rng, candidates: Vec::new() }
     }
 
-    /// SplitMix64: small, fast and good enough for picking tokens.
     fn next_f32(&mut self) -> f32 {
-        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 24) as f32
+        (splitmix64(&mut self.rng) >> 40) as f32 / (1u64 << 24) as f32
     }
 
     /// Picks the next token from `logits`, given the tokens generated so far (`history`).
