@@ -37,6 +37,8 @@ SIZE = 224
 POSITIONS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 # Horizontal centre of an object at each named position, as a fraction of the width.
 CENTRES = {"left": (0.2, 0.32), "centre": (0.44, 0.56), "right": (0.68, 0.8)}
+# Bumped when composition changes in code (not in train.toml), so cached features are not reused.
+DATA_VERSION = 2
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -106,7 +108,8 @@ class Composer:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         return self.jitter(out)
 
-    def paste(self, canvas: Image.Image, obj: Image.Image, position: str, scale: tuple[float, float]) -> None:
+    def paste(self, canvas: Image.Image, obj: Image.Image, position: str, scale: tuple[float, float]) -> list[float]:
+        """Pastes `obj` at a named position; returns where it landed as fractions [x0, y0, x1, y1]."""
         width = int(self.uniform(*scale) * SIZE)
         aspect = obj.height / obj.width
         height = min(int(width * aspect), int(SIZE * 0.95))
@@ -116,6 +119,7 @@ class Composer:
         x = int(np.clip(cx - width / 2, 0, SIZE - width))
         y = int(self.uniform(0, max(1, SIZE - obj.height)))
         canvas.paste(obj, (x, y))
+        return [x / SIZE, y / SIZE, (x + obj.width) / SIZE, (y + obj.height) / SIZE]
 
     def pick_photo(self, name: str) -> dict:
         ps = self.train_photos[name]
@@ -125,8 +129,8 @@ class Composer:
         name = self.categories[self.rng.integers(len(self.categories))]
         position = list(POSITIONS)[self.rng.integers(3)]
         canvas = self.background()
-        self.paste(canvas, self.cutout(self.pick_photo(name)), position, tuple(self.cfg["data"]["single_scale"]))
-        return canvas, {"kind": "single", "objects": [{"name": name, "position": position}]}
+        box = self.paste(canvas, self.cutout(self.pick_photo(name)), position, tuple(self.cfg["data"]["single_scale"]))
+        return canvas, {"kind": "single", "objects": [{"name": name, "position": position, "box": box}]}
 
     def pair(self, pairs: list[tuple[str, str]], kind: str) -> tuple[Image.Image, dict]:
         if kind == "pair" and self.rng.random() < self.cfg["data"]["same_pair"]:
@@ -138,9 +142,10 @@ class Composer:
                 a, b = b, a
         canvas = self.background()
         scale = tuple(self.cfg["data"]["pair_scale"])
-        self.paste(canvas, self.cutout(self.pick_photo(a)), "left", scale)
-        self.paste(canvas, self.cutout(self.pick_photo(b)), "right", scale)
-        return canvas, {"kind": kind, "objects": [{"name": a, "position": "left"}, {"name": b, "position": "right"}]}
+        left = self.paste(canvas, self.cutout(self.pick_photo(a)), "left", scale)
+        right = self.paste(canvas, self.cutout(self.pick_photo(b)), "right", scale)
+        return canvas, {"kind": kind, "objects": [{"name": a, "position": "left", "box": left},
+                                                  {"name": b, "position": "right", "box": right}]}
 
     def empty(self) -> tuple[Image.Image, dict]:
         canvas = self.background()
@@ -151,23 +156,30 @@ class Composer:
             self.paste(canvas, self.jitter(obj), position, tuple(self.cfg["data"]["single_scale"]))
         return canvas, {"kind": "empty", "objects": []}
 
-    def photo_view(self, name: str, photo: dict, whole: bool = False) -> Image.Image:
-        """A real photo as a camera would frame it: the whole photo, or a crop around the object."""
+    def photo_view(self, photo: dict) -> tuple[Image.Image, list[float]]:
+        """A real photo as a camera would frame it (the whole photo, or a crop around the object),
+        and where the object is in it as fractions [x0, y0, x1, y1]."""
         img = self._open(photo["file"])
         w, h = img.size
-        if not whole and self.rng.random() > 0.25:
-            x0, y0, x1, y1 = photo["box"]
+        x0, y0, x1, y1 = photo["box"]
+        crop = (0, 0, w, h)
+        if self.rng.random() > 0.25:
             m = lambda: self.uniform(0.0, 0.35)  # noqa: E731
-            box = (max(0.0, x0 - m()) * w, max(0.0, y0 - m()) * h, min(1.0, x1 + m()) * w, min(1.0, y1 + m()) * h)
-            img = img.crop(tuple(int(v) for v in box))
-        if not whole and self.rng.random() < 0.5:
+            crop = tuple(int(v) for v in (max(0.0, x0 - m()) * w, max(0.0, y0 - m()) * h,
+                                          min(1.0, x1 + m()) * w, min(1.0, y1 + m()) * h))
+            img = img.crop(crop)
+        cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+        box = [float(np.clip(v, 0.0, 1.0)) for v in ((x0 * w - crop[0]) / cw, (y0 * h - crop[1]) / ch,
+                                                     (x1 * w - crop[0]) / cw, (y1 * h - crop[1]) / ch)]
+        if self.rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        img = img.resize((SIZE, SIZE), Image.BILINEAR)
-        return img if whole else self.jitter(img)
+            box = [1.0 - box[2], box[1], 1.0 - box[0], box[3]]
+        return self.jitter(img.resize((SIZE, SIZE), Image.BILINEAR)), box
 
     def photo(self) -> tuple[Image.Image, dict]:
         name = self.categories[self.rng.integers(len(self.categories))]
-        return self.photo_view(name, self.pick_photo(name)), {"kind": "photo", "objects": [{"name": name}]}
+        img, box = self.photo_view(self.pick_photo(name))
+        return img, {"kind": "photo", "objects": [{"name": name, "box": box}]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,6 +244,39 @@ def question(meta: dict, cfg: dict, categories: list[str], rng: np.random.Genera
 
 
 # ---------------------------------------------------------------------------------------------
+# Grounding: what each image token shows
+
+
+def cell_labels(metas: list[dict], categories: list[str], pool: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """For every scene and pooled grid cell (row-major, like the image tokens): the index of the
+    category pasted over it (at least half the cell covered; a later paste hides an earlier one),
+    len(categories) for background (at most a tenth covered), or -100 where it is unclear or
+    unknown (partly covered cells, the user's own photos); and the index in POSITIONS of that
+    object's named position (-100 for background, unclear cells and photos)."""
+    ph, pw = pool
+    out = np.full((len(metas), ph * pw), -100, np.int64)
+    where = np.full((len(metas), ph * pw), -100, np.int64)
+    for n, meta in enumerate(metas):
+        if meta["kind"] == "user":
+            continue
+        for i in range(ph):
+            for j in range(pw):
+                cy0, cy1, cx0, cx1 = i / ph, (i + 1) / ph, j / pw, (j + 1) / pw
+                label, unclear, position = len(categories), False, None
+                for o in meta["objects"]:
+                    x0, y0, x1, y1 = o["box"]
+                    cover = max(0.0, min(x1, cx1) - max(x0, cx0)) * max(0.0, min(y1, cy1) - max(y0, cy0)) * ph * pw
+                    if cover >= 0.5:
+                        label, unclear, position = categories.index(o["name"]), False, o.get("position")
+                    elif cover > 0.1 and label == len(categories):
+                        unclear = True
+                out[n, i * pw + j] = -100 if unclear else label
+                if position and not unclear:
+                    where[n, i * pw + j] = list(POSITIONS).index(position)
+    return out, where
+
+
+# ---------------------------------------------------------------------------------------------
 # Features
 
 
@@ -265,7 +310,7 @@ def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: i
 
 
 def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, list[dict]]:
-    key = hashlib.sha256(json.dumps([cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], cfg["model"],
+    key = hashlib.sha256(json.dumps([DATA_VERSION, cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], cfg["model"],
                                      str(user_data)], sort_keys=True).encode()).hexdigest()[:16]
     feats_path, meta_path = work / f"features-{key}.npy", work / f"meta-{key}.json"
     if feats_path.is_file() and meta_path.is_file():
@@ -298,6 +343,10 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
                 images.append(img)
                 metas.append({"kind": "user", "objects": [], "caption": cap})
         log(f"    + {len(user)} user photos x 8 views from {user_data}")
+    # Held-out pairs for a grounding check during training (never trained on; own random stream).
+    check = Composer(cfg, photos, np.random.default_rng(cfg["seed"] + 3))
+    for _ in range(d["eval_pairs"]):
+        im, m = check.pair(check.heldout_pairs, "check"); images.append(im); metas.append(m)  # noqa: E702
     write_eval(cfg, cache, work)
     log(f"[2/4] encoding {len(images)} images with the frozen encoder")
     feats = encode(images, cache / "models" / cfg["model"]["encoder"], cfg["model"]["pool"], cfg["train"]["threads"])
@@ -391,10 +440,58 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
     rng = np.random.default_rng(cfg["seed"] + 1)
     categories = [c["name"] for c in cfg["category"]]
     feats_t = torch.from_numpy(feats)
+
+    # Grounding: each image token over an object should point where the LLM's own embedding of
+    # the object's name points, and a background token away from every name. Image tokens then
+    # read like words to the frozen LLM, one per cell, so what it learns about a cat on the left
+    # carries over to pairs it never saw together.
+    # With aux_position, an object's tokens also lean towards the word of its position (left,
+    # centre, right), so "Where is the cat?" finds the answer where it finds the cat.
+    cells, wheres = (torch.from_numpy(a) for a in cell_labels(metas, categories, m["pool"]))
+    with torch.no_grad():
+        names = torch.stack([embed(torch.tensor(ids(" " + c))).mean(0) for c in categories])
+        places = torch.stack([embed(torch.tensor(ids(" " + p))).mean(0) for p in POSITIONS])
+    names = torch.nn.functional.normalize(names, dim=-1)
+    places = torch.nn.functional.normalize(places, dim=-1)
+    background = torch.nn.Parameter(torch.zeros(1))
+
+    def grounding(img, idx):
+        unit = torch.nn.functional.normalize(img, dim=-1)
+        lab = cells[idx]
+        cos = unit @ names.T * t["aux_scale"]
+        logits = torch.cat([cos, background.expand(*cos.shape[:2], 1)], dim=-1)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+        if t.get("aux_position", 0.0) > 0:
+            place = (unit @ places.T * t["aux_scale"]).reshape(-1, len(places))
+            loss = loss + t["aux_position"] * torch.nn.functional.cross_entropy(place, wheres[idx].reshape(-1), ignore_index=-100)
+        known = lab != -100
+        acc = (logits.argmax(-1)[known] == lab[known]).float().mean()
+        return loss, float(acc)
+
+    pick = np.array([i for i, m in enumerate(metas) if m["kind"] != "check"])
+    check = np.array([i for i, m in enumerate(metas) if m["kind"] == "check"])
+
+    def check_grounding() -> float:
+        with torch.no_grad():
+            return grounding(proj(feats_t[check]), check)[1]
+
+    if t.get("aux_steps", 0) > 0:
+        log(f"    grounding: {t['aux_steps']} steps on image tokens alone (no LLM), batch {t['aux_batch']}")
+        aux_opt = torch.optim.AdamW(list(proj.parameters()) + [background], lr=t["lr"])
+        for step in range(t["aux_steps"]):
+            idx = pick[rng.integers(len(pick), size=t["aux_batch"])]
+            loss, acc = grounding(proj(feats_t[idx]), idx)
+            aux_opt.zero_grad()
+            loss.backward()
+            aux_opt.step()
+            if (step + 1) % 100 == 0:
+                log(f"    grounding step {step + 1}/{t['aux_steps']}  loss {float(loss):.3f}  cell accuracy {acc:.3f}, "
+                    f"on held-out pairs {check_grounding():.3f}")
+    opt.add_param_group({"params": [background]})
     history = []
     start = time.monotonic()
     for step in range(t["steps"]):
-        idx = rng.integers(len(metas), size=t["batch"])
+        idx = pick[rng.integers(len(pick), size=t["batch"])]
         img = proj(feats_t[idx])  # [b, tokens, hidden]
         seqs, labels = [], []
         for row, i in enumerate(idx):
@@ -416,11 +513,13 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         # How much each example weighs (train.example_weight): "example", every example the same
         # however long its answer; "token", every answer token the same (a two-token "Yes." then
         # counts for little against a twelve-token caption); "sqrt", in between.
-        logits = model(inputs_embeds=x, attention_mask=mask).logits[:, :-1]
+        # The LM head only where there is a target: most positions are image and prompt tokens.
+        states = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state[:, :-1]
         target = y[:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                               ignore_index=-100, reduction="none").view(target.shape)
-        valid = (target != -100).float()
+        valid = target != -100
+        ce = torch.zeros(target.shape)
+        ce[valid] = torch.nn.functional.cross_entropy(model.lm_head(states[valid]), target[valid], reduction="none")
+        valid = valid.float()
         n = valid.sum(1).clamp(min=1)
         weighting = t.get("example_weight", "example")
         weight = {"example": torch.ones_like(n), "sqrt": n.sqrt(), "token": n}[weighting]
@@ -430,6 +529,9 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
             # instead of swamping it.
             excess = (img.norm(dim=-1) - t["norm_target"]).clamp(min=0)
             loss = loss + t["norm_penalty"] * (excess ** 2).mean()
+        if t.get("aux_weight", 0.0) > 0:
+            aux, _ = grounding(img, idx)
+            loss = loss + t["aux_weight"] * aux
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(proj.parameters(), t["clip"])
@@ -439,7 +541,8 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
             el = time.monotonic() - start
             recent = sum(history[-20:]) / len(history[-20:])
             log(f"    step {step + 1}/{t['steps']}  loss {recent:.3f}  lr {lr_at(step):.2e}  "
-                f"{el / (step + 1):.2f} s/step, {el / (step + 1) * (t['steps'] - step - 1) / 60:.1f} min left")
+                f"{el / (step + 1):.2f} s/step, {el / (step + 1) * (t['steps'] - step - 1) / 60:.1f} min left"
+                + (f"  grounding on held-out pairs {check_grounding():.3f}" if (step + 1) % 100 == 0 else ""))
     return proj, history, time.monotonic() - start
 
 
