@@ -3,7 +3,9 @@
 
 LLaVA stage 1 + 2 on one CPU: the encoder and the LLM are frozen; only the projector (pooled patch
 tokens -> Linear -> GELU -> Linear) learns, on scenes composed from real photos (captions) and on
-visual questions (presence yes/no, position, count) about the same scenes.
+visual questions (presence yes/no, position, count) about the same scenes. The composer knows what
+each image token shows, so a grounding loss (no LLM needed) also points every token over an object at
+the LLM's embedding of the object's name: the tokens read like words, and composed scenes generalise.
 
     python models/train_projector.py                         # data, features, training, export, eval set
     python models/train_projector.py --user-data DIR         # add your own photos (DIR/x.jpg + DIR/x.txt)
@@ -617,7 +619,7 @@ def main() -> int:
     if diff > 1e-4:
         raise SystemExit(f"error: the exported projector differs from torch by {diff:.2e} (> 1e-4)")
     summary = {"name": cfg["name"], "steps": cfg["train"]["steps"], "train_seconds": round(train_s),
-               "total_seconds": round(time.monotonic() - total), "images": len(metas),
+               "total_seconds": round(time.monotonic() - total), "images": sum(m["kind"] != "check" for m in metas),
                "loss_every_20": [round(sum(history[i:i + 20]) / len(history[i:i + 20]), 4) for i in range(0, len(history), 20)],
                "onnx_vs_torch_max_abs": diff, "image_token_norm": float(np.linalg.norm(
                    proj(__import__("torch").from_numpy(feats[:8])).detach().numpy(), axis=-1).mean())}
