@@ -311,10 +311,15 @@ def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: i
 # Data set (steps 1 and 2)
 
 
-def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, list[dict]]:
+def data_paths(cfg: dict, work: Path, user_data: Path | None) -> tuple[Path, Path]:
+    """Where the features and scene descriptions of this data configuration are cached."""
     key = hashlib.sha256(json.dumps([DATA_VERSION, cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], cfg["model"],
                                      str(user_data)], sort_keys=True).encode()).hexdigest()[:16]
-    feats_path, meta_path = work / f"features-{key}.npy", work / f"meta-{key}.json"
+    return work / f"features-{key}.npy", work / f"meta-{key}.json"
+
+
+def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, list[dict]]:
+    feats_path, meta_path = data_paths(cfg, work, user_data)
     if feats_path.is_file() and meta_path.is_file():
         log(f"[2/4] features cached: {feats_path}")
         return np.load(feats_path), json.loads(meta_path.read_text())
@@ -406,22 +411,43 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
 # Training (step 3) and export (step 4)
 
 
-def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
+def load_frozen_llm(gguf: Path):
+    """The GGUF backbone as a frozen float model (transformers, gguf_file=) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.requires_grad_(False)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def pad(seqs: list):
+    """Embedded sequences of different lengths as one zero-padded batch [b, length, width] and its mask."""
+    import torch
+
+    length = max(len(s) for s in seqs)
+    x = torch.zeros(len(seqs), length, seqs[0].shape[1])
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s)], mask[r, :len(s)] = s, 1
+    return x, mask
+
+
+def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
+    import torch
 
     t = cfg["train"]
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(t["threads"])
     llm = cache / "models" / cfg["model"]["llm"]
     log(f"[3/4] loading {llm.name} as a frozen float model")
-    model = AutoModelForCausalLM.from_pretrained(llm.parent, gguf_file=llm.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(llm.parent, gguf_file=llm.name)
-    model.requires_grad_(False)
-    model.eval()
+    model, tok = load_frozen_llm(llm)
     embed = model.get_input_embeddings()
     hidden = cfg["model"]["hidden"]
-    assert embed.weight.shape[1] == hidden, f"model.hidden {hidden} != LLM width {embed.weight.shape[1]}"
+    if embed.weight.shape[1] != hidden:
+        raise SystemExit(f"error: model.hidden in the training configuration is {hidden}, but {llm.name} has "
+                         f"width {embed.weight.shape[1]}; set model.hidden to {embed.weight.shape[1]}")
 
     proj = torch.nn.Sequential(torch.nn.Linear(feats.shape[2], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
     opt = torch.optim.AdamW(proj.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
@@ -504,12 +530,10 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
                 pre, suf, ans = embed(prefix), embed(suffix), embed(answer)
             seqs.append(torch.cat([pre, img[row], suf, ans]))
             labels.append(torch.cat([torch.full((len(prefix) + img.shape[1] + len(suffix),), -100), answer]))
-        length = max(len(s) for s in seqs)
-        x = torch.zeros(len(seqs), length, hidden)
-        y = torch.full((len(seqs), length), -100)
-        mask = torch.zeros(len(seqs), length, dtype=torch.long)
-        for r, (s, lab) in enumerate(zip(seqs, labels)):
-            x[r, :len(s)], y[r, :len(s)], mask[r, :len(s)] = s, lab, 1
+        x, mask = pad(seqs)
+        y = torch.full(mask.shape, -100)
+        for r, lab in enumerate(labels):
+            y[r, :len(lab)] = lab
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         # How much each example weighs (train.example_weight): "example", every example the same
