@@ -434,6 +434,72 @@ def pad(seqs: list):
     return x, mask
 
 
+# The LLM's linear layers that a LoRA adapter may adapt: transformers' name -> llama.cpp's.
+LORA_TARGETS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def add_lora(model, spec: dict) -> dict:
+    """Wraps the `spec["targets"]` projections of every layer of `model` in rank-`spec["rank"]` LoRA
+    adapters (B starts at zero: the model is unchanged until trained). Returns {gguf tensor name: module}."""
+    import torch
+
+    class Lora(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear):
+            super().__init__()
+            self.base, self.scale = base, spec["alpha"] / spec["rank"]
+            self.a = torch.nn.Parameter(torch.randn(spec["rank"], base.in_features) / base.in_features ** 0.5)
+            self.b = torch.nn.Parameter(torch.zeros(base.out_features, spec["rank"]))
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
+
+    adapted = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in spec["targets"]:
+            if name not in LORA_TARGETS:
+                raise SystemExit(f"error: adapter.targets: {name!r} is not one of {', '.join(LORA_TARGETS)}")
+            parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            module = Lora(getattr(parent, name))
+            setattr(parent, name, module)
+            adapted[f"blk.{i}.{LORA_TARGETS[name]}.weight"] = module
+    return adapted
+
+
+def export_adapter(cfg: dict, adapted: dict, model_config, dest: Path) -> None:
+    """Writes the LoRA adapter as the GGUF llama.cpp loads next to the unchanged backbone
+    (`llama_adapter_lora_init`): lora_a [rank, in] and lora_b [out, rank] per weight, f16.
+    transformers un-permutes the GGUF's q/k rows on load (rotary layout), so B's rows of q and k
+    are permuted back here, as llama.cpp's convert_lora_to_gguf.py does."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    heads = {"num_attention_heads": model_config.num_attention_heads, "num_key_value_heads": model_config.num_key_value_heads}
+    loader = LlamaTensorProcessor(config=heads)  # what transformers does to q/k rows on load
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = gguf.GGUFWriter(str(dest), arch="llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg["adapter"]["alpha"]))
+    writer.add_name(f"{cfg['name']} LoRA")
+    for name, module in adapted.items():
+        a, b = module.a.detach().numpy(), module.b.detach().numpy()
+        if ".attn_q." in name or ".attn_k." in name:
+            trained = b
+            b = permute(b, heads["num_attention_heads" if ".attn_q." in name else "num_key_value_heads"])
+            if not np.array_equal(loader.process(b, name).weights, trained):
+                raise SystemExit(f"error: {name}: the rotary row order does not round-trip through transformers' GGUF loader")
+        writer.add_tensor(name + ".lora_a", a.astype(np.float16))
+        writer.add_tensor(name + ".lora_b", b.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
     import torch
 
@@ -464,7 +530,10 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
 
     m = cfg["model"]
     prefix = torch.tensor(ids(m["prefix"]))
-    general = general_answers(cfg, model, tok, ids)
+    general = general_answers(cfg, model, tok, ids)  # the frozen LLM's own answers, before any adapter
+    adapter = cfg.get("adapter")
+    adapted = add_lora(model, adapter) if adapter else {}
+    adapter_params = [p for m in adapted.values() for p in (m.a, m.b)]
     rng = np.random.default_rng(cfg["seed"] + 1)
     categories = [c["name"] for c in cfg["category"]]
     feats_t = torch.from_numpy(feats)
@@ -503,6 +572,30 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         with torch.no_grad():
             return grounding(proj(feats_t[check]), check)[1]
 
+    # Yes/no on the held-out pairs, as the LLM's first-token preference of "Yes" over "No": one
+    # question about an object shown and one about a category not shown, per scene.
+    ask_rng = np.random.default_rng(cfg["seed"] + 4)
+    asked = []
+    for i in check:
+        present = [o["name"] for o in metas[i]["objects"]]
+        absent = [c for c in categories if c not in present]
+        for name, shown in ((present[0], True), (absent[ask_rng.integers(len(absent))], False)):
+            q = YESNO[ask_rng.integers(len(YESNO))].format(a=article(name))
+            asked.append((i, torch.tensor(ids(m["prefix"])), torch.tensor(ids(m["suffix"].format(question=q))), shown))
+    yes, no = ids("Yes")[0], ids("No")[0]
+
+    def check_yesno() -> float:
+        right = 0
+        with torch.no_grad():
+            for c in range(0, len(asked), 50):
+                chunk = asked[c:c + 50]
+                img = proj(feats_t[[i for i, *_ in chunk]])
+                x, mask = pad([torch.cat([embed(pre), img[r], embed(suf)]) for r, (_, pre, suf, _) in enumerate(chunk)])
+                states = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
+                logits = model.lm_head(states[torch.arange(len(chunk)), mask.sum(1) - 1])
+                right += sum((float(l[yes] - l[no]) > 0) == shown for l, (*_, shown) in zip(logits, chunk))
+        return right / len(asked)
+
     if t.get("aux_steps", 0) > 0:
         log(f"    grounding: {t['aux_steps']} steps on image tokens alone (no LLM), batch {t['aux_batch']}")
         aux_opt = torch.optim.AdamW(list(proj.parameters()) + [background], lr=t["lr"])
@@ -519,6 +612,12 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
     history = []
     start = time.monotonic()
     for step in range(t["steps"]):
+        if adapter and step == adapter["start"]:
+            # LLaVA's stage 2, cheaply: the LLM's weights move too, through a small adapter, so it
+            # learns to compare a question's words with the image tokens (presence, position).
+            log(f"    adapter: from step {step + 1} on, LoRA rank {adapter['rank']} on {', '.join(adapter['targets'])} "
+                f"of every layer ({sum(p.numel() for p in adapter_params):,} parameters) trains too")
+            opt.add_param_group({"params": adapter_params})
         idx = pick[rng.integers(len(pick), size=t["batch"])]
         img = proj(feats_t[idx])  # [b, tokens, hidden]
         seqs, labels = [], []
@@ -561,6 +660,8 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(proj.parameters(), t["clip"])
+        if adapter and step >= adapter["start"]:
+            torch.nn.utils.clip_grad_norm_(adapter_params, t["clip"])
         opt.step()
         history.append(float(loss))
         if (step + 1) % 20 == 0 or step == 0:
@@ -568,8 +669,10 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
             recent = sum(history[-20:]) / len(history[-20:])
             log(f"    step {step + 1}/{t['steps']}  loss {recent:.3f}  lr {lr_at(step):.2e}  "
                 f"{el / (step + 1):.2f} s/step, {el / (step + 1) * (t['steps'] - step - 1) / 60:.1f} min left"
-                + (f"  grounding on held-out pairs {check_grounding():.3f}" if (step + 1) % 100 == 0 else ""))
-    return proj, history, time.monotonic() - start
+                + (f"  on held-out pairs: grounding {check_grounding():.3f}, yes/no {check_yesno():.3f}"
+                   if (step + 1) % 100 == 0 else ""))
+    log(f"    trained; on held-out pairs (torch): grounding {check_grounding():.3f}, yes/no {check_yesno():.3f}")
+    return proj, adapted, model.config, history, time.monotonic() - start
 
 
 def general_answers(cfg: dict, model, tok, ids) -> list[tuple[str, str]]:
@@ -611,6 +714,11 @@ def export(cfg: dict, proj, feats: np.ndarray, dest: Path) -> float:
     return float(np.abs(ref - got).max())
 
 
+def adapter_path(projector: Path) -> Path:
+    """The LoRA adapter trained with the projector at `projector`: next to it, `<stem>.lora.gguf`."""
+    return projector.with_suffix(".lora.gguf")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=HERE / "projector" / "train.toml", help="training configuration")
@@ -635,14 +743,18 @@ def main() -> int:
         return 0
     total = time.monotonic()
     feats, metas = build_data(cfg, args.cache, work, args.user_data)
-    proj, history, train_s = train(cfg, args.cache, feats, metas)
+    proj, adapted, model_config, history, train_s = train(cfg, args.cache, feats, metas)
     dest = args.output or args.config.parent / cfg["output"]
     diff = export(cfg, proj, feats, dest)
     log(f"[4/4] wrote {dest} ({dest.stat().st_size} B, sha256 {hashlib.sha256(dest.read_bytes()).hexdigest()}); "
         f"ONNX Runtime vs torch max abs diff {diff:.2e}")
     if diff > 1e-4:
         raise SystemExit(f"error: the exported projector differs from torch by {diff:.2e} (> 1e-4)")
-    summary = {"name": cfg["name"], "steps": cfg["train"]["steps"], "train_seconds": round(train_s),
+    if adapted:
+        lora = adapter_path(dest)
+        export_adapter(cfg, adapted, model_config, lora)
+        log(f"      wrote {lora} ({lora.stat().st_size} B, sha256 {hashlib.sha256(lora.read_bytes()).hexdigest()})")
+    summary = {"name": cfg["name"], "steps": cfg["train"]["steps"], "adapter": cfg.get("adapter"), "train_seconds": round(train_s),
                "total_seconds": round(time.monotonic() - total), "images": sum(m["kind"] != "check" for m in metas),
                "loss_every_20": [round(sum(history[i:i + 20]) / len(history[i:i + 20]), 4) for i in range(0, len(history), 20)],
                "onnx_vs_torch_max_abs": diff, "image_token_norm": float(np.linalg.norm(

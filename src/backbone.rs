@@ -190,6 +190,17 @@ pub enum EngineError {
         /// llama.cpp's last error.
         reason: String,
     },
+    /// The manifest's LoRA adapter is missing or has the wrong size.
+    #[error(transparent)]
+    AdapterFile(#[from] crate::cache::CacheError),
+    /// llama.cpp refused the adapter.
+    #[error("{path}: llama.cpp cannot apply it to the LLM: {reason} (expected a LoRA adapter GGUF trained for this GGUF, see models/README.md)")]
+    Adapter {
+        /// The file.
+        path: PathBuf,
+        /// llama.cpp's last error.
+        reason: String,
+    },
     /// The chat layout could not be built.
     #[error(transparent)]
     Prompt(#[from] crate::prompt::PromptError),
@@ -353,7 +364,15 @@ impl Backbone {
         let model = std::sync::Arc::new(model);
         let threads = if config.threads == 0 { crate::config::physical_cores() } else { config.threads };
         let ctx_options = crate::ffi::ContextOptions { n_ctx: config.context, n_batch: config.batch, n_threads: threads as i32 };
-        let ctx = crate::ffi::Context::new(model.clone(), ctx_options).map_err(|reason| EngineError::Context { n_ctx: config.context, reason })?;
+        let mut ctx = crate::ffi::Context::new(model.clone(), ctx_options).map_err(|reason| EngineError::Context { n_ctx: config.context, reason })?;
+        if let Some(file) = &manifest.llm.adapter {
+            let path = manifest.resolve(file, cache_root);
+            crate::cache::verify(&path, "the LLM's LoRA adapter GGUF", file.size, None)?;
+            crate::ffi::Adapter::load(model.clone(), &path)
+                .and_then(|adapter| ctx.set_adapter(std::sync::Arc::new(adapter), 1.0))
+                .map_err(|reason| EngineError::Adapter { path: path.clone(), reason })?;
+            tracing::info!(adapter = %path.display(), "LoRA adapter applied");
+        }
         let system = config.system_prompt.as_deref().unwrap_or(&manifest.llm.chat.system);
         let template = model.chat_template();
         let layout = crate::prompt::ChatLayout::new(&manifest.llm.chat, system, |messages| {

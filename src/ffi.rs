@@ -10,6 +10,8 @@
 //!   type mismatch instead of returning an error).
 //! - Strings returned by llama.cpp are copied (or borrowed for no longer than `&self`), never kept
 //!   past the lifetime of the object that owns them.
+//! - A C object that another one points into is kept alive by an `Arc` in the one that points:
+//!   a context holds its model and its adapter, an adapter holds its model.
 
 use std::ffi::{CStr, CString};
 use std::path::Path;
@@ -422,6 +424,44 @@ pub struct ContextOptions {
     pub n_threads: i32,
 }
 
+/// A LoRA adapter (a GGUF of `general.type = "adapter"`) loaded for one model.
+pub struct Adapter {
+    ptr: NonNull<sys::llama_adapter_lora>,
+    model: std::sync::Arc<Model>,
+}
+
+// SAFETY: an adapter's weights are read-only after loading, like its model's.
+unsafe impl Send for Adapter {}
+unsafe impl Sync for Adapter {}
+
+impl Adapter {
+    /// Loads the adapter at `path` for `model`; on failure returns llama.cpp's last logged error
+    /// (a wrong architecture or tensor shapes name the base model as the likely cause).
+    pub fn load(model: std::sync::Arc<Model>, path: &Path) -> Result<Self, String> {
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_owned())?;
+        let _ = take_last_error();
+        // SAFETY: valid model, kept alive by the `model` field for as long as the adapter; the path
+        // is a valid C string for the call; a null return means failure, with the reason logged.
+        let ptr = unsafe { sys::llama_adapter_lora_init(model.ptr.as_ptr(), c_path.as_ptr()) };
+        match NonNull::new(ptr) {
+            Some(ptr) => Ok(Adapter { ptr, model }),
+            None => {
+                let reason = take_last_error();
+                Err(if reason.is_empty() { "llama.cpp could not load the adapter".into() } else { reason })
+            }
+        }
+    }
+}
+
+impl Drop for Adapter {
+    fn drop(&mut self) {
+        // SAFETY: the adapter came from llama_adapter_lora_init and is freed once, while its model
+        // is alive (the `model` field drops after this body). A context using it holds an
+        // `Arc<Adapter>` and is freed first.
+        unsafe { sys::llama_adapter_lora_free(self.ptr.as_ptr()) }
+    }
+}
+
 /// The input of one decode call: token ids or embedding rows.
 pub enum BatchInput<'a> {
     /// Token ids.
@@ -435,6 +475,8 @@ pub struct Context {
     ptr: NonNull<sys::llama_context>,
     model: std::sync::Arc<Model>,
     n_batch: usize,
+    /// The adapter the context computes with; held so that it outlives the context's use of it.
+    adapter: Option<std::sync::Arc<Adapter>>,
 }
 
 // SAFETY: a llama_context is not tied to a thread; `&mut self` on every mutating method ensures
@@ -464,13 +506,32 @@ impl Context {
                 let reason = take_last_error();
                 if reason.is_empty() { "llama.cpp could not create a context".to_owned() } else { reason }
             })?;
-            Ok(Context { ptr, model, n_batch: options.n_batch as usize })
+            Ok(Context { ptr, model, n_batch: options.n_batch as usize, adapter: None })
         }
     }
 
     /// The model.
     pub fn model(&self) -> &Model {
         &self.model
+    }
+
+    /// Computes from now on with `adapter` at `scale` (1.0: as trained). Call before decoding: what
+    /// is already in the cache was computed without it.
+    pub fn set_adapter(&mut self, adapter: std::sync::Arc<Adapter>, scale: f32) -> Result<(), String> {
+        if !std::sync::Arc::ptr_eq(&adapter.model, &self.model) {
+            return Err("the adapter was loaded for another model".into());
+        }
+        let mut ptr = adapter.ptr.as_ptr();
+        let mut scale = scale;
+        // SAFETY: valid context; the adapter belongs to this context's model (checked above) and
+        // is kept alive in `self.adapter` for as long as the context may use it; llama.cpp copies
+        // the one pointer and scale out of the arrays during the call.
+        let rc = unsafe { sys::llama_set_adapters_lora(self.ptr.as_ptr(), &mut ptr, 1, &mut scale) };
+        if rc != 0 {
+            return Err(format!("llama.cpp refused the adapter ({rc})"));
+        }
+        self.adapter = Some(adapter);
+        Ok(())
     }
 
     /// Context length.
@@ -593,7 +654,7 @@ impl Context {
 impl Drop for Context {
     fn drop(&mut self) {
         // SAFETY: the context came from llama_init_from_model and is freed once, before its
-        // `Arc<Model>` field is dropped (fields drop after this body).
+        // `Arc<Model>` and `Arc<Adapter>` fields are dropped (fields drop after this body).
         unsafe { sys::llama_free(self.ptr.as_ptr()) }
     }
 }

@@ -296,16 +296,26 @@ fn check(config: &Config) -> Result<ExitCode> {
         .and_then(|path| GgufInfo::read(&path).map_err(|e| e.to_string()))
         .and_then(|info| info.check_against(&manifest).map(|()| info).map_err(|e| e.to_string()));
     let llm = llm.and_then(|info| {
-        scenecast::ffi::Model::load(&info.path, scenecast::ffi::ModelOptions { n_gpu_layers: 0 })
-            .map(|model| (model.n_params(), info))
-            .map_err(|reason| format!("{}: llama.cpp cannot load it: {reason}", manifest.resolve(&manifest.llm.file, &root).display()))
+        let model = scenecast::ffi::Model::load(&info.path, scenecast::ffi::ModelOptions { n_gpu_layers: 0 })
+            .map_err(|reason| format!("{}: llama.cpp cannot load it: {reason}", info.path.display()))?;
+        let n_params = model.n_params();
+        let adapter = match &manifest.llm.adapter {
+            None => String::new(),
+            Some(file) => {
+                let path = verify_file(&manifest, file, &root, "the LLM's LoRA adapter GGUF")?;
+                scenecast::ffi::Adapter::load(std::sync::Arc::new(model), &path)
+                    .map_err(|reason| format!("{}: llama.cpp cannot apply it to the LLM: {reason}", path.display()))?;
+                format!(", LoRA adapter {}", path.display())
+            }
+        };
+        Ok((n_params, info, adapter))
     });
     match &llm {
-        Ok((n_params, info)) => report(
+        Ok((n_params, info, adapter)) => report(
             true,
             "llm",
             &format!(
-                "{}: {} {}, {:.0}M parameters, n_embd {}, {} layers, context {}, {}, {}",
+                "{}: {} {}, {:.0}M parameters, n_embd {}, {} layers, context {}, {}, {}{adapter}",
                 info.path.display(),
                 info.architecture,
                 info.name.as_deref().unwrap_or("(unnamed)"),
@@ -343,7 +353,7 @@ fn check(config: &Config) -> Result<ExitCode> {
                     .map_err(|e| e.to_string())
             } else {
                 let proj = &manifest.projector;
-                let llm_width = llm.as_ref().ok().map(|(_, info)| (info.path.as_path(), info.n_embd));
+                let llm_width = llm.as_ref().ok().map(|(_, info, _)| (info.path.as_path(), info.n_embd));
                 scenecast::projector::Projector::load(runtime, &manifest, &root, llm_width)
                     .map(|p| {
                         format!(

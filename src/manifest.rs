@@ -155,6 +155,10 @@ pub struct LlmSpec {
     pub architecture: String,
     /// The expected embedding width.
     pub n_embd: usize,
+    /// A LoRA adapter (GGUF, `general.type = "adapter"`) trained together with the projector,
+    /// applied to every request at its trained scale.
+    #[serde(default)]
+    pub adapter: Option<FileRef>,
     /// The chat layout.
     pub chat: ChatSpec,
 }
@@ -305,6 +309,9 @@ impl Manifest {
     /// Every file the manifest names, with its dotted key.
     pub fn files(&self) -> Vec<(&'static str, &FileRef)> {
         let mut files = vec![("encoder.file", &self.encoder.file), ("projector.file", &self.projector.file), ("llm.file", &self.llm.file)];
+        if let Some(adapter) = &self.llm.adapter {
+            files.push(("llm.adapter", adapter));
+        }
         if let Some(g) = &self.generator {
             files.extend([
                 ("generator.tokenizer", &g.tokenizer),
