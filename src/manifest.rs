@@ -473,7 +473,9 @@ mod tests {
         assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(g.random, "the shipped generator is the random test model and says so");
-        assert_eq!(m.files().len(), 8);
+        let adapter = m.llm.adapter.as_ref().expect("the reference stack ships the projector's LoRA adapter");
+        assert_eq!(m.resolve(adapter, Path::new("/c")), Path::new("/c/models/projector/dinov2s-smollm2-v1.lora.gguf"));
+        assert_eq!(m.files().len(), 9);
     }
 
     #[test]
@@ -512,5 +514,7 @@ mod tests {
         assert_eq!(m.resolve(&m.projector.file, Path::new("/c")), Path::new("/m/proj.onnx"));
         let err = with(|t| t.replacen("file = { cache = \"dinov2s/encoder.onnx\"", "file = { cache = \"a\", path = \"b\"", 1)).unwrap_err();
         assert!(err.to_string().contains("`encoder.file`: give exactly one of"), "{err}");
+        let err = with(|t| t.replacen("adapter = { cache = \"projector/", "adapter = { path = \"a.gguf\", cache = \"projector/", 1)).unwrap_err();
+        assert!(err.to_string().contains("`llm.adapter`: give exactly one of"), "{err}");
     }
 }

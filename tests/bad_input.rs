@@ -7,7 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use scenecast::backbone::GgufInfo;
+use scenecast::backbone::{Backbone, GgufInfo};
+use scenecast::config::LlmConfig;
 use scenecast::encoder::Encoder;
 use scenecast::manifest::{Manifest, REFERENCE_MANIFEST};
 use scenecast::vision::Vision;
@@ -86,6 +87,43 @@ fn gguf_of_another_width_or_not_a_gguf() {
     let cut = write_temp(dir.path(), "cut.gguf", &smol[..smol.len() / 2]);
     assert_contains(&GgufInfo::read(&cut).unwrap_err().to_string(), &["cut.gguf: truncated: 49181216 bytes, but its tensors end at byte 98362432"]);
     assert_contains(&GgufInfo::read(&dir.path().join("gone.gguf")).unwrap_err().to_string(), &["gone.gguf: file not found"]);
+}
+
+/// `manifest` (a manifest's text) with its `[llm] adapter` line replaced or added.
+fn with_adapter(manifest: &str, adapter: &Path) -> Manifest {
+    let line = format!("adapter = {{ path = {:?} }}", adapter.to_str().unwrap());
+    let text = match manifest.lines().find(|l| l.starts_with("adapter = ")) {
+        Some(old) => manifest.replacen(old, &line, 1),
+        None => manifest.replacen("[llm]\n", &format!("[llm]\n{line}\n"), 1),
+    };
+    Manifest::parse(&text, "test.toml", Path::new("/")).unwrap()
+}
+
+fn backbone_error(manifest: &Manifest) -> String {
+    match Backbone::load(manifest, &cache_root(), &LlmConfig { threads: 1, ..LlmConfig::default() }) {
+        Ok(_) => panic!("expected the adapter to be refused"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn adapter_missing_not_an_adapter_or_for_another_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone.lora.gguf");
+    assert_contains(&backbone_error(&with_adapter(REFERENCE_MANIFEST, &gone)), &["gone.lora.gguf", "the LLM's LoRA adapter GGUF"]);
+
+    let base = models().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert_contains(
+        &backbone_error(&with_adapter(REFERENCE_MANIFEST, &base)),
+        &["SmolLM2-135M-Instruct.Q4_1.gguf: llama.cpp cannot apply it to the LLM", "expect general.type to be 'adapter'"],
+    );
+
+    let gemma = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma3.toml")).unwrap();
+    let smol_adapter = models().join("projector/dinov2s-smollm2-v1.lora.gguf");
+    assert_contains(
+        &backbone_error(&with_adapter(&gemma, &smol_adapter)),
+        &["dinov2s-smollm2-v1.lora.gguf: llama.cpp cannot apply it to the LLM", "arch mismatch"],
+    );
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The shipped (trained) projector through the whole real pipeline — DINOv2-S on ONNX Runtime, the
-//! projector, SmolLM2 Q4_1 on llama.cpp — names what fixed photos show. A regression in any stage
-//! (pre-processing, pooling, the projector file, the chat layout, injection of the image tokens)
-//! shows up here as a wrong or missing name.
+//! projector, SmolLM2 Q4_1 on llama.cpp with the projector's LoRA adapter — names what fixed photos
+//! show and answers whether they show a category. A regression in any stage (pre-processing,
+//! pooling, the projector file, the adapter, the chat layout, injection of the image tokens) shows
+//! up here as a wrong or missing name or a wrong yes/no.
 
 mod common;
 
@@ -44,6 +45,13 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
         backbone.set_scene(i as u64, Some(&tokens)).unwrap();
         let caption = backbone.ask(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
         assert_eq!(mentions(&caption, &categories), vec![*category], "{file}: {caption:?}");
+        // Presence questions about the same cached scene: the shown category, and the next photo's.
+        let absent = PHOTOS[(i + 1) % PHOTOS.len()].1;
+        for (asked, expected) in [(*category, "Yes."), (absent, "No.")] {
+            let question = format!("Is there {} {asked} in the image?", if asked.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" });
+            let answer = backbone.ask(&question, &backbone.default_options(), &mut |_| true).unwrap().text;
+            assert_eq!(answer.trim(), expected, "{file}: {question}");
+        }
     }
     // Image tokens must not take over questions that are not about the image.
     let answer = backbone.ask("What is the capital of France?", &backbone.default_options(), &mut |_| true).unwrap().text;
