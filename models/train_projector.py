@@ -581,7 +581,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         absent = [c for c in categories if c not in present]
         for name, shown in ((present[0], True), (absent[ask_rng.integers(len(absent))], False)):
             q = YESNO[ask_rng.integers(len(YESNO))].format(a=article(name))
-            asked.append((i, torch.tensor(ids(m["prefix"])), torch.tensor(ids(m["suffix"].format(question=q))), shown))
+            asked.append((i, torch.tensor(ids(m["suffix"].format(question=q))), shown))
     yes, no = ids("Yes")[0], ids("No")[0]
 
     def check_yesno() -> float:
@@ -589,11 +589,11 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         with torch.no_grad():
             for c in range(0, len(asked), 50):
                 chunk = asked[c:c + 50]
-                img = proj(feats_t[[i for i, *_ in chunk]])
-                x, mask = pad([torch.cat([embed(pre), img[r], embed(suf)]) for r, (_, pre, suf, _) in enumerate(chunk)])
+                img = proj(feats_t[[i for i, _, _ in chunk]])
+                x, mask = pad([torch.cat([embed(prefix), img[r], embed(suf)]) for r, (_, suf, _) in enumerate(chunk)])
                 states = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
                 logits = model.lm_head(states[torch.arange(len(chunk)), mask.sum(1) - 1])
-                right += sum((float(l[yes] - l[no]) > 0) == shown for l, (*_, shown) in zip(logits, chunk))
+                right += sum((float(l[yes] - l[no]) > 0) == shown for l, (_, _, shown) in zip(logits, chunk))
         return right / len(asked)
 
     if t.get("aux_steps", 0) > 0:

@@ -192,7 +192,7 @@ pub enum EngineError {
     },
     /// The manifest's LoRA adapter is missing or has the wrong size.
     #[error(transparent)]
-    AdapterFile(#[from] crate::cache::CacheError),
+    AdapterFile(crate::cache::CacheError),
     /// llama.cpp refused the adapter.
     #[error("{path}: llama.cpp cannot apply it to the LLM: {reason} (expected a LoRA adapter GGUF trained for this GGUF, see models/README.md)")]
     Adapter {
@@ -367,7 +367,7 @@ impl Backbone {
         let mut ctx = crate::ffi::Context::new(model.clone(), ctx_options).map_err(|reason| EngineError::Context { n_ctx: config.context, reason })?;
         if let Some(file) = &manifest.llm.adapter {
             let path = manifest.resolve(file, cache_root);
-            crate::cache::verify(&path, "the LLM's LoRA adapter GGUF", file.size, None)?;
+            crate::cache::verify(&path, "the LLM's LoRA adapter GGUF", file.size, None).map_err(EngineError::AdapterFile)?;
             crate::ffi::Adapter::load(model.clone(), &path)
                 .and_then(|adapter| ctx.set_adapter(std::sync::Arc::new(adapter), 1.0))
                 .map_err(|reason| EngineError::Adapter { path: path.clone(), reason })?;
