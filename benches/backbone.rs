@@ -4,6 +4,8 @@
 //!    against a bare llama.cpp decode loop written with the `llama-cpp-2` crate (greedy sampler).
 //! 2. Time to first token for a question about the current scene: with the scene prefix cached,
 //!    against re-encoding the image and re-prefilling the prefix.
+//! 3. The cost of the projector's LoRA adapter (the manifest's `[llm] adapter`): scene prefill and
+//!    decode with it, against the same GGUF without it.
 //!
 //! Run with `cargo bench --bench backbone` after `make models`.
 
@@ -70,7 +72,11 @@ fn main() {
     let manifest = Manifest::reference().unwrap();
     let threads = scenecast::config::physical_cores();
     let llm = LlmConfig { threads, ..LlmConfig::default() };
-    let mut ours = Backbone::load(&manifest, &root, &llm).expect("SmolLM2 (run `make models` first)");
+    // Bare llama.cpp runs the GGUF alone, so the loop is compared without the adapter (its cost is
+    // measured on its own below).
+    let mut plain = manifest.clone();
+    plain.llm.adapter = None;
+    let mut ours = Backbone::load(&plain, &root, &llm).expect("SmolLM2 (run `make models` first)");
 
     let backend = LlamaBackend::init().unwrap();
     let path = manifest.resolve(&manifest.llm.file, &root);
@@ -113,4 +119,29 @@ fn main() {
     println!("time to first token, question about the current scene (median of 5):");
     println!("  re-encode image + re-prefill prefix  {uncached:7.1} ms  (baseline)");
     println!("  scene prefix cached                  {cached:7.1} ms  {:.1}x faster", uncached / cached);
+
+    drop(ours);
+    let mut adapted = Backbone::load(&manifest, &root, &llm).unwrap();
+    let mut without = Backbone::load(&plain, &root, &llm).unwrap();
+    let run = |b: &mut Backbone, id: u64| {
+        let prefill_ms = b.set_scene(id, Some(&tokens)).unwrap();
+        let g = b.ask("Write a long story about this picture.", &options(48), &mut |_| true).unwrap();
+        (prefill_ms, g.n_tokens as f64 / (g.decode_ms / 1e3))
+    };
+    let (mut with_runs, mut without_runs) = (Vec::new(), Vec::new());
+    for i in 0..3u64 {
+        with_runs.push(run(&mut adapted, 100 + i));
+        without_runs.push(run(&mut without, 100 + i));
+    }
+    let prefill = |v: &[(f64, f64)]| median(v.iter().map(|r| r.0).collect());
+    let tps = |v: &[(f64, f64)]| median(v.iter().map(|r| r.1).collect());
+    println!("the projector's LoRA adapter ({}), scene prefill of {} image tokens and decode (median of 3):", manifest.llm.adapter.as_ref().map_or("none in the manifest".into(), |f| manifest.resolve(f, &root).display().to_string()), tokens.n_tokens);
+    println!("  without adapter  prefill {:7.1} ms  decode {:6.1} tok/s  (baseline)", prefill(&without_runs), tps(&without_runs));
+    println!(
+        "  with adapter     prefill {:7.1} ms  decode {:6.1} tok/s  ratio prefill {:.2}, decode {:.2}",
+        prefill(&with_runs),
+        tps(&with_runs),
+        prefill(&with_runs) / prefill(&without_runs),
+        tps(&with_runs) / tps(&without_runs)
+    );
 }
