@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Trains the input projector (DINOv2-S patch features -> SmolLM2 embeddings) and exports it to ONNX.
 
-LLaVA stage 1 + 2 on one CPU: the encoder and the LLM are frozen; only the projector (pooled patch
-tokens -> Linear -> GELU -> Linear) learns, on scenes composed from real photos (captions) and on
+LLaVA stage 1 + 2 on one CPU: the encoder is frozen; the projector (pooled patch tokens -> Linear ->
+GELU -> Linear) learns in front of the frozen LLM, then, from `[adapter] start` on, together with a
+small LoRA adapter on the LLM's attention, on scenes composed from real photos (captions) and on
 visual questions (presence yes/no, position, count) about the same scenes. The composer knows what
 each image token shows, so a grounding loss (no LLM needed) also points every token over an object at
 the LLM's embedding of the object's name: the tokens read like words, and composed scenes generalise.
@@ -14,7 +15,8 @@ Steps, each cached under $SCENECAST_CACHE/train/<name>/ so a rerun skips what is
   1. compose the training images and the held-out evaluation set (seeded; train.toml says how);
   2. encode them with the frozen ONNX encoder (ONNX Runtime) and average-pool the patch grid;
   3. load the GGUF backbone as a frozen float model (transformers, gguf_file=) and train the projector;
-  4. export the projector as ONNX (models/make_projector.py's graph) and check it against torch.
+  4. export the projector as ONNX (models/make_projector.py's graph) and check it against torch, and
+     the adapter as the LoRA GGUF llama.cpp applies to the unchanged backbone (`<output stem>.lora.gguf`).
 The evaluation then runs through the shipped Rust pipeline: `scenecast eval <cache>/train/<name>/eval/eval.json`.
 """
 from __future__ import annotations
