@@ -727,7 +727,7 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=default_cache(), help="cache root (default: $SCENECAST_CACHE)")
     ap.add_argument("--user-data", type=Path, help="folder of your own photos, each with a same-named .txt caption")
     ap.add_argument("--steps", type=int, help="override train.steps (for a quick trial)")
-    ap.add_argument("--output", type=Path, help="where to write the ONNX projector (default: from the config)")
+    ap.add_argument("--output", type=Path, help="where to write the ONNX projector (default: from the config); its LoRA adapter goes next to it as <stem>.lora.gguf")
     ap.add_argument("--eval-set-only", action="store_true",
                     help="only write the evaluation set (needs numpy and pillow, not torch)")
     args = ap.parse_args()
