@@ -461,7 +461,7 @@ def add_lora(model, spec: dict) -> dict:
         for name in spec["targets"]:
             if name not in LORA_TARGETS:
                 raise SystemExit(f"error: adapter.targets: {name!r} is not one of {', '.join(LORA_TARGETS)}")
-            parent = layer.self_attn if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else layer.mlp
+            parent = layer.self_attn if LORA_TARGETS[name].startswith("attn_") else layer.mlp
             module = Lora(getattr(parent, name))
             setattr(parent, name, module)
             adapted[f"blk.{i}.{LORA_TARGETS[name]}.weight"] = module
@@ -534,6 +534,9 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
     prefix = torch.tensor(ids(m["prefix"]))
     general = general_answers(cfg, model, tok, ids)  # the frozen LLM's own answers, before any adapter
     adapter = cfg.get("adapter")
+    if adapter and not 0 <= adapter["start"] < t["steps"]:
+        log(f"    warning: adapter.start {adapter['start']} is not below train.steps {t['steps']}: the adapter does "
+            f"not train and is written unchanged (it changes nothing); lower adapter.start for a trained one")
     adapted = add_lora(model, adapter) if adapter else {}
     adapter_params = [p for m in adapted.values() for p in (m.a, m.b)]
     rng = np.random.default_rng(cfg["seed"] + 1)

@@ -1,15 +1,20 @@
-"""What the yes/no experiments share: the frozen LLM of the training configuration, and one
-training step and one score on its first-token preference of "Yes." over "No."."""
+"""What the yes/no experiments share: the frozen LLM of the training configuration, the cached
+training scenes and the shipped projector, and one training step and one score on the LLM's
+first-token preference of "Yes." over "No."."""
+import json
 import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 
 MODELS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(MODELS))
 from fetch import default_cache  # noqa: E402
-from train_projector import load_frozen_llm, pad  # noqa: E402
+from train_projector import data_paths, load_frozen_llm, pad  # noqa: E402
 
 
 class YesNo:
@@ -22,6 +27,26 @@ class YesNo:
         self.embed = self.model.get_input_embeddings()
         self.categories = [c["name"] for c in self.cfg["category"]]
         self.yes, self.no = self.ids("Yes.")[0], self.ids("No.")[0]
+
+    def cached_scenes(self) -> tuple[torch.Tensor, list[dict]]:
+        """The pooled encoder features and scene descriptions `make projector` cached for the
+        training configuration (training scenes and the held-out "check" pairs)."""
+        feats_path, meta_path = data_paths(self.cfg, self.cache / "train" / self.cfg["name"], None)
+        if not (feats_path.is_file() and meta_path.is_file()):
+            raise SystemExit(f"error: no cached features for this training configuration ({feats_path}); "
+                             "run `make projector` first")
+        return torch.from_numpy(np.load(feats_path)), json.loads(meta_path.read_text())
+
+    def shipped_projector(self):
+        """The shipped projector (models/projector/, make_projector.graph_from's graph) as a frozen
+        torch function of pooled features."""
+        w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
+             for i in onnx.load(MODELS / "projector" / self.cfg["output"]).graph.initializer}
+
+        def project(x: torch.Tensor) -> torch.Tensor:
+            h = x @ w["w1"] + w["b1"]
+            return torch.nn.functional.gelu(h) @ w["w2"] + w["b2"]
+        return project
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids

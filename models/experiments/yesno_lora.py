@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Does a LoRA adapter on the LLM (LLaVA's stage 2, cheaply) fix presence and position questions?
 
-The shipped projector is kept frozen; rank-R adapters on the attention projections of every layer
+The shipped projector is kept frozen (models/README.md cites the numbers measured with run E's,
+which was shipped then and had no adapter); rank-R adapters on the attention projections of every layer
 are trained on yes/no and "where" questions about training scenes, then scored on the held-out
 pairs that `train_projector.py` composes for its grounding check (yes/no by the first-token margin,
 position by the greedy answer). Needs the features `make projector` cached. Runs in the training
@@ -9,34 +10,20 @@ venv, about 12 minutes on 2 cores for rank 8, lr 1e-3 and 100 steps of batch 8:
 
     ~/.cache/scenecast/train-venv/bin/python models/experiments/yesno_lora.py [RANK [LR [STEPS]]]
 """
-import json
 import sys
 import time
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
-from yesno import MODELS, YesNo
-from train_projector import POSITIONS, WHERE, YESNO, add_lora, article, data_paths, pad
+from yesno import YesNo
+from train_projector import POSITIONS, WHERE, YESNO, add_lora, article, pad
 
 R = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 yn = YesNo()
 cfg = yn.cfg
-feats_path, meta_path = data_paths(cfg, yn.cache / "train" / cfg["name"], None)
-if not (feats_path.is_file() and meta_path.is_file()):
-    raise SystemExit(f"error: no cached features for this training configuration ({feats_path}); run `make projector` first")
-feats = torch.from_numpy(np.load(feats_path))
-metas = json.loads(meta_path.read_text())
-w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
-     for i in onnx.load(MODELS / "projector" / cfg["output"]).graph.initializer}
-
-
-def project(x):
-    h = x @ w["w1"] + w["b1"]
-    return torch.nn.functional.gelu(h) @ w["w2"] + w["b2"]
-
+feats, metas = yn.cached_scenes()
+project = yn.shipped_projector()
 
 adapted = add_lora(yn.model, {"rank": R, "alpha": 2 * R, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]})
 params = [p for m in adapted.values() for p in (m.a, m.b)]

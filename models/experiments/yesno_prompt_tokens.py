@@ -1,42 +1,28 @@
 #!/usr/bin/env python3
 """Do a few learned prompt tokens after the image tokens fix presence (yes/no) questions?
 
-The shipped projector is kept frozen; only K image-independent tokens, appended after its 64 image
+The shipped projector is kept frozen (models/README.md cites the numbers measured with run E's,
+which was shipped then and had no adapter); only K image-independent tokens, appended after its 64 image
 tokens (where a projector graph could emit them), are trained on yes/no questions about training
 scenes, then scored on the held-out pairs that `train_projector.py` composes for its grounding check.
 Needs the features `make projector` cached. Runs in the training venv, about 6 minutes on 2 cores:
 
     ~/.cache/scenecast/train-venv/bin/python models/experiments/yesno_prompt_tokens.py [K]
 """
-import json
 import sys
 import time
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
 
-from yesno import MODELS, YesNo
-from train_projector import YESNO, article, data_paths
+from yesno import YesNo
+from train_projector import YESNO, article
 
 K = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 yn = YesNo()
 cfg = yn.cfg
-feats_path, meta_path = data_paths(cfg, yn.cache / "train" / cfg["name"], None)
-if not (feats_path.is_file() and meta_path.is_file()):
-    raise SystemExit(f"error: no cached features for this training configuration ({feats_path}); run `make projector` first")
-feats = torch.from_numpy(np.load(feats_path))
-metas = json.loads(meta_path.read_text())
-w = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy())
-     for i in onnx.load(MODELS / "projector" / cfg["output"]).graph.initializer}
-
-
-def project(x):
-    """The shipped projector's graph (make_projector.graph_from) in torch."""
-    h = x @ w["w1"] + w["b1"]
-    return torch.nn.functional.gelu(h) @ w["w2"] + w["b2"]
-
+feats, metas = yn.cached_scenes()
+project = yn.shipped_projector()
 
 rng = np.random.default_rng(0)
 prompt = torch.nn.Parameter(yn.text("Answer yes or no about the objects in the image.")[:K].clone())
