@@ -25,29 +25,26 @@ pub fn ms_since(start: std::time::Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
-pub mod backbone;
-pub mod broker;
 pub mod cache;
 pub mod camera;
 pub mod config;
 pub mod daemon;
-pub mod encoder;
 pub mod eval;
 pub mod ffi;
 pub mod frame;
-pub mod generator;
+pub mod generate;
+pub mod llm;
 pub mod manifest;
 pub mod mqtt;
 pub mod onnx;
-pub mod preprocess;
-pub mod projector;
-pub mod prompt;
-pub mod sampler;
-pub mod sampling;
-pub mod scene;
-pub mod source;
-pub mod spool;
-pub mod systemd;
-pub mod wire;
-pub mod worker;
 pub mod vision;
+pub mod worker;
+
+// The flat paths of the earlier layout, while the code moves.
+pub use camera::{source, v4l2 as camera_v4l2};
+pub use daemon::systemd;
+pub use generate::{diffusion as sampler, generator};
+pub use llm::{backbone, prompt, sampling};
+pub use mqtt::{broker, spool, wire};
+pub use vision::{encoder, preprocess, projector};
+pub use worker::gate as scene;

@@ -6,6 +6,10 @@
 //! queue is answered `busy` at once. MQTT v5 requests are answered on their Response Topic with
 //! their Correlation Data; v3.1.1 requests carry `id` and `reply_to` in the JSON.
 
+pub mod broker;
+pub mod spool;
+pub mod wire;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -3,6 +3,8 @@
 //! changed scenes, and answers questions about the latest frame — questions first. Results go to
 //! the MQTT side as [`Outgoing`] values.
 
+pub mod gate;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};

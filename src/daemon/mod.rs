@@ -5,6 +5,8 @@
 //! Threads: a capture thread (source → [`FrameSlot`]), the inference worker (models), and a small
 //! tokio runtime for MQTT, signals and the watchdog. Nothing CPU-heavy runs on the runtime.
 
+pub mod systemd;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};

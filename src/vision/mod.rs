@@ -1,6 +1,10 @@
 //! The vision path as one unit: frame → encoder → pooled patch features → projector → image
 //! tokens. The last frame's features stay available for scene-change gating.
 
+pub mod encoder;
+pub mod preprocess;
+pub mod projector;
+
 use std::path::Path;
 
 use serde::Serialize;
