@@ -8,7 +8,13 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::cache;
+use crate::camera::CameraConfig;
+use crate::generate::GeneratorConfig;
+use crate::llm::LlmConfig;
 use crate::manifest::{Manifest, ManifestError};
+use crate::mqtt::{MqttConfig, RequestSettings};
+use crate::onnx::OnnxConfig;
+use crate::worker::{GateConfig, PrivacyConfig, RuntimeSettings};
 
 /// An error in the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -55,151 +61,6 @@ pub struct ModelsConfig {
     pub manifest: Option<PathBuf>,
 }
 
-/// An ONNX Runtime execution provider, in order of preference.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EpKind {
-    /// NVIDIA TensorRT.
-    Tensorrt,
-    /// NVIDIA CUDA.
-    Cuda,
-    /// The CPU (always available; the implicit last resort).
-    Cpu,
-}
-
-impl std::fmt::Display for EpKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            EpKind::Tensorrt => "tensorrt",
-            EpKind::Cuda => "cuda",
-            EpKind::Cpu => "cpu",
-        })
-    }
-}
-
-/// One entry of `onnx.execution_providers`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EpConfig {
-    /// Which provider.
-    pub kind: EpKind,
-    /// When true, failing to register this provider stops startup instead of falling back.
-    #[serde(default)]
-    pub required: bool,
-    /// The GPU (TensorRT, CUDA).
-    #[serde(default)]
-    pub device_id: i32,
-    /// TensorRT: build fp16 engines.
-    #[serde(default)]
-    pub fp16: bool,
-    /// TensorRT: where built engines are cached (default: `<cache>/tensorrt`).
-    pub engine_cache_dir: Option<PathBuf>,
-}
-
-/// ONNX Runtime settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OnnxConfig {
-    /// The `libonnxruntime.so` to load; else `ORT_DYLIB_PATH`; else the fetched cache's.
-    pub library: Option<PathBuf>,
-    /// Threads inside one operator (0: ONNX Runtime's default, one per core).
-    pub intra_threads: usize,
-    /// Providers in order of preference; the CPU is always the last resort.
-    pub execution_providers: Vec<EpConfig>,
-}
-
-impl Default for OnnxConfig {
-    fn default() -> Self {
-        OnnxConfig {
-            library: None,
-            intra_threads: 0,
-            execution_providers: vec![EpConfig { kind: EpKind::Cpu, required: false, device_id: 0, fp16: false, engine_cache_dir: None }],
-        }
-    }
-}
-
-/// The LLM backbone: llama.cpp settings, prompts and generation limits.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LlmConfig {
-    /// CPU threads (0: the number of physical cores).
-    pub threads: usize,
-    /// Context length in tokens: the scene prefix, a question and its answer must fit.
-    pub context: u32,
-    /// Most tokens decoded in one llama.cpp call (prefill chunk).
-    pub batch: u32,
-    /// Layers offloaded to the GPU (needs the `cuda` build; 0: CPU only).
-    pub gpu_layers: i32,
-    /// Most tokens in one caption or answer.
-    pub max_tokens: usize,
-    /// Longest accepted question, in characters.
-    pub max_question_chars: usize,
-    /// Replaces the manifest's system prompt.
-    pub system_prompt: Option<String>,
-    /// The question that asks for a caption.
-    pub caption_prompt: String,
-    /// A caption or answer that takes longer is cut off (seconds).
-    pub request_timeout_s: f64,
-    /// Sampling; the default (temperature 0) is greedy and deterministic.
-    pub sampling: crate::sampling::SamplingParams,
-}
-
-impl Default for LlmConfig {
-    fn default() -> Self {
-        LlmConfig {
-            threads: 0,
-            context: 2048,
-            batch: 512,
-            gpu_layers: 0,
-            max_tokens: 96,
-            max_question_chars: 500,
-            system_prompt: None,
-            caption_prompt: "Describe what you see in one sentence.".into(),
-            request_timeout_s: 60.0,
-            sampling: crate::sampling::SamplingParams::default(),
-        }
-    }
-}
-
-/// The number of physical CPU cores (logical CPUs where the topology is not known).
-pub fn physical_cores() -> usize {
-    let logical = std::thread::available_parallelism().map_or(1, usize::from);
-    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else { return logical };
-    let mut cores = std::collections::HashSet::new();
-    let mut physical = "0".to_owned();
-    for line in cpuinfo.lines() {
-        if let Some((key, value)) = line.split_once(':') {
-            match key.trim() {
-                "physical id" => physical = value.trim().to_owned(),
-                "core id" => {
-                    cores.insert((physical.clone(), value.trim().to_owned()));
-                }
-                _ => {}
-            }
-        }
-    }
-    if cores.is_empty() { logical } else { cores.len().min(logical) }
-}
-
-/// Where frames come from: a V4L2 camera when `[camera.v4l2]` is given, else images.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CameraConfig {
-    /// A V4L2 camera.
-    pub v4l2: Option<crate::camera::V4l2Config>,
-    /// An image file or a directory of images played as a slideshow (default: the fetched sample
-    /// photos, the demo camera).
-    pub path: Option<PathBuf>,
-    /// Seconds each slideshow frame stays (a still image is delivered again at this rate).
-    pub interval_s: f64,
-}
-
-impl Default for CameraConfig {
-    fn default() -> Self {
-        CameraConfig { v4l2: None, path: None, interval_s: 10.0 }
-    }
-}
-
 /// What the systemd watchdog checks before each ping.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -216,139 +77,6 @@ impl Default for WatchdogConfig {
     }
 }
 
-/// The MQTT protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum MqttProtocol {
-    /// MQTT 5 (request/response properties, message expiry).
-    #[serde(rename = "v5")]
-    V5,
-    /// MQTT 3.1.1 (requests carry `id` and `reply_to` in their JSON).
-    #[serde(rename = "v3.1.1")]
-    V311,
-}
-
-/// TLS to the broker.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// PEM file of the CA that signed the broker's certificate.
-    pub ca_file: PathBuf,
-    /// PEM client certificate, for brokers that require one (with `client_key`).
-    pub client_cert: Option<PathBuf>,
-    /// PEM private key of the client certificate.
-    pub client_key: Option<PathBuf>,
-}
-
-/// Home Assistant discovery.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DiscoveryConfig {
-    /// Publish discovery; when turned off, the device is removed from Home Assistant.
-    pub enabled: bool,
-    /// Home Assistant's discovery prefix.
-    pub prefix: String,
-}
-
-impl Default for DiscoveryConfig {
-    fn default() -> Self {
-        DiscoveryConfig { enabled: true, prefix: "homeassistant".into() }
-    }
-}
-
-/// MQTT.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MqttConfig {
-    /// Connect to a broker at all.
-    pub enabled: bool,
-    /// Broker host.
-    pub host: String,
-    /// Broker port (1883; 8883 is usual with TLS).
-    pub port: u16,
-    /// Protocol version.
-    pub protocol: MqttProtocol,
-    /// The device name: in the default client id, topic prefix and discovery id (default: hostname).
-    pub device: Option<String>,
-    /// Client id (default `scenecast-<device>`).
-    pub client_id: Option<String>,
-    /// Topic prefix (default `scenecast/<device>`).
-    pub topic_prefix: Option<String>,
-    /// Keep-alive interval in seconds.
-    pub keep_alive_s: u64,
-    /// User name.
-    pub username: Option<String>,
-    /// Password.
-    pub password: Option<String>,
-    /// TLS; absent means plain TCP.
-    pub tls: Option<TlsConfig>,
-    /// Reconnect backoff: first delay, seconds (doubles up to `reconnect_max_s`, with jitter).
-    pub reconnect_min_s: f64,
-    /// Reconnect backoff: longest delay, seconds.
-    pub reconnect_max_s: f64,
-    /// Largest accepted request payload, bytes.
-    pub max_payload_bytes: usize,
-    /// Requests waiting for the model; beyond this a request gets a `busy` reply.
-    pub request_queue: usize,
-    /// MQTT filters a reply topic must match (`#` allows any).
-    pub allowed_reply_topics: Vec<String>,
-    /// Messages kept on disk while the broker is unreachable; beyond this the oldest are dropped.
-    pub spool_limit: usize,
-    /// Where the spool lives (default: `<state dir>/spool`).
-    pub spool_dir: Option<PathBuf>,
-    /// Home Assistant discovery.
-    pub discovery: DiscoveryConfig,
-}
-
-impl Default for MqttConfig {
-    fn default() -> Self {
-        MqttConfig {
-            enabled: true,
-            host: "127.0.0.1".into(),
-            port: 1883,
-            protocol: MqttProtocol::V5,
-            device: None,
-            client_id: None,
-            topic_prefix: None,
-            keep_alive_s: 30,
-            username: None,
-            password: None,
-            tls: None,
-            reconnect_min_s: 0.5,
-            reconnect_max_s: 30.0,
-            max_payload_bytes: 16 * 1024,
-            request_queue: 8,
-            allowed_reply_topics: vec!["#".into()],
-            spool_limit: 1000,
-            spool_dir: None,
-            discovery: DiscoveryConfig::default(),
-        }
-    }
-}
-
-impl MqttConfig {
-    /// The device name in effect.
-    pub fn device_name(&self) -> String {
-        self.device.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "camera".into())
-        })
-    }
-
-    /// The device name reduced to what topics and ids allow.
-    pub fn device_id(&self) -> String {
-        self.device_name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
-    }
-
-    /// The client id in effect.
-    pub fn client_id(&self) -> String {
-        self.client_id.clone().unwrap_or_else(|| format!("scenecast-{}", self.device_id()))
-    }
-
-    /// The topic prefix in effect.
-    pub fn topic_prefix(&self) -> String {
-        self.topic_prefix.clone().unwrap_or_else(|| format!("scenecast/{}", self.device_id()))
-    }
-}
-
 /// Where the daemon keeps state (the spool): `$STATE_DIRECTORY` under systemd, else
 /// `$XDG_STATE_HOME/scenecast`, else `~/.local/state/scenecast`.
 pub fn default_state_dir() -> PathBuf {
@@ -362,69 +90,6 @@ pub fn default_state_dir() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/lib"));
     home.join(".local/state/scenecast")
-}
-
-/// How conditioning reaches the generator for scene re-renderings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConditionPath {
-    /// The text encoder on the LLM's own description (works with off-the-shelf weights).
-    #[default]
-    Text,
-    /// The output projector on the LLM's hidden states at the signal tokens.
-    Hidden,
-}
-
-/// The modality generator: limits, memory budget, output.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GeneratorConfig {
-    /// Serve `generate` requests (when the manifest has a generator).
-    pub enabled: bool,
-    /// Unload the generator after this many idle seconds, so a device with shared RAM does not hold it.
-    pub idle_unload_s: f64,
-    /// Most denoising steps a request may ask for.
-    pub max_steps: usize,
-    /// Largest image side a request may ask for, in pixels.
-    pub max_side: usize,
-    /// PNG or JPEG.
-    pub format: crate::generator::ImageFormat,
-    /// How `from_scene` renderings are conditioned: `text` (text encoder on the description) or
-    /// `hidden` (output projector on the LLM's hidden states).
-    pub condition: ConditionPath,
-    /// Longest prompt in characters; longer prompts are refused (the tokenizer's own token limit
-    /// truncates with a warning in the reply).
-    pub max_prompt_chars: usize,
-    /// Refuse to load when less memory than this is available (MiB, from /proc/meminfo; 0: no check).
-    pub min_free_mib: u64,
-}
-
-impl Default for GeneratorConfig {
-    fn default() -> Self {
-        GeneratorConfig {
-            enabled: true,
-            idle_unload_s: 120.0,
-            max_steps: 8,
-            max_side: 1024,
-            format: crate::generator::ImageFormat::Png,
-            condition: ConditionPath::Text,
-            max_prompt_chars: 2000,
-            min_free_mib: 0,
-        }
-    }
-}
-
-/// What the daemon may publish about what the camera sees.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PrivacyConfig {
-    /// Never publish camera pixels: the Home Assistant image entity shows only generated
-    /// re-renderings of the described scene, and requests for a snapshot are refused. Off by
-    /// default: then each caption's frame is published there as a JPEG snapshot.
-    pub no_camera_pixels: bool,
-    /// With `no_camera_pixels`, publish a re-rendering of each caption to the image entity
-    /// (costs one generator run per caption).
-    pub rerender_captions: bool,
 }
 
 /// The longest duration a config key may give, in seconds (1e9, about 31 years; the error
@@ -446,7 +111,7 @@ pub struct Config {
     /// Frame source.
     pub camera: CameraConfig,
     /// Scene-change gating.
-    pub scene: crate::scene::GateConfig,
+    pub scene: GateConfig,
     /// systemd watchdog checks.
     pub watchdog: WatchdogConfig,
     /// Where the spool lives (default: `$STATE_DIRECTORY`, `$XDG_STATE_HOME/scenecast`).
@@ -537,13 +202,8 @@ impl Config {
                 return Err(self.invalid("camera.v4l2", format!("width, height and fps must be positive, got {}x{} at {}", v.width, v.height, v.fps)));
             }
         }
-        let scene = &self.scene;
-        if !(0.0..=2.0).contains(&scene.change_threshold) {
-            return Err(self.invalid("scene.change_threshold", format!("{} is outside 0..2 (a cosine distance)", scene.change_threshold)));
-        }
-        if !(scene.min_interval_s >= 0.0 && scene.max_interval_s >= scene.min_interval_s) {
-            return Err(self.invalid("scene.max_interval_s", "must be >= scene.min_interval_s >= 0"));
-        }
+        // The prompt and the gating follow the same rule here as on SIGHUP and `config/set`.
+        self.runtime_settings().check().map_err(|e| self.invalid(e.key, e.message))?;
         if !(self.watchdog.max_frame_age_s > 0.0 && self.watchdog.max_stall_s > 0.0) {
             return Err(self.invalid("watchdog", "max_frame_age_s and max_stall_s must be positive"));
         }
@@ -573,9 +233,6 @@ impl Config {
                 return Err(self.invalid("mqtt.tls", "give both client_cert and client_key, or neither"));
             }
         }
-        if llm.caption_prompt.trim().is_empty() {
-            return Err(self.invalid("llm.caption_prompt", "is empty"));
-        }
         let g = &self.generator;
         if !(1..=64).contains(&g.max_steps) {
             return Err(self.invalid("generator.max_steps", format!("{} is outside 1..=64", g.max_steps)));
@@ -602,6 +259,20 @@ impl Config {
         self.models.cache_dir.clone().unwrap_or_else(cache::default_root)
     }
 
+    /// The settings that SIGHUP and `config/set` can change.
+    pub fn runtime_settings(&self) -> RuntimeSettings {
+        RuntimeSettings { caption_prompt: self.llm.caption_prompt.clone(), gate: self.scene.clone() }
+    }
+
+    /// The limits on MQTT requests that come from `[llm]` and `[generator]`.
+    pub fn request_settings(&self) -> RequestSettings {
+        RequestSettings {
+            max_question_chars: self.llm.max_question_chars,
+            max_prompt_chars: self.generator.max_prompt_chars,
+            image_type: self.generator.format.content_type(),
+        }
+    }
+
     /// The manifest in effect.
     pub fn manifest(&self) -> Result<Manifest, ManifestError> {
         match &self.models.manifest {
@@ -614,6 +285,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::onnx::EpKind;
 
     #[test]
     fn empty_config_is_the_cpu_default() {

@@ -13,11 +13,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::{Backbone, EngineError};
-use crate::frame::RgbImage;
-use crate::projector::ImageTokens;
-use crate::encoder::VisionError;
-use crate::vision::Vision;
+use crate::frame::{ImageError, RgbImage};
+use crate::llm::Backbone;
+use crate::pipeline::{Pipeline, StackError};
+use crate::vision::ImageTokens;
 
 /// What can go wrong while evaluating.
 #[derive(Debug, thiserror::Error)]
@@ -31,19 +30,11 @@ pub enum EvalError {
         reason: String,
     },
     /// A scene's image cannot be opened.
-    #[error("evaluation image {path}: {reason}")]
-    Image {
-        /// The image file.
-        path: PathBuf,
-        /// Why it could not be opened.
-        reason: String,
-    },
-    /// The encoder or projector failed.
     #[error(transparent)]
-    Vision(#[from] VisionError),
-    /// The LLM failed.
+    Image(#[from] ImageError),
+    /// The model stack failed.
     #[error(transparent)]
-    Engine(#[from] EngineError),
+    Stack(#[from] StackError),
 }
 
 /// An evaluation set.
@@ -269,14 +260,9 @@ pub fn score(scene: &Scene, categories: &[String], caption: &str, answers: &[Str
     (named, correct, tally)
 }
 
-/// Runs every scene through `vision` and `backbone`: a caption, then each question against the
-/// same cached scene prefix. `progress` sees each result as it is made.
-pub fn run(
-    set: &EvalSet,
-    vision: &mut Vision,
-    backbone: &mut Backbone,
-    progress: &mut dyn FnMut(usize, &SceneResult),
-) -> Result<Vec<SceneResult>, EvalError> {
+/// Runs every scene through the pipeline: a caption, then each question against the same cached
+/// scene prefix. `progress` sees each result as it is made.
+pub fn run(set: &EvalSet, pipeline: &mut Pipeline, progress: &mut dyn FnMut(usize, &SceneResult)) -> Result<Vec<SceneResult>, EvalError> {
     let mut tokens = ImageTokens::default();
     // Options carry a deadline, so each request gets fresh ones; answers are short, and a cap keeps
     // a runaway answer from costing minutes.
@@ -287,14 +273,17 @@ pub fn run(
     };
     let mut results = Vec::with_capacity(set.scenes.len());
     for (i, scene) in set.scenes.iter().enumerate() {
-        let image = RgbImage::open(&scene.image)
-            .map_err(|e| EvalError::Image { path: scene.image.clone(), reason: e.to_string() })?;
-        vision.run(&image, &mut tokens)?;
-        backbone.set_scene(i as u64, Some(&tokens))?;
-        let caption = backbone.ask(&set.caption_prompt, &options(backbone), &mut |_| true)?.text;
+        let image = RgbImage::open(&scene.image)?;
+        pipeline.set_scene(i as u64, &image, &mut tokens)?;
+        let backbone = &mut pipeline.backbone;
+        let mut ask = |question: &str| -> Result<String, StackError> {
+            let o = options(backbone);
+            Ok(backbone.ask(question, &o, &mut |_| true)?.text)
+        };
+        let caption = ask(&set.caption_prompt)?;
         let mut answers = Vec::with_capacity(scene.questions.len());
         for q in &scene.questions {
-            answers.push(backbone.ask(&q.question, &options(backbone), &mut |_| true)?.text);
+            answers.push(ask(&q.question)?);
         }
         let (named, correct, tally) = score(scene, &set.categories, &caption, &answers);
         let answers = scene

@@ -1,4 +1,5 @@
-//! Frames: the plain owned values that travel from a frame source into the pipeline.
+//! Frames and images: the plain owned values that travel from a frame source into the pipeline,
+//! and the one place that decodes and encodes image files.
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -11,14 +12,60 @@ pub struct RgbImage {
     pixels: Vec<u8>,
 }
 
-/// An error while decoding an image file.
+/// An error while decoding an image file or encoding an image.
 #[derive(Debug, thiserror::Error)]
-#[error("image {path}: {message} (expected a PNG or JPEG file)")]
-pub struct ImageError {
-    /// The file.
-    pub path: String,
-    /// What went wrong.
-    pub message: String,
+#[non_exhaustive]
+pub enum ImageError {
+    /// A file that does not decode.
+    #[error("image {path}: {message} (expected a PNG or JPEG file)")]
+    Decode {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// An image that does not encode.
+    #[error("encoding a {width}x{height} image as {format}: {message}")]
+    Encode {
+        /// The MIME type asked for.
+        format: &'static str,
+        /// Image width.
+        width: u32,
+        /// Image height.
+        height: u32,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// An image file format for published and generated images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// PNG (lossless).
+    #[default]
+    Png,
+    /// JPEG (quality 90).
+    Jpeg,
+}
+
+impl ImageFormat {
+    /// The MIME type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ImageFormat::Png => "image/png",
+            ImageFormat::Jpeg => "image/jpeg",
+        }
+    }
+
+    /// From a file name's extension (`.png`, `.jpg`, `.jpeg`).
+    pub fn from_path(path: &Path) -> Option<Self> {
+        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+            "png" => Some(ImageFormat::Png),
+            "jpg" | "jpeg" => Some(ImageFormat::Jpeg),
+            _ => None,
+        }
+    }
 }
 
 impl RgbImage {
@@ -59,7 +106,7 @@ impl RgbImage {
 
     /// Decodes a PNG or JPEG file.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
-        let err = |message: String| ImageError { path: path.display().to_string(), message };
+        let err = |message: String| ImageError::Decode { path: path.display().to_string(), message };
         let reader = image::ImageReader::open(path)
             .map_err(|e| err(e.to_string()))?
             .with_guessed_format()
@@ -68,6 +115,19 @@ impl RgbImage {
         let rgb = decoded.into_rgb8();
         let (width, height) = rgb.dimensions();
         RgbImage::from_pixels(width, height, rgb.into_raw()).ok_or_else(|| err("image has no pixels".into()))
+    }
+
+    /// Encodes the image as PNG or JPEG.
+    pub fn encode(&self, format: ImageFormat) -> Result<Vec<u8>, ImageError> {
+        use image::ImageEncoder as _;
+        let mut out = Vec::new();
+        let (w, h) = (self.width, self.height);
+        let result = match format {
+            ImageFormat::Png => image::codecs::png::PngEncoder::new(&mut out).write_image(&self.pixels, w, h, image::ExtendedColorType::Rgb8),
+            ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).write_image(&self.pixels, w, h, image::ExtendedColorType::Rgb8),
+        };
+        result.map_err(|e| ImageError::Encode { format: format.content_type(), width: w, height: h, message: e.to_string() })?;
+        Ok(out)
     }
 
     /// The image mirrored left to right.
@@ -92,4 +152,28 @@ pub struct Frame {
     pub captured_at: SystemTime,
     /// The pixels.
     pub image: RgbImage,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoded_png_and_jpeg_decode_to_the_same_size() {
+        let img = RgbImage::from_pixels(16, 8, (0..16 * 8 * 3).map(|i| (i % 251) as u8).collect()).unwrap();
+        for format in [ImageFormat::Png, ImageFormat::Jpeg] {
+            let bytes = img.encode(format).unwrap();
+            let decoded = image::load_from_memory(&bytes).unwrap();
+            assert_eq!((decoded.width(), decoded.height()), (16, 8), "{format:?}");
+        }
+        let png = img.encode(ImageFormat::Png).unwrap();
+        assert_eq!(image::load_from_memory(&png).unwrap().to_rgb8().into_raw(), img.pixels(), "PNG is lossless");
+    }
+
+    #[test]
+    fn formats_come_from_extensions() {
+        assert_eq!(ImageFormat::from_path(Path::new("a.PNG")), Some(ImageFormat::Png));
+        assert_eq!(ImageFormat::from_path(Path::new("a.jpeg")), Some(ImageFormat::Jpeg));
+        assert_eq!(ImageFormat::from_path(Path::new("a.gif")), None);
+    }
 }

@@ -1,50 +1,59 @@
 //! scenecast gives an edge camera a multimodal LLM and speaks MQTT.
 //!
-//! Data flows one way, through one module per component:
-//! frame ([`frame`], [`preprocess`]) → patch features ([`encoder`]) → image tokens
-//! ([`projector`]) → text ([`backbone`]). Model facts come from a [`manifest`]; model files from
-//! the [`cache`]. Each external system is known to exactly one module: ONNX Runtime to [`onnx`],
-//! llama.cpp's C API to [`ffi`] (the only `unsafe` code).
+//! Data flows one way, through one folder per part of the MM-LLM framework:
+//! frame ([`camera`]) → patch features and image tokens ([`vision`]) → text ([`llm`]) → image
+//! ([`generate`]) → MQTT ([`mqtt`]). [`pipeline`] loads the stack as one unit; the [`worker`]
+//! runs it on its own thread; the [`daemon`] wires the worker to the camera, MQTT and systemd.
+//! Model facts come from a [`manifest`]; model files from the [`cache`]. Each external system is
+//! known to exactly one module: ONNX Runtime to [`onnx`], llama.cpp's C API to a private `ffi`
+//! module (the only `unsafe` code), `rumqttc` to `mqtt`, `v4l` to `camera`.
+//!
+//! A module imports only from modules before it in that order (the foundation first:
+//! `cache`, `frame`, `manifest`, `onnx`, `ffi`, `util`); `tests/layers.rs` checks it.
 //!
 //! ```no_run
-//! use scenecast::{config::Config, frame::RgbImage, onnx::OnnxRuntime, projector::ImageTokens, vision::Vision};
+//! use scenecast::{Config, ImageTokens, Pipeline, RgbImage};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = Config::builtin();
-//! let manifest = config.manifest()?;
-//! let runtime = OnnxRuntime::init(&config.onnx, &config.cache_root())?;
-//! let mut vision = Vision::load(&runtime, &manifest, &config.cache_root(), None)?;
+//! let mut pipeline = Pipeline::load(config.manifest()?, &config.cache_root(), &config.onnx, &config.llm)?;
 //! let mut tokens = ImageTokens::default();
-//! vision.run(&RgbImage::open("cat.png".as_ref())?, &mut tokens)?;
-//! assert_eq!(tokens.n_tokens, manifest.n_image_tokens());
+//! pipeline.set_scene(0, &RgbImage::open("cat.png".as_ref())?, &mut tokens)?;
+//! println!("{}", pipeline.caption()?.text);
 //! # Ok(()) }
 //! ```
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-/// Milliseconds since `start`: the unit of every timing scenecast reports.
-pub fn ms_since(start: std::time::Instant) -> f64 {
-    start.elapsed().as_secs_f64() * 1e3
-}
-
+// The foundation: plain values, and one module per external system, usable by every layer.
 pub mod cache;
+mod ffi;
+pub mod frame;
+pub mod manifest;
+pub mod onnx;
+mod util;
+
+// The framework's parts, in the order data flows through them.
 pub mod camera;
+pub mod vision;
+pub mod llm;
+pub mod generate;
+pub mod pipeline;
+pub mod worker;
+pub mod mqtt;
+
+// Around them: the configuration file, the evaluation, the daemon.
 pub mod config;
 pub mod daemon;
 pub mod eval;
-pub mod ffi;
-pub mod frame;
-pub mod generate;
-pub mod llm;
-pub mod manifest;
-pub mod mqtt;
-pub mod onnx;
-pub mod vision;
-pub mod worker;
 
-// The flat paths of the earlier layout, while the code moves.
-pub use camera::{source, v4l2 as camera_v4l2};
-pub use daemon::systemd;
-pub use generate::{diffusion as sampler, generator};
-pub use llm::{backbone, prompt, sampling};
-pub use mqtt::{broker, spool, wire};
-pub use vision::{encoder, preprocess, projector};
-pub use worker::gate as scene;
+pub use config::Config;
+pub use ffi::release_free_memory;
+pub use frame::{Frame, RgbImage};
+pub use generate::Generator;
+pub use llm::Backbone;
+pub use manifest::Manifest;
+pub use onnx::OnnxRuntime;
+pub use pipeline::Pipeline;
+pub use util::{ms_since, physical_cores};
+pub use vision::{ImageTokens, Vision};
+pub use worker::Worker;

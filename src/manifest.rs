@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cache;
 
@@ -242,9 +242,9 @@ pub struct GeneratorSpec {
     pub size_multiple: usize,
     /// The training noise schedule.
     #[serde(default)]
-    pub schedule: crate::sampler::NoiseSchedule,
+    pub schedule: NoiseSchedule,
     /// Default sampler, steps, guidance and `[height, width]`.
-    pub sampler: crate::sampler::SamplerKind,
+    pub sampler: SamplerKind,
     /// Default number of steps.
     pub steps: usize,
     /// Default classifier-free guidance scale; 1 or less turns guidance off (SD-Turbo: 0).
@@ -453,6 +453,56 @@ impl Manifest {
             (None, Some(path)) => self.base_dir.join(path),
             (None, None) => PathBuf::new(), // excluded by validate()
         }
+    }
+}
+
+/// The training noise schedule of a Stable Diffusion model (from the manifest).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NoiseSchedule {
+    /// Training timesteps (1000).
+    #[serde(default = "default_train_steps")]
+    pub num_train_timesteps: usize,
+    /// β at the first timestep.
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    /// β at the last timestep.
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+}
+
+fn default_train_steps() -> usize {
+    1000
+}
+fn default_beta_start() -> f64 {
+    0.00085
+}
+fn default_beta_end() -> f64 {
+    0.012
+}
+
+impl Default for NoiseSchedule {
+    fn default() -> Self {
+        NoiseSchedule { num_train_timesteps: 1000, beta_start: 0.00085, beta_end: 0.012 }
+    }
+}
+
+/// Which sampler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerKind {
+    /// Euler with trailing timesteps (SD-Turbo's own scheduler; one step is the Turbo sampler).
+    Euler,
+    /// Latent consistency sampler.
+    Lcm,
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SamplerKind::Euler => "euler",
+            SamplerKind::Lcm => "lcm",
+        })
     }
 }
 

@@ -14,10 +14,74 @@ use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
 use crate::cache;
-use crate::config::{EpConfig, EpKind, OnnxConfig};
+use crate::ffi;
+use serde::Deserialize;
 
 /// The oldest ONNX Runtime this build loads (the `api-NN` feature it is built with).
 pub const MIN_ORT_VERSION: &str = "1.17";
+
+/// An ONNX Runtime execution provider, in order of preference.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EpKind {
+    /// NVIDIA TensorRT.
+    Tensorrt,
+    /// NVIDIA CUDA.
+    Cuda,
+    /// The CPU (always available; the implicit last resort).
+    Cpu,
+}
+
+impl std::fmt::Display for EpKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EpKind::Tensorrt => "tensorrt",
+            EpKind::Cuda => "cuda",
+            EpKind::Cpu => "cpu",
+        })
+    }
+}
+
+/// One entry of `onnx.execution_providers`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EpConfig {
+    /// Which provider.
+    pub kind: EpKind,
+    /// When true, failing to register this provider stops startup instead of falling back.
+    #[serde(default)]
+    pub required: bool,
+    /// The GPU (TensorRT, CUDA).
+    #[serde(default)]
+    pub device_id: i32,
+    /// TensorRT: build fp16 engines.
+    #[serde(default)]
+    pub fp16: bool,
+    /// TensorRT: where built engines are cached (default: `<cache>/tensorrt`).
+    pub engine_cache_dir: Option<PathBuf>,
+}
+
+/// ONNX Runtime settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnnxConfig {
+    /// The `libonnxruntime.so` to load; else `ORT_DYLIB_PATH`; else the fetched cache's.
+    pub library: Option<PathBuf>,
+    /// Threads inside one operator (0: ONNX Runtime's default, one per core).
+    pub intra_threads: usize,
+    /// Providers in order of preference; the CPU is always the last resort.
+    pub execution_providers: Vec<EpConfig>,
+}
+
+impl Default for OnnxConfig {
+    fn default() -> Self {
+        OnnxConfig {
+            library: None,
+            intra_threads: 0,
+            execution_providers: vec![EpConfig { kind: EpKind::Cpu, required: false, device_id: 0, fp16: false, engine_cache_dir: None }],
+        }
+    }
+}
 
 /// An error from ONNX Runtime or from a model that does not fit the manifest.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +196,7 @@ impl OnnxRuntime {
                 let load_err = |message: String| OnnxError::LibraryLoad { path: path.clone(), origin, message };
                 let builder = ort::init_from(&canonical).map_err(|e| load_err(e.to_string()))?;
                 let environment = builder.with_name("scenecast").build().map_err(|e| load_err(e.to_string()))?;
-                let version = crate::ffi::ort_version(&canonical).unwrap_or_else(|| "unknown".into());
+                let version = ffi::ort_version(&canonical).unwrap_or_else(|| "unknown".into());
                 let loaded = Arc::new(Loaded { environment, library: canonical, version });
                 *slot = Some(loaded.clone());
                 loaded

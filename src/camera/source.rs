@@ -1,4 +1,4 @@
-//! Frame sources behind one trait: a V4L2 camera ([`crate::camera`]), and here a still image or a
+//! Frame sources behind one trait: a V4L2 camera ([`super::V4l2Source`]), and here a still image or a
 //! slideshow of a directory (the demo camera, using the fetched sample photos). A capture thread
 //! pulls frames and puts each in the [`FrameSlot`], which keeps only the newest.
 
@@ -10,7 +10,7 @@ use crate::frame::{Frame, ImageError, RgbImage};
 /// An error of a frame source.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum SourceError {
+pub enum CameraError {
     /// The path has no usable images.
     #[error("frame source {path}: no PNG or JPEG images (expected an image file or a directory of them)")]
     Empty {
@@ -34,7 +34,7 @@ pub enum SourceError {
 pub trait FrameSource: Send {
     /// Blocks until the next frame. An error means this attempt failed (a camera that vanished,
     /// a file that no longer decodes); the caller retries with backoff.
-    fn next_frame(&mut self) -> Result<Frame, SourceError>;
+    fn next_frame(&mut self) -> Result<Frame, CameraError>;
 }
 
 /// The latest frame, shared between the capture thread and the worker. Old frames are replaced,
@@ -84,10 +84,10 @@ pub struct Slideshow {
 
 impl Slideshow {
     /// A slideshow of `path` (an image, or a directory of images).
-    pub fn open(path: &Path, interval: Duration) -> Result<Self, SourceError> {
+    pub fn open(path: &Path, interval: Duration) -> Result<Self, CameraError> {
         let files = if path.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|source| SourceError::Io { path: path.to_owned(), source })?
+                .map_err(|source| CameraError::Io { path: path.to_owned(), source })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| matches!(p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(), Some("png" | "jpg" | "jpeg")))
                 .collect();
@@ -99,7 +99,7 @@ impl Slideshow {
             Vec::new()
         };
         if files.is_empty() {
-            return Err(SourceError::Empty { path: path.to_owned() });
+            return Err(CameraError::Empty { path: path.to_owned() });
         }
         Ok(Slideshow { files, interval, next_index: 0, next_due: Instant::now(), seq: 0 })
     }
@@ -108,7 +108,7 @@ impl Slideshow {
 impl FrameSource for Slideshow {
     /// The next image once its time has come; a still image is delivered again every interval,
     /// as a camera pointed at a still scene would.
-    fn next_frame(&mut self) -> Result<Frame, SourceError> {
+    fn next_frame(&mut self) -> Result<Frame, CameraError> {
         let now = Instant::now();
         if now < self.next_due {
             std::thread::sleep(self.next_due - now);

@@ -13,8 +13,8 @@ use v4l::io::traits::CaptureStream;
 use v4l::video::Capture;
 
 use crate::frame::{Frame, RgbImage};
-use crate::preprocess::{rgb24_to_rgb, FrameConverter, PreprocessError};
-use crate::source::{FrameSource, SourceError};
+use super::convert::{rgb24_to_rgb, ConvertError, FrameConverter};
+use super::source::{CameraError, FrameSource};
 
 /// The pixel formats scenecast converts, in order of preference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub fn choose_format(offers: &[([u8; 4], Vec<(u32, u32)>)], want: (u32, u32)) ->
 }
 
 /// Converts one captured buffer to RGB8: the device path's conversion, shared with the tests.
-pub fn convert_buffer(format: PixelFormat, width: u32, height: u32, stride: u32, data: &[u8], converter: &mut FrameConverter, out: &mut RgbImage) -> Result<(), PreprocessError> {
+pub fn convert_buffer(format: PixelFormat, width: u32, height: u32, stride: u32, data: &[u8], converter: &mut FrameConverter, out: &mut RgbImage) -> Result<(), ConvertError> {
     match format {
         PixelFormat::Mjpeg => converter.mjpeg_to_rgb(data, 8192, out),
         PixelFormat::Yuyv => converter.yuyv_to_rgb(data, width, height, stride.max(width * 2), out),
@@ -111,8 +111,8 @@ pub struct V4l2Source {
     retry_at: Instant,
 }
 
-fn source_err(config: &V4l2Config, message: String) -> SourceError {
-    SourceError::Io { path: config.device.clone(), source: std::io::Error::other(message) }
+fn source_err(config: &V4l2Config, message: String) -> CameraError {
+    CameraError::Io { path: config.device.clone(), source: std::io::Error::other(message) }
 }
 
 impl V4l2Source {
@@ -122,7 +122,7 @@ impl V4l2Source {
         V4l2Source { config, open: None, converter: FrameConverter::new(), seq: 0, backoff: Duration::from_millis(500), retry_at: Instant::now() }
     }
 
-    fn open(&self) -> Result<Open, SourceError> {
+    fn open(&self) -> Result<Open, CameraError> {
         let c = &self.config;
         let err = |what: &str, e: std::io::Error| source_err(c, format!("{what}: {e}"));
         let device = v4l::Device::with_path(&c.device).map_err(|e| err("cannot open (is the camera connected, and this user in the video group?)", e))?;
@@ -158,7 +158,7 @@ impl V4l2Source {
 }
 
 impl FrameSource for V4l2Source {
-    fn next_frame(&mut self) -> Result<Frame, SourceError> {
+    fn next_frame(&mut self) -> Result<Frame, CameraError> {
         if self.open.is_none() {
             let now = Instant::now();
             if now < self.retry_at {

@@ -5,23 +5,22 @@
 //! Threads: a capture thread (source → [`FrameSlot`]), the inference worker (models), and a small
 //! tokio runtime for MQTT, signals and the watchdog. Nothing CPU-heavy runs on the runtime.
 
-pub mod systemd;
+mod systemd;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::backbone::{Backbone, EngineError};
-use crate::config::{Config, ConfigError};
-use crate::encoder::VisionError;
-use crate::manifest::ManifestError;
-use crate::mqtt::MqttError;
-use crate::onnx::{OnnxError, OnnxRuntime};
-use crate::source::{FrameSlot, FrameSource, SourceError};
-use crate::systemd::Notifier;
-use crate::vision::Vision;
-use crate::worker::{Progress, Worker, RuntimeSettings};
+use crate::cache;
+use crate::camera::{self, CameraError, FrameSlot, FrameSource};
+use crate::config::{Config, ConfigError, WatchdogConfig};
+use crate::generate::OnDemand;
+use crate::mqtt::{self, MqttError};
+use crate::pipeline::{Pipeline, StackError};
+use crate::worker::{Progress, RuntimeSettings, Worker};
+
+pub use systemd::{logs_to_journal, watchdog_interval, Notifier};
 
 /// An error that stops the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -30,46 +29,27 @@ pub enum DaemonError {
     /// The configuration.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The model manifest.
+    /// The model stack.
     #[error(transparent)]
-    Manifest(#[from] ManifestError),
-    /// ONNX Runtime.
-    #[error(transparent)]
-    Onnx(#[from] OnnxError),
-    /// The vision models.
-    #[error(transparent)]
-    Vision(#[from] VisionError),
-    /// The LLM.
-    #[error(transparent)]
-    Engine(#[from] EngineError),
+    Stack(#[from] StackError),
     /// The frame source.
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Camera(#[from] CameraError),
     /// MQTT.
     #[error(transparent)]
     Mqtt(#[from] MqttError),
     /// Threads, signals, the runtime.
-    #[error("{0}")]
-    Runtime(String),
+    #[error("{what}: {source}")]
+    Runtime {
+        /// What could not be started.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
-fn runtime_err(what: &str) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
-    move |e| DaemonError::Runtime(format!("{what}: {e}"))
-}
-
-fn worker_settings(config: &Config) -> RuntimeSettings {
-    RuntimeSettings { caption_prompt: config.llm.caption_prompt.clone(), gate: config.scene.clone() }
-}
-
-
-fn open_source(config: &Config) -> Result<Box<dyn FrameSource>, DaemonError> {
-    Ok(match &config.camera.v4l2 {
-        Some(v4l2) => Box::new(crate::camera::V4l2Source::new(v4l2.clone())),
-        None => {
-            let path = config.camera.path.clone().unwrap_or_else(|| crate::cache::models_dir(&config.cache_root()).join("photos"));
-            Box::new(crate::source::Slideshow::open(&path, Duration::from_secs_f64(config.camera.interval_s))?)
-        }
-    })
+fn runtime_err(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
+    move |source| DaemonError::Runtime { what, source }
 }
 
 /// Pulls frames into the slot until `stop`; failures are logged (once per kind of failure in a
@@ -99,11 +79,9 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     let notifier = Arc::new(Notifier::from_env());
     notifier.status("loading models");
     let root = config.cache_root();
-    let manifest = config.manifest()?;
-    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
-    let backbone = Backbone::load(&manifest, &root, &config.llm)?;
-    let vision = Vision::load(&runtime, &manifest, &root, Some(&backbone.summary().gguf))?;
-    let source = open_source(&config)?;
+    let manifest = config.manifest().map_err(StackError::from)?;
+    let Pipeline { manifest, runtime, backbone, vision, .. } = Pipeline::load(manifest, &root, &config.onnx, &config.llm)?;
+    let source = camera::open(&config.camera, &cache::models_dir(&root))?;
     let state_dir = config.state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -116,12 +94,12 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     let tokio_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(runtime_err("tokio runtime"))?;
     tokio_rt.block_on(async move {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
-        let settings = Arc::new(RwLock::new(worker_settings(&config)));
-        let mqtt = crate::mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, crate::mqtt::RequestSettings::from_config(&config))?;
+        let settings = Arc::new(RwLock::new(config.runtime_settings()));
+        let mqtt = mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, config.request_settings())?;
         let progress = Arc::new(Progress::default());
         // The generator is loaded on the first request that needs it, not here.
         let generator = (manifest.generator.is_some() && config.generator.enabled)
-            .then(|| crate::generator::OnDemand::new(runtime.clone(), manifest.clone(), root.clone(), config.generator.clone()));
+            .then(|| OnDemand::new(runtime.clone(), manifest.clone(), root.clone(), config.generator.clone()));
         let worker = Worker {
             vision,
             backbone,
@@ -133,7 +111,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
             privacy: config.privacy.clone(),
             image_format: config.generator.format,
         };
-        let (out, worker_stop) = (mqtt.outgoing.clone(), stop.clone());
+        let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
         let worker_thread = std::thread::Builder::new().name("inference".into()).spawn(move || worker.run(questions_rx, out, worker_stop)).map_err(runtime_err("inference thread"))?;
 
         // READY=1 once the models are loaded (above) and the first frame is in.
@@ -160,8 +138,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
 
 /// Pings the watchdog only while frames are fresh and the worker makes progress; refreshes
 /// `STATUS=` with counters.
-async fn watchdog_loop(notifier: Arc<Notifier>, slot: Arc<FrameSlot>, progress: Arc<Progress>, limits: crate::config::WatchdogConfig) {
-    let interval = crate::systemd::watchdog_interval().map_or(Duration::from_secs(10), |w| w / 2);
+async fn watchdog_loop(notifier: Arc<Notifier>, slot: Arc<FrameSlot>, progress: Arc<Progress>, limits: WatchdogConfig) {
+    let interval = watchdog_interval().map_or(Duration::from_secs(10), |w| w / 2);
     let mut tick = tokio::time::interval(interval);
     let mut last_status = Instant::now();
     loop {
@@ -217,14 +195,13 @@ fn reload(config_path: Option<&std::path::Path>, settings: &Arc<RwLock<RuntimeSe
     };
     match Config::load(path) {
         Ok(config) => {
-            let new = worker_settings(&config);
-            if let Ok(mut current) = settings.write() {
-                if *current != new {
-                    tracing::info!(prompt = %new.caption_prompt, threshold = new.gate.change_threshold, "SIGHUP: applied prompts and scene gating");
-                    *current = new;
-                } else {
-                    tracing::info!("SIGHUP: nothing to apply");
-                }
+            let new = config.runtime_settings();
+            let mut current = crate::util::write(settings);
+            if *current != new {
+                tracing::info!(prompt = %new.caption_prompt, threshold = new.gate.change_threshold, "SIGHUP: applied prompts and scene gating");
+                *current = new;
+            } else {
+                tracing::info!("SIGHUP: nothing to apply");
             }
             tracing::info!("model, MQTT and camera settings apply on restart");
         }

@@ -8,38 +8,7 @@
 //! - LCM: x₀ = (x − √(1−ᾱ_t)·ε)/√ᾱ_t; denoised = c_out·x₀ + c_skip·x; then, except after the last
 //!   step, x ← √ᾱ_prev·denoised + √(1−ᾱ_prev)·noise.
 
-use serde::Deserialize;
-
-/// The training noise schedule of a Stable Diffusion model (from the manifest).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct NoiseSchedule {
-    /// Training timesteps (1000).
-    #[serde(default = "default_train_steps")]
-    pub num_train_timesteps: usize,
-    /// β at the first timestep.
-    #[serde(default = "default_beta_start")]
-    pub beta_start: f64,
-    /// β at the last timestep.
-    #[serde(default = "default_beta_end")]
-    pub beta_end: f64,
-}
-
-fn default_train_steps() -> usize {
-    1000
-}
-fn default_beta_start() -> f64 {
-    0.00085
-}
-fn default_beta_end() -> f64 {
-    0.012
-}
-
-impl Default for NoiseSchedule {
-    fn default() -> Self {
-        NoiseSchedule { num_train_timesteps: 1000, beta_start: 0.00085, beta_end: 0.012 }
-    }
-}
+use crate::manifest::{NoiseSchedule, SamplerKind};
 
 impl NoiseSchedule {
     /// ᾱ_t for every training timestep ("scaled_linear": β linear in √β).
@@ -57,25 +26,6 @@ impl NoiseSchedule {
     }
 }
 
-/// Which sampler.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SamplerKind {
-    /// Euler with trailing timesteps (SD-Turbo's own scheduler; one step is the Turbo sampler).
-    Euler,
-    /// Latent consistency sampler.
-    Lcm,
-}
-
-impl std::fmt::Display for SamplerKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            SamplerKind::Euler => "euler",
-            SamplerKind::Lcm => "lcm",
-        })
-    }
-}
-
 /// LCM's fixed settings (diffusers' defaults for LCM-distilled SD models).
 const LCM_ORIGINAL_STEPS: usize = 50;
 const LCM_TIMESTEP_SCALING: f64 = 10.0;
@@ -83,7 +33,7 @@ const LCM_SIGMA_DATA: f64 = 0.5;
 
 /// A sampler set up for a number of steps.
 #[derive(Debug, Clone)]
-pub struct Sampler {
+pub struct DiffusionSampler {
     kind: SamplerKind,
     alphas_cumprod: Vec<f64>,
     timesteps: Vec<usize>,
@@ -100,9 +50,9 @@ pub struct StepOut {
     pub denoised: Vec<f32>,
 }
 
-impl Sampler {
+impl DiffusionSampler {
     /// Sets up `steps` steps (1 or more; at most the training timesteps, LCM at most 50).
-    pub fn new(kind: SamplerKind, schedule: &NoiseSchedule, steps: usize) -> Sampler {
+    pub fn new(kind: SamplerKind, schedule: &NoiseSchedule, steps: usize) -> DiffusionSampler {
         let n = schedule.num_train_timesteps;
         let alphas_cumprod = schedule.alphas_cumprod();
         let steps = steps.max(1);
@@ -122,7 +72,7 @@ impl Sampler {
         };
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| ((1.0 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt()).collect();
         sigmas.push(0.0);
-        Sampler { kind, alphas_cumprod, timesteps, sigmas }
+        DiffusionSampler { kind, alphas_cumprod, timesteps, sigmas }
     }
 
     /// The timesteps, one per step, in order.
@@ -195,7 +145,7 @@ impl Sampler {
 pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
     let mut state = seed ^ 0xD1B5_4A32_D192_ED03;
     // (0, 1]: never 0, so the logarithm is finite.
-    let mut next = move || ((crate::sampling::splitmix64(&mut state) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    let mut next = move || ((crate::util::splitmix64(&mut state) >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
     let mut out = Vec::with_capacity(n + 1);
     while out.len() < n {
         let (u1, u2) = (next(), next());
@@ -253,7 +203,7 @@ mod tests {
     fn euler_trailing_matches_diffusers() {
         let fx = fixtures();
         for (steps, e) in &fx.euler {
-            let s = Sampler::new(SamplerKind::Euler, &NoiseSchedule::default(), steps.parse().unwrap());
+            let s = DiffusionSampler::new(SamplerKind::Euler, &NoiseSchedule::default(), steps.parse().unwrap());
             let ts: Vec<f64> = s.timesteps().iter().map(|&t| t as f64).collect();
             assert_eq!(ts, e.timesteps, "{steps} steps");
             for (a, b) in s.sigmas().iter().zip(&e.sigmas) {
@@ -273,7 +223,7 @@ mod tests {
     fn lcm_matches_diffusers() {
         let fx = fixtures();
         for (steps, l) in &fx.lcm {
-            let s = Sampler::new(SamplerKind::Lcm, &NoiseSchedule::default(), steps.parse().unwrap());
+            let s = DiffusionSampler::new(SamplerKind::Lcm, &NoiseSchedule::default(), steps.parse().unwrap());
             assert_eq!(s.timesteps(), l.timesteps.as_slice(), "{steps} steps");
             assert_eq!(s.init_noise_sigma(), l.init_noise_sigma);
             let out = s.step(&fx.model_output, 0, &fx.sample, &l.noise);

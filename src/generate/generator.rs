@@ -1,6 +1,6 @@
 //! The modality generator: a distilled latent diffusion model (SD-Turbo layout) on ONNX Runtime.
 //!
-//! Conditioning → UNet denoising steps (see [`crate::sampler`]) → VAE decoder → RGB8 image.
+//! Conditioning → UNet denoising steps (see [`super::DiffusionSampler`]) → VAE decoder → RGB8 image.
 //! Conditioning comes either from the text encoder on a prompt (CLIP tokenizer from a
 //! `tokenizer.json`), or from the output projector on the LLM's hidden states at the signal tokens.
 //! Every model fact (tensor names, widths, scaling, sizes, defaults) comes from the manifest's
@@ -14,9 +14,10 @@ use serde::Serialize;
 use crate::cache::{self, CacheError};
 use crate::frame::RgbImage;
 use crate::manifest::{GeneratorSpec, Manifest};
-use crate::ms_since;
+use crate::util::ms_since;
 use crate::onnx::{Element, Input, OnnxError, OnnxRuntime, OnnxSession};
-use crate::sampler::{gaussian_noise, Sampler, SamplerKind};
+use crate::manifest::SamplerKind;
+use super::diffusion::{gaussian_noise, DiffusionSampler};
 
 /// An error from the generator, naming what is wrong and what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -66,14 +67,9 @@ pub enum GeneratorError {
         /// The configured floor.
         required_mib: u64,
     },
-    /// Encoding the image file failed.
-    #[error("encoding the image as {format}: {reason}")]
-    Encode {
-        /// PNG or JPEG.
-        format: &'static str,
-        /// The encoder's message.
-        reason: String,
-    },
+    /// A prompt that cannot be rendered.
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
 }
 
 /// One render's settings.
@@ -98,6 +94,66 @@ pub struct RenderLimits {
     pub max_steps: usize,
     /// Largest side in pixels.
     pub max_side: usize,
+    /// Longest prompt in characters (`generator.max_prompt_chars`).
+    pub max_prompt_chars: usize,
+}
+
+/// What a request (CLI or MQTT) may change of the manifest's defaults; `None` keeps the default.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RenderRequest {
+    /// Noise seed.
+    pub seed: Option<u64>,
+    /// Denoising steps.
+    pub steps: Option<usize>,
+    /// Image width in pixels.
+    pub width: Option<usize>,
+    /// Image height in pixels.
+    pub height: Option<usize>,
+    /// Classifier-free guidance scale.
+    pub guidance: Option<f32>,
+    /// The sampler.
+    pub sampler: Option<SamplerKind>,
+}
+
+impl RenderRequest {
+    /// The manifest's defaults with this request's changes, checked against the model and `limits`.
+    /// `seed` is used when the request gives none.
+    pub fn options(&self, spec: &GeneratorSpec, limits: RenderLimits, seed: u64) -> Result<RenderOptions, GeneratorError> {
+        let mut options = Generator::default_options(spec, self.seed.unwrap_or(seed));
+        options.steps = self.steps.unwrap_or(options.steps);
+        options.size = [self.height.unwrap_or(options.size[0]), self.width.unwrap_or(options.size[1])];
+        options.guidance = self.guidance.unwrap_or(options.guidance);
+        options.sampler = self.sampler.unwrap_or(options.sampler);
+        Generator::check(spec, &options, limits)?;
+        Ok(options)
+    }
+}
+
+/// Checks a generation prompt: given (unless the scene's description is rendered, `from_scene`),
+/// not blank, and at most `limit` characters.
+pub fn check_prompt(prompt: Option<&str>, from_scene: bool, limit: usize) -> Result<(), PromptError> {
+    match prompt {
+        Some(p) if p.trim().is_empty() && !from_scene => Err(PromptError::Empty),
+        None if !from_scene => Err(PromptError::Empty),
+        Some(p) if p.chars().count() > limit => Err(PromptError::TooLong { chars: p.chars().count(), limit }),
+        _ => Ok(()),
+    }
+}
+
+/// A generation prompt that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PromptError {
+    /// No prompt and nothing else to render.
+    #[error("the prompt is empty; give a prompt, or render the scene's description")]
+    Empty,
+    /// Longer than `generator.max_prompt_chars`.
+    #[error("the prompt has {chars} characters; the limit is {limit} (generator.max_prompt_chars)")]
+    TooLong {
+        /// Its length.
+        chars: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
 
 /// What to condition on.
@@ -130,6 +186,8 @@ pub struct RenderTimings {
 /// A rendered image.
 #[derive(Debug, Clone)]
 pub struct Rendered {
+    /// The prompt was cut at the tokenizer's limit of this many tokens (see [`Rendered::warning`]).
+    pub context_tokens: usize,
     /// The image.
     pub image: RgbImage,
     /// Prompt tokens used (after truncation), including BOS and EOS; 0 for hidden-state conditioning.
@@ -138,6 +196,15 @@ pub struct Rendered {
     pub truncated_tokens: usize,
     /// Timings.
     pub timings: RenderTimings,
+}
+
+impl Rendered {
+    /// The warning for the requester when the prompt was cut at the tokenizer's limit.
+    pub fn warning(&self) -> Option<String> {
+        (self.truncated_tokens > 0).then(|| {
+            format!("the prompt was cut to the tokenizer's limit of {} tokens ({} tokens dropped)", self.context_tokens, self.truncated_tokens)
+        })
+    }
 }
 
 /// The loaded generator.
@@ -335,7 +402,7 @@ impl Generator {
         let [height, width] = options.size;
         let (lh, lw, ch) = (height / spec.vae_scale, width / spec.vae_scale, spec.latent_channels);
         let n = ch * lh * lw;
-        let sampler = Sampler::new(options.sampler, &spec.schedule, options.steps);
+        let sampler = DiffusionSampler::new(options.sampler, &spec.schedule, options.steps);
         let sigma0 = sampler.init_noise_sigma() as f32;
         let mut latents: Vec<f32> = gaussian_noise(options.seed, n).into_iter().map(|x| x * sigma0).collect();
         let batch = if guided { 2 } else { 1 };
@@ -386,95 +453,13 @@ impl Generator {
         let image = to_rgb8(&pixels, width, height);
         let vae_ms = ms_since(vae_start);
         Ok(Rendered {
+            context_tokens: self.spec.context_tokens,
             image,
             prompt_tokens,
             truncated_tokens,
             timings: RenderTimings { condition_ms, step_ms, vae_ms, total_ms: ms_since(start) },
         })
     }
-}
-
-/// The generator, loaded when first needed and unloaded after an idle time, so a device with
-/// shared memory holds it only while it is in use.
-pub struct OnDemand {
-    runtime: OnnxRuntime,
-    manifest: Manifest,
-    cache_root: PathBuf,
-    config: crate::config::GeneratorConfig,
-    loaded: Option<Generator>,
-    last_used: Instant,
-}
-
-impl OnDemand {
-    /// Nothing is loaded until [`OnDemand::get`].
-    pub fn new(runtime: OnnxRuntime, manifest: Manifest, cache_root: PathBuf, config: crate::config::GeneratorConfig) -> Self {
-        OnDemand { runtime, manifest, cache_root, config, loaded: None, last_used: Instant::now() }
-    }
-
-    /// The manifest's generator section, or why there is none to use.
-    pub fn spec(&self) -> Result<&GeneratorSpec, GeneratorError> {
-        if !self.config.enabled {
-            return Err(GeneratorError::Disabled);
-        }
-        self.manifest.generator.as_ref().ok_or_else(|| GeneratorError::NotConfigured(self.manifest.origin.clone()))
-    }
-
-    /// The request limits from the config.
-    pub fn limits(&self) -> RenderLimits {
-        RenderLimits { max_steps: self.config.max_steps, max_side: self.config.max_side }
-    }
-
-    /// The generator config.
-    pub fn config(&self) -> &crate::config::GeneratorConfig {
-        &self.config
-    }
-
-    /// Whether the models are in memory.
-    pub fn is_loaded(&self) -> bool {
-        self.loaded.is_some()
-    }
-
-    /// The generator, loading it first if needed; the second value is the load time in ms when
-    /// this call loaded it.
-    pub fn get(&mut self) -> Result<(&mut Generator, Option<f64>), GeneratorError> {
-        self.spec()?;
-        self.last_used = Instant::now();
-        let mut load_ms = None;
-        if self.loaded.is_none() {
-            if self.config.min_free_mib > 0 {
-                if let Some(available_mib) = mem_available_mib() {
-                    if available_mib < self.config.min_free_mib {
-                        return Err(GeneratorError::Memory { available_mib, required_mib: self.config.min_free_mib });
-                    }
-                }
-            }
-            let generator = Generator::load(&self.runtime, &self.manifest, &self.cache_root)?;
-            load_ms = Some(generator.load_ms());
-            self.loaded = Some(generator);
-        }
-        Ok((self.loaded.as_mut().expect("loaded above"), load_ms))
-    }
-
-    /// Unloads the generator when it has been idle for `generator.idle_unload_s`; returns the
-    /// time the unload took when it did.
-    pub fn unload_if_idle(&mut self) -> Option<f64> {
-        if self.loaded.is_some() && self.last_used.elapsed().as_secs_f64() >= self.config.idle_unload_s {
-            let start = Instant::now();
-            self.loaded = None;
-            crate::ffi::release_free_memory();
-            let ms = ms_since(start);
-            tracing::info!(unload_ms = ms, idle_s = self.config.idle_unload_s, "generator unloaded after idling");
-            return Some(ms);
-        }
-        None
-    }
-}
-
-/// `MemAvailable` from /proc/meminfo, in MiB.
-pub fn mem_available_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib / 1024)
 }
 
 /// Planar `[3, h, w]` values in [-1, 1] to interleaved RGB8.
@@ -490,49 +475,6 @@ fn to_rgb8(planar: &[f32], width: usize, height: usize) -> RgbImage {
     RgbImage::from_pixels(width as u32, height as u32, rgb).expect("buffer sized for width x height")
 }
 
-/// An image file format for generated images.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageFormat {
-    /// PNG (lossless).
-    #[default]
-    Png,
-    /// JPEG (quality 90).
-    Jpeg,
-}
-
-impl ImageFormat {
-    /// The MIME type.
-    pub fn content_type(self) -> &'static str {
-        match self {
-            ImageFormat::Png => "image/png",
-            ImageFormat::Jpeg => "image/jpeg",
-        }
-    }
-
-    /// From a file name's extension (`.png`, `.jpg`, `.jpeg`).
-    pub fn from_path(path: &Path) -> Option<Self> {
-        match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
-            "png" => Some(ImageFormat::Png),
-            "jpg" | "jpeg" => Some(ImageFormat::Jpeg),
-            _ => None,
-        }
-    }
-}
-
-/// Encodes an image as PNG or JPEG.
-pub fn encode_image(image: &RgbImage, format: ImageFormat) -> Result<Vec<u8>, GeneratorError> {
-    use image::ImageEncoder as _;
-    let mut out = Vec::new();
-    let (w, h) = (image.width(), image.height());
-    let result = match format {
-        ImageFormat::Png => image::codecs::png::PngEncoder::new(&mut out).write_image(image.pixels(), w, h, image::ExtendedColorType::Rgb8),
-        ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).write_image(image.pixels(), w, h, image::ExtendedColorType::Rgb8),
-    };
-    result.map_err(|e| GeneratorError::Encode { format: format.content_type(), reason: e.to_string() })?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,24 +485,5 @@ mod tests {
         let planar = [-1.0, 1.5, -1.0, 1.0, -2.0, 0.99];
         let img = to_rgb8(&planar, 2, 1);
         assert_eq!(img.pixels(), &[0, 0, 0, 255, 255, 254]);
-    }
-
-    #[test]
-    fn encoded_png_and_jpeg_decode_to_the_same_size() {
-        let img = RgbImage::from_pixels(16, 8, (0..16 * 8 * 3).map(|i| (i % 251) as u8).collect()).unwrap();
-        for format in [ImageFormat::Png, ImageFormat::Jpeg] {
-            let bytes = encode_image(&img, format).unwrap();
-            let decoded = image::load_from_memory(&bytes).unwrap();
-            assert_eq!((decoded.width(), decoded.height()), (16, 8), "{format:?}");
-        }
-        let png = encode_image(&img, ImageFormat::Png).unwrap();
-        assert_eq!(image::load_from_memory(&png).unwrap().to_rgb8().into_raw(), img.pixels(), "PNG is lossless");
-    }
-
-    #[test]
-    fn formats_come_from_extensions() {
-        assert_eq!(ImageFormat::from_path(Path::new("a.PNG")), Some(ImageFormat::Png));
-        assert_eq!(ImageFormat::from_path(Path::new("a.jpeg")), Some(ImageFormat::Jpeg));
-        assert_eq!(ImageFormat::from_path(Path::new("a.gif")), None);
     }
 }

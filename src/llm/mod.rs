@@ -1,5 +1,60 @@
-//! The LLM backbone on llama.cpp: the model, its chat layout and token sampling.
+//! The LLM backbone on llama.cpp: the model and its GGUF metadata, the chat layout around the
+//! image tokens, and token sampling.
 
-pub mod backbone;
-pub mod prompt;
-pub mod sampling;
+mod backbone;
+mod error;
+mod gguf;
+mod prompt;
+mod sampling;
+
+use serde::Deserialize;
+
+pub use backbone::{Backbone, GenerateOptions, Generation, ModelSummary, Part, StopReason};
+pub use error::{check_question, LlmError, QuestionError};
+pub use gguf::{token_embeddings, GgufError, GgufInfo};
+pub use prompt::{ChatLayout, StopFilter};
+pub use sampling::{SamplingParams, TokenSampler};
+
+/// The LLM backbone: llama.cpp settings, prompts and generation limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    /// CPU threads (0: the number of physical cores).
+    pub threads: usize,
+    /// Context length in tokens: the scene prefix, a question and its answer must fit.
+    pub context: u32,
+    /// Most tokens decoded in one llama.cpp call (prefill chunk).
+    pub batch: u32,
+    /// Layers offloaded to the GPU (needs the `cuda` build; 0: CPU only).
+    pub gpu_layers: i32,
+    /// Most tokens in one caption or answer.
+    pub max_tokens: usize,
+    /// Longest accepted question, in characters.
+    pub max_question_chars: usize,
+    /// Replaces the manifest's system prompt.
+    pub system_prompt: Option<String>,
+    /// The question that asks for a caption.
+    pub caption_prompt: String,
+    /// A caption or answer that takes longer is cut off (seconds).
+    pub request_timeout_s: f64,
+    /// Sampling; the default (temperature 0) is greedy and deterministic.
+    pub sampling: SamplingParams,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            threads: 0,
+            context: 2048,
+            batch: 512,
+            gpu_layers: 0,
+            max_tokens: 96,
+            max_question_chars: 500,
+            system_prompt: None,
+            caption_prompt: "Describe what you see in one sentence.".into(),
+            request_timeout_s: 60.0,
+            sampling: SamplingParams::default(),
+        }
+    }
+}
+

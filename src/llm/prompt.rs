@@ -5,16 +5,8 @@
 //! A conversation about a scene is `prefix · image tokens · suffix(question) · answer`. The
 //! prefix and the image tokens form the scene prefix, which the backbone decodes once per scene.
 
+use super::error::LlmError;
 use crate::manifest::ChatSpec;
-
-/// An error in the chat layout.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PromptError {
-    /// The GGUF has no chat template, or one llama.cpp cannot render.
-    #[error("llm.chat.template = \"gguf\": {0}; write `prefix` and `suffix` in the manifest instead")]
-    GgufTemplate(String),
-}
 
 /// The rendered layout for one system prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,18 +22,18 @@ const QUESTION_MARK: &str = "\u{1}QUESTION\u{1}";
 impl ChatLayout {
     /// The layout from the manifest. For `template = "gguf"`, `render` renders a conversation with
     /// the GGUF's template (given `(role, content)` messages) and the layout is cut out of it.
-    pub fn new(chat: &ChatSpec, system: &str, render: impl FnOnce(&[(&str, &str)]) -> Option<String>) -> Result<Self, PromptError> {
+    pub fn new(chat: &ChatSpec, system: &str, render: impl FnOnce(&[(&str, &str)]) -> Option<String>) -> Result<Self, LlmError> {
         let (prefix, suffix) = match (&chat.prefix, &chat.suffix) {
             (Some(prefix), Some(suffix)) => (prefix.replace("{system}", system), suffix.clone()),
             _ => {
                 let user = format!("{IMAGE_MARK}\n{QUESTION_MARK}");
                 let rendered = render(&[("system", system), ("user", &user)])
-                    .ok_or_else(|| PromptError::GgufTemplate("the GGUF has no chat template llama.cpp can render".into()))?;
+                    .ok_or_else(|| LlmError::ChatTemplate("the GGUF has no chat template llama.cpp can render".into()))?;
                 let (prefix, rest) = rendered
                     .split_once(IMAGE_MARK)
-                    .ok_or_else(|| PromptError::GgufTemplate("the rendered template lost the user message".into()))?;
+                    .ok_or_else(|| LlmError::ChatTemplate("the rendered template lost the user message".into()))?;
                 if !rest.contains(QUESTION_MARK) {
-                    return Err(PromptError::GgufTemplate("the rendered template lost the question".into()));
+                    return Err(LlmError::ChatTemplate("the rendered template lost the question".into()));
                 }
                 (prefix.to_owned(), rest.replacen(QUESTION_MARK, "{question}", 1))
             }

@@ -27,32 +27,23 @@ impl Default for SamplingParams {
     }
 }
 
-/// SplitMix64: advances `state` and returns the next 64 random bits. Small, fast, the same on
-/// every machine, and good enough for picking tokens and for diffusion noise.
-pub fn splitmix64(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// A sampler with its random state and scratch buffer.
-pub struct Sampler {
+pub struct TokenSampler {
     params: SamplingParams,
     rng: u64,
     candidates: Vec<(i32, f32)>,
 }
 
-impl Sampler {
+impl TokenSampler {
     /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         let rng = params.seed ^ 0x9E37_79B9_7F4A_7C15;
-        Sampler { params, rng, candidates: Vec::new() }
+        TokenSampler { params, rng, candidates: Vec::new() }
     }
 
     fn next_f32(&mut self) -> f32 {
-        (splitmix64(&mut self.rng) >> 40) as f32 / (1u64 << 24) as f32
+        (crate::util::splitmix64(&mut self.rng) >> 40) as f32 / (1u64 << 24) as f32
     }
 
     /// Picks the next token from `logits`, given the tokens generated so far (`history`).
@@ -132,10 +123,10 @@ mod tests {
             (&[3.0, 3.0], &[], 1.0, 0),           // ties go to the first
         ];
         for (logits, history, penalty, expected) in cases {
-            let mut s = Sampler::new(SamplingParams { repeat_penalty: *penalty, ..greedy() });
+            let mut s = TokenSampler::new(SamplingParams { repeat_penalty: *penalty, ..greedy() });
             assert_eq!(s.sample(logits, history), Some(*expected), "{logits:?} {history:?}");
         }
-        assert_eq!(Sampler::new(greedy()).sample(&[], &[]), None);
+        assert_eq!(TokenSampler::new(greedy()).sample(&[], &[]), None);
     }
 
     #[test]
@@ -143,7 +134,7 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
         let params = SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, repeat_penalty: 1.0, repeat_last_n: 0, seed: 7 };
         let draw = |params: &SamplingParams| {
-            let mut s = Sampler::new(params.clone());
+            let mut s = TokenSampler::new(params.clone());
             (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>()
         };
         let a = draw(&params);
@@ -162,7 +153,7 @@ mod tests {
         // Probabilities after softmax at T=1: one token dominates (~0.97), so top_p 0.9 keeps it alone.
         let logits = [10.0, 6.0, 5.0, 4.0];
         let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, repeat_penalty: 1.0, repeat_last_n: 0, seed: 1 };
-        let mut s = Sampler::new(params);
+        let mut s = TokenSampler::new(params);
         assert!((0..100).all(|_| s.sample(&logits, &[]) == Some(0)));
     }
 }

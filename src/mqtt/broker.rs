@@ -13,10 +13,40 @@ pub struct BrokerError {
     pub message: String,
 }
 
+/// A message the embedded broker forwarded to the watcher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Forwarded {
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// The running embedded broker: receives what is published on the watched topics.
+pub struct EmbeddedBroker {
+    link: rumqttd::local::LinkRx,
+}
+
+impl EmbeddedBroker {
+    /// Blocks until the next forwarded message; `None` once the broker has stopped.
+    pub fn recv(&mut self) -> Option<Forwarded> {
+        loop {
+            match self.link.recv() {
+                Ok(Some(rumqttd::Notification::Forward(forward))) => {
+                    let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
+                    return Some(Forwarded { topic, payload: forward.publish.payload.to_vec() });
+                }
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
 /// Starts `rumqttd` on `addr` (MQTT 3.1.1 and 5 on the same port is not supported by rumqttd, so
-/// `v5` picks which one) in its own thread; returns a link that receives every message published
+/// `v5` picks which one) in its own thread; the returned handle receives every message published
 /// on `watch` (a topic filter), for printing.
-pub fn start(addr: SocketAddr, v5: bool, watch: &str) -> Result<rumqttd::local::LinkRx, BrokerError> {
+pub fn start(addr: SocketAddr, v5: bool, watch: &str) -> Result<EmbeddedBroker, BrokerError> {
     let err = |message: String| BrokerError { addr, message };
     if !addr.ip().is_loopback() {
         return Err(err("the embedded broker listens on loopback only".into()));
@@ -59,5 +89,5 @@ next_connection_delay_ms = 1
             }
         })
         .map_err(|e| err(e.to_string()))?;
-    Ok(link_rx)
+    Ok(EmbeddedBroker { link: link_rx })
 }

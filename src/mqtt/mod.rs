@@ -6,21 +6,29 @@
 //! queue is answered `busy` at once. MQTT v5 requests are answered on their Response Topic with
 //! their Correlation Data; v3.1.1 requests carry `id` and `reply_to` in the JSON.
 
-pub mod broker;
-pub mod spool;
+mod broker;
+mod client;
+mod outbound;
+mod settings;
+mod spool;
 pub mod wire;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{MqttConfig, MqttProtocol};
-use crate::spool::{Spool, SpoolError, SpooledMessage};
-use crate::wire::{self, Discovery, Limits, Reply, RequestError, StatusAttributes, Topics};
+use crate::worker::{Job, JobKind, Output, RuntimeSettings};
+use client::{connect, Client, Event, EventLoop};
+use spool::Spool;
+use wire::{ConfigState, Discovery, Limits, RequestError, StatusAttributes, Topics};
+
+pub use broker::{start as start_broker, BrokerError, EmbeddedBroker, Forwarded};
+pub use outbound::{messages, Delivery, Outgoing};
+pub use settings::{DiscoveryConfig, MqttConfig, MqttProtocol, TlsConfig};
+pub use spool::{SpoolError, SpooledMessage};
 
 /// An error starting the MQTT side.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +38,7 @@ pub enum MqttError {
     #[error("mqtt.tls: cannot read {path}: {source}")]
     TlsFile {
         /// The file.
-        path: PathBuf,
+        path: std::path::PathBuf,
         /// The error.
         source: std::io::Error,
     },
@@ -52,68 +60,8 @@ pub struct ReplyAddress {
     pub retain: bool,
 }
 
-/// What a request asks the worker to do.
-#[derive(Debug, Clone)]
-pub enum Task {
-    /// Answer the question in `Question::text`.
-    Answer {
-        /// Stream partial answers.
-        stream: bool,
-    },
-    /// Render an image.
-    Generate(wire::GenerateRequest),
-}
-
 /// A validated request on its way to the worker.
-#[derive(Debug, Clone)]
-pub struct Question {
-    /// The question (for `Task::Generate`, the prompt, possibly empty).
-    pub text: String,
-    /// What to do.
-    pub task: Task,
-    /// Where to reply.
-    pub reply: ReplyAddress,
-    /// When it arrived.
-    pub received_at: Instant,
-    /// When its MQTT v5 Message Expiry passes: not answered after that.
-    pub expires_at: Option<Instant>,
-}
-
-impl Question {
-    /// True when its message expiry has passed.
-    pub fn expired(&self, now: Instant) -> bool {
-        self.expires_at.is_some_and(|at| now >= at)
-    }
-}
-
-/// What the rest of the daemon publishes.
-#[derive(Debug, Clone)]
-pub enum Outgoing {
-    /// A caption (retained on the caption topic).
-    Caption(wire::Caption),
-    /// A reply (answer, partial answer or error) to a request.
-    Reply {
-        /// Where it goes.
-        to: ReplyAddress,
-        /// The body.
-        reply: Reply,
-    },
-    /// The worker dropped a request whose message expiry passed (counted, not published).
-    Expired,
-    /// The runtime settings in effect (retained on `config/state`).
-    ConfigState(wire::RuntimeSettings),
-    /// An image: to a request's reply topic (when `to` is given) and, retained, to the image topic.
-    Image {
-        /// The requester, if any.
-        to: Option<ReplyAddress>,
-        /// PNG or JPEG bytes.
-        bytes: Vec<u8>,
-        /// Their MIME type.
-        content_type: &'static str,
-        /// What was rendered (user properties on the reply).
-        info: Option<wire::ImageInfo>,
-    },
-}
+pub type Request = Job<ReplyAddress>;
 
 /// Limits and formats of incoming requests that come from outside `[mqtt]`.
 #[derive(Debug, Clone, Copy)]
@@ -127,20 +75,10 @@ pub struct RequestSettings {
 }
 
 impl Default for RequestSettings {
+    /// The defaults of `[llm]` and `[generator]`.
     fn default() -> Self {
-        let config = crate::config::Config::default();
-        RequestSettings::from_config(&config)
-    }
-}
-
-impl RequestSettings {
-    /// From the whole config.
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        RequestSettings {
-            max_question_chars: config.llm.max_question_chars,
-            max_prompt_chars: config.generator.max_prompt_chars,
-            image_type: config.generator.format.content_type(),
-        }
+        let (llm, generator) = (crate::llm::LlmConfig::default(), crate::generate::GeneratorConfig::default());
+        RequestSettings { max_question_chars: llm.max_question_chars, max_prompt_chars: generator.max_prompt_chars, image_type: generator.format.content_type() }
     }
 }
 
@@ -153,8 +91,8 @@ struct Counters {
 
 /// Handle to the running MQTT side.
 pub struct MqttHandle {
-    /// Send results here.
-    pub outgoing: mpsc::Sender<Outgoing>,
+    /// The worker sends its results here.
+    pub results: mpsc::Sender<Output<ReplyAddress>>,
     /// The topics in use.
     pub topics: Topics,
     connected: watch::Receiver<bool>,
@@ -171,8 +109,8 @@ impl MqttHandle {
     /// Clean shutdown: everything queued is published or spooled, `stopped` is published
     /// (retained), and the client disconnects. Waits at most `deadline`.
     pub async fn shutdown(self, deadline: Duration) {
-        let MqttHandle { outgoing, shutdown, tasks, .. } = self;
-        drop(outgoing);
+        let MqttHandle { results, shutdown, tasks, .. } = self;
+        drop(results);
         shutdown.cancel();
         let all = async {
             for task in tasks {
@@ -185,186 +123,6 @@ impl MqttHandle {
     }
 }
 
-/// A connection-level event, the same for both protocol versions.
-enum Event {
-    Connected,
-    SubAck,
-    Publish { topic: String, payload: Vec<u8>, response_topic: Option<String>, correlation: Option<Vec<u8>>, expiry_s: Option<u32> },
-    Disconnected,
-    Other,
-}
-
-#[derive(Clone)]
-enum Client {
-    V5(rumqttc::v5::AsyncClient),
-    V3(rumqttc::AsyncClient),
-}
-
-enum EventLoop {
-    V5(Box<rumqttc::v5::EventLoop>),
-    V3(Box<rumqttc::EventLoop>),
-}
-
-impl Client {
-    async fn publish(&self, m: &SpooledMessage) -> Result<(), String> {
-        match self {
-            Client::V5(c) => {
-                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
-                    correlation_data: m.correlation.clone().map(Into::into),
-                    user_properties: m.user_properties.clone(),
-                    content_type: m.content_type.clone(),
-                    ..Default::default()
-                };
-                c.publish_with_properties(m.topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, m.retain, m.payload.clone(), props)
-                    .await
-                    .map_err(|e| e.to_string())
-            }
-            Client::V3(c) => c.publish(m.topic.clone(), rumqttc::QoS::AtLeastOnce, m.retain, m.payload.clone()).await.map_err(|e| e.to_string()),
-        }
-    }
-
-    async fn subscribe(&self, topic: &str) -> Result<(), String> {
-        match self {
-            Client::V5(c) => c.subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.map_err(|e| e.to_string()),
-            Client::V3(c) => c.subscribe(topic, rumqttc::QoS::AtLeastOnce).await.map_err(|e| e.to_string()),
-        }
-    }
-
-    async fn disconnect(&self) {
-        let _ = match self {
-            Client::V5(c) => c.disconnect().await.map_err(|e| e.to_string()),
-            Client::V3(c) => c.disconnect().await.map_err(|e| e.to_string()),
-        };
-    }
-}
-
-impl EventLoop {
-    async fn poll(&mut self) -> Result<Event, String> {
-        match self {
-            EventLoop::V5(l) => {
-                use rumqttc::v5::mqttbytes::v5::Packet;
-                use rumqttc::v5::Event as E;
-                match l.poll().await.map_err(|e| e.to_string())? {
-                    E::Incoming(Packet::ConnAck(_)) => Ok(Event::Connected),
-                    E::Incoming(Packet::SubAck(_)) => Ok(Event::SubAck),
-                    E::Incoming(Packet::Publish(p)) => {
-                        let props = p.properties.unwrap_or_default();
-                        Ok(Event::Publish {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload.to_vec(),
-                            response_topic: props.response_topic,
-                            correlation: props.correlation_data.map(|b| b.to_vec()),
-                            expiry_s: props.message_expiry_interval,
-                        })
-                    }
-                    E::Incoming(Packet::Disconnect(_)) | E::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Event::Disconnected),
-                    _ => Ok(Event::Other),
-                }
-            }
-            EventLoop::V3(l) => {
-                use rumqttc::{Event as E, Packet};
-                match l.poll().await.map_err(|e| e.to_string())? {
-                    E::Incoming(Packet::ConnAck(_)) => Ok(Event::Connected),
-                    E::Incoming(Packet::SubAck(_)) => Ok(Event::SubAck),
-                    E::Incoming(Packet::Publish(p)) => Ok(Event::Publish { topic: p.topic.clone(), payload: p.payload.to_vec(), response_topic: None, correlation: None, expiry_s: None }),
-                    E::Incoming(Packet::Disconnect) | E::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Event::Disconnected),
-                    _ => Ok(Event::Other),
-                }
-            }
-        }
-    }
-}
-
-fn read(path: &PathBuf) -> Result<Vec<u8>, MqttError> {
-    std::fs::read(path).map_err(|source| MqttError::TlsFile { path: path.clone(), source })
-}
-
-fn connect(config: &MqttConfig, topics: &Topics) -> Result<(Client, EventLoop), MqttError> {
-    let tls = match &config.tls {
-        Some(tls) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let client_auth = match (&tls.client_cert, &tls.client_key) {
-                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
-                _ => None,
-            };
-            Some(rumqttc::TlsConfiguration::Simple { ca: read(&tls.ca_file)?, alpn: None, client_auth })
-        }
-        None => None,
-    };
-    let keep_alive = Duration::from_secs(config.keep_alive_s);
-    let client_id = config.client_id();
-    Ok(match config.protocol {
-        MqttProtocol::V5 => {
-            use rumqttc::v5::mqttbytes::v5::LastWill;
-            let mut options = rumqttc::v5::MqttOptions::new(client_id, &config.host, config.port);
-            options.set_keep_alive(keep_alive);
-            // A persistent session: the broker keeps our subscriptions and QoS 1 messages for an hour.
-            options.set_clean_start(false);
-            options.set_session_expiry_interval(Some(3600));
-            options.set_last_will(LastWill::new(topics.status(), "offline", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, None));
-            options.set_max_packet_size(Some(1 << 24));
-            if let (Some(u), Some(p)) = (&config.username, &config.password) {
-                options.set_credentials(u, p);
-            }
-            if let Some(tls) = tls {
-                options.set_transport(rumqttc::Transport::tls_with_config(tls));
-            }
-            let (client, eventloop) = rumqttc::v5::AsyncClient::new(options, 64);
-            (Client::V5(client), EventLoop::V5(Box::new(eventloop)))
-        }
-        MqttProtocol::V311 => {
-            let mut options = rumqttc::MqttOptions::new(client_id, &config.host, config.port);
-            options.set_keep_alive(keep_alive);
-            options.set_clean_session(false);
-            options.set_last_will(rumqttc::LastWill::new(topics.status(), "offline", rumqttc::QoS::AtLeastOnce, true));
-            options.set_max_packet_size(1 << 24, 1 << 24);
-            if let (Some(u), Some(p)) = (&config.username, &config.password) {
-                options.set_credentials(u, p);
-            }
-            if let Some(tls) = tls {
-                options.set_transport(rumqttc::Transport::tls_with_config(tls));
-            }
-            let (client, eventloop) = rumqttc::AsyncClient::new(options, 64);
-            (Client::V3(client), EventLoop::V3(Box::new(eventloop)))
-        }
-    })
-}
-
-/// A caption as a message ready to publish (retained, timings as user properties).
-pub fn caption_message(topics: &Topics, caption: &wire::Caption) -> SpooledMessage {
-    SpooledMessage::json(topics.caption(), serde_json::to_vec(caption).unwrap_or_default(), true, &caption.timings_ms)
-}
-
-/// A reply as a message ready to publish.
-pub fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
-    let payload = serde_json::to_vec(reply).unwrap_or_default();
-    let mut message = match reply {
-        Reply::Answer(a) => SpooledMessage::json(to.topic.clone(), payload, to.retain, &a.timings_ms),
-        Reply::Error(e) => {
-            let mut m = SpooledMessage::json(to.topic.clone(), payload, to.retain, &Default::default());
-            m.user_properties.push(("error".into(), e.error.code.clone()));
-            m
-        }
-    };
-    message.correlation = to.correlation.clone();
-    message
-}
-
-/// Image messages: the retained copy on the image topic, and the reply when there is a requester.
-pub fn image_messages(topics: &Topics, to: Option<&ReplyAddress>, bytes: &[u8], content_type: &str, info: Option<&wire::ImageInfo>) -> (SpooledMessage, Option<SpooledMessage>) {
-    let properties = info.map(wire::ImageInfo::user_properties).unwrap_or_default();
-    let message = |topic: String, retain: bool| SpooledMessage {
-        topic,
-        payload: bytes.to_vec(),
-        retain,
-        correlation: None,
-        user_properties: properties.clone(),
-        content_type: Some(content_type.to_owned()),
-    };
-    let reply = to.map(|to| SpooledMessage { correlation: to.correlation.clone(), ..message(to.topic.clone(), false) });
-    (message(topics.image(), true), reply)
-}
-
 /// Starts the MQTT side: connects (retrying with backoff in the background), and returns the
 /// handle through which results are published. Valid questions go to `questions`, a bounded
 /// channel (its capacity is `mqtt.request_queue`) that the inference worker drains on its own thread.
@@ -372,8 +130,8 @@ pub fn image_messages(topics: &Topics, to: Option<&ReplyAddress>, bytes: &[u8], 
 pub fn start(
     config: &MqttConfig,
     state_dir: &std::path::Path,
-    questions: std::sync::mpsc::SyncSender<Question>,
-    settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
+    questions: std::sync::mpsc::SyncSender<Request>,
+    settings: Arc<RwLock<RuntimeSettings>>,
     model: &str,
     requests: RequestSettings,
 ) -> Result<MqttHandle, MqttError> {
@@ -382,6 +140,7 @@ pub fn start(
     let spool = Spool::open(&spool_dir, config.spool_limit)?;
     let (client, eventloop) = connect(config, &topics)?;
     let (out_tx, out_rx) = mpsc::channel(256);
+    let (results_tx, results_rx) = mpsc::channel(256);
     let (connected_tx, connected_rx) = watch::channel(false);
     let shutdown = CancellationToken::new();
     let closed = CancellationToken::new();
@@ -407,15 +166,15 @@ pub fn start(
     };
     let publisher = PublisherTask { client, topics: topics.clone(), spool, online, drain, counters, shutdown: shutdown.clone(), closed, settings, published_settings: None };
     let conn_task = tokio::spawn(conn.run(eventloop));
-    let pub_task = tokio::spawn(publisher.run(out_rx));
-    Ok(MqttHandle { outgoing: out_tx, topics, connected: connected_rx, shutdown, tasks: vec![pub_task, conn_task] })
+    let pub_task = tokio::spawn(publisher.run(out_rx, results_rx));
+    Ok(MqttHandle { results: results_tx, topics, connected: connected_rx, shutdown, tasks: vec![pub_task, conn_task] })
 }
 
 struct ConnectionTask {
     config: MqttConfig,
     topics: Topics,
     client: Client,
-    questions: std::sync::mpsc::SyncSender<Question>,
+    questions: std::sync::mpsc::SyncSender<Request>,
     replies: mpsc::Sender<Outgoing>,
     counters: Arc<Counters>,
     connected: watch::Sender<bool>,
@@ -426,7 +185,7 @@ struct ConnectionTask {
     closed: CancellationToken,
     limits: Limits,
     requests: RequestSettings,
-    settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
+    settings: Arc<RwLock<RuntimeSettings>>,
 }
 
 impl ConnectionTask {
@@ -528,8 +287,7 @@ impl ConnectionTask {
         tracing::warn!(topic, code = err.code(), "request refused: {err}");
         match to {
             Some(to) => {
-                let reply = Reply::Error(wire::ErrorReply::new(to.id.clone(), &err));
-                let _ = self.replies.send(Outgoing::Reply { to, reply }).await;
+                let _ = self.replies.send(Outgoing::Refused { to, error: err }).await;
             }
             None => tracing::warn!(topic, "the refused request gave no reply address"),
         }
@@ -548,13 +306,11 @@ impl ConnectionTask {
             Err(_) => wire::salvage_reply_address(payload),
         };
         let to = response_topic.or(reply_to).filter(|t| self.allowed(t)).map(|t| ReplyAddress { topic: t, correlation, id, retain: false });
-        let current = self.settings.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        let current = crate::util::read(&self.settings).clone();
         match parsed.and_then(|patch| patch.apply(&current)) {
             Ok(next) => {
                 tracing::info!(prompt = %next.caption_prompt, threshold = next.gate.change_threshold, "config/set applied");
-                if let Ok(mut s) = self.settings.write() {
-                    *s = next.clone();
-                }
+                *crate::util::write(&self.settings) = next.clone();
                 let _ = self.replies.send(Outgoing::ConfigState(next)).await;
             }
             Err(e) => {
@@ -581,7 +337,7 @@ impl ConnectionTask {
         let (text, task, reply) = if topic == self.topics.ask_text() {
             let to = ReplyAddress { topic: self.topics.answer(), correlation: None, id: None, retain: true };
             match wire::parse_text_question(payload, &limits) {
-                Ok(q) => (q, Task::Answer { stream: false }, to),
+                Ok(q) => (q, JobKind::Answer { stream: false }, to),
                 Err(e) => {
                     self.counters.bad.fetch_add(1, Ordering::Relaxed);
                     return self.reply_error(Some(to), e, topic).await;
@@ -589,11 +345,11 @@ impl ConnectionTask {
             }
         } else if topic == self.topics.ask() || topic == self.topics.generate() {
             let parsed = if topic == self.topics.ask() {
-                wire::parse_ask(payload, &limits).map(|r| (r.question, Task::Answer { stream: r.stream }, r.id, r.reply_to))
+                wire::parse_ask(payload, &limits).map(|r| (r.question, JobKind::Answer { stream: r.stream }, r.id, r.reply_to))
             } else {
                 wire::parse_generate(payload, &limits, self.requests.max_prompt_chars).map(|r| {
                     let (id, reply_to) = (r.id.clone(), r.reply_to.clone());
-                    (r.prompt.clone().unwrap_or_default(), Task::Generate(r), id, reply_to)
+                    (r.prompt.clone().unwrap_or_default(), JobKind::Generate(r.job()), id, reply_to)
                 })
             };
             let (id, reply_to) = match &parsed {
@@ -624,7 +380,7 @@ impl ConnectionTask {
         } else {
             return;
         };
-        let question = Question { text, task, reply: reply.clone(), received_at, expires_at };
+        let question = Job { text, kind: task, reply: reply.clone(), received_at, expires_at };
         match self.questions.try_send(question) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
@@ -647,20 +403,21 @@ struct PublisherTask {
     counters: Arc<Counters>,
     shutdown: CancellationToken,
     closed: CancellationToken,
-    settings: Arc<std::sync::RwLock<wire::RuntimeSettings>>,
+    settings: Arc<RwLock<RuntimeSettings>>,
     /// The settings last retained on `config/state` (a SIGHUP reload changes them behind our back).
-    published_settings: Option<wire::RuntimeSettings>,
+    published_settings: Option<RuntimeSettings>,
 }
 
 impl PublisherTask {
-    async fn publish_config_state(&mut self, state: wire::RuntimeSettings) {
-        let m = SpooledMessage::json(self.topics.config_state(), serde_json::to_vec(&state).unwrap_or_default(), true, &Default::default());
+    async fn publish_config_state(&mut self, state: RuntimeSettings) {
+        let payload = serde_json::to_vec(&ConfigState::from(&state)).unwrap_or_default();
+        let m = SpooledMessage::json(self.topics.config_state(), payload, true, &Default::default());
         self.send(m).await;
         self.published_settings = Some(state);
     }
 
     async fn refresh_config_state(&mut self) {
-        let current = self.settings.read().map(|s| s.clone()).unwrap_or_else(|e| e.into_inner().clone());
+        let current = crate::util::read(&self.settings).clone();
         if self.published_settings.as_ref() != Some(&current) && self.online.load(Ordering::SeqCst) {
             self.publish_config_state(current).await;
         }
@@ -726,9 +483,28 @@ impl PublisherTask {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Outgoing>) {
+    /// Delivers one message as the mapping says: kept (spooled while offline) or latest-only.
+    async fn deliver(&mut self, message: Outgoing) {
+        match message {
+            Outgoing::Result(Output::Expired) => {
+                self.counters.expired.fetch_add(1, Ordering::Relaxed);
+            }
+            Outgoing::ConfigState(state) => self.publish_config_state(state).await,
+            other => {
+                for (m, delivery) in messages(&self.topics, &other) {
+                    match delivery {
+                        Delivery::Keep => self.send(m).await,
+                        Delivery::LatestOnly => self.publish_if_online(m).await,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Outgoing>, mut results: mpsc::Receiver<Output<ReplyAddress>>) {
         let mut last = StatusAttributes { spool_limit: u64::MAX, ..Default::default() };
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut results_open = true;
         loop {
             tokio::select! {
                 biased;
@@ -739,22 +515,13 @@ impl PublisherTask {
                     self.refresh_config_state().await;
                 }
                 message = rx.recv() => match message {
-                    Some(Outgoing::Caption(caption)) => self.send(caption_message(&self.topics, &caption)).await,
-                    Some(Outgoing::Reply { to, reply }) => self.send(reply_message(&to, &reply)).await,
-                    Some(Outgoing::Expired) => {
-                        self.counters.expired.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(Outgoing::ConfigState(state)) => self.publish_config_state(state).await,
-                    Some(Outgoing::Image { to, bytes, content_type, info }) => {
-                        let (latest, reply) = image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref());
-                        // The image topic's copy is only the latest picture: published when online,
-                        // never spooled (a backlog of stale pictures would fill the disk).
-                        self.publish_if_online(latest).await;
-                        if let Some(reply) = reply {
-                            self.send(reply).await;
-                        }
-                    }
+                    Some(message) => self.deliver(message).await,
                     None => break,
+                },
+                result = results.recv(), if results_open => match result {
+                    Some(result) => self.deliver(Outgoing::Result(result)).await,
+                    // The worker is gone; requests still get their refusals until shutdown.
+                    None => results_open = false,
                 },
                 _ = tick.tick() => {
                     self.publish_attributes(&mut last).await;
@@ -763,20 +530,15 @@ impl PublisherTask {
                 _ = self.shutdown.cancelled() => break,
             }
         }
-        // Shutdown: whatever is still queued, then `stopped`, then a clean disconnect (which
-        // suppresses the last will).
+        // Shutdown: whatever is still queued goes through the same mapping (pictures are not
+        // spooled here either), then `stopped`, then a clean disconnect (which suppresses the
+        // last will).
+        while let Ok(result) = results.try_recv() {
+            self.deliver(Outgoing::Result(result)).await;
+        }
         while let Ok(message) = rx.try_recv() {
-            let messages = match message {
-                Outgoing::Caption(c) => vec![caption_message(&self.topics, &c)],
-                Outgoing::Reply { to, reply } => vec![reply_message(&to, &reply)],
-                Outgoing::Image { to, bytes, content_type, info } => {
-                    let (latest, reply) = image_messages(&self.topics, to.as_ref(), &bytes, content_type, info.as_ref());
-                    std::iter::once(latest).chain(reply).collect()
-                }
-                Outgoing::Expired | Outgoing::ConfigState(_) => continue,
-            };
-            for m in messages {
-                self.send(m).await;
+            if !matches!(message, Outgoing::ConfigState(_)) {
+                self.deliver(message).await;
             }
         }
         self.drain_spool().await;

@@ -8,6 +8,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::generate::{check_prompt, ConditionPath, GeneratorError, PromptError, RenderRequest};
+use crate::llm::{check_question, QuestionError};
+use crate::worker::{self, GenerateJob, JobError, RuntimeSettings};
+
 /// The topics of one device, under a prefix (default `scenecast/<device>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
@@ -132,34 +136,18 @@ pub enum RequestError {
     /// Not JSON, a wrong type, a missing or unknown field.
     #[error("payload is not a valid request: {0}")]
     Invalid(String),
-    /// An empty question.
-    #[error("the question is empty")]
-    EmptyQuestion,
-    /// A question over the limit.
-    #[error("the question has {chars} characters; the limit is {limit}")]
-    QuestionTooLong {
-        /// Its length.
-        chars: usize,
-        /// The limit.
-        limit: usize,
-    },
+    /// An empty question, or one over the limit.
+    #[error(transparent)]
+    Question(#[from] QuestionError),
     /// The reply topic is not allowed by the configuration.
     #[error("reply topic {0:?} is not allowed by mqtt.allowed_reply_topics")]
     ForbiddenReplyTopic(String),
     /// The request queue is full.
     #[error("busy: {0} requests are waiting; try again later")]
     Busy(usize),
-    /// An empty generation prompt.
-    #[error("the prompt is empty; give `prompt` or `from_scene: true`")]
-    EmptyPrompt,
-    /// A prompt over the limit.
-    #[error("the prompt has {chars} characters; the limit is {limit} (generator.max_prompt_chars)")]
-    PromptTooLong {
-        /// Its length.
-        chars: usize,
-        /// The limit.
-        limit: usize,
-    },
+    /// An empty generation prompt, or one over the limit.
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
     /// A value out of the range the model or the config allows.
     #[error("{0}")]
     OutOfRange(String),
@@ -177,13 +165,32 @@ impl RequestError {
         match self {
             RequestError::TooLarge { .. } => "too_large",
             RequestError::NotUtf8 { .. } | RequestError::Invalid(_) => "bad_request",
-            RequestError::EmptyQuestion | RequestError::QuestionTooLong { .. } => "bad_question",
+            RequestError::Question(_) => "bad_question",
             RequestError::ForbiddenReplyTopic(_) => "forbidden_reply_topic",
             RequestError::Busy(_) => "busy",
-            RequestError::EmptyPrompt | RequestError::PromptTooLong { .. } => "bad_prompt",
+            RequestError::Prompt(_) => "bad_prompt",
             RequestError::OutOfRange(_) => "out_of_range",
             RequestError::Unavailable(_) => "unavailable",
             RequestError::Internal(_) => "internal",
+        }
+    }
+}
+
+/// The one place where a failed job becomes a refusal class (and so a stable error code).
+impl From<&JobError> for RequestError {
+    fn from(error: &JobError) -> Self {
+        let message = error.to_string();
+        match error {
+            JobError::NoGenerator | JobError::NoScene => RequestError::Unavailable(message),
+            JobError::Generator(e) => match e {
+                GeneratorError::Request(_) => RequestError::OutOfRange(message),
+                GeneratorError::Prompt(p) => RequestError::Prompt(p.clone()),
+                GeneratorError::Memory { .. } | GeneratorError::Disabled | GeneratorError::NotConfigured(_) | GeneratorError::NoOutputProjector => {
+                    RequestError::Unavailable(message)
+                }
+                _ => RequestError::Internal(message),
+            },
+            JobError::Llm(_) | JobError::Stack(_) => RequestError::Internal(message),
         }
     }
 }
@@ -195,22 +202,12 @@ fn utf8(payload: &[u8], limits: &Limits) -> Result<String, RequestError> {
     std::str::from_utf8(payload).map(str::to_owned).map_err(|e| RequestError::NotUtf8 { at: e.valid_up_to() })
 }
 
-fn check_question(question: &str, limits: &Limits) -> Result<(), RequestError> {
-    if question.trim().is_empty() {
-        return Err(RequestError::EmptyQuestion);
-    }
-    let chars = question.chars().count();
-    if chars > limits.max_question_chars {
-        return Err(RequestError::QuestionTooLong { chars, limit: limits.max_question_chars });
-    }
-    Ok(())
-}
 
 /// Parses a JSON ask request.
 pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<AskRequest, RequestError> {
     let text = utf8(payload, limits)?;
     let request: AskRequest = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
-    check_question(&request.question, limits)?;
+    check_question(&request.question, limits.max_question_chars)?;
     Ok(request)
 }
 
@@ -243,7 +240,7 @@ pub struct GenerateRequest {
     pub guidance: Option<f32>,
     /// `text` or `hidden` conditioning for `from_scene` (default: the config's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub condition: Option<crate::config::ConditionPath>,
+    pub condition: Option<Condition>,
     /// Request id, echoed in the reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
@@ -252,19 +249,40 @@ pub struct GenerateRequest {
     pub reply_to: Option<String>,
 }
 
+/// How a `from_scene` rendering is conditioned, as the request names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Condition {
+    /// The text encoder on the description.
+    Text,
+    /// The output projector on the LLM's hidden states.
+    Hidden,
+}
+
+impl GenerateRequest {
+    /// The worker's job for this request.
+    pub fn job(&self) -> GenerateJob {
+        GenerateJob {
+            from_scene: self.from_scene,
+            condition: self.condition.map(|c| match c {
+                Condition::Text => ConditionPath::Text,
+                Condition::Hidden => ConditionPath::Hidden,
+            }),
+            render: RenderRequest { seed: self.seed, steps: self.steps, width: self.width, height: self.height, guidance: self.guidance, sampler: None },
+        }
+    }
+}
+
 /// Parses a JSON generate request; `max_prompt_chars` is `generator.max_prompt_chars`. Ranges that
 /// depend on the model (steps, sizes) are checked by the worker against the manifest and config.
 pub fn parse_generate(payload: &[u8], limits: &Limits, max_prompt_chars: usize) -> Result<GenerateRequest, RequestError> {
     let text = utf8(payload, limits)?;
     let request: GenerateRequest = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
-    match &request.prompt {
-        Some(p) if p.trim().is_empty() => return Err(RequestError::EmptyPrompt),
-        Some(p) if p.chars().count() > max_prompt_chars => {
-            return Err(RequestError::PromptTooLong { chars: p.chars().count(), limit: max_prompt_chars });
-        }
-        None if !request.from_scene => return Err(RequestError::EmptyPrompt),
-        _ => {}
+    // A blank prompt is refused even with `from_scene` (leave it out to render the description).
+    if request.prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
+        return Err(PromptError::Empty.into());
     }
+    check_prompt(request.prompt.as_deref(), request.from_scene, max_prompt_chars)?;
     if request.guidance.is_some_and(|g| !g.is_finite()) {
         return Err(RequestError::OutOfRange("guidance must be a finite number".into()));
     }
@@ -278,12 +296,14 @@ pub struct ImageInfo {
     pub id: Option<String>,
     /// The prompt rendered (the description, for `from_scene`).
     pub prompt: String,
-    /// Seed, steps, size, sampler.
+    /// The noise seed.
     pub seed: u64,
     /// Steps.
     pub steps: usize,
-    /// Width × height.
-    pub size: [usize; 2],
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
     /// Euler or LCM.
     pub sampler: String,
     /// A warning for the requester (prompt truncated at the tokenizer's limit).
@@ -293,13 +313,28 @@ pub struct ImageInfo {
 }
 
 impl ImageInfo {
+    /// The info of the job with request id `id`.
+    pub fn new(id: Option<String>, info: &worker::RenderInfo) -> Self {
+        ImageInfo {
+            id,
+            prompt: info.prompt.clone(),
+            seed: info.seed,
+            steps: info.steps,
+            width: info.width,
+            height: info.height,
+            sampler: info.sampler.clone(),
+            warning: info.warning.clone(),
+            timings_ms: info.timings_ms.clone(),
+        }
+    }
+
     /// As MQTT v5 user properties.
     pub fn user_properties(&self) -> Vec<(String, String)> {
         let mut p = vec![
             ("seed".to_owned(), self.seed.to_string()),
             ("steps".to_owned(), self.steps.to_string()),
-            ("width".to_owned(), self.size[1].to_string()),
-            ("height".to_owned(), self.size[0].to_string()),
+            ("width".to_owned(), self.width.to_string()),
+            ("height".to_owned(), self.height.to_string()),
             ("sampler".to_owned(), self.sampler.clone()),
             // User properties are UTF-8 strings of at most 64 KiB; a prompt is far below that.
             ("prompt".to_owned(), self.prompt.chars().take(2000).collect()),
@@ -320,7 +355,7 @@ impl ImageInfo {
 /// Parses a plain-text question (Home Assistant's text entity).
 pub fn parse_text_question(payload: &[u8], limits: &Limits) -> Result<String, RequestError> {
     let text = utf8(payload, limits)?;
-    check_question(&text, limits)?;
+    check_question(&text, limits.max_question_chars)?;
     Ok(text.trim().to_owned())
 }
 
@@ -351,6 +386,12 @@ pub struct Caption {
     pub timings_ms: Timings,
     /// The model stack.
     pub model: String,
+}
+
+impl From<&worker::Caption> for Caption {
+    fn from(c: &worker::Caption) -> Self {
+        Caption { text: c.text.clone(), frame_seq: c.frame_seq, frame_ts_ms: c.frame_ts_ms, timings_ms: c.timings_ms.clone(), model: c.model.clone() }
+    }
 }
 
 /// A reply to an ask request.
@@ -385,6 +426,13 @@ pub struct Answer {
     pub timings_ms: Timings,
 }
 
+impl Answer {
+    /// The payload of the worker's answer to the request with id `id`.
+    pub fn new(id: Option<String>, a: &worker::Answer) -> Self {
+        Answer { id, text: a.text.clone(), done: a.done, frame_seq: a.frame_seq, frame_ts_ms: a.frame_ts_ms, timings_ms: a.timings_ms.clone() }
+    }
+}
+
 /// An error reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -413,15 +461,36 @@ impl ErrorReply {
     }
 }
 
-/// The settings that can change at run time (SIGHUP, `config/set`), as retained on `config/state`.
+/// The settings in effect, as retained on `config/state`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RuntimeSettings {
+pub struct ConfigState {
     /// The question that asks for a caption.
     pub caption_prompt: String,
     /// Scene-change gating.
-    #[serde(rename = "scene")]
-    pub gate: crate::scene::GateConfig,
+    pub scene: SceneState,
+}
+
+/// The gating part of [`ConfigState`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SceneState {
+    /// Cosine distance above which the scene counts as changed.
+    pub change_threshold: f32,
+    /// Never caption more often than this (seconds).
+    pub min_interval_s: f64,
+    /// Caption at least this often (seconds).
+    pub max_interval_s: f64,
+}
+
+impl From<&RuntimeSettings> for ConfigState {
+    fn from(s: &RuntimeSettings) -> Self {
+        let g = &s.gate;
+        ConfigState {
+            caption_prompt: s.caption_prompt.clone(),
+            scene: SceneState { change_threshold: g.change_threshold, min_interval_s: g.min_interval_s, max_interval_s: g.max_interval_s },
+        }
+    }
 }
 
 /// A `config/set` request: any subset of the runtime settings.
@@ -442,16 +511,13 @@ pub struct ConfigPatch {
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatePatch {
-    /// See [`crate::scene::GateConfig::change_threshold`].
+    /// See [`GateConfig::change_threshold`].
     pub change_threshold: Option<f32>,
-    /// See [`crate::scene::GateConfig::min_interval_s`].
+    /// See [`GateConfig::min_interval_s`].
     pub min_interval_s: Option<f64>,
-    /// See [`crate::scene::GateConfig::max_interval_s`].
+    /// See [`GateConfig::max_interval_s`].
     pub max_interval_s: Option<f64>,
 }
-
-/// The longest caption prompt `config/set` accepts.
-pub const MAX_PROMPT_CHARS: usize = 1000;
 
 /// Parses a `config/set` request.
 pub fn parse_config_patch(payload: &[u8], limits: &Limits) -> Result<ConfigPatch, RequestError> {
@@ -462,34 +528,17 @@ pub fn parse_config_patch(payload: &[u8], limits: &Limits) -> Result<ConfigPatch
 impl ConfigPatch {
     /// The settings after this patch, validated; an error names the key.
     pub fn apply(&self, current: &RuntimeSettings) -> Result<RuntimeSettings, RequestError> {
-        let bad = |key: &str, why: String| RequestError::Invalid(format!("`{key}`: {why}"));
         let mut next = current.clone();
         if let Some(prompt) = &self.caption_prompt {
-            if prompt.trim().is_empty() {
-                return Err(bad("caption_prompt", "is empty".into()));
-            }
-            if prompt.chars().count() > MAX_PROMPT_CHARS {
-                return Err(bad("caption_prompt", format!("is longer than {MAX_PROMPT_CHARS} characters")));
-            }
             next.caption_prompt = prompt.clone();
         }
         if let Some(scene) = &self.scene {
-            if let Some(t) = scene.change_threshold {
-                if !(0.0..=2.0).contains(&t) {
-                    return Err(bad("scene.change_threshold", format!("{t} is outside 0..2 (a cosine distance)")));
-                }
-                next.gate.change_threshold = t;
-            }
-            if let Some(v) = scene.min_interval_s {
-                next.gate.min_interval_s = v;
-            }
-            if let Some(v) = scene.max_interval_s {
-                next.gate.max_interval_s = v;
-            }
-            if !(next.gate.min_interval_s >= 0.0 && next.gate.max_interval_s >= next.gate.min_interval_s && next.gate.max_interval_s.is_finite()) {
-                return Err(bad("scene.max_interval_s", format!("need 0 <= min_interval_s ({}) <= max_interval_s ({})", next.gate.min_interval_s, next.gate.max_interval_s)));
-            }
+            next.gate.change_threshold = scene.change_threshold.unwrap_or(next.gate.change_threshold);
+            next.gate.min_interval_s = scene.min_interval_s.unwrap_or(next.gate.min_interval_s);
+            next.gate.max_interval_s = scene.max_interval_s.unwrap_or(next.gate.max_interval_s);
         }
+        // The same rule as the config file's; the payload names the prompt without `llm.`.
+        next.check().map_err(|e| RequestError::Invalid(format!("`{}`: {}", e.key.trim_start_matches("llm."), e.message)))?;
         Ok(next)
     }
 }
@@ -595,6 +644,7 @@ impl Discovery<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::GateConfig;
 
     const LIMITS: Limits = Limits { max_payload_bytes: 256, max_question_chars: 40 };
 
@@ -636,7 +686,7 @@ mod tests {
 
     #[test]
     fn config_patches_apply_or_name_the_key() {
-        let current = RuntimeSettings { caption_prompt: "Describe.".into(), gate: crate::scene::GateConfig::default() };
+        let current = RuntimeSettings { caption_prompt: "Describe.".into(), gate: GateConfig::default() };
         let ok = parse_config_patch(br#"{"caption_prompt":"Count the people.","scene":{"change_threshold":0.1}}"#, &LIMITS).unwrap().apply(&current).unwrap();
         assert_eq!((ok.caption_prompt.as_str(), ok.gate.change_threshold, ok.gate.min_interval_s), ("Count the people.", 0.1, 2.0));
         let cases: &[(&[u8], &str)] = &[

@@ -6,9 +6,9 @@ use std::time::Instant;
 use crate::cache::{self, CacheError};
 use crate::frame::RgbImage;
 use crate::manifest::{EncoderSpec, Manifest};
-use crate::ms_since;
+use crate::util::ms_since;
 use crate::onnx::{OnnxError, OnnxRuntime, OnnxSession};
-use crate::preprocess::{PreprocessError, Preprocessor};
+use super::preprocess::{PreprocessError, Preprocessor};
 
 /// An error from the vision path (encoder or projector).
 #[derive(Debug, thiserror::Error)]

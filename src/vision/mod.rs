@@ -1,20 +1,21 @@
 //! The vision path as one unit: frame → encoder → pooled patch features → projector → image
 //! tokens. The last frame's features stay available for scene-change gating.
 
-pub mod encoder;
-pub mod preprocess;
-pub mod projector;
+mod encoder;
+mod preprocess;
+mod projector;
 
 use std::path::Path;
 
 use serde::Serialize;
 
-use crate::backbone::GgufInfo;
-use crate::encoder::{Encoder, PatchFeatures, VisionError};
 use crate::frame::RgbImage;
 use crate::manifest::Manifest;
 use crate::onnx::OnnxRuntime;
-use crate::projector::{ImageTokens, Projector};
+
+pub use encoder::{EncodeTimings, Encoder, PatchFeatures, VisionError};
+pub use preprocess::{PreprocessError, Preprocessor};
+pub use projector::{ImageTokens, Projector};
 
 /// Milliseconds per vision stage for one frame.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -35,9 +36,10 @@ pub struct Vision {
 }
 
 impl Vision {
-    /// Loads both models. With `llm`, the projector's width is checked against the GGUF's.
-    pub fn load(runtime: &OnnxRuntime, manifest: &Manifest, cache_root: &Path, llm: Option<&GgufInfo>) -> Result<Self, VisionError> {
-        let projector = Projector::load(runtime, manifest, cache_root, llm.map(|info| (info.path.as_path(), info.n_embd)))?;
+    /// Loads both models. With `llm` (the LLM's file and its `n_embd`), the projector's output
+    /// width is checked against the LLM's at load time.
+    pub fn load(runtime: &OnnxRuntime, manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, usize)>) -> Result<Self, VisionError> {
+        let projector = Projector::load(runtime, manifest, cache_root, llm)?;
         let encoder = Encoder::load(runtime, manifest, cache_root)?;
         Ok(Vision { encoder, projector, features: PatchFeatures::default() })
     }
@@ -50,7 +52,7 @@ impl Vision {
     }
 
     /// Encodes one frame; its features stay for [`Vision::signature`] and [`Vision::project`].
-    pub fn encode(&mut self, image: &RgbImage) -> Result<crate::encoder::EncodeTimings, VisionError> {
+    pub fn encode(&mut self, image: &RgbImage) -> Result<EncodeTimings, VisionError> {
         self.encoder.encode(image, &mut self.features)
     }
 

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::cache;
-use crate::encoder::{PatchFeatures, VisionError};
-use crate::ms_since;
+use super::encoder::{PatchFeatures, VisionError};
+use crate::util::ms_since;
 use crate::manifest::{Manifest, ProjectorSpec};
 use crate::onnx::{OnnxRuntime, OnnxSession};
 

@@ -1,5 +1,6 @@
 //! The one place with `unsafe`: thin, checked wrappers over llama.cpp's C API where the safe
-//! `llama-cpp-2` crate has no equivalent.
+//! `llama-cpp-2` crate has no equivalent, ONNX Runtime's version probe (`OrtGetApiBase`) and
+//! glibc's `malloc_trim`. The crate root denies `unsafe_code`; this module alone allows it.
 //!
 //! Invariants, for every function here:
 //! - A wrapper owns its C object and frees it exactly once, in `Drop`; the raw pointer never
@@ -12,6 +13,8 @@
 //!   past the lifetime of the object that owns them.
 //! - A C object that another one points into is kept alive by an `Arc` in the one that points:
 //!   a context holds its model and its adapter, an adapter holds its model.
+
+#![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString};
 use std::path::Path;

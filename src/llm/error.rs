@@ -1,0 +1,123 @@
+//! The LLM's errors: loading and running the backbone, and the one check of a question.
+
+use std::path::PathBuf;
+
+use super::gguf::GgufError;
+use crate::cache::CacheError;
+
+/// An error while loading or running the backbone.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LlmError {
+    /// The GGUF failed the metadata checks.
+    #[error(transparent)]
+    File(#[from] GgufError),
+    /// llama.cpp refused the model.
+    #[error("{path}: llama.cpp cannot load it: {reason} (expected a complete GGUF of an architecture llama.cpp supports)")]
+    Load {
+        /// The file.
+        path: PathBuf,
+        /// llama.cpp's last error.
+        reason: String,
+    },
+    /// llama.cpp could not create the context.
+    #[error("cannot create a llama.cpp context of {n_ctx} tokens: {reason}")]
+    Context {
+        /// The requested length.
+        n_ctx: u32,
+        /// llama.cpp's last error.
+        reason: String,
+    },
+    /// The manifest's LoRA adapter is missing or has the wrong size.
+    #[error(transparent)]
+    AdapterFile(CacheError),
+    /// llama.cpp refused the adapter.
+    #[error("{path}: llama.cpp cannot apply it to the LLM: {reason} (expected a LoRA adapter GGUF trained for this GGUF, see models/README.md)")]
+    Adapter {
+        /// The file.
+        path: PathBuf,
+        /// llama.cpp's last error.
+        reason: String,
+    },
+    /// The GGUF has no chat template, or one llama.cpp cannot render.
+    #[error("llm.chat.template = \"gguf\": {0}; write `prefix` and `suffix` in the manifest instead")]
+    ChatTemplate(String),
+    /// The context cannot hold what is asked of it.
+    #[error("the context of {n_ctx} tokens is too small: {what} needs {needed}; raise `llm.context`")]
+    ContextTooSmall {
+        /// The context length.
+        n_ctx: usize,
+        /// What does not fit.
+        what: String,
+        /// Tokens needed.
+        needed: usize,
+    },
+    /// Image tokens of another width than the model's.
+    #[error("image tokens are {got} wide, but the LLM's n_embd is {expected}")]
+    EmbeddingWidth {
+        /// The model's width.
+        expected: usize,
+        /// The tokens' width.
+        got: usize,
+    },
+    /// A question that cannot be asked.
+    #[error(transparent)]
+    Question(#[from] QuestionError),
+    /// The cache cannot drop the previous request while keeping the scene prefix.
+    #[error("this model's cache cannot drop a request while keeping the scene prefix (recurrent architectures are not supported); pick a transformer GGUF")]
+    CacheCut,
+    /// llama.cpp produced no logits after a decode.
+    #[error("llama.cpp returned no logits for the last position (a decode that asked for them succeeded)")]
+    NoLogits,
+    /// The output projector's signal text is longer than one decode batch.
+    #[error("the manifest's generator.output_projector.signal is {n} tokens; at most `llm.batch` ({batch}) fit in one decode")]
+    SignalTooLong {
+        /// Its tokens.
+        n: usize,
+        /// `llm.batch`.
+        batch: usize,
+    },
+    /// llama_decode failed.
+    #[error("llama.cpp failed to decode {what} (status {status}){}", decode_hint(*status))]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// llama_decode's status.
+        status: i32,
+    },
+}
+
+/// What a user can do about a `llama_decode` status (1: no room left in the KV cache).
+fn decode_hint(status: i32) -> &'static str {
+    if status == 1 { ": no room left in the context; raise `llm.context`" } else { "" }
+}
+
+/// A question that cannot be asked.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuestionError {
+    /// Empty or blank.
+    #[error("the question is empty")]
+    Empty,
+    /// Longer than `llm.max_question_chars`.
+    #[error("the question has {chars} characters; the limit is {limit} (`llm.max_question_chars`)")]
+    TooLong {
+        /// Its length.
+        chars: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The one check of a question, for every way one arrives (CLI, MQTT, the daemon's caption
+/// prompt): not blank, and at most `limit` characters.
+pub fn check_question(question: &str, limit: usize) -> Result<(), QuestionError> {
+    if question.trim().is_empty() {
+        return Err(QuestionError::Empty);
+    }
+    let chars = question.chars().count();
+    if chars > limit {
+        return Err(QuestionError::TooLong { chars, limit });
+    }
+    Ok(())
+}
+

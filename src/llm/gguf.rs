@@ -1,0 +1,185 @@
+//! A GGUF's metadata, read with llama.cpp's own reader (through [`crate::ffi`]) and checked
+//! against the manifest: architecture, embedding width, and that the file is complete.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::ffi::{GgufFile, GgufValue};
+use crate::manifest::Manifest;
+
+/// An error about the LLM's GGUF file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GgufError {
+    /// The file is missing.
+    #[error("{path}: file not found (expected a GGUF model; run `make models` for the reference one)")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// llama.cpp's reader rejects the header.
+    #[error("{path}: not a readable GGUF file (llama.cpp's gguf reader rejected its header; expected a GGUF v2/v3 model)")]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is shorter than its tensor table says.
+    #[error("{path}: truncated: {actual} bytes, but its tensors end at byte {expected}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Where the tensor data ends.
+        expected: u64,
+        /// The file's size.
+        actual: u64,
+    },
+    /// A required metadata key is missing or has the wrong type.
+    #[error("{path}: metadata key `{key}` is missing or not {expected}")]
+    MissingKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The expected type.
+        expected: &'static str,
+    },
+    /// The GGUF differs from what the manifest says.
+    #[error("{path}: {what} is {actual}, but manifest {manifest} expects {expected}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// The manifest.
+        manifest: String,
+        /// Which property.
+        what: &'static str,
+        /// The manifest's value.
+        expected: String,
+        /// The file's value.
+        actual: String,
+    },
+}
+
+/// What a GGUF says about itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct GgufInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// `general.architecture`.
+    pub architecture: String,
+    /// `general.name`, when present.
+    pub name: Option<String>,
+    /// `<arch>.embedding_length`.
+    pub n_embd: usize,
+    /// `<arch>.context_length`, when present.
+    pub n_ctx_train: Option<usize>,
+    /// `<arch>.block_count`, when present.
+    pub n_layer: Option<usize>,
+    /// The quantisation (`general.file_type`), when present.
+    pub quantization: Option<String>,
+    /// Whether the GGUF carries `tokenizer.chat_template`.
+    pub has_chat_template: bool,
+    /// Number of tensors.
+    pub n_tensors: i64,
+    /// File size in bytes.
+    pub size: u64,
+}
+
+/// The name of a llama.cpp `general.file_type` (`llama_ftype`).
+fn ftype_name(ftype: i64) -> String {
+    let name = match ftype {
+        0 => "F32",
+        1 => "F16",
+        2 => "Q4_0",
+        3 => "Q4_1",
+        7 => "Q8_0",
+        8 => "Q5_0",
+        9 => "Q5_1",
+        10 => "Q2_K",
+        11 => "Q3_K_S",
+        12 => "Q3_K_M",
+        13 => "Q3_K_L",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        _ => return format!("file_type {ftype}"),
+    };
+    name.to_owned()
+}
+
+impl GgufInfo {
+    /// Reads the metadata of `path` and checks that the file is complete.
+    pub fn read(path: &Path) -> Result<Self, GgufError> {
+        let size = std::fs::metadata(path).map_err(|_| GgufError::Missing { path: path.to_owned() })?.len();
+        let gguf = GgufFile::open(path).ok_or_else(|| GgufError::NotGguf { path: path.to_owned() })?;
+        let data_end = gguf.data_end();
+        if data_end > size {
+            return Err(GgufError::Truncated { path: path.to_owned(), expected: data_end, actual: size });
+        }
+        let missing = |key: &str, expected| GgufError::MissingKey { path: path.to_owned(), key: key.to_owned(), expected };
+        let string = |key: &str| match gguf.get(key) {
+            Some(GgufValue::Str(s)) => Some(s),
+            _ => None,
+        };
+        let int = |key: &str| match gguf.get(key) {
+            Some(GgufValue::Int(v)) if v >= 0 => Some(v),
+            _ => None,
+        };
+        let architecture = string("general.architecture").ok_or_else(|| missing("general.architecture", "a string"))?;
+        let width_key = format!("{architecture}.embedding_length");
+        let n_embd = int(&width_key).ok_or_else(|| missing(&width_key, "a positive integer"))? as usize;
+        Ok(GgufInfo {
+            path: path.to_owned(),
+            name: string("general.name"),
+            n_embd,
+            n_ctx_train: int(&format!("{architecture}.context_length")).map(|v| v as usize),
+            n_layer: int(&format!("{architecture}.block_count")).map(|v| v as usize),
+            quantization: int("general.file_type").map(ftype_name),
+            has_chat_template: string("tokenizer.chat_template").is_some(),
+            n_tensors: gguf.n_tensors(),
+            architecture,
+            size,
+        })
+    }
+
+    /// Checks the GGUF against the manifest's `llm` section.
+    pub fn check_against(&self, manifest: &Manifest) -> Result<(), GgufError> {
+        let mismatch = |what, expected: String, actual: String| GgufError::Mismatch {
+            path: self.path.clone(),
+            manifest: manifest.origin.clone(),
+            what,
+            expected,
+            actual,
+        };
+        if self.architecture != manifest.llm.architecture {
+            return Err(mismatch("general.architecture", manifest.llm.architecture.clone(), self.architecture.clone()));
+        }
+        if self.n_embd != manifest.llm.n_embd {
+            return Err(mismatch("the embedding width (n_embd)", manifest.llm.n_embd.to_string(), self.n_embd.to_string()));
+        }
+        Ok(())
+    }
+}
+
+/// The rows of `tokens` in the GGUF's token-embedding matrix (`token_embd.weight`), dequantised:
+/// what the model itself feeds its first layer for those tokens.
+pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, GgufError> {
+    let gguf = GgufFile::open(path).ok_or_else(|| GgufError::NotGguf { path: path.to_owned() })?;
+    let (matrix, width) = gguf
+        .tensor_f32(path, "token_embd.weight")
+        .ok_or_else(|| GgufError::MissingKey { path: path.to_owned(), key: "token_embd.weight".into(), expected: "a dequantisable tensor" })?;
+    let n_rows = matrix.len() / width;
+    let mut out = Vec::with_capacity(tokens.len() * width);
+    for &t in tokens {
+        let row = usize::try_from(t).ok().filter(|r| *r < n_rows).ok_or_else(|| GgufError::MissingKey {
+            path: path.to_owned(),
+            key: format!("token_embd.weight row {t}"),
+            expected: "a token id inside the vocabulary",
+        })?;
+        out.extend_from_slice(&matrix[row * width..(row + 1) * width]);
+    }
+    Ok(out)
+}

@@ -1,0 +1,97 @@
+//! What leaves over MQTT, and the one mapping from it to messages: topic, payload, retain flag,
+//! properties, and whether a message may wait in the spool while the broker is away.
+
+use super::spool::SpooledMessage;
+use super::wire::{self, ErrorReply, ImageInfo, Reply, RequestError, Topics};
+use super::ReplyAddress;
+use crate::worker::{Output, Picture, RuntimeSettings};
+
+/// What the publisher sends: the worker's results, refusals of requests, and the settings state.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A result of the worker.
+    Result(Output<ReplyAddress>),
+    /// A request refused before it reached the worker.
+    Refused {
+        /// Where the refusal goes.
+        to: ReplyAddress,
+        /// Why.
+        error: RequestError,
+    },
+    /// The runtime settings in effect (retained on `config/state`).
+    ConfigState(RuntimeSettings),
+}
+
+/// How a message is delivered when the broker is away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Kept: spooled on disk while offline and published in order on reconnect.
+    Keep,
+    /// Only the latest matters: published when online, dropped otherwise, never spooled (a
+    /// backlog of stale pictures would fill the disk).
+    LatestOnly,
+}
+
+fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
+    let payload = serde_json::to_vec(reply).unwrap_or_default();
+    let mut message = match reply {
+        Reply::Answer(a) => SpooledMessage::json(to.topic.clone(), payload, to.retain, &a.timings_ms),
+        Reply::Error(e) => {
+            let mut m = SpooledMessage::json(to.topic.clone(), payload, to.retain, &Default::default());
+            m.user_properties.push(("error".into(), e.error.code.clone()));
+            m
+        }
+    };
+    message.correlation = to.correlation.clone();
+    message
+}
+
+fn error_message(to: &ReplyAddress, error: &RequestError) -> SpooledMessage {
+    reply_message(to, &Reply::Error(ErrorReply::new(to.id.clone(), error)))
+}
+
+fn picture_message(topic: String, retain: bool, picture: &Picture, info: Option<&ImageInfo>) -> SpooledMessage {
+    SpooledMessage {
+        topic,
+        payload: picture.bytes.clone(),
+        retain,
+        correlation: None,
+        user_properties: info.map(ImageInfo::user_properties).unwrap_or_default(),
+        content_type: Some(picture.format.content_type().to_owned()),
+    }
+}
+
+/// The messages for one outgoing item, each with how it is delivered. The only place that turns
+/// results into MQTT messages; the settings state and expired requests are handled by the
+/// publisher itself and map to nothing here.
+pub fn messages(topics: &Topics, outgoing: &Outgoing) -> Vec<(SpooledMessage, Delivery)> {
+    let result = match outgoing {
+        Outgoing::Refused { to, error } => return vec![(error_message(to, error), Delivery::Keep)],
+        Outgoing::ConfigState(_) => return Vec::new(),
+        Outgoing::Result(result) => result,
+    };
+    match result {
+        Output::Caption(caption) => {
+            let caption = wire::Caption::from(caption);
+            let payload = serde_json::to_vec(&caption).unwrap_or_default();
+            vec![(SpooledMessage::json(topics.caption(), payload, true, &caption.timings_ms), Delivery::Keep)]
+        }
+        Output::ScenePicture(picture) => vec![(picture_message(topics.image(), true, picture, None), Delivery::LatestOnly)],
+        Output::Answer { to, answer } => {
+            let reply = Reply::Answer(wire::Answer::new(to.id.clone(), answer));
+            vec![(reply_message(to, &reply), Delivery::Keep)]
+        }
+        Output::Rendered { to, picture, info } => {
+            let info = ImageInfo::new(to.id.clone(), info);
+            let latest = picture_message(topics.image(), true, picture, Some(&info));
+            let reply = SpooledMessage { correlation: to.correlation.clone(), ..picture_message(to.topic.clone(), false, picture, Some(&info)) };
+            vec![(latest, Delivery::LatestOnly), (reply, Delivery::Keep)]
+        }
+        Output::Failed { to, error } => {
+            tracing::warn!(topic = %to.topic, "request failed: {error}");
+            // The refusal class, and so the error code, comes from the one `From<&JobError>`.
+            vec![(error_message(to, &RequestError::from(error)), Delivery::Keep)]
+        }
+        Output::Expired => Vec::new(),
+    }
+}

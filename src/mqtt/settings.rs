@@ -1,0 +1,139 @@
+//! The `[mqtt]` settings: broker, protocol, TLS, topics, limits, spool and discovery.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// The MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 5 (request/response properties, message expiry).
+    #[serde(rename = "v5")]
+    V5,
+    /// MQTT 3.1.1 (requests carry `id` and `reply_to` in their JSON).
+    #[serde(rename = "v3.1.1")]
+    V311,
+}
+
+/// TLS to the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA that signed the broker's certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate, for brokers that require one (with `client_key`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    pub client_key: Option<PathBuf>,
+}
+
+/// Home Assistant discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Publish discovery; when turned off, the device is removed from Home Assistant.
+    pub enabled: bool,
+    /// Home Assistant's discovery prefix.
+    pub prefix: String,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { enabled: true, prefix: "homeassistant".into() }
+    }
+}
+
+/// MQTT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Connect to a broker at all.
+    pub enabled: bool,
+    /// Broker host.
+    pub host: String,
+    /// Broker port (1883; 8883 is usual with TLS).
+    pub port: u16,
+    /// Protocol version.
+    pub protocol: MqttProtocol,
+    /// The device name: in the default client id, topic prefix and discovery id (default: hostname).
+    pub device: Option<String>,
+    /// Client id (default `scenecast-<device>`).
+    pub client_id: Option<String>,
+    /// Topic prefix (default `scenecast/<device>`).
+    pub topic_prefix: Option<String>,
+    /// Keep-alive interval in seconds.
+    pub keep_alive_s: u64,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// TLS; absent means plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// Reconnect backoff: first delay, seconds (doubles up to `reconnect_max_s`, with jitter).
+    pub reconnect_min_s: f64,
+    /// Reconnect backoff: longest delay, seconds.
+    pub reconnect_max_s: f64,
+    /// Largest accepted request payload, bytes.
+    pub max_payload_bytes: usize,
+    /// Requests waiting for the model; beyond this a request gets a `busy` reply.
+    pub request_queue: usize,
+    /// MQTT filters a reply topic must match (`#` allows any).
+    pub allowed_reply_topics: Vec<String>,
+    /// Messages kept on disk while the broker is unreachable; beyond this the oldest are dropped.
+    pub spool_limit: usize,
+    /// Where the spool lives (default: `<state dir>/spool`).
+    pub spool_dir: Option<PathBuf>,
+    /// Home Assistant discovery.
+    pub discovery: DiscoveryConfig,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            enabled: true,
+            host: "127.0.0.1".into(),
+            port: 1883,
+            protocol: MqttProtocol::V5,
+            device: None,
+            client_id: None,
+            topic_prefix: None,
+            keep_alive_s: 30,
+            username: None,
+            password: None,
+            tls: None,
+            reconnect_min_s: 0.5,
+            reconnect_max_s: 30.0,
+            max_payload_bytes: 16 * 1024,
+            request_queue: 8,
+            allowed_reply_topics: vec!["#".into()],
+            spool_limit: 1000,
+            spool_dir: None,
+            discovery: DiscoveryConfig::default(),
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The device name in effect.
+    pub fn device_name(&self) -> String {
+        self.device.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "camera".into())
+        })
+    }
+
+    /// The device name reduced to what topics and ids allow.
+    pub fn device_id(&self) -> String {
+        self.device_name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    }
+
+    /// The client id in effect.
+    pub fn client_id(&self) -> String {
+        self.client_id.clone().unwrap_or_else(|| format!("scenecast-{}", self.device_id()))
+    }
+
+    /// The topic prefix in effect.
+    pub fn topic_prefix(&self) -> String {
+        self.topic_prefix.clone().unwrap_or_else(|| format!("scenecast/{}", self.device_id()))
+    }
+}
+
