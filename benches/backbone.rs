@@ -18,13 +18,14 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
-use scenecast::backbone::{Backbone, GenerateOptions, Part};
-use scenecast::config::{Config, LlmConfig};
+use scenecast::llm::{Backbone, GenerateOptions, Part};
+use scenecast::config::Config;
+use scenecast::llm::LlmConfig;
 use scenecast::frame::RgbImage;
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
-use scenecast::projector::ImageTokens;
-use scenecast::sampling::SamplingParams;
+use scenecast::vision::ImageTokens;
+use scenecast::llm::SamplingParams;
 use scenecast::vision::Vision;
 
 const PROMPT: &str = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n";
@@ -70,7 +71,7 @@ fn main() {
     let config = Config::builtin();
     let root = config.cache_root();
     let manifest = Manifest::reference().unwrap();
-    let threads = scenecast::config::physical_cores();
+    let threads = scenecast::physical_cores();
     let llm = LlmConfig { threads, ..LlmConfig::default() };
     // Bare llama.cpp runs the GGUF alone, so the loop is compared without the adapter (its cost is
     // measured on its own below).
@@ -100,7 +101,7 @@ fn main() {
     println!("  scenecast Backbone::generate       {ours_tps:7.1} tok/s  ratio {:.3}", ours_tps / bare_tps);
 
     let runtime = OnnxRuntime::init(&config.onnx, &root).unwrap();
-    let mut vision = Vision::load(&runtime, &manifest, &root, Some(&ours.summary().gguf)).unwrap();
+    let mut vision = Vision::load(&runtime, &manifest, &root, Some(ours.summary().gguf.llm_width())).unwrap();
     let photo = RgbImage::open(&root.join("models/photos/chelsea.png")).unwrap();
     let mut tokens = ImageTokens::default();
     let question = "What is in the picture?";

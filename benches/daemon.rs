@@ -11,13 +11,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use scenecast::backbone::Backbone;
-use scenecast::config::{Config, LlmConfig, MqttConfig};
+use scenecast::llm::Backbone;
+use scenecast::config::Config;
+use scenecast::llm::LlmConfig;
+use scenecast::mqtt::MqttConfig;
 use scenecast::frame::{Frame, RgbImage};
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
-use scenecast::scene::GateConfig;
-use scenecast::source::FrameSlot;
+use scenecast::worker::GateConfig;
+use scenecast::camera::FrameSlot;
 use scenecast::vision::Vision;
 use scenecast::worker::{Progress, Worker, RuntimeSettings};
 
@@ -35,15 +37,13 @@ fn main() {
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let link = scenecast::broker::start(addr, true, "bench/#").unwrap();
+    let link = scenecast::mqtt::start_broker(addr, true, "bench/#").unwrap();
     let (seen_tx, seen_rx) = std::sync::mpsc::channel::<(u64, Instant)>();
     std::thread::spawn(move || {
         let mut link = link;
-        while let Ok(n) = link.recv() {
-            if let Some(rumqttd::Notification::Forward(f)) = n {
-                if let Ok(c) = serde_json::from_slice::<scenecast::wire::Caption>(&f.publish.payload) {
-                    let _ = seen_tx.send((c.frame_seq, Instant::now()));
-                }
+        while let Some(f) = link.recv() {
+            if let Ok(c) = serde_json::from_slice::<scenecast::mqtt::wire::Caption>(&f.payload) {
+                let _ = seen_tx.send((c.frame_seq, Instant::now()));
             }
         }
     });
@@ -59,12 +59,12 @@ fn main() {
 
     let ort = OnnxRuntime::init(&config.onnx, &root).unwrap();
     let backbone = Backbone::load(&manifest, &root, &LlmConfig { max_tokens: 32, ..LlmConfig::default() }).unwrap();
-    let vision = Vision::load(&ort, &manifest, &root, Some(&backbone.summary().gguf)).unwrap();
+    let vision = Vision::load(&ort, &manifest, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
     let slot = Arc::new(FrameSlot::new());
     let progress = Arc::new(Progress::default());
     let worker = Worker { vision, backbone, frames: slot.clone(), settings: settings.clone(), progress: progress.clone(), model: manifest.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
     let stop = Arc::new(AtomicBool::new(false));
-    let (out, worker_stop) = (mqtt.outgoing.clone(), stop.clone());
+    let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
     let thread = std::thread::spawn(move || worker.run(questions_rx, out, worker_stop));
 
     let mut seq = 0u64;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use ort::value::TensorRef;
 use scenecast::config::Config;
-use scenecast::generator::{Conditioning, Generator};
+use scenecast::generate::{Conditioning, Generator};
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
 
@@ -50,7 +50,7 @@ fn main() {
         loads.push(start.elapsed().as_secs_f64() * 1e3);
         let start = Instant::now();
         drop(g);
-        scenecast::ffi::release_free_memory();
+        scenecast::release_free_memory();
         unloads.push(start.elapsed().as_secs_f64() * 1e3);
     }
     let mut generator = Generator::load(&runtime, &manifest, &root).unwrap();
@@ -92,7 +92,7 @@ fn main() {
     drop(bare);
     drop(generator);
     // What OnDemand does when it unloads after idling.
-    scenecast::ffi::release_free_memory();
+    scenecast::release_free_memory();
     std::thread::sleep(Duration::from_millis(50));
     let rss_after = status_kib("VmRSS:");
 

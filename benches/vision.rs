@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use ort::session::Session;
 use ort::value::TensorRef;
 use scenecast::config::Config;
-use scenecast::encoder::{Encoder, PatchFeatures};
+use scenecast::vision::{Encoder, PatchFeatures};
 use scenecast::frame::RgbImage;
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
-use scenecast::preprocess::{FrameConverter, Preprocessor};
+use scenecast::camera::FrameConverter;
+use scenecast::vision::Preprocessor;
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();

@@ -60,8 +60,7 @@ impl Pipeline {
     pub fn load(manifest: Manifest, cache_root: &Path, onnx: &OnnxConfig, llm: &LlmConfig) -> Result<Self, StackError> {
         let runtime = OnnxRuntime::init(onnx, cache_root)?;
         let backbone = Backbone::load(&manifest, cache_root, llm)?;
-        let gguf = &backbone.summary().gguf;
-        let vision = Vision::load(&runtime, &manifest, cache_root, Some((gguf.path.as_path(), gguf.n_embd)))?;
+        let vision = Vision::load(&runtime, &manifest, cache_root, Some(backbone.summary().gguf.llm_width()))?;
         Ok(Pipeline { manifest, cache_root: cache_root.to_owned(), runtime, backbone, vision })
     }
 

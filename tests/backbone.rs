@@ -6,11 +6,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use scenecast::backbone::{token_embeddings, Backbone, EngineError, GenerateOptions, Part, StopReason};
-use scenecast::config::LlmConfig;
+use scenecast::llm::{token_embeddings, Backbone, LlmError, GenerateOptions, Part, StopReason};
+use scenecast::llm::LlmConfig;
 use scenecast::manifest::{Manifest, REFERENCE_MANIFEST};
-use scenecast::projector::ImageTokens;
-use scenecast::sampling::SamplingParams;
+use scenecast::vision::ImageTokens;
+use scenecast::llm::SamplingParams;
 use scenecast::vision::Vision;
 
 fn llm_config() -> LlmConfig {
@@ -63,7 +63,7 @@ fn a_question_after_a_cached_prefix_answers_as_from_scratch() {
     let rt = runtime();
     let m = manifest();
     let mut b = smollm();
-    let mut vision = Vision::load(&rt, &m, &cache_root(), Some(&b.summary().gguf)).unwrap();
+    let mut vision = Vision::load(&rt, &m, &cache_root(), Some(b.summary().gguf.llm_width())).unwrap();
     let mut tokens = ImageTokens::default();
     vision.run(&photo("coffee.png"), &mut tokens).unwrap();
 
@@ -167,7 +167,7 @@ fn bad_ggufs_and_contexts_are_clear_errors() {
     let mut tiny = smollm_with(LlmConfig { context: 64, ..llm_config() });
     let image = ImageTokens { n_tokens: 300, n_embd: 576, data: vec![0.01; 300 * 576] };
     let err = tiny.set_scene(1, Some(&image)).unwrap_err();
-    assert!(matches!(err, EngineError::ContextTooSmall { .. }), "{err}");
+    assert!(matches!(err, LlmError::ContextTooSmall { .. }), "{err}");
     assert!(err.to_string().contains("the context of 256 tokens is too small: the scene prefix needs 304; raise `llm.context`"), "{err}");
 
     let wrong = ImageTokens { n_tokens: 64, n_embd: 640, data: vec![0.0; 64 * 640] };

@@ -7,9 +7,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use scenecast::backbone::{Backbone, GgufInfo};
-use scenecast::config::LlmConfig;
-use scenecast::encoder::Encoder;
+use scenecast::llm::{Backbone, GgufInfo};
+use scenecast::llm::LlmConfig;
+use scenecast::vision::Encoder;
 use scenecast::manifest::{Manifest, REFERENCE_MANIFEST};
 use scenecast::vision::Vision;
 
@@ -74,7 +74,7 @@ fn gguf_of_another_width_or_not_a_gguf() {
     assert_eq!((gemma.architecture.as_str(), gemma.n_embd), ("gemma3", 640));
     let err = gemma.check_against(&manifest()).unwrap_err().to_string();
     assert_contains(&err, &["gemma-3-270m-q4_k_m.gguf: general.architecture is gemma3, but manifest <built-in reference> expects llama"]);
-    let err = match Vision::load(&runtime(), &manifest(), &cache_root(), Some(&gemma)) {
+    let err = match Vision::load(&runtime(), &manifest(), &cache_root(), Some(gemma.llm_width())) {
         Ok(_) => panic!("a 576-wide projector must not load for a 640-wide LLM"),
         Err(e) => e.to_string(),
     };

@@ -10,11 +10,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
-use scenecast::backbone::Backbone;
-use scenecast::config::LlmConfig;
+use scenecast::llm::Backbone;
+use scenecast::llm::LlmConfig;
 use scenecast::frame::Frame;
-use scenecast::scene::GateConfig;
-use scenecast::source::FrameSlot;
+use scenecast::worker::GateConfig;
+use scenecast::camera::FrameSlot;
 use scenecast::vision::Vision;
 use scenecast::worker::{Progress, Worker, RuntimeSettings};
 
@@ -186,14 +186,14 @@ fn frame(seq: u64, name: &str) -> Frame {
 fn an_unchanged_scene_runs_the_llm_once_and_a_change_triggers_a_caption() {
     let m = manifest();
     let backbone = Backbone::load(&m, &cache_root(), &LlmConfig { threads: 1, max_tokens: 8, ..LlmConfig::default() }).unwrap();
-    let vision = Vision::load(&runtime(), &m, &cache_root(), Some(&backbone.summary().gguf)).unwrap();
+    let vision = Vision::load(&runtime(), &m, &cache_root(), Some(backbone.summary().gguf.llm_width())).unwrap();
     let slot = Arc::new(FrameSlot::new());
     let progress = Arc::new(Progress::default());
     let gate = GateConfig { change_threshold: 0.05, min_interval_s: 0.0, max_interval_s: 3600.0 };
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate }));
     let worker = Worker { vision, backbone, frames: slot.clone(), settings, progress: progress.clone(), model: m.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
-    let (_questions_tx, questions_rx) = std::sync::mpsc::sync_channel(1);
+    let (_questions_tx, questions_rx) = std::sync::mpsc::sync_channel::<scenecast::worker::Job<()>>(1);
     let stop = Arc::new(AtomicBool::new(false));
     let worker_stop = stop.clone();
     let thread = std::thread::spawn(move || worker.run(questions_rx, out_tx, worker_stop));
@@ -223,9 +223,9 @@ fn an_unchanged_scene_runs_the_llm_once_and_a_change_triggers_a_caption() {
     let (mut seqs, mut snapshots) = (Vec::new(), 0);
     while let Ok(message) = out_rx.try_recv() {
         match message {
-            scenecast::mqtt::Outgoing::Caption(c) => seqs.push(c.frame_seq),
+            scenecast::worker::Output::Caption(c) => seqs.push(c.frame_seq),
             // Privacy off (the default): each captioned frame goes to the image entity.
-            scenecast::mqtt::Outgoing::Image { to: None, .. } => snapshots += 1,
+            scenecast::worker::Output::ScenePicture(_) => snapshots += 1,
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -5,10 +5,11 @@
 mod common;
 
 use common::*;
-use scenecast::backbone::Backbone;
-use scenecast::config::{ConditionPath, GeneratorConfig, LlmConfig};
-use scenecast::generator::{Conditioning, Generator, GeneratorError, OnDemand, RenderLimits};
-use scenecast::sampler::SamplerKind;
+use scenecast::llm::Backbone;
+use scenecast::generate::{ConditionPath, GeneratorConfig};
+use scenecast::llm::LlmConfig;
+use scenecast::generate::{Conditioning, Generator, GeneratorError, OnDemand, RenderLimits};
+use scenecast::manifest::SamplerKind;
 
 fn generator() -> (Generator, scenecast::manifest::GeneratorSpec) {
     let m = manifest();
@@ -45,7 +46,7 @@ fn renders_are_deterministic_for_a_seed_and_have_the_requested_size() {
     assert_ne!(a.image.pixels(), other.image.pixels(), "the prompt conditions the image");
 
     // LCM with guidance (two UNet halves per step) at another size, also repeatable.
-    let lcm = scenecast::generator::RenderOptions { seed: 1, steps: 4, size: [32, 80], guidance: 2.5, sampler: SamplerKind::Lcm };
+    let lcm = scenecast::generate::RenderOptions { seed: 1, steps: 4, size: [32, 80], guidance: 2.5, sampler: SamplerKind::Lcm };
     let x = g.render(Conditioning::Prompt("a dog"), &lcm).unwrap();
     let y = g.render(Conditioning::Prompt("a dog"), &lcm).unwrap();
     assert_eq!((x.image.width(), x.image.height()), (80, 32));
@@ -78,7 +79,7 @@ fn the_output_projector_path_runs_end_to_end_on_the_llms_hidden_states() {
     let text = g.render(Conditioning::Prompt("A cat on a sofa."), &options).unwrap();
     assert_eq!(hidden.image.width() as usize, spec.size[1]);
     assert_ne!(hidden.image.pixels(), text.image.pixels(), "two conditioning paths, two images");
-    let via_worker = scenecast::worker::render_description(&mut backbone, &mut g, ConditionPath::Hidden, "Describe the image.", "A cat on a sofa.", &options).unwrap();
+    let via_worker = scenecast::pipeline::render_description(&mut backbone, &mut g, ConditionPath::Hidden, "Describe the image.", "A cat on a sofa.", &options).unwrap();
     assert_eq!(via_worker.image.pixels(), hidden.image.pixels());
 
     // Rows of the wrong width are refused by name.
@@ -89,15 +90,15 @@ fn the_output_projector_path_runs_end_to_end_on_the_llms_hidden_states() {
 #[test]
 fn requests_out_of_range_are_refused_with_the_allowed_range() {
     let (_, spec) = generator();
-    let limits = RenderLimits { max_steps: 4, max_side: 256 };
+    let limits = RenderLimits { max_steps: 4, max_side: 256, max_prompt_chars: 2000 };
     let ok = Generator::default_options(&spec, 0);
     assert!(Generator::check(&spec, &ok, limits).is_ok());
     let cases = [
-        (scenecast::generator::RenderOptions { steps: 0, ..ok.clone() }, "expected 1 to 4"),
-        (scenecast::generator::RenderOptions { steps: 5, ..ok.clone() }, "expected 1 to 4"),
-        (scenecast::generator::RenderOptions { size: [100, 128], ..ok.clone() }, "multiple of 16 between 16 and 256"),
-        (scenecast::generator::RenderOptions { size: [512, 128], ..ok.clone() }, "multiple of 16 between 16 and 256"),
-        (scenecast::generator::RenderOptions { guidance: -1.0, ..ok.clone() }, "guidance"),
+        (scenecast::generate::RenderOptions { steps: 0, ..ok.clone() }, "expected 1 to 4"),
+        (scenecast::generate::RenderOptions { steps: 5, ..ok.clone() }, "expected 1 to 4"),
+        (scenecast::generate::RenderOptions { size: [100, 128], ..ok.clone() }, "multiple of 16 between 16 and 256"),
+        (scenecast::generate::RenderOptions { size: [512, 128], ..ok.clone() }, "multiple of 16 between 16 and 256"),
+        (scenecast::generate::RenderOptions { guidance: -1.0, ..ok.clone() }, "guidance"),
     ];
     for (options, message) in cases {
         let err = Generator::check(&spec, &options, limits).unwrap_err().to_string();

@@ -9,13 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use scenecast::backbone::Backbone;
-use scenecast::config::{Config, LlmConfig, MqttConfig, MqttProtocol};
-use scenecast::mqtt::{self, MqttHandle, Outgoing, Question};
+use scenecast::llm::Backbone;
+use scenecast::config::Config;
+use scenecast::llm::LlmConfig;
+use scenecast::mqtt::{MqttConfig, MqttProtocol};
+use scenecast::mqtt::{self, MqttHandle, Request};
+use scenecast::worker::Output;
 use std::sync::RwLock;
 
-use scenecast::scene::GateConfig;
-use scenecast::source::FrameSlot;
+use scenecast::worker::GateConfig;
+use scenecast::camera::FrameSlot;
 use scenecast::vision::Vision;
 use scenecast::worker::{Progress, RuntimeSettings, Worker};
 
@@ -28,7 +31,7 @@ fn mqtt_config(port: u16, device: &str) -> MqttConfig {
 /// The MQTT side plus, when started, the real worker.
 struct Daemon {
     handle: Option<MqttHandle>,
-    questions: Option<std::sync::mpsc::Receiver<Question>>,
+    questions: Option<std::sync::mpsc::Receiver<Request>>,
     stop: Arc<AtomicBool>,
     worker: Option<std::thread::JoinHandle<()>>,
     settings: Arc<RwLock<RuntimeSettings>>,
@@ -51,22 +54,22 @@ impl Daemon {
 
     /// Starts the real worker on one photo (its frames: that photo once).
     fn start_worker(&mut self) {
-        self.start_worker_with(false, scenecast::config::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
+        self.start_worker_with(false, scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
     }
 
     /// The real worker with the reference generator (loaded on demand) and a privacy setting.
-    fn start_worker_with(&mut self, generator: bool, privacy: scenecast::config::PrivacyConfig) {
+    fn start_worker_with(&mut self, generator: bool, privacy: scenecast::worker::PrivacyConfig) {
         let root = cache_root();
         let m = manifest();
         let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
-        let vision = Vision::load(&runtime(), &m, &root, Some(&backbone.summary().gguf)).unwrap();
+        let vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
         // One frame of a still scene, as the capture thread would deliver it.
         let frames = Arc::new(FrameSlot::new());
         let image = scenecast::frame::RgbImage::open(&root.join("models/photos/coffee.png")).unwrap();
         frames.put(scenecast::frame::Frame { seq: 0, captured_at: std::time::SystemTime::now(), image });
-        let generator = generator.then(|| scenecast::generator::OnDemand::new(runtime(), m.clone(), root.clone(), Default::default()));
+        let generator = generator.then(|| scenecast::generate::OnDemand::new(runtime(), m.clone(), root.clone(), Default::default()));
         let worker = Worker { vision, backbone, frames, settings: self.settings.clone(), progress: Arc::new(Progress::default()), model: m.name.clone(), generator, privacy, image_format: Default::default() };
-        let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().outgoing.clone(), self.stop.clone());
+        let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().results.clone(), self.stop.clone());
         self.worker = Some(std::thread::spawn(move || worker.run(questions, out, stop)));
     }
 
@@ -232,8 +235,8 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
     broker.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for seq in 0..20u64 {
-        let caption = scenecast::wire::Caption { text: format!("scene {seq}"), frame_seq: seq, frame_ts_ms: 1_700_000_000_000 + seq, timings_ms: Default::default(), model: "test".into() };
-        d.handle().outgoing.send(Outgoing::Caption(caption)).await.unwrap();
+        let caption = scenecast::worker::Caption { text: format!("scene {seq}"), frame_seq: seq, frame_ts_ms: 1_700_000_000_000 + seq, timings_ms: Default::default(), model: "test".into() };
+        d.handle().results.send(Output::Caption(caption)).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     broker.restart();
@@ -307,7 +310,7 @@ async fn tls_with_a_client_certificate() {
         format!("cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true", dir.display())
     });
     let certs = broker.dir.path();
-    let tls = scenecast::config::TlsConfig { ca_file: certs.join("ca.pem"), client_cert: Some(certs.join("client.pem")), client_key: Some(certs.join("client.key")) };
+    let tls = scenecast::mqtt::TlsConfig { ca_file: certs.join("ca.pem"), client_cert: Some(certs.join("client.pem")), client_key: Some(certs.join("client.key")) };
     let config = MqttConfig { host: "localhost".into(), tls: Some(tls.clone()), ..mqtt_config(broker.port, "cam7") };
     let d = Daemon::start(config).await;
     d.shutdown().await;
@@ -315,14 +318,14 @@ async fn tls_with_a_client_certificate() {
     // Without the client certificate the broker refuses the handshake: never connected.
     let state = tempfile::tempdir().unwrap();
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-    let no_cert = MqttConfig { host: "localhost".into(), tls: Some(scenecast::config::TlsConfig { client_cert: None, client_key: None, ..tls }), ..mqtt_config(broker.port, "cam8") };
+    let no_cert = MqttConfig { host: "localhost".into(), tls: Some(scenecast::mqtt::TlsConfig { client_cert: None, client_key: None, ..tls }), ..mqtt_config(broker.port, "cam8") };
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "x".into(), gate: GateConfig::default() }));
     let mut handle = mqtt::start(&no_cert, state.path(), tx, settings.clone(), "m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).unwrap();
     assert!(!handle.wait_connected(Duration::from_secs(3)).await);
     handle.shutdown(Duration::from_secs(2)).await;
 
     // A CA file that does not exist is a clear error naming it.
-    let missing = MqttConfig { tls: Some(scenecast::config::TlsConfig { ca_file: "/nonexistent/ca.pem".into(), client_cert: None, client_key: None }), ..mqtt_config(broker.port, "cam9") };
+    let missing = MqttConfig { tls: Some(scenecast::mqtt::TlsConfig { ca_file: "/nonexistent/ca.pem".into(), client_cert: None, client_key: None }), ..mqtt_config(broker.port, "cam9") };
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
     let err = mqtt::start(&missing, state.path(), tx, settings, "m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).err().expect("a missing CA file is refused").to_string();
     assert!(err.starts_with("mqtt.tls: cannot read /nonexistent/ca.pem"), "{err}");
@@ -379,7 +382,7 @@ async fn generate_returns_a_png_and_bad_requests_get_errors() {
     let broker = Broker::start();
     let mut c = TestClient::connect(broker.port, "gen-watch", &["scenecast/gen1/#", "replies/#"]).await;
     let mut d = Daemon::start(mqtt_config(broker.port, "gen1")).await;
-    d.start_worker_with(true, scenecast::config::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
+    d.start_worker_with(true, scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
     c.next_on("scenecast/gen1/caption", WAIT).await.expect("a caption first");
 
     let request = br#"{"prompt":"a red bicycle in the rain","seed":7,"steps":2,"width":64,"height":48}"#;
@@ -442,7 +445,7 @@ async fn no_generator_is_unavailable_and_snapshots_follow_captions() {
     let broker = Broker::start();
     let mut c = TestClient::connect(broker.port, "snap-watch", &["scenecast/snap1/#", "replies/#"]).await;
     let mut d = Daemon::start(mqtt_config(broker.port, "snap1")).await;
-    d.start_worker_with(false, scenecast::config::PrivacyConfig::default());
+    d.start_worker_with(false, scenecast::worker::PrivacyConfig::default());
     c.next_on("scenecast/snap1/caption", WAIT).await.expect("a caption");
     let snapshot = c.next_on("scenecast/snap1/image", WAIT).await.expect("the captioned frame");
     let frame = image::load_from_memory(&snapshot.payload).unwrap();
@@ -462,7 +465,7 @@ async fn privacy_rerenders_captions_instead_of_publishing_the_frame() {
     let broker = Broker::start();
     let mut c = TestClient::connect(broker.port, "priv-watch", &["scenecast/priv1/#"]).await;
     let mut d = Daemon::start(mqtt_config(broker.port, "priv1")).await;
-    d.start_worker_with(true, scenecast::config::PrivacyConfig { no_camera_pixels: true, rerender_captions: true });
+    d.start_worker_with(true, scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: true });
     c.next_on("scenecast/priv1/caption", WAIT).await.expect("a caption");
     let picture = c.next_on("scenecast/priv1/image", WAIT).await.expect("a re-rendering");
     let image = image::load_from_memory(&picture.payload).unwrap();

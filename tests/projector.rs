@@ -7,10 +7,10 @@
 mod common;
 
 use common::*;
-use scenecast::backbone::Backbone;
-use scenecast::config::LlmConfig;
+use scenecast::llm::Backbone;
+use scenecast::llm::LlmConfig;
 use scenecast::eval::mentions;
-use scenecast::projector::ImageTokens;
+use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
 
 /// (photo, the category the caption must name): whole photos, as a camera would deliver them.
@@ -36,7 +36,7 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
     let m = manifest();
     assert!(!m.projector.untrained, "the reference stack ships the trained projector");
     let mut backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
-    let mut vision = Vision::load(&runtime(), &m, &root, Some(&backbone.summary().gguf)).unwrap();
+    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
     let categories: Vec<String> = CATEGORIES.iter().map(|c| c.to_string()).collect();
     let mut tokens = ImageTokens::default();
     let prompt = LlmConfig::default().caption_prompt;

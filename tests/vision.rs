@@ -4,10 +4,10 @@
 mod common;
 
 use common::*;
-use scenecast::encoder::{Encoder, PatchFeatures};
+use scenecast::vision::{Encoder, PatchFeatures};
 use scenecast::frame::RgbImage;
-use scenecast::preprocess::Preprocessor;
-use scenecast::projector::ImageTokens;
+use scenecast::vision::Preprocessor;
+use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
 
 fn cls(encoder: &mut Encoder, image: &RgbImage) -> Vec<f32> {

@@ -3,7 +3,7 @@
 //! runs in CI on every build.
 
 use proptest::prelude::*;
-use scenecast::wire::{parse_ask, parse_text_question, salvage_reply_address, Limits};
+use scenecast::mqtt::wire::{parse_ask, parse_text_question, salvage_reply_address, Limits};
 
 const LIMITS: Limits = Limits { max_payload_bytes: 1024, max_question_chars: 100 };
 const CODES: [&str; 6] = ["bad_request", "too_large", "bad_question", "forbidden_reply_topic", "busy", "internal"];

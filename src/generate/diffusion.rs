@@ -161,6 +161,7 @@ pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     #[derive(Deserialize)]
     struct Fixtures {

@@ -111,6 +111,11 @@ fn ftype_name(ftype: i64) -> String {
 }
 
 impl GgufInfo {
+    /// The file and its `n_embd`: what the vision path checks its projector's width against.
+    pub fn llm_width(&self) -> (&Path, usize) {
+        (self.path.as_path(), self.n_embd)
+    }
+
     /// Reads the metadata of `path` and checks that the file is complete.
     pub fn read(path: &Path) -> Result<Self, GgufError> {
         let size = std::fs::metadata(path).map_err(|_| GgufError::Missing { path: path.to_owned() })?.len();
