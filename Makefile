@@ -11,10 +11,11 @@ VENV := $(CACHE)/venv
 PY := $(VENV)/bin/python
 CARGO ?= cargo
 # Build tools for llama.cpp (cmake, clang for bindgen), Python for the model tools, the fetch clients,
-# and for the tests a real MQTT broker and openssl (TLS certificates).
-APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto openssl systemd
+# for the tests a real MQTT broker and openssl (TLS certificates), and mosquitto_pub/_sub for the
+# README's examples.
+APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto mosquitto-clients openssl systemd
 
-.PHONY: run test deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models
+.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -22,10 +23,15 @@ run: deps models build
 
 ## test: set up everything, then run every test (the tests use Gemma-3 as a second architecture)
 test: FETCH_ARGS += --gemma
-test: deps models
+test: deps models lint
 	$(CARGO) test --release
 	$(CARGO) build --release --benches
 	$(MAKE) --no-print-directory check-unit check-deb
+
+## lint: rustfmt and clippy (warnings are errors); part of `make test`
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets --quiet -- -D warnings
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -36,6 +42,10 @@ deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo not found. Install a Rust toolchain >= 1.92 (rustup) and retry." >&2; exit 1; }
+	@if ! $(CARGO) fmt --version >/dev/null 2>&1 || ! $(CARGO) clippy --version >/dev/null 2>&1; then \
+	  command -v rustup >/dev/null || { echo "error: cargo fmt and cargo clippy are needed (rustup component add rustfmt clippy)" >&2; exit 1; }; \
+	  rustup component add rustfmt clippy; \
+	fi
 
 $(PY): models/requirements.txt
 	python3 -m venv $(VENV)

@@ -37,14 +37,30 @@ from PIL import Image, ImageEnhance, ImageFilter
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fetch import default_cache, log  # noqa: E402  (the same cache and log lines as the fetch)
-SIZE = 224
+import manifest  # noqa: E402  (model facts from models/reference.toml, as scenecast reads them)
+
+FACTS = manifest.facts()
+if FACTS.size[0] != FACTS.size[1]:
+    raise SystemExit(f"error: the composer makes square scenes; models/reference.toml has encoder.preprocess.size {FACTS.size}")
+SIZE = FACTS.size[0]
 POSITIONS = {"left": "on the left", "centre": "in the centre", "right": "on the right"}
 # Horizontal centre of an object at each named position, as a fraction of the width.
 CENTRES = {"left": (0.2, 0.32), "centre": (0.44, 0.56), "right": (0.68, 0.8)}
 # Bumped when composition changes in code (not in train.toml), so cached features are not reused.
 DATA_VERSION = 2
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+MEAN = np.array(FACTS.mean, np.float32)
+STD = np.array(FACTS.std, np.float32)
+
+
+def load_config(path: Path) -> dict:
+    """train.toml with its [model] section filled from the manifest scenecast serves with (the
+    frozen files, pooling, width and chat layout never come from train.toml)."""
+    cfg = tomllib.loads(path.read_text())
+    doubled = sorted(set(cfg.get("model", {})) & set(FACTS.model_section()))
+    if doubled:
+        raise SystemExit(f"error: {path}: [model] {', '.join(doubled)} come from models/reference.toml; remove them")
+    cfg["model"] = {**FACTS.model_section(), **cfg.get("model", {})}
+    return cfg
 
 
 def article(name: str, capital: bool = False) -> str:
@@ -296,11 +312,13 @@ def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: i
     start = time.monotonic()
     for i in range(0, len(images), 16):
         batch = np.stack([(np.asarray(im, np.float32) / 255.0 - MEAN) / STD for im in images[i:i + 16]])
-        tokens = sess.run([out], {inp: batch.transpose(0, 3, 1, 2).copy()})[0][:, 1:]  # drop CLS
+        # Drop the leading tokens (CLS), then pool the patch grid as the manifest says.
+        tokens = sess.run([out], {inp: batch.transpose(0, 3, 1, 2).copy()})[0][:, FACTS.prefix_tokens:]
         n, _, width = tokens.shape
-        grid = tokens.reshape(n, 16, 16, width)
+        gh, gw = FACTS.patch_grid
+        grid = tokens.reshape(n, gh, gw, width)
         ph, pw = pool
-        pooled = grid.reshape(n, ph, 16 // ph, pw, 16 // pw, width).mean(axis=(2, 4))
+        pooled = grid.reshape(n, ph, gh // ph, pw, gw // pw, width).mean(axis=(2, 4))
         feats.append(pooled.reshape(n, ph * pw, width).astype(np.float32))
         done = min(i + 16, len(images))
         if done % 320 == 0 or done == len(images):
@@ -735,7 +753,7 @@ def main() -> int:
                     help="only write the evaluation set (needs numpy and pillow, not torch)")
     args = ap.parse_args()
 
-    cfg = tomllib.loads(args.config.read_text())
+    cfg = load_config(args.config)
     if args.steps:
         cfg["train"]["steps"] = args.steps
     work = args.cache / "train" / cfg["name"]

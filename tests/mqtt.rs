@@ -474,3 +474,38 @@ async fn privacy_rerenders_captions_instead_of_publishing_the_frame() {
     assert_ne!((image.width(), image.height()), (photo("coffee.png").width(), photo("coffee.png").height()));
     d.shutdown().await;
 }
+
+/// Issue 14: a picture for the retained image topic is never spooled, not even when it is still
+/// queued at shutdown (the shutdown path had its own copy of the message mapping and spooled it);
+/// captions and replies to requests still wait in the spool for the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
+    use scenecast::frame::ImageFormat;
+    use scenecast::worker::{Caption, Picture, RenderInfo};
+    // No broker on this port: everything that may wait goes to the spool.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let state = tempfile::tempdir().unwrap();
+    let (tx, _rx) = std::sync::mpsc::sync_channel(1);
+    let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe.".into(), gate: GateConfig::default() }));
+    let handle = mqtt::start(&mqtt_config(port, "cam14"), state.path(), tx, settings, "m", Default::default()).unwrap();
+    let picture = Picture { bytes: vec![0x89, b'P', b'N', b'G'], format: ImageFormat::Png };
+    let to = mqtt::ReplyAddress { topic: "hub/replies".into(), correlation: None, id: Some("r1".into()), retain: false };
+    let info = RenderInfo { prompt: "a cat".into(), seed: 1, steps: 1, width: 64, height: 64, sampler: "euler".into(), warning: None, timings_ms: Default::default() };
+    let caption = Caption { text: "a cat".into(), frame_seq: 1, frame_ts_ms: 0, timings_ms: Default::default(), model: "m".into() };
+    handle.results.send(Output::Caption(caption)).await.unwrap();
+    handle.results.send(Output::Rendered { to, picture: picture.clone(), info }).await.unwrap();
+    // Many pictures right before shutdown, so that some are still queued when it starts.
+    for _ in 0..50 {
+        handle.results.send(Output::ScenePicture(picture.clone())).await.unwrap();
+    }
+    handle.shutdown(Duration::from_secs(5)).await;
+    let mut spooled: Vec<String> = std::fs::read_dir(state.path().join("spool"))
+        .unwrap()
+        .map(|e| String::from_utf8_lossy(&std::fs::read(e.unwrap().path()).unwrap()).into_owned())
+        .collect();
+    spooled.sort();
+    assert_eq!(spooled.len(), 2, "the caption and the reply wait; no copy for the image topic: {spooled:?}");
+    assert!(spooled.iter().any(|m| m.contains("scenecast/cam14/caption")), "{spooled:?}");
+    assert!(spooled.iter().any(|m| m.contains("hub/replies")), "{spooled:?}");
+    assert!(!spooled.iter().any(|m| m.contains("scenecast/cam14/image")), "{spooled:?}");
+}

@@ -3,7 +3,6 @@ training scenes and the shipped projector, and one training step and one score o
 first-token preference of "Yes." over "No."."""
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,12 @@ from onnx import numpy_helper
 MODELS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(MODELS))
 from fetch import default_cache  # noqa: E402
-from train_projector import data_paths, load_frozen_llm, pad  # noqa: E402
+from train_projector import data_paths, load_config, load_frozen_llm, pad  # noqa: E402
 
 
 class YesNo:
     def __init__(self):
-        self.cfg = tomllib.loads((MODELS / "projector" / "train.toml").read_text())
+        self.cfg = load_config(MODELS / "projector" / "train.toml")
         self.cache = default_cache()
         torch.set_num_threads(2)
         torch.manual_seed(0)

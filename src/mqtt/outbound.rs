@@ -95,3 +95,50 @@ pub fn messages(topics: &Topics, outgoing: &Outgoing) -> Vec<(SpooledMessage, De
         Output::Expired => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::ImageFormat;
+    use crate::worker::{Answer, Caption, JobError, RenderInfo};
+
+    fn to() -> ReplyAddress {
+        ReplyAddress { topic: "hub/r".into(), correlation: Some(b"c".to_vec()), id: Some("7".into()), retain: false }
+    }
+
+    /// Every kind of output, with the topics and deliveries it maps to.
+    #[test]
+    fn each_output_maps_to_its_topics_and_delivery() {
+        let topics = Topics::new("cam");
+        let picture = Picture { bytes: vec![1], format: ImageFormat::Jpeg };
+        let info = RenderInfo { prompt: "p".into(), seed: 3, steps: 1, width: 64, height: 32, sampler: "euler".into(), warning: None, timings_ms: Default::default() };
+        let caption = Caption { text: "t".into(), frame_seq: 1, frame_ts_ms: 2, timings_ms: Default::default(), model: "m".into() };
+        let answer = Answer { text: "a".into(), done: true, frame_seq: None, frame_ts_ms: None, timings_ms: Default::default() };
+        let cases: Vec<(Outgoing, Vec<(&str, bool, Delivery)>)> = vec![
+            (Outgoing::Result(Output::Caption(caption)), vec![("cam/caption", true, Delivery::Keep)]),
+            (Outgoing::Result(Output::ScenePicture(picture.clone())), vec![("cam/image", true, Delivery::LatestOnly)]),
+            (
+                Outgoing::Result(Output::Rendered { to: to(), picture, info }),
+                vec![("cam/image", true, Delivery::LatestOnly), ("hub/r", false, Delivery::Keep)],
+            ),
+            (Outgoing::Result(Output::Answer { to: to(), answer }), vec![("hub/r", false, Delivery::Keep)]),
+            (Outgoing::Result(Output::Failed { to: to(), error: JobError::NoScene }), vec![("hub/r", false, Delivery::Keep)]),
+            (Outgoing::Refused { to: to(), error: RequestError::Busy(3) }, vec![("hub/r", false, Delivery::Keep)]),
+            (Outgoing::Result(Output::Expired), vec![]),
+        ];
+        for (outgoing, expected) in cases {
+            let got: Vec<_> = messages(&topics, &outgoing).into_iter().map(|(m, d)| (m.topic, m.retain, d)).collect();
+            let expected: Vec<_> = expected.into_iter().map(|(t, r, d)| (t.to_owned(), r, d)).collect();
+            assert_eq!(got, expected, "{outgoing:?}");
+        }
+    }
+
+    #[test]
+    fn failed_jobs_carry_their_stable_code() {
+        let (m, _) = messages(&Topics::new("cam"), &Outgoing::Result(Output::Failed { to: to(), error: JobError::NoGenerator })).remove(0);
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(body["error"]["code"], "unavailable");
+        assert_eq!(body["id"], "7");
+        assert_eq!(m.correlation.as_deref(), Some(&b"c"[..]));
+    }
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""The model facts the Python tools share with the Rust runtime, read from a model manifest
+(default: models/reference.toml, the one compiled into scenecast), so that training, fixtures and
+serving cannot drift: the encoder's input size, mean/std, patch grid and leading tokens, the
+projector's pooling, the LLM's width, its file names and the chat layout around the image tokens.
+
+Usage: python models/manifest.py [MANIFEST]   (prints the facts)
+"""
+import json
+import sys
+import tomllib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+REFERENCE = Path(__file__).resolve().parent / "reference.toml"
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the tools need from a manifest; field names follow the manifest's keys."""
+
+    size: tuple[int, int]  # encoder.preprocess.size, [height, width]
+    mean: tuple[float, float, float]  # encoder.preprocess.mean, RGB in [0, 1]
+    std: tuple[float, float, float]  # encoder.preprocess.std
+    patch_grid: tuple[int, int]  # encoder.patch_grid
+    prefix_tokens: int  # encoder.prefix_tokens (CLS) before the patch grid
+    pool: tuple[int, int]  # projector.pool: the grid the patches are average-pooled to
+    hidden: int  # llm.n_embd
+    encoder: str  # encoder.file.cache
+    llm: str  # llm.file.cache
+    prefix: str  # llm.chat.prefix: before the image tokens
+    suffix: str  # llm.chat.suffix: after them, with {question}
+    end: str  # llm.chat.stop[0]: ends the answer
+
+    def model_section(self) -> dict:
+        """The keys of train.toml's [model] section that come from the manifest."""
+        return {"encoder": self.encoder, "llm": self.llm, "pool": list(self.pool), "hidden": self.hidden,
+                "prefix": self.prefix, "suffix": self.suffix, "end": self.end}
+
+
+def _cache_file(section: dict, key: str) -> str:
+    file = section["file"]
+    if "cache" not in file:
+        raise SystemExit(f"error: manifest {key}.file must name a `cache` file for the training tools, got {file}")
+    return file["cache"]
+
+
+def facts(path: Path = REFERENCE) -> Facts:
+    """Reads `path` and returns its facts; a missing key is named."""
+    m = tomllib.loads(path.read_text())
+    try:
+        enc, pre, proj, llm = m["encoder"], m["encoder"]["preprocess"], m["projector"], m["llm"]
+        f = Facts(
+            size=tuple(pre["size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
+            patch_grid=tuple(enc["patch_grid"]), prefix_tokens=int(enc.get("prefix_tokens", 0)),
+            pool=tuple(proj["pool"]), hidden=int(llm["n_embd"]),
+            encoder=_cache_file(enc, "encoder"), llm=_cache_file(llm, "llm"),
+            prefix=llm["chat"]["prefix"], suffix=llm["chat"]["suffix"], end=llm["chat"]["stop"][0],
+        )
+    except KeyError as e:
+        raise SystemExit(f"error: manifest {path}: key {e} is missing") from None
+    gh, gw = f.patch_grid
+    if gh % f.pool[0] or gw % f.pool[1]:
+        raise SystemExit(f"error: manifest {path}: projector.pool {f.pool} does not divide encoder.patch_grid {f.patch_grid}")
+    return f
+
+
+if __name__ == "__main__":
+    print(json.dumps(asdict(facts(Path(sys.argv[1]) if len(sys.argv) > 1 else REFERENCE)), indent=2))
