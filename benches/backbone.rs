@@ -18,22 +18,28 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
-use scenecast::llm::{Backbone, GenerateOptions, Part};
 use scenecast::config::Config;
-use scenecast::llm::LlmConfig;
 use scenecast::frame::RgbImage;
+use scenecast::llm::LlmConfig;
+use scenecast::llm::SamplingParams;
+use scenecast::llm::{Backbone, GenerateOptions, Part};
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
 use scenecast::vision::ImageTokens;
-use scenecast::llm::SamplingParams;
 use scenecast::vision::Vision;
 
-const PROMPT: &str = "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n";
+const PROMPT: &str =
+    "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n";
 const N_GEN: usize = 96;
 
 fn options(max_tokens: usize) -> GenerateOptions {
     // No repeat penalty: the bare loop's greedy sampler has none either.
-    GenerateOptions { max_tokens, sampling: SamplingParams { repeat_penalty: 1.0, ..SamplingParams::default() }, deadline: None, cancel: None }
+    GenerateOptions {
+        max_tokens,
+        sampling: SamplingParams { repeat_penalty: 1.0, ..SamplingParams::default() },
+        deadline: None,
+        cancel: None,
+    }
 }
 
 /// tokens/s of a bare llama-cpp-2 greedy decode loop.
@@ -136,8 +142,20 @@ fn main() {
     }
     let prefill = |v: &[(f64, f64)]| median(v.iter().map(|r| r.0).collect());
     let tps = |v: &[(f64, f64)]| median(v.iter().map(|r| r.1).collect());
-    println!("the projector's LoRA adapter ({}), scene prefill of {} image tokens and decode (median of 3):", manifest.llm.adapter.as_ref().map_or("none in the manifest".into(), |f| manifest.resolve(f, &root).display().to_string()), tokens.n_tokens);
-    println!("  without adapter  prefill {:7.1} ms  decode {:6.1} tok/s  (baseline)", prefill(&without_runs), tps(&without_runs));
+    println!(
+        "the projector's LoRA adapter ({}), scene prefill of {} image tokens and decode (median of 3):",
+        manifest
+            .llm
+            .adapter
+            .as_ref()
+            .map_or("none in the manifest".into(), |f| manifest.resolve(f, &root).display().to_string()),
+        tokens.n_tokens
+    );
+    println!(
+        "  without adapter  prefill {:7.1} ms  decode {:6.1} tok/s  (baseline)",
+        prefill(&without_runs),
+        tps(&without_runs)
+    );
     println!(
         "  with adapter     prefill {:7.1} ms  decode {:6.1} tok/s  ratio prefill {:.2}, decode {:.2}",
         prefill(&with_runs),

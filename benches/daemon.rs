@@ -11,17 +11,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use scenecast::llm::Backbone;
-use scenecast::config::Config;
-use scenecast::llm::LlmConfig;
-use scenecast::mqtt::MqttConfig;
-use scenecast::frame::{Frame, RgbImage};
-use scenecast::manifest::Manifest;
-use scenecast::onnx::OnnxRuntime;
-use scenecast::worker::GateConfig;
 use scenecast::camera::FrameSlot;
+use scenecast::config::Config;
+use scenecast::frame::{Frame, RgbImage};
+use scenecast::llm::Backbone;
+use scenecast::llm::LlmConfig;
+use scenecast::manifest::Manifest;
+use scenecast::mqtt::MqttConfig;
+use scenecast::onnx::OnnxRuntime;
 use scenecast::vision::Vision;
-use scenecast::worker::{Progress, Worker, RuntimeSettings};
+use scenecast::worker::GateConfig;
+use scenecast::worker::{Progress, RuntimeSettings, Worker};
 
 const FPS: f64 = 2.0;
 const PHASE: Duration = Duration::from_secs(15);
@@ -53,8 +53,19 @@ fn main() {
     let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(4);
     let mqtt_config = MqttConfig { port, topic_prefix: Some("bench/cam".into()), ..MqttConfig::default() };
     let ungated = GateConfig { change_threshold: 0.0, min_interval_s: 0.0, max_interval_s: 0.0 };
-    let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate: ungated.clone() }));
-    let mut mqtt = rt.block_on(async { scenecast::mqtt::start(&mqtt_config, state.path(), questions_tx, settings.clone(), &manifest.name, scenecast::mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).unwrap() });
+    let settings =
+        Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate: ungated.clone() }));
+    let mut mqtt = rt.block_on(async {
+        scenecast::mqtt::start(
+            &mqtt_config,
+            state.path(),
+            questions_tx,
+            settings.clone(),
+            &manifest.name,
+            scenecast::mqtt::RequestSettings { max_question_chars: 200, ..Default::default() },
+        )
+        .unwrap()
+    });
     assert!(rt.block_on(mqtt.wait_connected(Duration::from_secs(10))));
 
     let ort = OnnxRuntime::init(&config.onnx, &root).unwrap();
@@ -62,7 +73,17 @@ fn main() {
     let vision = Vision::load(&ort, &manifest, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
     let slot = Arc::new(FrameSlot::new());
     let progress = Arc::new(Progress::default());
-    let worker = Worker { vision, backbone, frames: slot.clone(), settings: settings.clone(), progress: progress.clone(), model: manifest.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
+    let worker = Worker {
+        vision,
+        backbone,
+        frames: slot.clone(),
+        settings: settings.clone(),
+        progress: progress.clone(),
+        model: manifest.name.clone(),
+        generator: None,
+        privacy: Default::default(),
+        image_format: Default::default(),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
     let thread = std::thread::spawn(move || worker.run(questions_rx, out, worker_stop));
@@ -102,7 +123,13 @@ fn main() {
     latencies.sort_by(f64::total_cmp);
     if !latencies.is_empty() {
         let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p) as usize];
-        println!("frame to MQTT caption (n = {}): median {:.0} ms, p90 {:.0} ms, max {:.0} ms", latencies.len(), pct(0.5), pct(0.9), pct(1.0));
+        println!(
+            "frame to MQTT caption (n = {}): median {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+            latencies.len(),
+            pct(0.5),
+            pct(0.9),
+            pct(1.0)
+        );
     }
     stop.store(true, Ordering::SeqCst);
     thread.join().unwrap();

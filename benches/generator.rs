@@ -27,7 +27,11 @@ fn median(mut samples: Vec<f64>) -> f64 {
 
 fn status_kib(key: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -98,7 +102,10 @@ fn main() {
 
     let (step, bare_step) = (median(steps), median(bare_steps));
     println!("generator (tiny random SD-Turbo layout, {}x{}, Euler, 4 steps; medians):", w, h);
-    println!("  step through scenecast {step:7.2} ms   bare ort UNet {bare_step:7.2} ms   ratio {:.2}", step / bare_step);
+    println!(
+        "  step through scenecast {step:7.2} ms   bare ort UNet {bare_step:7.2} ms   ratio {:.2}",
+        step / bare_step
+    );
     println!("  render end to end      {:7.2} ms", median(totals));
     println!("  load                   {:7.2} ms   unload {:.2} ms", median(loads), median(unloads));
     println!(

@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use ort::session::Session;
 use ort::value::TensorRef;
+use scenecast::camera::FrameConverter;
 use scenecast::config::Config;
-use scenecast::vision::{Encoder, PatchFeatures};
 use scenecast::frame::RgbImage;
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
-use scenecast::camera::FrameConverter;
 use scenecast::vision::Preprocessor;
+use scenecast::vision::{Encoder, PatchFeatures};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -34,7 +34,18 @@ fn main() {
     let (width, height) = (1280u32, 720u32);
     // A synthetic YUYV frame with structure (so the converter and resizer do real work).
     let yuyv: Vec<u8> = (0..height)
-        .flat_map(|y| (0..width).flat_map(move |x| [((x + y) % 220 + 16) as u8, (x % 240) as u8 + 8, ((x * 3 + y) % 220 + 16) as u8, (y % 240) as u8 + 8]).take(width as usize * 2))
+        .flat_map(|y| {
+            (0..width)
+                .flat_map(move |x| {
+                    [
+                        ((x + y) % 220 + 16) as u8,
+                        (x % 240) as u8 + 8,
+                        ((x * 3 + y) % 220 + 16) as u8,
+                        (y % 240) as u8 + 8,
+                    ]
+                })
+                .take(width as usize * 2)
+        })
         .collect();
     let mut converter = FrameConverter::new();
     let mut rgb = RgbImage::empty();
@@ -52,8 +63,16 @@ fn main() {
     }
     let (convert, preprocess, total) = (median(convert), median(preprocess), median(total));
     println!("camera path YUYV {width}x{height} -> NCHW 224x224 (median of 60):");
-    println!("  yuyv->rgb   {:7.2} ms  ({:.0}% of total)", ms(convert), 100.0 * convert.as_secs_f64() / total.as_secs_f64());
-    println!("  preprocess  {:7.2} ms  ({:.0}% of total)", ms(preprocess), 100.0 * preprocess.as_secs_f64() / total.as_secs_f64());
+    println!(
+        "  yuyv->rgb   {:7.2} ms  ({:.0}% of total)",
+        ms(convert),
+        100.0 * convert.as_secs_f64() / total.as_secs_f64()
+    );
+    println!(
+        "  preprocess  {:7.2} ms  ({:.0}% of total)",
+        ms(preprocess),
+        100.0 * preprocess.as_secs_f64() / total.as_secs_f64()
+    );
     println!("  total       {:7.2} ms", ms(total));
 
     let config = Config::builtin();

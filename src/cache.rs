@@ -34,7 +34,9 @@ pub enum CacheError {
         actual: u64,
     },
     /// The file's digest differs from the recorded one.
-    #[error("{path}: sha256 {actual}, expected {expected} (a corrupted or different file; `make models` fetches it again)")]
+    #[error(
+        "{path}: sha256 {actual}, expected {expected} (a corrupted or different file; `make models` fetches it again)"
+    )]
     WrongDigest {
         /// The file.
         path: PathBuf,

@@ -128,15 +128,17 @@ pub struct Config {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let mut config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { origin: origin.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
         config.origin = origin.to_owned();
         config.validate()?;
         Ok(config)
@@ -155,10 +157,14 @@ impl Config {
         let eps = &self.onnx.execution_providers;
         for (i, ep) in eps.iter().enumerate() {
             if eps[..i].iter().any(|e| e.kind == ep.kind) {
-                return Err(self.invalid(format!("onnx.execution_providers[{i}].kind"), format!("`{}` is listed twice", ep.kind)));
+                return Err(self
+                    .invalid(format!("onnx.execution_providers[{i}].kind"), format!("`{}` is listed twice", ep.kind)));
             }
             if ep.device_id < 0 {
-                return Err(self.invalid(format!("onnx.execution_providers[{i}].device_id"), format!("must be >= 0, got {}", ep.device_id)));
+                return Err(self.invalid(
+                    format!("onnx.execution_providers[{i}].device_id"),
+                    format!("must be >= 0, got {}", ep.device_id),
+                ));
             }
         }
         let llm = &self.llm;
@@ -167,7 +173,11 @@ impl Config {
             ("llm.batch", llm.batch >= 1, "must be at least 1"),
             ("llm.max_tokens", llm.max_tokens >= 1, "must be at least 1"),
             ("llm.max_question_chars", llm.max_question_chars >= 1, "must be at least 1"),
-            ("llm.request_timeout_s", llm.request_timeout_s > 0.0 && llm.request_timeout_s.is_finite(), "must be a positive number of seconds"),
+            (
+                "llm.request_timeout_s",
+                llm.request_timeout_s > 0.0 && llm.request_timeout_s.is_finite(),
+                "must be a positive number of seconds",
+            ),
             ("llm.sampling.temperature", llm.sampling.temperature >= 0.0, "must be >= 0 (0 is greedy)"),
             ("llm.sampling.top_p", llm.sampling.top_p > 0.0 && llm.sampling.top_p <= 1.0, "must be in (0, 1]"),
             ("llm.sampling.repeat_penalty", llm.sampling.repeat_penalty > 0.0, "must be > 0 (1 is off)"),
@@ -188,7 +198,8 @@ impl Config {
             ("llm.request_timeout_s", self.llm.request_timeout_s),
             ("generator.idle_unload_s", self.generator.idle_unload_s),
         ];
-        if let Some((key, value)) = durations.iter().find(|(_, v)| !(v.is_finite() && (0.0..=MAX_SECONDS).contains(v))) {
+        if let Some((key, value)) = durations.iter().find(|(_, v)| !(v.is_finite() && (0.0..=MAX_SECONDS).contains(v)))
+        {
             return Err(self.invalid(*key, format!("{value:?} is not a number of seconds between 0 and 1e9")));
         }
         if !(self.camera.interval_s > 0.0 && self.camera.interval_s.is_finite()) {
@@ -199,7 +210,10 @@ impl Config {
         }
         if let Some(v) = &self.camera.v4l2 {
             if v.width == 0 || v.height == 0 || v.fps == 0 {
-                return Err(self.invalid("camera.v4l2", format!("width, height and fps must be positive, got {}x{} at {}", v.width, v.height, v.fps)));
+                return Err(self.invalid(
+                    "camera.v4l2",
+                    format!("width, height and fps must be positive, got {}x{} at {}", v.width, v.height, v.fps),
+                ));
             }
         }
         // The prompt and the gating follow the same rule here as on SIGHUP and `config/set`.
@@ -225,7 +239,10 @@ impl Config {
         }
         if let Some(prefix) = &mqtt.topic_prefix {
             if prefix.is_empty() || prefix.contains(['+', '#']) || prefix.ends_with('/') {
-                return Err(self.invalid("mqtt.topic_prefix", format!("{prefix:?} must be non-empty, without wildcards or a trailing '/'")));
+                return Err(self.invalid(
+                    "mqtt.topic_prefix",
+                    format!("{prefix:?} must be non-empty, without wildcards or a trailing '/'"),
+                ));
             }
         }
         if let Some(tls) = &mqtt.tls {
@@ -244,7 +261,10 @@ impl Config {
             return Err(self.invalid("generator.max_prompt_chars", "must be at least 1"));
         }
         if self.privacy.rerender_captions && !self.privacy.no_camera_pixels {
-            return Err(self.invalid("privacy.rerender_captions", "only applies with privacy.no_camera_pixels = true (otherwise the snapshot is published)"));
+            return Err(self.invalid(
+                "privacy.rerender_captions",
+                "only applies with privacy.no_camera_pixels = true (otherwise the snapshot is published)",
+            ));
         }
         if let Some(lib) = &self.onnx.library {
             if lib.as_os_str().is_empty() {
@@ -316,8 +336,14 @@ mod tests {
         let cases = [
             ("[onnx]\nthreads = 2\n", "unknown field `threads`"),
             ("[onnx]\nexecution_providers = [{ kind = \"vulkan\" }]\n", "unknown variant `vulkan`"),
-            ("[onnx]\nexecution_providers = [{ kind = \"cuda\" }, { kind = \"cuda\" }]\n", "`onnx.execution_providers[1].kind`: `cuda` is listed twice"),
-            ("[onnx]\nexecution_providers = [{ kind = \"cuda\", device_id = -1 }]\n", "`onnx.execution_providers[0].device_id`: must be >= 0"),
+            (
+                "[onnx]\nexecution_providers = [{ kind = \"cuda\" }, { kind = \"cuda\" }]\n",
+                "`onnx.execution_providers[1].kind`: `cuda` is listed twice",
+            ),
+            (
+                "[onnx]\nexecution_providers = [{ kind = \"cuda\", device_id = -1 }]\n",
+                "`onnx.execution_providers[0].device_id`: must be >= 0",
+            ),
             ("[onnx]\nlibrary = \"\"\n", "`onnx.library`: is empty"),
             ("[modles]\n", "unknown field `modles`"),
             ("[llm]\ncontext = 16\n", "`llm.context`: must be at least 64 tokens"),
@@ -328,17 +354,32 @@ mod tests {
             ("[generator]\nformat = \"gif\"\n", "unknown variant `gif`"),
             ("[generator]\ncondition = \"pixels\"\n", "unknown variant `pixels`"),
             ("[generator]\nidle_unload_s = inf\n", "`generator.idle_unload_s`: inf is not a number of seconds"),
-            ("[privacy]\nrerender_captions = true\n", "`privacy.rerender_captions`: only applies with privacy.no_camera_pixels = true"),
+            (
+                "[privacy]\nrerender_captions = true\n",
+                "`privacy.rerender_captions`: only applies with privacy.no_camera_pixels = true",
+            ),
             ("[llm.sampling]\ntemprature = 0.7\n", "unknown field `temprature`"),
             ("[mqtt]\nprotocol = \"v4\"\n", "unknown variant `v4`, expected `v5` or `v3.1.1`"),
-            ("[mqtt]\ntopic_prefix = \"cams/#\"\n", "`mqtt.topic_prefix`: \"cams/#\" must be non-empty, without wildcards"),
-            ("[mqtt.tls]\nca_file = \"/ca.pem\"\nclient_cert = \"/c.pem\"\n", "`mqtt.tls`: give both client_cert and client_key"),
+            (
+                "[mqtt]\ntopic_prefix = \"cams/#\"\n",
+                "`mqtt.topic_prefix`: \"cams/#\" must be non-empty, without wildcards",
+            ),
+            (
+                "[mqtt.tls]\nca_file = \"/ca.pem\"\nclient_cert = \"/c.pem\"\n",
+                "`mqtt.tls`: give both client_cert and client_key",
+            ),
             ("[mqtt]\nrequest_queue = 0\n", "`mqtt.request_queue`: must be at least 1"),
             ("[scene]\nchange_threshold = 3.0\n", "`scene.change_threshold`: 3 is outside 0..2"),
-            ("[scene]\nmax_interval_s = inf\n", "`scene.max_interval_s`: inf is not a number of seconds between 0 and 1e9"),
+            (
+                "[scene]\nmax_interval_s = inf\n",
+                "`scene.max_interval_s`: inf is not a number of seconds between 0 and 1e9",
+            ),
             ("[watchdog]\nmax_frame_age_s = nan\n", "`watchdog.max_frame_age_s`: NaN is not a number of seconds"),
             ("[mqtt]\nreconnect_max_s = 1e300\n", "`mqtt.reconnect_max_s`: 1e300 is not a number of seconds"),
-            ("[camera]\npath = \"/x\"\n[camera.v4l2]\ndevice = \"/dev/video0\"\n", "`camera`: give either `path` or `[camera.v4l2]`"),
+            (
+                "[camera]\npath = \"/x\"\n[camera.v4l2]\ndevice = \"/dev/video0\"\n",
+                "`camera`: give either `path` or `[camera.v4l2]`",
+            ),
             ("[camera.v4l2]\nfps = 0\n", "`camera.v4l2`: width, height and fps must be positive"),
         ];
         for (text, expect) in cases {

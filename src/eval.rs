@@ -110,11 +110,8 @@ impl EvalSet {
 
 /// The categories named in `text`: a name or its plural as a whole word, case-insensitive.
 pub fn mentions<'a>(text: &str, categories: &'a [String]) -> Vec<&'a str> {
-    let words: Vec<String> = text
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect();
+    let words: Vec<String> =
+        text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect();
     categories
         .iter()
         .filter(|name| {
@@ -225,7 +222,12 @@ pub struct SceneResult {
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).
-pub fn score(scene: &Scene, categories: &[String], caption: &str, answers: &[String]) -> (Vec<String>, Vec<bool>, Tally) {
+pub fn score(
+    scene: &Scene,
+    categories: &[String],
+    caption: &str,
+    answers: &[String],
+) -> (Vec<String>, Vec<bool>, Tally) {
     let named: Vec<String> = mentions(caption, categories).into_iter().map(str::to_owned).collect();
     let shown = |n: &String| scene.objects.contains(n);
     let mut tally = Tally { scenes: 1, ..Tally::default() };
@@ -262,7 +264,11 @@ pub fn score(scene: &Scene, categories: &[String], caption: &str, answers: &[Str
 
 /// Runs every scene through the pipeline: a caption, then each question against the same cached
 /// scene prefix. `progress` sees each result as it is made.
-pub fn run(set: &EvalSet, pipeline: &mut Pipeline, progress: &mut dyn FnMut(usize, &SceneResult)) -> Result<Vec<SceneResult>, EvalError> {
+pub fn run(
+    set: &EvalSet,
+    pipeline: &mut Pipeline,
+    progress: &mut dyn FnMut(usize, &SceneResult),
+) -> Result<Vec<SceneResult>, EvalError> {
     let mut tokens = ImageTokens::default();
     // Options carry a deadline, so each request gets fresh ones; answers are short, and a cap keeps
     // a runaway answer from costing minutes.
@@ -286,14 +292,17 @@ pub fn run(set: &EvalSet, pipeline: &mut Pipeline, progress: &mut dyn FnMut(usiz
             answers.push(ask(&q.question)?);
         }
         let (named, correct, tally) = score(scene, &set.categories, &caption, &answers);
-        let answers = scene
-            .questions
-            .iter()
-            .zip(answers)
-            .zip(correct)
-            .map(|((q, a), ok)| (q.question.clone(), a, ok))
-            .collect();
-        let result = SceneResult { image: scene.image.clone(), kind: scene.kind.clone(), objects: scene.objects.clone(), caption, named, answers, tally };
+        let answers =
+            scene.questions.iter().zip(answers).zip(correct).map(|((q, a), ok)| (q.question.clone(), a, ok)).collect();
+        let result = SceneResult {
+            image: scene.image.clone(),
+            kind: scene.kind.clone(),
+            objects: scene.objects.clone(),
+            caption,
+            named,
+            answers,
+            tally,
+        };
         progress(i, &result);
         results.push(result);
     }
@@ -358,7 +367,12 @@ pub fn markdown(set: &EvalSet, results: &[SceneResult], samples: usize, elapsed_
         }
         *n += 1;
         let name = r.image.file_name().unwrap_or_default().to_string_lossy();
-        s += &format!("- `{name}` ({}; shows {}): \"{}\"", r.kind, if r.objects.is_empty() { "nothing known".into() } else { r.objects.join(", ") }, r.caption);
+        s += &format!(
+            "- `{name}` ({}; shows {}): \"{}\"",
+            r.kind,
+            if r.objects.is_empty() { "nothing known".into() } else { r.objects.join(", ") },
+            r.caption
+        );
         for (q, a, ok) in &r.answers {
             s += &format!(" · {q} → \"{a}\" {}", if *ok { "✓" } else { "✗" });
         }

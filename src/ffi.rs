@@ -80,7 +80,9 @@ impl GgufFile {
                 sys::GGUF_TYPE_INT16 => GgufValue::Int(i64::from(sys::gguf_get_val_i16(ctx, id))),
                 sys::GGUF_TYPE_UINT32 => GgufValue::Int(i64::from(sys::gguf_get_val_u32(ctx, id))),
                 sys::GGUF_TYPE_INT32 => GgufValue::Int(i64::from(sys::gguf_get_val_i32(ctx, id))),
-                sys::GGUF_TYPE_UINT64 => GgufValue::Int(i64::try_from(sys::gguf_get_val_u64(ctx, id)).unwrap_or(i64::MAX)),
+                sys::GGUF_TYPE_UINT64 => {
+                    GgufValue::Int(i64::try_from(sys::gguf_get_val_u64(ctx, id)).unwrap_or(i64::MAX))
+                }
                 sys::GGUF_TYPE_INT64 => GgufValue::Int(sys::gguf_get_val_i64(ctx, id)),
                 sys::GGUF_TYPE_FLOAT32 => GgufValue::Float(f64::from(sys::gguf_get_val_f32(ctx, id))),
                 sys::GGUF_TYPE_FLOAT64 => GgufValue::Float(sys::gguf_get_val_f64(ctx, id)),
@@ -112,7 +114,9 @@ impl GgufFile {
         unsafe {
             let base = sys::gguf_get_data_offset(ctx) as u64;
             (0..self.n_tensors())
-                .map(|id| base + sys::gguf_get_tensor_offset(ctx, id) as u64 + sys::gguf_get_tensor_size(ctx, id) as u64)
+                .map(|id| {
+                    base + sys::gguf_get_tensor_offset(ctx, id) as u64 + sys::gguf_get_tensor_size(ctx, id) as u64
+                })
                 .max()
                 .unwrap_or(base)
         }
@@ -145,7 +149,8 @@ pub fn ort_version(path: &Path) -> Option<String> {
     // onnxruntime_c_api.h; the returned struct is static in the library, which outlives its use
     // here, and the version string is a static C string that we copy before `lib` drops.
     unsafe {
-        let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const OrtApiBase> = lib.get(b"OrtGetApiBase\0").ok()?;
+        let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const OrtApiBase> =
+            lib.get(b"OrtGetApiBase\0").ok()?;
         let base = get_base();
         if base.is_null() {
             return None;
@@ -212,7 +217,11 @@ impl GgufFile {
 static LAST_ERROR: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 static LAST_LEVEL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const std::ffi::c_char, _user: *mut std::ffi::c_void) {
+unsafe extern "C" fn log_callback(
+    level: sys::ggml_log_level,
+    text: *const std::ffi::c_char,
+    _user: *mut std::ffi::c_void,
+) {
     if text.is_null() {
         return;
     }
@@ -277,7 +286,8 @@ impl Model {
     /// Loads `path`; on failure returns llama.cpp's last logged error.
     pub fn load(path: &Path, options: ModelOptions) -> Result<Self, String> {
         backend_init();
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_owned())?;
+        let c_path =
+            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_owned())?;
         let _ = take_last_error();
         // SAFETY: default params are plain data; the path is a valid C string for the call; a null
         // return means failure, with the reason logged.
@@ -338,10 +348,26 @@ impl Model {
         // SAFETY: `text` is valid for `len` bytes; `tokens` has room for the count passed. A
         // negative result is the needed size; the second call has exactly that room.
         unsafe {
-            let mut n = sys::llama_tokenize(self.vocab.as_ptr(), text.as_ptr().cast(), len, tokens.as_mut_ptr(), tokens.len() as i32, add_special, true);
+            let mut n = sys::llama_tokenize(
+                self.vocab.as_ptr(),
+                text.as_ptr().cast(),
+                len,
+                tokens.as_mut_ptr(),
+                tokens.len() as i32,
+                add_special,
+                true,
+            );
             if n < 0 {
                 tokens.resize(n.unsigned_abs() as usize, 0);
-                n = sys::llama_tokenize(self.vocab.as_ptr(), text.as_ptr().cast(), len, tokens.as_mut_ptr(), tokens.len() as i32, add_special, true);
+                n = sys::llama_tokenize(
+                    self.vocab.as_ptr(),
+                    text.as_ptr().cast(),
+                    len,
+                    tokens.as_mut_ptr(),
+                    tokens.len() as i32,
+                    add_special,
+                    true,
+                );
             }
             tokens.truncate(n.max(0) as usize);
         }
@@ -353,10 +379,24 @@ impl Model {
         let mut buf = vec![0u8; 64];
         // SAFETY: `buf` has the room passed; a negative result is the needed size.
         unsafe {
-            let mut n = sys::llama_token_to_piece(self.vocab.as_ptr(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, true);
+            let mut n = sys::llama_token_to_piece(
+                self.vocab.as_ptr(),
+                token,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+                0,
+                true,
+            );
             if n < 0 {
                 buf.resize(n.unsigned_abs() as usize, 0);
-                n = sys::llama_token_to_piece(self.vocab.as_ptr(), token, buf.as_mut_ptr().cast(), buf.len() as i32, 0, true);
+                n = sys::llama_token_to_piece(
+                    self.vocab.as_ptr(),
+                    token,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                    0,
+                    true,
+                );
             }
             buf.truncate(n.max(0) as usize);
         }
@@ -376,19 +416,37 @@ impl Model {
     /// llama.cpp recognises, or a built-in name such as `chatml`), adding the assistant prefix.
     pub fn apply_chat_template(template: &str, messages: &[(&str, &str)]) -> Option<String> {
         let template = CString::new(template).ok()?;
-        let owned: Vec<(CString, CString)> = messages.iter().map(|(r, c)| Some((CString::new(*r).ok()?, CString::new(*c).ok()?))).collect::<Option<_>>()?;
-        let chat: Vec<sys::llama_chat_message> = owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
+        let owned: Vec<(CString, CString)> = messages
+            .iter()
+            .map(|(r, c)| Some((CString::new(*r).ok()?, CString::new(*c).ok()?)))
+            .collect::<Option<_>>()?;
+        let chat: Vec<sys::llama_chat_message> =
+            owned.iter().map(|(r, c)| sys::llama_chat_message { role: r.as_ptr(), content: c.as_ptr() }).collect();
         let mut buf = vec![0u8; 4096];
         // SAFETY: all strings live in `owned`/`template` for the call; `buf` has the room passed;
         // a result larger than the room is the needed size, and the second call has it.
         unsafe {
-            let mut n = sys::llama_chat_apply_template(template.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32);
+            let mut n = sys::llama_chat_apply_template(
+                template.as_ptr(),
+                chat.as_ptr(),
+                chat.len(),
+                true,
+                buf.as_mut_ptr().cast(),
+                buf.len() as i32,
+            );
             if n < 0 {
                 return None;
             }
             if n as usize > buf.len() {
                 buf.resize(n as usize, 0);
-                n = sys::llama_chat_apply_template(template.as_ptr(), chat.as_ptr(), chat.len(), true, buf.as_mut_ptr().cast(), buf.len() as i32);
+                n = sys::llama_chat_apply_template(
+                    template.as_ptr(),
+                    chat.as_ptr(),
+                    chat.len(),
+                    true,
+                    buf.as_mut_ptr().cast(),
+                    buf.len() as i32,
+                );
             }
             buf.truncate(n.max(0) as usize);
         }
@@ -441,7 +499,8 @@ impl Adapter {
     /// Loads the adapter at `path` for `model`; on failure returns llama.cpp's last logged error
     /// (a wrong architecture or tensor shapes name the base model as the likely cause).
     pub fn load(model: std::sync::Arc<Model>, path: &Path) -> Result<Self, String> {
-        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_owned())?;
+        let c_path =
+            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_owned())?;
         let _ = take_last_error();
         // SAFETY: valid model, kept alive by the `model` field for as long as the adapter; the path
         // is a valid C string for the call; a null return means failure, with the reason logged.
@@ -507,7 +566,11 @@ impl Context {
             let ptr = sys::llama_init_from_model(model.ptr.as_ptr(), params);
             let ptr = NonNull::new(ptr).ok_or_else(|| {
                 let reason = take_last_error();
-                if reason.is_empty() { "llama.cpp could not create a context".to_owned() } else { reason }
+                if reason.is_empty() {
+                    "llama.cpp could not create a context".to_owned()
+                } else {
+                    reason
+                }
             })?;
             Ok(Context { ptr, model, n_batch: options.n_batch as usize, adapter: None })
         }

@@ -71,8 +71,11 @@ impl ImageFormat {
 impl RgbImage {
     /// An image from packed RGB8 pixels. Returns `None` when the length is not `width * height * 3`.
     pub fn from_pixels(width: u32, height: u32, pixels: Vec<u8>) -> Option<Self> {
-        (pixels.len() == width as usize * height as usize * 3 && width > 0 && height > 0)
-            .then_some(RgbImage { width, height, pixels })
+        (pixels.len() == width as usize * height as usize * 3 && width > 0 && height > 0).then_some(RgbImage {
+            width,
+            height,
+            pixels,
+        })
     }
 
     /// An empty image that conversions fill (and grow) in place.
@@ -123,10 +126,25 @@ impl RgbImage {
         let mut out = Vec::new();
         let (w, h) = (self.width, self.height);
         let result = match format {
-            ImageFormat::Png => image::codecs::png::PngEncoder::new(&mut out).write_image(&self.pixels, w, h, image::ExtendedColorType::Rgb8),
-            ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).write_image(&self.pixels, w, h, image::ExtendedColorType::Rgb8),
+            ImageFormat::Png => image::codecs::png::PngEncoder::new(&mut out).write_image(
+                &self.pixels,
+                w,
+                h,
+                image::ExtendedColorType::Rgb8,
+            ),
+            ImageFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90).write_image(
+                &self.pixels,
+                w,
+                h,
+                image::ExtendedColorType::Rgb8,
+            ),
         };
-        result.map_err(|e| ImageError::Encode { format: format.content_type(), width: w, height: h, message: e.to_string() })?;
+        result.map_err(|e| ImageError::Encode {
+            format: format.content_type(),
+            width: w,
+            height: h,
+            message: e.to_string(),
+        })?;
         Ok(out)
     }
 

@@ -34,12 +34,12 @@ mod util;
 
 // The framework's parts, in the order data flows through them.
 pub mod camera;
-pub mod vision;
-pub mod llm;
 pub mod generate;
-pub mod pipeline;
-pub mod worker;
+pub mod llm;
 pub mod mqtt;
+pub mod pipeline;
+pub mod vision;
+pub mod worker;
 
 // Around them: the configuration file, the evaluation, the daemon.
 pub mod config;

@@ -286,16 +286,18 @@ impl Manifest {
 
     /// Reads and validates a manifest file.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.to_owned(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         Self::parse(&text, &path.display().to_string(), &base)
     }
 
     /// Parses and validates manifest text.
     pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Self, ManifestError> {
-        let mut manifest: Manifest = toml::from_str(text)
-            .map_err(|e| ManifestError::Parse { origin: origin.to_owned(), message: e.to_string().trim_end().to_owned() })?;
+        let mut manifest: Manifest = toml::from_str(text).map_err(|e| ManifestError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
         manifest.origin = origin.to_owned();
         manifest.base_dir = base_dir.to_owned();
         manifest.validate()?;
@@ -308,7 +310,11 @@ impl Manifest {
 
     /// Every file the manifest names, with its dotted key.
     pub fn files(&self) -> Vec<(&'static str, &FileRef)> {
-        let mut files = vec![("encoder.file", &self.encoder.file), ("projector.file", &self.projector.file), ("llm.file", &self.llm.file)];
+        let mut files = vec![
+            ("encoder.file", &self.encoder.file),
+            ("projector.file", &self.projector.file),
+            ("llm.file", &self.llm.file),
+        ];
         if let Some(adapter) = &self.llm.adapter {
             files.push(("llm.adapter", adapter));
         }
@@ -340,7 +346,10 @@ impl Manifest {
         let enc = &self.encoder;
         let [height, width] = enc.preprocess.size;
         if enc.input_shape.len() != 4 || enc.input_shape[1] != 3 {
-            return Err(self.invalid("encoder.input_shape", format!("expected [batch, 3, height, width], got {:?}", enc.input_shape)));
+            return Err(self.invalid(
+                "encoder.input_shape",
+                format!("expected [batch, 3, height, width], got {:?}", enc.input_shape),
+            ));
         }
         if enc.input_shape[2] != i64::from(height) || enc.input_shape[3] != i64::from(width) {
             return Err(self.invalid(
@@ -352,10 +361,14 @@ impl Manifest {
             return Err(self.invalid("encoder.preprocess.size", "sizes must be positive".into()));
         }
         if enc.preprocess.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
-            return Err(self.invalid("encoder.preprocess.std", format!("every value must be > 0, got {:?}", enc.preprocess.std)));
+            return Err(self
+                .invalid("encoder.preprocess.std", format!("every value must be > 0, got {:?}", enc.preprocess.std)));
         }
         if enc.output_shape.len() != 3 {
-            return Err(self.invalid("encoder.output_shape", format!("expected [batch, tokens, width], got {:?}", enc.output_shape)));
+            return Err(self.invalid(
+                "encoder.output_shape",
+                format!("expected [batch, tokens, width], got {:?}", enc.output_shape),
+            ));
         }
         let [rows, cols] = enc.patch_grid;
         if enc.output_shape[1] != (enc.prefix_tokens + rows * cols) as i64 {
@@ -395,11 +408,22 @@ impl Manifest {
         let chat = &self.llm.chat;
         match (chat.template.as_deref(), &chat.prefix, &chat.suffix) {
             (Some("gguf"), None, None) => {}
-            (Some("gguf"), _, _) => return Err(self.invalid("llm.chat.template", "\"gguf\" takes the layout from the GGUF; remove prefix and suffix".into())),
-            (Some(other), _, _) => return Err(self.invalid("llm.chat.template", format!("{other:?} is not known; the one value is \"gguf\""))),
+            (Some("gguf"), _, _) => {
+                return Err(self.invalid(
+                    "llm.chat.template",
+                    "\"gguf\" takes the layout from the GGUF; remove prefix and suffix".into(),
+                ))
+            }
+            (Some(other), _, _) => {
+                return Err(
+                    self.invalid("llm.chat.template", format!("{other:?} is not known; the one value is \"gguf\""))
+                )
+            }
             (None, Some(_), Some(suffix)) if suffix.contains("{question}") => {}
             (None, Some(_), Some(_)) => return Err(self.invalid("llm.chat.suffix", "must contain `{question}`".into())),
-            (None, _, _) => return Err(self.invalid("llm.chat", "give `prefix` and `suffix`, or `template = \"gguf\"`".into())),
+            (None, _, _) => {
+                return Err(self.invalid("llm.chat", "give `prefix` and `suffix`, or `template = \"gguf\"`".into()))
+            }
         }
         Ok(())
     }
@@ -419,23 +443,37 @@ impl Manifest {
             }
         }
         if g.size_multiple % g.vae_scale != 0 {
-            return Err(self.invalid("generator.size_multiple", format!("{} is not a multiple of generator.vae_scale {}", g.size_multiple, g.vae_scale)));
+            return Err(self.invalid(
+                "generator.size_multiple",
+                format!("{} is not a multiple of generator.vae_scale {}", g.size_multiple, g.vae_scale),
+            ));
         }
         if let Some(bad) = g.size.iter().find(|s| **s == 0 || **s % g.size_multiple != 0) {
-            return Err(self.invalid("generator.size", format!("{bad} is not a positive multiple of generator.size_multiple {}", g.size_multiple)));
+            return Err(self.invalid(
+                "generator.size",
+                format!("{bad} is not a positive multiple of generator.size_multiple {}", g.size_multiple),
+            ));
         }
         if !(g.latent_scaling.is_finite() && g.latent_scaling > 0.0) {
-            return Err(self.invalid("generator.latent_scaling", format!("expected a number > 0, got {}", g.latent_scaling)));
+            return Err(
+                self.invalid("generator.latent_scaling", format!("expected a number > 0, got {}", g.latent_scaling))
+            );
         }
         if !g.guidance.is_finite() || g.guidance < 0.0 {
             return Err(self.invalid("generator.guidance", format!("expected a number >= 0, got {}", g.guidance)));
         }
         let s = &g.schedule;
         if s.num_train_timesteps < 2 || !(s.beta_start > 0.0 && s.beta_end < 1.0 && s.beta_start < s.beta_end) {
-            return Err(self.invalid("generator.schedule", "expected num_train_timesteps >= 2 and 0 < beta_start < beta_end < 1".into()));
+            return Err(self.invalid(
+                "generator.schedule",
+                "expected num_train_timesteps >= 2 and 0 < beta_start < beta_end < 1".into(),
+            ));
         }
         if g.output_projector.as_ref().is_some_and(|o| o.signal.trim().is_empty()) {
-            return Err(self.invalid("generator.output_projector.signal", "is empty; give the text whose hidden states condition the image".into()));
+            return Err(self.invalid(
+                "generator.output_projector.signal",
+                "is empty; give the text whose hidden states condition the image".into(),
+            ));
         }
         Ok(())
     }
@@ -534,17 +572,33 @@ mod tests {
         let cases: &[(&str, &str, &str)] = &[
             ("pool = [8, 8]", "pool = [5, 5]", "`projector.pool`: 5x5 must evenly divide the patch grid 16x16"),
             ("out_width = 576", "out_width = 640", "`projector.out_width`: 640 differs from llm.n_embd 576"),
-            ("in_width = 384", "in_width = 768", "`projector.in_width`: 768 differs from the encoder's feature width 384"),
+            (
+                "in_width = 384",
+                "in_width = 768",
+                "`projector.in_width`: 768 differs from the encoder's feature width 384",
+            ),
             ("std = [0.229, 0.224, 0.225]", "std = [0.229, 0.0, 0.225]", "`encoder.preprocess.std`"),
             ("size = [224, 224]", "size = [256, 224]", "`encoder.preprocess.size`: [256, 224] does not match"),
-            ("patch_grid = [16, 16]", "patch_grid = [14, 14]", "`encoder.patch_grid`: 14x14 patches + 1 prefix tokens = 197"),
+            (
+                "patch_grid = [16, 16]",
+                "patch_grid = [14, 14]",
+                "`encoder.patch_grid`: 14x14 patches + 1 prefix tokens = 197",
+            ),
             ("prefix_tokens = 1", "prefix_tokens = 1\ncolour = \"red\"", "unknown field `colour`"),
             ("resize = \"squash\"", "resize = \"stretch\"", "unknown variant `stretch`"),
             ("n_embd = 576", "n_embd = \"wide\"", "n_embd"),
             ("suffix = \"\\n{question}", "suffix = \"\\n{query}", "`llm.chat.suffix`: must contain `{question}`"),
             ("stop = [", "template = \"jinja\"\nstop = [", "`llm.chat.template`: \"jinja\" is not known"),
-            ("size = [128, 128]", "size = [120, 128]", "`generator.size`: 120 is not a positive multiple of generator.size_multiple 16"),
-            ("size_multiple = 16", "size_multiple = 12", "`generator.size_multiple`: 12 is not a multiple of generator.vae_scale 8"),
+            (
+                "size = [128, 128]",
+                "size = [120, 128]",
+                "`generator.size`: 120 is not a positive multiple of generator.size_multiple 16",
+            ),
+            (
+                "size_multiple = 16",
+                "size_multiple = 12",
+                "`generator.size_multiple`: 12 is not a multiple of generator.vae_scale 8",
+            ),
             ("signal = \" Picture:\"", "signal = \" \"", "`generator.output_projector.signal`: is empty"),
             ("latent_scaling = 0.18215", "latent_scaling = 0.0", "`generator.latent_scaling`: expected a number > 0"),
             ("sampler = \"euler\"", "sampler = \"ddim\"", "unknown variant `ddim`"),
@@ -560,11 +614,20 @@ mod tests {
 
     #[test]
     fn path_files_resolve_against_the_manifest_dir() {
-        let m = with(|t| t.replacen("file = { cache = \"projector/dinov2s-smollm2-v1.onnx\"", "file = { path = \"proj.onnx\"", 1)).unwrap();
+        let m = with(|t| {
+            t.replacen("file = { cache = \"projector/dinov2s-smollm2-v1.onnx\"", "file = { path = \"proj.onnx\"", 1)
+        })
+        .unwrap();
         assert_eq!(m.resolve(&m.projector.file, Path::new("/c")), Path::new("/m/proj.onnx"));
-        let err = with(|t| t.replacen("file = { cache = \"dinov2s/encoder.onnx\"", "file = { cache = \"a\", path = \"b\"", 1)).unwrap_err();
+        let err = with(|t| {
+            t.replacen("file = { cache = \"dinov2s/encoder.onnx\"", "file = { cache = \"a\", path = \"b\"", 1)
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("`encoder.file`: give exactly one of"), "{err}");
-        let err = with(|t| t.replacen("adapter = { cache = \"projector/", "adapter = { path = \"a.gguf\", cache = \"projector/", 1)).unwrap_err();
+        let err = with(|t| {
+            t.replacen("adapter = { cache = \"projector/", "adapter = { path = \"a.gguf\", cache = \"projector/", 1)
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("`llm.adapter`: give exactly one of"), "{err}");
     }
 }

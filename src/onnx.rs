@@ -78,7 +78,13 @@ impl Default for OnnxConfig {
         OnnxConfig {
             library: None,
             intra_threads: 0,
-            execution_providers: vec![EpConfig { kind: EpKind::Cpu, required: false, device_id: 0, fp16: false, engine_cache_dir: None }],
+            execution_providers: vec![EpConfig {
+                kind: EpKind::Cpu,
+                required: false,
+                device_id: 0,
+                fp16: false,
+                engine_cache_dir: None,
+            }],
         }
     }
 }
@@ -96,7 +102,9 @@ pub enum OnnxError {
         origin: &'static str,
     },
     /// The file is not a loadable ONNX Runtime library, or is too old.
-    #[error("ONNX Runtime library {path} (from {origin}): {message} (expected libonnxruntime.so >= {MIN_ORT_VERSION})")]
+    #[error(
+        "ONNX Runtime library {path} (from {origin}): {message} (expected libonnxruntime.so >= {MIN_ORT_VERSION})"
+    )]
     LibraryLoad {
         /// The path tried.
         path: PathBuf,
@@ -191,7 +199,9 @@ impl OnnxRuntime {
         let mut slot = LOADED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let loaded = match &*slot {
             Some(loaded) if loaded.library == canonical => loaded.clone(),
-            Some(loaded) => return Err(OnnxError::AlreadyLoaded { loaded: loaded.library.clone(), requested: canonical }),
+            Some(loaded) => {
+                return Err(OnnxError::AlreadyLoaded { loaded: loaded.library.clone(), requested: canonical })
+            }
             None => {
                 let load_err = |message: String| OnnxError::LibraryLoad { path: path.clone(), origin, message };
                 let builder = ort::init_from(&canonical).map_err(|e| load_err(e.to_string()))?;
@@ -229,9 +239,14 @@ impl OnnxRuntime {
     /// the CPU provider is always there last.
     pub fn session(&self, file: &Path, what: &str) -> Result<OnnxSession, OnnxError> {
         if !file.is_file() {
-            return Err(OnnxError::Session { file: file.to_owned(), what: what.to_owned(), message: "file not found".into() });
+            return Err(OnnxError::Session {
+                file: file.to_owned(),
+                what: what.to_owned(),
+                message: "file not found".into(),
+            });
         }
-        let session_err = |message: String| OnnxError::Session { file: file.to_owned(), what: what.to_owned(), message };
+        let session_err =
+            |message: String| OnnxError::Session { file: file.to_owned(), what: what.to_owned(), message };
         let mut builder = Session::builder(&self.loaded.environment).map_err(|e| session_err(e.to_string()))?;
         if self.config.intra_threads > 0 {
             builder = builder.with_intra_threads(self.config.intra_threads).map_err(|e| session_err(e.to_string()))?;
@@ -359,14 +374,23 @@ impl OnnxSession {
 
     /// Checks that the model has an f32 input `input` of a shape compatible with `input_shape`,
     /// and an f32 output `output` compatible with `output_shape`.
-    pub fn check_signature(&self, input: &str, input_shape: &[i64], output: &str, output_shape: &[i64]) -> Result<(), OnnxError> {
+    pub fn check_signature(
+        &self,
+        input: &str,
+        input_shape: &[i64],
+        output: &str,
+        output_shape: &[i64],
+    ) -> Result<(), OnnxError> {
         let inputs = self.session.inputs();
         let outputs = self.session.outputs();
         let check = |kind: &str, name: &str, want: &[i64], outlets: &[ort::value::Outlet]| -> Result<(), OnnxError> {
             let Some(found) = outlets.iter().find(|o| o.name() == name) else {
                 return Err(OnnxError::Signature {
                     file: self.file.clone(),
-                    message: format!("expected {kind} `{name}` with shape {want:?}; the model's {kind}s are: {}", list(outlets)),
+                    message: format!(
+                        "expected {kind} `{name}` with shape {want:?}; the model's {kind}s are: {}",
+                        list(outlets)
+                    ),
                 });
             };
             let shape: Vec<i64> = found.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
@@ -374,7 +398,10 @@ impl OnnxSession {
             if !is_f32 || shape.len() != want.len() || !shape.iter().zip(want).all(|(m, w)| dim_matches(*m, *w)) {
                 return Err(OnnxError::Signature {
                     file: self.file.clone(),
-                    message: format!("{kind} `{name}`: expected f32 {want:?} (-1 = any), the model has {}", describe(name, found.dtype())),
+                    message: format!(
+                        "{kind} `{name}`: expected f32 {want:?} (-1 = any), the model has {}",
+                        describe(name, found.dtype())
+                    ),
                 });
             }
             Ok(())
@@ -386,21 +413,30 @@ impl OnnxSession {
     /// The element type and rank of the input or output `name`, if the model has one.
     pub fn io_type(&self, name: &str) -> Option<(Element, usize)> {
         let outlets = self.session.inputs().iter().chain(self.session.outputs());
-        outlets.filter(|o| o.name() == name).map(|o| {
-            let element = match o.dtype().tensor_type() {
-                Some(TensorElementType::Float32) => Element::F32,
-                Some(TensorElementType::Int32) => Element::I32,
-                Some(TensorElementType::Int64) => Element::I64,
-                _ => Element::Other,
-            };
-            (element, o.dtype().tensor_shape().map_or(0, |s| s.len()))
-        }).next()
+        outlets
+            .filter(|o| o.name() == name)
+            .map(|o| {
+                let element = match o.dtype().tensor_type() {
+                    Some(TensorElementType::Float32) => Element::F32,
+                    Some(TensorElementType::Int32) => Element::I32,
+                    Some(TensorElementType::Int64) => Element::I64,
+                    _ => Element::Other,
+                };
+                (element, o.dtype().tensor_shape().map_or(0, |s| s.len()))
+            })
+            .next()
     }
 
     /// Checks that the model has each named input and output with one of the allowed element
     /// types and the given rank; the error lists what the model has instead.
-    pub fn check_io(&self, inputs: &[(&str, &[Element], usize)], outputs: &[(&str, &[Element], usize)]) -> Result<(), OnnxError> {
-        for (kind, wanted, outlets) in [("input", inputs, self.session.inputs()), ("output", outputs, self.session.outputs())] {
+    pub fn check_io(
+        &self,
+        inputs: &[(&str, &[Element], usize)],
+        outputs: &[(&str, &[Element], usize)],
+    ) -> Result<(), OnnxError> {
+        for (kind, wanted, outlets) in
+            [("input", inputs, self.session.inputs()), ("output", outputs, self.session.outputs())]
+        {
             for (name, types, rank) in wanted {
                 let found = outlets.iter().find(|o| o.name() == *name).and_then(|_| self.io_type(name));
                 let ok = found.is_some_and(|(e, r)| types.contains(&e) && r == *rank);
@@ -408,7 +444,10 @@ impl OnnxSession {
                     let want = types.iter().map(ToString::to_string).collect::<Vec<_>>().join(" or ");
                     return Err(OnnxError::Signature {
                         file: self.file.clone(),
-                        message: format!("expected {kind} `{name}` of {want} with rank {rank}; the model's {kind}s are: {}", list(outlets)),
+                        message: format!(
+                            "expected {kind} `{name}` of {want} with rank {rank}; the model's {kind}s are: {}",
+                            list(outlets)
+                        ),
                     });
                 }
             }
@@ -418,7 +457,12 @@ impl OnnxSession {
 
     /// Runs the model on named inputs of any supported element type and copies the named f32
     /// output into `out` (reused across calls). Returns the output's shape.
-    pub fn run(&mut self, inputs: &[(&str, &[usize], Input<'_>)], output: &str, out: &mut Vec<f32>) -> Result<Vec<usize>, OnnxError> {
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, &[usize], Input<'_>)],
+        output: &str,
+        out: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, OnnxError> {
         let file = &self.file;
         let run_err = |message: String| OnnxError::Run { file: file.clone(), message };
         let mut values: Vec<(&str, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
@@ -442,7 +486,14 @@ impl OnnxSession {
 
     /// Runs the model on one f32 input and copies the named f32 output into `out`, which is
     /// reused across calls. Returns the output's shape.
-    pub fn run_f32(&mut self, input: &str, data: &[f32], shape: &[usize], output: &str, out: &mut Vec<f32>) -> Result<Vec<usize>, OnnxError> {
+    pub fn run_f32(
+        &mut self,
+        input: &str,
+        data: &[f32],
+        shape: &[usize],
+        output: &str,
+        out: &mut Vec<f32>,
+    ) -> Result<Vec<usize>, OnnxError> {
         let file = &self.file;
         let run_err = |message: String| OnnxError::Run { file: file.clone(), message };
         let tensor = TensorRef::from_array_view((shape.to_vec(), data)).map_err(|e| run_err(e.to_string()))?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cache::{self, CacheError};
 use crate::frame::{ImageError, RgbImage};
-use crate::generate::{Conditioning, ConditionPath, Generator, GeneratorError, RenderOptions, Rendered};
+use crate::generate::{ConditionPath, Conditioning, Generator, GeneratorError, RenderOptions, Rendered};
 use crate::llm::{Backbone, Generation, LlmConfig, LlmError};
 use crate::manifest::{FileRef, Manifest, ManifestError};
 use crate::onnx::{OnnxConfig, OnnxError, OnnxRuntime, MIN_ORT_VERSION};
@@ -66,7 +66,12 @@ impl Pipeline {
 
     /// Makes `image` the scene (`id`): vision, then the scene prefix into the LLM's cache. Returns
     /// the vision timings and the prefill time in ms.
-    pub fn set_scene(&mut self, id: u64, image: &RgbImage, tokens: &mut ImageTokens) -> Result<(VisionTimings, f64), StackError> {
+    pub fn set_scene(
+        &mut self,
+        id: u64,
+        image: &RgbImage,
+        tokens: &mut ImageTokens,
+    ) -> Result<(VisionTimings, f64), StackError> {
         let timings = self.vision.run(image, tokens)?;
         let prefill_ms = self.backbone.set_scene(id, Some(tokens))?;
         Ok((timings, prefill_ms))
@@ -93,7 +98,8 @@ pub fn render_description(
     match condition {
         ConditionPath::Text => Ok(generator.render(Conditioning::Prompt(text), options)?),
         ConditionPath::Hidden => {
-            let signal = generator.spec().output_projector.as_ref().ok_or(GeneratorError::NoOutputProjector)?.signal.clone();
+            let signal =
+                generator.spec().output_projector.as_ref().ok_or(GeneratorError::NoOutputProjector)?.signal.clone();
             let states = backbone.signal_states(question, text, &signal)?;
             let n_embd = backbone.summary().gguf.n_embd;
             Ok(generator.render(Conditioning::Hidden { states: &states, n_embd }, options)?)
@@ -129,7 +135,8 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
     };
     checks.push(PartCheck { part: "onnxruntime", outcome });
 
-    let llm = verify_file(manifest, &manifest.llm.file, root, "the LLM GGUF").and_then(|_| Ok(Backbone::load(manifest, root, llm_config)?));
+    let llm = verify_file(manifest, &manifest.llm.file, root, "the LLM GGUF")
+        .and_then(|_| Ok(Backbone::load(manifest, root, llm_config)?));
     let llm_width = llm.as_ref().ok().map(|b| (b.summary().gguf.path.clone(), b.summary().gguf.n_embd));
     checks.push(PartCheck {
         part: "llm",
@@ -152,35 +159,46 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
         }),
     });
 
-    let encoder = verify_file(manifest, &manifest.encoder.file, root, "the encoder ONNX model").and_then(|path| match &runtime {
-        None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
-        Some(runtime) => {
-            let enc = &manifest.encoder;
-            let loaded = Encoder::load(runtime, manifest, root)?;
-            Ok(format!("{}: {} {:?} -> {} {:?}; ep {}", path.display(), enc.input, enc.input_shape, enc.output, enc.output_shape, loaded.session().ep()))
-        }
-    });
+    let encoder =
+        verify_file(manifest, &manifest.encoder.file, root, "the encoder ONNX model").and_then(|path| match &runtime {
+            None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
+            Some(runtime) => {
+                let enc = &manifest.encoder;
+                let loaded = Encoder::load(runtime, manifest, root)?;
+                Ok(format!(
+                    "{}: {} {:?} -> {} {:?}; ep {}",
+                    path.display(),
+                    enc.input,
+                    enc.input_shape,
+                    enc.output,
+                    enc.output_shape,
+                    loaded.session().ep()
+                ))
+            }
+        });
     checks.push(PartCheck { part: "encoder", outcome: encoder });
 
-    let projector = verify_file(manifest, &manifest.projector.file, root, "the projector ONNX model").and_then(|path| match &runtime {
-        None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
-        Some(runtime) => {
-            let proj = &manifest.projector;
-            let width = llm_width.as_ref().map(|(path, n_embd)| (path.as_path(), *n_embd));
-            let loaded = Projector::load(runtime, manifest, root, width)?;
-            Ok(format!(
-                "{}: {} [n, {}] -> {} [n, {}], {} image tokens{}; ep {}",
-                path.display(),
-                proj.input,
-                proj.in_width,
-                proj.output,
-                proj.out_width,
-                manifest.n_image_tokens(),
-                if proj.untrained { " (untrained placeholder)" } else { "" },
-                loaded.session().ep()
-            ))
-        }
-    });
+    let projector = verify_file(manifest, &manifest.projector.file, root, "the projector ONNX model").and_then(
+        |path| match &runtime {
+            None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
+            Some(runtime) => {
+                let proj = &manifest.projector;
+                let width = llm_width.as_ref().map(|(path, n_embd)| (path.as_path(), *n_embd));
+                let loaded = Projector::load(runtime, manifest, root, width)?;
+                Ok(format!(
+                    "{}: {} [n, {}] -> {} [n, {}], {} image tokens{}; ep {}",
+                    path.display(),
+                    proj.input,
+                    proj.in_width,
+                    proj.output,
+                    proj.out_width,
+                    manifest.n_image_tokens(),
+                    if proj.untrained { " (untrained placeholder)" } else { "" },
+                    loaded.session().ep()
+                ))
+            }
+        },
+    );
     checks.push(PartCheck { part: "projector", outcome: projector });
 
     if let (Some(g), Some(runtime)) = (&manifest.generator, &runtime) {

@@ -35,7 +35,11 @@ pub fn physical_cores() -> usize {
             }
         }
     }
-    if cores.is_empty() { logical } else { cores.len().min(logical) }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
 }
 
 /// SplitMix64: advances `state` and returns the next 64 random bits. Small, fast, the same on

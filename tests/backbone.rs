@@ -6,11 +6,11 @@ mod common;
 use std::path::Path;
 
 use common::*;
-use scenecast::llm::{token_embeddings, Backbone, LlmError, GenerateOptions, Part, StopReason};
 use scenecast::llm::LlmConfig;
+use scenecast::llm::SamplingParams;
+use scenecast::llm::{token_embeddings, Backbone, GenerateOptions, LlmError, Part, StopReason};
 use scenecast::manifest::{Manifest, REFERENCE_MANIFEST};
 use scenecast::vision::ImageTokens;
-use scenecast::llm::SamplingParams;
 use scenecast::vision::Vision;
 
 fn llm_config() -> LlmConfig {
@@ -85,21 +85,23 @@ fn a_question_after_a_cached_prefix_answers_as_from_scratch() {
 fn streaming_cancellation_and_limits() {
     let mut b = smollm();
     let mut pieces = Vec::new();
-    let answer = b.ask("Write a long story about a dragon who learns to fly.", &greedy(12), &mut |p| {
-        pieces.push(p.to_owned());
-        true
-    })
-    .unwrap();
+    let answer = b
+        .ask("Write a long story about a dragon who learns to fly.", &greedy(12), &mut |p| {
+            pieces.push(p.to_owned());
+            true
+        })
+        .unwrap();
     assert_eq!(answer.stop, StopReason::MaxTokens);
     assert_eq!(answer.n_tokens, 12);
     assert_eq!(pieces.concat().trim(), answer.text);
 
     let mut seen = 0;
-    let stopped = b.ask("Write a long story about a dragon who learns to fly.", &greedy(40), &mut |_| {
-        seen += 1;
-        seen < 3
-    })
-    .unwrap();
+    let stopped = b
+        .ask("Write a long story about a dragon who learns to fly.", &greedy(40), &mut |_| {
+            seen += 1;
+            seen < 3
+        })
+        .unwrap();
     assert_eq!(stopped.stop, StopReason::Cancelled);
     assert!(stopped.n_tokens <= 4, "{stopped:?}");
 
@@ -168,7 +170,11 @@ fn bad_ggufs_and_contexts_are_clear_errors() {
     let image = ImageTokens { n_tokens: 300, n_embd: 576, data: vec![0.01; 300 * 576] };
     let err = tiny.set_scene(1, Some(&image)).unwrap_err();
     assert!(matches!(err, LlmError::ContextTooSmall { .. }), "{err}");
-    assert!(err.to_string().contains("the context of 256 tokens is too small: the scene prefix needs 304; raise `llm.context`"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the context of 256 tokens is too small: the scene prefix needs 304; raise `llm.context`"),
+        "{err}"
+    );
 
     let wrong = ImageTokens { n_tokens: 64, n_embd: 640, data: vec![0.0; 64 * 640] };
     let err = smollm().set_scene(1, Some(&wrong)).unwrap_err().to_string();
@@ -182,7 +188,11 @@ fn smollm_with(config: LlmConfig) -> Backbone {
 #[test]
 fn empty_and_over_long_questions_are_refused_with_the_limit() {
     let mut b = smollm_with(LlmConfig { max_question_chars: 40, ..llm_config() });
-    let cases = [("", "the question is empty"), ("   \n", "the question is empty"), (&"why? ".repeat(10) as &str, "the question has 50 characters; the limit is 40 (`llm.max_question_chars`)")];
+    let cases = [
+        ("", "the question is empty"),
+        ("   \n", "the question is empty"),
+        (&"why? ".repeat(10) as &str, "the question has 50 characters; the limit is 40 (`llm.max_question_chars`)"),
+    ];
     for (question, expected) in cases {
         let err = b.ask(question, &greedy(8), &mut |_| true).unwrap_err().to_string();
         assert_eq!(err, expected);

@@ -7,10 +7,10 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use scenecast::llm::{Backbone, GgufInfo};
 use scenecast::llm::LlmConfig;
-use scenecast::vision::Encoder;
+use scenecast::llm::{Backbone, GgufInfo};
 use scenecast::manifest::{Manifest, REFERENCE_MANIFEST};
+use scenecast::vision::Encoder;
 use scenecast::vision::Vision;
 
 fn models() -> PathBuf {
@@ -63,7 +63,9 @@ fn onnx_with_other_names_or_shapes() {
         &["untrained-384x576.onnx: expected input `input_image` with shape [-1, 3, 224, 224]; the model's inputs are: `image_features`"],
     );
 
-    let text = REFERENCE_MANIFEST.replacen("input_shape = [-1, 3, 224, 224]", "input_shape = [-1, 3, 256, 256]", 1).replacen("size = [224, 224]", "size = [256, 256]", 1);
+    let text = REFERENCE_MANIFEST
+        .replacen("input_shape = [-1, 3, 224, 224]", "input_shape = [-1, 3, 256, 256]", 1)
+        .replacen("size = [224, 224]", "size = [256, 256]", 1);
     let m = Manifest::parse(&text, "test.toml", Path::new("/")).unwrap();
     assert_contains(&encoder_error(&m), &["encoder.onnx: input `input_image`: expected f32 [-1, 3, 256, 256] (-1 = any), the model has `input_image` [-1, 3, 224, 224]"]);
 }
@@ -73,7 +75,10 @@ fn gguf_of_another_width_or_not_a_gguf() {
     let gemma = GgufInfo::read(&models().join("gemma3/gemma-3-270m-q4_k_m.gguf")).unwrap();
     assert_eq!((gemma.architecture.as_str(), gemma.n_embd), ("gemma3", 640));
     let err = gemma.check_against(&manifest()).unwrap_err().to_string();
-    assert_contains(&err, &["gemma-3-270m-q4_k_m.gguf: general.architecture is gemma3, but manifest <built-in reference> expects llama"]);
+    assert_contains(
+        &err,
+        &["gemma-3-270m-q4_k_m.gguf: general.architecture is gemma3, but manifest <built-in reference> expects llama"],
+    );
     let err = match Vision::load(&runtime(), &manifest(), &cache_root(), Some(gemma.llm_width())) {
         Ok(_) => panic!("a 576-wide projector must not load for a 640-wide LLM"),
         Err(e) => e.to_string(),
@@ -85,8 +90,14 @@ fn gguf_of_another_width_or_not_a_gguf() {
     assert_contains(&GgufInfo::read(&text).unwrap_err().to_string(), &["notes.gguf: not a readable GGUF file"]);
     let smol = std::fs::read(models().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
     let cut = write_temp(dir.path(), "cut.gguf", &smol[..smol.len() / 2]);
-    assert_contains(&GgufInfo::read(&cut).unwrap_err().to_string(), &["cut.gguf: truncated: 49181216 bytes, but its tensors end at byte 98362432"]);
-    assert_contains(&GgufInfo::read(&dir.path().join("gone.gguf")).unwrap_err().to_string(), &["gone.gguf: file not found"]);
+    assert_contains(
+        &GgufInfo::read(&cut).unwrap_err().to_string(),
+        &["cut.gguf: truncated: 49181216 bytes, but its tensors end at byte 98362432"],
+    );
+    assert_contains(
+        &GgufInfo::read(&dir.path().join("gone.gguf")).unwrap_err().to_string(),
+        &["gone.gguf: file not found"],
+    );
 }
 
 /// `manifest` (a manifest's text) with its `[llm] adapter` line replaced or added.
@@ -110,12 +121,18 @@ fn backbone_error(manifest: &Manifest) -> String {
 fn adapter_missing_not_an_adapter_or_for_another_model() {
     let dir = tempfile::tempdir().unwrap();
     let gone = dir.path().join("gone.lora.gguf");
-    assert_contains(&backbone_error(&with_adapter(REFERENCE_MANIFEST, &gone)), &["gone.lora.gguf", "the LLM's LoRA adapter GGUF"]);
+    assert_contains(
+        &backbone_error(&with_adapter(REFERENCE_MANIFEST, &gone)),
+        &["gone.lora.gguf", "the LLM's LoRA adapter GGUF"],
+    );
 
     let base = models().join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert_contains(
         &backbone_error(&with_adapter(REFERENCE_MANIFEST, &base)),
-        &["SmolLM2-135M-Instruct.Q4_1.gguf: llama.cpp cannot apply it to the LLM", "expect general.type to be 'adapter'"],
+        &[
+            "SmolLM2-135M-Instruct.Q4_1.gguf: llama.cpp cannot apply it to the LLM",
+            "expect general.type to be 'adapter'",
+        ],
     );
 
     let gemma = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma3.toml")).unwrap();
@@ -149,7 +166,14 @@ fn onnx_runtime_library_missing_foreign_or_too_old() {
     let not_ort = build_library(dir.path(), "libnotort.so", "int answer(void) { return 42; }");
     let (ok, _, stderr) = scenecast(&["encode", photo], &[("ORT_DYLIB_PATH", not_ort.to_str().unwrap())]);
     assert!(!ok);
-    assert_contains(&stderr, &["libnotort.so (from ORT_DYLIB_PATH)", "does not export `OrtGetApiBase`", "expected libonnxruntime.so >= 1.17"]);
+    assert_contains(
+        &stderr,
+        &[
+            "libnotort.so (from ORT_DYLIB_PATH)",
+            "does not export `OrtGetApiBase`",
+            "expected libonnxruntime.so >= 1.17",
+        ],
+    );
 
     // A library that answers OrtGetApiBase like ONNX Runtime 1.16 does: refused by its version.
     let old = build_library(
@@ -163,7 +187,10 @@ fn onnx_runtime_library_missing_foreign_or_too_old() {
     );
     let (ok, _, stderr) = scenecast(&["encode", photo], &[("ORT_DYLIB_PATH", old.to_str().unwrap())]);
     assert!(!ok);
-    assert_contains(&stderr, &["libonnxruntime.so.1.16.0 (from ORT_DYLIB_PATH)", "but got '1.16.0'", "expected libonnxruntime.so >= 1.17"]);
+    assert_contains(
+        &stderr,
+        &["libonnxruntime.so.1.16.0 (from ORT_DYLIB_PATH)", "but got '1.16.0'", "expected libonnxruntime.so >= 1.17"],
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
@@ -171,7 +198,8 @@ fn onnx_runtime_library_missing_foreign_or_too_old() {
 fn build_library(dir: &Path, name: &str, source: &str) -> PathBuf {
     let src = write_temp(dir, &format!("{name}.c"), source.as_bytes());
     let out = dir.join(name);
-    let status = std::process::Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&out).arg(&src).status().expect("run cc");
+    let status =
+        std::process::Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&out).arg(&src).status().expect("run cc");
     assert!(status.success(), "cc failed for {name}");
     out
 }

@@ -10,13 +10,13 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
+use scenecast::camera::FrameSlot;
+use scenecast::frame::Frame;
 use scenecast::llm::Backbone;
 use scenecast::llm::LlmConfig;
-use scenecast::frame::Frame;
-use scenecast::worker::GateConfig;
-use scenecast::camera::FrameSlot;
 use scenecast::vision::Vision;
-use scenecast::worker::{Progress, Worker, RuntimeSettings};
+use scenecast::worker::GateConfig;
+use scenecast::worker::{Progress, RuntimeSettings, Worker};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -185,13 +185,24 @@ fn frame(seq: u64, name: &str) -> Frame {
 #[test]
 fn an_unchanged_scene_runs_the_llm_once_and_a_change_triggers_a_caption() {
     let m = manifest();
-    let backbone = Backbone::load(&m, &cache_root(), &LlmConfig { threads: 1, max_tokens: 8, ..LlmConfig::default() }).unwrap();
+    let backbone =
+        Backbone::load(&m, &cache_root(), &LlmConfig { threads: 1, max_tokens: 8, ..LlmConfig::default() }).unwrap();
     let vision = Vision::load(&runtime(), &m, &cache_root(), Some(backbone.summary().gguf.llm_width())).unwrap();
     let slot = Arc::new(FrameSlot::new());
     let progress = Arc::new(Progress::default());
     let gate = GateConfig { change_threshold: 0.05, min_interval_s: 0.0, max_interval_s: 3600.0 };
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate }));
-    let worker = Worker { vision, backbone, frames: slot.clone(), settings, progress: progress.clone(), model: m.name.clone(), generator: None, privacy: Default::default(), image_format: Default::default() };
+    let worker = Worker {
+        vision,
+        backbone,
+        frames: slot.clone(),
+        settings,
+        progress: progress.clone(),
+        model: m.name.clone(),
+        generator: None,
+        privacy: Default::default(),
+        image_format: Default::default(),
+    };
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
     let (_questions_tx, questions_rx) = std::sync::mpsc::sync_channel::<scenecast::worker::Job<()>>(1);
     let stop = Arc::new(AtomicBool::new(false));

@@ -5,10 +5,10 @@
 mod common;
 
 use common::*;
-use scenecast::llm::Backbone;
 use scenecast::generate::{ConditionPath, GeneratorConfig};
-use scenecast::llm::LlmConfig;
 use scenecast::generate::{Conditioning, Generator, GeneratorError, OnDemand, RenderLimits};
+use scenecast::llm::Backbone;
+use scenecast::llm::LlmConfig;
 use scenecast::manifest::SamplerKind;
 
 fn generator() -> (Generator, scenecast::manifest::GeneratorSpec) {
@@ -46,7 +46,13 @@ fn renders_are_deterministic_for_a_seed_and_have_the_requested_size() {
     assert_ne!(a.image.pixels(), other.image.pixels(), "the prompt conditions the image");
 
     // LCM with guidance (two UNet halves per step) at another size, also repeatable.
-    let lcm = scenecast::generate::RenderOptions { seed: 1, steps: 4, size: [32, 80], guidance: 2.5, sampler: SamplerKind::Lcm };
+    let lcm = scenecast::generate::RenderOptions {
+        seed: 1,
+        steps: 4,
+        size: [32, 80],
+        guidance: 2.5,
+        sampler: SamplerKind::Lcm,
+    };
     let x = g.render(Conditioning::Prompt("a dog"), &lcm).unwrap();
     let y = g.render(Conditioning::Prompt("a dog"), &lcm).unwrap();
     assert_eq!((x.image.width(), x.image.height()), (80, 32));
@@ -79,7 +85,15 @@ fn the_output_projector_path_runs_end_to_end_on_the_llms_hidden_states() {
     let text = g.render(Conditioning::Prompt("A cat on a sofa."), &options).unwrap();
     assert_eq!(hidden.image.width() as usize, spec.size[1]);
     assert_ne!(hidden.image.pixels(), text.image.pixels(), "two conditioning paths, two images");
-    let via_worker = scenecast::pipeline::render_description(&mut backbone, &mut g, ConditionPath::Hidden, "Describe the image.", "A cat on a sofa.", &options).unwrap();
+    let via_worker = scenecast::pipeline::render_description(
+        &mut backbone,
+        &mut g,
+        ConditionPath::Hidden,
+        "Describe the image.",
+        "A cat on a sofa.",
+        &options,
+    )
+    .unwrap();
     assert_eq!(via_worker.image.pixels(), hidden.image.pixels());
 
     // Rows of the wrong width are refused by name.
@@ -113,7 +127,10 @@ fn the_loader_checks_tensor_names_against_the_export() {
     let g = m.generator.as_mut().unwrap();
     g.unet.timestep = "t".into();
     let err = Generator::load(&runtime(), &m, &cache_root()).err().expect("refused").to_string();
-    assert!(err.contains("expected input `t`") && err.contains("`timestep`") && err.contains("`encoder_hidden_states`"), "{err}");
+    assert!(
+        err.contains("expected input `t`") && err.contains("`timestep`") && err.contains("`encoder_hidden_states`"),
+        "{err}"
+    );
 
     let mut m = manifest();
     let g = m.generator.as_mut().unwrap();
@@ -140,9 +157,19 @@ fn on_demand_loads_when_needed_and_unloads_when_idle() {
     assert!(slot.unload_if_idle().is_some() && !slot.is_loaded(), "idle 0 s: unloaded");
     assert!(slot.get().unwrap().1.is_some(), "loaded again on demand");
 
-    let mut off = OnDemand::new(runtime(), m.clone(), cache_root(), GeneratorConfig { enabled: false, ..GeneratorConfig::default() });
+    let mut off = OnDemand::new(
+        runtime(),
+        m.clone(),
+        cache_root(),
+        GeneratorConfig { enabled: false, ..GeneratorConfig::default() },
+    );
     assert!(matches!(off.get().err(), Some(GeneratorError::Disabled)));
-    let mut short = OnDemand::new(runtime(), m, cache_root(), GeneratorConfig { min_free_mib: u64::MAX / 2, ..GeneratorConfig::default() });
+    let mut short = OnDemand::new(
+        runtime(),
+        m,
+        cache_root(),
+        GeneratorConfig { min_free_mib: u64::MAX / 2, ..GeneratorConfig::default() },
+    );
     let err = short.get().err().expect("refused").to_string();
     assert!(err.contains("not enough memory"), "{err}");
 }
@@ -151,14 +178,21 @@ fn on_demand_loads_when_needed_and_unloads_when_idle() {
 fn the_generate_command_writes_an_image_and_names_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
-    let (ok, stdout, stderr) = scenecast(&["generate", "a harbour at noon", "-o", out.to_str().unwrap(), "--size", "48x32", "--seed", "9"], &[]);
+    let (ok, stdout, stderr) = scenecast(
+        &["generate", "a harbour at noon", "-o", out.to_str().unwrap(), "--size", "48x32", "--seed", "9"],
+        &[],
+    );
     assert!(ok, "{stdout}{stderr}");
     let img = image::open(&out).unwrap();
     assert_eq!((img.width(), img.height()), (48, 32));
     let jpg = dir.path().join("out.jpg");
-    let (ok, _, stderr) = scenecast(&["generate", "a harbour", "-o", jpg.to_str().unwrap(), "--sampler", "lcm", "--steps", "2"], &[]);
+    let (ok, _, stderr) =
+        scenecast(&["generate", "a harbour", "-o", jpg.to_str().unwrap(), "--sampler", "lcm", "--steps", "2"], &[]);
     assert!(ok, "{stderr}");
-    assert_eq!(image::ImageFormat::from_path(&jpg).unwrap(), image::guess_format(&std::fs::read(&jpg).unwrap()).unwrap());
+    assert_eq!(
+        image::ImageFormat::from_path(&jpg).unwrap(),
+        image::guess_format(&std::fs::read(&jpg).unwrap()).unwrap()
+    );
     for (args, message) in [
         (vec!["generate", "x", "-o", "a.gif"], "expected a .png, .jpg or .jpeg"),
         (vec!["generate", "-o", "a.png"], "give a prompt"),

@@ -65,15 +65,19 @@ fn no_module_imports_from_a_module_after_it() {
             continue;
         }
         let Some(own) = rank(&module) else {
-            violations.push(format!("{}: module `{module}` is not in the import order of tests/layers.rs", file.display()));
+            violations
+                .push(format!("{}: module `{module}` is not in the import order of tests/layers.rs", file.display()));
             continue;
         };
         for used in imports(&std::fs::read_to_string(file).unwrap()) {
             checked += 1;
             match rank(&used) {
                 Some(r) if r < own || used == module => {}
-                Some(_) => violations.push(format!("{}: `{module}` imports `crate::{used}`, which comes after it", file.display())),
-                None => violations.push(format!("{}: `crate::{used}` is not a module in the import order", file.display())),
+                Some(_) => violations
+                    .push(format!("{}: `{module}` imports `crate::{used}`, which comes after it", file.display())),
+                None => {
+                    violations.push(format!("{}: `crate::{used}` is not a module in the import order", file.display()))
+                }
             }
         }
     }

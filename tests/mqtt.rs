@@ -9,23 +9,29 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use scenecast::llm::Backbone;
 use scenecast::config::Config;
+use scenecast::llm::Backbone;
 use scenecast::llm::LlmConfig;
-use scenecast::mqtt::{MqttConfig, MqttProtocol};
 use scenecast::mqtt::{self, MqttHandle, Request};
+use scenecast::mqtt::{MqttConfig, MqttProtocol};
 use scenecast::worker::Output;
 use std::sync::RwLock;
 
-use scenecast::worker::GateConfig;
 use scenecast::camera::FrameSlot;
 use scenecast::vision::Vision;
+use scenecast::worker::GateConfig;
 use scenecast::worker::{Progress, RuntimeSettings, Worker};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn mqtt_config(port: u16, device: &str) -> MqttConfig {
-    MqttConfig { port, device: Some(device.into()), reconnect_min_s: 0.2, reconnect_max_s: 1.0, ..MqttConfig::default() }
+    MqttConfig {
+        port,
+        device: Some(device.into()),
+        reconnect_min_s: 0.2,
+        reconnect_max_s: 1.0,
+        ..MqttConfig::default()
+    }
 }
 
 /// The MQTT side plus, when started, the real worker.
@@ -42,10 +48,28 @@ impl Daemon {
     async fn start(config: MqttConfig) -> Daemon {
         let state = tempfile::tempdir().unwrap();
         let (tx, rx) = std::sync::mpsc::sync_channel(config.request_queue);
-        let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe the image.".into(), gate: GateConfig::default() }));
-        let mut handle = mqtt::start(&config, state.path(), tx, settings.clone(), "dinov2s-smollm2-135m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).unwrap();
+        let settings = Arc::new(RwLock::new(RuntimeSettings {
+            caption_prompt: "Describe the image.".into(),
+            gate: GateConfig::default(),
+        }));
+        let mut handle = mqtt::start(
+            &config,
+            state.path(),
+            tx,
+            settings.clone(),
+            "dinov2s-smollm2-135m",
+            mqtt::RequestSettings { max_question_chars: 200, ..Default::default() },
+        )
+        .unwrap();
         assert!(handle.wait_connected(WAIT).await, "daemon connects");
-        Daemon { handle: Some(handle), questions: Some(rx), stop: Arc::new(AtomicBool::new(false)), worker: None, settings, _state: state }
+        Daemon {
+            handle: Some(handle),
+            questions: Some(rx),
+            stop: Arc::new(AtomicBool::new(false)),
+            worker: None,
+            settings,
+            _state: state,
+        }
     }
 
     fn handle(&self) -> &MqttHandle {
@@ -54,21 +78,36 @@ impl Daemon {
 
     /// Starts the real worker on one photo (its frames: that photo once).
     fn start_worker(&mut self) {
-        self.start_worker_with(false, scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
+        self.start_worker_with(
+            false,
+            scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false },
+        );
     }
 
     /// The real worker with the reference generator (loaded on demand) and a privacy setting.
     fn start_worker_with(&mut self, generator: bool, privacy: scenecast::worker::PrivacyConfig) {
         let root = cache_root();
         let m = manifest();
-        let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
+        let backbone =
+            Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
         let vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
         // One frame of a still scene, as the capture thread would deliver it.
         let frames = Arc::new(FrameSlot::new());
         let image = scenecast::frame::RgbImage::open(&root.join("models/photos/coffee.png")).unwrap();
         frames.put(scenecast::frame::Frame { seq: 0, captured_at: std::time::SystemTime::now(), image });
-        let generator = generator.then(|| scenecast::generate::OnDemand::new(runtime(), m.clone(), root.clone(), Default::default()));
-        let worker = Worker { vision, backbone, frames, settings: self.settings.clone(), progress: Arc::new(Progress::default()), model: m.name.clone(), generator, privacy, image_format: Default::default() };
+        let generator = generator
+            .then(|| scenecast::generate::OnDemand::new(runtime(), m.clone(), root.clone(), Default::default()));
+        let worker = Worker {
+            vision,
+            backbone,
+            frames,
+            settings: self.settings.clone(),
+            progress: Arc::new(Progress::default()),
+            model: m.name.clone(),
+            generator,
+            privacy,
+            image_format: Default::default(),
+        };
         let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().results.clone(), self.stop.clone());
         self.worker = Some(std::thread::spawn(move || worker.run(questions, out, stop)));
     }
@@ -110,7 +149,11 @@ async fn captions_status_discovery_and_clean_stop() {
     assert!(late.next_on("homeassistant/device/cam1/config", WAIT).await.unwrap().retain);
 
     // Home Assistant restarts: discovery is published again.
-    watcher.client.publish("homeassistant/status", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "online").await.unwrap();
+    watcher
+        .client
+        .publish("homeassistant/status", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, "online")
+        .await
+        .unwrap();
     assert!(watcher.next_on("homeassistant/device/cam1/config", WAIT).await.is_some(), "discovery republished");
 
     d.shutdown().await;
@@ -121,11 +164,24 @@ async fn captions_status_discovery_and_clean_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_request_response_with_correlation_expiry_and_busy() {
     let broker = Broker::start();
-    let mut client = TestClient::connect(broker.port, "asker-1", &["replies/#", "scenecast/cam2/status/attributes", "scenecast/cam2/caption"]).await;
+    let mut client = TestClient::connect(
+        broker.port,
+        "asker-1",
+        &["replies/#", "scenecast/cam2/status/attributes", "scenecast/cam2/caption"],
+    )
+    .await;
     let mut d = Daemon::start(MqttConfig { request_queue: 1, ..mqtt_config(broker.port, "cam2") }).await;
 
     // No worker yet: one request fills the queue of 1 and expires there; the next one is busy.
-    client.request("scenecast/cam2/ask", br#"{"question":"Is anyone there?"}"#, Some("replies/expired"), Some(b"c-0"), Some(1)).await;
+    client
+        .request(
+            "scenecast/cam2/ask",
+            br#"{"question":"Is anyone there?"}"#,
+            Some("replies/expired"),
+            Some(b"c-0"),
+            Some(1),
+        )
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     client.request("scenecast/cam2/ask", br#"{"question":"And now?"}"#, Some("replies/busy"), Some(b"c-1"), None).await;
     let busy = client.next_on("replies/busy", WAIT).await.unwrap();
@@ -137,7 +193,15 @@ async fn v5_request_response_with_correlation_expiry_and_busy() {
     d.start_worker();
     // The worker takes questions first, so by its first caption the expired request is gone.
     client.next_on("scenecast/cam2/caption", WAIT).await.expect("the worker runs");
-    client.request("scenecast/cam2/ask", br#"{"question":"What is the capital of France?","id":"q7"}"#, Some("replies/ok"), Some(b"\x00\x01corr"), None).await;
+    client
+        .request(
+            "scenecast/cam2/ask",
+            br#"{"question":"What is the capital of France?","id":"q7"}"#,
+            Some("replies/ok"),
+            Some(b"\x00\x01corr"),
+            None,
+        )
+        .await;
     let answer = client.next_on("replies/ok", WAIT).await.expect("an answer");
     assert_eq!(answer.correlation.as_deref(), Some(&b"\x00\x01corr"[..]), "correlation data echoed");
     let json = answer.json();
@@ -146,7 +210,10 @@ async fn v5_request_response_with_correlation_expiry_and_busy() {
     assert!(json["text"].as_str().unwrap().contains("Paris"), "{json}");
     assert!(json["frame_seq"].is_u64() || json["frame_seq"].is_null());
     assert!(answer.user_properties.iter().any(|(k, _)| k == "total_ms"));
-    assert!(client.next_on("replies/expired", Duration::from_secs(2)).await.is_none(), "an expired request is not answered");
+    assert!(
+        client.next_on("replies/expired", Duration::from_secs(2)).await.is_none(),
+        "an expired request is not answered"
+    );
     let attributes = loop {
         let m = client.next_on("scenecast/cam2/status/attributes", WAIT).await.expect("status attributes");
         if m.json()["expired_requests"] == 1 {
@@ -157,7 +224,15 @@ async fn v5_request_response_with_correlation_expiry_and_busy() {
     assert_eq!(attributes.json()["busy_replies"], 1);
 
     // Streaming: partial answers, then the final one.
-    client.request("scenecast/cam2/ask", br#"{"question":"Describe the picture.","stream":true}"#, Some("replies/stream"), None, None).await;
+    client
+        .request(
+            "scenecast/cam2/ask",
+            br#"{"question":"Describe the picture.","stream":true}"#,
+            Some("replies/stream"),
+            None,
+            None,
+        )
+        .await;
     let mut partials = 0;
     loop {
         let m = client.next_on("replies/stream", WAIT).await.expect("stream messages");
@@ -177,7 +252,15 @@ async fn v311_round_trip_with_id_and_reply_to() {
     let mut client = TestClient::connect(broker.port, "asker-3", &["replies/#"]).await;
     let mut d = Daemon::start(MqttConfig { protocol: MqttProtocol::V311, ..mqtt_config(broker.port, "cam3") }).await;
     d.start_worker();
-    client.request("scenecast/cam3/ask", br#"{"question":"What is the capital of France?","id":"a1","reply_to":"replies/v3"}"#, None, None, None).await;
+    client
+        .request(
+            "scenecast/cam3/ask",
+            br#"{"question":"What is the capital of France?","id":"a1","reply_to":"replies/v3"}"#,
+            None,
+            None,
+            None,
+        )
+        .await;
     let answer = client.next_on("replies/v3", WAIT).await.expect("an answer");
     let json = answer.json();
     assert_schema("reply.schema.json", &json);
@@ -190,7 +273,11 @@ async fn v311_round_trip_with_id_and_reply_to() {
 async fn bad_requests_get_error_replies_and_the_daemon_keeps_serving() {
     let broker = Broker::start();
     let mut client = TestClient::connect(broker.port, "asker-4", &["replies/#", "elsewhere/#"]).await;
-    let config = MqttConfig { max_payload_bytes: 512, allowed_reply_topics: vec!["replies/#".into()], ..mqtt_config(broker.port, "cam4") };
+    let config = MqttConfig {
+        max_payload_bytes: 512,
+        allowed_reply_topics: vec!["replies/#".into()],
+        ..mqtt_config(broker.port, "cam4")
+    };
     let mut d = Daemon::start(config).await;
     d.start_worker();
     let long_question = format!(r#"{{"question":"{}"}}"#, "why ".repeat(60));
@@ -220,7 +307,15 @@ async fn bad_requests_get_error_replies_and_the_daemon_keeps_serving() {
     client.request("scenecast/cam4/ask", br#"{"question":"hi"}"#, Some("elsewhere/x"), None, None).await;
     assert!(client.next_on("elsewhere/x", Duration::from_secs(2)).await.is_none());
     // After all that, a valid request is still answered.
-    client.request("scenecast/cam4/ask", br#"{"question":"What is the capital of France?"}"#, Some("replies/good"), None, None).await;
+    client
+        .request(
+            "scenecast/cam4/ask",
+            br#"{"question":"What is the capital of France?"}"#,
+            Some("replies/good"),
+            None,
+            None,
+        )
+        .await;
     let good = client.next_on("replies/good", WAIT).await.expect("still serving");
     assert!(good.json()["text"].as_str().unwrap().contains("Paris"));
     d.shutdown().await;
@@ -235,7 +330,13 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
     broker.stop();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for seq in 0..20u64 {
-        let caption = scenecast::worker::Caption { text: format!("scene {seq}"), frame_seq: seq, frame_ts_ms: 1_700_000_000_000 + seq, timings_ms: Default::default(), model: "test".into() };
+        let caption = scenecast::worker::Caption {
+            text: format!("scene {seq}"),
+            frame_seq: seq,
+            frame_ts_ms: 1_700_000_000_000 + seq,
+            timings_ms: Default::default(),
+            model: "test".into(),
+        };
         d.handle().results.send(Output::Caption(caption)).await.unwrap();
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -243,7 +344,10 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
 
     let mut seqs = Vec::new();
     while seqs.len() < 20 {
-        let m = client.next_on("scenecast/cam5/caption", WAIT).await.unwrap_or_else(|| panic!("only {} captions arrived: {seqs:?}", seqs.len()));
+        let m = client
+            .next_on("scenecast/cam5/caption", WAIT)
+            .await
+            .unwrap_or_else(|| panic!("only {} captions arrived: {seqs:?}", seqs.len()));
         assert_schema("caption.schema.json", &m.json());
         seqs.push(m.json()["frame_seq"].as_u64().unwrap());
     }
@@ -282,7 +386,12 @@ async fn the_last_will_says_offline_when_the_daemon_is_killed() {
 
 /// Runs openssl with `args` in `dir`.
 fn openssl(dir: &std::path::Path, args: &str) {
-    let status = std::process::Command::new("openssl").args(args.split_whitespace()).current_dir(dir).stderr(std::process::Stdio::null()).status().expect("openssl");
+    let status = std::process::Command::new("openssl")
+        .args(args.split_whitespace())
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl");
     assert!(status.success(), "openssl {args}");
 }
 
@@ -307,10 +416,17 @@ fn make_certs(dir: &std::path::Path) {
 async fn tls_with_a_client_certificate() {
     let broker = Broker::start_with(|dir| {
         make_certs(dir);
-        format!("cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true", dir.display())
+        format!(
+            "cafile {0}/ca.pem\ncertfile {0}/server.pem\nkeyfile {0}/server.key\nrequire_certificate true",
+            dir.display()
+        )
     });
     let certs = broker.dir.path();
-    let tls = scenecast::mqtt::TlsConfig { ca_file: certs.join("ca.pem"), client_cert: Some(certs.join("client.pem")), client_key: Some(certs.join("client.key")) };
+    let tls = scenecast::mqtt::TlsConfig {
+        ca_file: certs.join("ca.pem"),
+        client_cert: Some(certs.join("client.pem")),
+        client_key: Some(certs.join("client.key")),
+    };
     let config = MqttConfig { host: "localhost".into(), tls: Some(tls.clone()), ..mqtt_config(broker.port, "cam7") };
     let d = Daemon::start(config).await;
     d.shutdown().await;
@@ -318,16 +434,45 @@ async fn tls_with_a_client_certificate() {
     // Without the client certificate the broker refuses the handshake: never connected.
     let state = tempfile::tempdir().unwrap();
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-    let no_cert = MqttConfig { host: "localhost".into(), tls: Some(scenecast::mqtt::TlsConfig { client_cert: None, client_key: None, ..tls }), ..mqtt_config(broker.port, "cam8") };
+    let no_cert = MqttConfig {
+        host: "localhost".into(),
+        tls: Some(scenecast::mqtt::TlsConfig { client_cert: None, client_key: None, ..tls }),
+        ..mqtt_config(broker.port, "cam8")
+    };
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "x".into(), gate: GateConfig::default() }));
-    let mut handle = mqtt::start(&no_cert, state.path(), tx, settings.clone(), "m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).unwrap();
+    let mut handle = mqtt::start(
+        &no_cert,
+        state.path(),
+        tx,
+        settings.clone(),
+        "m",
+        mqtt::RequestSettings { max_question_chars: 200, ..Default::default() },
+    )
+    .unwrap();
     assert!(!handle.wait_connected(Duration::from_secs(3)).await);
     handle.shutdown(Duration::from_secs(2)).await;
 
     // A CA file that does not exist is a clear error naming it.
-    let missing = MqttConfig { tls: Some(scenecast::mqtt::TlsConfig { ca_file: "/nonexistent/ca.pem".into(), client_cert: None, client_key: None }), ..mqtt_config(broker.port, "cam9") };
+    let missing = MqttConfig {
+        tls: Some(scenecast::mqtt::TlsConfig {
+            ca_file: "/nonexistent/ca.pem".into(),
+            client_cert: None,
+            client_key: None,
+        }),
+        ..mqtt_config(broker.port, "cam9")
+    };
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-    let err = mqtt::start(&missing, state.path(), tx, settings, "m", mqtt::RequestSettings { max_question_chars: 200, ..Default::default() }).err().expect("a missing CA file is refused").to_string();
+    let err = mqtt::start(
+        &missing,
+        state.path(),
+        tx,
+        settings,
+        "m",
+        mqtt::RequestSettings { max_question_chars: 200, ..Default::default() },
+    )
+    .err()
+    .expect("a missing CA file is refused")
+    .to_string();
     assert!(err.starts_with("mqtt.tls: cannot read /nonexistent/ca.pem"), "{err}");
 }
 
@@ -367,10 +512,21 @@ async fn config_set_is_validated_applied_and_acknowledged() {
     assert!((state["scene"]["change_threshold"].as_f64().unwrap() - 0.2).abs() < 1e-6, "{state}");
     assert_eq!(d.settings.read().unwrap().caption_prompt, "Count the people.", "the worker sees it");
 
-    client.request("scenecast/cam11/config/set", br#"{"scene":{"change_threshold":9}}"#, Some("replies/cfg"), Some(b"k"), None).await;
+    client
+        .request(
+            "scenecast/cam11/config/set",
+            br#"{"scene":{"change_threshold":9}}"#,
+            Some("replies/cfg"),
+            Some(b"k"),
+            None,
+        )
+        .await;
     let refused = client.next_on("replies/cfg", WAIT).await.unwrap();
     assert_schema("reply.schema.json", &refused.json());
-    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("`scene.change_threshold`: 9 is outside 0..2"));
+    assert!(refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("`scene.change_threshold`: 9 is outside 0..2"));
     assert_eq!(d.settings.read().unwrap().gate.change_threshold, 0.2, "a refused change leaves the settings alone");
     d.shutdown().await;
 }
@@ -406,7 +562,14 @@ async fn generate_returns_a_png_and_bad_requests_get_errors() {
     assert!(again.property("load_ms").is_none(), "already loaded");
 
     // The description of the scene through the LLM's hidden states and the output projector.
-    c.request("scenecast/gen1/generate", br#"{"from_scene":true,"condition":"hidden","width":32,"height":32}"#, Some("replies/g3"), None, None).await;
+    c.request(
+        "scenecast/gen1/generate",
+        br#"{"from_scene":true,"condition":"hidden","width":32,"height":32}"#,
+        Some("replies/g3"),
+        None,
+        None,
+    )
+    .await;
     let scene = c.next_on("replies/g3", WAIT).await.unwrap();
     assert_eq!(scene.content_type.as_deref(), Some("image/png"), "{:?}", String::from_utf8_lossy(&scene.payload));
     assert!(!scene.property("prompt").unwrap_or_default().is_empty());
@@ -470,7 +633,11 @@ async fn privacy_rerenders_captions_instead_of_publishing_the_frame() {
     let picture = c.next_on("scenecast/priv1/image", WAIT).await.expect("a re-rendering");
     let image = image::load_from_memory(&picture.payload).unwrap();
     let spec = manifest().generator.unwrap();
-    assert_eq!((image.width() as usize, image.height() as usize), (spec.size[1], spec.size[0]), "the generator's size, not the photo's");
+    assert_eq!(
+        (image.width() as usize, image.height() as usize),
+        (spec.size[1], spec.size[0]),
+        "the generator's size, not the photo's"
+    );
     assert_ne!((image.width(), image.height()), (photo("coffee.png").width(), photo("coffee.png").height()));
     d.shutdown().await;
 }
@@ -486,12 +653,29 @@ async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let state = tempfile::tempdir().unwrap();
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
-    let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe.".into(), gate: GateConfig::default() }));
+    let settings =
+        Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe.".into(), gate: GateConfig::default() }));
     let handle = mqtt::start(&mqtt_config(port, "cam14"), state.path(), tx, settings, "m", Default::default()).unwrap();
     let picture = Picture { bytes: vec![0x89, b'P', b'N', b'G'], format: ImageFormat::Png };
-    let to = mqtt::ReplyAddress { topic: "hub/replies".into(), correlation: None, id: Some("r1".into()), retain: false };
-    let info = RenderInfo { prompt: "a cat".into(), seed: 1, steps: 1, width: 64, height: 64, sampler: "euler".into(), warning: None, timings_ms: Default::default() };
-    let caption = Caption { text: "a cat".into(), frame_seq: 1, frame_ts_ms: 0, timings_ms: Default::default(), model: "m".into() };
+    let to =
+        mqtt::ReplyAddress { topic: "hub/replies".into(), correlation: None, id: Some("r1".into()), retain: false };
+    let info = RenderInfo {
+        prompt: "a cat".into(),
+        seed: 1,
+        steps: 1,
+        width: 64,
+        height: 64,
+        sampler: "euler".into(),
+        warning: None,
+        timings_ms: Default::default(),
+    };
+    let caption = Caption {
+        text: "a cat".into(),
+        frame_seq: 1,
+        frame_ts_ms: 0,
+        timings_ms: Default::default(),
+        model: "m".into(),
+    };
     handle.results.send(Output::Caption(caption)).await.unwrap();
     handle.results.send(Output::Rendered { to, picture: picture.clone(), info }).await.unwrap();
     // Many pictures right before shutdown, so that some are still queued when it starts.

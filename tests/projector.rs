@@ -7,9 +7,9 @@
 mod common;
 
 use common::*;
+use scenecast::eval::mentions;
 use scenecast::llm::Backbone;
 use scenecast::llm::LlmConfig;
-use scenecast::eval::mentions;
 use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
 
@@ -27,7 +27,21 @@ const PHOTOS: &[(&str, &str)] = &[
 /// Every category the projector was trained on (models/projector/train.toml): a caption naming any
 /// other than the photo's is wrong.
 const CATEGORIES: &[&str] = &[
-    "cat", "dog", "person", "motorcycle", "car", "apple", "orange", "butterfly", "monkey", "squirrel", "fish", "building", "plant", "rocket", "cup",
+    "cat",
+    "dog",
+    "person",
+    "motorcycle",
+    "car",
+    "apple",
+    "orange",
+    "butterfly",
+    "monkey",
+    "squirrel",
+    "fish",
+    "building",
+    "plant",
+    "rocket",
+    "cup",
 ];
 
 #[test]
@@ -35,7 +49,8 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
     let root = cache_root();
     let m = manifest();
     assert!(!m.projector.untrained, "the reference stack ships the trained projector");
-    let mut backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
+    let mut backbone =
+        Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
     let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
     let categories: Vec<String> = CATEGORIES.iter().map(|c| c.to_string()).collect();
     let mut tokens = ImageTokens::default();
@@ -48,12 +63,16 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
         // Presence questions about the same cached scene: the shown category, and the next photo's.
         let absent = PHOTOS[(i + 1) % PHOTOS.len()].1;
         for (asked, expected) in [(*category, "Yes."), (absent, "No.")] {
-            let question = format!("Is there {} {asked} in the image?", if asked.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" });
+            let question = format!(
+                "Is there {} {asked} in the image?",
+                if asked.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" }
+            );
             let answer = backbone.ask(&question, &backbone.default_options(), &mut |_| true).unwrap().text;
             assert_eq!(answer.trim(), expected, "{file}: {question}");
         }
     }
     // Image tokens must not take over questions that are not about the image.
-    let answer = backbone.ask("What is the capital of France?", &backbone.default_options(), &mut |_| true).unwrap().text;
+    let answer =
+        backbone.ask("What is the capital of France?", &backbone.default_options(), &mut |_| true).unwrap().text;
     assert!(answer.contains("Paris"), "{answer:?}");
 }

@@ -4,11 +4,11 @@
 mod common;
 
 use common::*;
-use scenecast::vision::{Encoder, PatchFeatures};
 use scenecast::frame::RgbImage;
-use scenecast::vision::Preprocessor;
 use scenecast::vision::ImageTokens;
+use scenecast::vision::Preprocessor;
 use scenecast::vision::Vision;
+use scenecast::vision::{Encoder, PatchFeatures};
 
 fn cls(encoder: &mut Encoder, image: &RgbImage) -> Vec<f32> {
     let mut features = PatchFeatures::default();
@@ -74,13 +74,18 @@ fn unavailable_execution_providers_fall_back_or_fail_when_required() {
     use scenecast::config::Config;
     use scenecast::onnx::{OnnxError, OnnxRuntime};
     // This machine's ONNX Runtime is the CPU-only build: CUDA and TensorRT cannot register.
-    let fallback = Config::parse("[onnx]\nexecution_providers = [{ kind = \"tensorrt\" }, { kind = \"cuda\" }, { kind = \"cpu\" }]\n", "t.toml").unwrap();
+    let fallback = Config::parse(
+        "[onnx]\nexecution_providers = [{ kind = \"tensorrt\" }, { kind = \"cuda\" }, { kind = \"cpu\" }]\n",
+        "t.toml",
+    )
+    .unwrap();
     let rt = OnnxRuntime::init(&fallback.onnx, &cache_root()).unwrap();
     let projector = cache_root().join("models/projector/untrained-384x576.onnx");
     let session = rt.session(&projector, "the input projector").unwrap();
     assert_eq!(session.providers().iter().map(ToString::to_string).collect::<Vec<_>>(), ["cpu"]);
 
-    let required = Config::parse("[onnx]\nexecution_providers = [{ kind = \"cuda\", required = true }]\n", "t.toml").unwrap();
+    let required =
+        Config::parse("[onnx]\nexecution_providers = [{ kind = \"cuda\", required = true }]\n", "t.toml").unwrap();
     let rt = OnnxRuntime::init(&required.onnx, &cache_root()).unwrap();
     let err = rt.session(&projector, "the input projector").err().expect("a required CUDA EP must fail here");
     assert!(matches!(err, OnnxError::RequiredEp { .. }), "{err}");

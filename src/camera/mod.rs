@@ -34,7 +34,6 @@ impl Default for CameraConfig {
     }
 }
 
-
 /// Opens the configured source: the V4L2 device, else the slideshow at `camera.path` (default:
 /// the fetched sample photos under `models_dir`).
 pub fn open(config: &CameraConfig, models_dir: &Path) -> Result<Box<dyn FrameSource>, CameraError> {

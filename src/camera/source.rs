@@ -89,7 +89,12 @@ impl Slideshow {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|source| CameraError::Io { path: path.to_owned(), source })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(), Some("png" | "jpg" | "jpeg")))
+                .filter(|p| {
+                    matches!(
+                        p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+                        Some("png" | "jpg" | "jpeg")
+                    )
+                })
                 .collect();
             files.sort();
             files

@@ -12,9 +12,9 @@ use v4l::buffer::Type;
 use v4l::io::traits::CaptureStream;
 use v4l::video::Capture;
 
-use crate::frame::{Frame, RgbImage};
 use super::convert::{rgb24_to_rgb, ConvertError, FrameConverter};
 use super::source::{CameraError, FrameSource};
+use crate::frame::{Frame, RgbImage};
 
 /// The pixel formats scenecast converts, in order of preference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,15 @@ pub fn choose_format(offers: &[([u8; 4], Vec<(u32, u32)>)], want: (u32, u32)) ->
 }
 
 /// Converts one captured buffer to RGB8: the device path's conversion, shared with the tests.
-pub fn convert_buffer(format: PixelFormat, width: u32, height: u32, stride: u32, data: &[u8], converter: &mut FrameConverter, out: &mut RgbImage) -> Result<(), ConvertError> {
+pub fn convert_buffer(
+    format: PixelFormat,
+    width: u32,
+    height: u32,
+    stride: u32,
+    data: &[u8],
+    converter: &mut FrameConverter,
+    out: &mut RgbImage,
+) -> Result<(), ConvertError> {
     match format {
         PixelFormat::Mjpeg => converter.mjpeg_to_rgb(data, 8192, out),
         PixelFormat::Yuyv => converter.yuyv_to_rgb(data, width, height, stride.max(width * 2), out),
@@ -119,13 +127,21 @@ impl V4l2Source {
     /// A source for the configured device; the device is opened on the first frame (and again
     /// after it vanishes).
     pub fn new(config: V4l2Config) -> Self {
-        V4l2Source { config, open: None, converter: FrameConverter::new(), seq: 0, backoff: Duration::from_millis(500), retry_at: Instant::now() }
+        V4l2Source {
+            config,
+            open: None,
+            converter: FrameConverter::new(),
+            seq: 0,
+            backoff: Duration::from_millis(500),
+            retry_at: Instant::now(),
+        }
     }
 
     fn open(&self) -> Result<Open, CameraError> {
         let c = &self.config;
         let err = |what: &str, e: std::io::Error| source_err(c, format!("{what}: {e}"));
-        let device = v4l::Device::with_path(&c.device).map_err(|e| err("cannot open (is the camera connected, and this user in the video group?)", e))?;
+        let device = v4l::Device::with_path(&c.device)
+            .map_err(|e| err("cannot open (is the camera connected, and this user in the video group?)", e))?;
         let mut offers = Vec::new();
         for desc in device.enum_formats().map_err(|e| err("cannot list formats", e))? {
             let sizes = device
@@ -146,11 +162,13 @@ impl V4l2Source {
         fmt.height = height;
         fmt.fourcc = v4l::FourCC::new(&format.fourcc());
         let fmt = device.set_format(&fmt).map_err(|e| err("cannot set the format", e))?;
-        let format = PixelFormat::from_fourcc(&fmt.fourcc.repr).ok_or_else(|| source_err(c, format!("the driver switched to {}", fmt.fourcc)))?;
+        let format = PixelFormat::from_fourcc(&fmt.fourcc.repr)
+            .ok_or_else(|| source_err(c, format!("the driver switched to {}", fmt.fourcc)))?;
         if let Err(e) = device.set_params(&v4l::video::capture::Parameters::with_fps(c.fps)) {
             tracing::warn!(device = %c.device.display(), "cannot set {} fps: {e}", c.fps);
         }
-        let mut stream = v4l::io::mmap::Stream::with_buffers(&device, Type::VideoCapture, 4).map_err(|e| err("cannot start streaming", e))?;
+        let mut stream = v4l::io::mmap::Stream::with_buffers(&device, Type::VideoCapture, 4)
+            .map_err(|e| err("cannot start streaming", e))?;
         stream.set_timeout(Duration::from_secs(2));
         tracing::info!(device = %c.device.display(), format = ?format, width = fmt.width, height = fmt.height, "camera open");
         Ok(Open { stream, format, width: fmt.width, height: fmt.height, stride: fmt.stride, _device: device })
@@ -188,8 +206,16 @@ impl FrameSource for V4l2Source {
         };
         let used = (meta.bytesused as usize).min(buffer.len());
         let mut image = RgbImage::empty();
-        convert_buffer(open.format, open.width, open.height, open.stride, &buffer[..used], &mut self.converter, &mut image)
-            .map_err(|e| source_err(&self.config, format!("frame {}: {e}", meta.sequence)))?;
+        convert_buffer(
+            open.format,
+            open.width,
+            open.height,
+            open.stride,
+            &buffer[..used],
+            &mut self.converter,
+            &mut image,
+        )
+        .map_err(|e| source_err(&self.config, format!("frame {}: {e}", meta.sequence)))?;
         let frame = Frame { seq: self.seq, captured_at: SystemTime::now(), image };
         self.seq += 1;
         Ok(frame)
@@ -205,7 +231,11 @@ mod tests {
         let hd = vec![(640, 480), (1280, 720), (1920, 1080)];
         // (offers, wanted size, expected)
         let cases: Vec<(Vec<([u8; 4], Vec<(u32, u32)>)>, (u32, u32), Option<(PixelFormat, (u32, u32))>)> = vec![
-            (vec![(*b"YUYV", hd.clone()), (*b"MJPG", hd.clone())], (1280, 720), Some((PixelFormat::Mjpeg, (1280, 720)))),
+            (
+                vec![(*b"YUYV", hd.clone()), (*b"MJPG", hd.clone())],
+                (1280, 720),
+                Some((PixelFormat::Mjpeg, (1280, 720))),
+            ),
             (vec![(*b"YUYV", vec![(640, 480), (800, 600)])], (1280, 720), Some((PixelFormat::Yuyv, (800, 600)))),
             (vec![(*b"RGB3", vec![]), (*b"GREY", hd.clone())], (320, 240), Some((PixelFormat::Rgb24, (320, 240)))),
             (vec![(*b"H264", hd.clone()), (*b"GREY", hd.clone())], (1280, 720), None),
@@ -230,7 +260,9 @@ mod tests {
         assert!(out.pixels().iter().all(|v| (*v as i32 - 128).abs() <= 2), "{:?}", out.pixels());
 
         let mut jpeg = Vec::new();
-        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90).encode(&[200u8; 16 * 8 * 3], 16, 8, image::ExtendedColorType::Rgb8).unwrap();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode(&[200u8; 16 * 8 * 3], 16, 8, image::ExtendedColorType::Rgb8)
+            .unwrap();
         convert_buffer(PixelFormat::Mjpeg, 16, 8, 0, &jpeg, &mut converter, &mut out).unwrap();
         assert_eq!((out.width(), out.height()), (16, 8));
         assert!(out.pixels().iter().all(|v| (*v as i32 - 200).abs() <= 3));

@@ -80,7 +80,8 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     notifier.status("loading models");
     let root = config.cache_root();
     let manifest = config.manifest().map_err(StackError::from)?;
-    let Pipeline { manifest, runtime, backbone, vision, .. } = Pipeline::load(manifest, &root, &config.onnx, &config.llm)?;
+    let Pipeline { manifest, runtime, backbone, vision, .. } =
+        Pipeline::load(manifest, &root, &config.onnx, &config.llm)?;
     let source = camera::open(&config.camera, &cache::models_dir(&root))?;
     let state_dir = config.state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
 
@@ -89,9 +90,16 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     let (capture_slot, capture_stop) = (slot.clone(), stop.clone());
     // The capture thread is not joined at shutdown: it may sit in a camera read or a slideshow
     // pause, and holds nothing that needs flushing.
-    std::thread::Builder::new().name("capture".into()).spawn(move || capture(source, capture_slot, capture_stop)).map_err(runtime_err("capture thread"))?;
+    std::thread::Builder::new()
+        .name("capture".into())
+        .spawn(move || capture(source, capture_slot, capture_stop))
+        .map_err(runtime_err("capture thread"))?;
 
-    let tokio_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(runtime_err("tokio runtime"))?;
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(runtime_err("tokio runtime"))?;
     tokio_rt.block_on(async move {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
         let settings = Arc::new(RwLock::new(config.runtime_settings()));
@@ -151,7 +159,11 @@ async fn watchdog_loop(notifier: Arc<Notifier>, slot: Arc<FrameSlot>, progress: 
         if fresh && alive {
             notifier.watchdog();
         } else {
-            let why = if fresh { format!("the worker made no progress for {stalled:.0?}") } else { format!("no frame for {frame_age:.0?}") };
+            let why = if fresh {
+                format!("the worker made no progress for {stalled:.0?}")
+            } else {
+                format!("no frame for {frame_age:.0?}")
+            };
             tracing::warn!("watchdog withheld: {why}");
             notifier.status(&format!("unhealthy: {why}"));
         }
@@ -168,7 +180,11 @@ async fn watchdog_loop(notifier: Arc<Notifier>, slot: Arc<FrameSlot>, progress: 
 }
 
 /// Waits for SIGTERM or SIGINT; applies SIGHUP reloads meanwhile. Returns the signal's name.
-async fn wait_for_stop(config_path: Option<PathBuf>, settings: Arc<RwLock<RuntimeSettings>>, notifier: Arc<Notifier>) -> &'static str {
+async fn wait_for_stop(
+    config_path: Option<PathBuf>,
+    settings: Arc<RwLock<RuntimeSettings>>,
+    notifier: Arc<Notifier>,
+) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
         tracing::error!("cannot install signal handlers; stopping on Ctrl-C only");

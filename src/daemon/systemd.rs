@@ -53,7 +53,8 @@ impl Notifier {
             SocketAddr::Path(path) => socket.send_to(state.as_bytes(), path),
             SocketAddr::Abstract(name) => {
                 use std::os::linux::net::SocketAddrExt;
-                std::os::unix::net::SocketAddr::from_abstract_name(name).and_then(|a| socket.send_to_addr(state.as_bytes(), &a))
+                std::os::unix::net::SocketAddr::from_abstract_name(name)
+                    .and_then(|a| socket.send_to_addr(state.as_bytes(), &a))
             }
         };
         if let Err(e) = result {

@@ -60,7 +60,9 @@ impl DiffusionSampler {
             // diffusers "trailing": round(arange(n, 0, -n/steps)) - 1.
             SamplerKind::Euler => {
                 let ratio = n as f64 / steps as f64;
-                (0..steps).map(|i| ((n as f64 - i as f64 * ratio).round() as usize).saturating_sub(1).min(n - 1)).collect()
+                (0..steps)
+                    .map(|i| ((n as f64 - i as f64 * ratio).round() as usize).saturating_sub(1).min(n - 1))
+                    .collect()
             }
             // Every (n / 50)-th timestep, newest first, `steps` of them spread evenly.
             SamplerKind::Lcm => {
@@ -70,7 +72,8 @@ impl DiffusionSampler {
                 (0..steps).map(|i| origin[(i as f64 * origin.len() as f64 / steps as f64).floor() as usize]).collect()
             }
         };
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| ((1.0 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt()).collect();
+        let mut sigmas: Vec<f64> =
+            timesteps.iter().map(|&t| ((1.0 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt()).collect();
         sigmas.push(0.0);
         DiffusionSampler { kind, alphas_cumprod, timesteps, sigmas }
     }
@@ -109,8 +112,10 @@ impl DiffusionSampler {
         match self.kind {
             SamplerKind::Euler => {
                 let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
-                let denoised: Vec<f32> = sample.iter().zip(eps).map(|(&x, &e)| (x as f64 - sigma * e as f64) as f32).collect();
-                let prev = sample.iter().zip(eps).map(|(&x, &e)| (x as f64 + (next - sigma) * e as f64) as f32).collect();
+                let denoised: Vec<f32> =
+                    sample.iter().zip(eps).map(|(&x, &e)| (x as f64 - sigma * e as f64) as f32).collect();
+                let prev =
+                    sample.iter().zip(eps).map(|(&x, &e)| (x as f64 + (next - sigma) * e as f64) as f32).collect();
                 StepOut { prev, denoised }
             }
             SamplerKind::Lcm => {
@@ -132,7 +137,11 @@ impl DiffusionSampler {
                 let prev = if last {
                     denoised.clone()
                 } else {
-                    denoised.iter().zip(noise).map(|(&d, &z)| (a_prev.sqrt() * d as f64 + (1.0 - a_prev).sqrt() * z as f64) as f32).collect()
+                    denoised
+                        .iter()
+                        .zip(noise)
+                        .map(|(&d, &z)| (a_prev.sqrt() * d as f64 + (1.0 - a_prev).sqrt() * z as f64) as f32)
+                        .collect()
                 };
                 StepOut { prev, denoised }
             }

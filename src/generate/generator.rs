@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::diffusion::{gaussian_noise, DiffusionSampler};
 use crate::cache::{self, CacheError};
 use crate::frame::RgbImage;
-use crate::manifest::{GeneratorSpec, Manifest};
-use crate::util::ms_since;
-use crate::onnx::{Element, Input, OnnxError, OnnxRuntime, OnnxSession};
 use crate::manifest::SamplerKind;
-use super::diffusion::{gaussian_noise, DiffusionSampler};
+use crate::manifest::{GeneratorSpec, Manifest};
+use crate::onnx::{Element, Input, OnnxError, OnnxRuntime, OnnxSession};
+use crate::util::ms_since;
 
 /// An error from the generator, naming what is wrong and what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -118,7 +118,12 @@ pub struct RenderRequest {
 impl RenderRequest {
     /// The manifest's defaults with this request's changes, checked against the model and `limits`.
     /// `seed` is used when the request gives none.
-    pub fn options(&self, spec: &GeneratorSpec, limits: RenderLimits, seed: u64) -> Result<RenderOptions, GeneratorError> {
+    pub fn options(
+        &self,
+        spec: &GeneratorSpec,
+        limits: RenderLimits,
+        seed: u64,
+    ) -> Result<RenderOptions, GeneratorError> {
         let mut options = Generator::default_options(spec, self.seed.unwrap_or(seed));
         options.steps = self.steps.unwrap_or(options.steps);
         options.size = [self.height.unwrap_or(options.size[0]), self.width.unwrap_or(options.size[1])];
@@ -202,7 +207,10 @@ impl Rendered {
     /// The warning for the requester when the prompt was cut at the tokenizer's limit.
     pub fn warning(&self) -> Option<String> {
         (self.truncated_tokens > 0).then(|| {
-            format!("the prompt was cut to the tokenizer's limit of {} tokens ({} tokens dropped)", self.context_tokens, self.truncated_tokens)
+            format!(
+                "the prompt was cut to the tokenizer's limit of {} tokens ({} tokens dropped)",
+                self.context_tokens, self.truncated_tokens
+            )
         })
     }
 }
@@ -253,7 +261,8 @@ impl Generator {
         vae.check_io(&[(&v.input, float, 4)], &[(&v.output, float, 4)])?;
         let output_projector = match &spec.output_projector {
             Some(o) => {
-                let session = runtime.session(&file(&o.file, "the output projector ONNX model")?, "the output projector")?;
+                let session =
+                    runtime.session(&file(&o.file, "the output projector ONNX model")?, "the output projector")?;
                 session.check_io(&[(&o.input, float, 2)], &[(&o.output, float, 3)])?;
                 Some(session)
             }
@@ -262,7 +271,9 @@ impl Generator {
         let ids_element = text_encoder.io_type(&te.input).map_or(Element::I64, |t| t.0);
         let timestep_element = unet.io_type(&u.timestep).map_or(Element::I64, |t| t.0);
         if spec.random {
-            tracing::warn!("the generator's weights are randomly initialised test weights: its images are noise by design");
+            tracing::warn!(
+                "the generator's weights are randomly initialised test weights: its images are noise by design"
+            );
         }
         let mut generator = Generator {
             spec,
@@ -305,7 +316,10 @@ impl Generator {
     /// Checks `options` against the model and `limits`; the error says what is allowed.
     pub fn check(spec: &GeneratorSpec, options: &RenderOptions, limits: RenderLimits) -> Result<(), GeneratorError> {
         if options.steps == 0 || options.steps > limits.max_steps {
-            return Err(GeneratorError::Request(format!("steps {} is out of range: expected 1 to {}", options.steps, limits.max_steps)));
+            return Err(GeneratorError::Request(format!(
+                "steps {} is out of range: expected 1 to {}",
+                options.steps, limits.max_steps
+            )));
         }
         let m = spec.size_multiple;
         for side in options.size {
@@ -317,7 +331,10 @@ impl Generator {
             }
         }
         if !options.guidance.is_finite() || options.guidance < 0.0 || options.guidance > 30.0 {
-            return Err(GeneratorError::Request(format!("guidance {} is out of range: expected 0 to 30", options.guidance)));
+            return Err(GeneratorError::Request(format!(
+                "guidance {} is out of range: expected 0 to 30",
+                options.guidance
+            )));
         }
         Ok(())
     }
@@ -354,7 +371,11 @@ impl Generator {
             _ => Input::I64(&ids),
         };
         let mut out = Vec::new();
-        let got = self.text_encoder.run(&[(&self.spec.text_encoder.input, &shape, input)], &self.spec.text_encoder.output, &mut out)?;
+        let got = self.text_encoder.run(
+            &[(&self.spec.text_encoder.input, &shape, input)],
+            &self.spec.text_encoder.output,
+            &mut out,
+        )?;
         let expected = vec![1, self.spec.context_tokens, self.spec.text_width];
         if got != expected {
             return Err(GeneratorError::Shape { what: "text encoder output", expected, got });
@@ -367,10 +388,17 @@ impl Generator {
         let spec = self.spec.output_projector.clone().ok_or(GeneratorError::NoOutputProjector)?;
         let session = self.output_projector.as_mut().ok_or(GeneratorError::NoOutputProjector)?;
         if n_embd == 0 || states.is_empty() || states.len() % n_embd != 0 {
-            return Err(GeneratorError::Request(format!("hidden states of {} values are not rows of the LLM's width {n_embd}", states.len())));
+            return Err(GeneratorError::Request(format!(
+                "hidden states of {} values are not rows of the LLM's width {n_embd}",
+                states.len()
+            )));
         }
         let mut out = Vec::new();
-        let got = session.run(&[(&spec.input, &[states.len() / n_embd, n_embd], Input::F32(states))], &spec.output, &mut out)?;
+        let got = session.run(
+            &[(&spec.input, &[states.len() / n_embd, n_embd], Input::F32(states))],
+            &spec.output,
+            &mut out,
+        )?;
         let expected = vec![1, self.spec.context_tokens, self.spec.text_width];
         if got != expected {
             return Err(GeneratorError::Shape { what: "output projector output", expected, got });
@@ -379,7 +407,11 @@ impl Generator {
     }
 
     /// Renders one image.
-    pub fn render(&mut self, conditioning: Conditioning<'_>, options: &RenderOptions) -> Result<Rendered, GeneratorError> {
+    pub fn render(
+        &mut self,
+        conditioning: Conditioning<'_>,
+        options: &RenderOptions,
+    ) -> Result<Rendered, GeneratorError> {
         let start = Instant::now();
         let (cond, prompt_tokens, truncated_tokens) = match conditioning {
             Conditioning::Prompt(prompt) => self.encode_prompt(prompt)?,
@@ -421,7 +453,11 @@ impl Generator {
             let timestep = if self.timestep_element == Element::F32 { Input::F32(&t32) } else { Input::I64(&t64) };
             let u = &spec.unet;
             let got = self.unet.run(
-                &[(&u.sample, &sample_shape, Input::F32(&input)), (&u.timestep, &[batch], timestep), (&u.context, &context_shape, Input::F32(&context))],
+                &[
+                    (&u.sample, &sample_shape, Input::F32(&input)),
+                    (&u.timestep, &[batch], timestep),
+                    (&u.context, &context_shape, Input::F32(&context)),
+                ],
                 &u.output,
                 &mut eps,
             )?;
@@ -435,7 +471,11 @@ impl Generator {
                 eps = guided;
             }
             // LCM draws fresh noise between steps: from the seed and the step, so renders repeat.
-            let noise = if options.sampler == SamplerKind::Lcm { gaussian_noise(options.seed.wrapping_add(1 + i as u64), n) } else { Vec::new() };
+            let noise = if options.sampler == SamplerKind::Lcm {
+                gaussian_noise(options.seed.wrapping_add(1 + i as u64), n)
+            } else {
+                Vec::new()
+            };
             latents = sampler.step(&eps, i, &latents, &noise).prev;
             step_ms.push(ms_since(step_start));
         }

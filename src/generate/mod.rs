@@ -66,7 +66,6 @@ impl Default for GeneratorConfig {
     }
 }
 
-
 impl GeneratorConfig {
     /// The limits a request is checked against.
     pub fn limits(&self) -> RenderLimits {

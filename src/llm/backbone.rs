@@ -10,9 +10,9 @@ use super::gguf::GgufInfo;
 use super::prompt::{ChatLayout, StopFilter};
 use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
-use crate::vision::ImageTokens;
 use crate::manifest::Manifest;
 use crate::util::ms_since;
+use crate::vision::ImageTokens;
 
 /// A piece of a prompt: text, or embedding rows (image tokens).
 #[derive(Debug, Clone, Copy)]
@@ -114,15 +114,19 @@ impl Backbone {
         let info = GgufInfo::read(&path)?;
         info.check_against(manifest)?;
         let options = crate::ffi::ModelOptions { n_gpu_layers: config.gpu_layers };
-        let model = crate::ffi::Model::load(&path, options).map_err(|reason| LlmError::Load { path: path.clone(), reason })?;
+        let model =
+            crate::ffi::Model::load(&path, options).map_err(|reason| LlmError::Load { path: path.clone(), reason })?;
         let model = std::sync::Arc::new(model);
         let threads = if config.threads == 0 { crate::util::physical_cores() } else { config.threads };
-        let ctx_options = crate::ffi::ContextOptions { n_ctx: config.context, n_batch: config.batch, n_threads: threads as i32 };
-        let mut ctx = crate::ffi::Context::new(model.clone(), ctx_options).map_err(|reason| LlmError::Context { n_ctx: config.context, reason })?;
+        let ctx_options =
+            crate::ffi::ContextOptions { n_ctx: config.context, n_batch: config.batch, n_threads: threads as i32 };
+        let mut ctx = crate::ffi::Context::new(model.clone(), ctx_options)
+            .map_err(|reason| LlmError::Context { n_ctx: config.context, reason })?;
         let mut adapter = None;
         if let Some(file) = &manifest.llm.adapter {
             let path = manifest.resolve(file, cache_root);
-            crate::cache::verify(&path, "the LLM's LoRA adapter GGUF", file.size, None).map_err(LlmError::AdapterFile)?;
+            crate::cache::verify(&path, "the LLM's LoRA adapter GGUF", file.size, None)
+                .map_err(LlmError::AdapterFile)?;
             crate::ffi::Adapter::load(model.clone(), &path)
                 .and_then(|adapter| ctx.set_adapter(std::sync::Arc::new(adapter), 1.0))
                 .map_err(|reason| LlmError::Adapter { path: path.clone(), reason })?;
@@ -134,7 +138,14 @@ impl Backbone {
         let layout = ChatLayout::new(&manifest.llm.chat, system, |messages| {
             crate::ffi::Model::apply_chat_template(template.as_deref()?, messages)
         })?;
-        let summary = ModelSummary { stack: manifest.name.clone(), adapter, n_params: model.n_params(), threads, n_ctx: ctx.n_ctx(), gguf: info };
+        let summary = ModelSummary {
+            stack: manifest.name.clone(),
+            adapter,
+            n_params: model.n_params(),
+            threads,
+            n_ctx: ctx.n_ctx(),
+            gguf: info,
+        };
         tracing::info!(model = %path.display(), params = summary.n_params, threads, n_ctx = summary.n_ctx, "LLM backbone loaded");
         Ok(Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new() })
     }
@@ -154,7 +165,9 @@ impl Backbone {
         GenerateOptions {
             max_tokens: self.config.max_tokens,
             sampling: self.config.sampling.clone(),
-            deadline: Some(std::time::Instant::now() + std::time::Duration::from_secs_f64(self.config.request_timeout_s)),
+            deadline: Some(
+                std::time::Instant::now() + std::time::Duration::from_secs_f64(self.config.request_timeout_s),
+            ),
             cancel: None,
         }
     }
@@ -193,7 +206,11 @@ impl Backbone {
                 })
                 .sum::<usize>();
         if needed >= self.ctx.n_ctx() {
-            return Err(LlmError::ContextTooSmall { n_ctx: self.ctx.n_ctx(), what: what.to_owned(), needed: needed + 1 });
+            return Err(LlmError::ContextTooSmall {
+                n_ctx: self.ctx.n_ctx(),
+                what: what.to_owned(),
+                needed: needed + 1,
+            });
         }
         let mut pos = pos;
         for (part, toks) in parts.iter().zip(&tokens) {
@@ -248,7 +265,12 @@ impl Backbone {
 
     /// Answers `question` about the current scene (a text-only prefix when none is set).
     /// `on_text` receives the answer as it is generated and returns false to stop early.
-    pub fn ask(&mut self, question: &str, options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation, LlmError> {
+    pub fn ask(
+        &mut self,
+        question: &str,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, LlmError> {
         self.check_question(question)?;
         if self.scene.is_none() {
             self.set_scene(u64::MAX, None)?;
@@ -277,16 +299,28 @@ impl Backbone {
             return Err(LlmError::SignalTooLong { n: tokens.len(), batch: self.config.batch as usize });
         }
         if tokens.is_empty() || pos + tokens.len() >= self.ctx.n_ctx() {
-            return Err(LlmError::ContextTooSmall { n_ctx: self.ctx.n_ctx(), what: "the signal tokens".into(), needed: pos + tokens.len() + 1 });
+            return Err(LlmError::ContextTooSmall {
+                n_ctx: self.ctx.n_ctx(),
+                what: "the signal tokens".into(),
+                needed: pos + tokens.len() + 1,
+            });
         }
-        let states = self.ctx.hidden_states(&tokens, pos).map_err(|status| LlmError::Decode { what: "the signal tokens", status })?;
+        let states = self
+            .ctx
+            .hidden_states(&tokens, pos)
+            .map_err(|status| LlmError::Decode { what: "the signal tokens", status })?;
         self.ctx.truncate(scene.n_past);
         Ok(states)
     }
 
     /// Continues the cached prefix with `tail` and generates. The cache is first cut back to the
     /// prefix, so every request sees the same scene prefix and nothing of earlier requests.
-    pub fn generate(&mut self, tail: &[Part<'_>], options: &GenerateOptions, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation, LlmError> {
+    pub fn generate(
+        &mut self,
+        tail: &[Part<'_>],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, LlmError> {
         let start = std::time::Instant::now();
         let scene = match self.scene {
             Some(scene) => scene,
@@ -336,7 +370,9 @@ impl Backbone {
                 stop = StopReason::ContextFull;
                 break;
             }
-            self.ctx.decode(crate::ffi::BatchInput::Tokens(&[token]), pos).map_err(|status| LlmError::Decode { what: "a generated token", status })?;
+            self.ctx
+                .decode(crate::ffi::BatchInput::Tokens(&[token]), pos)
+                .map_err(|status| LlmError::Decode { what: "a generated token", status })?;
             pos += 1;
         }
         let rest = filter.finish();

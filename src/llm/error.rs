@@ -13,7 +13,9 @@ pub enum LlmError {
     #[error(transparent)]
     File(#[from] GgufError),
     /// llama.cpp refused the model.
-    #[error("{path}: llama.cpp cannot load it: {reason} (expected a complete GGUF of an architecture llama.cpp supports)")]
+    #[error(
+        "{path}: llama.cpp cannot load it: {reason} (expected a complete GGUF of an architecture llama.cpp supports)"
+    )]
     Load {
         /// The file.
         path: PathBuf,
@@ -89,7 +91,11 @@ pub enum LlmError {
 
 /// What a user can do about a `llama_decode` status (1: no room left in the KV cache).
 fn decode_hint(status: i32) -> &'static str {
-    if status == 1 { ": no room left in the context; raise `llm.context`" } else { "" }
+    if status == 1 {
+        ": no room left in the context; raise `llm.context`"
+    } else {
+        ""
+    }
 }
 
 /// A question that cannot be asked.
@@ -120,4 +126,3 @@ pub fn check_question(question: &str, limit: usize) -> Result<(), QuestionError>
     }
     Ok(())
 }
-

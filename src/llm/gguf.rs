@@ -19,7 +19,9 @@ pub enum GgufError {
         path: PathBuf,
     },
     /// llama.cpp's reader rejects the header.
-    #[error("{path}: not a readable GGUF file (llama.cpp's gguf reader rejected its header; expected a GGUF v2/v3 model)")]
+    #[error(
+        "{path}: not a readable GGUF file (llama.cpp's gguf reader rejected its header; expected a GGUF v2/v3 model)"
+    )]
     NotGguf {
         /// The file.
         path: PathBuf,
@@ -124,7 +126,8 @@ impl GgufInfo {
         if data_end > size {
             return Err(GgufError::Truncated { path: path.to_owned(), expected: data_end, actual: size });
         }
-        let missing = |key: &str, expected| GgufError::MissingKey { path: path.to_owned(), key: key.to_owned(), expected };
+        let missing =
+            |key: &str, expected| GgufError::MissingKey { path: path.to_owned(), key: key.to_owned(), expected };
         let string = |key: &str| match gguf.get(key) {
             Some(GgufValue::Str(s)) => Some(s),
             _ => None,
@@ -163,7 +166,11 @@ impl GgufInfo {
             return Err(mismatch("general.architecture", manifest.llm.architecture.clone(), self.architecture.clone()));
         }
         if self.n_embd != manifest.llm.n_embd {
-            return Err(mismatch("the embedding width (n_embd)", manifest.llm.n_embd.to_string(), self.n_embd.to_string()));
+            return Err(mismatch(
+                "the embedding width (n_embd)",
+                manifest.llm.n_embd.to_string(),
+                self.n_embd.to_string(),
+            ));
         }
         Ok(())
     }
@@ -173,9 +180,11 @@ impl GgufInfo {
 /// what the model itself feeds its first layer for those tokens.
 pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, GgufError> {
     let gguf = GgufFile::open(path).ok_or_else(|| GgufError::NotGguf { path: path.to_owned() })?;
-    let (matrix, width) = gguf
-        .tensor_f32(path, "token_embd.weight")
-        .ok_or_else(|| GgufError::MissingKey { path: path.to_owned(), key: "token_embd.weight".into(), expected: "a dequantisable tensor" })?;
+    let (matrix, width) = gguf.tensor_f32(path, "token_embd.weight").ok_or_else(|| GgufError::MissingKey {
+        path: path.to_owned(),
+        key: "token_embd.weight".into(),
+        expected: "a dequantisable tensor",
+    })?;
     let n_rows = matrix.len() / width;
     let mut out = Vec::with_capacity(tokens.len() * width);
     for &t in tokens {

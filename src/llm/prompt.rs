@@ -22,13 +22,18 @@ const QUESTION_MARK: &str = "\u{1}QUESTION\u{1}";
 impl ChatLayout {
     /// The layout from the manifest. For `template = "gguf"`, `render` renders a conversation with
     /// the GGUF's template (given `(role, content)` messages) and the layout is cut out of it.
-    pub fn new(chat: &ChatSpec, system: &str, render: impl FnOnce(&[(&str, &str)]) -> Option<String>) -> Result<Self, LlmError> {
+    pub fn new(
+        chat: &ChatSpec,
+        system: &str,
+        render: impl FnOnce(&[(&str, &str)]) -> Option<String>,
+    ) -> Result<Self, LlmError> {
         let (prefix, suffix) = match (&chat.prefix, &chat.suffix) {
             (Some(prefix), Some(suffix)) => (prefix.replace("{system}", system), suffix.clone()),
             _ => {
                 let user = format!("{IMAGE_MARK}\n{QUESTION_MARK}");
-                let rendered = render(&[("system", system), ("user", &user)])
-                    .ok_or_else(|| LlmError::ChatTemplate("the GGUF has no chat template llama.cpp can render".into()))?;
+                let rendered = render(&[("system", system), ("user", &user)]).ok_or_else(|| {
+                    LlmError::ChatTemplate("the GGUF has no chat template llama.cpp can render".into())
+                })?;
                 let (prefix, rest) = rendered
                     .split_once(IMAGE_MARK)
                     .ok_or_else(|| LlmError::ChatTemplate("the rendered template lost the user message".into()))?;
@@ -83,7 +88,12 @@ impl StopFilter {
         };
         self.text.push_str(std::str::from_utf8(&self.bytes[..valid]).unwrap_or_default());
         self.bytes.drain(..valid);
-        if let Some(pos) = self.stop.iter().filter_map(|s| self.text[self.released..].find(s.as_str()).map(|p| self.released + p)).min() {
+        if let Some(pos) = self
+            .stop
+            .iter()
+            .filter_map(|s| self.text[self.released..].find(s.as_str()).map(|p| self.released + p))
+            .min()
+        {
             self.text.truncate(pos);
             let out = self.text[self.released..].to_owned();
             self.released = self.text.len();
@@ -134,7 +144,9 @@ mod tests {
 
     #[test]
     fn written_layout_substitutes_system_and_question() {
-        let layout = ChatLayout::new(&spec(Some("<s>{system}</s><u>"), Some("\n{question}</u>")), "Be brief.", |_| None).unwrap();
+        let layout =
+            ChatLayout::new(&spec(Some("<s>{system}</s><u>"), Some("\n{question}</u>")), "Be brief.", |_| None)
+                .unwrap();
         assert_eq!(layout.prefix(), "<s>Be brief.</s><u>");
         assert_eq!(layout.request("What is it?"), "\nWhat is it?</u>");
     }

@@ -27,7 +27,6 @@ impl Default for SamplingParams {
     }
 }
 
-
 /// A sampler with its random state and scratch buffer.
 pub struct TokenSampler {
     params: SamplingParams,
@@ -53,7 +52,11 @@ impl TokenSampler {
         let penalised = |token: usize, logit: f32| {
             let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
             if p.repeat_penalty != 1.0 && recent.contains(&(token as i32)) {
-                if logit > 0.0 { logit / p.repeat_penalty } else { logit * p.repeat_penalty }
+                if logit > 0.0 {
+                    logit / p.repeat_penalty
+                } else {
+                    logit * p.repeat_penalty
+                }
             } else {
                 logit
             }
@@ -118,9 +121,9 @@ mod tests {
         // (logits, history, penalty, expected token)
         let cases: &[(&[f32], &[i32], f32, i32)] = &[
             (&[0.1, 2.0, 1.5], &[], 1.0, 1),
-            (&[0.1, 2.0, 1.5], &[1], 1.5, 2),     // 2.0 / 1.5 = 1.33 < 1.5
-            (&[-1.0, -0.5, -0.6], &[1], 1.5, 2),  // -0.5 * 1.5 = -0.75 < -0.6
-            (&[3.0, 3.0], &[], 1.0, 0),           // ties go to the first
+            (&[0.1, 2.0, 1.5], &[1], 1.5, 2),    // 2.0 / 1.5 = 1.33 < 1.5
+            (&[-1.0, -0.5, -0.6], &[1], 1.5, 2), // -0.5 * 1.5 = -0.75 < -0.6
+            (&[3.0, 3.0], &[], 1.0, 0),          // ties go to the first
         ];
         for (logits, history, penalty, expected) in cases {
             let mut s = TokenSampler::new(SamplingParams { repeat_penalty: *penalty, ..greedy() });
@@ -132,7 +135,8 @@ mod tests {
     #[test]
     fn sampling_is_seeded_and_respects_top_k() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let params = SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, repeat_penalty: 1.0, repeat_last_n: 0, seed: 7 };
+        let params =
+            SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, repeat_penalty: 1.0, repeat_last_n: 0, seed: 7 };
         let draw = |params: &SamplingParams| {
             let mut s = TokenSampler::new(params.clone());
             (0..200).map(|_| s.sample(&logits, &[]).unwrap()).collect::<Vec<_>>()
@@ -152,7 +156,8 @@ mod tests {
     fn top_p_keeps_the_smallest_set_reaching_the_mass() {
         // Probabilities after softmax at T=1: one token dominates (~0.97), so top_p 0.9 keeps it alone.
         let logits = [10.0, 6.0, 5.0, 4.0];
-        let params = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, repeat_penalty: 1.0, repeat_last_n: 0, seed: 1 };
+        let params =
+            SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, repeat_penalty: 1.0, repeat_last_n: 0, seed: 1 };
         let mut s = TokenSampler::new(params);
         assert!((0..100).all(|_| s.sample(&logits, &[]) == Some(0)));
     }

@@ -12,7 +12,13 @@ use super::MqttError;
 pub(super) enum Event {
     Connected,
     SubAck,
-    Publish { topic: String, payload: Vec<u8>, response_topic: Option<String>, correlation: Option<Vec<u8>>, expiry_s: Option<u32> },
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        response_topic: Option<String>,
+        correlation: Option<Vec<u8>>,
+        expiry_s: Option<u32>,
+    },
     Disconnected,
     Other,
 }
@@ -38,17 +44,28 @@ impl Client {
                     content_type: m.content_type.clone(),
                     ..Default::default()
                 };
-                c.publish_with_properties(m.topic.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, m.retain, m.payload.clone(), props)
-                    .await
-                    .map_err(|e| e.to_string())
+                c.publish_with_properties(
+                    m.topic.clone(),
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    m.retain,
+                    m.payload.clone(),
+                    props,
+                )
+                .await
+                .map_err(|e| e.to_string())
             }
-            Client::V3(c) => c.publish(m.topic.clone(), rumqttc::QoS::AtLeastOnce, m.retain, m.payload.clone()).await.map_err(|e| e.to_string()),
+            Client::V3(c) => c
+                .publish(m.topic.clone(), rumqttc::QoS::AtLeastOnce, m.retain, m.payload.clone())
+                .await
+                .map_err(|e| e.to_string()),
         }
     }
 
     pub(super) async fn subscribe(&self, topic: &str) -> Result<(), String> {
         match self {
-            Client::V5(c) => c.subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.map_err(|e| e.to_string()),
+            Client::V5(c) => {
+                c.subscribe(topic, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).await.map_err(|e| e.to_string())
+            }
             Client::V3(c) => c.subscribe(topic, rumqttc::QoS::AtLeastOnce).await.map_err(|e| e.to_string()),
         }
     }
@@ -80,7 +97,9 @@ impl EventLoop {
                             expiry_s: props.message_expiry_interval,
                         })
                     }
-                    E::Incoming(Packet::Disconnect(_)) | E::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Event::Disconnected),
+                    E::Incoming(Packet::Disconnect(_)) | E::Outgoing(rumqttc::Outgoing::Disconnect) => {
+                        Ok(Event::Disconnected)
+                    }
                     _ => Ok(Event::Other),
                 }
             }
@@ -89,8 +108,16 @@ impl EventLoop {
                 match l.poll().await.map_err(|e| e.to_string())? {
                     E::Incoming(Packet::ConnAck(_)) => Ok(Event::Connected),
                     E::Incoming(Packet::SubAck(_)) => Ok(Event::SubAck),
-                    E::Incoming(Packet::Publish(p)) => Ok(Event::Publish { topic: p.topic.clone(), payload: p.payload.to_vec(), response_topic: None, correlation: None, expiry_s: None }),
-                    E::Incoming(Packet::Disconnect) | E::Outgoing(rumqttc::Outgoing::Disconnect) => Ok(Event::Disconnected),
+                    E::Incoming(Packet::Publish(p)) => Ok(Event::Publish {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        response_topic: None,
+                        correlation: None,
+                        expiry_s: None,
+                    }),
+                    E::Incoming(Packet::Disconnect) | E::Outgoing(rumqttc::Outgoing::Disconnect) => {
+                        Ok(Event::Disconnected)
+                    }
                     _ => Ok(Event::Other),
                 }
             }
@@ -124,7 +151,13 @@ pub(super) fn connect(config: &MqttConfig, topics: &Topics) -> Result<(Client, E
             // A persistent session: the broker keeps our subscriptions and QoS 1 messages for an hour.
             options.set_clean_start(false);
             options.set_session_expiry_interval(Some(3600));
-            options.set_last_will(LastWill::new(topics.status(), "offline", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, None));
+            options.set_last_will(LastWill::new(
+                topics.status(),
+                "offline",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                true,
+                None,
+            ));
             options.set_max_packet_size(Some(1 << 24));
             if let (Some(u), Some(p)) = (&config.username, &config.password) {
                 options.set_credentials(u, p);
@@ -152,4 +185,3 @@ pub(super) fn connect(config: &MqttConfig, topics: &Topics) -> Result<(Client, E
         }
     })
 }
-

@@ -78,7 +78,11 @@ impl Default for RequestSettings {
     /// The defaults of `[llm]` and `[generator]`.
     fn default() -> Self {
         let (llm, generator) = (crate::llm::LlmConfig::default(), crate::generate::GeneratorConfig::default());
-        RequestSettings { max_question_chars: llm.max_question_chars, max_prompt_chars: generator.max_prompt_chars, image_type: generator.format.content_type() }
+        RequestSettings {
+            max_question_chars: llm.max_question_chars,
+            max_prompt_chars: generator.max_prompt_chars,
+            image_type: generator.format.content_type(),
+        }
     }
 }
 
@@ -164,7 +168,18 @@ pub fn start(
         requests,
         settings: settings.clone(),
     };
-    let publisher = PublisherTask { client, topics: topics.clone(), spool, online, drain, counters, shutdown: shutdown.clone(), closed, settings, published_settings: None };
+    let publisher = PublisherTask {
+        client,
+        topics: topics.clone(),
+        spool,
+        online,
+        drain,
+        counters,
+        shutdown: shutdown.clone(),
+        closed,
+        settings,
+        published_settings: None,
+    };
     let conn_task = tokio::spawn(conn.run(eventloop));
     let pub_task = tokio::spawn(publisher.run(out_rx, results_rx));
     Ok(MqttHandle { results: results_tx, topics, connected: connected_rx, shutdown, tasks: vec![pub_task, conn_task] })
@@ -192,7 +207,14 @@ impl ConnectionTask {
     fn discovery(&self) -> (String, Vec<u8>) {
         let device_id = self.config.device_id();
         let device_name = self.config.device_name();
-        let d = Discovery { prefix: &self.config.discovery.prefix, device_id: &device_id, device_name: &device_name, model: &self.model, topics: &self.topics, image_type: self.requests.image_type };
+        let d = Discovery {
+            prefix: &self.config.discovery.prefix,
+            device_id: &device_id,
+            device_name: &device_name,
+            model: &self.model,
+            topics: &self.topics,
+            image_type: self.requests.image_type,
+        };
         // Disabled discovery publishes an empty retained payload: Home Assistant removes the device.
         let payload = if self.config.discovery.enabled { d.payload().to_string().into_bytes() } else { Vec::new() };
         (d.topic(), payload)
@@ -201,7 +223,13 @@ impl ConnectionTask {
     /// Subscribes and announces the device; returns how many subscriptions await their SubAck.
     async fn on_connect(&self) -> usize {
         let mut pending = 0;
-        for topic in [self.topics.ask(), self.topics.ask_text(), self.topics.generate(), self.topics.config_set(), format!("{}/status", self.config.discovery.prefix)] {
+        for topic in [
+            self.topics.ask(),
+            self.topics.ask_text(),
+            self.topics.generate(),
+            self.topics.config_set(),
+            format!("{}/status", self.config.discovery.prefix),
+        ] {
             match self.client.subscribe(&topic).await {
                 Ok(()) => pending += 1,
                 Err(e) => tracing::warn!(topic, "subscribe failed: {e}"),
@@ -269,7 +297,9 @@ impl ConnectionTask {
                     self.online.store(false, Ordering::SeqCst);
                     let _ = self.connected.send(false);
                     // Backoff with jitter: a fleet of cameras does not reconnect in lockstep.
-                    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.subsec_nanos());
                     let jitter = 0.5 + f64::from((nanos ^ std::process::id()) % 1000) / 1000.0;
                     let delay = Duration::from_secs_f64(backoff * jitter);
                     tracing::warn!(host = %self.config.host, port = self.config.port, "MQTT connection lost or refused: {e}; retrying in {delay:.1?}");
@@ -294,18 +324,31 @@ impl ConnectionTask {
     }
 
     fn allowed(&self, reply_topic: &str) -> bool {
-        !reply_topic.is_empty() && !reply_topic.contains(['+', '#']) && self.config.allowed_reply_topics.iter().any(|f| wire::topic_matches(f, reply_topic))
+        !reply_topic.is_empty()
+            && !reply_topic.contains(['+', '#'])
+            && self.config.allowed_reply_topics.iter().any(|f| wire::topic_matches(f, reply_topic))
     }
 
     /// Validates a `config/set` request, applies it to the worker's settings and acknowledges the
     /// new state on `config/state` (retained); a refusal goes to the request's reply address.
-    async fn on_config_set(&self, topic: &str, payload: &[u8], response_topic: Option<String>, correlation: Option<Vec<u8>>) {
+    async fn on_config_set(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        response_topic: Option<String>,
+        correlation: Option<Vec<u8>>,
+    ) {
         let parsed = wire::parse_config_patch(payload, &self.limits);
         let (id, reply_to) = match &parsed {
             Ok(p) => (p.id.clone(), p.reply_to.clone()),
             Err(_) => wire::salvage_reply_address(payload),
         };
-        let to = response_topic.or(reply_to).filter(|t| self.allowed(t)).map(|t| ReplyAddress { topic: t, correlation, id, retain: false });
+        let to = response_topic.or(reply_to).filter(|t| self.allowed(t)).map(|t| ReplyAddress {
+            topic: t,
+            correlation,
+            id,
+            retain: false,
+        });
         let current = crate::util::read(&self.settings).clone();
         match parsed.and_then(|patch| patch.apply(&current)) {
             Ok(next) => {
@@ -320,7 +363,14 @@ impl ConnectionTask {
         }
     }
 
-    async fn on_publish(&self, topic: &str, payload: &[u8], response_topic: Option<String>, correlation: Option<Vec<u8>>, expiry_s: Option<u32>) {
+    async fn on_publish(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        response_topic: Option<String>,
+        correlation: Option<Vec<u8>>,
+        expiry_s: Option<u32>,
+    ) {
         let limits = self.limits;
         if topic == format!("{}/status", self.config.discovery.prefix) {
             if payload == b"online" {
@@ -345,7 +395,8 @@ impl ConnectionTask {
             }
         } else if topic == self.topics.ask() || topic == self.topics.generate() {
             let parsed = if topic == self.topics.ask() {
-                wire::parse_ask(payload, &limits).map(|r| (r.question, JobKind::Answer { stream: r.stream }, r.id, r.reply_to))
+                wire::parse_ask(payload, &limits)
+                    .map(|r| (r.question, JobKind::Answer { stream: r.stream }, r.id, r.reply_to))
             } else {
                 wire::parse_generate(payload, &limits, self.requests.max_prompt_chars).map(|r| {
                     let (id, reply_to) = (r.id.clone(), r.reply_to.clone());
@@ -357,7 +408,12 @@ impl ConnectionTask {
                 Err(_) => wire::salvage_reply_address(payload),
             };
             let reply_topic = response_topic.or(reply_to);
-            let to = reply_topic.clone().map(|t| ReplyAddress { topic: t, correlation: correlation.clone(), id: id.clone(), retain: false });
+            let to = reply_topic.clone().map(|t| ReplyAddress {
+                topic: t,
+                correlation: correlation.clone(),
+                id: id.clone(),
+                retain: false,
+            });
             if let Some(t) = &reply_topic {
                 if !self.allowed(t) {
                     self.counters.bad.fetch_add(1, Ordering::Relaxed);
@@ -369,7 +425,10 @@ impl ConnectionTask {
                 (Ok((text, task, _, _)), Some(to)) => (text, task, to),
                 (Ok(_), None) => {
                     self.counters.bad.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(topic, "request without a reply address (MQTT v5 Response Topic, or `reply_to`): ignored");
+                    tracing::warn!(
+                        topic,
+                        "request without a reply address (MQTT v5 Response Topic, or `reply_to`): ignored"
+                    );
                     return;
                 }
                 (Err(e), to) => {
@@ -388,7 +447,8 @@ impl ConnectionTask {
                 self.reply_error(Some(reply), RequestError::Busy(self.config.request_queue), topic).await;
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
-                self.reply_error(Some(reply), RequestError::Internal("the inference worker has stopped".into()), topic).await;
+                self.reply_error(Some(reply), RequestError::Internal("the inference worker has stopped".into()), topic)
+                    .await;
             }
         }
     }
@@ -468,7 +528,8 @@ impl PublisherTask {
 
     /// Publishes now when connected with nothing spooled before it; otherwise drops the message.
     async fn publish_if_online(&mut self, message: SpooledMessage) {
-        if !(self.online.load(Ordering::SeqCst) && self.spool.is_empty() && self.client.publish(&message).await.is_ok()) {
+        if !(self.online.load(Ordering::SeqCst) && self.spool.is_empty() && self.client.publish(&message).await.is_ok())
+        {
             tracing::debug!(topic = %message.topic, "offline: the picture is not kept");
         }
     }
@@ -476,7 +537,12 @@ impl PublisherTask {
     async fn publish_attributes(&mut self, last: &mut StatusAttributes) {
         let now = self.attributes();
         if now != *last && self.online.load(Ordering::SeqCst) {
-            let m = SpooledMessage::json(self.topics.status_attributes(), serde_json::to_vec(&now).unwrap_or_default(), true, &Default::default());
+            let m = SpooledMessage::json(
+                self.topics.status_attributes(),
+                serde_json::to_vec(&now).unwrap_or_default(),
+                true,
+                &Default::default(),
+            );
             if self.client.publish(&m).await.is_ok() {
                 *last = now;
             }

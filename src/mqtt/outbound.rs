@@ -76,7 +76,9 @@ pub fn messages(topics: &Topics, outgoing: &Outgoing) -> Vec<(SpooledMessage, De
             let payload = serde_json::to_vec(&caption).unwrap_or_default();
             vec![(SpooledMessage::json(topics.caption(), payload, true, &caption.timings_ms), Delivery::Keep)]
         }
-        Output::ScenePicture(picture) => vec![(picture_message(topics.image(), true, picture, None), Delivery::LatestOnly)],
+        Output::ScenePicture(picture) => {
+            vec![(picture_message(topics.image(), true, picture, None), Delivery::LatestOnly)]
+        }
         Output::Answer { to, answer } => {
             let reply = Reply::Answer(wire::Answer::new(to.id.clone(), answer));
             vec![(reply_message(to, &reply), Delivery::Keep)]
@@ -84,7 +86,10 @@ pub fn messages(topics: &Topics, outgoing: &Outgoing) -> Vec<(SpooledMessage, De
         Output::Rendered { to, picture, info } => {
             let info = ImageInfo::new(to.id.clone(), info);
             let latest = picture_message(topics.image(), true, picture, Some(&info));
-            let reply = SpooledMessage { correlation: to.correlation.clone(), ..picture_message(to.topic.clone(), false, picture, Some(&info)) };
+            let reply = SpooledMessage {
+                correlation: to.correlation.clone(),
+                ..picture_message(to.topic.clone(), false, picture, Some(&info))
+            };
             vec![(latest, Delivery::LatestOnly), (reply, Delivery::Keep)]
         }
         Output::Failed { to, error } => {
@@ -111,9 +116,25 @@ mod tests {
     fn each_output_maps_to_its_topics_and_delivery() {
         let topics = Topics::new("cam");
         let picture = Picture { bytes: vec![1], format: ImageFormat::Jpeg };
-        let info = RenderInfo { prompt: "p".into(), seed: 3, steps: 1, width: 64, height: 32, sampler: "euler".into(), warning: None, timings_ms: Default::default() };
-        let caption = Caption { text: "t".into(), frame_seq: 1, frame_ts_ms: 2, timings_ms: Default::default(), model: "m".into() };
-        let answer = Answer { text: "a".into(), done: true, frame_seq: None, frame_ts_ms: None, timings_ms: Default::default() };
+        let info = RenderInfo {
+            prompt: "p".into(),
+            seed: 3,
+            steps: 1,
+            width: 64,
+            height: 32,
+            sampler: "euler".into(),
+            warning: None,
+            timings_ms: Default::default(),
+        };
+        let caption = Caption {
+            text: "t".into(),
+            frame_seq: 1,
+            frame_ts_ms: 2,
+            timings_ms: Default::default(),
+            model: "m".into(),
+        };
+        let answer =
+            Answer { text: "a".into(), done: true, frame_seq: None, frame_ts_ms: None, timings_ms: Default::default() };
         let cases: Vec<(Outgoing, Vec<(&str, bool, Delivery)>)> = vec![
             (Outgoing::Result(Output::Caption(caption)), vec![("cam/caption", true, Delivery::Keep)]),
             (Outgoing::Result(Output::ScenePicture(picture.clone())), vec![("cam/image", true, Delivery::LatestOnly)]),
@@ -122,7 +143,10 @@ mod tests {
                 vec![("cam/image", true, Delivery::LatestOnly), ("hub/r", false, Delivery::Keep)],
             ),
             (Outgoing::Result(Output::Answer { to: to(), answer }), vec![("hub/r", false, Delivery::Keep)]),
-            (Outgoing::Result(Output::Failed { to: to(), error: JobError::NoScene }), vec![("hub/r", false, Delivery::Keep)]),
+            (
+                Outgoing::Result(Output::Failed { to: to(), error: JobError::NoScene }),
+                vec![("hub/r", false, Delivery::Keep)],
+            ),
             (Outgoing::Refused { to: to(), error: RequestError::Busy(3) }, vec![("hub/r", false, Delivery::Keep)]),
             (Outgoing::Result(Output::Expired), vec![]),
         ];
@@ -135,7 +159,9 @@ mod tests {
 
     #[test]
     fn failed_jobs_carry_their_stable_code() {
-        let (m, _) = messages(&Topics::new("cam"), &Outgoing::Result(Output::Failed { to: to(), error: JobError::NoGenerator })).remove(0);
+        let (m, _) =
+            messages(&Topics::new("cam"), &Outgoing::Result(Output::Failed { to: to(), error: JobError::NoGenerator }))
+                .remove(0);
         let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(body["error"]["code"], "unavailable");
         assert_eq!(body["id"], "7");

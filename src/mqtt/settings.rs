@@ -117,13 +117,20 @@ impl MqttConfig {
     /// The device name in effect.
     pub fn device_name(&self) -> String {
         self.device.clone().unwrap_or_else(|| {
-            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "camera".into())
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "camera".into())
         })
     }
 
     /// The device name reduced to what topics and ids allow.
     pub fn device_id(&self) -> String {
-        self.device_name().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+        self.device_name()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect()
     }
 
     /// The client id in effect.
@@ -136,4 +143,3 @@ impl MqttConfig {
         self.topic_prefix.clone().unwrap_or_else(|| format!("scenecast/{}", self.device_id()))
     }
 }
-

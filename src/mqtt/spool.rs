@@ -37,7 +37,12 @@ impl SpooledMessage {
     }
 
     /// A JSON message, with per-stage timings (if any) as `<stage>_ms` user properties.
-    pub fn json(topic: String, payload: Vec<u8>, retain: bool, timings: &std::collections::BTreeMap<String, f64>) -> Self {
+    pub fn json(
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        timings: &std::collections::BTreeMap<String, f64>,
+    ) -> Self {
         SpooledMessage {
             topic,
             payload,

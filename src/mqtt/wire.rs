@@ -185,9 +185,10 @@ impl From<&JobError> for RequestError {
             JobError::Generator(e) => match e {
                 GeneratorError::Request(_) => RequestError::OutOfRange(message),
                 GeneratorError::Prompt(p) => RequestError::Prompt(p.clone()),
-                GeneratorError::Memory { .. } | GeneratorError::Disabled | GeneratorError::NotConfigured(_) | GeneratorError::NoOutputProjector => {
-                    RequestError::Unavailable(message)
-                }
+                GeneratorError::Memory { .. }
+                | GeneratorError::Disabled
+                | GeneratorError::NotConfigured(_)
+                | GeneratorError::NoOutputProjector => RequestError::Unavailable(message),
                 _ => RequestError::Internal(message),
             },
             JobError::Llm(_) | JobError::Stack(_) => RequestError::Internal(message),
@@ -201,7 +202,6 @@ fn utf8(payload: &[u8], limits: &Limits) -> Result<String, RequestError> {
     }
     std::str::from_utf8(payload).map(str::to_owned).map_err(|e| RequestError::NotUtf8 { at: e.valid_up_to() })
 }
-
 
 /// Parses a JSON ask request.
 pub fn parse_ask(payload: &[u8], limits: &Limits) -> Result<AskRequest, RequestError> {
@@ -268,14 +268,25 @@ impl GenerateRequest {
                 Condition::Text => ConditionPath::Text,
                 Condition::Hidden => ConditionPath::Hidden,
             }),
-            render: RenderRequest { seed: self.seed, steps: self.steps, width: self.width, height: self.height, guidance: self.guidance, sampler: None },
+            render: RenderRequest {
+                seed: self.seed,
+                steps: self.steps,
+                width: self.width,
+                height: self.height,
+                guidance: self.guidance,
+                sampler: None,
+            },
         }
     }
 }
 
 /// Parses a JSON generate request; `max_prompt_chars` is `generator.max_prompt_chars`. Ranges that
 /// depend on the model (steps, sizes) are checked by the worker against the manifest and config.
-pub fn parse_generate(payload: &[u8], limits: &Limits, max_prompt_chars: usize) -> Result<GenerateRequest, RequestError> {
+pub fn parse_generate(
+    payload: &[u8],
+    limits: &Limits,
+    max_prompt_chars: usize,
+) -> Result<GenerateRequest, RequestError> {
     let text = utf8(payload, limits)?;
     let request: GenerateRequest = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
     // A blank prompt is refused even with `from_scene` (leave it out to render the description).
@@ -390,7 +401,13 @@ pub struct Caption {
 
 impl From<&worker::Caption> for Caption {
     fn from(c: &worker::Caption) -> Self {
-        Caption { text: c.text.clone(), frame_seq: c.frame_seq, frame_ts_ms: c.frame_ts_ms, timings_ms: c.timings_ms.clone(), model: c.model.clone() }
+        Caption {
+            text: c.text.clone(),
+            frame_seq: c.frame_seq,
+            frame_ts_ms: c.frame_ts_ms,
+            timings_ms: c.timings_ms.clone(),
+            model: c.model.clone(),
+        }
     }
 }
 
@@ -429,7 +446,14 @@ pub struct Answer {
 impl Answer {
     /// The payload of the worker's answer to the request with id `id`.
     pub fn new(id: Option<String>, a: &worker::Answer) -> Self {
-        Answer { id, text: a.text.clone(), done: a.done, frame_seq: a.frame_seq, frame_ts_ms: a.frame_ts_ms, timings_ms: a.timings_ms.clone() }
+        Answer {
+            id,
+            text: a.text.clone(),
+            done: a.done,
+            frame_seq: a.frame_seq,
+            frame_ts_ms: a.frame_ts_ms,
+            timings_ms: a.timings_ms.clone(),
+        }
     }
 }
 
@@ -488,7 +512,11 @@ impl From<&RuntimeSettings> for ConfigState {
         let g = &s.gate;
         ConfigState {
             caption_prompt: s.caption_prompt.clone(),
-            scene: SceneState { change_threshold: g.change_threshold, min_interval_s: g.min_interval_s, max_interval_s: g.max_interval_s },
+            scene: SceneState {
+                change_threshold: g.change_threshold,
+                min_interval_s: g.min_interval_s,
+                max_interval_s: g.max_interval_s,
+            },
         }
     }
 }
@@ -538,7 +566,8 @@ impl ConfigPatch {
             next.gate.max_interval_s = scene.max_interval_s.unwrap_or(next.gate.max_interval_s);
         }
         // The same rule as the config file's; the payload names the prompt without `llm.`.
-        next.check().map_err(|e| RequestError::Invalid(format!("`{}`: {}", e.key.trim_start_matches("llm."), e.message)))?;
+        next.check()
+            .map_err(|e| RequestError::Invalid(format!("`{}`: {}", e.key.trim_start_matches("llm."), e.message)))?;
         Ok(next)
     }
 }
@@ -656,7 +685,10 @@ mod tests {
             (br#"{"question":"hi","stream":true,"id":"7","reply_to":"a/b"}"#, Ok("hi")),
             (br#"{"question":""}"#, Err(("bad_question", "the question is empty"))),
             (br#"{"question":"   "}"#, Err(("bad_question", "the question is empty"))),
-            (br#"{"question":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#, Err(("bad_question", "51 characters; the limit is 40"))),
+            (
+                br#"{"question":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#,
+                Err(("bad_question", "51 characters; the limit is 40")),
+            ),
             (br#"{"question":42}"#, Err(("bad_request", "invalid type: integer `42`, expected a string"))),
             (br#"{"quest":"x"}"#, Err(("bad_request", "unknown field `quest`"))),
             (br#"{}"#, Err(("bad_request", "missing field `question`"))),
@@ -680,19 +712,32 @@ mod tests {
 
     #[test]
     fn salvage_finds_id_and_reply_to_in_a_bad_request() {
-        assert_eq!(salvage_reply_address(br#"{"question":5,"id":"9","reply_to":"r/t"}"#), (Some("9".into()), Some("r/t".into())));
+        assert_eq!(
+            salvage_reply_address(br#"{"question":5,"id":"9","reply_to":"r/t"}"#),
+            (Some("9".into()), Some("r/t".into()))
+        );
         assert_eq!(salvage_reply_address(b"garbage"), (None, None));
     }
 
     #[test]
     fn config_patches_apply_or_name_the_key() {
         let current = RuntimeSettings { caption_prompt: "Describe.".into(), gate: GateConfig::default() };
-        let ok = parse_config_patch(br#"{"caption_prompt":"Count the people.","scene":{"change_threshold":0.1}}"#, &LIMITS).unwrap().apply(&current).unwrap();
-        assert_eq!((ok.caption_prompt.as_str(), ok.gate.change_threshold, ok.gate.min_interval_s), ("Count the people.", 0.1, 2.0));
+        let ok =
+            parse_config_patch(br#"{"caption_prompt":"Count the people.","scene":{"change_threshold":0.1}}"#, &LIMITS)
+                .unwrap()
+                .apply(&current)
+                .unwrap();
+        assert_eq!(
+            (ok.caption_prompt.as_str(), ok.gate.change_threshold, ok.gate.min_interval_s),
+            ("Count the people.", 0.1, 2.0)
+        );
         let cases: &[(&[u8], &str)] = &[
             (br#"{"caption_prompt":" "}"#, "`caption_prompt`: is empty"),
             (br#"{"scene":{"change_threshold":5}}"#, "`scene.change_threshold`: 5 is outside 0..2"),
-            (br#"{"scene":{"min_interval_s":10,"max_interval_s":1}}"#, "`scene.max_interval_s`: need 0 <= min_interval_s (10) <= max_interval_s (1)"),
+            (
+                br#"{"scene":{"min_interval_s":10,"max_interval_s":1}}"#,
+                "`scene.max_interval_s`: need 0 <= min_interval_s (10) <= max_interval_s (1)",
+            ),
             (br#"{"prompt":"x"}"#, "unknown field `prompt`"),
             (br#"{"scene":{"threshold":1}}"#, "unknown field `threshold`"),
         ];
@@ -722,8 +767,18 @@ mod tests {
     #[test]
     fn replies_serialise_without_empty_fields() {
         let err = ErrorReply::new(Some("3".into()), &RequestError::Busy(8));
-        assert_eq!(serde_json::to_string(&err).unwrap(), r#"{"id":"3","error":{"code":"busy","message":"busy: 8 requests are waiting; try again later"}}"#);
-        let partial = Answer { id: None, text: "A c".into(), done: false, frame_seq: None, frame_ts_ms: None, timings_ms: Timings::new() };
+        assert_eq!(
+            serde_json::to_string(&err).unwrap(),
+            r#"{"id":"3","error":{"code":"busy","message":"busy: 8 requests are waiting; try again later"}}"#
+        );
+        let partial = Answer {
+            id: None,
+            text: "A c".into(),
+            done: false,
+            frame_seq: None,
+            frame_ts_ms: None,
+            timings_ms: Timings::new(),
+        };
         assert_eq!(serde_json::to_string(&partial).unwrap(), r#"{"text":"A c","done":false}"#);
     }
 }

@@ -3,12 +3,12 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use super::preprocess::{PreprocessError, Preprocessor};
 use crate::cache::{self, CacheError};
 use crate::frame::RgbImage;
 use crate::manifest::{EncoderSpec, Manifest};
-use crate::util::ms_since;
 use crate::onnx::{OnnxError, OnnxRuntime, OnnxSession};
-use super::preprocess::{PreprocessError, Preprocessor};
+use crate::util::ms_since;
 
 /// An error from the vision path (encoder or projector).
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +94,12 @@ impl Encoder {
         cache::verify(&path, "the encoder ONNX model", spec.file.size, None)?;
         let session = runtime.session(&path, "the image encoder")?;
         session.check_signature(&spec.input, &spec.input_shape, &spec.output, &spec.output_shape)?;
-        let mut encoder = Encoder { preprocessor: Preprocessor::new(&spec.preprocess), session, spec, manifest_origin: manifest.origin.clone() };
+        let mut encoder = Encoder {
+            preprocessor: Preprocessor::new(&spec.preprocess),
+            session,
+            spec,
+            manifest_origin: manifest.origin.clone(),
+        };
         let [h, w] = encoder.spec.preprocess.size;
         let blank = RgbImage::from_pixels(w, h, vec![0; (w * h * 3) as usize]).expect("size validated by the manifest");
         let mut features = PatchFeatures::default();

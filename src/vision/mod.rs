@@ -38,7 +38,12 @@ pub struct Vision {
 impl Vision {
     /// Loads both models. With `llm` (the LLM's file and its `n_embd`), the projector's output
     /// width is checked against the LLM's at load time.
-    pub fn load(runtime: &OnnxRuntime, manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, usize)>) -> Result<Self, VisionError> {
+    pub fn load(
+        runtime: &OnnxRuntime,
+        manifest: &Manifest,
+        cache_root: &Path,
+        llm: Option<(&Path, usize)>,
+    ) -> Result<Self, VisionError> {
         let projector = Projector::load(runtime, manifest, cache_root, llm)?;
         let encoder = Encoder::load(runtime, manifest, cache_root)?;
         Ok(Vision { encoder, projector, features: PatchFeatures::default() })

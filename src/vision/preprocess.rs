@@ -81,9 +81,16 @@ impl Preprocessor {
             message,
         };
         self.wide.clear();
-        self.wide.extend(image.pixels().chunks_exact(3).map(|px| U16x3::new([u16::from(px[0]) * 257, u16::from(px[1]) * 257, u16::from(px[2]) * 257])));
-        let src = TypedImageRef::new(image.width(), image.height(), &self.wide).map_err(|e| resize_err(e.to_string()))?;
-        let mut dst = TypedImage::from_pixels_slice(width, height, &mut self.resized).map_err(|e| resize_err(e.to_string()))?;
+        self.wide.extend(
+            image
+                .pixels()
+                .chunks_exact(3)
+                .map(|px| U16x3::new([u16::from(px[0]) * 257, u16::from(px[1]) * 257, u16::from(px[2]) * 257])),
+        );
+        let src =
+            TypedImageRef::new(image.width(), image.height(), &self.wide).map_err(|e| resize_err(e.to_string()))?;
+        let mut dst =
+            TypedImage::from_pixels_slice(width, height, &mut self.resized).map_err(|e| resize_err(e.to_string()))?;
         self.resizer.resize_typed(&src, &mut dst, &self.options).map_err(|e| resize_err(e.to_string()))?;
 
         let plane = width as usize * height as usize;

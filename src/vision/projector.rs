@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::cache;
 use super::encoder::{PatchFeatures, VisionError};
-use crate::util::ms_since;
+use crate::cache;
 use crate::manifest::{Manifest, ProjectorSpec};
 use crate::onnx::{OnnxRuntime, OnnxSession};
+use crate::util::ms_since;
 
 /// Image tokens ready for the backbone: `[n_tokens, n_embd]` f32, row-major.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -55,21 +55,42 @@ pub struct Projector {
 impl Projector {
     /// Loads the projector the manifest names. `llm_n_embd`, when known (read from the GGUF),
     /// must equal the projector's output width.
-    pub fn load(runtime: &OnnxRuntime, manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, usize)>) -> Result<Self, VisionError> {
+    pub fn load(
+        runtime: &OnnxRuntime,
+        manifest: &Manifest,
+        cache_root: &Path,
+        llm: Option<(&Path, usize)>,
+    ) -> Result<Self, VisionError> {
         let spec = manifest.projector.clone();
         let path = manifest.resolve(&spec.file, cache_root);
         if let Some((llm_path, llm_width)) = llm {
             if llm_width != spec.out_width {
-                return Err(VisionError::WidthMismatch { projector: path, projector_width: spec.out_width, llm: llm_path.to_owned(), llm_width });
+                return Err(VisionError::WidthMismatch {
+                    projector: path,
+                    projector_width: spec.out_width,
+                    llm: llm_path.to_owned(),
+                    llm_width,
+                });
             }
         }
         cache::verify(&path, "the projector ONNX model", spec.file.size, None)?;
         let session = runtime.session(&path, "the input projector")?;
-        session.check_signature(&spec.input, &[-1, spec.in_width as i64], &spec.output, &[-1, spec.out_width as i64])?;
+        session.check_signature(
+            &spec.input,
+            &[-1, spec.in_width as i64],
+            &spec.output,
+            &[-1, spec.out_width as i64],
+        )?;
         if spec.untrained {
             tracing::warn!(projector = %path.display(), "the projector is the untrained placeholder: captions will not describe the image");
         }
-        Ok(Projector { session, spec, prefix: manifest.encoder.prefix_tokens, grid: manifest.encoder.patch_grid, pooled: Vec::new() })
+        Ok(Projector {
+            session,
+            spec,
+            prefix: manifest.encoder.prefix_tokens,
+            grid: manifest.encoder.patch_grid,
+            pooled: Vec::new(),
+        })
     }
 
     /// The ONNX session (for its provider and file).
@@ -87,7 +108,13 @@ impl Projector {
         let start = Instant::now();
         pool_patches(features, self.prefix, self.grid, self.spec.pool, &mut self.pooled);
         let n_tokens = self.spec.pool[0] * self.spec.pool[1];
-        let shape = self.session.run_f32(&self.spec.input, &self.pooled, &[n_tokens, self.spec.in_width], &self.spec.output, &mut out.data)?;
+        let shape = self.session.run_f32(
+            &self.spec.input,
+            &self.pooled,
+            &[n_tokens, self.spec.in_width],
+            &self.spec.output,
+            &mut out.data,
+        )?;
         if shape != [n_tokens, self.spec.out_width] {
             return Err(VisionError::OutputShape {
                 file: self.session.file().to_owned(),
@@ -117,7 +144,12 @@ mod tests {
         let features = PatchFeatures { n_tokens: 17, width: 2, data };
         let mut out = Vec::new();
         pool_patches(&features, 1, [4, 4], [2, 2], &mut out);
-        let cells = [(0 + 1 + 4 + 5) as f32 / 4.0, (2 + 3 + 6 + 7) as f32 / 4.0, (8 + 9 + 12 + 13) as f32 / 4.0, (10 + 11 + 14 + 15) as f32 / 4.0];
+        let cells = [
+            (0 + 1 + 4 + 5) as f32 / 4.0,
+            (2 + 3 + 6 + 7) as f32 / 4.0,
+            (8 + 9 + 12 + 13) as f32 / 4.0,
+            (10 + 11 + 14 + 15) as f32 / 4.0,
+        ];
         let expected: Vec<f32> = cells.iter().flat_map(|v| [*v, -v]).collect();
         assert_eq!(out, expected);
         // The buffer is reused, not appended to.

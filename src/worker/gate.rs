@@ -82,7 +82,11 @@ impl SceneGate {
         let distance = cosine_distance(last, signature);
         let since = now.saturating_duration_since(*at);
         if since < Duration::from_secs_f64(config.min_interval_s) {
-            return if distance > config.change_threshold { Decision::TooSoon(distance) } else { Decision::Unchanged(distance) };
+            return if distance > config.change_threshold {
+                Decision::TooSoon(distance)
+            } else {
+                Decision::Unchanged(distance)
+            };
         }
         if distance > config.change_threshold {
             Decision::Changed(distance)

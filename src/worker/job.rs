@@ -125,7 +125,9 @@ pub struct RenderInfo {
 #[non_exhaustive]
 pub enum JobError {
     /// The daemon has no generator (the manifest names none, or `generator.enabled` is false).
-    #[error("no generator is configured: the model manifest has no [generator] section, or generator.enabled is false")]
+    #[error(
+        "no generator is configured: the model manifest has no [generator] section, or generator.enabled is false"
+    )]
     NoGenerator,
     /// The generator cannot be used or loaded now, or the request is out of its range.
     #[error(transparent)]
@@ -210,12 +212,21 @@ impl RuntimeSettings {
         }
         let gate = &self.gate;
         if !(0.0..=2.0).contains(&gate.change_threshold) {
-            return bad("scene.change_threshold", format!("{} is outside 0..2 (a cosine distance)", gate.change_threshold));
+            return bad(
+                "scene.change_threshold",
+                format!("{} is outside 0..2 (a cosine distance)", gate.change_threshold),
+            );
         }
-        if !(gate.min_interval_s >= 0.0 && gate.max_interval_s >= gate.min_interval_s && gate.max_interval_s.is_finite()) {
+        if !(gate.min_interval_s >= 0.0
+            && gate.max_interval_s >= gate.min_interval_s
+            && gate.max_interval_s.is_finite())
+        {
             return bad(
                 "scene.max_interval_s",
-                format!("need 0 <= min_interval_s ({}) <= max_interval_s ({})", gate.min_interval_s, gate.max_interval_s),
+                format!(
+                    "need 0 <= min_interval_s ({}) <= max_interval_s ({})",
+                    gate.min_interval_s, gate.max_interval_s
+                ),
             );
         }
         Ok(())

@@ -24,8 +24,8 @@ use crate::vision::{EncodeTimings, ImageTokens, Vision};
 
 pub use gate::{cosine_distance, Decision, GateConfig, SceneGate};
 pub use job::{
-    Answer, Caption, GenerateJob, Job, JobError, JobKind, Output, Picture, RenderInfo, RuntimeSettings, SettingError, Timings,
-    MAX_CAPTION_PROMPT_CHARS,
+    Answer, Caption, GenerateJob, Job, JobError, JobKind, Output, Picture, RenderInfo, RuntimeSettings, SettingError,
+    Timings, MAX_CAPTION_PROMPT_CHARS,
 };
 
 /// What the daemon may publish about what the camera sees.
@@ -57,7 +57,13 @@ pub struct Progress {
 
 impl Default for Progress {
     fn default() -> Self {
-        Progress { heartbeat: Mutex::new(Instant::now()), frames: AtomicU64::new(0), llm_runs: AtomicU64::new(0), captions: AtomicU64::new(0), answers: AtomicU64::new(0) }
+        Progress {
+            heartbeat: Mutex::new(Instant::now()),
+            frames: AtomicU64::new(0),
+            llm_runs: AtomicU64::new(0),
+            captions: AtomicU64::new(0),
+            answers: AtomicU64::new(0),
+        }
     }
 }
 
@@ -238,7 +244,13 @@ impl Worker {
             ("total", ms_since(start)),
         ]);
         tracing::info!(frame = frame.seq, total_ms = timings["total"], "caption: {}", g.text);
-        Ok(Caption { text: g.text, frame_seq: frame.seq, frame_ts_ms: ts_ms(frame), timings_ms: timings, model: self.model.clone() })
+        Ok(Caption {
+            text: g.text,
+            frame_seq: frame.seq,
+            frame_ts_ms: ts_ms(frame),
+            timings_ms: timings,
+            model: self.model.clone(),
+        })
     }
 
     fn picture(&self, image: &RgbImage) -> Result<Picture, StackError> {
@@ -269,12 +281,19 @@ impl Worker {
     fn make_current(&mut self, state: &mut State) {
         let threshold = self.settings().gate.change_threshold;
         let Some(latest) = &state.latest else { return };
-        let current = state.scene.as_ref().is_some_and(|s| s.seq == latest.seq || cosine_distance(&s.signature, &latest.signature) <= threshold);
+        let current = state
+            .scene
+            .as_ref()
+            .is_some_and(|s| s.seq == latest.seq || cosine_distance(&s.signature, &latest.signature) <= threshold);
         if current {
             return;
         }
         // The features in `vision` are the latest frame's (it was the last encoded).
-        let made = self.vision.project(&mut state.tokens).map_err(StackError::from).and_then(|_| Ok(self.backbone.set_scene(latest.seq, Some(&state.tokens))?));
+        let made = self
+            .vision
+            .project(&mut state.tokens)
+            .map_err(StackError::from)
+            .and_then(|_| Ok(self.backbone.set_scene(latest.seq, Some(&state.tokens))?));
         match made {
             Ok(_) => state.scene = Some(latest.clone()),
             Err(e) => tracing::error!("cannot make frame {} the scene: {e}", latest.seq),
@@ -282,7 +301,13 @@ impl Worker {
     }
 
     /// Renders an image for a generate job.
-    fn render_request<A>(&mut self, job: &Job<A>, request: &GenerateJob, state: &mut State, stop: &Arc<AtomicBool>) -> Result<(Picture, RenderInfo), JobError> {
+    fn render_request<A>(
+        &mut self,
+        job: &Job<A>,
+        request: &GenerateJob,
+        state: &mut State,
+        stop: &Arc<AtomicBool>,
+    ) -> Result<(Picture, RenderInfo), JobError> {
         let start = Instant::now();
         let generator = self.generator.as_ref().ok_or(JobError::NoGenerator)?;
         let spec = generator.spec()?.clone();
@@ -314,7 +339,12 @@ impl Worker {
         self.progress.beat();
         let picture = self.picture(&rendered.image)?;
         let steps_ms: f64 = rendered.timings.step_ms.iter().sum();
-        let mut timings = vec![("condition", rendered.timings.condition_ms), ("steps", steps_ms), ("vae", rendered.timings.vae_ms), ("total", ms_since(start))];
+        let mut timings = vec![
+            ("condition", rendered.timings.condition_ms),
+            ("steps", steps_ms),
+            ("vae", rendered.timings.vae_ms),
+            ("total", ms_since(start)),
+        ];
         if let Some(ms) = load_ms {
             timings.push(("load", ms));
         }
@@ -334,7 +364,14 @@ impl Worker {
 
     /// Answers about the latest frame: its cached scene prefix when it is the current scene, else
     /// the latest frame is made the scene first.
-    fn answer<A: Clone>(&mut self, job: Job<A>, stream: bool, state: &mut State, out: &Sender<Output<A>>, stop: &Arc<AtomicBool>) {
+    fn answer<A: Clone>(
+        &mut self,
+        job: Job<A>,
+        stream: bool,
+        state: &mut State,
+        out: &Sender<Output<A>>,
+        stop: &Arc<AtomicBool>,
+    ) {
         let start = Instant::now();
         let to = job.reply.clone();
         self.make_current(state);
@@ -346,7 +383,13 @@ impl Worker {
             progress.beat();
             if stream {
                 so_far.push_str(piece);
-                let partial = Answer { text: so_far.trim().to_owned(), done: false, frame_seq: None, frame_ts_ms: None, timings_ms: Timings::new() };
+                let partial = Answer {
+                    text: so_far.trim().to_owned(),
+                    done: false,
+                    frame_seq: None,
+                    frame_ts_ms: None,
+                    timings_ms: Timings::new(),
+                };
                 let _ = out.blocking_send(Output::Answer { to: to.clone(), answer: partial });
             }
             true
@@ -362,7 +405,13 @@ impl Worker {
                     ("ttft", g.ttft_ms),
                     ("total", ms_since(start)),
                 ]);
-                let answer = Answer { text: g.text, done: true, frame_seq: about.map(|s| s.seq), frame_ts_ms: about.map(|s| s.ts_ms), timings_ms: timings };
+                let answer = Answer {
+                    text: g.text,
+                    done: true,
+                    frame_seq: about.map(|s| s.seq),
+                    frame_ts_ms: about.map(|s| s.ts_ms),
+                    timings_ms: timings,
+                };
                 Output::Answer { to, answer }
             }
             Err(e) => Output::Failed { to, error: e.into() },

@@ -37,7 +37,11 @@ pub fn scenecast(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) 
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run scenecast");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A temporary file with `contents`.
@@ -142,7 +146,8 @@ impl Received {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.payload).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {:?}", self.topic, String::from_utf8_lossy(&self.payload)))
+        serde_json::from_slice(&self.payload)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {:?}", self.topic, String::from_utf8_lossy(&self.payload)))
     }
 }
 
@@ -201,7 +206,10 @@ impl TestClient {
                 }
             }
         });
-        tokio::time::timeout(std::time::Duration::from_secs(10), ready_rx).await.expect("test client subscribed").unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), ready_rx)
+            .await
+            .expect("test client subscribed")
+            .unwrap();
         TestClient { client, rx, backlog: Default::default() }
     }
 
@@ -221,7 +229,14 @@ impl TestClient {
     }
 
     /// Publishes a request with v5 properties.
-    pub async fn request(&self, topic: &str, payload: &[u8], response_topic: Option<&str>, correlation: Option<&[u8]>, expiry_s: Option<u32>) {
+    pub async fn request(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        response_topic: Option<&str>,
+        correlation: Option<&[u8]>,
+        expiry_s: Option<u32>,
+    ) {
         let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
             response_topic: response_topic.map(str::to_owned),
             correlation_data: correlation.map(|c| c.to_vec().into()),
@@ -240,6 +255,7 @@ pub fn assert_schema(schema_file: &str, instance: &serde_json::Value) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas").join(schema_file);
     let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{schema_file}: {e}"));
-    let errors: Vec<String> = validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+    let errors: Vec<String> =
+        validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path)).collect();
     assert!(errors.is_empty(), "{schema_file} rejects {instance}: {errors:?}");
 }

@@ -129,4 +129,3 @@ pub enum ModelsCommand {
     /// metadata and widths. One line per part; exits non-zero if any part fails.
     Check,
 }
-

@@ -17,7 +17,8 @@ use scenecast::{cache, eval, ms_since, Config, Generator, ImageTokens, OnnxRunti
 /// Where the model tools are: `$SCENECAST_FETCH_SCRIPT`, the package's
 /// `/usr/share/scenecast/models/fetch.py` (next to the binary's `../share`), or the source tree.
 fn fetch_script() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("SCENECAST_FETCH_SCRIPT").map(PathBuf::from).into_iter().collect();
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("SCENECAST_FETCH_SCRIPT").map(PathBuf::from).into_iter().collect();
     if let Some(prefix) = std::env::current_exe().ok().and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf)) {
         candidates.push(prefix.join("share/scenecast/models/fetch.py"));
     }
@@ -34,10 +35,23 @@ pub fn fetch(config: &Config, gemma: bool, arch: Option<String>) -> Result<ExitC
         // First fetch on this device: the model tools' venv (onnx, numpy) next to the models.
         let requirements = script.with_file_name("requirements.txt");
         out!("creating the model tools' Python venv in {}", venv.display());
-        let ok = std::process::Command::new("python3").arg("-m").arg("venv").arg(&venv).status().context("running python3 (install python3 and python3-venv)")?;
+        let ok = std::process::Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .context("running python3 (install python3 and python3-venv)")?;
         anyhow::ensure!(ok.success(), "`python3 -m venv {}` failed; install python3-venv", venv.display());
-        let ok = std::process::Command::new(&python).args(["-m", "pip", "install", "--quiet", "-r"]).arg(&requirements).status()?;
-        anyhow::ensure!(ok.success(), "installing {} into {} failed (is PyPI reachable?)", requirements.display(), venv.display());
+        let ok = std::process::Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "-r"])
+            .arg(&requirements)
+            .status()?;
+        anyhow::ensure!(
+            ok.success(),
+            "installing {} into {} failed (is PyPI reachable?)",
+            requirements.display(),
+            venv.display()
+        );
     }
     let mut cmd = std::process::Command::new(&python);
     cmd.arg(&script).arg("--cache").arg(&root);
@@ -85,7 +99,8 @@ pub fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode
             None
         }
     };
-    let mut vision = Vision::load(&runtime, &manifest, &root, llm.as_ref().map(|info| (info.path.as_path(), info.n_embd)))?;
+    let mut vision =
+        Vision::load(&runtime, &manifest, &root, llm.as_ref().map(|info| (info.path.as_path(), info.n_embd)))?;
     let mut tokens = ImageTokens::default();
     let timings = vision.run(&image, &mut tokens)?;
     let (encoder_ep, projector_ep) = vision.providers();
@@ -106,11 +121,20 @@ pub fn encode(config: &Config, image_path: &Path, json: bool) -> Result<ExitCode
         });
         out!("{out}");
     } else {
-        out!("{}: {}x{} -> image tokens [{}, {}]", image_path.display(), image.width(), image.height(), tokens.n_tokens, tokens.n_embd);
+        out!(
+            "{}: {}x{} -> image tokens [{}, {}]",
+            image_path.display(),
+            image.width(),
+            image.height(),
+            tokens.n_tokens,
+            tokens.n_embd
+        );
         out!("ep: encoder {encoder_ep}, projector {projector_ep}");
         out!(
             "timings ms: decode {decode_ms:.1}, preprocess {:.1}, encode {:.1}, project {:.1}",
-            timings.preprocess_ms, timings.encode_ms, timings.project_ms
+            timings.preprocess_ms,
+            timings.encode_ms,
+            timings.project_ms
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -182,8 +206,11 @@ pub struct GenerateArgs {
 }
 
 fn parse_size(text: &str) -> Result<[usize; 2]> {
-    let (w, h) = text.split_once(['x', 'X']).with_context(|| format!("--size {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
-    let parse = |v: &str| v.trim().parse::<usize>().with_context(|| format!("--size {text:?}: {v:?} is not a whole number of pixels"));
+    let (w, h) =
+        text.split_once(['x', 'X']).with_context(|| format!("--size {text:?}: expected WIDTHxHEIGHT, e.g. 512x512"))?;
+    let parse = |v: &str| {
+        v.trim().parse::<usize>().with_context(|| format!("--size {text:?}: {v:?} is not a whole number of pixels"))
+    };
     Ok([parse(h)?, parse(w)?])
 }
 
@@ -205,7 +232,14 @@ pub fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
         Some("lcm") => Some(SamplerKind::Lcm),
         Some(other) => anyhow::bail!("--sampler {other:?}: expected euler or lcm"),
     };
-    let request = RenderRequest { seed: Some(args.seed), steps: args.steps, width: Some(width), height: Some(height), guidance: args.guidance, sampler };
+    let request = RenderRequest {
+        seed: Some(args.seed),
+        steps: args.steps,
+        width: Some(width),
+        height: Some(height),
+        guidance: args.guidance,
+        sampler,
+    };
     let options = request.options(&spec, config.generator.limits(), args.seed)?;
     let prompt = args.prompt.as_deref().map(str::trim).filter(|p| !p.is_empty());
     check_prompt(prompt, args.from_image.is_some(), config.generator.max_prompt_chars)
@@ -238,16 +272,25 @@ pub fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
     std::fs::write(&args.output, &bytes).with_context(|| format!("writing {}", args.output.display()))?;
     let warning = rendered.warning();
     if args.json {
-        out!("{}", json!({
-            "output": args.output, "prompt": text, "options": options, "condition": condition,
-            "prompt_tokens": rendered.prompt_tokens, "warning": warning,
-            "load_ms": generator.load_ms(), "timings_ms": rendered.timings, "bytes": bytes.len(),
-        }));
+        out!(
+            "{}",
+            json!({
+                "output": args.output, "prompt": text, "options": options, "condition": condition,
+                "prompt_tokens": rendered.prompt_tokens, "warning": warning,
+                "load_ms": generator.load_ms(), "timings_ms": rendered.timings, "bytes": bytes.len(),
+            })
+        );
     } else {
         if let Some(w) = &warning {
             eprintln!("warning: {w}");
         }
-        out!("{}: {width}x{height} {} ({} bytes) from {:?}", args.output.display(), format.content_type(), bytes.len(), text);
+        out!(
+            "{}: {width}x{height} {} ({} bytes) from {:?}",
+            args.output.display(),
+            format.content_type(),
+            bytes.len(),
+            text
+        );
         out!(
             "  [{} {} step(s), seed {}, load {:.0} ms, condition {:.0} ms, steps {:.0} ms, vae {:.0} ms, total {:.0} ms]",
             options.sampler, options.steps, options.seed, generator.load_ms(), rendered.timings.condition_ms,
@@ -257,7 +300,13 @@ pub fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn evaluate(config: &Config, set_path: &Path, report: Option<&Path>, samples: usize, verbose: bool) -> Result<ExitCode> {
+pub fn evaluate(
+    config: &Config,
+    set_path: &Path,
+    report: Option<&Path>,
+    samples: usize,
+    verbose: bool,
+) -> Result<ExitCode> {
     let set = eval::EvalSet::load(set_path)?;
     let mut pipeline = load_pipeline(config)?;
     if pipeline.manifest.projector.untrained {
@@ -268,7 +317,14 @@ pub fn evaluate(config: &Config, set_path: &Path, report: Option<&Path>, samples
     let results = eval::run(&set, &mut pipeline, &mut |i, r| {
         if verbose {
             let wrong = r.answers.iter().filter(|a| !a.2).count();
-            eprintln!("[{}/{total}] {} {}: \"{}\" ({} wrong answers)", i + 1, r.kind, r.image.display(), r.caption, wrong);
+            eprintln!(
+                "[{}/{total}] {} {}: \"{}\" ({} wrong answers)",
+                i + 1,
+                r.kind,
+                r.image.display(),
+                r.caption,
+                wrong
+            );
         } else if (i + 1) % 20 == 0 {
             eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
         }
@@ -278,8 +334,10 @@ pub fn evaluate(config: &Config, set_path: &Path, report: Option<&Path>, samples
     if let Some(path) = report {
         std::fs::write(path, &text).with_context(|| format!("writing the report {}", path.display()))?;
         let json_path = path.with_extension("json");
-        let detail = json!({ "manifest": pipeline.manifest.name, "summary": eval::summarize(&results), "scenes": results });
-        std::fs::write(&json_path, serde_json::to_string_pretty(&detail)?).with_context(|| format!("writing {}", json_path.display()))?;
+        let detail =
+            json!({ "manifest": pipeline.manifest.name, "summary": eval::summarize(&results), "scenes": results });
+        std::fs::write(&json_path, serde_json::to_string_pretty(&detail)?)
+            .with_context(|| format!("writing {}", json_path.display()))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -363,7 +421,10 @@ pub fn run_daemon(config: &Config, config_path: Option<&Path>, demo: bool) -> Re
         print_captions(broker);
     }
 
-    anyhow::ensure!(config.mqtt.enabled, "`mqtt.enabled` is false: the daemon has nowhere to publish (use `scenecast demo` to print captions)");
+    anyhow::ensure!(
+        config.mqtt.enabled,
+        "`mqtt.enabled` is false: the daemon has nowhere to publish (use `scenecast demo` to print captions)"
+    );
     scenecast::daemon::run(config, config_path.map(Path::to_path_buf))?;
     Ok(ExitCode::SUCCESS)
 }
@@ -375,7 +436,12 @@ fn print_captions(mut broker: mqtt::EmbeddedBroker) {
             let (topic, payload) = (forwarded.topic, String::from_utf8_lossy(&forwarded.payload).into_owned());
             match serde_json::from_str::<wire::Caption>(&payload) {
                 Ok(c) if topic.ends_with("/caption") => {
-                    out!("{topic} [frame {}] {} ({:.0} ms)", c.frame_seq, c.text, c.timings_ms.get("total").copied().unwrap_or(0.0))
+                    out!(
+                        "{topic} [frame {}] {} ({:.0} ms)",
+                        c.frame_seq,
+                        c.text,
+                        c.timings_ms.get("total").copied().unwrap_or(0.0)
+                    )
                 }
                 _ if topic.ends_with("/status") => out!("{topic}: {payload}"),
                 _ => {}

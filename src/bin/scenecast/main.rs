@@ -25,7 +25,13 @@ use cli::{Cli, Command, ModelsCommand};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs at INFO; the demo prints its captions itself, so it only needs warnings.
-    let log = cli.log.clone().unwrap_or_else(|| if matches!(cli.command, Command::Run { demo: false }) { "info".into() } else { "warn".into() });
+    let log = cli.log.clone().unwrap_or_else(|| {
+        if matches!(cli.command, Command::Run { demo: false }) {
+            "info".into()
+        } else {
+            "warn".into()
+        }
+    });
     // ONNX Runtime logs every graph transformation at INFO, and the embedded broker logs every
     // client that goes away as an ERROR: quiet them unless asked for by name.
     let mut filter = log.clone();
@@ -53,7 +59,10 @@ fn init_logging(filter: &str) {
     let env_filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "warn".into());
     if scenecast::daemon::logs_to_journal() {
         if let Ok(journald) = tracing_journald::layer() {
-            tracing_subscriber::registry().with(env_filter).with(journald.with_syslog_identifier("scenecast".into())).init();
+            tracing_subscriber::registry()
+                .with(env_filter)
+                .with(journald.with_syslog_identifier("scenecast".into()))
+                .init();
             return;
         }
     }
@@ -75,10 +84,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Encode { image, json } => commands::encode(&config, &image, json),
         Command::Demo => commands::demo(&config),
         Command::Generate { prompt, output, from_image, hidden, seed, steps, size, guidance, sampler, json } => {
-            let args = commands::GenerateArgs { prompt, output, from_image, hidden, seed, steps, size, guidance, sampler, json };
+            let args = commands::GenerateArgs {
+                prompt,
+                output,
+                from_image,
+                hidden,
+                seed,
+                steps,
+                size,
+                guidance,
+                sampler,
+                json,
+            };
             commands::generate(&config, &args)
         }
-        Command::Eval { set, report, samples, verbose } => commands::evaluate(&config, &set, report.as_deref(), samples, verbose),
+        Command::Eval { set, report, samples, verbose } => {
+            commands::evaluate(&config, &set, report.as_deref(), samples, verbose)
+        }
         Command::Config => {
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
             Ok(ExitCode::SUCCESS)
@@ -95,4 +117,3 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
 }
-
