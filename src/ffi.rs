@@ -181,7 +181,7 @@ impl GgufFile {
             let offset = sys::gguf_get_data_offset(ctx) + sys::gguf_get_tensor_offset(ctx, id);
             let row_len = self.tensor_row_len(name)?;
             let row_bytes = sys::ggml_row_size(ty, row_len as i64);
-            if row_bytes == 0 || n_bytes % row_bytes != 0 {
+            if row_bytes == 0 || !n_bytes.is_multiple_of(row_bytes) {
                 return None;
             }
             let n_rows = n_bytes / row_bytes;

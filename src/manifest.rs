@@ -442,7 +442,7 @@ impl Manifest {
                 return Err(self.invalid(key, "must be at least 1".into()));
             }
         }
-        if g.size_multiple % g.vae_scale != 0 {
+        if !g.size_multiple.is_multiple_of(g.vae_scale) {
             return Err(self.invalid(
                 "generator.size_multiple",
                 format!("{} is not a multiple of generator.vae_scale {}", g.size_multiple, g.vae_scale),

@@ -72,7 +72,7 @@ impl FrameConverter {
     ) -> Result<(), ConvertError> {
         let geometry =
             |message: &str| ConvertError::BadGeometry { format: "YUYV", width, height, message: message.into() };
-        if width == 0 || height == 0 || width % 2 != 0 {
+        if width == 0 || height == 0 || !width.is_multiple_of(2) {
             return Err(geometry("width must be even and both sides non-zero"));
         }
         if stride < width * 2 {

@@ -387,7 +387,7 @@ impl Generator {
     fn project_states(&mut self, states: &[f32], n_embd: usize) -> Result<Vec<f32>, GeneratorError> {
         let spec = self.spec.output_projector.clone().ok_or(GeneratorError::NoOutputProjector)?;
         let session = self.output_projector.as_mut().ok_or(GeneratorError::NoOutputProjector)?;
-        if n_embd == 0 || states.is_empty() || states.len() % n_embd != 0 {
+        if n_embd == 0 || states.is_empty() || !states.len().is_multiple_of(n_embd) {
             return Err(GeneratorError::Request(format!(
                 "hidden states of {} values are not rows of the LLM's width {n_embd}",
                 states.len()
