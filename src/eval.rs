@@ -324,6 +324,64 @@ pub fn summarize(results: &[SceneResult]) -> Vec<(String, Tally)> {
     groups
 }
 
+/// Per category over `results`: scenes that showed it, how many of those named it, and how often
+/// it was named when not shown. Sorted by name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CategoryTally {
+    /// The category.
+    pub name: String,
+    /// Scenes that showed it.
+    pub shown: usize,
+    /// Of those, scenes whose caption named it.
+    pub named: usize,
+    /// Scenes whose caption named it although it was not shown.
+    pub named_wrongly: usize,
+}
+
+/// The per-category table (see [`CategoryTally`]); categories that never appear are left out.
+pub fn per_category(results: &[SceneResult]) -> Vec<CategoryTally> {
+    let mut table: std::collections::BTreeMap<String, CategoryTally> = std::collections::BTreeMap::new();
+    for r in results {
+        let mut shown = r.objects.clone();
+        shown.sort();
+        shown.dedup();
+        for o in &shown {
+            let t = table.entry(o.clone()).or_insert_with(|| CategoryTally { name: o.clone(), ..Default::default() });
+            t.shown += 1;
+            t.named += usize::from(r.named.contains(o));
+        }
+        for n in r.named.iter().filter(|n| !shown.contains(n)) {
+            let t = table.entry(n.clone()).or_insert_with(|| CategoryTally { name: n.clone(), ..Default::default() });
+            t.named_wrongly += 1;
+        }
+    }
+    table.into_values().collect()
+}
+
+/// The most frequent confusions: (shown, named instead, count) for scenes whose caption missed a
+/// shown category and named one that was not shown; `"nothing known"` as the shown side for scenes
+/// of unknown objects. Most frequent first, at most `n`.
+pub fn confusions(results: &[SceneResult], n: usize) -> Vec<(String, String, usize)> {
+    let mut counts: std::collections::BTreeMap<(String, String), usize> = std::collections::BTreeMap::new();
+    for r in results {
+        let wrong: Vec<&String> = r.named.iter().filter(|x| !r.objects.contains(x)).collect();
+        let missed: Vec<String> = if r.objects.is_empty() {
+            vec!["nothing known".to_owned()]
+        } else {
+            r.objects.iter().filter(|o| !r.named.contains(o)).cloned().collect()
+        };
+        for m in &missed {
+            for w in &wrong {
+                *counts.entry((m.clone(), (*w).clone())).or_default() += 1;
+            }
+        }
+    }
+    let mut list: Vec<(String, String, usize)> = counts.into_iter().map(|((a, b), c)| (a, b, c)).collect();
+    list.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.cmp(b)));
+    list.truncate(n);
+    list
+}
+
 /// The report as Markdown: the table of counts, then sample outputs (up to `samples` per kind,
 /// with their answers).
 pub fn markdown(set: &EvalSet, results: &[SceneResult], samples: usize, elapsed_s: f64) -> String {
@@ -351,6 +409,25 @@ pub fn markdown(set: &EvalSet, results: &[SceneResult], samples: usize, elapsed_
             t.position_correct,
             t.position_total
         );
+    }
+    s += "\nPer category (all scenes): how often a shown category was named, and how often it was named when not shown.\n\n";
+    s += "| category | shown | named | recall | named when absent |\n|---|---|---|---|---|\n";
+    for c in per_category(results) {
+        s += &format!(
+            "| {} | {} | {} | {} | {} |\n",
+            c.name,
+            c.shown,
+            c.named,
+            pct(ratio(c.named, c.shown)),
+            c.named_wrongly
+        );
+    }
+    let confused = confusions(results, 15);
+    if !confused.is_empty() {
+        s += "\nMost frequent confusions (shown → named instead):\n\n";
+        for (shown, named, count) in confused {
+            s += &format!("- {shown} → {named}: {count}\n");
+        }
     }
     s += "\nSample outputs (✓ correct, ✗ wrong):\n\n";
     let mut shown: Vec<(&str, usize)> = Vec::new();
@@ -440,6 +517,53 @@ mod tests {
         assert_eq!((t.exact, t.precision(), t.recall()), (1, None, None));
         let (_, _, t) = score(&scene, &cats(), "A dog.", &[]);
         assert_eq!((t.exact, t.false_positives), (0, 1));
+    }
+
+    fn result(kind: &str, objects: &[&str], named: &[&str]) -> SceneResult {
+        SceneResult {
+            image: "x.png".into(),
+            kind: kind.into(),
+            objects: objects.iter().map(|s| s.to_string()).collect(),
+            caption: String::new(),
+            named: named.iter().map(|s| s.to_string()).collect(),
+            answers: vec![],
+            tally: Tally::default(),
+        }
+    }
+
+    #[test]
+    fn per_category_counts_recall_and_false_names() {
+        let results = [
+            result("pair", &["cat", "dog"], &["cat", "bus"]),
+            result("single", &["dog"], &["dog"]),
+            result("unknown", &[], &["dog"]),
+        ];
+        let table = per_category(&results);
+        let row = |n: &str| table.iter().find(|c| c.name == n).cloned().unwrap();
+        assert_eq!(row("cat"), CategoryTally { name: "cat".into(), shown: 1, named: 1, named_wrongly: 0 });
+        assert_eq!(row("dog"), CategoryTally { name: "dog".into(), shown: 2, named: 1, named_wrongly: 1 });
+        assert_eq!(row("bus"), CategoryTally { name: "bus".into(), shown: 0, named: 0, named_wrongly: 1 });
+        assert_eq!(table.len(), 3);
+    }
+
+    #[test]
+    fn confusions_pair_the_missed_with_the_wrongly_named() {
+        let results = [
+            result("single", &["cat"], &["dog"]),
+            result("single", &["cat"], &["dog"]),
+            result("single", &["cat"], &["cat"]),
+            result("unknown", &[], &["bus"]),
+            result("pair", &["cat", "dog"], &["dog", "orange"]),
+        ];
+        assert_eq!(
+            confusions(&results, 10),
+            vec![
+                ("cat".into(), "dog".into(), 2),
+                ("cat".into(), "orange".into(), 1),
+                ("nothing known".into(), "bus".into(), 1)
+            ]
+        );
+        assert_eq!(confusions(&results, 1).len(), 1);
     }
 
     #[test]
