@@ -216,6 +216,16 @@ def build_tokenizer(src: Path, dest: Path, spec: dict) -> None:
     stamp_path(src).unlink(missing_ok=True)
 
 
+def pzl_texture(path: Path) -> None:
+    """Replaces a jigzo puzzle file by its photo: the JPEG that follows the puzzle's PNG mask."""
+    data = path.read_bytes()
+    mask = data.find(b"\x89PNG")
+    start = data.find(b"\xff\xd8\xff", mask) if mask >= 0 else -1
+    if start < 0:
+        raise FetchError(f"{path.name}: no JPEG texture after the puzzle's mask (expected a jigzo .pzl file)")
+    path.write_bytes(data[start:])
+
+
 def part_outputs(part: dict) -> list[tuple[str, str]]:
     """(dest, sha256) of every file a part leaves in the cache."""
     intermediate = part.get("cut", part.get("tokenizer", {})).get("from")
@@ -243,6 +253,8 @@ def fetch_part(part: dict, root: Path) -> str:
                     continue
                 out = tmp / f"file{i}"
                 extract(archives[0], f["member"], out)
+                if f.get("take") == "pzl-texture":
+                    pzl_texture(out)
                 install_verified(out, root / f["dest"], f["sha256"], f"{part['id']}: {f['member']}")
             if "concat" in part:
                 joined = tmp / "joined"
@@ -264,11 +276,13 @@ def fetch_part(part: dict, root: Path) -> str:
     return "fetched"
 
 
-def select(parts: list[dict], arch: str, gemma: bool) -> list[dict]:
+def select(parts: list[dict], arch: str, gemma: bool, train: bool = False) -> list[dict]:
     groups = {"core"}
     groups |= {"x86_64", "aarch64"} if arch == "all" else {arch}
     if gemma:
         groups.add("gemma")
+    if train:
+        groups.add("train")
     return [p for p in parts if p["group"] in groups]
 
 
@@ -280,13 +294,15 @@ def main() -> int:
                     help="which ONNX Runtime library to fetch (default: this host's)")
     ap.add_argument("--gemma", action="store_true",
                     help="also fetch Gemma-3-270M (253 MB), the second LLM architecture")
+    ap.add_argument("--train", action="store_true",
+                    help="also fetch the projector's training and evaluation photos (Tux Paint's stamps, 161 MB download, and jigzo's photos)")
     ap.add_argument("--check", action="store_true", help="verify only; download nothing")
     args = ap.parse_args()
 
     sources = tomllib.loads((HERE / "sources.toml").read_text())
     root = args.cache / "models"
     root.mkdir(parents=True, exist_ok=True)
-    parts = select(sources["part"], args.arch, args.gemma)
+    parts = select(sources["part"], args.arch, args.gemma, args.train)
     log(f"scenecast models: {len(parts)} parts into {root}")
     failed = 0
     for n, part in enumerate(parts, 1):

@@ -72,16 +72,49 @@ def article(name: str, capital: bool = False) -> str:
 # Composing scenes
 
 
+def exemplar(e) -> dict:
+    """An exemplar as a dict: `{file, box, crop?}` (a photo in photos/, the object in `box`, the
+    photo itself `crop` of the file), or `{stamp}` (a cut-out with alpha in stamps/). A bare string
+    is a whole photo."""
+    return {"file": e, "box": [0.0, 0.0, 1.0, 1.0]} if isinstance(e, str) else e
+
+
 class Composer:
     def __init__(self, cfg: dict, photos: Path, rng: np.random.Generator):
         self.cfg, self.rng, self.photos = cfg, rng, photos
-        self._open = lru_cache(maxsize=None)(lambda f: Image.open(photos / f).convert("RGB"))
+        self._open = lru_cache(maxsize=None)(self._load)
         self.categories = [c["name"] for c in cfg["category"]]
         self.train_photos = {c["name"]: [p for p in c["photos"] if not p.get("heldout")] for c in cfg["category"]}
+        self.heldout_photos = {c["name"]: [p for p in c["photos"] if p.get("heldout")] for c in cfg["category"]}
+        unknown = [exemplar(u) for u in cfg["sets"]["unknown"]]
+        self.unknown_train = [u for u in unknown if not u.get("heldout")]
+        self.unknown_heldout = [u for u in unknown if u.get("heldout")]
+        # Categories with a real photo (not only cut-outs) to show as a whole camera frame.
+        self.photo_categories = [n for n, ps in self.train_photos.items() if any("stamp" not in p for p in ps)]
+        d = cfg["data"]
+        self.edge_cut = d.get("edge_cut", 0.0)
         held = {frozenset(p) for p in cfg["sets"]["heldout_pairs"]}
         self.heldout_pairs = [tuple(p) for p in cfg["sets"]["heldout_pairs"]]
         self.train_pairs = [(a, b) for i, a in enumerate(self.categories) for b in self.categories[i + 1:]
                             if frozenset((a, b)) not in held]
+
+    def _load(self, key: tuple) -> Image.Image:
+        """A photo (RGB, cropped to `crop`) or a stamp (RGBA, cut to its alpha's bounding box)."""
+        kind, name, crop = key
+        if kind == "stamp":
+            img = Image.open(self.photos.parent / "stamps" / name).convert("RGBA")
+            return img.crop(img.getchannel("A").point(lambda a: 255 if a > 16 else 0).getbbox())
+        img = Image.open(self.photos / name).convert("RGB")
+        if crop:
+            w, h = img.size
+            img = img.crop((int(crop[0] * w), int(crop[1] * h), int(crop[2] * w), int(crop[3] * h)))
+        return img
+
+    def open(self, e: dict) -> Image.Image:
+        e = exemplar(e)
+        if "stamp" in e:
+            return self._open(("stamp", e["stamp"], None))
+        return self._open(("file", e["file"], tuple(e["crop"]) if "crop" in e else None))
 
     def uniform(self, lo: float, hi: float) -> float:
         return float(self.rng.uniform(lo, hi))
@@ -102,7 +135,7 @@ class Composer:
             base = self.rng.integers(0, 256, 3)
             noise = self.rng.normal(0, self.uniform(10, 60), (SIZE, SIZE, 3))
             return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-        photo = self._open(self.cfg["sets"]["backgrounds"][self.rng.integers(len(self.cfg["sets"]["backgrounds"]))])
+        photo = self.open(self.cfg["sets"]["backgrounds"][self.rng.integers(len(self.cfg["sets"]["backgrounds"]))])
         w, h = photo.size
         side = self.uniform(0.4, 1.0) * min(w, h)
         x0, y0 = self.uniform(0, w - side), self.uniform(0, h - side)
@@ -110,6 +143,11 @@ class Composer:
         return self.jitter(img)
 
     def jitter(self, img: Image.Image) -> Image.Image:
+        if img.mode == "RGBA":  # jitter the colours, keep the cut-out's alpha
+            alpha = img.getchannel("A")
+            out = self.jitter(img.convert("RGB")).convert("RGBA")
+            out.putalpha(alpha)
+            return out
         img = ImageEnhance.Brightness(img).enhance(self.uniform(0.75, 1.25))
         img = ImageEnhance.Contrast(img).enhance(self.uniform(0.75, 1.25))
         img = ImageEnhance.Color(img).enhance(self.uniform(0.7, 1.3))
@@ -118,7 +156,13 @@ class Composer:
         return img
 
     def cutout(self, photo: dict) -> Image.Image:
-        img = self._open(photo["file"])
+        photo = exemplar(photo)
+        if "stamp" in photo:
+            out = self.open(photo)
+            if self.rng.random() < 0.5:
+                out = out.transpose(Image.FLIP_LEFT_RIGHT)
+            return self.jitter(out)
+        img = self.open(photo)
         w, h = img.size
         x0, y0, x1, y1 = photo["box"]
         j = lambda v: v + self.uniform(-0.04, 0.04)  # noqa: E731
@@ -138,8 +182,14 @@ class Composer:
         cx = self.uniform(*CENTRES[position]) * SIZE
         x = int(np.clip(cx - width / 2, 0, SIZE - width))
         y = int(self.uniform(0, max(1, SIZE - obj.height)))
-        canvas.paste(obj, (x, y))
-        return [x / SIZE, y / SIZE, (x + obj.width) / SIZE, (y + obj.height) / SIZE]
+        if self.edge_cut and self.rng.random() < self.edge_cut:
+            # Partly cut by the frame's top or bottom edge, as a camera frames things (at most a
+            # third of the object; left and right stay, the position words depend on them).
+            cut = int(self.uniform(0.1, 0.33) * obj.height)
+            y = -cut if self.rng.random() < 0.5 else SIZE - obj.height + cut
+        canvas.paste(obj, (x, y), obj if obj.mode == "RGBA" else None)
+        box = [x / SIZE, y / SIZE, (x + obj.width) / SIZE, (y + obj.height) / SIZE]
+        return [float(np.clip(v, 0.0, 1.0)) for v in box]
 
     def pick_photo(self, name: str) -> dict:
         ps = self.train_photos[name]
@@ -167,19 +217,49 @@ class Composer:
         return canvas, {"kind": kind, "objects": [{"name": a, "position": "left", "box": left},
                                                   {"name": b, "position": "right", "box": right}]}
 
-    def empty(self) -> tuple[Image.Image, dict]:
+    def empty(self, pool: list[dict] | None = None) -> tuple[Image.Image, dict]:
+        """A scene with nothing known: a background with one object of no category from `pool`
+        (default: the training unknowns). Configurations without `data.unknown` (v1) paste one
+        half of the time, as they were trained."""
         canvas = self.background()
-        if self.rng.random() < 0.5:
-            unknown = self.cfg["sets"]["unknown"]
-            obj = self._open(unknown[self.rng.integers(len(unknown))])
-            position = list(POSITIONS)[self.rng.integers(3)]
-            self.paste(canvas, self.jitter(obj), position, tuple(self.cfg["data"]["single_scale"]))
-        return canvas, {"kind": "empty", "objects": []}
+        pool = self.unknown_train if pool is None else pool
+        if "unknown" not in self.cfg["data"]:
+            if self.rng.random() < 0.5:
+                obj = self.open(pool[self.rng.integers(len(pool))])
+                position = list(POSITIONS)[self.rng.integers(3)]
+                self.paste(canvas, self.jitter(obj), position, tuple(self.cfg["data"]["single_scale"]))
+            return canvas, {"kind": "empty", "objects": []}
+        position = list(POSITIONS)[self.rng.integers(3)]
+        self.paste(canvas, self.cutout(pool[self.rng.integers(len(pool))]), position, tuple(self.cfg["data"]["single_scale"]))
+        return canvas, {"kind": "unknown", "objects": []}
+
+    def plain(self) -> tuple[Image.Image, dict]:
+        """A background alone."""
+        return self.background(), {"kind": "empty", "objects": []}
+
+    def half(self, pool: list[dict] | None = None, photos: dict | None = None) -> tuple[Image.Image, dict]:
+        """A known object and an unknown one: the caption names the known one only."""
+        pool = self.unknown_train if pool is None else pool
+        photos = self.train_photos if photos is None else photos
+        names = [n for n in self.categories if photos[n]]
+        name = names[self.rng.integers(len(names))]
+        sides = ["left", "right"] if self.rng.random() < 0.5 else ["right", "left"]
+        canvas = self.background()
+        scale = tuple(self.cfg["data"]["pair_scale"])
+        box = self.paste(canvas, self.cutout(photos[name][self.rng.integers(len(photos[name]))]), sides[0], scale)
+        self.paste(canvas, self.cutout(pool[self.rng.integers(len(pool))]), sides[1], scale)
+        return canvas, {"kind": "half", "objects": [{"name": name, "position": sides[0], "box": box}]}
+
+    def exemplar_single(self, name: str, photo: dict) -> tuple[Image.Image, dict]:
+        position = list(POSITIONS)[self.rng.integers(3)]
+        canvas = self.background()
+        box = self.paste(canvas, self.cutout(photo), position, tuple(self.cfg["data"]["single_scale"]))
+        return canvas, {"kind": "exemplar-heldout", "objects": [{"name": name, "position": position, "box": box}]}
 
     def photo_view(self, photo: dict) -> tuple[Image.Image, list[float]]:
         """A real photo as a camera would frame it (the whole photo, or a crop around the object),
         and where the object is in it as fractions [x0, y0, x1, y1]."""
-        img = self._open(photo["file"])
+        img = self.open(photo)
         w, h = img.size
         x0, y0, x1, y1 = photo["box"]
         crop = (0, 0, w, h)
@@ -197,8 +277,9 @@ class Composer:
         return self.jitter(img.resize((SIZE, SIZE), Image.BILINEAR)), box
 
     def photo(self) -> tuple[Image.Image, dict]:
-        name = self.categories[self.rng.integers(len(self.categories))]
-        img, box = self.photo_view(self.pick_photo(name))
+        name = self.photo_categories[self.rng.integers(len(self.photo_categories))]
+        photos = [p for p in self.train_photos[name] if "stamp" not in p]
+        img, box = self.photo_view(photos[self.rng.integers(len(photos))])
         return img, {"kind": "photo", "objects": [{"name": name, "box": box}]}
 
 
@@ -242,7 +323,7 @@ def question(meta: dict, cfg: dict, categories: list[str], rng: np.random.Genera
     if meta.get("caption"):  # a user's own photo: captions only
         kinds = ["caption"]
     weights = np.array([q[k] for k in kinds], np.float64)
-    if "where" in kinds and not (meta["kind"] in ("single", "pair") and len(set(names)) == len(names)):
+    if "where" in kinds and not (meta["kind"] in ("single", "pair", "half") and len(set(names)) == len(names)):
         weights[kinds.index("where")] = 0
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
     if kind == "caption":
@@ -348,15 +429,22 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     comp = Composer(cfg, photos, rng)
     d = cfg["data"]
     images, metas = [], []
-    log(f"[1/4] composing {d['single'] + d['pair'] + d['empty'] + d['photo']} training images")
+    total = sum(d.get(k, 0) for k in ("single", "pair", "empty", "photo", "unknown", "half"))
+    log(f"[1/4] composing {total} training images")
     for _ in range(d["single"]):
         im, m = comp.single(); images.append(im); metas.append(m)  # noqa: E702
     for _ in range(d["pair"]):
         im, m = comp.pair(comp.train_pairs, "pair"); images.append(im); metas.append(m)  # noqa: E702
     for _ in range(d["empty"]):
-        im, m = comp.empty(); images.append(im); metas.append(m)  # noqa: E702
+        im, m = comp.empty() if "unknown" not in d else comp.plain(); images.append(im); metas.append(m)  # noqa: E702
     for _ in range(d["photo"]):
         im, m = comp.photo(); images.append(im); metas.append(m)  # noqa: E702
+    # v2: unknown objects alone ("No known object."), a known and an unknown object (only the
+    # known one is named); `empty` above is then a background alone.
+    for _ in range(d.get("unknown", 0)):
+        im, m = comp.empty(); images.append(im); metas.append(m)  # noqa: E702
+    for _ in range(d.get("half", 0)):
+        im, m = comp.half(); images.append(im); metas.append(m)  # noqa: E702
     if user_data:
         user = sorted(p for p in user_data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         for p in user:
@@ -410,17 +498,61 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
         names = [o["name"] for o in m["objects"]]
         scenes.append({"image": name, "kind": m["kind"], "objects": names,
                        "questions": questions(names, {o["name"]: o["position"] for o in m["objects"]})})
-    for i in range(cfg["data"]["eval_empty"]):
-        img, _ = comp.empty()
-        name = f"empty-{i:03}.png"
+    def add(img: Image.Image, m: dict, name: str) -> None:
         img.save(out / name)
-        scenes.append({"image": name, "kind": "empty", "objects": [], "questions": questions([], {})})
+        names = [o["name"] for o in m["objects"]]
+        positions = {o["name"]: o["position"] for o in m["objects"] if "position" in o} if len(set(names)) == len(names) else {}
+        scenes.append({"image": name, "kind": m["kind"], "objects": names, "questions": questions(names, positions)})
+
+    v2 = "unknown" in cfg["data"]
+    for i in range(cfg["data"]["eval_empty"]):
+        img, m = comp.plain() if v2 else comp.empty()
+        add(img, {**m, "kind": "empty"}, f"empty-{i:03}.png")
+    if v2:
+        # Held out by exemplar: every held-out cut-out alone (a few views each), held-out cut-outs
+        # in pairs, unknown objects never trained on alone and next to a known held-out object.
+        held = [(c["name"], p) for c in cfg["category"] for p in c["photos"] if p.get("heldout") and "crop" not in p]
+        for k, (name, p) in enumerate(held):
+            for v in range(cfg["data"]["eval_exemplar_views"]):
+                img, m = comp.exemplar_single(name, p)
+                add(img, m, f"exemplar-{k:03}-{v}.png")
+        for i in range(cfg["data"]["eval_exemplar_pairs"]):
+            (a, pa), (b, pb) = [held[j] for j in rng.choice(len(held), 2, replace=False)]
+            while a == b:
+                (a, pa), (b, pb) = [held[j] for j in rng.choice(len(held), 2, replace=False)]
+            canvas = comp.background()
+            scale = tuple(cfg["data"]["pair_scale"])
+            left = comp.paste(canvas, comp.cutout(pa), "left", scale)
+            right = comp.paste(canvas, comp.cutout(pb), "right", scale)
+            add(canvas, {"kind": "exemplar-heldout-pair", "objects": [{"name": a, "position": "left", "box": left},
+                                                                      {"name": b, "position": "right", "box": right}]},
+                f"exemplar-pair-{i:03}.png")
+        unknown = [u for u in comp.unknown_heldout if "stamp" in u or "crop" not in u]
+        for k, u in enumerate(unknown):
+            for v in range(cfg["data"]["eval_exemplar_views"]):
+                img, m = comp.empty([u])
+                add(img, {**m, "kind": "unknown-heldout"}, f"unknown-{k:03}-{v}.png")
+        for i in range(cfg["data"]["eval_half"]):
+            img, m = comp.half(comp.unknown_heldout, comp.heldout_photos)
+            add(img, {**m, "kind": "half-heldout"}, f"half-{i:03}.png")
     for c in cfg["category"]:
         for p in c["photos"]:
-            # Whole photos, as the camera delivers them: the Rust pipeline resizes them itself.
-            scenes.append({"image": str(cache / "models" / "photos" / p["file"]),
-                           "kind": "photo-heldout" if p.get("heldout") else "photo",
-                           "objects": [c["name"]], "questions": questions([c["name"]], {})})
+            if "stamp" in p:
+                continue
+            kind = "photo-heldout" if p.get("heldout") else "photo"
+            if "crop" in p:  # a photo inside a larger file: the crop, as the camera would deliver it
+                name = f"{kind}-{Path(p['file']).stem}.png"
+                comp.open(p).save(out / name)
+            else:  # whole photos as the camera delivers them: the Rust pipeline resizes them itself
+                name = str(cache / "models" / "photos" / p["file"])
+            scenes.append({"image": name, "kind": kind, "objects": [c["name"]], "questions": questions([c["name"]], {})})
+    if v2:
+        # Whole photos of nothing known.
+        for u in comp.unknown_heldout:
+            if "crop" in u or ("file" in u and "stamp" not in u):
+                name = f"unknown-photo-{Path(u['file']).stem}.png"
+                comp.open(u).save(out / name)
+                scenes.append({"image": name, "kind": "unknown-photo-heldout", "objects": [], "questions": questions([], {})})
     doc = {"name": cfg["name"], "categories": comp.categories, "caption_prompt": cfg["questions"]["caption_prompts"][0],
            "scenes": scenes}
     (out / "eval.json").write_text(json.dumps(doc, indent=1))
@@ -758,9 +890,14 @@ def main() -> int:
         cfg["train"]["steps"] = args.steps
     work = args.cache / "train" / cfg["name"]
     work.mkdir(parents=True, exist_ok=True)
-    missing = [p for c in cfg["category"] for p in c["photos"] if not (args.cache / "models/photos" / p["file"]).is_file()]
+    def where(e: dict) -> Path:
+        e = exemplar(e)
+        return args.cache / "models" / ("stamps/" + e["stamp"] if "stamp" in e else "photos/" + e["file"])
+
+    missing = [where(p) for c in cfg["category"] for p in c["photos"]] + [where(u) for u in cfg["sets"]["unknown"]]
+    missing = [m for m in missing if not m.is_file()]
     if missing:
-        raise SystemExit(f"error: photo {missing[0]['file']} is not in {args.cache}/models/photos; run `make models` first")
+        raise SystemExit(f"error: {missing[0]} is missing; run `make models` (`make projector` fetches the training photos) first")
     if args.eval_set_only:
         write_eval(cfg, args.cache, work)
         return 0
