@@ -72,14 +72,23 @@ $(TRAIN_PY): models/requirements-train.txt
 
 train-venv: $(TRAIN_PY)
 
-## projector: train the input projector from scratch (about 35 min on 2 cores; models/README.md)
-projector: deps models train-venv
-	$(TRAIN_PY) models/train_projector.py --cache $(CACHE)
+# The projector's training configuration (models/projector/train.toml: the shipped one; e.g.
+# PROJECTOR_CONFIG=models/projector/train-v2.toml for the 80-category candidate, models/README.md).
+PROJECTOR_CONFIG ?= models/projector/train.toml
+PROJECTOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(PROJECTOR_CONFIG) | head -n 1)
+CANDIDATE = $(CACHE)/train/$(PROJECTOR_NAME)/candidate.toml
 
-## eval: evaluate the model stack through the Rust pipeline on the held-out set (models/README.md)
+## projector: train the input projector from scratch (35-40 min on 2 cores; models/README.md)
+projector: FETCH_ARGS += --train
+projector: deps models train-venv
+	$(TRAIN_PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG)
+
+## eval: evaluate through the Rust pipeline on the held-out set: the projector `make projector` just
+## trained when there is one (its candidate.toml), else the shipped one (models/README.md)
+eval: FETCH_ARGS += --train
 eval: deps models build
-	$(PY) models/train_projector.py --cache $(CACHE) --eval-set-only
-	$(CARGO) run --release --quiet -- eval $(CACHE)/train/dinov2s-smollm2-v1/eval/eval.json --report models/projector/dinov2s-smollm2-v1.eval.md
+	$(PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG) --eval-set-only
+	$(CARGO) run --release --quiet -- $(if $(wildcard $(CANDIDATE)),--config $(CANDIDATE)) eval $(CACHE)/train/$(PROJECTOR_NAME)/eval/eval.json --report models/projector/$(PROJECTOR_NAME).eval.md
 
 ## generator-models: rewrite the tiny generator test models and sampler fixtures (models/generator)
 generator-models: train-venv

@@ -4,7 +4,10 @@
 LLaVA stage 1 + 2 on one CPU: the encoder is frozen; the projector (pooled patch tokens -> Linear ->
 GELU -> Linear) learns in front of the frozen LLM, then, from `[adapter] start` on, together with a
 small LoRA adapter on the LLM's attention, on scenes composed from real photos (captions) and on
-visual questions (presence yes/no, position, count) about the same scenes. The composer knows what
+visual questions (presence yes/no, position, count) about the same scenes. Scenes are composed
+from photos with a box and from cut-outs with alpha (Tux Paint's stamps): one object, two, none,
+an object of no known category ("No known object."), a known next to an unknown one; exemplars and
+unknown objects marked `heldout` never appear in training and make their own evaluation rows. The composer knows what
 each image token shows, so a grounding loss (no LLM needed) also points every token over an object at
 the LLM's embedding of the object's name: the tokens read like words, and composed scenes generalise.
 
@@ -25,6 +28,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 import tomllib
@@ -920,9 +924,29 @@ def main() -> int:
                "onnx_vs_torch_max_abs": diff, "image_token_norm": float(np.linalg.norm(
                    proj(__import__("torch").from_numpy(feats[:8])).detach().numpy(), axis=-1).mean())}
     dest.with_suffix(".train.json").write_text(json.dumps(summary, indent=1) + "\n")
-    log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate with: "
-        f"scenecast eval {work / 'eval' / 'eval.json'}")
+    config = write_candidate(dest, adapter_path(dest) if adapted else None, work)
+    log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate the new projector with: "
+        f"scenecast --config {config} eval {work / 'eval' / 'eval.json'}   (or `make eval`)")
     return 0
+
+
+def write_candidate(projector: Path, adapter: Path | None, work: Path) -> Path:
+    """A manifest and a config that use the freshly trained projector (and adapter) in place of the
+    shipped ones, so `scenecast eval` and `make eval` can judge a run before it is shipped. Returns
+    the config's path (`<work>/candidate.toml`)."""
+    text = manifest.REFERENCE.read_text()
+    key = lambda p: f'{{ path = "{p.resolve()}" }}'  # noqa: E731
+    projector_line = re.search(r'^file = \{ cache = "projector/[^"]+\.onnx".*\}$', text, re.M)
+    adapter_line = re.search(r'^adapter = \{ cache = "projector/[^"]+\.lora\.gguf".*\}$', text, re.M)
+    if not projector_line:
+        raise SystemExit(f"error: {manifest.REFERENCE} has no [projector] file line to replace")
+    text = text.replace(projector_line.group(0), f"file = {key(projector)}")
+    if adapter_line:
+        text = text.replace(adapter_line.group(0), f"adapter = {key(adapter)}" if adapter else "")
+    (work / "candidate-manifest.toml").write_text(text)
+    config = work / "candidate.toml"
+    config.write_text(f'[models]\nmanifest = "{(work / "candidate-manifest.toml").resolve()}"\n')
+    return config
 
 
 if __name__ == "__main__":
