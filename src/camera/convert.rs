@@ -7,42 +7,9 @@ use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
 use zune_jpeg::JpegDecoder;
 
+use super::source::CameraError;
 use crate::frame::RgbImage;
 
-/// A camera buffer that cannot be converted.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConvertError {
-    /// A raw buffer is shorter than its format and size require.
-    #[error("{format} frame {width}x{height}: buffer has {actual} bytes, expected at least {expected}")]
-    ShortBuffer {
-        /// The pixel format.
-        format: &'static str,
-        /// Frame width.
-        width: u32,
-        /// Frame height.
-        height: u32,
-        /// Bytes needed.
-        expected: usize,
-        /// Bytes given.
-        actual: usize,
-    },
-    /// A frame size that cannot be converted.
-    #[error("{format} frame {width}x{height}: {message}")]
-    BadGeometry {
-        /// The pixel format.
-        format: &'static str,
-        /// Frame width.
-        width: u32,
-        /// Frame height.
-        height: u32,
-        /// What is wrong.
-        message: String,
-    },
-    /// A JPEG (MJPEG) frame that does not decode.
-    #[error("MJPEG frame does not decode: {0}")]
-    Jpeg(String),
-}
 /// Converts camera buffers to RGB8. Holds the scratch memory that padded rows need, so that
 /// converting frames of a stable size allocates nothing.
 #[derive(Debug, Default)]
@@ -69,9 +36,9 @@ impl FrameConverter {
         height: u32,
         stride: u32,
         out: &mut RgbImage,
-    ) -> Result<(), ConvertError> {
+    ) -> Result<(), CameraError> {
         let geometry =
-            |message: &str| ConvertError::BadGeometry { format: "YUYV", width, height, message: message.into() };
+            |message: &str| CameraError::BadGeometry { format: "YUYV", width, height, message: message.into() };
         if width == 0 || height == 0 || !width.is_multiple_of(2) {
             return Err(geometry("width must be even and both sides non-zero"));
         }
@@ -81,7 +48,7 @@ impl FrameConverter {
         let row = width as usize * 2;
         let expected = stride as usize * (height as usize - 1) + row;
         if src.len() < expected {
-            return Err(ConvertError::ShortBuffer { format: "YUYV", width, height, expected, actual: src.len() });
+            return Err(CameraError::ShortBuffer { format: "YUYV", width, height, expected, actual: src.len() });
         }
         // The converter wants exactly `height` rows of `width * 2` bytes: pack padded rows first.
         let packed: &[u8] = if stride as usize == row {
@@ -103,7 +70,7 @@ impl FrameConverter {
     /// Decodes one MJPEG frame into `out`. Many UVC webcams send MJPEG frames without Huffman
     /// tables (the MJPEG convention: the decoder assumes the standard ones of JPEG Annex K.3);
     /// such a frame gets the standard tables put in before decoding.
-    pub fn mjpeg_to_rgb(&mut self, src: &[u8], max_side: u32, out: &mut RgbImage) -> Result<(), ConvertError> {
+    pub fn mjpeg_to_rgb(&mut self, src: &[u8], max_side: u32, out: &mut RgbImage) -> Result<(), CameraError> {
         if has_huffman_tables(src) {
             return mjpeg_to_rgb(src, max_side, out);
         }
@@ -205,10 +172,10 @@ const STANDARD_DHT: [u8; 420] = {
 };
 
 /// Copies a packed RGB24 buffer with `stride` bytes per row into `out`.
-pub fn rgb24_to_rgb(src: &[u8], width: u32, height: u32, stride: u32, out: &mut RgbImage) -> Result<(), ConvertError> {
+pub fn rgb24_to_rgb(src: &[u8], width: u32, height: u32, stride: u32, out: &mut RgbImage) -> Result<(), CameraError> {
     let row = width as usize * 3;
     if width == 0 || height == 0 || (stride as usize) < row {
-        return Err(ConvertError::BadGeometry {
+        return Err(CameraError::BadGeometry {
             format: "RGB24",
             width,
             height,
@@ -217,7 +184,7 @@ pub fn rgb24_to_rgb(src: &[u8], width: u32, height: u32, stride: u32, out: &mut 
     }
     let expected = stride as usize * (height as usize - 1) + row;
     if src.len() < expected {
-        return Err(ConvertError::ShortBuffer { format: "RGB24", width, height, expected, actual: src.len() });
+        return Err(CameraError::ShortBuffer { format: "RGB24", width, height, expected, actual: src.len() });
     }
     let dst = out.reshape(width, height);
     for (y, dst_row) in dst.chunks_exact_mut(row).enumerate() {
@@ -229,20 +196,20 @@ pub fn rgb24_to_rgb(src: &[u8], width: u32, height: u32, stride: u32, out: &mut 
 
 /// Decodes one MJPEG frame (a JPEG image) into `out`. Frames larger than `max_side` pixels on a
 /// side are refused before decoding, so a corrupt header cannot ask for gigabytes.
-pub fn mjpeg_to_rgb(src: &[u8], max_side: u32, out: &mut RgbImage) -> Result<(), ConvertError> {
+pub fn mjpeg_to_rgb(src: &[u8], max_side: u32, out: &mut RgbImage) -> Result<(), CameraError> {
     let options = DecoderOptions::default()
         .jpeg_set_out_colorspace(ColorSpace::RGB)
         .set_max_width(max_side as usize)
         .set_max_height(max_side as usize);
     let mut decoder = JpegDecoder::new_with_options(src, options);
-    decoder.decode_headers().map_err(|e| ConvertError::Jpeg(format!("{e:?}")))?;
-    let (width, height) = decoder.dimensions().ok_or_else(|| ConvertError::Jpeg("no image dimensions".into()))?;
+    decoder.decode_headers().map_err(|e| CameraError::Jpeg(format!("{e:?}")))?;
+    let (width, height) = decoder.dimensions().ok_or_else(|| CameraError::Jpeg("no image dimensions".into()))?;
     let (width, height) = (width as u32, height as u32);
     if decoder.get_output_colorspace() != Some(ColorSpace::RGB) {
-        return Err(ConvertError::Jpeg(format!("cannot convert to RGB from {:?}", decoder.get_output_colorspace())));
+        return Err(CameraError::Jpeg(format!("cannot convert to RGB from {:?}", decoder.get_output_colorspace())));
     }
     let dst = out.reshape(width, height);
-    decoder.decode_into(dst).map_err(|e| ConvertError::Jpeg(format!("{e:?}")))
+    decoder.decode_into(dst).map_err(|e| CameraError::Jpeg(format!("{e:?}")))
 }
 
 #[cfg(test)]

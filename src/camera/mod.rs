@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use convert::{mjpeg_to_rgb, rgb24_to_rgb, ConvertError, FrameConverter};
+pub use convert::{mjpeg_to_rgb, rgb24_to_rgb, FrameConverter};
 pub use source::{CameraError, FrameSlot, FrameSource, Slideshow};
 pub use v4l2::{convert_buffer, PixelFormat, V4l2Config, V4l2Source};
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::frame::{Frame, ImageError, RgbImage};
 
-/// An error of a frame source.
+/// An error of the camera: a frame source that fails, or a buffer that cannot be converted.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CameraError {
@@ -28,6 +28,35 @@ pub enum CameraError {
     /// An image did not decode.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// A raw buffer is shorter than its format and size require.
+    #[error("{format} frame {width}x{height}: buffer has {actual} bytes, expected at least {expected}")]
+    ShortBuffer {
+        /// The pixel format.
+        format: &'static str,
+        /// Frame width.
+        width: u32,
+        /// Frame height.
+        height: u32,
+        /// Bytes needed.
+        expected: usize,
+        /// Bytes given.
+        actual: usize,
+    },
+    /// A frame size that cannot be converted.
+    #[error("{format} frame {width}x{height}: {message}")]
+    BadGeometry {
+        /// The pixel format.
+        format: &'static str,
+        /// Frame width.
+        width: u32,
+        /// Frame height.
+        height: u32,
+        /// What is wrong.
+        message: String,
+    },
+    /// A JPEG (MJPEG) frame that does not decode.
+    #[error("MJPEG frame does not decode: {0}")]
+    Jpeg(String),
 }
 
 /// Something that delivers frames.

@@ -12,7 +12,7 @@ use v4l::buffer::Type;
 use v4l::io::traits::CaptureStream;
 use v4l::video::Capture;
 
-use super::convert::{rgb24_to_rgb, ConvertError, FrameConverter};
+use super::convert::{rgb24_to_rgb, FrameConverter};
 use super::source::{CameraError, FrameSource};
 use crate::frame::{Frame, RgbImage};
 
@@ -91,7 +91,7 @@ pub fn convert_buffer(
     data: &[u8],
     converter: &mut FrameConverter,
     out: &mut RgbImage,
-) -> Result<(), ConvertError> {
+) -> Result<(), CameraError> {
     match format {
         PixelFormat::Mjpeg => converter.mjpeg_to_rgb(data, 8192, out),
         PixelFormat::Yuyv => converter.yuyv_to_rgb(data, width, height, stride.max(width * 2), out),

@@ -2,16 +2,61 @@
 
 use std::path::PathBuf;
 
-use super::gguf::GgufError;
 use crate::cache::CacheError;
 
-/// An error while loading or running the backbone.
+/// An error of the LLM: its GGUF file (missing, incomplete, not what the manifest says), loading it
+/// and its adapter, and running it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LlmError {
-    /// The GGUF failed the metadata checks.
-    #[error(transparent)]
-    File(#[from] GgufError),
+    /// The GGUF file is missing.
+    #[error("{path}: file not found (expected a GGUF model; run `make models` for the reference one)")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// llama.cpp's reader rejects the header.
+    #[error(
+        "{path}: not a readable GGUF file (llama.cpp's gguf reader rejected its header; expected a GGUF v2/v3 model)"
+    )]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is shorter than its tensor table says.
+    #[error("{path}: truncated: {actual} bytes, but its tensors end at byte {expected}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Where the tensor data ends.
+        expected: u64,
+        /// The file's size.
+        actual: u64,
+    },
+    /// A required metadata key is missing or has the wrong type.
+    #[error("{path}: metadata key `{key}` is missing or not {expected}")]
+    MissingKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The expected type.
+        expected: &'static str,
+    },
+    /// The GGUF differs from what the manifest says.
+    #[error("{path}: {what} is {actual}, but manifest {manifest} expects {expected}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// The manifest.
+        manifest: String,
+        /// Which property.
+        what: &'static str,
+        /// The manifest's value.
+        expected: String,
+        /// The file's value.
+        actual: String,
+    },
     /// llama.cpp refused the model.
     #[error(
         "{path}: llama.cpp cannot load it: {reason} (expected a complete GGUF of an architecture llama.cpp supports)"

@@ -5,62 +5,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::error::LlmError;
 use crate::ffi::{GgufFile, GgufValue};
 use crate::manifest::Manifest;
-
-/// An error about the LLM's GGUF file.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum GgufError {
-    /// The file is missing.
-    #[error("{path}: file not found (expected a GGUF model; run `make models` for the reference one)")]
-    Missing {
-        /// The file.
-        path: PathBuf,
-    },
-    /// llama.cpp's reader rejects the header.
-    #[error(
-        "{path}: not a readable GGUF file (llama.cpp's gguf reader rejected its header; expected a GGUF v2/v3 model)"
-    )]
-    NotGguf {
-        /// The file.
-        path: PathBuf,
-    },
-    /// The file is shorter than its tensor table says.
-    #[error("{path}: truncated: {actual} bytes, but its tensors end at byte {expected}")]
-    Truncated {
-        /// The file.
-        path: PathBuf,
-        /// Where the tensor data ends.
-        expected: u64,
-        /// The file's size.
-        actual: u64,
-    },
-    /// A required metadata key is missing or has the wrong type.
-    #[error("{path}: metadata key `{key}` is missing or not {expected}")]
-    MissingKey {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// The expected type.
-        expected: &'static str,
-    },
-    /// The GGUF differs from what the manifest says.
-    #[error("{path}: {what} is {actual}, but manifest {manifest} expects {expected}")]
-    Mismatch {
-        /// The file.
-        path: PathBuf,
-        /// The manifest.
-        manifest: String,
-        /// Which property.
-        what: &'static str,
-        /// The manifest's value.
-        expected: String,
-        /// The file's value.
-        actual: String,
-    },
-}
 
 /// What a GGUF says about itself.
 #[derive(Debug, Clone, Serialize)]
@@ -119,15 +66,15 @@ impl GgufInfo {
     }
 
     /// Reads the metadata of `path` and checks that the file is complete.
-    pub fn read(path: &Path) -> Result<Self, GgufError> {
-        let size = std::fs::metadata(path).map_err(|_| GgufError::Missing { path: path.to_owned() })?.len();
-        let gguf = GgufFile::open(path).ok_or_else(|| GgufError::NotGguf { path: path.to_owned() })?;
+    pub fn read(path: &Path) -> Result<Self, LlmError> {
+        let size = std::fs::metadata(path).map_err(|_| LlmError::Missing { path: path.to_owned() })?.len();
+        let gguf = GgufFile::open(path).ok_or_else(|| LlmError::NotGguf { path: path.to_owned() })?;
         let data_end = gguf.data_end();
         if data_end > size {
-            return Err(GgufError::Truncated { path: path.to_owned(), expected: data_end, actual: size });
+            return Err(LlmError::Truncated { path: path.to_owned(), expected: data_end, actual: size });
         }
         let missing =
-            |key: &str, expected| GgufError::MissingKey { path: path.to_owned(), key: key.to_owned(), expected };
+            |key: &str, expected| LlmError::MissingKey { path: path.to_owned(), key: key.to_owned(), expected };
         let string = |key: &str| match gguf.get(key) {
             Some(GgufValue::Str(s)) => Some(s),
             _ => None,
@@ -154,8 +101,8 @@ impl GgufInfo {
     }
 
     /// Checks the GGUF against the manifest's `llm` section.
-    pub fn check_against(&self, manifest: &Manifest) -> Result<(), GgufError> {
-        let mismatch = |what, expected: String, actual: String| GgufError::Mismatch {
+    pub fn check_against(&self, manifest: &Manifest) -> Result<(), LlmError> {
+        let mismatch = |what, expected: String, actual: String| LlmError::Mismatch {
             path: self.path.clone(),
             manifest: manifest.origin.clone(),
             what,
@@ -178,9 +125,9 @@ impl GgufInfo {
 
 /// The rows of `tokens` in the GGUF's token-embedding matrix (`token_embd.weight`), dequantised:
 /// what the model itself feeds its first layer for those tokens.
-pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, GgufError> {
-    let gguf = GgufFile::open(path).ok_or_else(|| GgufError::NotGguf { path: path.to_owned() })?;
-    let (matrix, width) = gguf.tensor_f32(path, "token_embd.weight").ok_or_else(|| GgufError::MissingKey {
+pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, LlmError> {
+    let gguf = GgufFile::open(path).ok_or_else(|| LlmError::NotGguf { path: path.to_owned() })?;
+    let (matrix, width) = gguf.tensor_f32(path, "token_embd.weight").ok_or_else(|| LlmError::MissingKey {
         path: path.to_owned(),
         key: "token_embd.weight".into(),
         expected: "a dequantisable tensor",
@@ -188,7 +135,7 @@ pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, GgufErr
     let n_rows = matrix.len() / width;
     let mut out = Vec::with_capacity(tokens.len() * width);
     for &t in tokens {
-        let row = usize::try_from(t).ok().filter(|r| *r < n_rows).ok_or_else(|| GgufError::MissingKey {
+        let row = usize::try_from(t).ok().filter(|r| *r < n_rows).ok_or_else(|| LlmError::MissingKey {
             path: path.to_owned(),
             key: format!("token_embd.weight row {t}"),
             expected: "a token id inside the vocabulary",

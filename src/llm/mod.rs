@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 pub use backbone::{Backbone, GenerateOptions, Generation, ModelSummary, Part, StopReason};
 pub use error::{check_question, LlmError, QuestionError};
-pub use gguf::{token_embeddings, GgufError, GgufInfo};
+pub use gguf::{token_embeddings, GgufInfo};
 pub use prompt::{ChatLayout, StopFilter};
 pub use sampling::{SamplingParams, TokenSampler};
 

@@ -3,15 +3,7 @@
 
 use std::net::SocketAddr;
 
-/// An error starting the embedded broker.
-#[derive(Debug, thiserror::Error)]
-#[error("embedded MQTT broker on {addr}: {message}")]
-pub struct BrokerError {
-    /// Where it was to listen.
-    pub addr: SocketAddr,
-    /// What went wrong.
-    pub message: String,
-}
+use super::MqttError;
 
 /// A message the embedded broker forwarded to the watcher.
 #[derive(Debug, Clone, PartialEq)]
@@ -46,8 +38,8 @@ impl EmbeddedBroker {
 /// Starts `rumqttd` on `addr` (MQTT 3.1.1 and 5 on the same port is not supported by rumqttd, so
 /// `v5` picks which one) in its own thread; the returned handle receives every message published
 /// on `watch` (a topic filter), for printing.
-pub fn start(addr: SocketAddr, v5: bool, watch: &str) -> Result<EmbeddedBroker, BrokerError> {
-    let err = |message: String| BrokerError { addr, message };
+pub fn start(addr: SocketAddr, v5: bool, watch: &str) -> Result<EmbeddedBroker, MqttError> {
+    let err = |message: String| MqttError::Broker { addr, message };
     if !addr.ip().is_loopback() {
         return Err(err("the embedded broker listens on loopback only".into()));
     }

@@ -30,7 +30,7 @@ use publisher::PublisherTask;
 use spool::Spool;
 use wire::{Limits, Topics};
 
-pub use broker::{start as start_broker, BrokerError, EmbeddedBroker, Forwarded};
+pub use broker::{start as start_broker, EmbeddedBroker, Forwarded};
 pub use outbound::{messages, Delivery, Outgoing};
 pub use settings::{DiscoveryConfig, MqttConfig, MqttProtocol, TlsConfig};
 pub use spool::{SpoolError, SpooledMessage};
@@ -50,6 +50,14 @@ pub enum MqttError {
     /// The spool directory is unusable.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// The demo's embedded broker could not start.
+    #[error("embedded MQTT broker on {addr}: {message}")]
+    Broker {
+        /// Where it was to listen.
+        addr: std::net::SocketAddr,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 /// Where a reply goes.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::preprocess::{PreprocessError, Preprocessor};
+use super::preprocess::Preprocessor;
 use crate::cache::{self, CacheError};
 use crate::frame::RgbImage;
 use crate::manifest::{EncoderSpec, Manifest};
@@ -20,9 +20,20 @@ pub enum VisionError {
     /// ONNX Runtime or the model's signature.
     #[error(transparent)]
     Onnx(#[from] OnnxError),
-    /// The frame could not be pre-processed.
-    #[error(transparent)]
-    Preprocess(#[from] PreprocessError),
+    /// The resizer failed on a frame.
+    #[error("resize {from_w}x{from_h} -> {to_w}x{to_h}: {message}")]
+    Resize {
+        /// Source width.
+        from_w: u32,
+        /// Source height.
+        from_h: u32,
+        /// Target width.
+        to_w: u32,
+        /// Target height.
+        to_h: u32,
+        /// The resizer's message.
+        message: String,
+    },
     /// A model produced a tensor of another shape than the manifest says.
     #[error("{file}: output shape {actual:?}, expected {expected:?} (from manifest {manifest})")]
     OutputShape {

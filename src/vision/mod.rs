@@ -14,7 +14,7 @@ use crate::manifest::Manifest;
 use crate::onnx::OnnxRuntime;
 
 pub use encoder::{EncodeTimings, Encoder, PatchFeatures, VisionError};
-pub use preprocess::{PreprocessError, Preprocessor};
+pub use preprocess::Preprocessor;
 pub use projector::{ImageTokens, Projector};
 
 /// Milliseconds per vision stage for one frame.

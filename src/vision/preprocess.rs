@@ -5,24 +5,9 @@ use fast_image_resize::images::{TypedImage, TypedImageRef};
 use fast_image_resize::pixels::U16x3;
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 
+use super::VisionError;
 use crate::frame::RgbImage;
 use crate::manifest::{PreprocessSpec, ResizeMode};
-
-/// The resizer failed on a frame.
-#[derive(Debug, thiserror::Error)]
-#[error("resize {from_w}x{from_h} -> {to_w}x{to_h}: {message}")]
-pub struct PreprocessError {
-    /// Source width.
-    pub from_w: u32,
-    /// Source height.
-    pub from_h: u32,
-    /// Target width.
-    pub to_w: u32,
-    /// Target height.
-    pub to_h: u32,
-    /// The resizer's message.
-    pub message: String,
-}
 
 /// Turns RGB8 frames into the encoder's input tensor: resize (bilinear convolution, Pillow's
 /// `BILINEAR` filter), scale to [0, 1], normalise with the manifest's mean/std, lay out as NCHW f32.
@@ -71,9 +56,9 @@ impl Preprocessor {
     }
 
     /// Pre-processes `image`; the returned slice is the NCHW tensor, valid until the next call.
-    pub fn run(&mut self, image: &RgbImage) -> Result<&[f32], PreprocessError> {
+    pub fn run(&mut self, image: &RgbImage) -> Result<&[f32], VisionError> {
         let [height, width] = self.spec.size;
-        let resize_err = |message: String| PreprocessError {
+        let resize_err = |message: String| VisionError::Resize {
             from_w: image.width(),
             from_h: image.height(),
             to_w: width,
