@@ -423,12 +423,8 @@ def data_paths(cfg: dict, work: Path, user_data: Path | None) -> tuple[Path, Pat
     return work / f"features-{key}.npy", work / f"meta-{key}.json"
 
 
-def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, list[dict]]:
-    feats_path, meta_path = data_paths(cfg, work, user_data)
-    if feats_path.is_file() and meta_path.is_file():
-        log(f"[2/4] features cached: {feats_path}")
-        return np.load(feats_path), json.loads(meta_path.read_text())
-    photos = cache / "models" / "photos"
+def compose_training(cfg: dict, photos: Path) -> tuple["Composer", list[Image.Image], list[dict]]:
+    """The training scenes of `cfg` (seeded: the same images every time), and the composer."""
     rng = np.random.default_rng(cfg["seed"])
     comp = Composer(cfg, photos, rng)
     d = cfg["data"]
@@ -449,6 +445,16 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
         im, m = comp.empty(); images.append(im); metas.append(m)  # noqa: E702
     for _ in range(d.get("half", 0)):
         im, m = comp.half(); images.append(im); metas.append(m)  # noqa: E702
+    return comp, images, metas
+
+
+def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, list[dict]]:
+    feats_path, meta_path = data_paths(cfg, work, user_data)
+    if feats_path.is_file() and meta_path.is_file():
+        log(f"[2/4] features cached: {feats_path}")
+        return np.load(feats_path), json.loads(meta_path.read_text())
+    photos = cache / "models" / "photos"
+    comp, images, metas = compose_training(cfg, photos)
     if user_data:
         user = sorted(p for p in user_data.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         for p in user:
