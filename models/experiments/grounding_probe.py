@@ -128,61 +128,28 @@ def main() -> int:
     }
     results = {}
     for name, (make, transform, decay, _) in variants.items():
-        proj = make(feats.shape[2])
-        background = torch.nn.Parameter(torch.zeros(1))
-        opt = torch.optim.AdamW(list(proj.parameters()) + [background], lr=t["lr"], weight_decay=decay)
-        prep = transform or (lambda x: x)
-        rng = np.random.default_rng(cfg["seed"] + 1)
-
-        def logits_of(x):
-            unit = torch.nn.functional.normalize(proj(prep(x)), dim=-1)
-            cos = unit @ names.T * t["aux_scale"]
-            return torch.cat([cos, background.expand(*cos.shape[:2], 1)], dim=-1)
-
-        for _ in range(t["aux_steps"]):
-            idx = pick[rng.integers(len(pick), size=t["aux_batch"])]
-            lab = train_cells[idx]
-            logits = logits_of(train_feats[idx])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        proj.eval()
-        row = {}
-        with torch.no_grad():
-            for label, (x, lab) in sets.items():
-                pred = logits_of(x).argmax(-1)
-                obj = (lab >= 0) & (lab < len(categories))
-                cells = float((pred[obj] == lab[obj]).float().mean())
-                right, scored = 0, 0
-                for s in range(len(x)):
-                    truth = lab[s][obj[s]]
-                    if truth.numel() == 0:  # an object smaller than half a cell everywhere: not scored
-                        continue
-                    scored += 1
-                    votes = pred[s][obj[s]]
-                    votes = votes[votes < len(categories)]
-                    right += int(len(votes) > 0 and int(torch.mode(votes).values) == int(truth[0]))
-                row[label] = (cells, right / max(1, scored))
+        row = train_and_score(cfg, names, train_feats, train_cells, pick, sets, make, t["aux_steps"], decay, transform)
         results[name] = row
         log(f"{name}: " + "; ".join(f"{k}: cells {c:.1%}, scenes {s:.1%}" for k, (c, s) in row.items()))
     print(json.dumps(results, indent=1))
     return 0
 
 
-def train_and_score(cfg, names, feats, cells, pick, sets, make, steps) -> dict:
-    """Trains a head on the grounding loss alone; scores it on each of `sets`."""
+def train_and_score(cfg, names, feats, cells, pick, sets, make, steps, decay=0.0, prep=None) -> dict:
+    """Trains a head (`make(width)`, on `prep(features)`) on the grounding loss alone; scores it on
+    each of `sets`: (share of object cells right, share of scenes whose majority is right)."""
     import torch
 
     t = cfg["train"]
     proj = make(feats.shape[2])
+    prep = prep or (lambda x: x)
     background = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW(list(proj.parameters()) + [background], lr=t["lr"])
+    opt = torch.optim.AdamW(list(proj.parameters()) + [background], lr=t["lr"], weight_decay=decay)
     rng = np.random.default_rng(cfg["seed"] + 1)
     categories = names.shape[0]
 
     def logits_of(x):
-        unit = torch.nn.functional.normalize(proj(x), dim=-1)
+        unit = torch.nn.functional.normalize(proj(prep(x)), dim=-1)
         cos = unit @ names.T * t["aux_scale"]
         return torch.cat([cos, background.expand(*cos.shape[:2], 1)], dim=-1)
 
@@ -193,6 +160,7 @@ def train_and_score(cfg, names, feats, cells, pick, sets, make, steps) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    proj.eval()
     row = {}
     with torch.no_grad():
         for label, (x, lab) in sets.items():
