@@ -472,7 +472,8 @@ pub struct ErrorReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorBody {
-    /// Stable code: `bad_request`, `too_large`, `bad_question`, `forbidden_reply_topic`, `busy`, `internal`.
+    /// Stable code ([`RequestError::code`]): `bad_request`, `too_large`, `bad_question`, `bad_prompt`,
+    /// `forbidden_reply_topic`, `busy`, `out_of_range`, `unavailable`, `internal`.
     pub code: String,
     /// A sentence for humans.
     pub message: String,
