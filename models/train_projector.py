@@ -97,6 +97,9 @@ class Composer:
         self.photo_categories = [n for n, ps in self.train_photos.items() if any("stamp" not in p for p in ps)]
         d = cfg["data"]
         self.edge_cut = d.get("edge_cut", 0.0)
+        # A v2 configuration composes unknown objects as their own kind ("No known object."), and
+        # `empty` is then a background alone; v1's empty scenes paste one half of the time.
+        self.v2 = "unknown" in d
         held = {frozenset(p) for p in cfg["sets"]["heldout_pairs"]}
         self.heldout_pairs = [tuple(p) for p in cfg["sets"]["heldout_pairs"]]
         self.train_pairs = [(a, b) for i, a in enumerate(self.categories) for b in self.categories[i + 1:]
@@ -227,7 +230,7 @@ class Composer:
         half of the time, as they were trained."""
         canvas = self.background()
         pool = self.unknown_train if pool is None else pool
-        if "unknown" not in self.cfg["data"]:
+        if not self.v2:
             if self.rng.random() < 0.5:
                 obj = self.open(pool[self.rng.integers(len(pool))])
                 position = list(POSITIONS)[self.rng.integers(3)]
@@ -436,7 +439,7 @@ def compose_training(cfg: dict, photos: Path) -> tuple["Composer", list[Image.Im
     for _ in range(d["pair"]):
         im, m = comp.pair(comp.train_pairs, "pair"); images.append(im); metas.append(m)  # noqa: E702
     for _ in range(d["empty"]):
-        im, m = comp.empty() if "unknown" not in d else comp.plain(); images.append(im); metas.append(m)  # noqa: E702
+        im, m = comp.plain() if comp.v2 else comp.empty(); images.append(im); metas.append(m)  # noqa: E702
     for _ in range(d["photo"]):
         im, m = comp.photo(); images.append(im); metas.append(m)  # noqa: E702
     # v2: unknown objects alone ("No known object."), a known and an unknown object (only the
@@ -514,7 +517,7 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
         positions = {o["name"]: o["position"] for o in m["objects"] if "position" in o} if len(set(names)) == len(names) else {}
         scenes.append({"image": name, "kind": m["kind"], "objects": names, "questions": questions(names, positions)})
 
-    v2 = "unknown" in cfg["data"]
+    v2 = comp.v2
     for i in range(cfg["data"]["eval_empty"]):
         img, m = comp.plain() if v2 else comp.empty()
         add(img, {**m, "kind": "empty"}, f"empty-{i:03}.png")

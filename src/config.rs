@@ -12,7 +12,7 @@ use crate::camera::CameraConfig;
 use crate::generate::GeneratorConfig;
 use crate::llm::LlmConfig;
 use crate::manifest::{Manifest, ManifestError};
-use crate::mqtt::{MqttConfig, RequestSettings};
+use crate::mqtt::MqttConfig;
 use crate::onnx::OnnxConfig;
 use crate::worker::{GateConfig, PrivacyConfig, RuntimeSettings};
 
@@ -282,15 +282,6 @@ impl Config {
     /// The settings that SIGHUP and `config/set` can change.
     pub fn runtime_settings(&self) -> RuntimeSettings {
         RuntimeSettings { caption_prompt: self.llm.caption_prompt.clone(), gate: self.scene.clone() }
-    }
-
-    /// The limits on MQTT requests that come from `[llm]` and `[generator]`.
-    pub fn request_settings(&self) -> RequestSettings {
-        RequestSettings {
-            max_question_chars: self.llm.max_question_chars,
-            max_prompt_chars: self.generator.max_prompt_chars,
-            image_type: self.generator.format.content_type(),
-        }
     }
 
     /// The manifest in effect.

@@ -45,6 +45,27 @@ def compose(cfg: dict, comp: Composer, exemplars: list[tuple[str, dict]]) -> tup
     return images, metas
 
 
+def probe_scenes(cfg: dict, cache: Path) -> dict:
+    """The scenes the variants are scored on: every held-out cut-out, and as many training cut-outs
+    (seeded), each alone on a fresh background in VIEWS views: {label: (images, metas)}."""
+    comp = Composer(cfg, cache / "models" / "photos", np.random.default_rng(cfg["seed"] + 7))
+    held = [(c["name"], p) for c in cfg["category"] for p in c["photos"] if p.get("heldout") and "crop" not in p]
+    seen = [(c["name"], p) for c in cfg["category"] for p in c["photos"] if not p.get("heldout") and "crop" not in p]
+    seen = [seen[i] for i in np.random.default_rng(cfg["seed"] + 8).choice(len(seen), len(held), replace=False)]
+    return {label: compose(cfg, comp, exemplars) for label, exemplars in (("held-out exemplars", held), ("training exemplars", seen))}
+
+
+def name_embeddings(cfg: dict, cache: Path, categories: list[str]):
+    """The LLM's input embedding of each category's name (mean over its tokens), unit length."""
+    import torch
+
+    model, tok = load_frozen_llm(cache / "models" / cfg["model"]["llm"])
+    embed = model.get_input_embeddings()
+    with torch.no_grad():
+        names = torch.stack([embed(torch.tensor(tok(" " + c, add_special_tokens=False).input_ids)).mean(0) for c in categories])
+    return torch.nn.functional.normalize(names, dim=-1)
+
+
 def encode_tokens(images: list, encoder: Path, threads: int) -> np.ndarray:
     """Every output token of the frozen encoder, CLS first: [n, 1 + grid, width], float16."""
     import onnxruntime as ort
@@ -94,24 +115,15 @@ def main() -> int:
     categories = [c["name"] for c in cfg["category"]]
     pool, t = cfg["model"]["pool"], cfg["train"]
 
-    comp = Composer(cfg, cache / "models" / "photos", np.random.default_rng(cfg["seed"] + 7))
-    held = [(c["name"], p) for c in cfg["category"] for p in c["photos"] if p.get("heldout") and "crop" not in p]
-    seen = [(c["name"], p) for c in cfg["category"] for p in c["photos"] if not p.get("heldout") and "crop" not in p]
-    seen = [seen[i] for i in np.random.default_rng(cfg["seed"] + 8).choice(len(seen), len(held), replace=False)]
     sets = {}
-    for label, exemplars in (("held-out exemplars", held), ("training exemplars", seen)):
-        images, scene_metas = compose(cfg, comp, exemplars)
+    for label, (images, scene_metas) in probe_scenes(cfg, cache).items():
         log(f"encoding {len(images)} scenes of {label}")
         sets[label] = (torch.from_numpy(encode(images, cache / "models" / cfg["model"]["encoder"], pool, t["threads"])),
                        torch.from_numpy(cell_labels(scene_metas, categories, pool)[0]))
 
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(t["threads"])
-    model, tok = load_frozen_llm(cache / "models" / cfg["model"]["llm"])
-    embed = model.get_input_embeddings()
-    with torch.no_grad():
-        names = torch.stack([embed(torch.tensor(tok(" " + c, add_special_tokens=False).input_ids)).mean(0) for c in categories])
-    names = torch.nn.functional.normalize(names, dim=-1)
+    names = name_embeddings(cfg, cache, categories)
     train_feats = torch.from_numpy(feats)
     train_cells = torch.from_numpy(cell_labels(metas, categories, pool)[0])
     pick = np.array([i for i, m in enumerate(metas) if m["kind"] != "check"])
@@ -186,26 +198,16 @@ def features_probe() -> int:
     cfg = load_config(HERE.parent / "projector" / "train-v2.toml")
     t, categories = cfg["train"], [c["name"] for c in cfg["category"]]
     encoder = cache / "models" / cfg["model"]["encoder"]
-    comp, images, metas = compose_training(cfg, cache / "models" / "photos")
+    _, images, metas = compose_training(cfg, cache / "models" / "photos")
     log(f"encoding {len(images)} training scenes, every token")
     train_tokens = encode_tokens(images, encoder, t["threads"])
     del images
-    probe = Composer(cfg, cache / "models" / "photos", np.random.default_rng(cfg["seed"] + 7))
-    held = [(c["name"], p) for c in cfg["category"] for p in c["photos"] if p.get("heldout") and "crop" not in p]
-    seen = [(c["name"], p) for c in cfg["category"] for p in c["photos"] if not p.get("heldout") and "crop" not in p]
-    seen = [seen[i] for i in np.random.default_rng(cfg["seed"] + 8).choice(len(seen), len(held), replace=False)]
-    probe_sets = {}
-    for label, exemplars in (("held-out exemplars", held), ("training exemplars", seen)):
-        images, scene_metas = compose(cfg, probe, exemplars)
-        probe_sets[label] = (encode_tokens(images, encoder, t["threads"]), scene_metas)
+    probe_sets = {label: (encode_tokens(images, encoder, t["threads"]), scene_metas)
+                  for label, (images, scene_metas) in probe_scenes(cfg, cache).items()}
 
     torch.manual_seed(cfg["seed"])
     torch.set_num_threads(t["threads"])
-    model, tok = load_frozen_llm(cache / "models" / cfg["model"]["llm"])
-    embed = model.get_input_embeddings()
-    with torch.no_grad():
-        names = torch.stack([embed(torch.tensor(tok(" " + c, add_special_tokens=False).input_ids)).mean(0) for c in categories])
-    names = torch.nn.functional.normalize(names, dim=-1)
+    names = name_embeddings(cfg, cache, categories)
     hidden = cfg["model"]["hidden"]
     pick = np.arange(len(metas))
     results = {}

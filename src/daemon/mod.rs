@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache;
 use crate::camera::{self, CameraError, FrameSlot, FrameSource};
-use crate::config::{Config, ConfigError, WatchdogConfig};
+use crate::config::{Config, WatchdogConfig};
 use crate::generate::OnDemand;
 use crate::mqtt::{self, MqttError};
 use crate::pipeline::{Pipeline, StackError};
@@ -26,9 +26,6 @@ pub use systemd::{logs_to_journal, watchdog_interval, Notifier};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DaemonError {
-    /// The configuration.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// The model stack.
     #[error(transparent)]
     Stack(#[from] StackError),
@@ -103,7 +100,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     tokio_rt.block_on(async move {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
         let settings = Arc::new(RwLock::new(config.runtime_settings()));
-        let mqtt = mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, config.request_settings())?;
+        let mqtt = mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, mqtt::RequestSettings::new(&config.llm, &config.generator))?;
         let progress = Arc::new(Progress::default());
         // The generator is loaded on the first request that needs it, not here.
         let generator = (manifest.generator.is_some() && config.generator.enabled)

@@ -134,11 +134,11 @@ impl RenderRequest {
     }
 }
 
-/// Checks a generation prompt: given (unless the scene's description is rendered, `from_scene`),
-/// not blank, and at most `limit` characters.
+/// Checks a generation prompt: never blank (leave it out instead), given unless the scene's
+/// description is rendered (`from_scene`), and at most `limit` characters.
 pub fn check_prompt(prompt: Option<&str>, from_scene: bool, limit: usize) -> Result<(), PromptError> {
     match prompt {
-        Some(p) if p.trim().is_empty() && !from_scene => Err(PromptError::Empty),
+        Some(p) if p.trim().is_empty() => Err(PromptError::Empty),
         None if !from_scene => Err(PromptError::Empty),
         Some(p) if p.chars().count() > limit => Err(PromptError::TooLong { chars: p.chars().count(), limit }),
         _ => Ok(()),
@@ -149,7 +149,10 @@ pub fn check_prompt(prompt: Option<&str>, from_scene: bool, limit: usize) -> Res
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PromptError {
     /// No prompt and nothing else to render.
-    #[error("the prompt is empty; give a prompt, or render the scene's description")]
+    #[error(
+        "the prompt is empty: give a prompt, or have the scene described and rendered (`from_scene: true` in an MQTT \
+         request, `--from-image IMAGE` on the command line)"
+    )]
     Empty,
     /// Longer than `generator.max_prompt_chars`.
     #[error("the prompt has {chars} characters; the limit is {limit} (generator.max_prompt_chars)")]

@@ -87,15 +87,21 @@ pub struct RequestSettings {
     pub image_type: &'static str,
 }
 
-impl Default for RequestSettings {
-    /// The defaults of `[llm]` and `[generator]`.
-    fn default() -> Self {
-        let (llm, generator) = (crate::llm::LlmConfig::default(), crate::generate::GeneratorConfig::default());
+impl RequestSettings {
+    /// The limits `[llm]` and `[generator]` set.
+    pub fn new(llm: &crate::llm::LlmConfig, generator: &crate::generate::GeneratorConfig) -> Self {
         RequestSettings {
             max_question_chars: llm.max_question_chars,
             max_prompt_chars: generator.max_prompt_chars,
             image_type: generator.format.content_type(),
         }
+    }
+}
+
+impl Default for RequestSettings {
+    /// The defaults of `[llm]` and `[generator]`.
+    fn default() -> Self {
+        RequestSettings::new(&Default::default(), &Default::default())
     }
 }
 

@@ -2,7 +2,7 @@
 //! properties, and whether a message may wait in the spool while the broker is away.
 
 use super::spool::SpooledMessage;
-use super::wire::{self, ErrorReply, ImageInfo, Reply, RequestError, Topics};
+use super::wire::{self, ErrorReply, Reply, RequestError, Topics};
 use super::ReplyAddress;
 use crate::worker::{Output, Picture, RuntimeSettings};
 
@@ -50,52 +50,52 @@ fn error_message(to: &ReplyAddress, error: &RequestError) -> SpooledMessage {
     reply_message(to, &Reply::Error(ErrorReply::new(to.id.clone(), error)))
 }
 
-fn picture_message(topic: String, retain: bool, picture: &Picture, info: Option<&ImageInfo>) -> SpooledMessage {
+fn picture_message(topic: String, retain: bool, picture: Picture, properties: Vec<(String, String)>) -> SpooledMessage {
     SpooledMessage {
         topic,
-        payload: picture.bytes.clone(),
+        payload: picture.bytes,
         retain,
         correlation: None,
-        user_properties: info.map(ImageInfo::user_properties).unwrap_or_default(),
+        user_properties: properties,
         content_type: Some(picture.format.content_type().to_owned()),
     }
 }
 
 /// The messages for one outgoing item, each with how it is delivered. The only place that turns
 /// results into MQTT messages; the settings state and expired requests are handled by the
-/// publisher itself and map to nothing here.
-pub fn messages(topics: &Topics, outgoing: &Outgoing) -> Vec<(SpooledMessage, Delivery)> {
+/// publisher itself and map to nothing here. Takes the item, so a picture's bytes are moved, not
+/// copied (a render's reply and the image topic's copy share one copy).
+pub fn messages(topics: &Topics, outgoing: Outgoing) -> Vec<(SpooledMessage, Delivery)> {
     let result = match outgoing {
-        Outgoing::Refused { to, error } => return vec![(error_message(to, error), Delivery::Keep)],
+        Outgoing::Refused { to, error } => return vec![(error_message(&to, &error), Delivery::Keep)],
         Outgoing::ConfigState(_) => return Vec::new(),
         Outgoing::Result(result) => result,
     };
     match result {
         Output::Caption(caption) => {
-            let caption = wire::Caption::from(caption);
+            let caption = wire::Caption::from(&caption);
             let payload = serde_json::to_vec(&caption).unwrap_or_default();
             vec![(SpooledMessage::json(topics.caption(), payload, true, &caption.timings_ms), Delivery::Keep)]
         }
         Output::ScenePicture(picture) => {
-            vec![(picture_message(topics.image(), true, picture, None), Delivery::LatestOnly)]
+            vec![(picture_message(topics.image(), true, picture, Vec::new()), Delivery::LatestOnly)]
         }
         Output::Answer { to, answer } => {
-            let reply = Reply::Answer(wire::Answer::new(to.id.clone(), answer));
-            vec![(reply_message(to, &reply), Delivery::Keep)]
+            let reply = Reply::Answer(wire::Answer::new(to.id.clone(), &answer));
+            vec![(reply_message(&to, &reply), Delivery::Keep)]
         }
         Output::Rendered { to, picture, info } => {
-            let info = ImageInfo::new(to.id.clone(), info);
-            let latest = picture_message(topics.image(), true, picture, Some(&info));
+            let properties = wire::image_properties(to.id.as_deref(), &info);
             let reply = SpooledMessage {
                 correlation: to.correlation.clone(),
-                ..picture_message(to.topic.clone(), false, picture, Some(&info))
+                ..picture_message(to.topic.clone(), false, picture.clone(), properties.clone())
             };
+            let latest = picture_message(topics.image(), true, picture, properties);
             vec![(latest, Delivery::LatestOnly), (reply, Delivery::Keep)]
         }
         Output::Failed { to, error } => {
-            tracing::warn!(topic = %to.topic, "request failed: {error}");
             // The refusal class, and so the error code, comes from the one `From<&JobError>`.
-            vec![(error_message(to, &RequestError::from(error)), Delivery::Keep)]
+            vec![(error_message(&to, &RequestError::from(&error)), Delivery::Keep)]
         }
         Output::Expired => Vec::new(),
     }
@@ -151,16 +151,17 @@ mod tests {
             (Outgoing::Result(Output::Expired), vec![]),
         ];
         for (outgoing, expected) in cases {
-            let got: Vec<_> = messages(&topics, &outgoing).into_iter().map(|(m, d)| (m.topic, m.retain, d)).collect();
+            let shown = format!("{outgoing:?}");
+            let got: Vec<_> = messages(&topics, outgoing).into_iter().map(|(m, d)| (m.topic, m.retain, d)).collect();
             let expected: Vec<_> = expected.into_iter().map(|(t, r, d)| (t.to_owned(), r, d)).collect();
-            assert_eq!(got, expected, "{outgoing:?}");
+            assert_eq!(got, expected, "{shown}");
         }
     }
 
     #[test]
     fn failed_jobs_carry_their_stable_code() {
         let (m, _) =
-            messages(&Topics::new("cam"), &Outgoing::Result(Output::Failed { to: to(), error: JobError::NoGenerator }))
+            messages(&Topics::new("cam"), Outgoing::Result(Output::Failed { to: to(), error: JobError::NoGenerator }))
                 .remove(0);
         let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(body["error"]["code"], "unavailable");

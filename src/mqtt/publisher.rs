@@ -120,7 +120,7 @@ impl PublisherTask {
             }
             Outgoing::ConfigState(state) => self.publish_config_state(state).await,
             other => {
-                for (m, delivery) in messages(&self.topics, &other) {
+                for (m, delivery) in messages(&self.topics, other) {
                     match delivery {
                         Delivery::Keep => self.send(m).await,
                         Delivery::LatestOnly => self.publish_if_online(m).await,

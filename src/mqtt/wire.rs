@@ -289,10 +289,6 @@ pub fn parse_generate(
 ) -> Result<GenerateRequest, RequestError> {
     let text = utf8(payload, limits)?;
     let request: GenerateRequest = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
-    // A blank prompt is refused even with `from_scene` (leave it out to render the description).
-    if request.prompt.as_deref().is_some_and(|p| p.trim().is_empty()) {
-        return Err(PromptError::Empty.into());
-    }
     check_prompt(request.prompt.as_deref(), request.from_scene, max_prompt_chars)?;
     if request.guidance.is_some_and(|g| !g.is_finite()) {
         return Err(RequestError::OutOfRange("guidance must be a finite number".into()));
@@ -300,67 +296,28 @@ pub fn parse_generate(
     Ok(request)
 }
 
-/// What a generated image's reply carries besides the image bytes (as MQTT v5 user properties).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ImageInfo {
-    /// The request's id.
-    pub id: Option<String>,
-    /// The prompt rendered (the description, for `from_scene`).
-    pub prompt: String,
-    /// The noise seed.
-    pub seed: u64,
-    /// Steps.
-    pub steps: usize,
-    /// Width in pixels.
-    pub width: usize,
-    /// Height in pixels.
-    pub height: usize,
-    /// Euler or LCM.
-    pub sampler: String,
-    /// A warning for the requester (prompt truncated at the tokenizer's limit).
-    pub warning: Option<String>,
-    /// Per-stage timings (load, condition, steps, vae, total).
-    pub timings_ms: Timings,
-}
-
-impl ImageInfo {
-    /// The info of the job with request id `id`.
-    pub fn new(id: Option<String>, info: &worker::RenderInfo) -> Self {
-        ImageInfo {
-            id,
-            prompt: info.prompt.clone(),
-            seed: info.seed,
-            steps: info.steps,
-            width: info.width,
-            height: info.height,
-            sampler: info.sampler.clone(),
-            warning: info.warning.clone(),
-            timings_ms: info.timings_ms.clone(),
-        }
+/// What a generated image's reply carries besides the image bytes, as MQTT v5 user properties:
+/// the request's `id`, seed, steps, size, sampler, the prompt rendered, a warning, `<stage>_ms`.
+pub fn image_properties(id: Option<&str>, info: &worker::RenderInfo) -> Vec<(String, String)> {
+    let mut p = vec![
+        ("seed".to_owned(), info.seed.to_string()),
+        ("steps".to_owned(), info.steps.to_string()),
+        ("width".to_owned(), info.width.to_string()),
+        ("height".to_owned(), info.height.to_string()),
+        ("sampler".to_owned(), info.sampler.clone()),
+        // User properties are UTF-8 strings of at most 64 KiB; a prompt is far below that.
+        ("prompt".to_owned(), info.prompt.chars().take(2000).collect()),
+    ];
+    if let Some(id) = id {
+        p.push(("id".to_owned(), id.to_owned()));
     }
-
-    /// As MQTT v5 user properties.
-    pub fn user_properties(&self) -> Vec<(String, String)> {
-        let mut p = vec![
-            ("seed".to_owned(), self.seed.to_string()),
-            ("steps".to_owned(), self.steps.to_string()),
-            ("width".to_owned(), self.width.to_string()),
-            ("height".to_owned(), self.height.to_string()),
-            ("sampler".to_owned(), self.sampler.clone()),
-            // User properties are UTF-8 strings of at most 64 KiB; a prompt is far below that.
-            ("prompt".to_owned(), self.prompt.chars().take(2000).collect()),
-        ];
-        if let Some(id) = &self.id {
-            p.push(("id".to_owned(), id.clone()));
-        }
-        if let Some(w) = &self.warning {
-            p.push(("warning".to_owned(), w.clone()));
-        }
-        for (k, v) in &self.timings_ms {
-            p.push((format!("{k}_ms"), format!("{v:.1}")));
-        }
-        p
+    if let Some(w) = &info.warning {
+        p.push(("warning".to_owned(), w.clone()));
     }
+    for (k, v) in &info.timings_ms {
+        p.push((format!("{k}_ms"), format!("{v:.1}")));
+    }
+    p
 }
 
 /// Parses a plain-text question (Home Assistant's text entity).

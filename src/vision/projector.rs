@@ -53,8 +53,8 @@ pub struct Projector {
 }
 
 impl Projector {
-    /// Loads the projector the manifest names. `llm_n_embd`, when known (read from the GGUF),
-    /// must equal the projector's output width.
+    /// Loads the projector the manifest names. `llm`, when known (the GGUF's path and `n_embd`),
+    /// must have the projector's output width.
     pub fn load(
         runtime: &OnnxRuntime,
         manifest: &Manifest,

@@ -414,7 +414,10 @@ impl Worker {
                 };
                 Output::Answer { to, answer }
             }
-            Err(e) => Output::Failed { to, error: e.into() },
+            Err(e) => {
+                tracing::warn!(question = %job.text, "answering failed: {e}");
+                Output::Failed { to, error: e.into() }
+            }
         };
         let _ = out.blocking_send(output);
     }

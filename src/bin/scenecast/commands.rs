@@ -222,10 +222,7 @@ pub fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
     let root = config.cache_root();
     let manifest = config.manifest()?;
     let spec = manifest.generator.clone().ok_or_else(|| GeneratorError::NotConfigured(manifest.origin.clone()))?;
-    let [height, width] = match &args.size {
-        Some(size) => parse_size(size)?,
-        None => spec.size,
-    };
+    let size = args.size.as_deref().map(parse_size).transpose()?;
     let sampler = match args.sampler.as_deref() {
         None => None,
         Some("euler") => Some(SamplerKind::Euler),
@@ -235,15 +232,14 @@ pub fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
     let request = RenderRequest {
         seed: Some(args.seed),
         steps: args.steps,
-        width: Some(width),
-        height: Some(height),
+        width: size.map(|[_, w]| w),
+        height: size.map(|[h, _]| h),
         guidance: args.guidance,
         sampler,
     };
     let options = request.options(&spec, config.generator.limits(), args.seed)?;
     let prompt = args.prompt.as_deref().map(str::trim).filter(|p| !p.is_empty());
-    check_prompt(prompt, args.from_image.is_some(), config.generator.max_prompt_chars)
-        .context("give a prompt, or --from-image IMAGE to render the LLM's description of an image")?;
+    check_prompt(prompt, args.from_image.is_some(), config.generator.max_prompt_chars)?;
     let prompt = prompt.unwrap_or_default();
     let condition = if args.hidden { ConditionPath::Hidden } else { ConditionPath::Text };
     // The LLM is needed to describe an image, and for hidden-state conditioning.
@@ -284,6 +280,7 @@ pub fn generate(config: &Config, args: &GenerateArgs) -> Result<ExitCode> {
         if let Some(w) = &warning {
             eprintln!("warning: {w}");
         }
+        let [height, width] = options.size;
         out!(
             "{}: {width}x{height} {} ({} bytes) from {:?}",
             args.output.display(),
