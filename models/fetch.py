@@ -22,12 +22,14 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
 import zipfile
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -226,6 +228,53 @@ def pzl_texture(path: Path) -> None:
     path.write_bytes(data[start:])
 
 
+def rcc_files(data: bytes, what: str) -> dict[str, bytes]:
+    """The files inside a Qt resource bundle (.rcc, as GCompris ships its activities): the header
+    ("qres", version, offsets of the tree, the data and the names), a tree of 14-byte (version 1)
+    or 22-byte nodes (directory: child count and first child; file: data offset), names in
+    UTF-16BE, data blobs with a 4-byte size, zlib-compressed ones (flag 1) after a 4-byte length."""
+    if data[:4] != b"qres" or len(data) < 20:
+        raise FetchError(f"{what}: not a Qt resource bundle (expected the magic 'qres')")
+    version, tree, blobs, names = struct.unpack(">IIII", data[4:20])
+    node = 14 if version == 1 else 22
+
+    def name(off: int) -> str:
+        (n,) = struct.unpack(">H", data[names + off:names + off + 2])
+        return data[names + off + 6:names + off + 6 + 2 * n].decode("utf-16-be")
+
+    files: dict[str, bytes] = {}
+
+    def walk(i: int, prefix: str) -> None:
+        p = tree + i * node
+        off, flags = struct.unpack(">IH", data[p:p + 6])
+        path = prefix + name(off) if i else ""
+        if flags & 2:
+            count, first = struct.unpack(">II", data[p + 6:p + 14])
+            for c in range(count):
+                walk(first + c, path + "/" if path else "")
+            return
+        (at,) = struct.unpack(">I", data[p + 10:p + 14])
+        (size,) = struct.unpack(">I", data[blobs + at:blobs + at + 4])
+        blob = data[blobs + at + 4:blobs + at + 4 + size]
+        if flags & 4:
+            raise FetchError(f"{what}: {path} is zstd-compressed (expected zlib or none)")
+        files[path] = zlib.decompress(blob[4:]) if flags & 1 else blob
+
+    try:
+        walk(0, "")
+    except (struct.error, zlib.error, UnicodeDecodeError) as exc:
+        raise FetchError(f"{what}: damaged Qt resource bundle ({exc})") from exc
+    return files
+
+
+def rcc_member(path: Path, inner: str) -> None:
+    """Replaces a Qt resource bundle by one file inside it."""
+    files = rcc_files(path.read_bytes(), path.name)
+    if inner not in files:
+        raise FetchError(f"{path.name}: no {inner} in the resource bundle")
+    path.write_bytes(files[inner])
+
+
 def part_outputs(part: dict) -> list[tuple[str, str]]:
     """(dest, sha256) of every file a part leaves in the cache."""
     intermediate = part.get("cut", part.get("tokenizer", {})).get("from")
@@ -253,8 +302,11 @@ def fetch_part(part: dict, root: Path) -> str:
                     continue
                 out = tmp / f"file{i}"
                 extract(archives[0], f["member"], out)
-                if f.get("take") == "pzl-texture":
+                take = f.get("take", "")
+                if take == "pzl-texture":
                     pzl_texture(out)
+                elif take.startswith("rcc:"):
+                    rcc_member(out, take.removeprefix("rcc:"))
                 install_verified(out, root / f["dest"], f["sha256"], f"{part['id']}: {f['member']}")
             if "concat" in part:
                 joined = tmp / "joined"

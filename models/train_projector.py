@@ -64,6 +64,10 @@ def load_config(path: Path) -> dict:
     if doubled:
         raise SystemExit(f"error: {path}: [model] {', '.join(doubled)} come from models/reference.toml; remove them")
     cfg["model"] = {**FACTS.model_section(), **cfg.get("model", {})}
+    for c in cfg.get("category", []):
+        c["photos"] = [exemplar(p) for p in c["photos"]]
+    if "sets" in cfg:
+        cfg["sets"]["unknown"] = [exemplar(u) for u in cfg["sets"].get("unknown", [])]
     return cfg
 
 
@@ -79,8 +83,10 @@ def article(name: str, capital: bool = False) -> str:
 def exemplar(e) -> dict:
     """An exemplar as a dict: `{file, box, crop?}` (a photo in photos/, the object in `box`, the
     photo itself `crop` of the file), or `{stamp}` (a cut-out with alpha in stamps/). A bare string
-    is a whole photo."""
-    return {"file": e, "box": [0.0, 0.0, 1.0, 1.0]} if isinstance(e, str) else e
+    is a whole photo, and so is a `{file}` without a box."""
+    if isinstance(e, str):
+        return {"file": e, "box": [0.0, 0.0, 1.0, 1.0]}
+    return {"box": [0.0, 0.0, 1.0, 1.0], **e} if "file" in e else e
 
 
 class Composer:
@@ -236,8 +242,12 @@ class Composer:
                 position = list(POSITIONS)[self.rng.integers(3)]
                 self.paste(canvas, self.jitter(obj), position, tuple(self.cfg["data"]["single_scale"]))
             return canvas, {"kind": "empty", "objects": []}
+        obj = exemplar(pool[self.rng.integers(len(pool))])
+        if "stamp" not in obj and self.rng.random() < self.cfg["data"].get("unknown_frame", 0.0):
+            # A real photo of nothing known, as a camera frames it.
+            return self.photo_view(obj)[0], {"kind": "unknown", "objects": []}
         position = list(POSITIONS)[self.rng.integers(3)]
-        self.paste(canvas, self.cutout(pool[self.rng.integers(len(pool))]), position, tuple(self.cfg["data"]["single_scale"]))
+        self.paste(canvas, self.cutout(obj), position, tuple(self.cfg["data"]["single_scale"]))
         return canvas, {"kind": "unknown", "objects": []}
 
     def plain(self) -> tuple[Image.Image, dict]:
@@ -473,7 +483,7 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
         log(f"    + {len(user)} user photos x 8 views from {user_data}")
     # Held-out pairs for a grounding check during training (never trained on; own random stream).
     check = Composer(cfg, photos, np.random.default_rng(cfg["seed"] + 3))
-    for _ in range(d["eval_pairs"]):
+    for _ in range(cfg["data"]["eval_pairs"]):
         im, m = check.pair(check.heldout_pairs, "check"); images.append(im); metas.append(m)  # noqa: E702
     write_eval(cfg, cache, work)
     log(f"[2/4] encoding {len(images)} images with the frozen encoder")
@@ -481,6 +491,11 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     np.save(feats_path, feats)
     meta_path.write_text(json.dumps(metas))
     return feats, metas
+
+
+def readable(file: str) -> bool:
+    """Whether the daemon (the `image` crate with PNG and JPEG) decodes this photo as it is."""
+    return Path(file).suffix.lower() in (".png", ".jpg", ".jpeg")
 
 
 def write_eval(cfg: dict, cache: Path, work: Path) -> None:
@@ -553,7 +568,9 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
             if "stamp" in p:
                 continue
             kind = "photo-heldout" if p.get("heldout") else "photo"
-            if "crop" in p:  # a photo inside a larger file: the crop, as the camera would deliver it
+            if "crop" in p or not readable(p["file"]):
+                # A photo inside a larger file (the crop, as the camera would deliver it), or in a
+                # format the daemon does not decode (WebP): written as PNG.
                 name = f"{kind}-{Path(p['file']).stem}.png"
                 comp.open(p).save(out / name)
             else:  # whole photos as the camera delivers them: the Rust pipeline resizes them itself
