@@ -15,7 +15,7 @@ CARGO ?= cargo
 # README's examples.
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto mosquitto-clients openssl systemd
 
-.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models
+.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models tiny-vlm
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -93,6 +93,21 @@ eval: deps models build
 ## generator-models: rewrite the tiny generator test models and sampler fixtures (models/generator)
 generator-models: train-venv
 	$(TRAIN_PY) models/make_generator.py
+
+## tiny-vlm: rewrite the tiny random SmolVLM-layout test model (models/tiny-vlm; make_tiny_vlm.py)
+# llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py) comes from the llama-cpp-python
+# sdist on PyPI, verified by sha256; nothing of it is built.
+LLAMA_CPP_SDIST := llama_cpp_python-0.3.36.tar.gz
+LLAMA_CPP_SDIST_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_CPP_SRC := $(CACHE)/tools/llama_cpp_python-0.3.36/vendor/llama.cpp
+tiny-vlm: train-venv models
+	mkdir -p $(CACHE)/tools
+	test -f $(CACHE)/tools/$(LLAMA_CPP_SDIST) || $(TRAIN_PY) -m pip download --quiet --no-deps --no-binary=:all: \
+	  llama-cpp-python==0.3.36 -d $(CACHE)/tools
+	echo "$(LLAMA_CPP_SDIST_SHA256)  $(CACHE)/tools/$(LLAMA_CPP_SDIST)" | sha256sum --check --quiet
+	tar -xzf $(CACHE)/tools/$(LLAMA_CPP_SDIST) -C $(CACHE)/tools llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
+	  llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
+	$(TRAIN_PY) models/make_tiny_vlm.py --cache $(CACHE) --llama-cpp $(LLAMA_CPP_SRC) --out models/tiny-vlm
 
 ## bench: the benchmarks (ratios against baselines measured in the same process)
 bench: deps models

@@ -83,7 +83,10 @@ pub struct PreprocessSpec {
     pub std: [f32; 3],
 }
 
-/// The modality encoder (a ViT exported to ONNX).
+/// The modality encoder (a ViT exported to ONNX). Two layouts: patch features that the
+/// `[projector]` pools and maps into the LLM's space (the reference stack), or, without a
+/// `[projector]`, an export with its connector inside whose output already is the image tokens
+/// (SmolVLM's `vision_encoder.onnx`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EncoderSpec {
@@ -91,15 +94,21 @@ pub struct EncoderSpec {
     pub file: FileRef,
     /// The image input's name.
     pub input: String,
-    /// The image input's shape, NCHW; -1 for a free dimension.
+    /// The image input's shape: `[batch, 3, height, width]`, or `[batch, images, 3, height,
+    /// width]` (Idefics3 / SmolVLM exports; scenecast sends one image); -1 for a free dimension.
     pub input_shape: Vec<i64>,
+    /// A boolean pixel-mask input `[batch, images, height, width]` (true for real pixels), as
+    /// Idefics3 exports take it; scenecast sends whole images, so it is all true.
+    #[serde(default)]
+    pub mask_input: Option<String>,
     /// The patch-feature output's name.
     pub output: String,
     /// The output's shape `[batch, tokens, width]`; -1 for a free dimension.
     pub output_shape: Vec<i64>,
     /// Tokens before the patch grid (a CLS token, registers).
     pub prefix_tokens: usize,
-    /// The patch grid `[rows, cols]`, row-major after the prefix tokens.
+    /// The patch grid `[rows, cols]`, row-major after the prefix tokens (for an encoder with its
+    /// connector inside: the grid of its image tokens, e.g. SmolVLM's 8 x 8).
     pub patch_grid: [usize; 2],
     /// Pre-processing.
     pub preprocess: PreprocessSpec,
@@ -262,10 +271,13 @@ pub struct Manifest {
     pub name: String,
     /// A sentence for humans.
     pub description: String,
+    /// True for a stack of randomly initialised test weights (its text is gibberish by design).
+    #[serde(default)]
+    pub random: bool,
     /// The modality encoder.
     pub encoder: EncoderSpec,
-    /// The input projector.
-    pub projector: ProjectorSpec,
+    /// The input projector; without one, the encoder's output is the image tokens.
+    pub projector: Option<ProjectorSpec>,
     /// The LLM backbone.
     pub llm: LlmSpec,
     /// The modality generator (optional).
@@ -310,11 +322,11 @@ impl Manifest {
 
     /// Every file the manifest names, with its dotted key.
     pub fn files(&self) -> Vec<(&'static str, &FileRef)> {
-        let mut files = vec![
-            ("encoder.file", &self.encoder.file),
-            ("projector.file", &self.projector.file),
-            ("llm.file", &self.llm.file),
-        ];
+        let mut files = vec![("encoder.file", &self.encoder.file)];
+        if let Some(projector) = &self.projector {
+            files.push(("projector.file", &projector.file));
+        }
+        files.push(("llm.file", &self.llm.file));
         if let Some(adapter) = &self.llm.adapter {
             files.push(("llm.adapter", adapter));
         }
@@ -345,13 +357,18 @@ impl Manifest {
         }
         let enc = &self.encoder;
         let [height, width] = enc.preprocess.size;
-        if enc.input_shape.len() != 4 || enc.input_shape[1] != 3 {
-            return Err(self.invalid(
-                "encoder.input_shape",
-                format!("expected [batch, 3, height, width], got {:?}", enc.input_shape),
-            ));
-        }
-        if enc.input_shape[2] != i64::from(height) || enc.input_shape[3] != i64::from(width) {
+        let dims = &enc.input_shape;
+        let image_dims = match dims.len() {
+            4 if dims[1] == 3 => &dims[2..],
+            5 if dims[1] == 1 && dims[2] == 3 => &dims[3..],
+            _ => {
+                return Err(self.invalid(
+                    "encoder.input_shape",
+                    format!("expected [batch, 3, height, width] or [batch, 1, 3, height, width], got {dims:?}"),
+                ))
+            }
+        };
+        if image_dims != [i64::from(height), i64::from(width)] {
             return Err(self.invalid(
                 "encoder.preprocess.size",
                 format!("[{height}, {width}] does not match encoder.input_shape {:?}", enc.input_shape),
@@ -382,25 +399,39 @@ impl Manifest {
                 ),
             ));
         }
-        let proj = &self.projector;
-        let [pool_rows, pool_cols] = proj.pool;
-        if pool_rows == 0 || pool_cols == 0 || rows % pool_rows != 0 || cols % pool_cols != 0 {
-            return Err(self.invalid(
-                "projector.pool",
-                format!("{pool_rows}x{pool_cols} must evenly divide the patch grid {rows}x{cols}"),
-            ));
-        }
-        if enc.output_shape[2] != proj.in_width as i64 {
-            return Err(self.invalid(
-                "projector.in_width",
-                format!("{} differs from the encoder's feature width {}", proj.in_width, enc.output_shape[2]),
-            ));
-        }
-        if proj.out_width != self.llm.n_embd {
-            return Err(self.invalid(
-                "projector.out_width",
-                format!("{} differs from llm.n_embd {}", proj.out_width, self.llm.n_embd),
-            ));
+        match &self.projector {
+            Some(proj) => {
+                let [pool_rows, pool_cols] = proj.pool;
+                if pool_rows == 0 || pool_cols == 0 || rows % pool_rows != 0 || cols % pool_cols != 0 {
+                    return Err(self.invalid(
+                        "projector.pool",
+                        format!("{pool_rows}x{pool_cols} must evenly divide the patch grid {rows}x{cols}"),
+                    ));
+                }
+                if enc.output_shape[2] != proj.in_width as i64 {
+                    return Err(self.invalid(
+                        "projector.in_width",
+                        format!("{} differs from the encoder's feature width {}", proj.in_width, enc.output_shape[2]),
+                    ));
+                }
+                if proj.out_width != self.llm.n_embd {
+                    return Err(self.invalid(
+                        "projector.out_width",
+                        format!("{} differs from llm.n_embd {}", proj.out_width, self.llm.n_embd),
+                    ));
+                }
+            }
+            None if enc.output_shape[2] != self.llm.n_embd as i64 => {
+                return Err(self.invalid(
+                    "encoder.output_shape",
+                    format!(
+                        "without a [projector] the encoder's output is the image tokens, so its width must be \
+                         llm.n_embd {}; it is {}",
+                        self.llm.n_embd, enc.output_shape[2]
+                    ),
+                ))
+            }
+            None => {}
         }
         if let Some(g) = &self.generator {
             self.validate_generator(g)?;
@@ -480,7 +511,16 @@ impl Manifest {
 
     /// The number of image tokens one frame costs.
     pub fn n_image_tokens(&self) -> usize {
-        self.projector.pool[0] * self.projector.pool[1]
+        match &self.projector {
+            Some(p) => p.pool[0] * p.pool[1],
+            None => self.encoder.patch_grid[0] * self.encoder.patch_grid[1],
+        }
+    }
+
+    /// True when the stack cannot describe images: random test weights, or the untrained
+    /// placeholder projector.
+    pub fn untrained(&self) -> bool {
+        self.random || self.projector.as_ref().is_some_and(|p| p.untrained)
     }
 
     /// The absolute location of a file reference, given the cache root.
@@ -556,7 +596,7 @@ mod tests {
     fn reference_manifest_is_valid() {
         let m = Manifest::reference().unwrap();
         assert_eq!(m.n_image_tokens(), 64);
-        assert_eq!(m.projector.out_width, m.llm.n_embd);
+        assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
         assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
@@ -618,7 +658,7 @@ mod tests {
             t.replacen("file = { cache = \"projector/dinov2s-smollm2-v1.onnx\"", "file = { path = \"proj.onnx\"", 1)
         })
         .unwrap();
-        assert_eq!(m.resolve(&m.projector.file, Path::new("/c")), Path::new("/m/proj.onnx"));
+        assert_eq!(m.resolve(&m.projector.unwrap().file, Path::new("/c")), Path::new("/m/proj.onnx"));
         let err = with(|t| {
             t.replacen("file = { cache = \"dinov2s/encoder.onnx\"", "file = { cache = \"a\", path = \"b\"", 1)
         })

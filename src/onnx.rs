@@ -311,6 +311,8 @@ pub enum Input<'a> {
     I32(&'a [i32]),
     /// 64-bit integers (token ids, timesteps).
     I64(&'a [i64]),
+    /// Booleans (pixel masks).
+    Bool(&'a [bool]),
 }
 
 /// The element type of a declared input or output, as far as scenecast uses them.
@@ -322,7 +324,9 @@ pub enum Element {
     I32,
     /// i64.
     I64,
-    /// Anything else (f16, bool, strings, ...).
+    /// bool.
+    Bool,
+    /// Anything else (f16, strings, ...).
     Other,
 }
 
@@ -332,6 +336,7 @@ impl std::fmt::Display for Element {
             Element::F32 => "f32",
             Element::I32 => "i32",
             Element::I64 => "i64",
+            Element::Bool => "bool",
             Element::Other => "another type",
         })
     }
@@ -420,6 +425,7 @@ impl OnnxSession {
                     Some(TensorElementType::Float32) => Element::F32,
                     Some(TensorElementType::Int32) => Element::I32,
                     Some(TensorElementType::Int64) => Element::I64,
+                    Some(TensorElementType::Bool) => Element::Bool,
                     _ => Element::Other,
                 };
                 (element, o.dtype().tensor_shape().map_or(0, |s| s.len()))
@@ -472,6 +478,7 @@ impl OnnxSession {
                 Input::F32(d) => TensorRef::from_array_view((shape, d)).map(Into::into),
                 Input::I32(d) => TensorRef::from_array_view((shape, d)).map(Into::into),
                 Input::I64(d) => TensorRef::from_array_view((shape, d)).map(Into::into),
+                Input::Bool(d) => TensorRef::from_array_view((shape, d)).map(Into::into),
             }
             .map_err(|e| run_err(format!("input `{name}`: {e}")))?;
             values.push((name, value));

@@ -178,27 +178,44 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
         });
     checks.push(PartCheck { part: "encoder", outcome: encoder });
 
-    let projector = verify_file(manifest, &manifest.projector.file, root, "the projector ONNX model").and_then(
-        |path| match &runtime {
-            None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
-            Some(runtime) => {
-                let proj = &manifest.projector;
-                let width = llm_width.as_ref().map(|(path, n_embd)| (path.as_path(), *n_embd));
-                let loaded = Projector::load(runtime, manifest, root, width)?;
-                Ok(format!(
-                    "{}: {} [n, {}] -> {} [n, {}], {} image tokens{}; ep {}",
-                    path.display(),
-                    proj.input,
-                    proj.in_width,
-                    proj.output,
-                    proj.out_width,
-                    manifest.n_image_tokens(),
-                    if proj.untrained { " (untrained placeholder)" } else { "" },
-                    loaded.session().ep()
-                ))
+    let projector = match &manifest.projector {
+        None => {
+            let width = manifest.encoder.output_shape[2] as usize;
+            match &llm_width {
+                Some((llm, llm_width)) if *llm_width != width => Err(VisionError::WidthMismatch {
+                    projector: manifest.resolve(&manifest.encoder.file, root),
+                    projector_width: width,
+                    llm: llm.clone(),
+                    llm_width: *llm_width,
+                }
+                .into()),
+                _ => Ok(format!(
+                    "none: the encoder's connector makes the {} image tokens of width {width} itself",
+                    manifest.n_image_tokens()
+                )),
             }
-        },
-    );
+        }
+        Some(proj) => {
+            verify_file(manifest, &proj.file, root, "the projector ONNX model").and_then(|path| match &runtime {
+                None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
+                Some(runtime) => {
+                    let width = llm_width.as_ref().map(|(path, n_embd)| (path.as_path(), *n_embd));
+                    let loaded = Projector::load(runtime, manifest, root, width)?;
+                    Ok(format!(
+                        "{}: {} [n, {}] -> {} [n, {}], {} image tokens{}; ep {}",
+                        path.display(),
+                        proj.input,
+                        proj.in_width,
+                        proj.output,
+                        proj.out_width,
+                        manifest.n_image_tokens(),
+                        if proj.untrained { " (untrained placeholder)" } else { "" },
+                        loaded.session().ep()
+                    ))
+                }
+            })
+        }
+    };
     checks.push(PartCheck { part: "projector", outcome: projector });
 
     if let (Some(g), Some(runtime)) = (&manifest.generator, &runtime) {

@@ -83,7 +83,10 @@ fn gguf_of_another_width_or_not_a_gguf() {
         Ok(_) => panic!("a 576-wide projector must not load for a 640-wide LLM"),
         Err(e) => e.to_string(),
     };
-    assert_contains(&err, &["dinov2s-smollm2-v1.onnx outputs width 576", "gemma-3-270m-q4_k_m.gguf has n_embd 640"]);
+    assert_contains(
+        &err,
+        &["dinov2s-smollm2-v1.onnx outputs image tokens of width 576", "gemma-3-270m-q4_k_m.gguf has n_embd 640"],
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let text = write_temp(dir.path(), "notes.gguf", b"this is not a model\n");

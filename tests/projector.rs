@@ -48,7 +48,7 @@ const CATEGORIES: &[&str] = &[
 fn the_trained_projector_names_the_objects_in_fixed_photos() {
     let root = cache_root();
     let m = manifest();
-    assert!(!m.projector.untrained, "the reference stack ships the trained projector");
+    assert!(!m.untrained(), "the reference stack ships the trained projector");
     let mut backbone =
         Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
     let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();

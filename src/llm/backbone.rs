@@ -147,7 +147,9 @@ impl Backbone {
             gguf: info,
         };
         tracing::info!(model = %path.display(), params = summary.n_params, threads, n_ctx = summary.n_ctx, "LLM backbone loaded");
-        Ok(Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new() })
+        let backbone = Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new() };
+        backbone.check_layout()?;
+        Ok(backbone)
     }
 
     /// What is loaded.
@@ -390,9 +392,78 @@ impl Backbone {
         })
     }
 
+    /// Checks (at load) that every marker in the chat layout (a `<...>` without spaces, as `<|im_start|>` or
+    /// `<global-img>`) is a single token of the GGUF: a layout written for another model's
+    /// vocabulary would otherwise feed the marker as plain text, silently.
+    pub fn check_layout(&self) -> Result<(), LlmError> {
+        let request = self.layout.request("");
+        let texts =
+            [self.layout.prefix(), request.as_str()].into_iter().chain(self.layout.stop().iter().map(String::as_str));
+        for marker in texts.flat_map(markers) {
+            let pieces = self.tokenize(marker, false).len();
+            if pieces != 1 {
+                return Err(LlmError::NotAToken {
+                    marker: marker.to_owned(),
+                    pieces,
+                    gguf: self.summary.gguf.path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The token ids the last [`Backbone::generate`] produced (stop strings included, the
+    /// end-of-generation token not).
+    pub fn generated(&self) -> &[i32] {
+        &self.history
+    }
+
+    /// The chat layout's text before the image tokens.
+    pub fn prefix_text(&self) -> &str {
+        self.layout.prefix()
+    }
+
+    /// The chat layout's text after the image tokens for `question`.
+    pub fn request_text(&self, question: &str) -> String {
+        self.layout.request(question)
+    }
+
     /// Tokenizes text as a prompt part does: special tokens parsed, and BOS in front when
     /// `at_start` and the model wants one.
     pub fn tokenize(&self, text: &str, at_start: bool) -> Vec<i32> {
         self.ctx.model().tokenize(text, at_start && self.ctx.model().adds_bos())
+    }
+}
+
+/// The `<...>` markers in `text`: a `<`, at least one character that is neither whitespace nor an
+/// angle bracket, and a `>`.
+fn markers(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || loop {
+        let start = rest.find('<')?;
+        let after = &rest[start + 1..];
+        let end = after.find(|c: char| c == '>' || c == '<' || c.is_whitespace());
+        match end {
+            Some(end) if end > 0 && after[end..].starts_with('>') => {
+                let marker = &rest[start..start + end + 2];
+                rest = &after[end + 1..];
+                return Some(marker);
+            }
+            Some(end) => rest = &after[end..],
+            None => return None,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::markers;
+
+    #[test]
+    fn markers_are_angle_bracketed_words() {
+        let found: Vec<&str> =
+            markers("<|im_start|>User:<fake_token_around_image><global-img> a < b <x y> <> <<c>\n").collect();
+        assert_eq!(found, ["<|im_start|>", "<fake_token_around_image>", "<global-img>", "<c>"]);
+        assert_eq!(markers("no markers, 3 < 4 > 2").count(), 0);
     }
 }

@@ -9,6 +9,17 @@ use crate::cache::CacheError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LlmError {
+    /// A marker of the chat layout (`<global-img>`, `<|im_start|>`) is not one token of the GGUF:
+    /// the layout belongs to another model.
+    #[error("llm.chat: `{marker}` is not a token of {gguf} (it splits into {pieces} tokens); the chat layout in the manifest belongs to another model")]
+    NotAToken {
+        /// The marker as written in the manifest.
+        marker: String,
+        /// How many tokens the GGUF's tokenizer makes of it.
+        pieces: usize,
+        /// The GGUF file.
+        gguf: PathBuf,
+    },
     /// The GGUF file is missing.
     #[error("{path}: file not found (expected a GGUF model; run `make models` for the reference one)")]
     Missing {

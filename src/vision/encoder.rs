@@ -7,7 +7,7 @@ use super::preprocess::Preprocessor;
 use crate::cache::{self, CacheError};
 use crate::frame::RgbImage;
 use crate::manifest::{EncoderSpec, Manifest};
-use crate::onnx::{OnnxError, OnnxRuntime, OnnxSession};
+use crate::onnx::{Element, Input, OnnxError, OnnxRuntime, OnnxSession};
 use crate::util::ms_since;
 
 /// An error from the vision path (encoder or projector).
@@ -46,10 +46,10 @@ pub enum VisionError {
         /// What the model gave.
         actual: Vec<usize>,
     },
-    /// The projector's width does not match the LLM's embedding width.
-    #[error("projector {projector} outputs width {projector_width}, but the LLM {llm} has n_embd {llm_width}; they must be equal (train or pick a projector for this LLM)")]
+    /// The image tokens' width does not match the LLM's embedding width.
+    #[error("{projector} outputs image tokens of width {projector_width}, but the LLM {llm} has n_embd {llm_width}; they must be equal (train or pick the projector or vision model made for this LLM)")]
     WidthMismatch {
-        /// The projector file.
+        /// The model that makes the image tokens: the projector, or an encoder with its connector.
         projector: PathBuf,
         /// Its output width.
         projector_width: usize,
@@ -94,6 +94,10 @@ pub struct Encoder {
     preprocessor: Preprocessor,
     spec: EncoderSpec,
     manifest_origin: String,
+    /// The input's shape with batch (and images) 1.
+    shape: Vec<usize>,
+    /// The pixel mask (all true) and its shape, for exports that take one.
+    mask: Option<(Vec<bool>, Vec<usize>)>,
 }
 
 impl Encoder {
@@ -105,11 +109,25 @@ impl Encoder {
         cache::verify(&path, "the encoder ONNX model", spec.file.size, None)?;
         let session = runtime.session(&path, "the image encoder")?;
         session.check_signature(&spec.input, &spec.input_shape, &spec.output, &spec.output_shape)?;
+        // Batch (and images) 1: the manifest's free dimensions become 1.
+        let shape: Vec<usize> = spec.input_shape.iter().map(|d| (*d).max(1) as usize).collect();
+        let mask = match &spec.mask_input {
+            Some(name) => {
+                // [batch, (images,) height, width]: the input's shape without its channels.
+                let mut dims = shape.clone();
+                dims.remove(dims.len() - 3);
+                session.check_io(&[(name, &[Element::Bool], dims.len())], &[])?;
+                Some((vec![true; dims.iter().product()], dims))
+            }
+            None => None,
+        };
         let mut encoder = Encoder {
             preprocessor: Preprocessor::new(&spec.preprocess),
             session,
             spec,
             manifest_origin: manifest.origin.clone(),
+            shape,
+            mask,
         };
         let [h, w] = encoder.spec.preprocess.size;
         let blank = RgbImage::from_pixels(w, h, vec![0; (w * h * 3) as usize]).expect("size validated by the manifest");
@@ -126,11 +144,14 @@ impl Encoder {
     /// Encodes one frame into `out`.
     pub fn encode(&mut self, image: &RgbImage, out: &mut PatchFeatures) -> Result<EncodeTimings, VisionError> {
         let start = Instant::now();
-        let shape = self.preprocessor.shape();
         let tensor = self.preprocessor.run(image)?;
         let preprocess_ms = ms_since(start);
         let start = Instant::now();
-        let out_shape = self.session.run_f32(&self.spec.input, tensor, &shape, &self.spec.output, &mut out.data)?;
+        let mut inputs = vec![(self.spec.input.as_str(), self.shape.as_slice(), Input::F32(tensor))];
+        if let (Some(name), Some((mask, dims))) = (&self.spec.mask_input, &self.mask) {
+            inputs.push((name.as_str(), dims.as_slice(), Input::Bool(mask)));
+        }
+        let out_shape = self.session.run(&inputs, &self.spec.output, &mut out.data)?;
         let encode_ms = ms_since(start);
         // The manifest fixes tokens and width (validated); the batch is 1.
         let expected = vec![1, self.spec.output_shape[1] as usize, self.spec.output_shape[2] as usize];

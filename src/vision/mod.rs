@@ -1,5 +1,7 @@
 //! The vision path as one unit: frame → encoder → pooled patch features → projector → image
-//! tokens. The last frame's features stay available for scene-change gating.
+//! tokens, or, for an encoder with its connector inside (no `[projector]` in the manifest),
+//! frame → encoder → image tokens. The last frame's features stay available for scene-change
+//! gating.
 
 mod encoder;
 mod preprocess;
@@ -15,7 +17,21 @@ use crate::onnx::OnnxRuntime;
 
 pub use encoder::{EncodeTimings, Encoder, PatchFeatures, VisionError};
 pub use preprocess::Preprocessor;
-pub use projector::{ImageTokens, Projector};
+pub use projector::{pool_patches, ImageTokens, Projector};
+
+/// For an encoder with its connector inside: its output width must be the LLM's.
+fn check_width(manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, usize)>) -> Result<(), VisionError> {
+    let width = manifest.encoder.output_shape[2] as usize;
+    match llm {
+        Some((llm_path, llm_width)) if llm_width != width => Err(VisionError::WidthMismatch {
+            projector: manifest.resolve(&manifest.encoder.file, cache_root),
+            projector_width: width,
+            llm: llm_path.to_owned(),
+            llm_width,
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// Milliseconds per vision stage for one frame.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -31,8 +47,12 @@ pub struct VisionTimings {
 /// Encoder and projector, loaded together and checked against each other and the LLM.
 pub struct Vision {
     encoder: Encoder,
-    projector: Projector,
+    /// None when the encoder's output already is the image tokens.
+    projector: Option<Projector>,
     features: PatchFeatures,
+    /// The patch grid after the prefix tokens (for the layout without a projector).
+    prefix: usize,
+    grid: [usize; 2],
 }
 
 impl Vision {
@@ -44,9 +64,19 @@ impl Vision {
         cache_root: &Path,
         llm: Option<(&Path, usize)>,
     ) -> Result<Self, VisionError> {
-        let projector = Projector::load(runtime, manifest, cache_root, llm)?;
+        let projector = match &manifest.projector {
+            Some(_) => Some(Projector::load(runtime, manifest, cache_root, llm)?),
+            None => {
+                check_width(manifest, cache_root, llm)?;
+                None
+            }
+        };
         let encoder = Encoder::load(runtime, manifest, cache_root)?;
-        Ok(Vision { encoder, projector, features: PatchFeatures::default() })
+        if manifest.random {
+            tracing::warn!(stack = %manifest.name, "the model stack has random test weights: its text does not describe the image");
+        }
+        let (prefix, grid) = (manifest.encoder.prefix_tokens, manifest.encoder.patch_grid);
+        Ok(Vision { encoder, projector, features: PatchFeatures::default(), prefix, grid })
     }
 
     /// Runs the whole path on one frame, writing the image tokens into `out`.
@@ -64,16 +94,31 @@ impl Vision {
     /// The scene signature of the last encoded frame: its patch grid pooled as the projector pools
     /// it (written into `out`, reused).
     pub fn signature(&self, out: &mut Vec<f32>) {
-        self.projector.pool(&self.features, out);
+        match &self.projector {
+            Some(projector) => projector.pool(&self.features, out),
+            None => pool_patches(&self.features, self.prefix, self.grid, self.grid, out),
+        }
     }
 
     /// Projects the last encoded frame into image tokens; returns the time in ms.
     pub fn project(&mut self, out: &mut ImageTokens) -> Result<f64, VisionError> {
-        self.projector.project(&self.features, out)
+        match &mut self.projector {
+            Some(projector) => projector.project(&self.features, out),
+            None => {
+                // The encoder's connector already mapped them: the grid tokens are the image tokens.
+                let start = std::time::Instant::now();
+                pool_patches(&self.features, self.prefix, self.grid, self.grid, &mut out.data);
+                out.n_tokens = self.grid[0] * self.grid[1];
+                out.n_embd = self.features.width;
+                Ok(crate::util::ms_since(start))
+            }
+        }
     }
 
-    /// The encoder's and projector's preferred execution providers.
+    /// The encoder's and projector's preferred execution providers (the projector's is "-" when
+    /// the encoder has its connector inside).
     pub fn providers(&self) -> (String, String) {
-        (self.encoder.session().ep().to_string(), self.projector.session().ep().to_string())
+        let projector = self.projector.as_ref().map_or_else(|| "-".to_owned(), |p| p.session().ep().to_string());
+        (self.encoder.session().ep().to_string(), projector)
     }
 }

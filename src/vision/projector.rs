@@ -61,7 +61,7 @@ impl Projector {
         cache_root: &Path,
         llm: Option<(&Path, usize)>,
     ) -> Result<Self, VisionError> {
-        let spec = manifest.projector.clone();
+        let spec = manifest.projector.clone().expect("Projector::load is called for manifests with a [projector]");
         let path = manifest.resolve(&spec.file, cache_root);
         if let Some((llm_path, llm_width)) = llm {
             if llm_width != spec.out_width {

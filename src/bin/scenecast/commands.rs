@@ -166,8 +166,8 @@ fn load_pipeline(config: &Config) -> Result<Pipeline> {
 
 pub fn demo(config: &Config) -> Result<ExitCode> {
     let mut pipeline = load_pipeline(config)?;
-    if pipeline.manifest.projector.untrained {
-        out!("note: the projector is the untrained placeholder, so captions do not describe the photos yet");
+    if pipeline.manifest.untrained() {
+        out!("note: the stack is untrained (placeholder projector or random weights), so captions do not describe the photos");
     }
     let mut tokens = ImageTokens::default();
     for (seq, path) in sample_photos(&pipeline.cache_root)?.iter().enumerate() {
@@ -306,8 +306,8 @@ pub fn evaluate(
 ) -> Result<ExitCode> {
     let set = eval::EvalSet::load(set_path)?;
     let mut pipeline = load_pipeline(config)?;
-    if pipeline.manifest.projector.untrained {
-        eprintln!("note: the projector is the untrained placeholder; expect scores near zero");
+    if pipeline.manifest.untrained() {
+        eprintln!("note: the stack is untrained (placeholder projector or random weights); expect scores near zero");
     }
     let start = Instant::now();
     let total = set.scenes.len();
