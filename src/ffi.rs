@@ -13,6 +13,8 @@
 //!   past the lifetime of the object that owns them.
 //! - A C object that another one points into is kept alive by an `Arc` in the one that points:
 //!   a context holds its model and its adapter, an adapter holds its model.
+//! - A context's batches are allocated once, with `n_batch` entries, and reused: a decode writes
+//!   every entry it declares (`n_tokens`) before llama.cpp reads them, and never more than fit.
 
 #![allow(unsafe_code)]
 
@@ -539,6 +541,34 @@ pub struct Context {
     n_batch: usize,
     /// The adapter the context computes with; held so that it outlives the context's use of it.
     adapter: Option<std::sync::Arc<Adapter>>,
+    /// The token batch, allocated once (a decode per generated token must not allocate).
+    tokens: Batch,
+    /// The embedding batch, allocated on first use (image tokens).
+    embeddings: Option<Batch>,
+}
+
+/// A `llama_batch` allocated once with room for `capacity` entries (token ids, or embedding rows
+/// of `width` floats when `width > 0`) and one sequence id each, freed once in `Drop`.
+struct Batch {
+    raw: sys::llama_batch,
+    capacity: usize,
+    width: usize,
+}
+
+impl Batch {
+    fn new(capacity: usize, width: usize) -> Self {
+        // SAFETY: llama_batch_init allocates `capacity` entries of every array (a token array, or
+        // `capacity * width` floats when width > 0) with room for 1 seq id each; freed in Drop.
+        let raw = unsafe { sys::llama_batch_init(capacity as i32, width as i32, 1) };
+        Batch { raw, capacity, width }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // SAFETY: `raw` came from llama_batch_init and is freed once.
+        unsafe { sys::llama_batch_free(self.raw) }
+    }
 }
 
 // SAFETY: a llama_context is not tied to a thread; `&mut self` on every mutating method ensures
@@ -572,7 +602,8 @@ impl Context {
                     reason
                 }
             })?;
-            Ok(Context { ptr, model, n_batch: options.n_batch as usize, adapter: None })
+            let n_batch = options.n_batch as usize;
+            Ok(Context { ptr, model, n_batch, adapter: None, tokens: Batch::new(n_batch, 0), embeddings: None })
         }
     }
 
@@ -622,33 +653,36 @@ impl Context {
             // Rows of another width cannot be decoded; the caller checks and names the widths.
             BatchInput::Embeddings(_) => return Err(-1),
         };
+        let batch = match input {
+            BatchInput::Tokens(_) => &mut self.tokens,
+            BatchInput::Embeddings(_) => self.embeddings.get_or_insert_with(|| Batch::new(self.n_batch, n_embd)),
+        };
+        debug_assert!(batch.capacity == self.n_batch && (batch.width == 0) == matches!(input, BatchInput::Tokens(_)));
         let mut start = 0;
         while start < n_total {
-            let n = (n_total - start).min(self.n_batch);
+            let n = (n_total - start).min(batch.capacity);
             let is_last_chunk = start + n == n_total;
-            let embd_width = if matches!(input, BatchInput::Embeddings(_)) { n_embd as i32 } else { 0 };
-            // SAFETY: llama_batch_init allocates `n` entries of each array (and `n * n_embd`
-            // floats when embd_width > 0, else a token array) with room for 1 seq id each; we
-            // write exactly `n` entries, set n_tokens = n, decode, and free the batch on every path.
+            // SAFETY: the batch has room for `capacity >= n` entries (and rows of `width = n_embd`
+            // floats for embeddings, checked above: the embedding batch is made with this model's
+            // n_embd); we write exactly `n` entries and set n_tokens = n before decoding. llama.cpp
+            // reads the batch during the call only.
             let status = unsafe {
-                let mut batch = sys::llama_batch_init(n as i32, embd_width, 1);
+                let raw = &mut batch.raw;
                 for i in 0..n {
                     match input {
-                        BatchInput::Tokens(tokens) => *batch.token.add(i) = tokens[start + i],
+                        BatchInput::Tokens(tokens) => *raw.token.add(i) = tokens[start + i],
                         BatchInput::Embeddings(embd) => {
                             let row = &embd[(start + i) * n_embd..(start + i + 1) * n_embd];
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), batch.embd.add(i * n_embd), n_embd);
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), raw.embd.add(i * n_embd), n_embd);
                         }
                     }
-                    *batch.pos.add(i) = (pos0 + start + i) as i32;
-                    *batch.n_seq_id.add(i) = 1;
-                    *(*batch.seq_id.add(i)).add(0) = 0;
-                    *batch.logits.add(i) = i8::from(is_last_chunk && i + n_outputs >= n);
+                    *raw.pos.add(i) = (pos0 + start + i) as i32;
+                    *raw.n_seq_id.add(i) = 1;
+                    *(*raw.seq_id.add(i)).add(0) = 0;
+                    *raw.logits.add(i) = i8::from(is_last_chunk && i + n_outputs >= n);
                 }
-                batch.n_tokens = n as i32;
-                let status = sys::llama_decode(self.ptr.as_ptr(), batch);
-                sys::llama_batch_free(batch);
-                status
+                raw.n_tokens = n as i32;
+                sys::llama_decode(self.ptr.as_ptr(), *raw)
             };
             if status != 0 {
                 return Err(status);

@@ -97,8 +97,9 @@ pub struct EncoderSpec {
     /// The image input's shape: `[batch, 3, height, width]`, or `[batch, images, 3, height,
     /// width]` (Idefics3 / SmolVLM exports; scenecast sends one image); -1 for a free dimension.
     pub input_shape: Vec<i64>,
-    /// A boolean pixel-mask input `[batch, images, height, width]` (true for real pixels), as
-    /// Idefics3 exports take it; scenecast sends whole images, so it is all true.
+    /// A pixel-mask input `[batch, images, height, width]` (true for real pixels; bool, or int64
+    /// in some exports), as Idefics3 exports take it; scenecast sends whole images, so it is all
+    /// true.
     #[serde(default)]
     pub mask_input: Option<String>,
     /// The patch-feature output's name.

@@ -97,7 +97,14 @@ pub struct Encoder {
     /// The input's shape with batch (and images) 1.
     shape: Vec<usize>,
     /// The pixel mask (all true) and its shape, for exports that take one.
-    mask: Option<(Vec<bool>, Vec<usize>)>,
+    mask: Option<(PixelMask, Vec<usize>)>,
+}
+
+/// An all-true pixel mask in the element type the export declares (bool, as SmolVLM's; some
+/// exports take int64).
+enum PixelMask {
+    Bool(Vec<bool>),
+    I64(Vec<i64>),
 }
 
 impl Encoder {
@@ -116,8 +123,13 @@ impl Encoder {
                 // [batch, (images,) height, width]: the input's shape without its channels.
                 let mut dims = shape.clone();
                 dims.remove(dims.len() - 3);
-                session.check_io(&[(name, &[Element::Bool], dims.len())], &[])?;
-                Some((vec![true; dims.iter().product()], dims))
+                session.check_io(&[(name, &[Element::Bool, Element::I64], dims.len())], &[])?;
+                let n = dims.iter().product();
+                let mask = match session.io_type(name) {
+                    Some((Element::I64, _)) => PixelMask::I64(vec![1; n]),
+                    _ => PixelMask::Bool(vec![true; n]),
+                };
+                Some((mask, dims))
             }
             None => None,
         };
@@ -149,7 +161,11 @@ impl Encoder {
         let start = Instant::now();
         let mut inputs = vec![(self.spec.input.as_str(), self.shape.as_slice(), Input::F32(tensor))];
         if let (Some(name), Some((mask, dims))) = (&self.spec.mask_input, &self.mask) {
-            inputs.push((name.as_str(), dims.as_slice(), Input::Bool(mask)));
+            let data = match mask {
+                PixelMask::Bool(m) => Input::Bool(m),
+                PixelMask::I64(m) => Input::I64(m),
+            };
+            inputs.push((name.as_str(), dims.as_slice(), data));
         }
         let out_shape = self.session.run(&inputs, &self.spec.output, &mut out.data)?;
         let encode_ms = ms_since(start);
