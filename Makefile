@@ -72,13 +72,13 @@ $(TRAIN_PY): models/requirements-train.txt
 
 train-venv: $(TRAIN_PY)
 
-# The projector's training configuration (models/projector/train.toml: the shipped one; e.g.
-# PROJECTOR_CONFIG=models/projector/train-v2.toml for the 80-category candidate, models/README.md).
-PROJECTOR_CONFIG ?= models/projector/train.toml
+# The projector's training configuration (models/projector/train-v3.toml: the shipped one, 82
+# categories; train.toml is v1's 15, train-v2.toml the first 80-category run; models/README.md).
+PROJECTOR_CONFIG ?= models/projector/train-v3.toml
 PROJECTOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(PROJECTOR_CONFIG) | head -n 1)
 CANDIDATE = $(CACHE)/train/$(PROJECTOR_NAME)/candidate.toml
 
-## projector: train the input projector from scratch (35-40 min on 2 cores; models/README.md)
+## projector: train the input projector from scratch (about 65 min on 2 cores; models/README.md)
 projector: FETCH_ARGS += --train
 projector: deps models train-venv
 	$(TRAIN_PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG)

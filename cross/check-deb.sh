@@ -18,8 +18,8 @@ in_root() {
 in_root -i "$deb"
 for f in usr/bin/scenecast lib/systemd/system/scenecast.service etc/scenecast/scenecast.toml \
          usr/share/scenecast/models/fetch.py usr/share/scenecast/models/sources.toml \
-         usr/share/scenecast/models/projector/dinov2s-smollm2-v1.onnx \
-         usr/share/scenecast/models/projector/dinov2s-smollm2-v1.lora.gguf \
+         usr/share/scenecast/models/projector/dinov2s-smollm2-v3.onnx \
+         usr/share/scenecast/models/projector/dinov2s-smollm2-v3.lora.gguf \
          usr/share/scenecast/systemd/jetson.conf; do
   test -e "$root/$f" || { echo "cross/check-deb.sh: the package lacks /$f" >&2; exit 1; }
 done

@@ -603,7 +603,7 @@ mod tests {
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(g.random, "the shipped generator is the random test model and says so");
         let adapter = m.llm.adapter.as_ref().expect("the reference stack ships the projector's LoRA adapter");
-        assert_eq!(m.resolve(adapter, Path::new("/c")), Path::new("/c/models/projector/dinov2s-smollm2-v1.lora.gguf"));
+        assert_eq!(m.resolve(adapter, Path::new("/c")), Path::new("/c/models/projector/dinov2s-smollm2-v3.lora.gguf"));
         assert_eq!(m.files().len(), 9);
     }
 
@@ -656,10 +656,10 @@ mod tests {
     #[test]
     fn path_files_resolve_against_the_manifest_dir() {
         let m = with(|t| {
-            t.replacen("file = { cache = \"projector/dinov2s-smollm2-v1.onnx\"", "file = { path = \"proj.onnx\"", 1)
+            t.replacen("file = { cache = \"projector/dinov2s-smollm2-v3.onnx\"", "file = { path = \"proj.onnx\"", 1)
         })
         .unwrap();
-        assert_eq!(m.resolve(&m.projector.unwrap().file, Path::new("/c")), Path::new("/m/proj.onnx"));
+        assert_eq!(m.resolve(&m.projector.as_ref().unwrap().file, Path::new("/c")), Path::new("/m/proj.onnx"));
         let err = with(|t| {
             t.replacen("file = { cache = \"dinov2s/encoder.onnx\"", "file = { cache = \"a\", path = \"b\"", 1)
         })
