@@ -17,7 +17,7 @@ pub struct RgbImage {
 #[non_exhaustive]
 pub enum ImageError {
     /// A file that does not decode.
-    #[error("image {path}: {message} (expected a PNG or JPEG file)")]
+    #[error("image {path}: {message} (expected a PNG, JPEG or WebP file)")]
     Decode {
         /// The file.
         path: String,
@@ -107,7 +107,7 @@ impl RgbImage {
         &mut self.pixels
     }
 
-    /// Decodes a PNG or JPEG file.
+    /// Decodes a PNG, JPEG or WebP file.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
         let err = |message: String| ImageError::Decode { path: path.display().to_string(), message };
         let reader = image::ImageReader::open(path)

@@ -152,7 +152,7 @@ fn image_that_does_not_decode() {
     let bad = write_temp(dir.path(), "frame.png", b"\x89PNG\r\n\x1a\n but then garbage");
     let (ok, _, stderr) = scenecast(&["encode", bad.to_str().unwrap()], &[]);
     assert!(!ok);
-    assert_contains(&stderr, &["frame.png", "(expected a PNG or JPEG file)"]);
+    assert_contains(&stderr, &["frame.png", "(expected a PNG, JPEG or WebP file)"]);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 

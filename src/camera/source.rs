@@ -12,7 +12,7 @@ use crate::frame::{Frame, ImageError, RgbImage};
 #[non_exhaustive]
 pub enum CameraError {
     /// The path has no usable images.
-    #[error("frame source {path}: no PNG or JPEG images (expected an image file or a directory of them)")]
+    #[error("frame source {path}: no PNG, JPEG or WebP images (expected an image file or a directory of them)")]
     Empty {
         /// The path.
         path: PathBuf,
@@ -121,7 +121,7 @@ impl Slideshow {
                 .filter(|p| {
                     matches!(
                         p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
-                        Some("png" | "jpg" | "jpeg")
+                        Some("png" | "jpg" | "jpeg" | "webp")
                     )
                 })
                 .collect();

@@ -37,7 +37,7 @@ pub enum Command {
     Config,
     /// Caption one image: encoder, projector, LLM.
     Caption {
-        /// A PNG or JPEG file.
+        /// A PNG, JPEG or WebP file.
         image: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
@@ -45,7 +45,7 @@ pub enum Command {
     },
     /// Answer questions about one image; several questions share one cached scene prefix.
     Ask {
-        /// A PNG or JPEG file.
+        /// A PNG, JPEG or WebP file.
         image: PathBuf,
         /// The question (more with --question).
         question: Option<String>,
@@ -105,7 +105,7 @@ pub enum Command {
     },
     /// Run one image through the encoder and projector; print the image-token shape and timings.
     Encode {
-        /// A PNG or JPEG file.
+        /// A PNG, JPEG or WebP file.
         image: PathBuf,
         /// Print one JSON object instead of text.
         #[arg(long)]
