@@ -384,24 +384,31 @@ pub fn confusions(results: &[SceneResult], n: usize) -> Vec<(String, String, usi
 
 /// The report as Markdown: the table of counts, then sample outputs (up to `samples` per kind,
 /// with their answers).
-pub fn markdown(set: &EvalSet, results: &[SceneResult], samples: usize, elapsed_s: f64) -> String {
+///
+/// The report as Markdown. `stack` says what was evaluated (the manifest's name and its image-token
+/// model), which need not be the model the set was written for.
+pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: usize, elapsed_s: f64) -> String {
     let pct = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{:.1} %", v * 100.0));
     let mut s = format!(
-        "Evaluation of `{}` through the Rust pipeline: {} scenes in {:.0} s. Caption prompt: \"{}\".\n\n",
+        "Evaluation of {stack} on the set `{}` through the Rust pipeline: {} scenes in {:.0} s. Caption prompt: \"{}\".\n\n",
         set.name,
         results.len(),
         elapsed_s,
         set.caption_prompt
     );
-    s += "| scenes | n | object precision | object recall | exact captions | yes/no accuracy | position accuracy |\n";
-    s += "|---|---|---|---|---|---|---|\n";
+    s += "| scenes | n | object precision | object recall | exact captions | named nothing | yes/no accuracy | position accuracy |\n";
+    s += "|---|---|---|---|---|---|---|---|\n";
     for (kind, t) in summarize(results) {
+        // Captions that name no category: the right answer for scenes of nothing known.
+        let of_kind = results.iter().filter(|r| kind == "all" || r.kind == kind);
+        let nothing = of_kind.filter(|r| r.named.is_empty()).count();
         s += &format!(
-            "| {kind} | {} | {} | {} | {} | {} ({}/{}) | {} ({}/{}) |\n",
+            "| {kind} | {} | {} | {} | {} | {} | {} ({}/{}) | {} ({}/{}) |\n",
             t.scenes,
             pct(t.precision()),
             pct(t.recall()),
             pct(ratio(t.exact, t.scenes)),
+            pct(ratio(nothing, t.scenes)),
             pct(t.yesno_accuracy()),
             t.yesno_correct,
             t.yesno_total,
@@ -529,6 +536,27 @@ mod tests {
             answers: vec![],
             tally: Tally::default(),
         }
+    }
+
+    #[test]
+    fn the_report_names_the_stack_the_set_and_what_named_nothing() {
+        let set =
+            EvalSet { name: "set-v3".into(), categories: cats(), caption_prompt: "Describe.".into(), scenes: vec![] };
+        let scored = |kind: &str, objects: &[&str], named: &[&str], tp: usize, fp: usize| {
+            let mut r = result(kind, objects, named);
+            r.tally = Tally { scenes: 1, true_positives: tp, false_positives: fp, ..Tally::default() };
+            r
+        };
+        let results = [
+            scored("unknown", &[], &[], 0, 0),
+            scored("unknown", &[], &["dog"], 0, 1),
+            scored("single", &["cat"], &["cat"], 1, 0),
+        ];
+        let md = markdown(&set, "the stack `s` (image tokens from `p.onnx`)", &results, 0, 1.0);
+        assert!(md.starts_with("Evaluation of the stack `s` (image tokens from `p.onnx`) on the set `set-v3`"), "{md}");
+        // unknown: 1 of 2 captions named nothing; single: none did.
+        assert!(md.contains("| unknown | 2 | 0.0 % | – | 0.0 % | 50.0 % |"), "{md}");
+        assert!(md.contains("| single | 1 | 100.0 % | 100.0 % | 0.0 % | 0.0 % |"), "{md}");
     }
 
     #[test]

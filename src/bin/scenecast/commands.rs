@@ -326,7 +326,12 @@ pub fn evaluate(
             eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
         }
     })?;
-    let text = eval::markdown(&set, &results, samples, start.elapsed().as_secs_f64());
+    let m = &pipeline.manifest;
+    let tokens_by = m.projector.as_ref().map_or(&m.encoder.file, |p| &p.file);
+    let file = m.resolve(tokens_by, &pipeline.cache_root);
+    let name = file.file_name().map_or_else(|| file.display().to_string(), |n| n.to_string_lossy().into_owned());
+    let stack = format!("the stack `{}` (image tokens from `{name}`)", m.name);
+    let text = eval::markdown(&set, &stack, &results, samples, start.elapsed().as_secs_f64());
     out!("{text}");
     if let Some(path) = report {
         std::fs::write(path, &text).with_context(|| format!("writing the report {}", path.display()))?;
