@@ -4,8 +4,9 @@
 //!    against a bare llama.cpp decode loop written with the `llama-cpp-2` crate (greedy sampler).
 //! 2. Time to first token for a question about the current scene: with the scene prefix cached,
 //!    against re-encoding the image and re-prefilling the prefix.
-//! 3. The cost of the projector's LoRA adapter (the manifest's `[llm] adapter`): scene prefill and
-//!    decode with it, against the same GGUF without it.
+//! 3. The cost of the projector's LoRA adapter: scene prefill and decode of the fetched base GGUF
+//!    alone, with the adapter applied at run time, and with it merged into the GGUF (the reference
+//!    stack's LLM, made at `make models`).
 //!
 //! Run with `cargo bench --bench backbone` after `make models`.
 
@@ -23,7 +24,7 @@ use scenecast::frame::RgbImage;
 use scenecast::llm::LlmConfig;
 use scenecast::llm::SamplingParams;
 use scenecast::llm::{Backbone, GenerateOptions, Part};
-use scenecast::manifest::Manifest;
+use scenecast::manifest::{FileRef, Manifest};
 use scenecast::onnx::OnnxRuntime;
 use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
@@ -79,8 +80,8 @@ fn main() {
     let manifest = Manifest::reference().unwrap();
     let threads = scenecast::physical_cores();
     let llm = LlmConfig { threads, ..LlmConfig::default() };
-    // Bare llama.cpp runs the GGUF alone, so the loop is compared without the adapter (its cost is
-    // measured on its own below).
+    // Bare llama.cpp runs the GGUF alone, so the loop is compared without an unmerged adapter (the
+    // reference stack has its adapter merged; the cost of one applied at run time is measured below).
     let mut plain = manifest.clone();
     plain.llm.adapter = None;
     let mut ours = Backbone::load(&plain, &root, &llm).expect("SmolLM2 (run `make models` first)");
@@ -128,39 +129,51 @@ fn main() {
     println!("  scene prefix cached                  {cached:7.1} ms  {:.1}x faster", uncached / cached);
 
     drop(ours);
-    let mut adapted = Backbone::load(&manifest, &root, &llm).unwrap();
-    let mut without = Backbone::load(&plain, &root, &llm).unwrap();
-    let run = |b: &mut Backbone, id: u64| {
-        let prefill_ms = b.set_scene(id, Some(&tokens)).unwrap();
-        let g = b.ask("Write a long story about this picture.", &options(48), &mut |_| true).unwrap();
-        (prefill_ms, g.n_tokens as f64 / (g.decode_ms / 1e3))
-    };
-    let (mut with_runs, mut without_runs) = (Vec::new(), Vec::new());
-    for i in 0..3u64 {
-        with_runs.push(run(&mut adapted, 100 + i));
-        without_runs.push(run(&mut without, 100 + i));
+    // 3. The projector's adapter: the fetched base GGUF alone (baseline), with the adapter applied
+    //    at run time, and merged into the GGUF (what the reference stack runs).
+    let (base, unmerged) = base_and_unmerged(&manifest);
+    let stacks = [("base GGUF alone", &base), ("adapter unmerged", &unmerged), ("adapter merged", &manifest)];
+    let mut rows = Vec::new();
+    for (label, m) in stacks {
+        let mut b = Backbone::load(m, &root, &llm).unwrap();
+        let (mut prefill, mut tps, mut n) = (Vec::new(), Vec::new(), 0);
+        for i in 0..3u64 {
+            prefill.push(b.set_scene(100 + i, Some(&tokens)).unwrap());
+            b.set_prefix(200 + i, &[Part::Text(PROMPT)]).unwrap();
+            let g = b.generate(&[], &options(N_GEN), &mut |_| true).unwrap();
+            n = g.n_tokens;
+            tps.push(g.n_tokens as f64 / (g.decode_ms / 1e3));
+        }
+        rows.push((label, median(prefill), median(tps), n, m.resolve(&m.llm.file, &root)));
     }
-    let prefill = |v: &[(f64, f64)]| median(v.iter().map(|r| r.0).collect());
-    let tps = |v: &[(f64, f64)]| median(v.iter().map(|r| r.1).collect());
     println!(
-        "the projector's LoRA adapter ({}), scene prefill of {} image tokens and decode (median of 3):",
-        manifest
-            .llm
-            .adapter
-            .as_ref()
-            .map_or("none in the manifest".into(), |f| manifest.resolve(f, &root).display().to_string()),
+        "the projector's LoRA adapter: scene prefill of {} image tokens, decode of the story prompt (median of 3):",
         tokens.n_tokens
     );
-    println!(
-        "  without adapter  prefill {:7.1} ms  decode {:6.1} tok/s  (baseline)",
-        prefill(&without_runs),
-        tps(&without_runs)
-    );
-    println!(
-        "  with adapter     prefill {:7.1} ms  decode {:6.1} tok/s  ratio prefill {:.2}, decode {:.2}",
-        prefill(&with_runs),
-        tps(&with_runs),
-        prefill(&with_runs) / prefill(&without_runs),
-        tps(&with_runs) / tps(&without_runs)
-    );
+    let (base_prefill, base_tps) = (rows[0].1, rows[0].2);
+    for (label, prefill, tps, n, file) in &rows {
+        println!(
+            "  {label:<17} prefill {prefill:7.1} ms  decode {tps:6.1} tok/s ({n} tokens)  ratio prefill {:.2}, decode {:.2}  {}",
+            prefill / base_prefill,
+            tps / base_tps,
+            file.file_name().unwrap_or_default().to_string_lossy()
+        );
+    }
+}
+
+/// The base GGUF and the adapter the reference stack's merged GGUF is made of (models/sources.toml,
+/// the part with `merge`), as two manifests: the base alone, and the base with the adapter applied
+/// at run time.
+fn base_and_unmerged(reference: &Manifest) -> (Manifest, Manifest) {
+    let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sources.toml");
+    let sources: toml::Value = toml::from_str(&std::fs::read_to_string(sources).unwrap()).unwrap();
+    let merge = sources["part"].as_array().unwrap().iter().find_map(|p| p.get("merge")).expect("a merge part");
+    let cached =
+        |key: &str| FileRef { cache: Some(merge[key].as_str().unwrap().into()), path: None, sha256: None, size: None };
+    let mut base = reference.clone();
+    base.llm.file = cached("base");
+    base.llm.adapter = None;
+    let mut unmerged = base.clone();
+    unmerged.llm.adapter = Some(cached("adapter"));
+    (base, unmerged)
 }

@@ -18,6 +18,7 @@ in_root() {
 in_root -i "$deb"
 for f in usr/bin/scenecast lib/systemd/system/scenecast.service etc/scenecast/scenecast.toml \
          usr/share/scenecast/models/fetch.py usr/share/scenecast/models/sources.toml \
+         usr/share/scenecast/models/merge_adapter.py \
          usr/share/scenecast/models/projector/dinov2s-smollm2-v3.onnx \
          usr/share/scenecast/models/projector/dinov2s-smollm2-v3.lora.gguf \
          usr/share/scenecast/systemd/jetson.conf; do

@@ -275,13 +275,30 @@ def rcc_member(path: Path, inner: str) -> None:
     path.write_bytes(files[inner])
 
 
+def merge_adapter(root: Path, spec: dict) -> None:
+    """Folds a LoRA adapter into its base GGUF (models/merge_adapter.py), then verifies the result."""
+    import merge_adapter as merging
+
+    base, adapter, dest = root / spec["base"], root / spec["adapter"], root / spec["dest"]
+    for need in (base, adapter):
+        if not need.is_file():
+            raise FetchError(f"{need}: needed to merge {dest.name}; fetch its part first (it comes earlier in sources.toml)")
+    tmp = dest.with_name(dest.name + ".merging")
+    try:
+        merging.merge(base, adapter, tmp, spec.get("type"))
+    except (ImportError, merging.MergeError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise FetchError(f"merging {adapter.name} into {base.name}: {exc}") from exc
+    install_verified(tmp, dest, spec["sha256"], f"merged GGUF {dest.name}")
+
+
 def part_outputs(part: dict) -> list[tuple[str, str]]:
     """(dest, sha256) of every file a part leaves in the cache."""
     intermediate = part.get("cut", part.get("tokenizer", {})).get("from")
     outs = [(f["dest"], f["sha256"]) for f in part.get("file", []) if f["dest"] != intermediate]
     if "concat" in part:
         outs.append((part["concat"]["dest"], part["concat"]["sha256"]))
-    for derived in ("cut", "tokenizer"):
+    for derived in ("cut", "tokenizer", "merge"):
         if derived in part:
             outs.append((part[derived]["dest"], part[derived]["sha256"]))
     return outs
@@ -323,6 +340,8 @@ def fetch_part(part: dict, root: Path) -> str:
             cut_encoder(root / part["cut"]["from"], root / part["cut"]["dest"], part["cut"])
         if "tokenizer" in part:
             build_tokenizer(root / part["tokenizer"]["from"], root / part["tokenizer"]["dest"], part["tokenizer"])
+        if "merge" in part:
+            merge_adapter(root, part["merge"])
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
     return "fetched"

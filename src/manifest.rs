@@ -599,12 +599,11 @@ mod tests {
         assert_eq!(m.n_image_tokens(), 64);
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
-        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v3-merged.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(g.random, "the shipped generator is the random test model and says so");
-        let adapter = m.llm.adapter.as_ref().expect("the reference stack ships the projector's LoRA adapter");
-        assert_eq!(m.resolve(adapter, Path::new("/c")), Path::new("/c/models/projector/dinov2s-smollm2-v3.lora.gguf"));
-        assert_eq!(m.files().len(), 9);
+        assert!(m.llm.adapter.is_none(), "the reference stack runs the GGUF with the projector's adapter merged");
+        assert_eq!(m.files().len(), 8);
     }
 
     #[test]
@@ -665,10 +664,8 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("`encoder.file`: give exactly one of"), "{err}");
-        let err = with(|t| {
-            t.replacen("adapter = { cache = \"projector/", "adapter = { path = \"a.gguf\", cache = \"projector/", 1)
-        })
-        .unwrap_err();
+        let err = with(|t| t.replacen("[llm]\n", "[llm]\nadapter = { path = \"a.gguf\", cache = \"b.gguf\" }\n", 1))
+            .unwrap_err();
         assert!(err.to_string().contains("`llm.adapter`: give exactly one of"), "{err}");
     }
 }

@@ -180,20 +180,14 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
 
     let projector = match &manifest.projector {
         None => {
-            let width = manifest.encoder.output_shape[2] as usize;
-            match &llm_width {
-                Some((llm, llm_width)) if *llm_width != width => Err(VisionError::WidthMismatch {
-                    projector: manifest.resolve(&manifest.encoder.file, root),
-                    projector_width: width,
-                    llm: llm.clone(),
-                    llm_width: *llm_width,
-                }
-                .into()),
-                _ => Ok(format!(
-                    "none: the encoder's connector makes the {} image tokens of width {width} itself",
-                    manifest.n_image_tokens()
-                )),
-            }
+            let llm = llm_width.as_ref().map(|(path, n_embd)| (path.as_path(), *n_embd));
+            crate::vision::check_width(manifest, root, llm).map_err(StackError::from).map(|()| {
+                format!(
+                    "none: the encoder's connector makes the {} image tokens of width {} itself",
+                    manifest.n_image_tokens(),
+                    manifest.encoder.output_shape[2]
+                )
+            })
         }
         Some(proj) => {
             verify_file(manifest, &proj.file, root, "the projector ONNX model").and_then(|path| match &runtime {

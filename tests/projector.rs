@@ -12,8 +12,10 @@ use common::*;
 use scenecast::eval::mentions;
 use scenecast::llm::Backbone;
 use scenecast::llm::LlmConfig;
+use scenecast::manifest::Manifest;
 use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
+use std::path::Path;
 
 /// (photo, the category the caption must name): whole photos, as a camera would deliver them.
 const PHOTOS: &[(&str, &str)] = &[
@@ -87,4 +89,46 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
     let answer =
         backbone.ask("What is the capital of France?", &backbone.default_options(), &mut |_| true).unwrap().text;
     assert!(answer.contains("Paris"), "{answer:?}");
+}
+
+#[test]
+fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
+    // The reference stack runs SmolLM2 with the projector's LoRA adapter folded in (make models,
+    // models/merge_adapter.py); the same adapter applied at run time to the fetched base GGUF must
+    // name the same things. This also keeps the unmerged-adapter path (users' own adapters) tested.
+    let root = cache_root();
+    let merged = manifest();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let text = std::fs::read_to_string(models.join("reference.toml")).unwrap();
+    let base = root.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let adapter = root.join("models/projector/dinov2s-smollm2-v3.lora.gguf");
+    let file_line = text.lines().find(|l| l.starts_with("file = { cache = \"smollm2/")).unwrap();
+    let unmerged = text.replacen(
+        file_line,
+        &format!(
+            "file = {{ path = {:?} }}\nadapter = {{ path = {:?} }}",
+            base.to_str().unwrap(),
+            adapter.to_str().unwrap()
+        ),
+        1,
+    );
+    let unmerged = Manifest::parse(&unmerged, "unmerged.toml", &models).unwrap();
+    let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
+    let categories = categories();
+    let mut captions = Vec::new();
+    for m in [&merged, &unmerged] {
+        let mut backbone = Backbone::load(m, &root, &config).unwrap();
+        let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+        let mut tokens = ImageTokens::default();
+        let mut named = Vec::new();
+        for (i, file) in ["chelsea.png", "gcompris/farm-cow.webp", "gcompris/world-koala.webp"].iter().enumerate() {
+            vision.run(&photo(file), &mut tokens).unwrap();
+            backbone.set_scene(i as u64, Some(&tokens)).unwrap();
+            let caption = backbone.ask(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap();
+            named.push(mentions(&caption.text, &categories));
+        }
+        captions.push(named);
+    }
+    assert_eq!(captions[0], captions[1], "merged vs unmerged adapter");
+    assert_eq!(captions[0], [vec!["cat".to_owned()], vec!["cow".to_owned()], vec![]]);
 }

@@ -19,8 +19,9 @@ pub use encoder::{EncodeTimings, Encoder, PatchFeatures, VisionError};
 pub use preprocess::Preprocessor;
 pub use projector::{pool_patches, ImageTokens, Projector};
 
-/// For an encoder with its connector inside: its output width must be the LLM's.
-fn check_width(manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, usize)>) -> Result<(), VisionError> {
+/// For an encoder with its connector inside: its output width must be the LLM's (`llm`: the GGUF's
+/// path and `n_embd`, when known).
+pub fn check_width(manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, usize)>) -> Result<(), VisionError> {
     let width = manifest.encoder.output_shape[2] as usize;
     match llm {
         Some((llm_path, llm_width)) if llm_width != width => Err(VisionError::WidthMismatch {
