@@ -18,7 +18,7 @@ from train_projector import data_paths, load_config, load_frozen_llm, pad  # noq
 
 class YesNo:
     def __init__(self):
-        self.cfg = load_config(MODELS / "projector" / "train.toml")
+        self.cfg = load_config(MODELS / "projector" / "train-v3.toml")
         self.cache = default_cache()
         torch.set_num_threads(2)
         torch.manual_seed(0)
