@@ -15,7 +15,7 @@ CARGO ?= cargo
 # README's examples.
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto mosquitto-clients openssl systemd
 
-.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models tiny-vlm
+.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models tiny-vlm check-ort-arm64
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -132,6 +132,11 @@ check-deb: deb
 ## cross: build for aarch64 and run the unit tests under qemu (see cross/README.md)
 cross:
 	bash cross/build-aarch64.sh
+
+## check-ort-arm64: load ONNX Runtime's aarch64 library under qemu-user on four CPU models (about a minute)
+check-ort-arm64: FETCH_ARGS += --arch all
+check-ort-arm64: models
+	bash cross/check-ort-arm64.sh
 
 ## deb-arm64: the arm64 .deb from the cross build
 deb-arm64:

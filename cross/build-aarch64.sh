@@ -23,13 +23,15 @@ if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
 fi
 
 missing=""
-for p in gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static cmake clang libclang-dev; do
+for p in gcc-aarch64-linux-gnu g++-aarch64-linux-gnu libc6-dev-arm64-cross cmake clang libclang-dev; do
   dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
 done
 if [ -n "$missing" ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
 fi
+
+source "$(dirname "$0")/qemu.sh"
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${SCENECAST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/scenecast}/target}
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
