@@ -15,7 +15,7 @@ CARGO ?= cargo
 # README's examples.
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto mosquitto-clients openssl systemd
 
-.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models tiny-vlm check-ort-arm64
+.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models tiny-vlm check-ort-arm64 check-arm64
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -137,6 +137,11 @@ cross:
 check-ort-arm64: FETCH_ARGS += --arch all
 check-ort-arm64: models
 	bash cross/check-ort-arm64.sh
+
+## check-arm64: the cross-built stack under qemu (Cortex-A76) next to x86-64: models check, two captions, one answer (~5 min + the cross build)
+check-arm64: FETCH_ARGS += --arch all
+check-arm64: models build
+	bash cross/check-arm64.sh
 
 ## deb-arm64: the arm64 .deb from the cross build
 deb-arm64:
