@@ -138,7 +138,7 @@ check-ort-arm64: FETCH_ARGS += --arch all
 check-ort-arm64: models
 	bash cross/check-ort-arm64.sh
 
-## check-arm64: the cross-built stack under qemu (Cortex-A76) next to x86-64: models check, two captions, one answer (~5 min + the cross build)
+## check-arm64: both cross builds under qemu (dotprod as a Cortex-A76, armv8.0 as a Cortex-A72) next to x86-64: models check, two captions, one answer (~6 min + the cross builds)
 check-arm64: FETCH_ARGS += --arch all
 check-arm64: models build
 	bash cross/check-arm64.sh

@@ -4,6 +4,9 @@
 #
 #   cross/build-aarch64.sh            build + unit tests under qemu
 #   cross/build-aarch64.sh --no-test  build only
+#   cross/build-aarch64.sh --armv8 [--no-test]
+#                                     the plain Armv8.0-A build for a Raspberry Pi 4 (Cortex-A72),
+#                                     in its own target directory ($CARGO_TARGET_DIR-armv8)
 #
 # Needs the aarch64 Rust standard library (`rustup target add aarch64-unknown-linux-gnu`); when it
 # cannot be installed the script says so and exits 2. Debian's cross gcc/g++ and qemu are installed
@@ -12,7 +15,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=aarch64-unknown-linux-gnu
 run_tests=1
-[ "${1:-}" = "--no-test" ] && run_tests=0
+armv8=0
+for arg in "$@"; do
+  case "$arg" in
+    --no-test) run_tests=0 ;;
+    --armv8) armv8=1 ;;
+    *) echo "cross/build-aarch64.sh: unknown option $arg (expected --no-test, --armv8)" >&2; exit 2 ;;
+  esac
+done
 
 if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
   if ! rustup target add "$target"; then
@@ -34,6 +44,12 @@ fi
 source "$(dirname "$0")/qemu.sh"
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-${SCENECAST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/scenecast}/target}
+if [ "$armv8" = 1 ]; then
+  # The plain Armv8.0-A kernels (no dotprod, no fp16), in a target directory of its own so that
+  # llama.cpp's CMake cache of the default build is not reused.
+  export SCENECAST_ARM_ARCH=armv8-a
+  export CARGO_TARGET_DIR=$CARGO_TARGET_DIR-armv8
+fi
 export CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc
 export CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++
 export AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar
