@@ -1,10 +1,11 @@
 //! The shipped (trained) projector through the whole real pipeline — DINOv2-S on ONNX Runtime, the
-//! projector, SmolLM2 Q4_1 on llama.cpp with the projector's LoRA adapter — names what fixed photos
-//! show (its first 15 categories and ones v3 added), names nothing for photos of unknown things,
-//! and answers whether they show a category. These are training photos: the test guards the
-//! runtime against regressions; generalisation is measured by `make eval` (models/README.md). A regression in any stage (pre-processing,
-//! pooling, the projector file, the adapter, the chat layout, injection of the image tokens) shows
-//! up here as a wrong or missing name or a wrong yes/no.
+//! projector, SmolLM2 on llama.cpp with the projector's LoRA adapter merged in — names what fixed
+//! photos show (its first 15 categories and ones v3 added), names nothing for photos of unknown
+//! things, and answers whether they show a category. These are training photos: the test guards
+//! the runtime against regressions; generalisation is measured by `make eval` (models/README.md).
+//! A regression in any stage (pre-processing, pooling, the projector file, the merged GGUF or an
+//! unmerged adapter, the chat layout, injection of the image tokens) shows up here as a wrong or
+//! missing name or a wrong yes/no.
 
 mod common;
 
@@ -41,7 +42,7 @@ const UNKNOWN: &[&str] = &["gcompris/world-koala.webp", "gcompris/world-crocodil
 /// Every category the shipped projector was trained on (models/projector/train-v3.toml): a caption
 /// naming any other than the photo's is wrong.
 fn categories() -> Vec<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/projector/train-v3.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/projector/train-v3.toml");
     let config: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let names: Vec<String> =
         config["category"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_owned()).collect();
