@@ -30,7 +30,15 @@ class MergeError(Exception):
 
 def merge(base: Path, adapter: Path, dest: Path, out_type: str | None = None) -> int:
     """Writes the merged GGUF to `dest`; returns how many weights changed. `out_type` (a ggml type
-    name such as "Q8_0") is the type of the merged weights; default: each weight's own type."""
+    name such as "Q8_0") is the type of the merged weights; default: each weight's own type.
+    Raises MergeError, naming the file, for anything the files lack."""
+    try:
+        return _merge(base, adapter, dest, out_type)
+    except KeyError as exc:
+        raise MergeError(f"{base.name} / {adapter.name}: metadata key or type {exc} missing or unknown") from exc
+
+
+def _merge(base: Path, adapter: Path, dest: Path, out_type: str | None) -> int:
     import gguf
 
     target = gguf.GGMLQuantizationType[out_type.upper()] if out_type else None

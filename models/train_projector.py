@@ -493,11 +493,6 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     return feats, metas
 
 
-def readable(file: str) -> bool:
-    """Whether the daemon (the `image` crate with PNG and JPEG) decodes this photo as it is."""
-    return Path(file).suffix.lower() in (".png", ".jpg", ".jpeg")
-
-
 def write_eval(cfg: dict, cache: Path, work: Path) -> None:
     """The evaluation set for `scenecast eval`: held-out pair scenes, empty scenes, whole real photos.
 
@@ -568,9 +563,7 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
             if "stamp" in p:
                 continue
             kind = "photo-heldout" if p.get("heldout") else "photo"
-            if "crop" in p or not readable(p["file"]):
-                # A photo inside a larger file (the crop, as the camera would deliver it), or in a
-                # format the daemon does not decode (WebP): written as PNG.
+            if "crop" in p:  # a photo inside a larger file: the crop, as the camera would deliver it
                 name = f"{kind}-{Path(p['file']).stem}.png"
                 comp.open(p).save(out / name)
             else:  # whole photos as the camera delivers them: the Rust pipeline resizes them itself

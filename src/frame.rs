@@ -107,6 +107,14 @@ impl RgbImage {
         &mut self.pixels
     }
 
+    /// Whether `path` names an image file scenecast decodes (PNG, JPEG or WebP, by extension, any case).
+    pub fn is_image_file(path: &Path) -> bool {
+        matches!(
+            path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+            Some("png" | "jpg" | "jpeg" | "webp")
+        )
+    }
+
     /// Decodes a PNG, JPEG or WebP file.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
         let err = |message: String| ImageError::Decode { path: path.display().to_string(), message };
@@ -175,6 +183,16 @@ pub struct Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_files_are_known_by_extension_in_any_case() {
+        for name in ["a.png", "b.JPG", "c.jpeg", "d.WebP"] {
+            assert!(RgbImage::is_image_file(Path::new(name)), "{name}");
+        }
+        for name in ["e.gif", "f", "g.png.txt"] {
+            assert!(!RgbImage::is_image_file(Path::new(name)), "{name}");
+        }
+    }
 
     #[test]
     fn encoded_png_and_jpeg_decode_to_the_same_size() {

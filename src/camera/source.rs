@@ -118,12 +118,7 @@ impl Slideshow {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
                 .map_err(|source| CameraError::Io { path: path.to_owned(), source })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    matches!(
-                        p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
-                        Some("png" | "jpg" | "jpeg" | "webp")
-                    )
-                })
+                .filter(|p| RgbImage::is_image_file(p))
                 .collect();
             files.sort();
             files

@@ -11,7 +11,7 @@ use crate::cache::CacheError;
 pub enum LlmError {
     /// A marker of the chat layout (`<global-img>`, `<|im_start|>`) is not one token of the GGUF:
     /// the layout belongs to another model.
-    #[error("llm.chat: `{marker}` is not a token of {gguf} (it splits into {pieces} tokens); the chat layout in the manifest belongs to another model")]
+    #[error("llm.chat: `{marker}` is not a token of {gguf} (it splits into {pieces} tokens); the chat layout in the manifest belongs to another model: write llm.chat's prefix, suffix and stop with this GGUF's own markers, or use `template = \"gguf\"`")]
     NotAToken {
         /// The marker as written in the manifest.
         marker: String,

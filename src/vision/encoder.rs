@@ -159,15 +159,17 @@ impl Encoder {
         let tensor = self.preprocessor.run(image)?;
         let preprocess_ms = ms_since(start);
         let start = Instant::now();
-        let mut inputs = vec![(self.spec.input.as_str(), self.shape.as_slice(), Input::F32(tensor))];
-        if let (Some(name), Some((mask, dims))) = (&self.spec.mask_input, &self.mask) {
-            let data = match mask {
-                PixelMask::Bool(m) => Input::Bool(m),
-                PixelMask::I64(m) => Input::I64(m),
-            };
-            inputs.push((name.as_str(), dims.as_slice(), data));
-        }
-        let out_shape = self.session.run(&inputs, &self.spec.output, &mut out.data)?;
+        let pixels = (self.spec.input.as_str(), self.shape.as_slice(), Input::F32(tensor));
+        let out_shape = match (&self.spec.mask_input, &self.mask) {
+            (Some(name), Some((mask, dims))) => {
+                let mask = match mask {
+                    PixelMask::Bool(m) => Input::Bool(m),
+                    PixelMask::I64(m) => Input::I64(m),
+                };
+                self.session.run(&[pixels, (name.as_str(), dims.as_slice(), mask)], &self.spec.output, &mut out.data)?
+            }
+            _ => self.session.run(&[pixels], &self.spec.output, &mut out.data)?,
+        };
         let encode_ms = ms_since(start);
         // The manifest fixes tokens and width (validated); the batch is 1.
         let expected = vec![1, self.spec.output_shape[1] as usize, self.spec.output_shape[2] as usize];

@@ -17,7 +17,7 @@ use crate::onnx::OnnxRuntime;
 
 pub use encoder::{EncodeTimings, Encoder, PatchFeatures, VisionError};
 pub use preprocess::Preprocessor;
-pub use projector::{pool_patches, ImageTokens, Projector};
+pub use projector::{ImageTokens, Projector};
 
 /// For an encoder with its connector inside: its output width must be the LLM's (`llm`: the GGUF's
 /// path and `n_embd`, when known).
@@ -51,9 +51,9 @@ pub struct Vision {
     /// None when the encoder's output already is the image tokens.
     projector: Option<Projector>,
     features: PatchFeatures,
-    /// The patch grid after the prefix tokens (for the layout without a projector).
+    /// Tokens before the grid (for the layout without a projector, whose grid tokens are the
+    /// image tokens).
     prefix: usize,
-    grid: [usize; 2],
 }
 
 impl Vision {
@@ -76,8 +76,8 @@ impl Vision {
         if manifest.random {
             tracing::warn!(stack = %manifest.name, "the model stack has random test weights: its text does not describe the image");
         }
-        let (prefix, grid) = (manifest.encoder.prefix_tokens, manifest.encoder.patch_grid);
-        Ok(Vision { encoder, projector, features: PatchFeatures::default(), prefix, grid })
+        let prefix = manifest.encoder.prefix_tokens;
+        Ok(Vision { encoder, projector, features: PatchFeatures::default(), prefix })
     }
 
     /// Runs the whole path on one frame, writing the image tokens into `out`.
@@ -97,7 +97,10 @@ impl Vision {
     pub fn signature(&self, out: &mut Vec<f32>) {
         match &self.projector {
             Some(projector) => projector.pool(&self.features, out),
-            None => pool_patches(&self.features, self.prefix, self.grid, self.grid, out),
+            None => {
+                out.clear();
+                out.extend_from_slice(self.grid_tokens());
+            }
         }
     }
 
@@ -108,12 +111,18 @@ impl Vision {
             None => {
                 // The encoder's connector already mapped them: the grid tokens are the image tokens.
                 let start = std::time::Instant::now();
-                pool_patches(&self.features, self.prefix, self.grid, self.grid, &mut out.data);
-                out.n_tokens = self.grid[0] * self.grid[1];
+                out.data.clear();
+                out.data.extend_from_slice(self.grid_tokens());
+                out.n_tokens = self.features.n_tokens - self.prefix;
                 out.n_embd = self.features.width;
                 Ok(crate::util::ms_since(start))
             }
         }
+    }
+
+    /// The last frame's tokens after the prefix tokens, `[n, width]` row-major.
+    fn grid_tokens(&self) -> &[f32] {
+        &self.features.data[self.prefix * self.features.width..]
     }
 
     /// The encoder's and projector's preferred execution providers (the projector's is "-" when

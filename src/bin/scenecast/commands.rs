@@ -153,7 +153,7 @@ fn sample_photos(root: &Path) -> Result<Vec<PathBuf>> {
     let mut photos: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("sample photos in {} (run `make models`)", dir.display()))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("png" | "jpg" | "jpeg" | "webp")))
+        .filter(|p| RgbImage::is_image_file(p))
         .collect();
     photos.sort();
     anyhow::ensure!(!photos.is_empty(), "no sample photos in {} (run `make models`)", dir.display());
