@@ -15,7 +15,7 @@ CARGO ?= cargo
 # README's examples.
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto mosquitto-clients openssl systemd
 
-.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator-models tiny-vlm check-ort-arm64 check-arm64
+.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator generator-eval generator-models tiny-vlm check-ort-arm64 check-arm64
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -89,6 +89,21 @@ eval: FETCH_ARGS += --train
 eval: deps models build
 	$(PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG) --eval-set-only
 	$(CARGO) run --release --quiet -- $(if $(wildcard $(CANDIDATE)),--config $(CANDIDATE)) eval $(CACHE)/train/$(PROJECTOR_NAME)/eval/eval.json --report models/projector/$(PROJECTOR_NAME).eval.md
+
+## generator: train and distil the generator, then its output projector (about 60 min on 2 cores; models/generator/README.md)
+GENERATOR_CONFIG ?= models/generator/train.toml
+GENERATOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(GENERATOR_CONFIG) | head -n 1)
+GENERATOR_CANDIDATE = $(CACHE)/train/$(GENERATOR_NAME)/candidate.toml
+generator: FETCH_ARGS += --train
+generator: deps models train-venv
+	$(CARGO) build --release --example signal_states
+	$(TRAIN_PY) models/train_generator.py --cache $(CACHE) --config $(GENERATOR_CONFIG) --signal-states $(CARGO_TARGET_DIR)/release/examples/signal_states
+
+## generator-eval: the round trip: render prompts, caption them with scenecast (about 15 min): the run
+## `make generator` just made when there is one (its candidate.toml), else the shipped generator
+generator-eval: FETCH_ARGS += --train
+generator-eval: deps models build train-venv
+	$(TRAIN_PY) models/eval_generator.py --cache $(CACHE) --config $(GENERATOR_CONFIG) --scenecast $(CARGO_TARGET_DIR)/release/scenecast $(if $(wildcard $(GENERATOR_CANDIDATE)),--candidate $(GENERATOR_CANDIDATE))
 
 ## generator-models: rewrite the tiny generator test models and sampler fixtures (models/generator)
 generator-models: train-venv

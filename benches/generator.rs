@@ -1,5 +1,6 @@
-//! Generator benchmarks on the tiny random SD-Turbo-layout models (the real weights cannot be
-//! fetched here; see models/generator/README.md), each against a baseline in the same process:
+//! Generator benchmarks: the shipped trained generator (models/reference.toml's `[generator]`,
+//! scenegen) next to the tiny random SD-Turbo-layout test models (models/generator/tiny.toml), each
+//! in its own process so that peak memory is its own, and each against a baseline in that process:
 //!
 //! 1. Time per denoising step through scenecast (`Generator::render`: sampler math, input
 //!    scaling, the UNet session, output checks) against a bare `ort` session running the same UNet
@@ -8,6 +9,9 @@
 //!    costs end to end.
 //! 3. Memory: resident set before loading, peak (VmHWM) after loading and rendering, and after
 //!    unloading, from /proc/self/status.
+//!
+//! 4. The shipped model's one-step render (its default: 1 Euler step at its size), the number a
+//!    user waits for.
 //!
 //! Run with `cargo bench --bench generator` after `make models`.
 
@@ -38,11 +42,36 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
+/// The reference manifest with models/generator/tiny.toml as its `[generator]`.
+fn tiny_manifest() -> Manifest {
+    let reference = include_str!("../models/reference.toml");
+    let head = &reference[..reference.find("\n[generator]").expect("the reference manifest has a generator")];
+    let tiny = include_str!("../models/generator/tiny.toml");
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models"));
+    Manifest::parse(&format!("{head}\n{tiny}"), "models/reference.toml + models/generator/tiny.toml", dir).unwrap()
+}
+
+const WHICH: &str = "SCENECAST_BENCH_GENERATOR";
+
 fn main() {
+    match std::env::var(WHICH).as_deref() {
+        Ok("shipped") => bench("shipped (trained scenegen)", Manifest::reference().unwrap()),
+        Ok("tiny") => bench("tiny random SD-Turbo layout", tiny_manifest()),
+        _ => {
+            // Each model in a fresh process: VmHWM only ever grows.
+            let exe = std::env::current_exe().expect("the bench's own path");
+            for which in ["shipped", "tiny"] {
+                let status = std::process::Command::new(&exe).env(WHICH, which).status().expect("running the bench");
+                assert!(status.success(), "the {which} generator bench failed");
+            }
+        }
+    }
+}
+
+fn bench(label: &str, manifest: Manifest) {
     let config = Config::builtin();
     let root = config.cache_root();
-    let manifest = Manifest::reference().unwrap();
-    let spec = manifest.generator.clone().expect("the reference manifest has a generator");
+    let spec = manifest.generator.clone().expect("the manifest has a generator");
     let runtime = OnnxRuntime::init(&config.onnx, &root).expect("ONNX Runtime (run `make models` first)");
     let rss_before = status_kib("VmRSS:");
 
@@ -69,6 +98,13 @@ fn main() {
         let r = generator.render(Conditioning::Prompt("a quiet street after rain"), &options).unwrap();
         steps.extend(r.timings.step_ms.iter().copied());
         totals.push(r.timings.total_ms);
+    }
+    // The model's own default: steps and size from the manifest (the shipped one: 1 step).
+    let default = Generator::default_options(&spec, 3);
+    let mut one = Vec::new();
+    for seed in 0..20 {
+        let r = generator.render(Conditioning::Prompt("a dog on the left"), &Generator::default_options(&spec, seed)).unwrap();
+        one.push(r.timings.total_ms);
     }
     let hwm = status_kib("VmHWM:");
 
@@ -101,12 +137,19 @@ fn main() {
     let rss_after = status_kib("VmRSS:");
 
     let (step, bare_step) = (median(steps), median(bare_steps));
-    println!("generator (tiny random SD-Turbo layout, {}x{}, Euler, 4 steps; medians):", w, h);
+    println!("generator: {label}, {w}x{h}, Euler, 4 steps (medians):");
     println!(
         "  step through scenecast {step:7.2} ms   bare ort UNet {bare_step:7.2} ms   ratio {:.2}",
         step / bare_step
     );
     println!("  render end to end      {:7.2} ms", median(totals));
+    println!(
+        "  default render         {:7.2} ms   ({} step(s) at {}x{}, the manifest's default)",
+        median(one),
+        default.steps,
+        default.size[1],
+        default.size[0]
+    );
     println!("  load                   {:7.2} ms   unload {:.2} ms", median(loads), median(unloads));
     println!(
         "  memory: RSS before load {:.0} MiB, peak (VmHWM) {:.0} MiB (+{:.0} MiB), loaded {:.0} MiB, after unload {:.0} MiB",

@@ -158,6 +158,9 @@ pub struct Tally {
     pub false_negatives: usize,
     /// Scenes whose caption named every shown category and nothing else.
     pub exact: usize,
+    /// Scenes that showed something and whose caption named every shown category (other names
+    /// allowed): "names both objects" for a two-object scene.
+    pub all_named: usize,
     /// Yes/no questions answered correctly, of `yesno_total`.
     pub yesno_correct: usize,
     /// Yes/no questions asked.
@@ -195,6 +198,7 @@ impl Tally {
         self.false_positives += other.false_positives;
         self.false_negatives += other.false_negatives;
         self.exact += other.exact;
+        self.all_named += other.all_named;
         self.yesno_correct += other.yesno_correct;
         self.yesno_total += other.yesno_total;
         self.position_correct += other.position_correct;
@@ -238,6 +242,7 @@ pub fn score(
     distinct.dedup();
     tally.false_negatives = distinct.iter().filter(|o| !named.contains(o)).count();
     tally.exact = usize::from(tally.false_positives == 0 && tally.false_negatives == 0);
+    tally.all_named = usize::from(!distinct.is_empty() && tally.false_negatives == 0);
     let mut correct = Vec::with_capacity(answers.len());
     for (q, a) in scene.questions.iter().zip(answers) {
         let ok = match q.kind.as_str() {
@@ -307,6 +312,11 @@ pub fn run(
         results.push(result);
     }
     Ok(results)
+}
+
+/// Scenes of `kind` (or all for `all`) that show at least one object.
+fn of_kind_showing(results: &[SceneResult], kind: &str) -> usize {
+    results.iter().filter(|r| (kind == "all" || r.kind == kind) && !r.objects.is_empty()).count()
 }
 
 /// Counts per scene kind (in first-seen order), then `all`.
@@ -396,17 +406,19 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
         elapsed_s,
         set.caption_prompt
     );
-    s += "| scenes | n | object precision | object recall | exact captions | named nothing | yes/no accuracy | position accuracy |\n";
-    s += "|---|---|---|---|---|---|---|---|\n";
+    s += "| scenes | n | object precision | object recall | all shown named | exact captions | named nothing | yes/no accuracy | position accuracy |\n";
+    s += "|---|---|---|---|---|---|---|---|---|\n";
     for (kind, t) in summarize(results) {
         // Captions that name no category: the right answer for scenes of nothing known.
         let of_kind = results.iter().filter(|r| kind == "all" || r.kind == kind);
         let nothing = of_kind.filter(|r| r.named.is_empty()).count();
+        let showing = of_kind_showing(results, &kind);
         s += &format!(
-            "| {kind} | {} | {} | {} | {} | {} | {} ({}/{}) | {} ({}/{}) |\n",
+            "| {kind} | {} | {} | {} | {} | {} | {} | {} ({}/{}) | {} ({}/{}) |\n",
             t.scenes,
             pct(t.precision()),
             pct(t.recall()),
+            pct(ratio(t.all_named, showing)),
             pct(ratio(t.exact, t.scenes)),
             pct(ratio(nothing, t.scenes)),
             pct(t.yesno_accuracy()),
@@ -511,7 +523,10 @@ mod tests {
         let (named, correct, t) = score(&scene, &cats(), "A cat and an orange.", &answers);
         assert_eq!(named, vec!["cat", "orange"]);
         assert_eq!(correct, vec![true, false, true]);
-        assert_eq!((t.true_positives, t.false_positives, t.false_negatives, t.exact), (1, 1, 1, 0));
+        assert_eq!((t.true_positives, t.false_positives, t.false_negatives, t.exact, t.all_named), (1, 1, 1, 0, 0));
+        // Both shown objects named, plus one that is not there: all named, not exact.
+        let (_, _, both) = score(&scene, &cats(), "A cat, a dog and an orange.", &answers);
+        assert_eq!((both.all_named, both.exact, both.false_positives), (1, 0, 1));
         assert_eq!((t.yesno_correct, t.yesno_total, t.position_correct, t.position_total), (1, 2, 1, 1));
         assert_eq!(t.precision(), Some(0.5));
         assert_eq!(t.recall(), Some(0.5));
@@ -521,7 +536,7 @@ mod tests {
     fn an_empty_scene_scores_names_as_false_positives() {
         let scene = Scene { image: "e.png".into(), kind: "empty".into(), objects: vec![], questions: vec![] };
         let (_, _, t) = score(&scene, &cats(), "No known object.", &[]);
-        assert_eq!((t.exact, t.precision(), t.recall()), (1, None, None));
+        assert_eq!((t.exact, t.all_named, t.precision(), t.recall()), (1, 0, None, None));
         let (_, _, t) = score(&scene, &cats(), "A dog.", &[]);
         assert_eq!((t.exact, t.false_positives), (0, 1));
     }
@@ -544,7 +559,8 @@ mod tests {
             EvalSet { name: "set-v3".into(), categories: cats(), caption_prompt: "Describe.".into(), scenes: vec![] };
         let scored = |kind: &str, objects: &[&str], named: &[&str], tp: usize, fp: usize| {
             let mut r = result(kind, objects, named);
-            r.tally = Tally { scenes: 1, true_positives: tp, false_positives: fp, ..Tally::default() };
+            let all_named = usize::from(!objects.is_empty() && tp == objects.len());
+            r.tally = Tally { scenes: 1, true_positives: tp, false_positives: fp, all_named, ..Tally::default() };
             r
         };
         let results = [
@@ -554,9 +570,9 @@ mod tests {
         ];
         let md = markdown(&set, "the stack `s` (image tokens from `p.onnx`)", &results, 0, 1.0);
         assert!(md.starts_with("Evaluation of the stack `s` (image tokens from `p.onnx`) on the set `set-v3`"), "{md}");
-        // unknown: 1 of 2 captions named nothing; single: none did.
-        assert!(md.contains("| unknown | 2 | 0.0 % | – | 0.0 % | 50.0 % |"), "{md}");
-        assert!(md.contains("| single | 1 | 100.0 % | 100.0 % | 0.0 % | 0.0 % |"), "{md}");
+        // unknown: 1 of 2 captions named nothing, nothing shown to name all of; single: named it.
+        assert!(md.contains("| unknown | 2 | 0.0 % | – | – | 0.0 % | 50.0 % |"), "{md}");
+        assert!(md.contains("| single | 1 | 100.0 % | 100.0 % | 100.0 % | 0.0 % | 0.0 % |"), "{md}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The generator on the real ONNX Runtime with the tiny randomly initialised models of SD-Turbo's
-//! layout (models/generator/tiny) and CLIP's real tokenizer; the output-projector path with the
-//! real SmolLM2 hidden states on llama.cpp.
+//! The generator on the real ONNX Runtime: the trained scenegen model the reference manifest ships
+//! (models/generator/scenegen-v1) and the tiny randomly initialised models of SD-Turbo's layout
+//! (models/generator/tiny.toml: a network VAE, 4 latent channels), with CLIP's real tokenizer; the
+//! output-projector path with the real SmolLM2 hidden states on llama.cpp.
 
 mod common;
 
@@ -32,7 +33,13 @@ fn the_clip_tokenizer_gives_clips_ids_and_truncates_to_77_tokens() {
 
 #[test]
 fn renders_are_deterministic_for_a_seed_and_have_the_requested_size() {
-    let (mut g, spec) = generator();
+    for m in [manifest(), tiny_generator_manifest()] {
+        let g = Generator::load(&runtime(), &m, &cache_root()).unwrap_or_else(|e| panic!("{e}"));
+        renders_are_deterministic(g, m.generator.unwrap());
+    }
+}
+
+fn renders_are_deterministic(mut g: Generator, spec: scenecast::manifest::GeneratorSpec) {
     let mut options = Generator::default_options(&spec, 42);
     let a = g.render(Conditioning::Prompt("a lighthouse at dusk"), &options).unwrap();
     let b = g.render(Conditioning::Prompt("a lighthouse at dusk"), &options).unwrap();
@@ -99,6 +106,21 @@ fn the_output_projector_path_runs_end_to_end_on_the_llms_hidden_states() {
     // Rows of the wrong width are refused by name.
     let err = g.render(Conditioning::Hidden { states: &states[..10], n_embd }, &options).unwrap_err().to_string();
     assert!(err.contains("rows of the LLM's width 576"), "{err}");
+}
+
+/// The trained generator's text encoder reads only the words it learned: a caption as the LLM writes
+/// it (capital, full stop, a word never seen in training) renders exactly what its known words
+/// render, while a change of object or position changes the image.
+#[test]
+fn the_trained_generator_reads_its_own_words_and_drops_the_rest() {
+    let (mut g, spec) = generator();
+    assert!(!spec.random, "the reference manifest ships the trained generator");
+    let options = Generator::default_options(&spec, 9);
+    let mut render = |prompt: &str| g.render(Conditioning::Prompt(prompt), &options).unwrap().image.pixels().to_vec();
+    let plain = render("a dog on the left");
+    assert_eq!(render("A Dog on the left there."), plain, "unknown words and punctuation are dropped");
+    assert_ne!(render("a dog on the right"), plain, "the position conditions the image");
+    assert_ne!(render("a cup on the left"), plain, "the object conditions the image");
 }
 
 #[test]

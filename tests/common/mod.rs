@@ -24,6 +24,16 @@ pub fn manifest() -> Manifest {
     Manifest::reference().unwrap()
 }
 
+/// The reference manifest with the tiny random generator test models (models/generator/tiny.toml)
+/// as its `[generator]`, in place of the trained one.
+pub fn tiny_generator_manifest() -> Manifest {
+    let reference = include_str!("../../models/reference.toml");
+    let head = &reference[..reference.find("\n[generator]").expect("the reference manifest has a generator")];
+    let tiny = include_str!("../../models/generator/tiny.toml");
+    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models"));
+    Manifest::parse(&format!("{head}\n{tiny}"), "models/reference.toml + models/generator/tiny.toml", dir).unwrap()
+}
+
 /// The ONNX Runtime library with the default (CPU) config.
 pub fn runtime() -> OnnxRuntime {
     OnnxRuntime::init(&Config::builtin().onnx, &cache_root()).unwrap_or_else(|e| panic!("{e}"))
