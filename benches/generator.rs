@@ -103,7 +103,9 @@ fn bench(label: &str, manifest: Manifest) {
     let default = Generator::default_options(&spec, 3);
     let mut one = Vec::new();
     for seed in 0..20 {
-        let r = generator.render(Conditioning::Prompt("a dog on the left"), &Generator::default_options(&spec, seed)).unwrap();
+        let r = generator
+            .render(Conditioning::Prompt("a dog on the left"), &Generator::default_options(&spec, seed))
+            .unwrap();
         one.push(r.timings.total_ms);
     }
     let hwm = status_kib("VmHWM:");

@@ -23,8 +23,8 @@ fn main() -> Result<()> {
         anyhow::bail!("usage: signal_states IMAGES.txt OUT.jsonl SIGNAL (the manifest's output_projector.signal)");
     };
     let config = Config::builtin();
-    let mut pipeline =
-        Pipeline::load(config.manifest()?, &config.cache_root(), &config.onnx, &config.llm).context("loading the stack")?;
+    let mut pipeline = Pipeline::load(config.manifest()?, &config.cache_root(), &config.onnx, &config.llm)
+        .context("loading the stack")?;
     let n_embd = pipeline.backbone.summary().gguf.n_embd;
     let question = pipeline.backbone.caption_prompt().to_owned();
     let images = std::fs::read_to_string(list).with_context(|| format!("reading {list}"))?;

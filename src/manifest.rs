@@ -601,7 +601,8 @@ mod tests {
         let p = m.resolve(&m.llm.file, Path::new("/c"));
         assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v3-merged.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
-        assert!(g.random, "the shipped generator is the random test model and says so");
+        assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
+        assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
         assert!(m.llm.adapter.is_none(), "the reference stack runs the GGUF with the projector's adapter merged");
         assert_eq!(m.files().len(), 8);
     }
@@ -630,17 +631,17 @@ mod tests {
             ("suffix = \"\\n{question}", "suffix = \"\\n{query}", "`llm.chat.suffix`: must contain `{question}`"),
             ("stop = [", "template = \"jinja\"\nstop = [", "`llm.chat.template`: \"jinja\" is not known"),
             (
-                "size = [128, 128]",
-                "size = [120, 128]",
-                "`generator.size`: 120 is not a positive multiple of generator.size_multiple 16",
+                "size = [64, 64]",
+                "size = [60, 64]",
+                "`generator.size`: 60 is not a positive multiple of generator.size_multiple 16",
             ),
             (
                 "size_multiple = 16",
-                "size_multiple = 12",
-                "`generator.size_multiple`: 12 is not a multiple of generator.vae_scale 8",
+                "size_multiple = 18",
+                "`generator.size_multiple`: 18 is not a multiple of generator.vae_scale 4",
             ),
             ("signal = \" Picture:\"", "signal = \" \"", "`generator.output_projector.signal`: is empty"),
-            ("latent_scaling = 0.18215", "latent_scaling = 0.0", "`generator.latent_scaling`: expected a number > 0"),
+            ("latent_scaling = 1.0", "latent_scaling = 0.0", "`generator.latent_scaling`: expected a number > 0"),
             ("sampler = \"euler\"", "sampler = \"ddim\"", "unknown variant `ddim`"),
             ("steps = 1\n", "steps = 0\n", "`generator.steps`: must be at least 1"),
         ];
