@@ -182,7 +182,7 @@ def main() -> int:
     grid = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
     for k, im in enumerate(sheet):
         grid.paste(im, ((k % cols) * size, (k // cols) * size))
-    grid.save(args.config.parent / f"{cfg['name']}.contact.png")
+    grid.save(args.config.parent / f"{cfg['name']}.contact.jpg", quality=85)
     # Nearest training image and spread across seeds (mean absolute difference of 0-255 pixels).
     train = None
     for p in sorted(work.glob("images-*.npy")):
