@@ -1,5 +1,5 @@
 //! Training data for the generator's output projector (`models/train_generator.py
-//! --output-projector`, run by `make generator`): for each image, the stack's own caption and the
+//! --signal-states TOOL`, run by `make generator`): for each image, the stack's own caption and the
 //! LLM's final hidden states at the signal tokens after it, exactly what `generate --hidden` and a
 //! `condition: "hidden"` request feed the output projector. A tool, not part of the daemon.
 //!
