@@ -12,7 +12,7 @@ use crate::camera::CameraConfig;
 use crate::generate::GeneratorConfig;
 use crate::llm::LlmConfig;
 use crate::manifest::{Manifest, ManifestError};
-use crate::mqtt::MqttConfig;
+use crate::mqtt::{MqttConfig, MqttProtocol, OffloadConfig};
 use crate::onnx::OnnxConfig;
 use crate::worker::{GateConfig, PrivacyConfig, RuntimeSettings};
 
@@ -120,6 +120,8 @@ pub struct Config {
     pub generator: GeneratorConfig,
     /// What may leave the device.
     pub privacy: PrivacyConfig,
+    /// Jobs handed to workers over MQTT, and `scenecast worker`'s side of it.
+    pub offload: OffloadConfig,
     /// Where the config came from; not in the TOML.
     #[serde(skip)]
     pub origin: String,
@@ -197,6 +199,8 @@ impl Config {
             ("mqtt.reconnect_max_s", self.mqtt.reconnect_max_s),
             ("llm.request_timeout_s", self.llm.request_timeout_s),
             ("generator.idle_unload_s", self.generator.idle_unload_s),
+            ("offload.timeout_s", self.offload.timeout_s),
+            ("offload.retry_s", self.offload.retry_s),
         ];
         if let Some((key, value)) = durations.iter().find(|(_, v)| !(v.is_finite() && (0.0..=MAX_SECONDS).contains(v)))
         {
@@ -250,6 +254,12 @@ impl Config {
                 return Err(self.invalid("mqtt.tls", "give both client_cert and client_key, or neither"));
             }
         }
+        for (i, group) in mqtt.groups.iter().enumerate() {
+            if let Some(problem) = crate::mqtt::topic_problem(group) {
+                return Err(self.invalid(format!("mqtt.groups[{i}]"), format!("{group:?} {problem}")));
+            }
+        }
+        self.validate_offload()?;
         let g = &self.generator;
         if !(1..=64).contains(&g.max_steps) {
             return Err(self.invalid("generator.max_steps", format!("{} is outside 1..=64", g.max_steps)));
@@ -270,6 +280,35 @@ impl Config {
             if lib.as_os_str().is_empty() {
                 return Err(self.invalid("onnx.library", "is empty; remove the key to use the default"));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_offload(&self) -> Result<(), ConfigError> {
+        let o = &self.offload;
+        if let Some(problem) = crate::mqtt::topic_problem(&o.jobs_prefix) {
+            return Err(self.invalid("offload.jobs_prefix", format!("{:?} {problem}", o.jobs_prefix)));
+        }
+        if o.share_group.is_empty() || o.share_group.contains(['/', '+', '#', '\0']) {
+            return Err(self.invalid(
+                "offload.share_group",
+                format!("{:?} must be one non-empty topic level (no `/`, `+`, `#`)", o.share_group),
+            ));
+        }
+        if o.timeout_s <= 0.0 {
+            return Err(self.invalid("offload.timeout_s", "must be a positive number of seconds"));
+        }
+        if o.timeout_s > f64::from(u32::MAX) {
+            return Err(self.invalid("offload.timeout_s", "is longer than MQTT's message expiry allows (2^32 - 1 s)"));
+        }
+        if o.max_job_bytes < 1024 {
+            return Err(self.invalid("offload.max_job_bytes", "must be at least 1024"));
+        }
+        if !o.kinds.is_empty() && self.mqtt.protocol != MqttProtocol::V5 {
+            return Err(self.invalid(
+                "offload.kinds",
+                "offloading needs mqtt.protocol = \"v5\" (shared subscriptions, Response Topic, message expiry)",
+            ));
         }
         Ok(())
     }
@@ -372,6 +411,17 @@ mod tests {
                 "`camera`: give either `path` or `[camera.v4l2]`",
             ),
             ("[camera.v4l2]\nfps = 0\n", "`camera.v4l2`: width, height and fps must be positive"),
+            ("[mqtt]\ngroups = [\"scenecast/+\"]\n", "`mqtt.groups[0]`: \"scenecast/+\" contains a wildcard"),
+            ("[mqtt]\ngroups = [\"a\", \"b/\"]\n", "`mqtt.groups[1]`: \"b/\" has an empty level"),
+            ("[offload]\nkinds = [\"caption\"]\n", "unknown variant `caption`, expected `ask` or `generate`"),
+            (
+                "[mqtt]\nprotocol = \"v3.1.1\"\n[offload]\nkinds = [\"generate\"]\n",
+                "`offload.kinds`: offloading needs mqtt.protocol = \"v5\"",
+            ),
+            ("[offload]\nshare_group = \"a/b\"\n", "`offload.share_group`: \"a/b\" must be one non-empty topic level"),
+            ("[offload]\njobs_prefix = \"$SYS/jobs\"\n", "`offload.jobs_prefix`: \"$SYS/jobs\" starts with `$`"),
+            ("[offload]\ntimeout_s = 0\n", "`offload.timeout_s`: must be a positive number of seconds"),
+            ("[offload]\nretry_s = nan\n", "`offload.retry_s`: NaN is not a number of seconds"),
         ];
         for (text, expect) in cases {
             let err = Config::parse(text, "t.toml").unwrap_err().to_string();

@@ -117,11 +117,21 @@ impl RgbImage {
 
     /// Decodes a PNG, JPEG or WebP file.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
-        let err = |message: String| ImageError::Decode { path: path.display().to_string(), message };
-        let reader = image::ImageReader::open(path)
-            .map_err(|e| err(e.to_string()))?
-            .with_guessed_format()
-            .map_err(|e| err(e.to_string()))?;
+        let bytes = std::fs::read(path)
+            .map_err(|e| ImageError::Decode { path: path.display().to_string(), message: e.to_string() })?;
+        Self::decode(&bytes, &path.display().to_string())
+    }
+
+    /// Decodes a PNG, JPEG or WebP image from memory (`what` names it in errors). Images larger
+    /// than 8192 pixels on a side are refused before their pixels are allocated.
+    pub fn decode(bytes: &[u8], what: &str) -> Result<Self, ImageError> {
+        let err = |message: String| ImageError::Decode { path: what.to_owned(), message };
+        let mut reader =
+            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(8192);
+        limits.max_image_height = Some(8192);
+        reader.limits(limits);
         let decoded = reader.decode().map_err(|e| err(e.to_string()))?;
         let rgb = decoded.into_rgb8();
         let (width, height) = rgb.dimensions();

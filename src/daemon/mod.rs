@@ -100,7 +100,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     tokio_rt.block_on(async move {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
         let settings = Arc::new(RwLock::new(config.runtime_settings()));
-        let mqtt = mqtt::start(&config.mqtt, &state_dir, questions_tx, settings.clone(), &manifest.name, mqtt::RequestSettings::new(&config.llm, &config.generator))?;
+        let mqtt = mqtt::start(&config.mqtt, &config.offload, &state_dir, questions_tx, settings.clone(), &manifest.name, mqtt::RequestSettings::new(&config.llm, &config.generator))?;
         let progress = Arc::new(Progress::default());
         // The generator is loaded on the first request that needs it, not here.
         let generator = (manifest.generator.is_some() && config.generator.enabled)
@@ -115,6 +115,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
             generator,
             privacy: config.privacy.clone(),
             image_format: config.generator.format,
+            offload: config.offload.kinds.clone(),
         };
         let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
         let worker_thread = std::thread::Builder::new().name("inference".into()).spawn(move || worker.run(questions_rx, out, worker_stop)).map_err(runtime_err("inference thread"))?;
@@ -127,7 +128,7 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
         tracing::info!(prefix = mqtt.topics.prefix(), broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port), "scenecast running");
         notifier.ready(&format!("running: {} on {}", manifest.name, mqtt.topics.prefix()));
 
-        let watchdog = tokio::spawn(watchdog_loop(notifier.clone(), slot.clone(), progress.clone(), config.watchdog.clone()));
+        let watchdog = tokio::spawn(watchdog_loop(notifier.clone(), Some(slot.clone()), progress.clone(), config.watchdog.clone()));
         let signals = wait_for_stop(config_path, settings, notifier.clone()).await;
         watchdog.abort();
         notifier.stopping(&format!("stopping ({signals})"));
@@ -141,15 +142,79 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
     })
 }
 
-/// Pings the watchdog only while frames are fresh and the worker makes progress; refreshes
-/// `STATUS=` with counters.
-async fn watchdog_loop(notifier: Arc<Notifier>, slot: Arc<FrameSlot>, progress: Arc<Progress>, limits: WatchdogConfig) {
+/// `scenecast worker`: the model stack without a camera, serving jobs that cameras offload
+/// (`[offload]`) from MQTT v5 shared subscriptions, until SIGTERM or SIGINT. Each job is
+/// acknowledged to the broker only once its result is published.
+pub fn run_worker(config: Config) -> Result<(), DaemonError> {
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.status("loading models");
+    let root = config.cache_root();
+    let manifest = config.manifest().map_err(StackError::from)?;
+    let Pipeline { manifest, runtime, backbone, vision, .. } =
+        Pipeline::load(manifest, &root, &config.onnx, &config.llm)?;
+    let state_dir = config.state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
+    let stop = Arc::new(AtomicBool::new(false));
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(runtime_err("tokio runtime"))?;
+    tokio_rt.block_on(async move {
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
+        let requests = mqtt::RequestSettings::new(&config.llm, &config.generator);
+        let mqtt = mqtt::start_worker(&config.mqtt, &config.offload, &state_dir, jobs_tx, &manifest.name, requests)?;
+        let progress = Arc::new(Progress::default());
+        let generator = (manifest.generator.is_some() && config.generator.enabled)
+            .then(|| OnDemand::new(runtime.clone(), manifest.clone(), root.clone(), config.generator.clone()));
+        // No camera: the frame slot stays empty, so the worker only runs jobs, each about its own frame.
+        let worker = Worker {
+            vision,
+            backbone,
+            frames: Arc::new(FrameSlot::new()),
+            settings: Arc::new(RwLock::new(config.runtime_settings())),
+            progress: progress.clone(),
+            model: manifest.name.clone(),
+            generator,
+            privacy: config.privacy.clone(),
+            image_format: config.generator.format,
+            offload: Vec::new(),
+        };
+        let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
+        let worker_thread = std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || worker.run(jobs_rx, out, worker_stop))
+            .map_err(runtime_err("inference thread"))?;
+        let kinds: Vec<&str> = config.offload.serve.iter().map(|k| k.as_str()).collect();
+        tracing::info!(kinds = ?kinds, group = %config.offload.share_group, jobs = %config.offload.jobs_prefix, "scenecast worker running");
+        notifier.ready(&format!("worker: {} serving {}", manifest.name, kinds.join(", ")));
+        let watchdog = tokio::spawn(watchdog_loop(notifier.clone(), None, progress.clone(), config.watchdog.clone()));
+        let signals = wait_for_stop(None, Arc::new(RwLock::new(config.runtime_settings())), notifier.clone()).await;
+        watchdog.abort();
+        notifier.stopping(&format!("stopping ({signals})"));
+        stop.store(true, Ordering::SeqCst);
+        let joined = tokio::task::spawn_blocking(move || worker_thread.join());
+        if tokio::time::timeout(Duration::from_secs(10), joined).await.is_err() {
+            tracing::warn!("the inference worker did not stop within 10 s");
+        }
+        mqtt.shutdown(Duration::from_secs(5)).await;
+        Ok(())
+    })
+}
+
+/// Pings the watchdog only while frames are fresh (when there is a camera) and the worker makes
+/// progress; refreshes `STATUS=` with counters.
+async fn watchdog_loop(
+    notifier: Arc<Notifier>,
+    slot: Option<Arc<FrameSlot>>,
+    progress: Arc<Progress>,
+    limits: WatchdogConfig,
+) {
     let interval = watchdog_interval().map_or(Duration::from_secs(10), |w| w / 2);
     let mut tick = tokio::time::interval(interval);
     let mut last_status = Instant::now();
     loop {
         tick.tick().await;
-        let frame_age = slot.age().unwrap_or(Duration::MAX);
+        let frame_age = slot.as_ref().map_or(Duration::ZERO, |s| s.age().unwrap_or(Duration::MAX));
         let stalled = progress.stalled_for();
         let fresh = frame_age <= Duration::from_secs_f64(limits.max_frame_age_s);
         let alive = stalled <= Duration::from_secs_f64(limits.max_stall_s);

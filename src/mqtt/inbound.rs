@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Client, Event, EventLoop};
+use super::client::{AckToken, Client, Event, EventLoop, Incoming};
+use super::offload::Pending;
 use super::outbound::Outgoing;
 use super::settings::MqttConfig;
 use super::spool::SpooledMessage;
-use super::wire::{self, Discovery, Limits, RequestError, Topics};
+use super::wire::{self, Discovery, Limits, Member, RequestError, Topics};
 use super::{Counters, ReplyAddress, Request, RequestSettings};
-use crate::worker::{Job, JobKind, RuntimeSettings};
+use crate::worker::{Job, JobKind, OffloadKind, RuntimeSettings};
 
 pub(super) struct ConnectionTask {
     pub(super) config: MqttConfig,
@@ -34,6 +35,30 @@ pub(super) struct ConnectionTask {
     pub(super) limits: Limits,
     pub(super) requests: RequestSettings,
     pub(super) settings: Arc<RwLock<RuntimeSettings>>,
+    /// A camera daemon or a job worker.
+    pub(super) role: Role,
+    /// The camera's offloaded jobs awaiting results.
+    pub(super) pending: Arc<Pending>,
+}
+
+/// What the connection serves.
+pub(super) enum Role {
+    /// A camera: its own topics, its fleet groups, and the results of the jobs it offloaded.
+    Camera {
+        /// Whether any job kind is offloaded (then `<prefix>/jobs/result` is subscribed).
+        offloads: bool,
+    },
+    /// `scenecast worker`: jobs from shared subscriptions, acknowledged after their result.
+    Worker {
+        /// The kinds served.
+        serve: Vec<OffloadKind>,
+        /// `$share/<share_group>/...`.
+        share_group: String,
+        /// `<jobs_prefix>/<kind>`.
+        jobs_prefix: String,
+        /// `offload.max_job_bytes`.
+        max_job_bytes: usize,
+    },
 }
 
 impl ConnectionTask {
@@ -53,16 +78,33 @@ impl ConnectionTask {
         (d.topic(), payload)
     }
 
+    /// The filters this connection subscribes to.
+    fn subscriptions(&self) -> Vec<String> {
+        match &self.role {
+            Role::Camera { offloads } => {
+                let mut topics = vec![
+                    self.topics.ask(),
+                    self.topics.ask_text(),
+                    self.topics.generate(),
+                    self.topics.config_set(),
+                    format!("{}/status", self.config.discovery.prefix),
+                ];
+                topics.extend(self.config.groups.iter().map(|g| wire::group_ask(g)));
+                if *offloads {
+                    topics.push(self.topics.job_results());
+                }
+                topics
+            }
+            Role::Worker { serve, share_group, jobs_prefix, .. } => {
+                serve.iter().map(|k| wire::job_subscription(share_group, jobs_prefix, *k)).collect()
+            }
+        }
+    }
+
     /// Subscribes and announces the device; returns how many subscriptions await their SubAck.
     async fn on_connect(&self) -> usize {
         let mut pending = 0;
-        for topic in [
-            self.topics.ask(),
-            self.topics.ask_text(),
-            self.topics.generate(),
-            self.topics.config_set(),
-            format!("{}/status", self.config.discovery.prefix),
-        ] {
+        for topic in self.subscriptions() {
             match self.client.subscribe(&topic).await {
                 Ok(()) => pending += 1,
                 Err(e) => tracing::warn!(topic, "subscribe failed: {e}"),
@@ -70,8 +112,29 @@ impl ConnectionTask {
         }
         let status = SpooledMessage::plain(self.topics.status(), b"online".to_vec(), true);
         let _ = self.client.publish(&status).await;
-        self.publish_discovery().await;
+        if matches!(self.role, Role::Camera { .. }) {
+            self.publish_discovery().await;
+            self.publish_membership().await;
+        }
         pending
+    }
+
+    /// The retained member record in each fleet group.
+    async fn publish_membership(&self) {
+        let member = Member {
+            device: self.config.device_id(),
+            name: self.config.device_name(),
+            prefix: self.topics.prefix().to_owned(),
+            model: self.model.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        let payload = serde_json::to_vec(&member).unwrap_or_default();
+        for group in &self.config.groups {
+            let m = SpooledMessage::json(wire::group_member(group, &member.device), payload.clone(), true, &Default::default());
+            if let Err(e) = self.client.publish(&m).await {
+                tracing::warn!(group, "member record publish failed: {e}");
+            }
+        }
     }
 
     async fn publish_discovery(&self) {
@@ -118,9 +181,10 @@ impl ConnectionTask {
                         let _ = self.connected.send(true);
                     }
                 }
-                Ok(Event::Publish { topic, payload, response_topic, correlation, expiry_s }) => {
-                    self.on_publish(&topic, &payload, response_topic, correlation, expiry_s).await;
-                }
+                Ok(Event::Publish(incoming)) => match &self.role {
+                    Role::Camera { .. } => self.on_publish(*incoming).await,
+                    Role::Worker { .. } => self.on_job(*incoming).await,
+                },
                 Ok(Event::Disconnected) if stopping => return,
                 Ok(Event::Disconnected) | Ok(Event::Other) => {}
                 Err(e) => {
@@ -181,6 +245,8 @@ impl ConnectionTask {
             correlation,
             id,
             retain: false,
+            device: Some(self.config.device_id()),
+            ack: None,
         });
         let current = crate::util::read(&self.settings).clone();
         match parsed.and_then(|patch| patch.apply(&current)) {
@@ -196,15 +262,20 @@ impl ConnectionTask {
         }
     }
 
-    async fn on_publish(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        response_topic: Option<String>,
-        correlation: Option<Vec<u8>>,
-        expiry_s: Option<u32>,
-    ) {
+    /// A message for a camera: a request (its own topics or a fleet group's), `config/set`, Home
+    /// Assistant's status, or the result of a job it offloaded.
+    async fn on_publish(&self, incoming: Incoming) {
+        let Incoming { topic, payload, response_topic, correlation, expiry_s, .. } = &incoming;
+        let (topic, payload, response_topic, correlation, expiry_s) =
+            (topic.as_str(), payload.as_slice(), response_topic.clone(), correlation.clone(), *expiry_s);
         let limits = self.limits;
+        if topic == self.topics.job_results() {
+            let forwarded = self.pending.on_result(&incoming, &self.topics, &self.config.device_id());
+            if !forwarded.is_empty() {
+                let _ = self.replies.send(Outgoing::Forwarded(forwarded)).await;
+            }
+            return;
+        }
         if topic == format!("{}/status", self.config.discovery.prefix) {
             if payload == b"online" {
                 tracing::info!("Home Assistant came online; republishing discovery");
@@ -217,8 +288,16 @@ impl ConnectionTask {
         }
         let received_at = Instant::now();
         let expires_at = expiry_s.map(|s| received_at + Duration::from_secs(u64::from(s)));
+        let group_ask = self.config.groups.iter().any(|g| wire::group_ask(g) == topic);
         let (text, task, reply) = if topic == self.topics.ask_text() {
-            let to = ReplyAddress { topic: self.topics.answer(), correlation: None, id: None, retain: true };
+            let to = ReplyAddress {
+                topic: self.topics.answer(),
+                correlation: None,
+                id: None,
+                retain: true,
+                device: Some(self.config.device_id()),
+                ack: None,
+            };
             match wire::parse_text_question(payload, &limits) {
                 Ok(q) => (q, JobKind::Answer { stream: false }, to),
                 Err(e) => {
@@ -226,8 +305,8 @@ impl ConnectionTask {
                     return self.reply_error(Some(to), e, topic).await;
                 }
             }
-        } else if topic == self.topics.ask() || topic == self.topics.generate() {
-            let parsed = if topic == self.topics.ask() {
+        } else if topic == self.topics.ask() || group_ask || topic == self.topics.generate() {
+            let parsed = if topic != self.topics.generate() {
                 wire::parse_ask(payload, &limits)
                     .map(|r| (r.question, JobKind::Answer { stream: r.stream }, r.id, r.reply_to))
             } else {
@@ -246,6 +325,8 @@ impl ConnectionTask {
                 correlation: correlation.clone(),
                 id: id.clone(),
                 retain: false,
+                device: Some(self.config.device_id()),
+                ack: None,
             });
             if let Some(t) = &reply_topic {
                 if !self.allowed(t) {
@@ -272,8 +353,13 @@ impl ConnectionTask {
         } else {
             return;
         };
-        let question = Job { text, kind: task, reply: reply.clone(), received_at, expires_at };
-        match self.questions.try_send(question) {
+        self.queue(Job { text, kind: task, reply, received_at, expires_at, frame: None }, topic).await;
+    }
+
+    /// Hands a validated job to the worker, or refuses it as busy.
+    async fn queue(&self, job: Request, topic: &str) {
+        let reply = job.reply.clone();
+        match self.questions.try_send(job) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(_)) => {
                 self.counters.busy.fetch_add(1, Ordering::Relaxed);
@@ -282,6 +368,52 @@ impl ConnectionTask {
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
                 self.reply_error(Some(reply), RequestError::Internal("the inference worker has stopped".into()), topic)
                     .await;
+            }
+        }
+    }
+
+    /// A job for `scenecast worker`, from a shared subscription: parsed, queued for the model
+    /// and acknowledged only once its result (or refusal) is published, so that a worker killed
+    /// mid-job leaves it unacknowledged for the broker to deliver again.
+    async fn on_job(&self, incoming: Incoming) {
+        let Role::Worker { serve, jobs_prefix, max_job_bytes, .. } = &self.role else { return };
+        let Incoming { topic, payload, response_topic, correlation, expiry_s, ack, .. } = incoming;
+        let Some(kind) = serve.iter().copied().find(|k| wire::job_topic(jobs_prefix, *k) == topic) else {
+            tracing::warn!(topic, "a message on no job topic; acknowledged and dropped");
+            return self.ack(ack).await;
+        };
+        let Some(reply_topic) = response_topic.filter(|t| self.allowed(t)) else {
+            tracing::warn!(topic, "a job without an allowed Response Topic; acknowledged and dropped");
+            return self.ack(ack).await;
+        };
+        let to = ReplyAddress {
+            topic: reply_topic,
+            correlation,
+            id: None,
+            retain: false,
+            device: Some(self.config.device_id()),
+            ack,
+        };
+        let limits = Limits { max_payload_bytes: *max_job_bytes, ..self.limits };
+        let job = match wire::parse_job(kind, &payload, &limits, self.requests.max_prompt_chars) {
+            Ok(job) => job,
+            Err(e) => {
+                self.counters.bad.fetch_add(1, Ordering::Relaxed);
+                // The refusal's address carries the acknowledgement: it is sent after the refusal.
+                return self.reply_error(Some(to), e, &topic).await;
+            }
+        };
+        tracing::info!(kind = kind.as_str(), origin = %job.origin, "job received");
+        let received_at = Instant::now();
+        let expires_at = expiry_s.map(|s| received_at + Duration::from_secs(u64::from(s)));
+        let job = Job { text: job.text, kind: job.kind, reply: to, received_at, expires_at, frame: job.frame };
+        self.queue(job, &topic).await;
+    }
+
+    async fn ack(&self, token: Option<AckToken>) {
+        if let Some(token) = token {
+            if let Err(e) = self.client.ack(&token).await {
+                tracing::warn!("acknowledging a message failed: {e}");
             }
         }
     }

@@ -9,7 +9,9 @@
 
 mod broker;
 mod client;
+pub mod fleet;
 mod inbound;
+mod offload;
 mod outbound;
 mod publisher;
 mod settings;
@@ -24,15 +26,17 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::worker::{Job, Output, RuntimeSettings};
-use client::connect;
-use inbound::ConnectionTask;
-use publisher::PublisherTask;
+use client::{connect, Session};
+use inbound::{ConnectionTask, Role};
+use offload::{Pending, Timing};
+use publisher::{OffloadRoute, PublisherTask};
 use spool::Spool;
 use wire::{Limits, Topics};
 
 pub use broker::{start as start_broker, EmbeddedBroker, Forwarded};
 pub use outbound::{messages, Delivery, Outgoing};
-pub use settings::{DiscoveryConfig, MqttConfig, MqttProtocol, TlsConfig};
+pub use client::AckToken;
+pub use settings::{topic_problem, DiscoveryConfig, MqttConfig, MqttProtocol, OffloadConfig, TlsConfig};
 pub use spool::{SpoolError, SpooledMessage};
 
 /// An error starting the MQTT side.
@@ -71,6 +75,10 @@ pub struct ReplyAddress {
     pub id: Option<String>,
     /// Retain the reply (the answer topic of plain-text questions is retained).
     pub retain: bool,
+    /// The device that replies, named in the reply (its id, as in its topics).
+    pub device: Option<String>,
+    /// A worker's job, acknowledged to the broker once its last reply is published.
+    pub ack: Option<AckToken>,
 }
 
 /// A validated request on its way to the worker.
@@ -153,6 +161,7 @@ impl MqttHandle {
 /// Must be called inside a tokio runtime.
 pub fn start(
     config: &MqttConfig,
+    offload: &OffloadConfig,
     state_dir: &std::path::Path,
     questions: std::sync::mpsc::SyncSender<Request>,
     settings: Arc<RwLock<RuntimeSettings>>,
@@ -160,9 +169,81 @@ pub fn start(
     requests: RequestSettings,
 ) -> Result<MqttHandle, MqttError> {
     let topics = Topics::new(&config.topic_prefix());
+    let session = Session {
+        client_id: config.client_id(),
+        persistent: true,
+        will: Some(topics.status()),
+        manual_acks: false,
+        receive_maximum: None,
+    };
+    let route = (!offload.kinds.is_empty()).then(|| OffloadRoute {
+        device_id: config.device_id(),
+        jobs_prefix: offload.jobs_prefix.clone(),
+        timing: Timing {
+            timeout: Duration::from_secs_f64(offload.timeout_s),
+            retry: (offload.retry_s > 0.0).then(|| Duration::from_secs_f64(offload.retry_s)),
+        },
+    });
+    let role = Role::Camera { offloads: route.is_some() };
+    start_with(config, topics, session, role, route, state_dir, questions, settings, model, requests)
+}
+
+/// Starts the MQTT side of `scenecast worker`: jobs from the shared subscriptions
+/// `$share/<offload.share_group>/<offload.jobs_prefix>/<kind>` go to `jobs`, each acknowledged
+/// to the broker only after its result is published. The worker's session persists and at most
+/// `mqtt.request_queue` jobs are in flight to it (MQTT v5 Receive Maximum), so the broker keeps
+/// the rest for the other workers. Status on `<prefix>/status` as for a camera.
+pub fn start_worker(
+    config: &MqttConfig,
+    offload: &OffloadConfig,
+    state_dir: &std::path::Path,
+    jobs: std::sync::mpsc::SyncSender<Request>,
+    model: &str,
+    requests: RequestSettings,
+) -> Result<MqttHandle, MqttError> {
+    let topics = Topics::new(&config.topic_prefix());
+    let session = Session {
+        client_id: config.client_id.clone().unwrap_or_else(|| format!("scenecast-worker-{}", config.device_id())),
+        persistent: true,
+        will: Some(topics.status()),
+        manual_acks: true,
+        receive_maximum: Some(config.request_queue.clamp(1, usize::from(u16::MAX)) as u16),
+    };
+    let role = Role::Worker {
+        serve: offload.serve.clone(),
+        share_group: offload.share_group.clone(),
+        jobs_prefix: offload.jobs_prefix.clone(),
+        max_job_bytes: offload.max_job_bytes,
+    };
+    // A worker has no caption prompt of its own to change; `config/set` is not subscribed.
+    let settings = Arc::new(RwLock::new(RuntimeSettings {
+        caption_prompt: crate::llm::LlmConfig::default().caption_prompt,
+        gate: Default::default(),
+    }));
+    start_with(config, topics, session, role, None, state_dir, jobs, settings, model, requests)
+}
+
+enum RoleKind {
+    Camera,
+    Worker,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_with(
+    config: &MqttConfig,
+    topics: Topics,
+    session: Session,
+    role: Role,
+    route: Option<OffloadRoute>,
+    state_dir: &std::path::Path,
+    questions: std::sync::mpsc::SyncSender<Request>,
+    settings: Arc<RwLock<RuntimeSettings>>,
+    model: &str,
+    requests: RequestSettings,
+) -> Result<MqttHandle, MqttError> {
     let spool_dir = config.spool_dir.clone().unwrap_or_else(|| state_dir.join("spool"));
     let spool = Spool::open(&spool_dir, config.spool_limit)?;
-    let (client, eventloop) = connect(config, &topics)?;
+    let (client, eventloop) = connect(config, &session)?;
     let (out_tx, out_rx) = mpsc::channel(256);
     let (results_tx, results_rx) = mpsc::channel(256);
     let (connected_tx, connected_rx) = watch::channel(false);
@@ -171,6 +252,11 @@ pub fn start(
     let counters = Arc::new(Counters::default());
     let online = Arc::new(AtomicBool::new(false));
     let drain = Arc::new(Notify::new());
+    let pending = Arc::new(Pending::new());
+    let role_kind = match role {
+        Role::Camera { .. } => RoleKind::Camera,
+        Role::Worker { .. } => RoleKind::Worker,
+    };
 
     let conn = ConnectionTask {
         config: config.clone(),
@@ -187,6 +273,8 @@ pub fn start(
         limits: Limits { max_payload_bytes: config.max_payload_bytes, max_question_chars: requests.max_question_chars },
         requests,
         settings: settings.clone(),
+        role,
+        pending: pending.clone(),
     };
     let publisher = PublisherTask {
         client,
@@ -199,6 +287,9 @@ pub fn start(
         closed,
         settings,
         published_settings: None,
+        pending,
+        publishes_settings: matches!(role_kind, RoleKind::Camera),
+        offload: route,
     };
     let conn_task = tokio::spawn(conn.run(eventloop));
     let pub_task = tokio::spawn(publisher.run(out_rx, results_rx));

@@ -3,6 +3,7 @@
 
 use super::spool::SpooledMessage;
 use super::wire::{self, ErrorReply, Reply, RequestError, Topics};
+use super::client::AckToken;
 use super::ReplyAddress;
 use crate::worker::{Output, Picture, RuntimeSettings};
 
@@ -20,6 +21,24 @@ pub enum Outgoing {
     },
     /// The runtime settings in effect (retained on `config/state`).
     ConfigState(RuntimeSettings),
+    /// A worker's result of an offloaded job, readdressed to the requester.
+    Forwarded(Vec<(SpooledMessage, Delivery)>),
+}
+
+impl Outgoing {
+    /// The acknowledgement to send once this item is published: a worker's job is acknowledged
+    /// after its last message (a final answer, an image, an error, or its expiry).
+    pub(super) fn ack(&self) -> Option<&AckToken> {
+        let to = match self {
+            Outgoing::Refused { to, .. } => to,
+            Outgoing::Result(Output::Answer { to, answer }) if answer.done => to,
+            Outgoing::Result(
+                Output::Rendered { to, .. } | Output::Failed { to, .. } | Output::Expired { to } | Output::Offload { to, .. },
+            ) => to,
+            _ => return None,
+        };
+        to.ack.as_ref()
+    }
 }
 
 /// How a message is delivered when the broker is away.
@@ -32,7 +51,9 @@ pub enum Delivery {
     LatestOnly,
 }
 
-fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
+fn reply_message(to: &ReplyAddress, reply: Reply) -> SpooledMessage {
+    let reply = reply.readdressed(to.id.clone(), to.device.clone());
+    let reply = &reply;
     let payload = serde_json::to_vec(reply).unwrap_or_default();
     let mut message = match reply {
         Reply::Answer(a) => SpooledMessage::json(to.topic.clone(), payload, to.retain, &a.timings_ms),
@@ -47,7 +68,7 @@ fn reply_message(to: &ReplyAddress, reply: &Reply) -> SpooledMessage {
 }
 
 fn error_message(to: &ReplyAddress, error: &RequestError) -> SpooledMessage {
-    reply_message(to, &Reply::Error(ErrorReply::new(to.id.clone(), error)))
+    reply_message(to, Reply::Error(ErrorReply::new(to.id.clone(), error)))
 }
 
 fn picture_message(topic: String, retain: bool, picture: Picture, properties: Vec<(String, String)>) -> SpooledMessage {
@@ -58,6 +79,8 @@ fn picture_message(topic: String, retain: bool, picture: Picture, properties: Ve
         correlation: None,
         user_properties: properties,
         content_type: Some(picture.format.content_type().to_owned()),
+        response_topic: None,
+        expiry_s: None,
     }
 }
 
@@ -69,6 +92,7 @@ pub fn messages(topics: &Topics, outgoing: Outgoing) -> Vec<(SpooledMessage, Del
     let result = match outgoing {
         Outgoing::Refused { to, error } => return vec![(error_message(&to, &error), Delivery::Keep)],
         Outgoing::ConfigState(_) => return Vec::new(),
+        Outgoing::Forwarded(messages) => return messages,
         Outgoing::Result(result) => result,
     };
     match result {
@@ -82,10 +106,11 @@ pub fn messages(topics: &Topics, outgoing: Outgoing) -> Vec<(SpooledMessage, Del
         }
         Output::Answer { to, answer } => {
             let reply = Reply::Answer(wire::Answer::new(to.id.clone(), &answer));
-            vec![(reply_message(&to, &reply), Delivery::Keep)]
+            vec![(reply_message(&to, reply), Delivery::Keep)]
         }
         Output::Rendered { to, picture, info } => {
-            let properties = wire::image_properties(to.id.as_deref(), &info);
+            let mut properties = wire::image_properties(to.id.as_deref(), &info);
+            properties.extend(to.device.clone().map(|d| ("device".to_owned(), d)));
             let reply = SpooledMessage {
                 correlation: to.correlation.clone(),
                 ..picture_message(to.topic.clone(), false, picture.clone(), properties.clone())
@@ -97,7 +122,8 @@ pub fn messages(topics: &Topics, outgoing: Outgoing) -> Vec<(SpooledMessage, Del
             // The refusal class, and so the error code, comes from the one `From<&JobError>`.
             vec![(error_message(&to, &RequestError::from(&error)), Delivery::Keep)]
         }
-        Output::Expired => Vec::new(),
+        // Counted, or (an offloaded job) published by the publisher, which tracks it.
+        Output::Expired { .. } | Output::Offload { .. } => Vec::new(),
     }
 }
 
@@ -108,7 +134,14 @@ mod tests {
     use crate::worker::{Answer, Caption, JobError, RenderInfo};
 
     fn to() -> ReplyAddress {
-        ReplyAddress { topic: "hub/r".into(), correlation: Some(b"c".to_vec()), id: Some("7".into()), retain: false }
+        ReplyAddress {
+            topic: "hub/r".into(),
+            correlation: Some(b"c".to_vec()),
+            id: Some("7".into()),
+            retain: false,
+            device: Some("cam".into()),
+            ack: None,
+        }
     }
 
     /// Every kind of output, with the topics and deliveries it maps to.
@@ -148,7 +181,7 @@ mod tests {
                 vec![("hub/r", false, Delivery::Keep)],
             ),
             (Outgoing::Refused { to: to(), error: RequestError::Busy(3) }, vec![("hub/r", false, Delivery::Keep)]),
-            (Outgoing::Result(Output::Expired), vec![]),
+            (Outgoing::Result(Output::Expired { to: to() }), vec![]),
         ];
         for (outgoing, expected) in cases {
             let shown = format!("{outgoing:?}");
@@ -166,6 +199,7 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
         assert_eq!(body["error"]["code"], "unavailable");
         assert_eq!(body["id"], "7");
+        assert_eq!(body["device"], "cam", "a reply names the device that gives it");
         assert_eq!(m.correlation.as_deref(), Some(&b"c"[..]));
     }
 }

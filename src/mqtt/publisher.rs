@@ -11,9 +11,10 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::client::Client;
+use super::offload::{Pending, Timing};
 use super::outbound::{messages, Delivery, Outgoing};
 use super::spool::{Spool, SpooledMessage};
-use super::wire::{ConfigState, StatusAttributes, Topics};
+use super::wire::{ConfigState, RequestError, StatusAttributes, Topics};
 use super::{Counters, ReplyAddress};
 use crate::worker::{Output, RuntimeSettings};
 
@@ -29,6 +30,19 @@ pub(super) struct PublisherTask {
     pub(super) settings: Arc<RwLock<RuntimeSettings>>,
     /// The settings last retained on `config/state` (a SIGHUP reload changes them behind our back).
     pub(super) published_settings: Option<RuntimeSettings>,
+    /// The camera's offloaded jobs awaiting results.
+    pub(super) pending: Arc<Pending>,
+    /// Where offloaded jobs go, and their timing (none: nothing is offloaded).
+    pub(super) offload: Option<OffloadRoute>,
+    /// Retain the runtime settings on `config/state` (a camera; a worker has none to show).
+    pub(super) publishes_settings: bool,
+}
+
+/// Where this camera's offloaded jobs go.
+pub(super) struct OffloadRoute {
+    pub(super) device_id: String,
+    pub(super) jobs_prefix: String,
+    pub(super) timing: Timing,
 }
 
 impl PublisherTask {
@@ -40,6 +54,9 @@ impl PublisherTask {
     }
 
     async fn refresh_config_state(&mut self) {
+        if !self.publishes_settings {
+            return;
+        }
         let current = crate::util::read(&self.settings).clone();
         if self.published_settings.as_ref() != Some(&current) && self.online.load(Ordering::SeqCst) {
             self.publish_config_state(current).await;
@@ -112,11 +129,33 @@ impl PublisherTask {
         }
     }
 
-    /// Delivers one message as the mapping says: kept (spooled while offline) or latest-only.
+    /// Delivers one message as the mapping says: kept (spooled while offline) or latest-only;
+    /// then acknowledges the job it ends, when it came with manual acknowledgement (a worker's).
     async fn deliver(&mut self, message: Outgoing) {
+        let ack = message.ack().cloned();
+        self.deliver_message(message).await;
+        if let Some(token) = ack {
+            if let Err(e) = self.client.ack(&token).await {
+                tracing::warn!("acknowledging a job failed: {e}");
+            }
+        }
+    }
+
+    async fn deliver_message(&mut self, message: Outgoing) {
         match message {
-            Outgoing::Result(Output::Expired) => {
+            Outgoing::Result(Output::Expired { .. }) => {
                 self.counters.expired.fetch_add(1, Ordering::Relaxed);
+            }
+            Outgoing::Result(Output::Offload { to, job }) => {
+                let Some(route) = &self.offload else {
+                    let error = RequestError::Internal("offloading is not configured ([offload] kinds)".into());
+                    for (m, _) in messages(&self.topics, Outgoing::Refused { to, error }) {
+                        self.send(m).await;
+                    }
+                    return;
+                };
+                let m = self.pending.send(&route.device_id, &route.jobs_prefix, &self.topics, to, &job, route.timing);
+                self.send(m).await;
             }
             Outgoing::ConfigState(state) => self.publish_config_state(state).await,
             other => {
@@ -130,6 +169,21 @@ impl PublisherTask {
         }
     }
 
+    /// Offloaded jobs past their timeout get their error; jobs due for a retry go out again.
+    async fn offload_due(&mut self) {
+        let Some(route) = &self.offload else { return };
+        if self.pending.len() == 0 {
+            return;
+        }
+        let (refusals, again) = self.pending.due(std::time::Instant::now(), route.timing);
+        for refusal in refusals {
+            self.deliver(refusal).await;
+        }
+        for m in again {
+            self.send(m).await;
+        }
+    }
+
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::Receiver<Outgoing>,
@@ -138,6 +192,8 @@ impl PublisherTask {
         let mut last = StatusAttributes { spool_limit: u64::MAX, ..Default::default() };
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         let mut results_open = true;
+        let mut offload_tick = tokio::time::interval(Duration::from_millis(250));
+        offload_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -160,6 +216,7 @@ impl PublisherTask {
                     self.publish_attributes(&mut last).await;
                     self.refresh_config_state().await;
                 }
+                _ = offload_tick.tick(), if self.offload.is_some() => self.offload_due().await,
                 _ = self.shutdown.cancelled() => break,
             }
         }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use crate::worker::OffloadKind;
+
 /// The MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum MqttProtocol {
@@ -85,6 +87,9 @@ pub struct MqttConfig {
     pub spool_dir: Option<PathBuf>,
     /// Home Assistant discovery.
     pub discovery: DiscoveryConfig,
+    /// Fleet groups this device belongs to: it answers questions published on `<group>/ask`
+    /// and keeps a retained member record on `<group>/members/<device>` (`scenecast fleet`).
+    pub groups: Vec<String>,
 }
 
 impl Default for MqttConfig {
@@ -109,6 +114,7 @@ impl Default for MqttConfig {
             spool_limit: 1000,
             spool_dir: None,
             discovery: DiscoveryConfig::default(),
+            groups: vec!["scenecast/all".into()],
         }
     }
 }
@@ -141,5 +147,58 @@ impl MqttConfig {
     /// The topic prefix in effect.
     pub fn topic_prefix(&self) -> String {
         self.topic_prefix.clone().unwrap_or_else(|| format!("scenecast/{}", self.device_id()))
+    }
+}
+
+/// `[offload]`: handing jobs to workers over MQTT v5 shared subscriptions (the camera side) and
+/// serving them (`scenecast worker`). The broker balances the jobs among the workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OffloadConfig {
+    /// Camera side: the kinds of job (`ask`, `generate`) published to workers instead of run
+    /// here. Empty (the default): everything runs here.
+    pub kinds: Vec<OffloadKind>,
+    /// Jobs are published on `<jobs_prefix>/<kind>`.
+    pub jobs_prefix: String,
+    /// Camera side: seconds after which a job without a result gets an `unavailable` error reply
+    /// (also the job message's expiry, so the broker drops it unserved).
+    pub timeout_s: f64,
+    /// Camera side: seconds after which a job without a result is published again, for a worker
+    /// that died mid-job; the first result wins, later ones are dropped. 0: never.
+    pub retry_s: f64,
+    /// Worker side (`scenecast worker`): the shared-subscription group, `$share/<group>/...`.
+    pub share_group: String,
+    /// Worker side: the kinds of job it serves.
+    pub serve: Vec<OffloadKind>,
+    /// Worker side: the largest job accepted, in bytes (a job about the scene carries its frame).
+    pub max_job_bytes: usize,
+}
+
+impl Default for OffloadConfig {
+    fn default() -> Self {
+        OffloadConfig {
+            kinds: Vec::new(),
+            jobs_prefix: "scenecast/jobs".into(),
+            timeout_s: 60.0,
+            retry_s: 20.0,
+            share_group: "scenecast".into(),
+            serve: vec![OffloadKind::Ask, OffloadKind::Generate],
+            max_job_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Why a topic (or topic part) from the configuration is unusable, if it is.
+pub fn topic_problem(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("is empty")
+    } else if topic.contains(['+', '#', '\0']) {
+        Some("contains a wildcard (`+`, `#`) or NUL")
+    } else if topic.starts_with('/') || topic.ends_with('/') || topic.contains("//") {
+        Some("has an empty level (a leading, trailing or doubled `/`)")
+    } else if topic.starts_with('$') {
+        Some("starts with `$`, which brokers reserve")
+    } else {
+        None
     }
 }

@@ -28,12 +28,27 @@ pub struct SpooledMessage {
     /// MQTT v5 content type.
     #[serde(default)]
     pub content_type: Option<String>,
+    /// MQTT v5 Response Topic (an offloaded job's: where the worker sends the result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_topic: Option<String>,
+    /// MQTT v5 Message Expiry Interval, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_s: Option<u32>,
 }
 
 impl SpooledMessage {
     /// A message without v5 properties.
     pub fn plain(topic: String, payload: Vec<u8>, retain: bool) -> Self {
-        SpooledMessage { topic, payload, retain, correlation: None, user_properties: Vec::new(), content_type: None }
+        SpooledMessage {
+            topic,
+            payload,
+            retain,
+            correlation: None,
+            user_properties: Vec::new(),
+            content_type: None,
+            response_topic: None,
+            expiry_s: None,
+        }
     }
 
     /// A JSON message, with per-stage timings (if any) as `<stage>_ms` user properties.
@@ -50,6 +65,8 @@ impl SpooledMessage {
             correlation: None,
             user_properties: timings.iter().map(|(k, v)| (format!("{k}_ms"), format!("{v:.1}"))).collect(),
             content_type: Some("application/json".into()),
+            response_topic: None,
+            expiry_s: None,
         }
     }
 }

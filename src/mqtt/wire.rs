@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::generate::{check_prompt, ConditionPath, GeneratorError, PromptError, RenderRequest};
 use crate::llm::{check_question, QuestionError};
-use crate::worker::{self, GenerateJob, JobError, RuntimeSettings};
+use crate::frame::{Frame, RgbImage};
+use crate::worker::{self, AttachedFrame, GenerateJob, JobError, JobKind, OffloadJob, OffloadKind, RuntimeSettings};
 
 /// The topics of one device, under a prefix (default `scenecast/<device>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +74,36 @@ impl Topics {
     pub fn config_state(&self) -> String {
         self.at("config/state")
     }
+    /// Where workers send the results of this device's offloaded jobs (`offload.kinds`).
+    pub fn job_results(&self) -> String {
+        self.at("jobs/result")
+    }
+}
+
+/// Questions to every device of a fleet group: `<group>/ask`.
+pub fn group_ask(group: &str) -> String {
+    format!("{group}/ask")
+}
+
+/// A device's retained member record in a fleet group: `<group>/members/<device>`.
+pub fn group_member(group: &str, device_id: &str) -> String {
+    format!("{group}/members/{device_id}")
+}
+
+/// The filter of all member records of a group.
+pub fn group_members(group: &str) -> String {
+    format!("{group}/members/+")
+}
+
+/// Where jobs of `kind` are published: `<jobs_prefix>/<kind>`.
+pub fn job_topic(jobs_prefix: &str, kind: OffloadKind) -> String {
+    format!("{jobs_prefix}/{}", kind.as_str())
+}
+
+/// The shared subscription a worker of `share_group` takes jobs of `kind` from:
+/// `$share/<share_group>/<jobs_prefix>/<kind>`.
+pub fn job_subscription(share_group: &str, jobs_prefix: &str, kind: OffloadKind) -> String {
+    format!("$share/{share_group}/{}", job_topic(jobs_prefix, kind))
 }
 
 /// Whether `topic` matches the MQTT filter `filter` (`+` one level, `#` the rest).
@@ -378,6 +409,25 @@ pub enum Reply {
     Error(ErrorReply),
 }
 
+impl Reply {
+    /// The same reply addressed as another request's: its id and the device that answers it.
+    pub fn readdressed(mut self, id: Option<String>, device: Option<String>) -> Self {
+        match &mut self {
+            Reply::Answer(a) => (a.id, a.device) = (id, device),
+            Reply::Error(e) => (e.id, e.device) = (id, device),
+        }
+        self
+    }
+
+    /// True for the last reply to a request: a final answer or an error.
+    pub fn is_final(&self) -> bool {
+        match self {
+            Reply::Answer(a) => a.done,
+            Reply::Error(_) => true,
+        }
+    }
+}
+
 /// An answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -385,6 +435,9 @@ pub struct Answer {
     /// The request's id, when it gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The device that answered (its id, as in its topics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// The answer text (so far, when `done` is false).
     pub text: String,
     /// False for a partial answer while streaming.
@@ -405,6 +458,7 @@ impl Answer {
     pub fn new(id: Option<String>, a: &worker::Answer) -> Self {
         Answer {
             id,
+            device: None,
             text: a.text.clone(),
             done: a.done,
             frame_seq: a.frame_seq,
@@ -421,6 +475,9 @@ pub struct ErrorReply {
     /// The request's id, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// The device that refused (its id, as in its topics).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// What went wrong.
     pub error: ErrorBody,
 }
@@ -439,7 +496,7 @@ pub struct ErrorBody {
 impl ErrorReply {
     /// The reply for `err`.
     pub fn new(id: Option<String>, err: &RequestError) -> Self {
-        ErrorReply { id, error: ErrorBody { code: err.code().to_owned(), message: err.to_string() } }
+        ErrorReply { id, device: None, error: ErrorBody { code: err.code().to_owned(), message: err.to_string() } }
     }
 }
 
@@ -546,6 +603,155 @@ pub struct StatusAttributes {
     pub bad_requests: u64,
     /// Requests dropped because their message expiry passed while queued.
     pub expired_requests: u64,
+}
+
+/// A device's retained record in a fleet group (`<group>/members/<device>`): how a hub finds
+/// the devices of a group and their topics; whether one is up is its retained `<prefix>/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// The device id (as in its topics).
+    pub device: String,
+    /// Its display name.
+    pub name: String,
+    /// Its topic prefix: `<prefix>/status` says `online`, `offline` or `stopped`.
+    pub prefix: String,
+    /// The model stack it runs.
+    pub model: String,
+    /// The scenecast version.
+    pub version: String,
+}
+
+/// A job handed to a worker, on `<jobs_prefix>/<kind>` (MQTT v5; the result goes to the Response
+/// Topic with the Correlation Data): the request as its requester sent it, minus the reply
+/// address, the device that offloaded it, and the frame when the job is about the scene.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMessage {
+    /// The device (id) that offloaded the job.
+    pub origin: String,
+    /// An `ask` job's request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ask: Option<AskRequest>,
+    /// A `generate` job's request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate: Option<GenerateRequest>,
+    /// The frame the job is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frame: Option<JobFrame>,
+}
+
+/// The frame of a [`JobMessage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFrame {
+    /// The frame's sequence number on its camera.
+    pub seq: u64,
+    /// Its capture time, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// `image/jpeg` or `image/png`.
+    pub content_type: String,
+    /// The image file, base64 (standard alphabet, padded).
+    pub data: String,
+}
+
+impl JobMessage {
+    /// The message for the worker's offloaded job.
+    pub fn new(origin: &str, job: &OffloadJob) -> Self {
+        use base64::Engine as _;
+        let (ask, generate) = match &job.kind {
+            JobKind::Answer { stream } => {
+                (Some(AskRequest { question: job.text.clone(), stream: *stream, id: None, reply_to: None }), None)
+            }
+            JobKind::Generate(g) => {
+                let r = &g.render;
+                let prompt = (!job.text.trim().is_empty()).then(|| job.text.clone());
+                let generate = GenerateRequest {
+                    prompt,
+                    from_scene: g.from_scene,
+                    seed: r.seed,
+                    steps: r.steps,
+                    width: r.width,
+                    height: r.height,
+                    guidance: r.guidance,
+                    condition: g.condition.map(|c| match c {
+                        ConditionPath::Text => Condition::Text,
+                        ConditionPath::Hidden => Condition::Hidden,
+                    }),
+                    id: None,
+                    reply_to: None,
+                };
+                (None, Some(generate))
+            }
+        };
+        let frame = job.frame.as_ref().map(|f: &AttachedFrame| JobFrame {
+            seq: f.seq,
+            ts_ms: f.ts_ms,
+            content_type: f.picture.format.content_type().to_owned(),
+            data: base64::engine::general_purpose::STANDARD.encode(&f.picture.bytes),
+        });
+        JobMessage { origin: origin.to_owned(), ask, generate, frame }
+    }
+}
+
+/// A job as a worker runs it.
+#[derive(Debug)]
+pub struct ParsedJob {
+    /// The device that offloaded it.
+    pub origin: String,
+    /// The question or prompt.
+    pub text: String,
+    /// What to do.
+    pub kind: JobKind,
+    /// The frame it is about, decoded.
+    pub frame: Option<Frame>,
+}
+
+/// Parses a job from `<jobs_prefix>/<kind>`; `limits.max_payload_bytes` is `offload.max_job_bytes`.
+/// The request inside is checked as the camera's own parser checks it, the frame is decoded.
+pub fn parse_job(
+    kind: OffloadKind,
+    payload: &[u8],
+    limits: &Limits,
+    max_prompt_chars: usize,
+) -> Result<ParsedJob, RequestError> {
+    use base64::Engine as _;
+    let text = utf8(payload, limits)?;
+    let message: JobMessage = serde_json::from_str(&text).map_err(|e| RequestError::Invalid(e.to_string()))?;
+    let (text, job_kind, about_scene) = match (kind, message.ask, message.generate) {
+        (OffloadKind::Ask, Some(ask), None) => {
+            check_question(&ask.question, limits.max_question_chars)?;
+            (ask.question, JobKind::Answer { stream: ask.stream }, true)
+        }
+        (OffloadKind::Generate, None, Some(generate)) => {
+            check_prompt(generate.prompt.as_deref(), generate.from_scene, max_prompt_chars)?;
+            if generate.guidance.is_some_and(|g| !g.is_finite()) {
+                return Err(RequestError::OutOfRange("guidance must be a finite number".into()));
+            }
+            let from_scene = generate.from_scene;
+            (generate.prompt.clone().unwrap_or_default(), JobKind::Generate(generate.job()), from_scene)
+        }
+        (kind, _, _) => {
+            return Err(RequestError::Invalid(format!(
+                "a job on the `{}` topic must carry exactly the `{}` request",
+                kind.as_str(),
+                kind.as_str()
+            )))
+        }
+    };
+    let frame = match (message.frame, about_scene) {
+        (None, true) => return Err(RequestError::Invalid("the job is about the scene but carries no `frame`".into())),
+        (None, false) | (Some(_), false) => None,
+        (Some(f), true) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(f.data.as_bytes())
+                .map_err(|e| RequestError::Invalid(format!("`frame.data` is not base64: {e}")))?;
+            let image = RgbImage::decode(&bytes, "`frame.data`").map_err(|e| RequestError::Invalid(e.to_string()))?;
+            let captured_at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(f.ts_ms);
+            Some(Frame { seq: f.seq, captured_at, image })
+        }
+    };
+    Ok(ParsedJob { origin: message.origin, text, kind: job_kind, frame })
 }
 
 /// Home Assistant device-based discovery for one device.

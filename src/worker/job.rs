@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::frame::ImageFormat;
+use crate::frame::{Frame, ImageFormat};
 use crate::generate::{ConditionPath, GeneratorError, RenderRequest};
 use crate::llm::LlmError;
 use crate::pipeline::StackError;
@@ -28,6 +28,9 @@ pub struct Job<A> {
     pub received_at: Instant,
     /// When it expires: not worked on after that.
     pub expires_at: Option<Instant>,
+    /// The frame the job is about, when it brought its own (a job offloaded by a camera);
+    /// otherwise it is about the latest frame of this device's camera.
+    pub frame: Option<Frame>,
 }
 
 impl<A> Job<A> {
@@ -35,6 +38,48 @@ impl<A> Job<A> {
     pub fn expired(&self, now: Instant) -> bool {
         self.expires_at.is_some_and(|at| now >= at)
     }
+}
+
+/// The kinds of job, as the configuration names them (`offload.kinds`, `offload.serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffloadKind {
+    /// Questions ([`JobKind::Answer`]).
+    Ask,
+    /// Renders ([`JobKind::Generate`]).
+    Generate,
+}
+
+impl OffloadKind {
+    /// Its name in topics and the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffloadKind::Ask => "ask",
+            OffloadKind::Generate => "generate",
+        }
+    }
+}
+
+/// A job handed to another machine: what to do and, when it is about the scene, the frame.
+#[derive(Debug, Clone)]
+pub struct OffloadJob {
+    /// The job's text (question or prompt).
+    pub text: String,
+    /// What to do.
+    pub kind: JobKind,
+    /// The frame the job is about (questions, and renders `from_scene`), as a JPEG.
+    pub frame: Option<AttachedFrame>,
+}
+
+/// A frame sent along with an offloaded job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachedFrame {
+    /// The frame's sequence number on its camera.
+    pub seq: u64,
+    /// Its capture time, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// The encoded picture.
+    pub picture: Picture,
 }
 
 /// What a job asks for.
@@ -47,6 +92,16 @@ pub enum JobKind {
     },
     /// Render an image.
     Generate(GenerateJob),
+}
+
+impl JobKind {
+    /// Its kind, as the configuration names it.
+    pub fn offload_kind(&self) -> OffloadKind {
+        match self {
+            JobKind::Answer { .. } => OffloadKind::Ask,
+            JobKind::Generate(_) => OffloadKind::Generate,
+        }
+    }
 }
 
 /// A render request.
@@ -175,7 +230,18 @@ pub enum Output<A> {
         error: JobError,
     },
     /// A job whose expiry passed while it waited (counted, not answered).
-    Expired,
+    Expired {
+        /// The job's reply address (a transport that must acknowledge the job needs it).
+        to: A,
+    },
+    /// A job handed to a worker elsewhere (`offload.kinds`): the transport sends it and
+    /// forwards the result to `to`.
+    Offload {
+        /// The job's reply address.
+        to: A,
+        /// The job.
+        job: OffloadJob,
+    },
 }
 
 /// The settings that can change at run time (SIGHUP, a `config/set` request).

@@ -24,8 +24,8 @@ use crate::vision::{EncodeTimings, ImageTokens, Vision};
 
 pub use gate::{cosine_distance, Decision, GateConfig, SceneGate};
 pub use job::{
-    Answer, Caption, GenerateJob, Job, JobError, JobKind, Output, Picture, RenderInfo, RuntimeSettings, SettingError,
-    Timings, MAX_CAPTION_PROMPT_CHARS,
+    Answer, AttachedFrame, Caption, GenerateJob, Job, JobError, JobKind, OffloadJob, OffloadKind, Output, Picture,
+    RenderInfo, RuntimeSettings, SettingError, Timings, MAX_CAPTION_PROMPT_CHARS,
 };
 
 /// What the daemon may publish about what the camera sees.
@@ -100,6 +100,8 @@ pub struct Worker {
     pub privacy: PrivacyConfig,
     /// The format of pictures.
     pub image_format: ImageFormat,
+    /// The kinds of job handed to workers elsewhere instead of running here (`offload.kinds`).
+    pub offload: Vec<OffloadKind>,
 }
 
 /// A seed from the clock, for requests that give none (echoed in the reply, so a render can be repeated).
@@ -129,6 +131,8 @@ struct State {
     tokens: ImageTokens,
     latest: Option<Seen>,
     scene: Option<Seen>,
+    /// The latest frame's pixels, kept only when jobs about the scene are offloaded.
+    frame: Option<Frame>,
 }
 
 impl Worker {
@@ -149,7 +153,11 @@ impl Worker {
                 Ok(job) => {
                     if job.expired(Instant::now()) {
                         tracing::warn!(question = %job.text, "request expired while queued; not answered");
-                        let _ = out.blocking_send(Output::Expired);
+                        let _ = out.blocking_send(Output::Expired { to: job.reply });
+                        continue;
+                    }
+                    if self.offload.contains(&job.kind.offload_kind()) && job.frame.is_none() {
+                        let _ = out.blocking_send(self.offload_job(job, &state));
                         continue;
                     }
                     match job.kind.clone() {
@@ -207,7 +215,46 @@ impl Worker {
                 }
                 Err(e) => tracing::error!(frame = frame.seq, "captioning failed: {e}"),
             }
+            if !self.offload.is_empty() {
+                state.frame = Some(frame);
+            }
         }
+    }
+
+    /// The output that hands `job` to a worker elsewhere, with the latest frame when the job is
+    /// about the scene.
+    fn offload_job<A>(&self, job: Job<A>, state: &State) -> Output<A> {
+        let about_scene = match &job.kind {
+            JobKind::Answer { .. } => true,
+            JobKind::Generate(g) => g.from_scene,
+        };
+        let frame = match (about_scene, &state.frame) {
+            (false, _) => None,
+            (true, None) => return Output::Failed { to: job.reply, error: JobError::NoScene },
+            (true, Some(frame)) => {
+                // JPEG: a tenth of PNG's size on camera frames, and the encoder sees it resized anyway.
+                match frame.image.encode(ImageFormat::Jpeg) {
+                    Ok(bytes) => Some(AttachedFrame {
+                        seq: frame.seq,
+                        ts_ms: ts_ms(frame),
+                        picture: Picture { bytes, format: ImageFormat::Jpeg },
+                    }),
+                    Err(e) => return Output::Failed { to: job.reply, error: StackError::from(e).into() },
+                }
+            }
+        };
+        tracing::info!(kind = job.kind.offload_kind().as_str(), "job offloaded");
+        Output::Offload { to: job.reply, job: OffloadJob { text: job.text, kind: job.kind, frame } }
+    }
+
+    /// Makes a job's own frame the scene (a job offloaded by a camera): encoded, projected and
+    /// prefilled; this device's cached scene is no longer current.
+    fn use_job_frame(&mut self, frame: &Frame, state: &mut State) -> Result<(), JobError> {
+        self.vision.encode(&frame.image).map_err(StackError::from)?;
+        self.vision.project(&mut state.tokens).map_err(StackError::from)?;
+        state.scene = None;
+        self.backbone.set_scene(frame.seq, Some(&state.tokens))?;
+        Ok(())
     }
 
     fn options(&self, stop: &Arc<AtomicBool>) -> GenerateOptions {
@@ -318,10 +365,11 @@ impl Worker {
         }
         let caption_prompt = self.settings().caption_prompt;
         let text = if request.from_scene {
-            if state.latest.is_none() {
-                return Err(JobError::NoScene);
+            match &job.frame {
+                Some(frame) => self.use_job_frame(frame, state)?,
+                None if state.latest.is_none() => return Err(JobError::NoScene),
+                None => self.make_current(state),
             }
-            self.make_current(state);
             let options = self.options(stop);
             self.progress.llm_runs.fetch_add(1, Ordering::Relaxed);
             let description = self.backbone.ask(&caption_prompt, &options, &mut |_| true)?;
@@ -374,7 +422,20 @@ impl Worker {
     ) {
         let start = Instant::now();
         let to = job.reply.clone();
-        self.make_current(state);
+        let about = match &job.frame {
+            Some(frame) => match self.use_job_frame(frame, state) {
+                Ok(()) => Some((frame.seq, ts_ms(frame))),
+                Err(error) => {
+                    tracing::warn!("the job's frame: {error}");
+                    let _ = out.blocking_send(Output::Failed { to, error });
+                    return;
+                }
+            },
+            None => {
+                self.make_current(state);
+                state.scene.as_ref().map(|s| (s.seq, s.ts_ms))
+            }
+        };
         let options = self.options(stop);
         let mut so_far = String::new();
         let progress = self.progress.clone();
@@ -394,7 +455,6 @@ impl Worker {
             }
             true
         });
-        let about = state.scene.as_ref();
         let output = match result {
             Ok(g) => {
                 self.progress.answers.fetch_add(1, Ordering::Relaxed);
@@ -408,8 +468,8 @@ impl Worker {
                 let answer = Answer {
                     text: g.text,
                     done: true,
-                    frame_seq: about.map(|s| s.seq),
-                    frame_ts_ms: about.map(|s| s.ts_ms),
+                    frame_seq: about.map(|(seq, _)| seq),
+                    frame_ts_ms: about.map(|(_, ts)| ts),
                     timings_ms: timings,
                 };
                 Output::Answer { to, answer }

@@ -103,6 +103,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A hub's view of a fleet: the devices of a group, and one question asked of all of them.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+    /// Serve jobs that cameras offload ([offload] kinds) from MQTT v5 shared subscriptions
+    /// ($share/<offload.share_group>/<offload.jobs_prefix>/<kind>), until SIGTERM or SIGINT.
+    /// Run several: the broker balances the jobs among them.
+    Worker,
     /// Run one image through the encoder and projector; print the image-token shape and timings.
     Encode {
         /// A PNG, JPEG or WebP file.
@@ -128,4 +135,32 @@ pub enum ModelsCommand {
     /// Check every model part the config uses: presence, checksums, ONNX signatures, GGUF
     /// metadata and widths. One line per part; exits non-zero if any part fails.
     Check,
+}
+
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Publish QUESTION once on <group>/ask and print every device's answer (device, answer,
+    /// frame age, latency); waits until every device that is online has answered, or --timeout.
+    Ask {
+        /// The question.
+        question: String,
+        /// The fleet group (a device answers the groups in its mqtt.groups).
+        #[arg(long, short, default_value = "scenecast/all")]
+        group: String,
+        /// Seconds to wait for answers.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the devices of a group (their retained member records) and whether each is online.
+    List {
+        /// The fleet group.
+        #[arg(long, short, default_value = "scenecast/all")]
+        group: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -451,3 +451,92 @@ fn print_captions(mut broker: mqtt::EmbeddedBroker) {
         }
     });
 }
+
+pub fn run_worker(config: &Config) -> Result<ExitCode> {
+    anyhow::ensure!(config.mqtt.enabled, "`mqtt.enabled` is false: a worker takes its jobs over MQTT");
+    anyhow::ensure!(
+        config.mqtt.protocol == MqttProtocol::V5,
+        "`mqtt.protocol` is v3.1.1: a worker needs MQTT v5 (shared subscriptions, Response Topic, message expiry)"
+    );
+    anyhow::ensure!(!config.offload.serve.is_empty(), "`offload.serve` is empty: the worker would serve nothing");
+    scenecast::daemon::run_worker(config.clone())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fleet_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
+}
+
+fn check_group(group: &str) -> Result<()> {
+    if let Some(problem) = mqtt::topic_problem(group) {
+        anyhow::bail!("--group {group:?} {problem} (expected a topic such as scenecast/all)");
+    }
+    Ok(())
+}
+
+/// Cuts `text` to `width` characters for a table cell.
+fn cell(text: &str, width: usize) -> String {
+    let mut cut: String = text.chars().take(width).collect();
+    if text.chars().count() > width {
+        cut.pop();
+        cut.push('…');
+    }
+    cut
+}
+
+pub fn fleet_ask(config: &Config, group: &str, question: &str, timeout_s: f64, json: bool) -> Result<ExitCode> {
+    check_group(group)?;
+    anyhow::ensure!(
+        timeout_s.is_finite() && (0.1..=3600.0).contains(&timeout_s),
+        "--timeout {timeout_s} is outside 0.1..=3600 seconds"
+    );
+    let timeout = std::time::Duration::from_secs_f64(timeout_s);
+    let report = fleet_runtime()?.block_on(mqtt::fleet::ask(
+        &config.mqtt,
+        group,
+        question,
+        config.llm.max_question_chars,
+        timeout,
+    ))?;
+    if json {
+        out!("{}", serde_json::to_string(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    out!("{:<16} {:<56} {:>10} {:>9}", "DEVICE", "ANSWER", "FRAME AGE", "LATENCY");
+    for a in &report.answers {
+        let answer = match (&a.text, &a.error) {
+            (Some(text), _) => text.clone(),
+            (None, Some(e)) => format!("error {}: {}", e.code, e.message),
+            (None, None) => String::new(),
+        };
+        let age = a.frame_age_ms.map_or("-".into(), |ms| format!("{:.1} s", ms as f64 / 1e3));
+        out!("{:<16} {:<56} {:>10} {:>6.0} ms", cell(&a.device, 16), cell(&answer, 56), age, a.latency_ms);
+    }
+    for d in &report.silent {
+        let status = d.status.as_deref().unwrap_or("unknown");
+        out!("{:<16} {:<56} {:>10} {:>9}", cell(&d.member.device, 16), format!("(no answer; status {status})"), "-", "-");
+    }
+    out!(
+        "{} of {} device{} answered on {group}",
+        report.answers.len(),
+        report.answers.len() + report.silent.len(),
+        if report.answers.len() + report.silent.len() == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn fleet_list(config: &Config, group: &str, json: bool) -> Result<ExitCode> {
+    check_group(group)?;
+    let devices = fleet_runtime()?.block_on(mqtt::fleet::list(&config.mqtt, group))?;
+    if json {
+        out!("{}", serde_json::to_string(&devices)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    out!("{:<16} {:<8} {:<28} {}", "DEVICE", "STATUS", "PREFIX", "MODEL");
+    for d in &devices {
+        let status = d.status.as_deref().unwrap_or("unknown");
+        out!("{:<16} {:<8} {:<28} {}", cell(&d.member.device, 16), status, cell(&d.member.prefix, 28), d.member.model);
+    }
+    out!("{} device{} in {group}", devices.len(), if devices.len() == 1 { "" } else { "s" });
+    Ok(ExitCode::SUCCESS)
+}

@@ -20,13 +20,13 @@ macro_rules! out {
 mod cli;
 mod commands;
 
-use cli::{Cli, Command, ModelsCommand};
+use cli::{Cli, Command, FleetCommand, ModelsCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs at INFO; the demo prints its captions itself, so it only needs warnings.
     let log = cli.log.clone().unwrap_or_else(|| {
-        if matches!(cli.command, Command::Run { demo: false }) {
+        if matches!(cli.command, Command::Run { demo: false } | Command::Worker) {
             "info".into()
         } else {
             "warn".into()
@@ -106,6 +106,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { demo } => commands::run_daemon(&config, cli.config.as_deref(), demo),
+        Command::Worker => commands::run_worker(&config),
+        Command::Fleet(FleetCommand::Ask { question, group, timeout, json }) => {
+            commands::fleet_ask(&config, &group, &question, timeout, json)
+        }
+        Command::Fleet(FleetCommand::List { group, json }) => commands::fleet_list(&config, &group, json),
         Command::Caption { image, json } => {
             let prompt = config.llm.caption_prompt.clone();
             commands::describe(&config, &image, &[prompt], json)

@@ -1,0 +1,199 @@
+//! The camera's side of work offload: jobs published to workers and awaiting their results.
+//!
+//! A job leaves as a QoS 1 message on `<jobs_prefix>/<kind>` with the camera's
+//! `<prefix>/jobs/result` as its Response Topic and a fresh Correlation Data; the broker hands it
+//! to one member of the workers' shared subscription. The result comes back here and is forwarded
+//! to whoever asked the camera, under their reply topic, correlation and id. A job without a
+//! result after `offload.retry_s` is published again (a worker that died mid-job), and one without
+//! a result after `offload.timeout_s` gets an `unavailable` error: never silence. The first result
+//! wins; a later one for the same job (a retry that also ran) is dropped.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::client::Incoming;
+use super::outbound::{Delivery, Outgoing};
+use super::spool::SpooledMessage;
+use super::wire::{self, JobMessage, Reply, RequestError, Topics};
+use super::ReplyAddress;
+use crate::worker::OffloadJob;
+
+/// `[offload]`'s timing, as the camera applies it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Timing {
+    pub(super) timeout: Duration,
+    pub(super) retry: Option<Duration>,
+}
+
+struct InFlight {
+    to: ReplyAddress,
+    message: SpooledMessage,
+    deadline: Instant,
+    next_retry: Option<Instant>,
+    attempts: u32,
+}
+
+/// Offloaded jobs awaiting results, by correlation data.
+pub(super) struct Pending {
+    jobs: Mutex<HashMap<Vec<u8>, InFlight>>,
+    next: AtomicU64,
+    /// Distinguishes this process's correlation data from an earlier run's.
+    epoch: u64,
+}
+
+impl Pending {
+    pub(super) fn new() -> Self {
+        let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        Pending { jobs: Mutex::new(HashMap::new()), next: AtomicU64::new(0), epoch }
+    }
+
+    /// Jobs in flight.
+    pub(super) fn len(&self) -> usize {
+        self.jobs.lock().map_or(0, |j| j.len())
+    }
+
+    /// The message that hands `job` to a worker; the job is in flight from now on.
+    pub(super) fn send(
+        &self,
+        device_id: &str,
+        jobs_prefix: &str,
+        topics: &Topics,
+        to: ReplyAddress,
+        job: &OffloadJob,
+        timing: Timing,
+    ) -> SpooledMessage {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let correlation = format!("{device_id}/{}/{n}", self.epoch).into_bytes();
+        let payload = serde_json::to_vec(&JobMessage::new(device_id, job)).unwrap_or_default();
+        let mut message = SpooledMessage::json(
+            wire::job_topic(jobs_prefix, job.kind.offload_kind()),
+            payload,
+            false,
+            &Default::default(),
+        );
+        message.correlation = Some(correlation.clone());
+        message.response_topic = Some(topics.job_results());
+        message.expiry_s = Some(timing.timeout.as_secs().clamp(1, u64::from(u32::MAX)) as u32);
+        let now = Instant::now();
+        let flight = InFlight {
+            to,
+            message: message.clone(),
+            deadline: now + timing.timeout,
+            next_retry: timing.retry.map(|r| now + r),
+            attempts: 1,
+        };
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.insert(correlation, flight);
+        }
+        message
+    }
+
+    /// A result from a worker: the messages that forward it to the requester (and, for an
+    /// image, the camera's image topic), or nothing for a result of no job in flight (late, or a
+    /// duplicate of a retried job).
+    pub(super) fn on_result(
+        &self,
+        incoming: &Incoming,
+        topics: &Topics,
+        device_id: &str,
+    ) -> Vec<(SpooledMessage, Delivery)> {
+        let Some(correlation) = &incoming.correlation else {
+            tracing::warn!("a job result without Correlation Data: dropped");
+            return Vec::new();
+        };
+        let Ok(mut jobs) = self.jobs.lock() else { return Vec::new() };
+        let Some(flight) = jobs.get(correlation) else {
+            tracing::debug!("a result of no job in flight (late, or a retried job's second result): dropped");
+            return Vec::new();
+        };
+        let to = flight.to.clone();
+        let is_json = incoming.content_type.as_deref() == Some("application/json");
+        let (messages, last) = if is_json {
+            match serde_json::from_slice::<Reply>(&incoming.payload) {
+                Ok(reply) => {
+                    let worker = match &reply {
+                        Reply::Answer(a) => a.device.clone(),
+                        Reply::Error(e) => e.device.clone(),
+                    };
+                    let last = reply.is_final();
+                    let reply = reply.readdressed(to.id.clone(), Some(device_id.to_owned()));
+                    let mut m = SpooledMessage::json(
+                        to.topic.clone(),
+                        serde_json::to_vec(&reply).unwrap_or_default(),
+                        to.retain,
+                        &Default::default(),
+                    );
+                    m.user_properties = incoming.user_properties.clone();
+                    m.user_properties.extend(worker.map(|w| ("worker".to_owned(), w)));
+                    m.correlation = to.correlation.clone();
+                    (vec![(m, Delivery::Keep)], last)
+                }
+                Err(e) => {
+                    tracing::warn!("a job result that is no reply ({e}): the requester gets an error");
+                    let error = RequestError::Internal(format!("the worker's result is not a valid reply: {e}"));
+                    let refusal = super::outbound::messages(topics, Outgoing::Refused { to: to.clone(), error });
+                    (refusal, true)
+                }
+            }
+        } else {
+            // An image: the worker's properties, with the requester's id.
+            let mut properties: Vec<(String, String)> =
+                incoming.user_properties.iter().filter(|(k, _)| k != "id").cloned().collect();
+            properties.extend(to.id.clone().map(|id| ("id".to_owned(), id)));
+            let reply = SpooledMessage {
+                topic: to.topic.clone(),
+                payload: incoming.payload.clone(),
+                retain: false,
+                correlation: to.correlation.clone(),
+                user_properties: properties.clone(),
+                content_type: incoming.content_type.clone(),
+                response_topic: None,
+                expiry_s: None,
+            };
+            let latest = SpooledMessage { topic: topics.image(), retain: true, correlation: None, ..reply.clone() };
+            (vec![(latest, Delivery::LatestOnly), (reply, Delivery::Keep)], true)
+        };
+        if last {
+            jobs.remove(correlation);
+        }
+        messages
+    }
+
+    /// What is due at `now`: refusals of jobs past their timeout, and jobs to publish again.
+    pub(super) fn due(&self, now: Instant, timing: Timing) -> (Vec<Outgoing>, Vec<SpooledMessage>) {
+        let Ok(mut jobs) = self.jobs.lock() else { return Default::default() };
+        let expired: Vec<Vec<u8>> = jobs.iter().filter(|(_, f)| now >= f.deadline).map(|(c, _)| c.clone()).collect();
+        let refusals = expired
+            .into_iter()
+            .filter_map(|c| jobs.remove(&c))
+            .map(|f| {
+                let error = RequestError::Unavailable(format!(
+                    "no offload worker returned a result within {:.0} s ({} attempt{}): is a `scenecast worker` subscribed to {}?",
+                    timing.timeout.as_secs_f64(),
+                    f.attempts,
+                    if f.attempts == 1 { "" } else { "s" },
+                    f.message.topic
+                ));
+                tracing::warn!(topic = %f.message.topic, "offloaded job timed out");
+                Outgoing::Refused { to: f.to, error }
+            })
+            .collect();
+        let mut again = Vec::new();
+        for flight in jobs.values_mut() {
+            if let (Some(at), Some(retry)) = (flight.next_retry, timing.retry) {
+                if now >= at {
+                    flight.next_retry = Some(now + retry);
+                    flight.attempts += 1;
+                    let mut m = flight.message.clone();
+                    // What is left of the job's time, so the broker drops it when the requester has its error.
+                    m.expiry_s = Some(flight.deadline.saturating_duration_since(now).as_secs().max(1) as u32);
+                    tracing::info!(topic = %m.topic, attempt = flight.attempts, "no result yet: job published again");
+                    again.push(m);
+                }
+            }
+        }
+        (refusals, again)
+    }
+}
