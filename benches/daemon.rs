@@ -58,6 +58,7 @@ fn main() {
     let mut mqtt = rt.block_on(async {
         scenecast::mqtt::start(
             &mqtt_config,
+            &Default::default(),
             state.path(),
             questions_tx,
             settings.clone(),
@@ -83,6 +84,7 @@ fn main() {
         generator: None,
         privacy: Default::default(),
         image_format: Default::default(),
+        offload: Vec::new(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let (out, worker_stop) = (mqtt.results.clone(), stop.clone());

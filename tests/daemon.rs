@@ -202,6 +202,7 @@ fn an_unchanged_scene_runs_the_llm_once_and_a_change_triggers_a_caption() {
         generator: None,
         privacy: Default::default(),
         image_format: Default::default(),
+        offload: Vec::new(),
     };
     let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(64);
     let (_questions_tx, questions_rx) = std::sync::mpsc::sync_channel::<scenecast::worker::Job<()>>(1);

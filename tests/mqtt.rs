@@ -54,6 +54,7 @@ impl Daemon {
         }));
         let mut handle = mqtt::start(
             &config,
+            &Default::default(),
             state.path(),
             tx,
             settings.clone(),
@@ -107,6 +108,7 @@ impl Daemon {
             generator,
             privacy,
             image_format: Default::default(),
+            offload: Vec::new(),
         };
         let (questions, out, stop) = (self.questions.take().unwrap(), self.handle().results.clone(), self.stop.clone());
         self.worker = Some(std::thread::spawn(move || worker.run(questions, out, stop)));
@@ -442,6 +444,7 @@ async fn tls_with_a_client_certificate() {
     let settings = Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "x".into(), gate: GateConfig::default() }));
     let mut handle = mqtt::start(
         &no_cert,
+        &Default::default(),
         state.path(),
         tx,
         settings.clone(),
@@ -464,6 +467,7 @@ async fn tls_with_a_client_certificate() {
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
     let err = mqtt::start(
         &missing,
+        &Default::default(),
         state.path(),
         tx,
         settings,
@@ -655,10 +659,17 @@ async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
     let settings =
         Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe.".into(), gate: GateConfig::default() }));
-    let handle = mqtt::start(&mqtt_config(port, "cam14"), state.path(), tx, settings, "m", Default::default()).unwrap();
+    let handle = mqtt::start(&mqtt_config(port, "cam14"), &Default::default(), state.path(), tx, settings, "m", Default::default()).unwrap();
     let picture = Picture { bytes: vec![0x89, b'P', b'N', b'G'], format: ImageFormat::Png };
     let to =
-        mqtt::ReplyAddress { topic: "hub/replies".into(), correlation: None, id: Some("r1".into()), retain: false };
+        mqtt::ReplyAddress {
+            topic: "hub/replies".into(),
+            correlation: None,
+            id: Some("r1".into()),
+            retain: false,
+            device: None,
+            ack: None,
+        };
     let info = RenderInfo {
         prompt: "a cat".into(),
         seed: 1,

@@ -197,3 +197,114 @@ impl Pending {
         (refusals, again)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::worker::{JobKind, OffloadJob};
+
+    fn requester() -> ReplyAddress {
+        ReplyAddress {
+            topic: "hub/replies".into(),
+            correlation: Some(b"hub-7".to_vec()),
+            id: Some("q7".into()),
+            retain: false,
+            device: Some("cam".into()),
+            ack: None,
+        }
+    }
+
+    fn result(correlation: &[u8], payload: &[u8], content_type: &str, properties: &[(&str, &str)]) -> Incoming {
+        Incoming {
+            topic: "cam/jobs/result".into(),
+            payload: payload.to_vec(),
+            response_topic: None,
+            correlation: Some(correlation.to_vec()),
+            expiry_s: None,
+            user_properties: properties.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            content_type: Some(content_type.into()),
+            ack: None,
+        }
+    }
+
+    fn job() -> OffloadJob {
+        OffloadJob { text: "What is there?".into(), kind: JobKind::Answer { stream: true }, frame: None }
+    }
+
+    const TIMING: Timing = Timing { timeout: Duration::from_secs(10), retry: Some(Duration::from_secs(3)) };
+
+    #[test]
+    fn a_result_is_forwarded_once_to_the_requester_with_its_id_and_correlation() {
+        let topics = Topics::new("cam");
+        let pending = Pending::new();
+        let sent = pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
+        assert_eq!(sent.topic, "jobs/ask");
+        assert_eq!(sent.response_topic.as_deref(), Some("cam/jobs/result"));
+        assert_eq!(sent.expiry_s, Some(10));
+        let correlation = sent.correlation.clone().unwrap();
+        // A partial answer is forwarded and the job stays in flight; the final one ends it.
+        let partial = br#"{"text":"A c","done":false,"device":"gpu-box"}"#;
+        let forwarded = pending.on_result(&result(&correlation, partial, "application/json", &[]), &topics, "cam");
+        assert_eq!(forwarded.len(), 1);
+        assert_eq!(pending.len(), 1);
+        let last = br#"{"text":"A cup.","done":true,"device":"gpu-box","frame_seq":3}"#;
+        let forwarded =
+            pending.on_result(&result(&correlation, last, "application/json", &[("total_ms", "9.0")]), &topics, "cam");
+        let (m, delivery) = &forwarded[0];
+        assert_eq!((m.topic.as_str(), *delivery), ("hub/replies", Delivery::Keep));
+        assert_eq!(m.correlation.as_deref(), Some(&b"hub-7"[..]));
+        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!((body["id"].as_str(), body["device"].as_str(), body["text"].as_str()), (Some("q7"), Some("cam"), Some("A cup.")));
+        assert!(m.user_properties.contains(&("worker".into(), "gpu-box".into())), "{:?}", m.user_properties);
+        assert!(m.user_properties.contains(&("total_ms".into(), "9.0".into())));
+        assert_eq!(pending.len(), 0);
+        // The same job's second result (a retry that also ran) is dropped: answered once.
+        assert!(pending.on_result(&result(&correlation, last, "application/json", &[]), &topics, "cam").is_empty());
+    }
+
+    #[test]
+    fn an_image_result_goes_to_the_requester_and_the_image_topic() {
+        let topics = Topics::new("cam");
+        let pending = Pending::new();
+        let sent = pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
+        let image = result(&sent.correlation.unwrap(), b"\x89PNG", "image/png", &[("id", "worker-side"), ("seed", "3")]);
+        let forwarded = pending.on_result(&image, &topics, "cam");
+        let shown: Vec<_> = forwarded.iter().map(|(m, d)| (m.topic.as_str(), m.retain, *d)).collect();
+        assert_eq!(shown, [("cam/image", true, Delivery::LatestOnly), ("hub/replies", false, Delivery::Keep)]);
+        let reply = &forwarded[1].0;
+        assert_eq!(reply.payload, b"\x89PNG");
+        assert_eq!(reply.content_type.as_deref(), Some("image/png"));
+        assert!(reply.user_properties.contains(&("id".into(), "q7".into())));
+        assert!(!reply.user_properties.contains(&("id".into(), "worker-side".into())));
+    }
+
+    #[test]
+    fn jobs_are_retried_then_refused_as_unavailable_never_left_silent() {
+        let topics = Topics::new("cam");
+        let pending = Pending::new();
+        let start = Instant::now();
+        pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
+        let (refusals, again) = pending.due(start + Duration::from_secs(1), TIMING);
+        assert!(refusals.is_empty() && again.is_empty(), "nothing is due after 1 s");
+        let (refusals, again) = pending.due(start + Duration::from_millis(3100), TIMING);
+        assert_eq!((refusals.len(), again.len()), (0, 1), "retried after retry_s");
+        assert_eq!(again[0].topic, "jobs/ask");
+        assert!(again[0].expiry_s.unwrap() <= 7, "the retry expires with the job");
+        let (refusals, _) = pending.due(start + Duration::from_secs(11), TIMING);
+        let [Outgoing::Refused { to, error }] = refusals.as_slice() else { panic!("one refusal: {refusals:?}") };
+        assert_eq!((to.topic.as_str(), error.code()), ("hub/replies", "unavailable"));
+        assert!(error.to_string().contains("within 10 s (2 attempts)"), "{error}");
+        assert_eq!(pending.len(), 0);
+    }
+
+    #[test]
+    fn an_unreadable_result_becomes_an_error_reply() {
+        let topics = Topics::new("cam");
+        let pending = Pending::new();
+        let sent = pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
+        let forwarded = pending.on_result(&result(&sent.correlation.unwrap(), b"{", "application/json", &[]), &topics, "cam");
+        let body: serde_json::Value = serde_json::from_slice(&forwarded[0].0.payload).unwrap();
+        assert_eq!(body["error"]["code"], "internal");
+        assert_eq!(pending.len(), 0);
+    }
+}

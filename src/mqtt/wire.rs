@@ -875,6 +875,56 @@ mod tests {
     }
 
     #[test]
+    fn an_offloaded_job_round_trips_and_bad_jobs_name_what_is_wrong() {
+        use crate::frame::ImageFormat;
+        let image = RgbImage::from_pixels(4, 2, vec![200; 24]).unwrap();
+        let picture = worker::Picture { bytes: image.encode(ImageFormat::Png).unwrap(), format: ImageFormat::Png };
+        let job = OffloadJob {
+            text: "Is there a cup?".into(),
+            kind: JobKind::Answer { stream: false },
+            frame: Some(AttachedFrame { seq: 9, ts_ms: 1_700_000_000_123, picture }),
+        };
+        let payload = serde_json::to_vec(&JobMessage::new("kitchen", &job)).unwrap();
+        let limits = Limits { max_payload_bytes: 1 << 20, max_question_chars: 40 };
+        let parsed = parse_job(OffloadKind::Ask, &payload, &limits, 100).unwrap();
+        assert_eq!((parsed.origin.as_str(), parsed.text.as_str()), ("kitchen", "Is there a cup?"));
+        let frame = parsed.frame.unwrap();
+        assert_eq!((frame.seq, frame.image), (9, image));
+        let ts = frame.captured_at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+        assert_eq!(ts, 1_700_000_000_123);
+        // A render that is not about the scene needs no frame.
+        let render = br#"{"origin":"c","generate":{"prompt":"a dog","steps":2}}"#;
+        let parsed = parse_job(OffloadKind::Generate, render, &limits, 100).unwrap();
+        assert!(matches!(&parsed.kind, JobKind::Generate(g) if g.render.steps == Some(2) && !g.from_scene));
+        assert!(parsed.frame.is_none());
+        let cases: &[(OffloadKind, &[u8], &str, &str)] = &[
+            (OffloadKind::Ask, render, "bad_request", "must carry exactly the `ask` request"),
+            (OffloadKind::Ask, br#"{"origin":"c","ask":{"question":"hi"}}"#, "bad_request", "carries no `frame`"),
+            (
+                OffloadKind::Ask,
+                br#"{"origin":"c","ask":{"question":"hi"},"frame":{"seq":1,"ts_ms":2,"content_type":"image/jpeg","data":"@@"}}"#,
+                "bad_request",
+                "`frame.data` is not base64",
+            ),
+            (
+                OffloadKind::Ask,
+                br#"{"origin":"c","ask":{"question":"hi"},"frame":{"seq":1,"ts_ms":2,"content_type":"image/jpeg","data":"aGVsbG8="}}"#,
+                "bad_request",
+                "`frame.data`",
+            ),
+            (OffloadKind::Ask, br#"{"origin":"c","ask":{"question":" "},"frame":null}"#, "bad_question", "empty"),
+            (OffloadKind::Generate, br#"{"origin":"c","generate":{}}"#, "bad_prompt", "prompt"),
+            (OffloadKind::Generate, br#"{"generate":{"prompt":"x"}}"#, "bad_request", "missing field `origin`"),
+            (OffloadKind::Generate, br#"{"origin":"c","generate":{"prompt":"x"},"extra":1}"#, "bad_request", "unknown field `extra`"),
+        ];
+        for (kind, payload, code, fragment) in cases {
+            let err = parse_job(*kind, payload, &limits, 100).unwrap_err();
+            assert_eq!(err.code(), *code, "{err}");
+            assert!(err.to_string().contains(fragment), "{fragment:?} not in {err}");
+        }
+    }
+
+    #[test]
     fn salvage_finds_id_and_reply_to_in_a_bad_request() {
         assert_eq!(
             salvage_reply_address(br#"{"question":5,"id":"9","reply_to":"r/t"}"#),
@@ -937,6 +987,7 @@ mod tests {
         );
         let partial = Answer {
             id: None,
+            device: None,
             text: "A c".into(),
             done: false,
             frame_seq: None,
