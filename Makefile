@@ -15,7 +15,7 @@ CARGO ?= cargo
 # README's examples.
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto mosquitto-clients openssl systemd
 
-.PHONY: run test lint deps venv models build bench check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator generator-eval generator-models tiny-vlm check-ort-arm64 check-arm64
+.PHONY: run test lint deps venv models build bench fuzz bench-fleet check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator generator-eval generator-models tiny-vlm check-ort-arm64 check-arm64
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -123,6 +123,11 @@ tiny-vlm: train-venv models
 	tar -xzf $(CACHE)/tools/$(LLAMA_CPP_SDIST) -C $(CACHE)/tools llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
 	  llama_cpp_python-0.3.36/vendor/llama.cpp/conversion llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py
 	$(TRAIN_PY) models/make_tiny_vlm.py --cache $(CACHE) --llama-cpp $(LLAMA_CPP_SRC) --out models/tiny-vlm
+
+## fuzz: every parser of outside input (MQTT requests, offloaded jobs, the config file) under 1,000,000 property-test cases per property (a few minutes; `make test` runs 3,000 and the kept corpus)
+FUZZ_CASES ?= 1000000
+fuzz: deps
+	SCENECAST_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release --test wire_fuzz
 
 ## bench: the benchmarks (ratios against baselines measured in the same process)
 bench: deps models
