@@ -129,6 +129,10 @@ FUZZ_CASES ?= 1000000
 fuzz: deps
 	SCENECAST_FUZZ_CASES=$(FUZZ_CASES) $(CARGO) test --release --test wire_fuzz
 
+## bench-fleet: load on the MQTT side: 20 clients x 50 questions against one daemon, and renders offloaded to 3 workers with one killed (real Mosquitto; a few minutes)
+bench-fleet: deps models
+	$(CARGO) bench --bench fleet
+
 ## bench: the benchmarks (ratios against baselines measured in the same process)
 bench: deps models
 	$(CARGO) bench

@@ -38,15 +38,6 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the log contains `text` `count` times.
-    async fn wait_log(&self, text: &str, count: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.log().matches(text).count() < count {
-            assert!(Instant::now() < deadline, "{}: no {text:?} (x{count}) within {timeout:?}:\n{}", self.name, self.log());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -44,9 +44,9 @@ enum AckPacket {
 /// How a connection presents itself to the broker.
 pub(super) struct Session {
     pub(super) client_id: String,
-    /// Keep the session (subscriptions, unacknowledged QoS 1 messages) for an hour across
-    /// disconnects; otherwise start clean.
-    pub(super) persistent: bool,
+    /// Keep the session (subscriptions, unacknowledged QoS 1 messages) this many seconds after a
+    /// disconnect, and resume it on reconnect; 0: start clean.
+    pub(super) expiry_s: u32,
     /// Publish a retained `offline` here when the connection drops without a clean disconnect.
     pub(super) will: Option<String>,
     /// Acknowledge received messages only through [`Client::ack`].
@@ -208,10 +208,9 @@ pub(super) fn connect(config: &MqttConfig, session: &Session) -> Result<(Client,
             use rumqttc::v5::mqttbytes::v5::LastWill;
             let mut options = rumqttc::v5::MqttOptions::new(client_id, &config.host, config.port);
             options.set_keep_alive(keep_alive);
-            // A persistent session: the broker keeps our subscriptions and QoS 1 messages for an hour.
-            options.set_clean_start(!session.persistent);
-            if session.persistent {
-                options.set_session_expiry_interval(Some(3600));
+            options.set_clean_start(session.expiry_s == 0);
+            if session.expiry_s > 0 {
+                options.set_session_expiry_interval(Some(session.expiry_s));
             }
             if let Some(will) = &session.will {
                 options.set_last_will(LastWill::new(
@@ -239,7 +238,8 @@ pub(super) fn connect(config: &MqttConfig, session: &Session) -> Result<(Client,
         MqttProtocol::V311 => {
             let mut options = rumqttc::MqttOptions::new(client_id, &config.host, config.port);
             options.set_keep_alive(keep_alive);
-            options.set_clean_session(!session.persistent);
+            // v3.1.1 has no session expiry: a session is kept until the client starts clean.
+            options.set_clean_session(session.expiry_s == 0);
             if let Some(will) = &session.will {
                 options.set_last_will(rumqttc::LastWill::new(will, "offline", rumqttc::QoS::AtLeastOnce, true));
             }

@@ -94,7 +94,7 @@ impl Connection {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
         let session = Session {
             client_id: format!("scenecast-fleet-{}-{nanos:x}", std::process::id()),
-            persistent: false,
+            expiry_s: 0,
             will: None,
             manual_acks: false,
             receive_maximum: None,

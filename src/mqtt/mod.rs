@@ -171,7 +171,8 @@ pub fn start(
     let topics = Topics::new(&config.topic_prefix());
     let session = Session {
         client_id: config.client_id(),
-        persistent: true,
+        // A persistent session: the broker keeps our subscriptions and QoS 1 messages for an hour.
+        expiry_s: 3600,
         will: Some(topics.status()),
         manual_acks: false,
         receive_maximum: None,
@@ -190,7 +191,8 @@ pub fn start(
 
 /// Starts the MQTT side of `scenecast worker`: jobs from the shared subscriptions
 /// `$share/<offload.share_group>/<offload.jobs_prefix>/<kind>` go to `jobs`, each acknowledged
-/// to the broker only after its result is published. The worker's session persists and at most
+/// to the broker only after its result is published. The worker's session outlives a disconnect
+/// by `offload.worker_session_s` and at most
 /// `mqtt.request_queue` jobs are in flight to it (MQTT v5 Receive Maximum), so the broker keeps
 /// the rest for the other workers. Status on `<prefix>/status` as for a camera.
 pub fn start_worker(
@@ -204,7 +206,9 @@ pub fn start_worker(
     let topics = Topics::new(&config.topic_prefix());
     let session = Session {
         client_id: config.client_id.clone().unwrap_or_else(|| format!("scenecast-worker-{}", config.device_id())),
-        persistent: true,
+        // Kept briefly: a worker restarted at once (systemd) gets its unacknowledged job back, and
+        // one that stays down stops receiving its share of new jobs when the session expires.
+        expiry_s: offload.worker_session_s,
         will: Some(topics.status()),
         manual_acks: true,
         receive_maximum: Some(config.request_queue.clamp(1, usize::from(u16::MAX)) as u16),

@@ -172,6 +172,11 @@ pub struct OffloadConfig {
     pub serve: Vec<OffloadKind>,
     /// Worker side: the largest job accepted, in bytes (a job about the scene carries its frame).
     pub max_job_bytes: usize,
+    /// Worker side: seconds the broker keeps a disconnected worker's session. A worker back
+    /// within this time (a restart) gets its unacknowledged jobs again; while the session lives,
+    /// the broker may still queue new jobs for it, which the cameras publish again after
+    /// `retry_s`. 0: a clean session, nothing kept.
+    pub worker_session_s: u32,
 }
 
 impl Default for OffloadConfig {
@@ -184,6 +189,7 @@ impl Default for OffloadConfig {
             share_group: "scenecast".into(),
             serve: vec![OffloadKind::Ask, OffloadKind::Generate],
             max_job_bytes: 8 << 20,
+            worker_session_s: 15,
         }
     }
 }
