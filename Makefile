@@ -140,9 +140,10 @@ bench: deps models
 check: build
 	$(CARGO) run --release --quiet -- models check
 
-## check-unit: systemd-analyze verify and security (exposure <= 2.0) on systemd/scenecast.service
+## check-unit: systemd-analyze verify and security (exposure <= 2.0) on systemd/scenecast.service and scenecast-worker.service
 check-unit: build
 	bash systemd/check.sh $(CARGO_TARGET_DIR)/release/scenecast
+	bash systemd/check.sh $(CARGO_TARGET_DIR)/release/scenecast systemd/scenecast-worker.service
 
 ## deb: the Debian package of this machine's architecture (cargo-deb is installed if missing)
 deb: build

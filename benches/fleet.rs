@@ -178,7 +178,9 @@ async fn run_clients(
     let done = Arc::new(Mutex::new(0usize));
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
-        .map(|i| tokio::spawn(client(port, i + if render { 100 } else { 0 }, topic.to_owned(), n, render, done.clone())))
+        .map(|i| {
+            tokio::spawn(client(port, i + if render { 100 } else { 0 }, topic.to_owned(), n, render, done.clone()))
+        })
         .collect();
     while !tasks.iter().all(|t| t.is_finished()) {
         during(*done.lock().unwrap());
@@ -253,14 +255,18 @@ fn main() {
     rt.block_on(wait_online(port, &["cam2", "w1", "w2", "w3"]));
     let total = RENDER_CLIENTS * RENDERS;
     let mut killed_at = None;
-    let (mut tally, elapsed) = rt.block_on(run_clients(port, "scenecast/cam2/generate", RENDER_CLIENTS, RENDERS, true, |done| {
-        if killed_at.is_none() && done >= total / 3 {
-            killed_at = Some(done);
-            workers.remove("w2");
-        }
-    }));
+    let (mut tally, elapsed) =
+        rt.block_on(run_clients(port, "scenecast/cam2/generate", RENDER_CLIENTS, RENDERS, true, |done| {
+            if killed_at.is_none() && done >= total / 3 {
+                killed_at = Some(done);
+                workers.remove("w2");
+            }
+        }));
     report(
-        &format!("{RENDER_CLIENTS} clients x {RENDERS} renders offloaded to 3 workers (w2 killed after {} replies)", killed_at.unwrap_or(0)),
+        &format!(
+            "{RENDER_CLIENTS} clients x {RENDERS} renders offloaded to 3 workers (w2 killed after {} replies)",
+            killed_at.unwrap_or(0)
+        ),
         &mut tally,
         total,
         elapsed,

@@ -16,7 +16,8 @@ in_root() {
 }
 
 in_root -i "$deb"
-for f in usr/bin/scenecast lib/systemd/system/scenecast.service etc/scenecast/scenecast.toml \
+for f in usr/bin/scenecast lib/systemd/system/scenecast.service lib/systemd/system/scenecast-worker.service \
+         etc/scenecast/scenecast.toml \
          usr/share/scenecast/models/fetch.py usr/share/scenecast/models/sources.toml \
          usr/share/scenecast/models/merge_adapter.py \
          usr/share/scenecast/models/projector/dinov2s-smollm2-v3.onnx \
@@ -26,6 +27,7 @@ for f in usr/bin/scenecast lib/systemd/system/scenecast.service etc/scenecast/sc
 done
 "$root/usr/bin/scenecast" --config "$root/etc/scenecast/scenecast.toml" config >/dev/null
 bash "$here/systemd/check.sh" "$root/usr/bin/scenecast" "$root/lib/systemd/system/scenecast.service"
+bash "$here/systemd/check.sh" "$root/usr/bin/scenecast" "$root/lib/systemd/system/scenecast-worker.service"
 
 echo "# kept across upgrades" >> "$root/etc/scenecast/scenecast.toml"
 in_root -i "$deb"

@@ -126,8 +126,9 @@ impl RgbImage {
     /// than 8192 pixels on a side are refused before their pixels are allocated.
     pub fn decode(bytes: &[u8], what: &str) -> Result<Self, ImageError> {
         let err = |message: String| ImageError::Decode { path: what.to_owned(), message };
-        let mut reader =
-            image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| err(e.to_string()))?;
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| err(e.to_string()))?;
         let mut limits = image::Limits::default();
         limits.max_image_width = Some(8192);
         limits.max_image_height = Some(8192);

@@ -119,12 +119,19 @@ async fn a_fleet_question_is_answered_by_every_camera_of_the_group() {
     }
 
     let listed = fleet_json(dir.path(), port, &["list"]);
-    let online: Vec<&str> = listed.as_array().unwrap().iter().filter(|d| d["status"] == "online").map(|d| d["device"].as_str().unwrap()).collect();
+    let online: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["status"] == "online")
+        .map(|d| d["device"].as_str().unwrap())
+        .collect();
     assert_eq!(online, ["garage", "kitchen", "porch"], "{listed}");
 
     // One question, three answers, each naming its camera.
     let report = fleet_json(dir.path(), port, &["ask", "Is there a cup?", "--timeout", "60"]);
-    let mut devices: Vec<&str> = report["answers"].as_array().unwrap().iter().map(|a| a["device"].as_str().unwrap()).collect();
+    let mut devices: Vec<&str> =
+        report["answers"].as_array().unwrap().iter().map(|a| a["device"].as_str().unwrap()).collect();
     devices.sort();
     assert_eq!(devices, ["garage", "kitchen", "porch"], "{report}");
     for a in report["answers"].as_array().unwrap() {
@@ -135,8 +142,10 @@ async fn a_fleet_question_is_answered_by_every_camera_of_the_group() {
     assert_eq!(report["silent"], serde_json::json!([]));
 
     // Another group: only its member answers.
-    let outdoor = fleet_json(dir.path(), port, &["ask", "What do you see?", "--group", "scenecast/outdoor", "--timeout", "60"]);
-    let answered: Vec<&str> = outdoor["answers"].as_array().unwrap().iter().map(|a| a["device"].as_str().unwrap()).collect();
+    let outdoor =
+        fleet_json(dir.path(), port, &["ask", "What do you see?", "--group", "scenecast/outdoor", "--timeout", "60"]);
+    let answered: Vec<&str> =
+        outdoor["answers"].as_array().unwrap().iter().map(|a| a["device"].as_str().unwrap()).collect();
     assert_eq!(answered, ["porch"], "{outdoor}");
 
     // The table form prints one row per device and the tally.
@@ -148,7 +157,15 @@ async fn a_fleet_question_is_answered_by_every_camera_of_the_group() {
 
     // A group question to the JSON topic directly gets replies that follow the reply schema.
     let mut asker = TestClient::connect(port, "test-asker", &["hub/fleet-replies"]).await;
-    asker.request("scenecast/all/ask", br#"{"question":"Is there a cup?","id":"g1"}"#, Some("hub/fleet-replies"), Some(b"c1"), None).await;
+    asker
+        .request(
+            "scenecast/all/ask",
+            br#"{"question":"Is there a cup?","id":"g1"}"#,
+            Some("hub/fleet-replies"),
+            Some(b"c1"),
+            None,
+        )
+        .await;
     for _ in 0..3 {
         let reply = asker.next_on("hub/fleet-replies", WAIT).await.expect("a reply per camera");
         assert_eq!(reply.correlation.as_deref(), Some(&b"c1"[..]));
@@ -172,27 +189,42 @@ async fn offloaded_jobs_round_trip_and_survive_a_worker_killed_mid_job() {
     assert_schema("job.schema.json", &job.json());
     assert_eq!(job.json()["origin"], "cam");
     let refused = hub.next_on("hub/r", Duration::from_secs(20)).await.expect("an error reply");
-    assert_eq!((refused.json()["id"].as_str(), refused.json()["error"]["code"].as_str()), (Some("n1"), Some("unavailable")));
+    assert_eq!(
+        (refused.json()["id"].as_str(), refused.json()["error"]["code"].as_str()),
+        (Some("n1"), Some("unavailable"))
+    );
     assert_schema("reply.schema.json", &refused.json());
 
     // Two workers; a question is answered by one, under the requester's id and correlation.
-    let mut workers = vec![
+    let mut workers = [
         Proc::start(dir.path(), "w1", "worker", &worker_config(dir.path(), port, "w1")),
         Proc::start(dir.path(), "w2", "worker", &worker_config(dir.path(), port, "w2")),
     ];
     wait_online(port, &["w1", "w2"]).await;
-    hub.request("scenecast/cam/ask", br#"{"question":"Is there a cup?","id":"a1"}"#, Some("hub/r"), Some(b"k1"), None).await;
+    hub.request("scenecast/cam/ask", br#"{"question":"Is there a cup?","id":"a1"}"#, Some("hub/r"), Some(b"k1"), None)
+        .await;
     let answer = hub.next_on("hub/r", WAIT).await.expect("the offloaded answer");
     let body = answer.json();
     assert_schema("reply.schema.json", &body);
-    assert_eq!((body["id"].as_str(), body["device"].as_str(), body["done"].as_bool()), (Some("a1"), Some("cam"), Some(true)), "{body}");
+    assert_eq!(
+        (body["id"].as_str(), body["device"].as_str(), body["done"].as_bool()),
+        (Some("a1"), Some("cam"), Some(true)),
+        "{body}"
+    );
     assert_eq!(answer.correlation.as_deref(), Some(&b"k1"[..]));
     let worker = answer.property("worker").expect("the worker is named").to_owned();
     assert!(worker == "w1" || worker == "w2", "{worker}");
 
     // A render: the image comes back to the requester and to the camera's image topic.
     let mut images = TestClient::connect(port, "test-images", &["scenecast/cam/image"]).await;
-    hub.request("scenecast/cam/generate", br#"{"prompt":"a dog on the left","seed":5,"id":"g1"}"#, Some("hub/r"), None, None).await;
+    hub.request(
+        "scenecast/cam/generate",
+        br#"{"prompt":"a dog on the left","seed":5,"id":"g1"}"#,
+        Some("hub/r"),
+        None,
+        None,
+    )
+    .await;
     let image = hub.next_on("hub/r", WAIT).await.expect("the rendered image");
     assert_eq!(&image.payload[..4], b"\x89PNG");
     assert_eq!((image.property("id"), image.property("seed")), (Some("g1"), Some("5")));
@@ -226,7 +258,12 @@ async fn offloaded_jobs_round_trip_and_survive_a_worker_killed_mid_job() {
     workers[taken].kill();
     let survivor = &workers[1 - taken].name;
     let answer = hub.next_on("hub/r", Duration::from_secs(30)).await.expect("the job survives its worker");
-    assert_eq!((answer.json()["id"].as_str(), answer.json()["done"].as_bool()), (Some("k2"), Some(true)), "{}", answer.json());
+    assert_eq!(
+        (answer.json()["id"].as_str(), answer.json()["done"].as_bool()),
+        (Some("k2"), Some(true)),
+        "{}",
+        answer.json()
+    );
     assert_eq!(answer.property("worker"), Some(survivor.as_str()), "{:?}", answer.user_properties);
     assert!(hub.next_on("hub/r", Duration::from_secs(4)).await.is_none(), "answered once, not twice");
     assert!(cam.log().contains("job published again"), "the camera retried the job:\n{}", cam.log());

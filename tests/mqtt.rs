@@ -659,17 +659,25 @@ async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
     let (tx, _rx) = std::sync::mpsc::sync_channel(1);
     let settings =
         Arc::new(RwLock::new(RuntimeSettings { caption_prompt: "Describe.".into(), gate: GateConfig::default() }));
-    let handle = mqtt::start(&mqtt_config(port, "cam14"), &Default::default(), state.path(), tx, settings, "m", Default::default()).unwrap();
+    let handle = mqtt::start(
+        &mqtt_config(port, "cam14"),
+        &Default::default(),
+        state.path(),
+        tx,
+        settings,
+        "m",
+        Default::default(),
+    )
+    .unwrap();
     let picture = Picture { bytes: vec![0x89, b'P', b'N', b'G'], format: ImageFormat::Png };
-    let to =
-        mqtt::ReplyAddress {
-            topic: "hub/replies".into(),
-            correlation: None,
-            id: Some("r1".into()),
-            retain: false,
-            device: None,
-            ack: None,
-        };
+    let to = mqtt::ReplyAddress {
+        topic: "hub/replies".into(),
+        correlation: None,
+        id: Some("r1".into()),
+        retain: false,
+        device: None,
+        ack: None,
+    };
     let info = RenderInfo {
         prompt: "a cat".into(),
         seed: 1,

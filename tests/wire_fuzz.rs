@@ -57,7 +57,8 @@ fn every_parser(bytes: &[u8]) -> Result<(), String> {
     check(
         "config/set",
         parse_config_patch(bytes, &LIMITS).and_then(|p| p.apply(&current)).and_then(|next| {
-            next.check().map_err(|e| scenecast::mqtt::wire::RequestError::Internal(format!("accepted invalid settings: {e}")))
+            next.check()
+                .map_err(|e| scenecast::mqtt::wire::RequestError::Internal(format!("accepted invalid settings: {e}")))
         }),
     )?;
     for kind in [OffloadKind::Ask, OffloadKind::Generate] {

@@ -130,7 +130,12 @@ impl ConnectionTask {
         };
         let payload = serde_json::to_vec(&member).unwrap_or_default();
         for group in &self.config.groups {
-            let m = SpooledMessage::json(wire::group_member(group, &member.device), payload.clone(), true, &Default::default());
+            let m = SpooledMessage::json(
+                wire::group_member(group, &member.device),
+                payload.clone(),
+                true,
+                &Default::default(),
+            );
             if let Err(e) = self.client.publish(&m).await {
                 tracing::warn!(group, "member record publish failed: {e}");
             }

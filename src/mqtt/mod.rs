@@ -34,8 +34,8 @@ use spool::Spool;
 use wire::{Limits, Topics};
 
 pub use broker::{start as start_broker, EmbeddedBroker, Forwarded};
-pub use outbound::{messages, Delivery, Outgoing};
 pub use client::AckToken;
+pub use outbound::{messages, Delivery, Outgoing};
 pub use settings::{topic_problem, DiscoveryConfig, MqttConfig, MqttProtocol, OffloadConfig, TlsConfig};
 pub use spool::{SpoolError, SpooledMessage};
 

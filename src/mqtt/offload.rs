@@ -45,7 +45,8 @@ pub(super) struct Pending {
 
 impl Pending {
     pub(super) fn new() -> Self {
-        let epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let epoch =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         Pending { jobs: Mutex::new(HashMap::new()), next: AtomicU64::new(0), epoch }
     }
 
@@ -254,7 +255,10 @@ mod tests {
         assert_eq!((m.topic.as_str(), *delivery), ("hub/replies", Delivery::Keep));
         assert_eq!(m.correlation.as_deref(), Some(&b"hub-7"[..]));
         let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        assert_eq!((body["id"].as_str(), body["device"].as_str(), body["text"].as_str()), (Some("q7"), Some("cam"), Some("A cup.")));
+        assert_eq!(
+            (body["id"].as_str(), body["device"].as_str(), body["text"].as_str()),
+            (Some("q7"), Some("cam"), Some("A cup."))
+        );
         assert!(m.user_properties.contains(&("worker".into(), "gpu-box".into())), "{:?}", m.user_properties);
         assert!(m.user_properties.contains(&("total_ms".into(), "9.0".into())));
         assert_eq!(pending.len(), 0);
@@ -267,7 +271,8 @@ mod tests {
         let topics = Topics::new("cam");
         let pending = Pending::new();
         let sent = pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
-        let image = result(&sent.correlation.unwrap(), b"\x89PNG", "image/png", &[("id", "worker-side"), ("seed", "3")]);
+        let image =
+            result(&sent.correlation.unwrap(), b"\x89PNG", "image/png", &[("id", "worker-side"), ("seed", "3")]);
         let forwarded = pending.on_result(&image, &topics, "cam");
         let shown: Vec<_> = forwarded.iter().map(|(m, d)| (m.topic.as_str(), m.retain, *d)).collect();
         assert_eq!(shown, [("cam/image", true, Delivery::LatestOnly), ("hub/replies", false, Delivery::Keep)]);
@@ -302,7 +307,8 @@ mod tests {
         let topics = Topics::new("cam");
         let pending = Pending::new();
         let sent = pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
-        let forwarded = pending.on_result(&result(&sent.correlation.unwrap(), b"{", "application/json", &[]), &topics, "cam");
+        let forwarded =
+            pending.on_result(&result(&sent.correlation.unwrap(), b"{", "application/json", &[]), &topics, "cam");
         let body: serde_json::Value = serde_json::from_slice(&forwarded[0].0.payload).unwrap();
         assert_eq!(body["error"]["code"], "internal");
         assert_eq!(pending.len(), 0);

@@ -1,9 +1,9 @@
 //! What leaves over MQTT, and the one mapping from it to messages: topic, payload, retain flag,
 //! properties, and whether a message may wait in the spool while the broker is away.
 
+use super::client::AckToken;
 use super::spool::SpooledMessage;
 use super::wire::{self, ErrorReply, Reply, RequestError, Topics};
-use super::client::AckToken;
 use super::ReplyAddress;
 use crate::worker::{Output, Picture, RuntimeSettings};
 
@@ -33,7 +33,10 @@ impl Outgoing {
             Outgoing::Refused { to, .. } => to,
             Outgoing::Result(Output::Answer { to, answer }) if answer.done => to,
             Outgoing::Result(
-                Output::Rendered { to, .. } | Output::Failed { to, .. } | Output::Expired { to } | Output::Offload { to, .. },
+                Output::Rendered { to, .. }
+                | Output::Failed { to, .. }
+                | Output::Expired { to }
+                | Output::Offload { to, .. },
             ) => to,
             _ => return None,
         };

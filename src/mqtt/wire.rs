@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::frame::{Frame, RgbImage};
 use crate::generate::{check_prompt, ConditionPath, GeneratorError, PromptError, RenderRequest};
 use crate::llm::{check_question, QuestionError};
-use crate::frame::{Frame, RgbImage};
 use crate::worker::{self, AttachedFrame, GenerateJob, JobError, JobKind, OffloadJob, OffloadKind, RuntimeSettings};
 
 /// The topics of one device, under a prefix (default `scenecast/<device>`).

@@ -514,7 +514,13 @@ pub fn fleet_ask(config: &Config, group: &str, question: &str, timeout_s: f64, j
     }
     for d in &report.silent {
         let status = d.status.as_deref().unwrap_or("unknown");
-        out!("{:<16} {:<56} {:>10} {:>9}", cell(&d.member.device, 16), format!("(no answer; status {status})"), "-", "-");
+        out!(
+            "{:<16} {:<56} {:>10} {:>9}",
+            cell(&d.member.device, 16),
+            format!("(no answer; status {status})"),
+            "-",
+            "-"
+        );
     }
     out!(
         "{} of {} device{} answered on {group}",
