@@ -45,6 +45,15 @@ pub enum DaemonError {
     },
 }
 
+/// The small tokio runtime for MQTT, signals and the watchdog (nothing CPU-heavy runs on it).
+fn small_runtime() -> Result<tokio::runtime::Runtime, DaemonError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(runtime_err("tokio runtime"))
+}
+
 fn runtime_err(what: &'static str) -> impl FnOnce(std::io::Error) -> DaemonError {
     move |source| DaemonError::Runtime { what, source }
 }
@@ -71,16 +80,21 @@ fn capture(mut source: Box<dyn FrameSource>, slot: Arc<FrameSlot>, stop: Arc<Ato
     }
 }
 
-/// Runs the daemon. `config_path` is re-read on SIGHUP.
-pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+/// Tells the service manager, loads the model stack; returns them and the state directory.
+fn load(config: &Config) -> Result<(Arc<Notifier>, Pipeline, PathBuf), DaemonError> {
     let notifier = Arc::new(Notifier::from_env());
     notifier.status("loading models");
-    let root = config.cache_root();
     let manifest = config.manifest().map_err(StackError::from)?;
-    let Pipeline { manifest, runtime, backbone, vision, .. } =
-        Pipeline::load(manifest, &root, &config.onnx, &config.llm)?;
-    let source = camera::open(&config.camera, &cache::models_dir(&root))?;
+    let pipeline = Pipeline::load(manifest, &config.cache_root(), &config.onnx, &config.llm)?;
     let state_dir = config.state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
+    Ok((notifier, pipeline, state_dir))
+}
+
+/// Runs the daemon. `config_path` is re-read on SIGHUP.
+pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    let (notifier, pipeline, state_dir) = load(&config)?;
+    let manifest = pipeline.manifest.clone();
+    let source = camera::open(&config.camera, &cache::models_dir(&pipeline.cache_root))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let slot = Arc::new(FrameSlot::new());
@@ -92,31 +106,14 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
         .spawn(move || capture(source, capture_slot, capture_stop))
         .map_err(runtime_err("capture thread"))?;
 
-    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(runtime_err("tokio runtime"))?;
+    let tokio_rt = small_runtime()?;
     tokio_rt.block_on(async move {
         let (questions_tx, questions_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
         let settings = Arc::new(RwLock::new(config.runtime_settings()));
         let mqtt = mqtt::start(&config.mqtt, &config.offload, &state_dir, questions_tx, settings.clone(), &manifest.name, mqtt::RequestSettings::new(&config.llm, &config.generator))?;
         let progress = Arc::new(Progress::default());
         // The generator is loaded on the first request that needs it, not here.
-        let generator = (manifest.generator.is_some() && config.generator.enabled)
-            .then(|| OnDemand::new(runtime.clone(), manifest.clone(), root.clone(), config.generator.clone()));
-        let worker = Worker {
-            vision,
-            backbone,
-            frames: slot.clone(),
-            settings: settings.clone(),
-            progress: progress.clone(),
-            model: manifest.name.clone(),
-            generator,
-            privacy: config.privacy.clone(),
-            image_format: config.generator.format,
-            offload: config.offload.kinds.clone(),
-        };
+        let worker = inference_worker(&config, pipeline, slot.clone(), settings.clone(), progress.clone(), config.offload.kinds.clone());
         let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
         let worker_thread = std::thread::Builder::new().name("inference".into()).spawn(move || worker.run(questions_rx, out, worker_stop)).map_err(runtime_err("inference thread"))?;
 
@@ -128,7 +125,60 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
         tracing::info!(prefix = mqtt.topics.prefix(), broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port), "scenecast running");
         notifier.ready(&format!("running: {} on {}", manifest.name, mqtt.topics.prefix()));
 
-        let watchdog = tokio::spawn(watchdog_loop(notifier.clone(), Some(slot.clone()), progress.clone(), config.watchdog.clone()));
+        let running = Running { notifier, frames: Some(slot), progress, watchdog: config.watchdog.clone(), stop, worker_thread, mqtt };
+        running.until_stopped(config_path, settings).await;
+        Ok(())
+    })
+}
+
+/// `scenecast worker`: the model stack without a camera, serving jobs that cameras offload
+/// (`[offload]`) from MQTT v5 shared subscriptions, until SIGTERM or SIGINT. Each job is
+/// acknowledged to the broker only once its result is published.
+pub fn run_worker(config: Config) -> Result<(), DaemonError> {
+    let (notifier, pipeline, state_dir) = load(&config)?;
+    let manifest = pipeline.manifest.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tokio_rt = small_runtime()?;
+    tokio_rt.block_on(async move {
+        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
+        let requests = mqtt::RequestSettings::new(&config.llm, &config.generator);
+        let mqtt = mqtt::start_worker(&config.mqtt, &config.offload, &state_dir, jobs_tx, &manifest.name, requests)?;
+        let progress = Arc::new(Progress::default());
+        // No camera: the frame slot stays empty, so the worker only runs jobs, each about its own frame.
+        let settings = Arc::new(RwLock::new(config.runtime_settings()));
+        let worker = inference_worker(&config, pipeline, Arc::new(FrameSlot::new()), settings, progress.clone(), Vec::new());
+        let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
+        let worker_thread = std::thread::Builder::new()
+            .name("inference".into())
+            .spawn(move || worker.run(jobs_rx, out, worker_stop))
+            .map_err(runtime_err("inference thread"))?;
+        let kinds: Vec<&str> = config.offload.serve.iter().map(|k| k.as_str()).collect();
+        tracing::info!(kinds = ?kinds, group = %config.offload.share_group, jobs = %config.offload.jobs_prefix, "scenecast worker running");
+        notifier.ready(&format!("worker: {} serving {}", manifest.name, kinds.join(", ")));
+        let running = Running { notifier, frames: None, progress, watchdog: config.watchdog.clone(), stop, worker_thread, mqtt };
+        running.until_stopped(None, Arc::new(RwLock::new(config.runtime_settings()))).await;
+        Ok(())
+    })
+}
+
+/// A started daemon or worker: what it takes to watch it and to stop it.
+struct Running {
+    notifier: Arc<Notifier>,
+    /// The camera's frames (none for a worker).
+    frames: Option<Arc<FrameSlot>>,
+    progress: Arc<Progress>,
+    watchdog: WatchdogConfig,
+    stop: Arc<AtomicBool>,
+    worker_thread: std::thread::JoinHandle<()>,
+    mqtt: mqtt::MqttHandle,
+}
+
+impl Running {
+    /// Pings the watchdog and applies SIGHUP until SIGTERM or SIGINT; then stops the inference
+    /// thread (waiting at most 10 s) and shuts MQTT down cleanly.
+    async fn until_stopped(self, config_path: Option<PathBuf>, settings: Arc<RwLock<RuntimeSettings>>) {
+        let Running { notifier, frames, progress, watchdog, stop, worker_thread, mqtt } = self;
+        let watchdog = tokio::spawn(watchdog_loop(notifier.clone(), frames, progress, watchdog));
         let signals = wait_for_stop(config_path, settings, notifier.clone()).await;
         watchdog.abort();
         notifier.stopping(&format!("stopping ({signals})"));
@@ -138,67 +188,34 @@ pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonErr
             tracing::warn!("the inference worker did not stop within 10 s");
         }
         mqtt.shutdown(Duration::from_secs(5)).await;
-        Ok(())
-    })
+    }
 }
 
-/// `scenecast worker`: the model stack without a camera, serving jobs that cameras offload
-/// (`[offload]`) from MQTT v5 shared subscriptions, until SIGTERM or SIGINT. Each job is
-/// acknowledged to the broker only once its result is published.
-pub fn run_worker(config: Config) -> Result<(), DaemonError> {
-    let notifier = Arc::new(Notifier::from_env());
-    notifier.status("loading models");
-    let root = config.cache_root();
-    let manifest = config.manifest().map_err(StackError::from)?;
-    let Pipeline { manifest, runtime, backbone, vision, .. } =
-        Pipeline::load(manifest, &root, &config.onnx, &config.llm)?;
-    let state_dir = config.state_dir.clone().unwrap_or_else(crate::config::default_state_dir);
-    let stop = Arc::new(AtomicBool::new(false));
-    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .map_err(runtime_err("tokio runtime"))?;
-    tokio_rt.block_on(async move {
-        let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel(config.mqtt.request_queue);
-        let requests = mqtt::RequestSettings::new(&config.llm, &config.generator);
-        let mqtt = mqtt::start_worker(&config.mqtt, &config.offload, &state_dir, jobs_tx, &manifest.name, requests)?;
-        let progress = Arc::new(Progress::default());
-        let generator = (manifest.generator.is_some() && config.generator.enabled)
-            .then(|| OnDemand::new(runtime.clone(), manifest.clone(), root.clone(), config.generator.clone()));
-        // No camera: the frame slot stays empty, so the worker only runs jobs, each about its own frame.
-        let worker = Worker {
-            vision,
-            backbone,
-            frames: Arc::new(FrameSlot::new()),
-            settings: Arc::new(RwLock::new(config.runtime_settings())),
-            progress: progress.clone(),
-            model: manifest.name.clone(),
-            generator,
-            privacy: config.privacy.clone(),
-            image_format: config.generator.format,
-            offload: Vec::new(),
-        };
-        let (out, worker_stop) = (mqtt.results.clone(), stop.clone());
-        let worker_thread = std::thread::Builder::new()
-            .name("inference".into())
-            .spawn(move || worker.run(jobs_rx, out, worker_stop))
-            .map_err(runtime_err("inference thread"))?;
-        let kinds: Vec<&str> = config.offload.serve.iter().map(|k| k.as_str()).collect();
-        tracing::info!(kinds = ?kinds, group = %config.offload.share_group, jobs = %config.offload.jobs_prefix, "scenecast worker running");
-        notifier.ready(&format!("worker: {} serving {}", manifest.name, kinds.join(", ")));
-        let watchdog = tokio::spawn(watchdog_loop(notifier.clone(), None, progress.clone(), config.watchdog.clone()));
-        let signals = wait_for_stop(None, Arc::new(RwLock::new(config.runtime_settings())), notifier.clone()).await;
-        watchdog.abort();
-        notifier.stopping(&format!("stopping ({signals})"));
-        stop.store(true, Ordering::SeqCst);
-        let joined = tokio::task::spawn_blocking(move || worker_thread.join());
-        if tokio::time::timeout(Duration::from_secs(10), joined).await.is_err() {
-            tracing::warn!("the inference worker did not stop within 10 s");
-        }
-        mqtt.shutdown(Duration::from_secs(5)).await;
-        Ok(())
-    })
+/// The inference worker over the loaded stack. The generator is loaded by the first request that
+/// needs it, not here.
+fn inference_worker(
+    config: &Config,
+    pipeline: Pipeline,
+    frames: Arc<FrameSlot>,
+    settings: Arc<RwLock<RuntimeSettings>>,
+    progress: Arc<Progress>,
+    offload: Vec<crate::worker::OffloadKind>,
+) -> Worker {
+    let Pipeline { manifest, cache_root, runtime, backbone, vision } = pipeline;
+    let generator = (manifest.generator.is_some() && config.generator.enabled)
+        .then(|| OnDemand::new(runtime, manifest.clone(), cache_root, config.generator.clone()));
+    Worker {
+        vision,
+        backbone,
+        frames,
+        settings,
+        progress,
+        model: manifest.name.clone(),
+        generator,
+        privacy: config.privacy.clone(),
+        image_format: config.generator.format,
+        offload,
+    }
 }
 
 /// Pings the watchdog only while frames are fresh (when there is a camera) and the worker makes

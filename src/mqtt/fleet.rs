@@ -258,7 +258,7 @@ pub async fn ask(
                 device: a.device.unwrap_or_else(|| "?".into()),
                 text: Some(a.text),
                 error: None,
-                frame_age_ms: a.frame_ts_ms.map(|ts| now_ms() - ts as i64),
+                frame_age_ms: a.frame_ts_ms.map(|ts| now_ms().saturating_sub(i64::try_from(ts).unwrap_or(i64::MAX))),
                 latency_ms,
             },
             Reply::Error(e) if e.id.as_deref() == Some(&id) => FleetAnswer {

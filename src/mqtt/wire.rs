@@ -747,7 +747,9 @@ pub fn parse_job(
                 .decode(f.data.as_bytes())
                 .map_err(|e| RequestError::Invalid(format!("`frame.data` is not base64: {e}")))?;
             let image = RgbImage::decode(&bytes, "`frame.data`").map_err(|e| RequestError::Invalid(e.to_string()))?;
-            let captured_at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(f.ts_ms);
+            let captured_at = std::time::UNIX_EPOCH
+                .checked_add(std::time::Duration::from_millis(f.ts_ms))
+                .ok_or_else(|| RequestError::Invalid(format!("`frame.ts_ms` {} is out of range", f.ts_ms)))?;
             Some(Frame { seq: f.seq, captured_at, image })
         }
     };

@@ -198,6 +198,9 @@ impl Worker {
             let seen = state.latest.insert(Seen { seq: frame.seq, ts_ms: ts_ms(&frame), signature });
             tracing::debug!(frame = frame.seq, ?decision, "scene gate");
             if !decision.caption() {
+                if !self.offload.is_empty() {
+                    state.frame = Some(frame);
+                }
                 continue;
             }
             match self.caption(&frame, &settings.caption_prompt, &mut state.tokens, &stop, start, encoded) {
@@ -215,6 +218,7 @@ impl Worker {
                 }
                 Err(e) => tracing::error!(frame = frame.seq, "captioning failed: {e}"),
             }
+            // The newest frame's pixels go with offloaded jobs about the scene.
             if !self.offload.is_empty() {
                 state.frame = Some(frame);
             }
