@@ -15,7 +15,7 @@ CARGO ?= cargo
 # README's examples.
 APT_PACKAGES := cmake clang libclang-dev python3 python3-venv python3-pip dpkg-dev ca-certificates mosquitto mosquitto-clients openssl systemd
 
-.PHONY: run test lint deps venv models build bench fuzz bench-fleet check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator generator-eval generator-models tiny-vlm check-ort-arm64 check-arm64
+.PHONY: run test lint deps venv models build bench fuzz bench-fleet bench-peer check check-unit deb check-deb cross deb-arm64 train-venv projector eval generator generator-eval generator-models tiny-vlm check-ort-arm64 check-arm64
 
 ## run: set up everything, then run the main job on the embedded default (Ctrl-C stops it)
 run: deps models build
@@ -132,6 +132,19 @@ fuzz: deps
 ## bench-fleet: load on the MQTT side: 20 clients x 50 questions against one daemon, and renders offloaded to 3 workers with one killed (real Mosquitto; a few minutes)
 bench-fleet: deps models
 	$(CARGO) bench --bench fleet
+
+# The Python peer of bench-peer (onnxruntime + llama-cpp-python, built from its sdist: minutes).
+PEER_VENV := $(CACHE)/peer-venv
+PEER_PY := $(PEER_VENV)/bin/python
+
+$(PEER_PY): benches/peer/requirements.txt
+	python3 -m venv $(PEER_VENV)
+	$(PEER_PY) -m pip install --quiet -r benches/peer/requirements.txt
+	touch $(PEER_PY)
+
+## bench-peer: scenecast against the same caption written in Python (onnxruntime + llama-cpp-python): latency, memory, cold start, same text; then the daemon's footprint (a few minutes after the peer's venv)
+bench-peer: deps models build $(PEER_PY)
+	$(PEER_PY) benches/peer/run.py --cache $(CACHE) --scenecast $(CARGO_TARGET_DIR)/release/scenecast
 
 ## bench: the benchmarks (ratios against baselines measured in the same process)
 bench: deps models

@@ -133,3 +133,29 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
     assert_eq!(captions[0], captions[1], "merged vs unmerged adapter");
     assert_eq!(captions[0], [vec!["cat".to_owned()], vec!["cow".to_owned()], vec![]]);
 }
+
+/// `scenecast caption` over several photos in one process (models loaded once) writes, for each
+/// photo, the caption it writes for that photo alone: nothing of one photo leaks into the next.
+#[test]
+fn captioning_several_photos_in_one_process_equals_one_at_a_time() {
+    let photos = cache_root().join("models/photos");
+    let paths: Vec<String> =
+        ["chelsea.png", "coffee.png", "rocket.jpg"].iter().map(|p| photos.join(p).display().to_string()).collect();
+    let lines = |args: &[&str]| -> Vec<serde_json::Value> {
+        let (ok, stdout, stderr) = scenecast(&[&["caption", "--json"], args].concat(), &[]);
+        assert!(ok, "{stderr}");
+        stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let all: Vec<&str> = paths.iter().map(String::as_str).collect();
+    let together = lines(&all);
+    assert_eq!(together.len(), 3);
+    for (path, caption) in paths.iter().zip(&together) {
+        assert_eq!(caption["image"].as_str(), Some(path.as_str()));
+        let alone = lines(&[path.as_str()]);
+        assert_eq!(caption["text"], alone[0]["text"], "{path}");
+    }
+    assert_ne!(together[0]["text"], together[1]["text"], "different photos, different captions");
+    // A missing photo is an error that names it.
+    let (ok, _, stderr) = scenecast(&["caption", &paths[0], "/nonexistent/frame.png"], &[]);
+    assert!(!ok && stderr.contains("/nonexistent/frame.png"), "{stderr}");
+}

@@ -35,10 +35,11 @@ pub enum Command {
     Demo,
     /// Check the configuration file and print it with every default filled in (as TOML-like debug).
     Config,
-    /// Caption one image: encoder, projector, LLM.
+    /// Caption images: encoder, projector, LLM (the models are loaded once for all of them).
     Caption {
-        /// A PNG, JPEG or WebP file.
-        image: PathBuf,
+        /// PNG, JPEG or WebP files.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,

@@ -345,15 +345,34 @@ pub fn evaluate(
 }
 
 /// The image through the whole stack, then each question against the one cached scene prefix.
-pub fn describe(config: &Config, image_path: &Path, questions: &[String], json: bool) -> Result<ExitCode> {
-    let (image, decode_ms) = open_image(image_path)?;
+/// Answers `questions` about each image in turn; the models are loaded once.
+pub fn describe(config: &Config, image_paths: &[PathBuf], questions: &[String], json: bool) -> Result<ExitCode> {
     let mut pipeline = load_pipeline(config)?;
     for question in questions {
         pipeline.backbone.check_question(question)?;
     }
     let mut tokens = ImageTokens::default();
+    for (n, image_path) in image_paths.iter().enumerate() {
+        if image_paths.len() > 1 && !json {
+            out!("{}", image_path.display());
+        }
+        describe_one(config, &mut pipeline, &mut tokens, n as u64, image_path, questions, json)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe_one(
+    config: &Config,
+    pipeline: &mut Pipeline,
+    tokens: &mut ImageTokens,
+    scene: u64,
+    image_path: &Path,
+    questions: &[String],
+    json: bool,
+) -> Result<()> {
+    let (image, decode_ms) = open_image(image_path)?;
     let vision_start = Instant::now();
-    let (vt, scene_prefill_ms) = pipeline.set_scene(0, &image, &mut tokens)?;
+    let (vt, scene_prefill_ms) = pipeline.set_scene(scene, &image, tokens)?;
     let vision_ms = ms_since(vision_start) - scene_prefill_ms;
     let backbone = &mut pipeline.backbone;
     for (i, question) in questions.iter().enumerate() {
@@ -366,6 +385,7 @@ pub fn describe(config: &Config, image_path: &Path, questions: &[String], json: 
         let ttft_ms = answer.ttft_ms + if first { vision_ms + scene_prefill_ms } else { 0.0 };
         if json {
             let out = json!({
+                "image": image_path,
                 "question": question,
                 "text": answer.text,
                 "tokens": answer.n_tokens,
@@ -401,7 +421,7 @@ pub fn describe(config: &Config, image_path: &Path, questions: &[String], json: 
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 pub fn run_daemon(config: &Config, config_path: Option<&Path>, demo: bool) -> Result<ExitCode> {

@@ -111,14 +111,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             commands::fleet_ask(&config, &group, &question, timeout, json)
         }
         Command::Fleet(FleetCommand::List { group, json }) => commands::fleet_list(&config, &group, json),
-        Command::Caption { image, json } => {
+        Command::Caption { images, json } => {
             let prompt = config.llm.caption_prompt.clone();
-            commands::describe(&config, &image, &[prompt], json)
+            commands::describe(&config, &images, &[prompt], json)
         }
         Command::Ask { image, question, questions, json } => {
             let all: Vec<String> = question.into_iter().chain(questions).collect();
             anyhow::ensure!(!all.is_empty(), "give a question: scenecast ask IMAGE \"What is on the table?\"");
-            commands::describe(&config, &image, &all, json)
+            commands::describe(&config, std::slice::from_ref(&image), &all, json)
         }
     }
 }

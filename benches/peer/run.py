@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""`make bench-peer`: scenecast against the Python peer (benches/peer/caption.py: onnxruntime +
+llama-cpp-python, the same models and prompt), on the same photos, in one run; then the daemon's
+footprint.
+
+1. Captions: each side runs as its own process over every sample photo, `--rounds` times,
+   alternating. Printed: median caption latency (warm: every caption after a process's first),
+   cold start to the first caption (process start, model load, first caption), peak resident
+   memory (the process's VmHWM, from wait4), the ratios scenecast / Python against the issue's
+   goals (latency <= 0.8, memory <= 0.6), and whether both wrote the same caption for each photo.
+2. Footprint of `scenecast run --demo` on a static scene: resident memory once running, CPU use over
+   one idle minute, and peak memory after a render has loaded the generator.
+
+    python benches/peer/run.py --cache DIR --scenecast PATH/TO/scenecast [--rounds 3] [--threads N]
+"""
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def run_captions(cmd: list[str], env: dict) -> tuple[list[dict], float, float]:
+    """Runs one captioning process; returns its JSON lines, the seconds to its first line, and its
+    peak resident memory in MiB."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    lines, first = [], None
+    for line in proc.stdout:
+        if first is None:
+            first = time.perf_counter() - start
+        lines.append(json.loads(line))
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{cmd[0]} failed:\n{stderr}")
+    return lines, first or float("nan"), usage.ru_maxrss / 1024.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def proc_status(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def footprint(scenecast: str, cache: Path, photo: Path, env: dict, idle_s: float) -> None:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "demo.toml"
+        config.write_text(
+            f'state_dir = "{tmp}"\n[models]\ncache_dir = "{cache}"\n[mqtt]\nport = {port}\ndevice = "peer"\n'
+            f'[camera]\npath = "{photo}"\n'
+        )
+        proc = subprocess.Popen([scenecast, "--config", str(config), "run", "--demo"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=env, text=True)
+        try:
+            for line in proc.stdout:
+                if "/caption [frame" in line:
+                    break
+            else:
+                sys.exit("scenecast run --demo printed no caption")
+            running = proc_status(proc.pid, "VmRSS")
+            peak = proc_status(proc.pid, "VmHWM")
+            before = cpu_seconds(proc.pid)
+            time.sleep(idle_s)
+            cpu = (cpu_seconds(proc.pid) - before) / idle_s * 100.0
+            idle_rss = proc_status(proc.pid, "VmRSS")
+            rr = subprocess.run(
+                ["mosquitto_rr", "-V", "mqttv5", "-p", str(port), "-t", "scenecast/peer/generate",
+                 "-e", "bench/peer/reply", "-m", '{"prompt":"a cat on the left"}', "-W", "60", "-N"],
+                capture_output=True, timeout=90,
+            )
+            if rr.returncode != 0 or not rr.stdout.startswith(b"\x89PNG"):
+                sys.exit(f"the render request failed: {rr.stderr.decode()}")
+            loaded = proc_status(proc.pid, "VmRSS")
+            peak_gen = proc_status(proc.pid, "VmHWM")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"\nscenecast run --demo on a static scene (camera.interval_s default, one frame encoded every 10 s):")
+    print(f"  running, first caption published   RSS {running:6.0f} MiB   peak (VmHWM) {peak:6.0f} MiB")
+    print(f"  after {idle_s:.0f} s idle                    RSS {idle_rss:6.0f} MiB   CPU {cpu:.1f} % of one core")
+    print(f"  generator loaded by one render     RSS {loaded:6.0f} MiB   peak (VmHWM) {peak_gen:6.0f} MiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--scenecast", required=True)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--idle-s", type=float, default=60.0)
+    args = ap.parse_args()
+    photos = sorted(p for p in (args.cache / "models" / "photos").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DYLIB_PATH", "SCENECAST_CONFIG")}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "peer.toml"
+        config.write_text(f'[models]\ncache_dir = "{args.cache}"\n[llm]\nthreads = {args.threads}\n[onnx]\nintra_threads = {args.threads}\n')
+        sides = {
+            "scenecast": [args.scenecast, "--config", str(config), "caption", "--json", *map(str, photos)],
+            "python": [sys.executable, str(HERE / "caption.py"), "--cache", str(args.cache), "--threads",
+                       str(args.threads), "--json", *map(str, photos)],
+        }
+        results = {side: {"warm": [], "cold": [], "rss": [], "captions": None} for side in sides}
+        for _ in range(args.rounds):
+            for side, cmd in sides.items():
+                lines, cold, rss = run_captions(cmd, env)
+                r = results[side]
+                r["warm"] += [line["timings_ms"]["total"] for line in lines[1:]]
+                r["cold"].append(cold)
+                r["rss"].append(rss)
+                r["captions"] = r["captions"] or {Path(line["image"]).name: line["text"] for line in lines}
+    med = {side: {k: statistics.median(r[k]) for k in ("warm", "cold", "rss")} for side, r in results.items()}
+    s, p = med["scenecast"], med["python"]
+    print(f"caption, {len(photos)} photos x {args.rounds} rounds, {args.threads} threads, same models and prompt (medians):")
+    print(f"  {'':10} {'caption (warm)':>15} {'cold start':>12} {'peak RSS':>10}")
+    for side in sides:
+        m = med[side]
+        print(f"  {side:10} {m['warm']:12.0f} ms {m['cold']:10.2f} s {m['rss']:7.0f} MiB")
+    print(f"  ratio scenecast / python: latency {s['warm'] / p['warm']:.2f} (goal <= 0.8), "
+          f"peak RSS {s['rss'] / p['rss']:.2f} (goal <= 0.6), cold start {s['cold'] / p['cold']:.2f}")
+    same = [n for n in results["scenecast"]["captions"] if results["scenecast"]["captions"][n] == results["python"]["captions"].get(n)]
+    print(f"  same caption text: {len(same)} of {len(photos)}")
+    for name, text in results["scenecast"]["captions"].items():
+        mark = "=" if name in same else "≠"
+        print(f"    {mark} {name}: scenecast {text!r}" + ("" if name in same else f" / python {results['python']['captions'].get(name)!r}"))
+    footprint(args.scenecast, args.cache, photos[0], env, args.idle_s)
+
+
+if __name__ == "__main__":
+    main()
