@@ -134,12 +134,18 @@ bench-fleet: deps models
 	$(CARGO) bench --bench fleet
 
 # The Python peer of bench-peer (onnxruntime + llama-cpp-python, built from its sdist: minutes).
+# Its llama.cpp is built with the CPU flags llama-cpp-sys-2 builds scenecast's with (AVX2, FMA, F16C,
+# BMI2; no -march=native, AVX-512, AMX or OpenMP), so the race compares the wrappers, not compilers.
+# (A native build, with AMX and OpenMP, crashed on its first decode on this kind of machine.)
 PEER_VENV := $(CACHE)/peer-venv
 PEER_PY := $(PEER_VENV)/bin/python
+PEER_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+  -DGGML_AVX512=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
 $(PEER_PY): benches/peer/requirements.txt
 	python3 -m venv $(PEER_VENV)
-	$(PEER_PY) -m pip install --quiet -r benches/peer/requirements.txt
+	CMAKE_ARGS="$(PEER_CMAKE_ARGS)" $(PEER_PY) -m pip install --quiet --no-cache-dir -r benches/peer/requirements.txt
 	touch $(PEER_PY)
 
 ## bench-peer: scenecast against the same caption written in Python (onnxruntime + llama-cpp-python): latency, memory, cold start, same text; then the daemon's footprint (a few minutes after the peer's venv)

@@ -63,9 +63,13 @@ fn camera_config(dir: &Path, port: u16, device: &str, extra: &str) -> String {
     )
 }
 
+/// A worker's config. Its session ends with its connection (`worker_session_s = 0`): the broker
+/// then never queues jobs for a killed worker, so the camera's retry reaches the other one at once
+/// (with the default, jobs queued for the dead session also come back by retry, only later; the
+/// load bench runs that case).
 fn worker_config(dir: &Path, port: u16, device: &str) -> String {
     format!(
-        "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = {device:?}\nreconnect_min_s = 0.2\n[llm]\nthreads = 1\nmax_tokens = 24\n",
+        "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = {device:?}\nreconnect_min_s = 0.2\n[llm]\nthreads = 1\nmax_tokens = 24\n[offload]\nworker_session_s = 0\n",
         dir.join(device).display().to_string()
     )
 }
