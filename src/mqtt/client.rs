@@ -35,6 +35,14 @@ pub(super) enum Event {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AckToken(AckPacket);
 
+impl AckToken {
+    /// A token for packet id `pkid`, for tests of what carries an acknowledgement.
+    #[cfg(test)]
+    pub(super) fn for_test(pkid: u16) -> Self {
+        AckToken(AckPacket::V3 { pkid, qos1: true })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum AckPacket {
     V5(Box<rumqttc::v5::mqttbytes::v5::Publish>),

@@ -194,6 +194,43 @@ mod tests {
         }
     }
 
+    /// A worker acknowledges a job once, after its last message: a final answer, an image, a
+    /// failure, a refusal or its expiry; never after a partial answer.
+    #[test]
+    fn only_the_last_message_of_a_job_acknowledges_it() {
+        let acked = ReplyAddress { ack: Some(AckToken::for_test(7)), ..to() };
+        let answer = |done| Answer {
+            text: "a".into(),
+            done,
+            frame_seq: None,
+            frame_ts_ms: None,
+            timings_ms: Default::default(),
+        };
+        let picture = Picture { bytes: vec![1], format: ImageFormat::Png };
+        let info = RenderInfo {
+            prompt: "p".into(),
+            seed: 1,
+            steps: 1,
+            width: 8,
+            height: 8,
+            sampler: "euler".into(),
+            warning: None,
+            timings_ms: Default::default(),
+        };
+        let cases: Vec<(Outgoing, bool)> = vec![
+            (Outgoing::Result(Output::Answer { to: acked.clone(), answer: answer(false) }), false),
+            (Outgoing::Result(Output::Answer { to: acked.clone(), answer: answer(true) }), true),
+            (Outgoing::Result(Output::Rendered { to: acked.clone(), picture, info }), true),
+            (Outgoing::Result(Output::Failed { to: acked.clone(), error: JobError::NoScene }), true),
+            (Outgoing::Result(Output::Expired { to: acked.clone() }), true),
+            (Outgoing::Refused { to: acked.clone(), error: RequestError::Busy(1) }, true),
+            (Outgoing::Result(Output::Answer { to: to(), answer: answer(true) }), false),
+        ];
+        for (outgoing, acks) in cases {
+            assert_eq!(outgoing.ack().is_some(), acks, "{outgoing:?}");
+        }
+    }
+
     #[test]
     fn failed_jobs_carry_their_stable_code() {
         let (m, _) =

@@ -252,11 +252,13 @@ impl Worker {
     }
 
     /// Makes a job's own frame the scene (a job offloaded by a camera): encoded, projected and
-    /// prefilled; this device's cached scene is no longer current.
+    /// prefilled. This device's cached scene is no longer current, and the encoder's features are
+    /// no longer its latest frame's (`make_current` relies on them), so both are forgotten.
     fn use_job_frame(&mut self, frame: &Frame, state: &mut State) -> Result<(), JobError> {
+        state.scene = None;
+        state.latest = None;
         self.vision.encode(&frame.image).map_err(StackError::from)?;
         self.vision.project(&mut state.tokens).map_err(StackError::from)?;
-        state.scene = None;
         self.backbone.set_scene(frame.seq, Some(&state.tokens))?;
         Ok(())
     }
