@@ -272,3 +272,50 @@ async fn offloaded_jobs_round_trip_and_survive_a_worker_killed_mid_job() {
     assert!(hub.next_on("hub/r", Duration::from_secs(4)).await.is_none(), "answered once, not twice");
     assert!(cam.log().contains("job published again"), "the camera retried the job:\n{}", cam.log());
 }
+
+/// A worker killed mid-job and restarted within `offload.worker_session_s` gets the job again from
+/// the broker: it acknowledged nothing, so its session still holds the job (the camera's own retry
+/// is set far beyond this test, so the answer can only come from the redelivery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_gets_its_unacknowledged_job_again() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let port = broker.port;
+    let offload = "[offload]\nkinds = [\"ask\"]\ntimeout_s = 120\nretry_s = 0\n";
+    let _cam = Proc::start(dir.path(), "cam", "run", &camera_config(dir.path(), port, "cam", offload));
+    // The default worker session (15 s) outlives the kill.
+    let worker = |n: usize| {
+        let config = format!(
+            "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = \"w\"\nreconnect_min_s = 0.2\n[llm]\nthreads = 1\nmax_tokens = 24\n",
+            dir.path().join("w").display().to_string()
+        );
+        Proc::start(dir.path(), &format!("w-run{n}"), "worker", &config)
+    };
+    let mut first = worker(1);
+    wait_online(port, &["cam", "w"]).await;
+    let mut hub = TestClient::connect(port, "test-hub", &["hub/r"]).await;
+    hub.request(
+        "scenecast/cam/ask",
+        br#"{"question":"Describe the image in detail.","id":"r1"}"#,
+        Some("hub/r"),
+        None,
+        None,
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while !first.log().contains("job received") {
+        assert!(Instant::now() < deadline, "the worker never took the job:\n{}", first.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.kill();
+    let second = worker(2);
+    let answer = hub.next_on("hub/r", WAIT).await.expect("the redelivered job is answered");
+    assert_eq!(
+        (answer.json()["id"].as_str(), answer.json()["done"].as_bool()),
+        (Some("r1"), Some(true)),
+        "{}",
+        answer.json()
+    );
+    assert!(second.log().contains("job received"), "the restarted worker ran it:\n{}", second.log());
+    assert!(hub.next_on("hub/r", Duration::from_secs(3)).await.is_none(), "answered once");
+}
