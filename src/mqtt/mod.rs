@@ -193,8 +193,8 @@ pub fn start(
 /// `$share/<offload.share_group>/<offload.jobs_prefix>/<kind>` go to `jobs`, each acknowledged
 /// to the broker only after its result is published. The worker's session outlives a disconnect
 /// by `offload.worker_session_s` and at most
-/// `mqtt.request_queue` jobs are in flight to it (MQTT v5 Receive Maximum), so the broker keeps
-/// the rest for the other workers. Status on `<prefix>/status` as for a camera.
+/// `mqtt.request_queue` jobs are in flight to it (MQTT v5 Receive Maximum): the broker holds the
+/// rest instead of the worker refusing them. Status on `<prefix>/status` as for a camera.
 pub fn start_worker(
     config: &MqttConfig,
     offload: &OffloadConfig,
