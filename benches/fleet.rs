@@ -19,74 +19,25 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{cache_root, write_temp, Broker, TestClient};
+use common::{base_config, cache_root, wait_online, Broker, Proc, TestClient};
 
 const CLIENTS: usize = 20;
 const QUESTIONS: usize = 50;
 const RENDER_CLIENTS: usize = 6;
 const RENDERS: usize = 20;
 const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
-
-struct Proc(std::process::Child);
-
-impl Proc {
-    fn start(dir: &Path, name: &str, command: &str, config: &str) -> Proc {
-        let path = write_temp(dir, &format!("{name}.toml"), config.as_bytes());
-        let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_scenecast"))
-            .args(["--config", path.to_str().unwrap(), command])
-            .env_remove("ORT_DYLIB_PATH")
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Proc(child)
-    }
-
-    /// Resident set size now, MiB.
-    fn rss_mib(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+const ONLINE: Duration = Duration::from_secs(120);
 
 fn camera(dir: &Path, port: u16, device: &str, extra: &str) -> String {
     format!(
-        "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = {device:?}\n{extra}\n[camera]\npath = {:?}\ninterval_s = 1.0\n[llm]\nthreads = 2\nmax_tokens = 16\n",
-        dir.join(device).display().to_string(),
+        "{}{extra}\n[camera]\npath = {:?}\ninterval_s = 1.0\n[llm]\nthreads = 2\nmax_tokens = 16\n",
+        base_config(dir, port, device),
         cache_root().join("models/photos/coffee.png").display().to_string()
     )
 }
 
 fn worker(dir: &Path, port: u16, device: &str) -> String {
-    format!(
-        "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = {device:?}\n[llm]\nthreads = 1\n",
-        dir.join(device).display().to_string()
-    )
-}
-
-async fn wait_online(port: u16, devices: &[&str]) {
-    let mut watch = TestClient::connect(port, "bench-status", &["scenecast/+/status"]).await;
-    for d in devices {
-        loop {
-            let m = watch.next_on(&format!("scenecast/{d}/status"), Duration::from_secs(120)).await;
-            if m.expect("came online").payload == b"online" {
-                break;
-            }
-        }
-    }
+    format!("{}[llm]\nthreads = 1\n", base_config(dir, port, device))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -234,7 +185,7 @@ fn main() {
 
     // 1. Many clients, one camera.
     let cam = Proc::start(dir.path(), "cam", "run", &camera(dir.path(), port, "cam", ""));
-    rt.block_on(wait_online(port, &["cam"]));
+    rt.block_on(wait_online(port, &["cam"], ONLINE));
     std::thread::sleep(Duration::from_secs(3));
     let idle_rss = cam.rss_mib();
     let mut peak_rss = idle_rss;
@@ -252,7 +203,7 @@ fn main() {
         .iter()
         .map(|w| ((*w).to_owned(), Proc::start(dir.path(), w, "worker", &worker(dir.path(), port, w))))
         .collect();
-    rt.block_on(wait_online(port, &["cam2", "w1", "w2", "w3"]));
+    rt.block_on(wait_online(port, &["cam2", "w1", "w2", "w3"], ONLINE));
     let total = RENDER_CLIENTS * RENDERS;
     let mut killed_at = None;
     let (mut tally, elapsed) =

@@ -12,83 +12,29 @@ use common::*;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A `scenecast` process (camera daemon or worker) with its log in a file.
-struct Proc {
-    child: std::process::Child,
-    log: PathBuf,
-    name: String,
-}
-
-impl Proc {
-    fn start(dir: &Path, name: &str, command: &str, config: &str) -> Proc {
-        let config_path = write_temp(dir, &format!("{name}.toml"), config.as_bytes());
-        let log = dir.join(format!("{name}.log"));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_scenecast"))
-            .args(["--config", config_path.to_str().unwrap(), "--log", "info", command])
-            .env_remove("ORT_DYLIB_PATH")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proc { child, log, name: name.into() }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 fn photos() -> PathBuf {
     cache_root().join("models/photos/coffee.png")
 }
 
-/// A camera daemon's config: the coffee photo as its camera, `extra` appended.
+/// A camera daemon's config: the coffee photo as its camera, `extra` appended to `[mqtt]`.
 fn camera_config(dir: &Path, port: u16, device: &str, extra: &str) -> String {
     format!(
-        "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = {device:?}\nreconnect_min_s = 0.2\n{extra}\n[camera]\npath = {:?}\ninterval_s = 1.0\n[llm]\nthreads = 1\nmax_tokens = 24\n",
-        dir.join(device).display().to_string(),
+        "{}{extra}\n[camera]\npath = {:?}\ninterval_s = 1.0\n[llm]\nthreads = 1\nmax_tokens = 24\n",
+        base_config(dir, port, device),
         photos().display().to_string(),
     )
 }
 
-/// A worker's config. Its session ends with its connection (`worker_session_s = 0`): the broker
-/// then never queues jobs for a killed worker, so the camera's retry reaches the other one at once
-/// (with the default, jobs queued for the dead session also come back by retry, only later; the
-/// load bench runs that case).
-fn worker_config(dir: &Path, port: u16, device: &str) -> String {
-    format!(
-        "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = {device:?}\nreconnect_min_s = 0.2\n[llm]\nthreads = 1\nmax_tokens = 24\n[offload]\nworker_session_s = 0\n",
-        dir.join(device).display().to_string()
-    )
+/// A worker's config, `extra` appended.
+fn worker_config(dir: &Path, port: u16, device: &str, extra: &str) -> String {
+    format!("{}[llm]\nthreads = 1\nmax_tokens = 24\n{extra}", base_config(dir, port, device))
 }
 
-/// Waits until the retained status of each device is `online`.
-async fn wait_online(port: u16, devices: &[&str]) {
-    let mut watch = TestClient::connect(port, "test-status-watch", &["scenecast/+/status"]).await;
-    for d in devices {
-        let topic = format!("scenecast/{d}/status");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let m = watch.next_on(&topic, left).await.unwrap_or_else(|| panic!("{d} did not come online"));
-            if m.payload == b"online" {
-                break;
-            }
-        }
-    }
-}
+/// A worker whose session ends with its connection (`worker_session_s = 0`): the broker then
+/// never queues jobs for a killed worker, so the camera's retry reaches the other one at once
+/// (with the default, jobs queued for the dead session also come back by retry, only later; the
+/// load bench runs that case).
+const CLEAN_SESSION: &str = "[offload]\nworker_session_s = 0\n";
 
 fn fleet_json(dir: &Path, port: u16, args: &[&str]) -> serde_json::Value {
     let config = write_temp(dir, "hub.toml", format!("[mqtt]\nport = {port}\n").as_bytes());
@@ -111,7 +57,7 @@ async fn a_fleet_question_is_answered_by_every_camera_of_the_group() {
         .iter()
         .map(|(d, extra)| Proc::start(dir.path(), d, "run", &camera_config(dir.path(), port, d, extra)))
         .collect();
-    wait_online(port, &["porch", "kitchen", "garage"]).await;
+    wait_online(port, &["porch", "kitchen", "garage"], WAIT).await;
 
     // Each camera keeps a retained member record in each of its groups.
     let mut hub = TestClient::connect(port, "test-hub", &["scenecast/all/members/+"]).await;
@@ -184,7 +130,7 @@ async fn offloaded_jobs_round_trip_and_survive_a_worker_killed_mid_job() {
     let port = broker.port;
     let offload = "[offload]\nkinds = [\"ask\", \"generate\"]\ntimeout_s = 8\nretry_s = 1.5\n";
     let cam = Proc::start(dir.path(), "cam", "run", &camera_config(dir.path(), port, "cam", offload));
-    wait_online(port, &["cam"]).await;
+    wait_online(port, &["cam"], WAIT).await;
     let mut hub = TestClient::connect(port, "test-hub", &["hub/r", "scenecast/jobs/#"]).await;
 
     // No worker yet: the requester gets an `unavailable` error once the job times out, not silence.
@@ -201,10 +147,10 @@ async fn offloaded_jobs_round_trip_and_survive_a_worker_killed_mid_job() {
 
     // Two workers; a question is answered by one, under the requester's id and correlation.
     let mut workers = [
-        Proc::start(dir.path(), "w1", "worker", &worker_config(dir.path(), port, "w1")),
-        Proc::start(dir.path(), "w2", "worker", &worker_config(dir.path(), port, "w2")),
+        Proc::start(dir.path(), "w1", "worker", &worker_config(dir.path(), port, "w1", CLEAN_SESSION)),
+        Proc::start(dir.path(), "w2", "worker", &worker_config(dir.path(), port, "w2", CLEAN_SESSION)),
     ];
-    wait_online(port, &["w1", "w2"]).await;
+    wait_online(port, &["w1", "w2"], WAIT).await;
     hub.request("scenecast/cam/ask", br#"{"question":"Is there a cup?","id":"a1"}"#, Some("hub/r"), Some(b"k1"), None)
         .await;
     let answer = hub.next_on("hub/r", WAIT).await.expect("the offloaded answer");
@@ -284,15 +230,10 @@ async fn a_restarted_worker_gets_its_unacknowledged_job_again() {
     let offload = "[offload]\nkinds = [\"ask\"]\ntimeout_s = 120\nretry_s = 0\n";
     let _cam = Proc::start(dir.path(), "cam", "run", &camera_config(dir.path(), port, "cam", offload));
     // The default worker session (15 s) outlives the kill.
-    let worker = |n: usize| {
-        let config = format!(
-            "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = \"w\"\nreconnect_min_s = 0.2\n[llm]\nthreads = 1\nmax_tokens = 24\n",
-            dir.path().join("w").display().to_string()
-        );
-        Proc::start(dir.path(), &format!("w-run{n}"), "worker", &config)
-    };
+    let worker =
+        |n: usize| Proc::start(dir.path(), &format!("w-run{n}"), "worker", &worker_config(dir.path(), port, "w", ""));
     let mut first = worker(1);
-    wait_online(port, &["cam", "w"]).await;
+    wait_online(port, &["cam", "w"], WAIT).await;
     let mut hub = TestClient::connect(port, "test-hub", &["hub/r"]).await;
     hub.request(
         "scenecast/cam/ask",

@@ -37,6 +37,10 @@ pub(super) struct ConnectionTask {
     pub(super) settings: Arc<RwLock<RuntimeSettings>>,
     /// A camera daemon or a job worker.
     pub(super) role: Role,
+    /// `mqtt.device` (or the hostname) as an id, read once at start: it names every reply.
+    pub(super) device_id: String,
+    /// The display name, read once at start.
+    pub(super) device_name: String,
     /// The camera's offloaded jobs awaiting results.
     pub(super) pending: Arc<Pending>,
 }
@@ -62,13 +66,23 @@ pub(super) enum Role {
 }
 
 impl ConnectionTask {
+    /// A reply address on `topic` that names this device; the rest as the caller sets it.
+    fn reply_address(&self, topic: String) -> ReplyAddress {
+        ReplyAddress {
+            topic,
+            correlation: None,
+            id: None,
+            retain: false,
+            device: Some(self.device_id.clone()),
+            ack: None,
+        }
+    }
+
     fn discovery(&self) -> (String, Vec<u8>) {
-        let device_id = self.config.device_id();
-        let device_name = self.config.device_name();
         let d = Discovery {
             prefix: &self.config.discovery.prefix,
-            device_id: &device_id,
-            device_name: &device_name,
+            device_id: &self.device_id,
+            device_name: &self.device_name,
             model: &self.model,
             topics: &self.topics,
             image_type: self.requests.image_type,
@@ -122,8 +136,8 @@ impl ConnectionTask {
     /// The retained member record in each fleet group.
     async fn publish_membership(&self) {
         let member = Member {
-            device: self.config.device_id(),
-            name: self.config.device_name(),
+            device: self.device_id.clone(),
+            name: self.device_name.clone(),
             prefix: self.topics.prefix().to_owned(),
             model: self.model.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -246,12 +260,9 @@ impl ConnectionTask {
             Err(_) => wire::salvage_reply_address(payload),
         };
         let to = response_topic.or(reply_to).filter(|t| self.allowed(t)).map(|t| ReplyAddress {
-            topic: t,
             correlation,
             id,
-            retain: false,
-            device: Some(self.config.device_id()),
-            ack: None,
+            ..self.reply_address(t)
         });
         let current = crate::util::read(&self.settings).clone();
         match parsed.and_then(|patch| patch.apply(&current)) {
@@ -275,7 +286,7 @@ impl ConnectionTask {
             (topic.as_str(), payload.as_slice(), response_topic.clone(), correlation.clone(), *expiry_s);
         let limits = self.limits;
         if topic == self.topics.job_results() {
-            let forwarded = self.pending.on_result(&incoming, &self.topics, &self.config.device_id());
+            let forwarded = self.pending.on_result(&incoming, &self.topics);
             if !forwarded.is_empty() {
                 let _ = self.replies.send(Outgoing::Forwarded(forwarded)).await;
             }
@@ -295,14 +306,7 @@ impl ConnectionTask {
         let expires_at = expiry_s.map(|s| received_at + Duration::from_secs(u64::from(s)));
         let group_ask = self.config.groups.iter().any(|g| wire::group_ask(g) == topic);
         let (text, task, reply) = if topic == self.topics.ask_text() {
-            let to = ReplyAddress {
-                topic: self.topics.answer(),
-                correlation: None,
-                id: None,
-                retain: true,
-                device: Some(self.config.device_id()),
-                ack: None,
-            };
+            let to = ReplyAddress { retain: true, ..self.reply_address(self.topics.answer()) };
             match wire::parse_text_question(payload, &limits) {
                 Ok(q) => (q, JobKind::Answer { stream: false }, to),
                 Err(e) => {
@@ -326,12 +330,9 @@ impl ConnectionTask {
             };
             let reply_topic = response_topic.or(reply_to);
             let to = reply_topic.clone().map(|t| ReplyAddress {
-                topic: t,
                 correlation: correlation.clone(),
                 id: id.clone(),
-                retain: false,
-                device: Some(self.config.device_id()),
-                ack: None,
+                ..self.reply_address(t)
             });
             if let Some(t) = &reply_topic {
                 if !self.allowed(t) {
@@ -391,14 +392,7 @@ impl ConnectionTask {
             tracing::warn!(topic, "a job without an allowed Response Topic; acknowledged and dropped");
             return self.ack(ack).await;
         };
-        let to = ReplyAddress {
-            topic: reply_topic,
-            correlation,
-            id: None,
-            retain: false,
-            device: Some(self.config.device_id()),
-            ack,
-        };
+        let to = ReplyAddress { correlation, ack, ..self.reply_address(reply_topic) };
         let limits = Limits { max_payload_bytes: *max_job_bytes, ..self.limits };
         let job = match wire::parse_job(kind, &payload, &limits, self.requests.max_prompt_chars) {
             Ok(job) => job,

@@ -227,11 +227,6 @@ pub fn start_worker(
     start_with(config, topics, session, role, None, state_dir, jobs, settings, model, requests)
 }
 
-enum RoleKind {
-    Camera,
-    Worker,
-}
-
 #[allow(clippy::too_many_arguments)]
 fn start_with(
     config: &MqttConfig,
@@ -257,10 +252,7 @@ fn start_with(
     let online = Arc::new(AtomicBool::new(false));
     let drain = Arc::new(Notify::new());
     let pending = Arc::new(Pending::new());
-    let role_kind = match role {
-        Role::Camera { .. } => RoleKind::Camera,
-        Role::Worker { .. } => RoleKind::Worker,
-    };
+    let publishes_settings = matches!(role, Role::Camera { .. });
 
     let conn = ConnectionTask {
         config: config.clone(),
@@ -279,6 +271,8 @@ fn start_with(
         settings: settings.clone(),
         role,
         pending: pending.clone(),
+        device_id: config.device_id(),
+        device_name: config.device_name(),
     };
     let publisher = PublisherTask {
         client,
@@ -292,7 +286,7 @@ fn start_with(
         settings,
         published_settings: None,
         pending,
-        publishes_settings: matches!(role_kind, RoleKind::Camera),
+        publishes_settings,
         offload: route,
     };
     let conn_task = tokio::spawn(conn.run(eventloop));

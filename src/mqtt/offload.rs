@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::client::Incoming;
-use super::outbound::{Delivery, Outgoing};
+use super::outbound::{error_message, image_messages, reply_message, Delivery, Outgoing};
 use super::spool::SpooledMessage;
 use super::wire::{self, JobMessage, Reply, RequestError, Topics};
 use super::ReplyAddress;
@@ -93,13 +93,9 @@ impl Pending {
 
     /// A result from a worker: the messages that forward it to the requester (and, for an
     /// image, the camera's image topic), or nothing for a result of no job in flight (late, or a
-    /// duplicate of a retried job).
-    pub(super) fn on_result(
-        &self,
-        incoming: &Incoming,
-        topics: &Topics,
-        device_id: &str,
-    ) -> Vec<(SpooledMessage, Delivery)> {
+    /// duplicate of a retried job). The requester's address names this camera; the worker is
+    /// named in the `worker` user property (an image keeps the worker's own properties).
+    pub(super) fn on_result(&self, incoming: &Incoming, topics: &Topics) -> Vec<(SpooledMessage, Delivery)> {
         let Some(correlation) = &incoming.correlation else {
             tracing::warn!("a job result without Correlation Data: dropped");
             return Vec::new();
@@ -109,52 +105,35 @@ impl Pending {
             tracing::debug!("a result of no job in flight (late, or a retried job's second result): dropped");
             return Vec::new();
         };
-        let to = flight.to.clone();
-        let is_json = incoming.content_type.as_deref() == Some("application/json");
-        let (messages, last) = if is_json {
-            match serde_json::from_slice::<Reply>(&incoming.payload) {
+        let to = &flight.to;
+        let (messages, last) = match incoming.content_type.as_deref() {
+            Some("application/json") => match serde_json::from_slice::<Reply>(&incoming.payload) {
                 Ok(reply) => {
                     let worker = match &reply {
                         Reply::Answer(a) => a.device.clone(),
                         Reply::Error(e) => e.device.clone(),
                     };
                     let last = reply.is_final();
-                    let reply = reply.readdressed(to.id.clone(), Some(device_id.to_owned()));
-                    let mut m = SpooledMessage::json(
-                        to.topic.clone(),
-                        serde_json::to_vec(&reply).unwrap_or_default(),
-                        to.retain,
-                        &Default::default(),
-                    );
+                    let mut m = reply_message(to, reply);
+                    // The worker's own properties (its timings), and who it is.
                     m.user_properties = incoming.user_properties.clone();
                     m.user_properties.extend(worker.map(|w| ("worker".to_owned(), w)));
-                    m.correlation = to.correlation.clone();
                     (vec![(m, Delivery::Keep)], last)
                 }
                 Err(e) => {
                     tracing::warn!("a job result that is no reply ({e}): the requester gets an error");
                     let error = RequestError::Internal(format!("the worker's result is not a valid reply: {e}"));
-                    let refusal = super::outbound::messages(topics, Outgoing::Refused { to: to.clone(), error });
-                    (refusal, true)
+                    (vec![(error_message(to, &error), Delivery::Keep)], true)
                 }
+            },
+            content_type => {
+                // An image: the worker's properties, with the requester's id.
+                let mut properties: Vec<(String, String)> =
+                    incoming.user_properties.iter().filter(|(k, _)| k != "id").cloned().collect();
+                properties.extend(to.id.clone().map(|id| ("id".to_owned(), id)));
+                let content_type = content_type.unwrap_or("application/octet-stream").to_owned();
+                (image_messages(topics, to, incoming.payload.clone(), content_type, properties), true)
             }
-        } else {
-            // An image: the worker's properties, with the requester's id.
-            let mut properties: Vec<(String, String)> =
-                incoming.user_properties.iter().filter(|(k, _)| k != "id").cloned().collect();
-            properties.extend(to.id.clone().map(|id| ("id".to_owned(), id)));
-            let reply = SpooledMessage {
-                topic: to.topic.clone(),
-                payload: incoming.payload.clone(),
-                retain: false,
-                correlation: to.correlation.clone(),
-                user_properties: properties.clone(),
-                content_type: incoming.content_type.clone(),
-                response_topic: None,
-                expiry_s: None,
-            };
-            let latest = SpooledMessage { topic: topics.image(), retain: true, correlation: None, ..reply.clone() };
-            (vec![(latest, Delivery::LatestOnly), (reply, Delivery::Keep)], true)
         };
         if last {
             jobs.remove(correlation);
@@ -245,12 +224,12 @@ mod tests {
         let correlation = sent.correlation.clone().unwrap();
         // A partial answer is forwarded and the job stays in flight; the final one ends it.
         let partial = br#"{"text":"A c","done":false,"device":"gpu-box"}"#;
-        let forwarded = pending.on_result(&result(&correlation, partial, "application/json", &[]), &topics, "cam");
+        let forwarded = pending.on_result(&result(&correlation, partial, "application/json", &[]), &topics);
         assert_eq!(forwarded.len(), 1);
         assert_eq!(pending.len(), 1);
         let last = br#"{"text":"A cup.","done":true,"device":"gpu-box","frame_seq":3}"#;
         let forwarded =
-            pending.on_result(&result(&correlation, last, "application/json", &[("total_ms", "9.0")]), &topics, "cam");
+            pending.on_result(&result(&correlation, last, "application/json", &[("total_ms", "9.0")]), &topics);
         let (m, delivery) = &forwarded[0];
         assert_eq!((m.topic.as_str(), *delivery), ("hub/replies", Delivery::Keep));
         assert_eq!(m.correlation.as_deref(), Some(&b"hub-7"[..]));
@@ -263,7 +242,7 @@ mod tests {
         assert!(m.user_properties.contains(&("total_ms".into(), "9.0".into())));
         assert_eq!(pending.len(), 0);
         // The same job's second result (a retry that also ran) is dropped: answered once.
-        assert!(pending.on_result(&result(&correlation, last, "application/json", &[]), &topics, "cam").is_empty());
+        assert!(pending.on_result(&result(&correlation, last, "application/json", &[]), &topics).is_empty());
     }
 
     #[test]
@@ -273,7 +252,7 @@ mod tests {
         let sent = pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
         let image =
             result(&sent.correlation.unwrap(), b"\x89PNG", "image/png", &[("id", "worker-side"), ("seed", "3")]);
-        let forwarded = pending.on_result(&image, &topics, "cam");
+        let forwarded = pending.on_result(&image, &topics);
         let shown: Vec<_> = forwarded.iter().map(|(m, d)| (m.topic.as_str(), m.retain, *d)).collect();
         assert_eq!(shown, [("cam/image", true, Delivery::LatestOnly), ("hub/replies", false, Delivery::Keep)]);
         let reply = &forwarded[1].0;
@@ -307,8 +286,7 @@ mod tests {
         let topics = Topics::new("cam");
         let pending = Pending::new();
         let sent = pending.send("cam", "jobs", &topics, requester(), &job(), TIMING);
-        let forwarded =
-            pending.on_result(&result(&sent.correlation.unwrap(), b"{", "application/json", &[]), &topics, "cam");
+        let forwarded = pending.on_result(&result(&sent.correlation.unwrap(), b"{", "application/json", &[]), &topics);
         let body: serde_json::Value = serde_json::from_slice(&forwarded[0].0.payload).unwrap();
         assert_eq!(body["error"]["code"], "internal");
         assert_eq!(pending.len(), 0);

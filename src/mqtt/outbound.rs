@@ -5,7 +5,7 @@ use super::client::AckToken;
 use super::spool::SpooledMessage;
 use super::wire::{self, ErrorReply, Reply, RequestError, Topics};
 use super::ReplyAddress;
-use crate::worker::{Output, Picture, RuntimeSettings};
+use crate::worker::{Output, RuntimeSettings};
 
 /// What the publisher sends: the worker's results, refusals of requests, and the settings state.
 #[derive(Debug)]
@@ -54,11 +54,12 @@ pub enum Delivery {
     LatestOnly,
 }
 
-fn reply_message(to: &ReplyAddress, reply: Reply) -> SpooledMessage {
+/// A reply (answer or error) to `to`: readdressed with its id and device, its correlation,
+/// timings or the error code as user properties.
+pub(super) fn reply_message(to: &ReplyAddress, reply: Reply) -> SpooledMessage {
     let reply = reply.readdressed(to.id.clone(), to.device.clone());
-    let reply = &reply;
-    let payload = serde_json::to_vec(reply).unwrap_or_default();
-    let mut message = match reply {
+    let payload = serde_json::to_vec(&reply).unwrap_or_default();
+    let mut message = match &reply {
         Reply::Answer(a) => SpooledMessage::json(to.topic.clone(), payload, to.retain, &a.timings_ms),
         Reply::Error(e) => {
             let mut m = SpooledMessage::json(to.topic.clone(), payload, to.retain, &Default::default());
@@ -70,21 +71,45 @@ fn reply_message(to: &ReplyAddress, reply: Reply) -> SpooledMessage {
     message
 }
 
-fn error_message(to: &ReplyAddress, error: &RequestError) -> SpooledMessage {
+/// The error reply for `error` to `to`.
+pub(super) fn error_message(to: &ReplyAddress, error: &RequestError) -> SpooledMessage {
     reply_message(to, Reply::Error(ErrorReply::new(to.id.clone(), error)))
 }
 
-fn picture_message(topic: String, retain: bool, picture: Picture, properties: Vec<(String, String)>) -> SpooledMessage {
+fn picture_message(
+    topic: String,
+    retain: bool,
+    bytes: Vec<u8>,
+    content_type: String,
+    properties: Vec<(String, String)>,
+) -> SpooledMessage {
     SpooledMessage {
         topic,
-        payload: picture.bytes,
+        payload: bytes,
         retain,
         correlation: None,
         user_properties: properties,
-        content_type: Some(picture.format.content_type().to_owned()),
+        content_type: Some(content_type),
         response_topic: None,
         expiry_s: None,
     }
+}
+
+/// A rendered image: the reply to its requester (kept) and the retained image topic's copy
+/// (latest only), with the same user properties.
+pub(super) fn image_messages(
+    topics: &Topics,
+    to: &ReplyAddress,
+    bytes: Vec<u8>,
+    content_type: String,
+    properties: Vec<(String, String)>,
+) -> Vec<(SpooledMessage, Delivery)> {
+    let reply = SpooledMessage {
+        correlation: to.correlation.clone(),
+        ..picture_message(to.topic.clone(), false, bytes.clone(), content_type.clone(), properties.clone())
+    };
+    let latest = picture_message(topics.image(), true, bytes, content_type, properties);
+    vec![(latest, Delivery::LatestOnly), (reply, Delivery::Keep)]
 }
 
 /// The messages for one outgoing item, each with how it is delivered. The only place that turns
@@ -105,7 +130,8 @@ pub fn messages(topics: &Topics, outgoing: Outgoing) -> Vec<(SpooledMessage, Del
             vec![(SpooledMessage::json(topics.caption(), payload, true, &caption.timings_ms), Delivery::Keep)]
         }
         Output::ScenePicture(picture) => {
-            vec![(picture_message(topics.image(), true, picture, Vec::new()), Delivery::LatestOnly)]
+            let content_type = picture.format.content_type().to_owned();
+            vec![(picture_message(topics.image(), true, picture.bytes, content_type, Vec::new()), Delivery::LatestOnly)]
         }
         Output::Answer { to, answer } => {
             let reply = Reply::Answer(wire::Answer::new(to.id.clone(), &answer));
@@ -114,12 +140,8 @@ pub fn messages(topics: &Topics, outgoing: Outgoing) -> Vec<(SpooledMessage, Del
         Output::Rendered { to, picture, info } => {
             let mut properties = wire::image_properties(to.id.as_deref(), &info);
             properties.extend(to.device.clone().map(|d| ("device".to_owned(), d)));
-            let reply = SpooledMessage {
-                correlation: to.correlation.clone(),
-                ..picture_message(to.topic.clone(), false, picture.clone(), properties.clone())
-            };
-            let latest = picture_message(topics.image(), true, picture, properties);
-            vec![(latest, Delivery::LatestOnly), (reply, Delivery::Keep)]
+            let content_type = picture.format.content_type().to_owned();
+            image_messages(topics, &to, picture.bytes, content_type, properties)
         }
         Output::Failed { to, error } => {
             // The refusal class, and so the error code, comes from the one `From<&JobError>`.
@@ -134,7 +156,7 @@ pub fn messages(topics: &Topics, outgoing: Outgoing) -> Vec<(SpooledMessage, Del
 mod tests {
     use super::*;
     use crate::frame::ImageFormat;
-    use crate::worker::{Answer, Caption, JobError, RenderInfo};
+    use crate::worker::{Answer, Caption, JobError, Picture, RenderInfo};
 
     fn to() -> ReplyAddress {
         ReplyAddress {
@@ -147,12 +169,8 @@ mod tests {
         }
     }
 
-    /// Every kind of output, with the topics and deliveries it maps to.
-    #[test]
-    fn each_output_maps_to_its_topics_and_delivery() {
-        let topics = Topics::new("cam");
-        let picture = Picture { bytes: vec![1], format: ImageFormat::Jpeg };
-        let info = RenderInfo {
+    fn info() -> RenderInfo {
+        RenderInfo {
             prompt: "p".into(),
             seed: 3,
             steps: 1,
@@ -161,7 +179,15 @@ mod tests {
             sampler: "euler".into(),
             warning: None,
             timings_ms: Default::default(),
-        };
+        }
+    }
+
+    /// Every kind of output, with the topics and deliveries it maps to.
+    #[test]
+    fn each_output_maps_to_its_topics_and_delivery() {
+        let topics = Topics::new("cam");
+        let picture = Picture { bytes: vec![1], format: ImageFormat::Jpeg };
+        let info = info();
         let caption = Caption {
             text: "t".into(),
             frame_seq: 1,
@@ -207,16 +233,7 @@ mod tests {
             timings_ms: Default::default(),
         };
         let picture = Picture { bytes: vec![1], format: ImageFormat::Png };
-        let info = RenderInfo {
-            prompt: "p".into(),
-            seed: 1,
-            steps: 1,
-            width: 8,
-            height: 8,
-            sampler: "euler".into(),
-            warning: None,
-            timings_ms: Default::default(),
-        };
+        let info = info();
         let cases: Vec<(Outgoing, bool)> = vec![
             (Outgoing::Result(Output::Answer { to: acked.clone(), answer: answer(false) }), false),
             (Outgoing::Result(Output::Answer { to: acked.clone(), answer: answer(true) }), true),

@@ -290,15 +290,48 @@ pub enum Condition {
     Hidden,
 }
 
+impl From<Condition> for ConditionPath {
+    fn from(c: Condition) -> Self {
+        match c {
+            Condition::Text => ConditionPath::Text,
+            Condition::Hidden => ConditionPath::Hidden,
+        }
+    }
+}
+
+impl From<ConditionPath> for Condition {
+    fn from(c: ConditionPath) -> Self {
+        match c {
+            ConditionPath::Text => Condition::Text,
+            ConditionPath::Hidden => Condition::Hidden,
+        }
+    }
+}
+
 impl GenerateRequest {
+    /// The request for a worker's job (the inverse of [`GenerateRequest::job`]), without a reply
+    /// address; an empty prompt is none.
+    pub fn from_job(prompt: &str, job: &GenerateJob) -> Self {
+        let r = &job.render;
+        GenerateRequest {
+            prompt: (!prompt.trim().is_empty()).then(|| prompt.to_owned()),
+            from_scene: job.from_scene,
+            seed: r.seed,
+            steps: r.steps,
+            width: r.width,
+            height: r.height,
+            guidance: r.guidance,
+            condition: job.condition.map(Condition::from),
+            id: None,
+            reply_to: None,
+        }
+    }
+
     /// The worker's job for this request.
     pub fn job(&self) -> GenerateJob {
         GenerateJob {
             from_scene: self.from_scene,
-            condition: self.condition.map(|c| match c {
-                Condition::Text => ConditionPath::Text,
-                Condition::Hidden => ConditionPath::Hidden,
-            }),
+            condition: self.condition.map(ConditionPath::from),
             render: RenderRequest {
                 seed: self.seed,
                 steps: self.steps,
@@ -663,26 +696,7 @@ impl JobMessage {
             JobKind::Answer { stream } => {
                 (Some(AskRequest { question: job.text.clone(), stream: *stream, id: None, reply_to: None }), None)
             }
-            JobKind::Generate(g) => {
-                let r = &g.render;
-                let prompt = (!job.text.trim().is_empty()).then(|| job.text.clone());
-                let generate = GenerateRequest {
-                    prompt,
-                    from_scene: g.from_scene,
-                    seed: r.seed,
-                    steps: r.steps,
-                    width: r.width,
-                    height: r.height,
-                    guidance: r.guidance,
-                    condition: g.condition.map(|c| match c {
-                        ConditionPath::Text => Condition::Text,
-                        ConditionPath::Hidden => Condition::Hidden,
-                    }),
-                    id: None,
-                    reply_to: None,
-                };
-                (None, Some(generate))
-            }
+            JobKind::Generate(g) => (None, Some(GenerateRequest::from_job(&job.text, g))),
         };
         let frame = job.frame.as_ref().map(|f: &AttachedFrame| JobFrame {
             seq: f.seq,

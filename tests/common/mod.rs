@@ -269,3 +269,84 @@ pub fn assert_schema(schema_file: &str, instance: &serde_json::Value) {
         validator.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path)).collect();
     assert!(errors.is_empty(), "{schema_file} rejects {instance}: {errors:?}");
 }
+
+/// A `scenecast` process (camera daemon or worker) started with its own config file, its log
+/// (at `info`) in a file beside it; killed when dropped.
+pub struct Proc {
+    child: std::process::Child,
+    log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    /// Writes `config` to `<dir>/<name>.toml` and runs `scenecast --config it --log info COMMAND`.
+    pub fn start(dir: &Path, name: &str, command: &str, config: &str) -> Proc {
+        let config_path = write_temp(dir, &format!("{name}.toml"), config.as_bytes());
+        let log = dir.join(format!("{name}.log"));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_scenecast"))
+            .args(["--config", config_path.to_str().unwrap(), "--log", "info", command])
+            .env_remove("ORT_DYLIB_PATH")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Proc { child, log, name: name.into() }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident set size now, MiB (0 when it cannot be read).
+    pub fn rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The start of a daemon's or worker's config: its state directory under `dir`, the broker on
+/// `port`, the device name and a quick reconnect. `[mqtt]` keys may follow, then other sections.
+pub fn base_config(dir: &Path, port: u16, device: &str) -> String {
+    format!(
+        "state_dir = {:?}\n[mqtt]\nport = {port}\ndevice = {device:?}\nreconnect_min_s = 0.2\n",
+        dir.join(device).display().to_string()
+    )
+}
+
+/// Waits until the retained status of each device (`scenecast/<device>/status`) is `online`.
+pub async fn wait_online(port: u16, devices: &[&str], timeout: std::time::Duration) {
+    static WATCHERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = WATCHERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("test-status-watch-{}-{n}", std::process::id());
+    let mut watch = TestClient::connect(port, &id, &["scenecast/+/status"]).await;
+    for d in devices {
+        let topic = format!("scenecast/{d}/status");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let m = watch.next_on(&topic, left).await.unwrap_or_else(|| panic!("{d} did not come online"));
+            if m.payload == b"online" {
+                break;
+            }
+        }
+    }
+}
