@@ -17,6 +17,9 @@
 
 use std::time::{Duration, Instant};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use ort::session::Session;
 use ort::value::TensorRef;
 use scenecast::config::Config;
@@ -42,21 +45,12 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-/// The reference manifest with models/generator/tiny.toml as its `[generator]`.
-fn tiny_manifest() -> Manifest {
-    let reference = include_str!("../models/reference.toml");
-    let head = &reference[..reference.find("\n[generator]").expect("the reference manifest has a generator")];
-    let tiny = include_str!("../models/generator/tiny.toml");
-    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models"));
-    Manifest::parse(&format!("{head}\n{tiny}"), "models/reference.toml + models/generator/tiny.toml", dir).unwrap()
-}
-
 const WHICH: &str = "SCENECAST_BENCH_GENERATOR";
 
 fn main() {
     match std::env::var(WHICH).as_deref() {
         Ok("shipped") => bench("shipped (trained scenegen)", Manifest::reference().unwrap()),
-        Ok("tiny") => bench("tiny random SD-Turbo layout", tiny_manifest()),
+        Ok("tiny") => bench("tiny random SD-Turbo layout", common::tiny_generator_manifest()),
         _ => {
             // Each model in a fresh process: VmHWM only ever grows.
             let exe = std::env::current_exe().expect("the bench's own path");
