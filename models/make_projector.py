@@ -37,11 +37,33 @@ def build(in_width: int, out_width: int) -> onnx.ModelProto:
                       "scenecast/models/make_projector.py")
 
 
+def mlp_nodes(x: str, out: str, p: str) -> list:
+    """x @ {p}w1 + {p}b1 -> GELU (erf) -> @ {p}w2 + {p}b2 -> out: the projector's two layers."""
+    return [
+        helper.make_node("MatMul", [x, f"{p}w1"], [f"{p}h0"]),
+        helper.make_node("Add", [f"{p}h0", f"{p}b1"], [f"{p}h1"]),
+        # GELU (erf form), spelled out because the Gelu op needs opset 20.
+        helper.make_node("Mul", [f"{p}h1", "rsqrt2"], [f"{p}g0"]),
+        helper.make_node("Erf", [f"{p}g0"], [f"{p}g1"]),
+        helper.make_node("Add", [f"{p}g1", "one"], [f"{p}g2"]),
+        helper.make_node("Mul", [f"{p}h1", f"{p}g2"], [f"{p}g3"]),
+        helper.make_node("Mul", [f"{p}g3", "half"], [f"{p}h2"]),
+        helper.make_node("MatMul", [f"{p}h2", f"{p}w2"], [f"{p}h3"]),
+        helper.make_node("Add", [f"{p}h3", f"{p}b2"], [out]),
+    ]
+
+
 def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, name: str,
-               producer: str) -> onnx.ModelProto:
+               producer: str, detections: dict | None = None) -> onnx.ModelProto:
     """The projector graph with the given weights: x @ w1 + b1 -> GELU (erf) -> @ w2 + b2.
 
-    `w1` is [in, hidden], `w2` [hidden, out] (the transpose of torch's Linear.weight)."""
+    `w1` is [in, hidden], `w2` [hidden, out] (the transpose of torch's Linear.weight).
+
+    With `detections` (keys `input`, `mask` [regions, anchors], `w1`, `b1`, `w2`, `b2`, `place`
+    [regions, out]), the graph has a second input, the detector's class scores [1, anchors,
+    classes]: each vertical strip's maximum score per class (`mask` says which anchors lie in which
+    strip) goes through its own two layers, plus a learned embedding of the strip, and these
+    `regions` tokens follow the patch tokens: `image_embeds` is [n + regions, out]."""
     in_width, out_width = w1.shape[0], w2.shape[1]
     w1, b1, w2, b2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
     inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
@@ -50,23 +72,34 @@ def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, n
         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
         numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "rsqrt2"),
     ]
-    nodes = [
-        helper.make_node("MatMul", ["image_features", "w1"], ["h0"]),
-        helper.make_node("Add", ["h0", "b1"], ["h1"]),
-        # GELU (erf form), spelled out because the Gelu op needs opset 20.
-        helper.make_node("Mul", ["h1", "rsqrt2"], ["g0"]),
-        helper.make_node("Erf", ["g0"], ["g1"]),
-        helper.make_node("Add", ["g1", "one"], ["g2"]),
-        helper.make_node("Mul", ["h1", "g2"], ["g3"]),
-        helper.make_node("Mul", ["g3", "half"], ["h2"]),
-        helper.make_node("MatMul", ["h2", "w2"], ["h3"]),
-        helper.make_node("Add", ["h3", "b2"], ["image_embeds"]),
-    ]
+    inputs = [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["n_tokens", in_width])]
+    if detections is None:
+        nodes = mlp_nodes("image_features", "image_embeds", "")
+        out_tokens = "n_tokens"
+    else:
+        d = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in detections.items() if k != "input"}
+        regions, anchors = d["mask"].shape
+        classes = d["w1"].shape[0]
+        inits += [numpy_helper.from_array(d["mask"][:, :, None], "det_mask")]
+        inits += [numpy_helper.from_array(d[k], f"det_{k}") for k in ("w1", "b1", "w2", "b2", "place")]
+        inputs.append(helper.make_tensor_value_info(detections["input"], TensorProto.FLOAT, [1, anchors, classes]))
+        nodes = mlp_nodes("image_features", "patch_embeds", "")
+        nodes += [
+            # [1, anchors, classes] * [regions, anchors, 1] -> each strip's maximum: [regions, classes]
+            helper.make_node("Mul", [detections["input"], "det_mask"], ["det_masked"]),
+            helper.make_node("ReduceMax", ["det_masked"], ["det_strips"], axes=[1], keepdims=0),
+        ]
+        nodes += mlp_nodes("det_strips", "det_h", "det_")
+        nodes += [
+            helper.make_node("Add", ["det_h", "det_place"], ["det_embeds"]),
+            helper.make_node("Concat", ["patch_embeds", "det_embeds"], ["image_embeds"], axis=0),
+        ]
+        out_tokens = f"n_tokens_plus_{regions}"
     graph = helper.make_graph(
         nodes,
         name,
-        [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["n_tokens", in_width])],
-        [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["n_tokens", out_width])],
+        inputs,
+        [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [out_tokens, out_width])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],

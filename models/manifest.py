@@ -31,11 +31,27 @@ class Facts:
     prefix: str  # llm.chat.prefix: before the image tokens
     suffix: str  # llm.chat.suffix: after them, with {question}
     end: str  # llm.chat.stop[0]: ends the answer
+    detector: "Detector | None" = None  # [detector], the second encoder, when the manifest has one
+
 
     def model_section(self) -> dict:
         """The keys of train.toml's [model] section that come from the manifest."""
         return {"encoder": self.encoder, "llm": self.llm, "pool": list(self.pool), "hidden": self.hidden,
                 "prefix": self.prefix, "suffix": self.suffix, "end": self.end}
+
+
+@dataclass(frozen=True)
+class Detector:
+    """The second modality encoder ([detector]): an object detector whose class scores the projector
+    reads next to the patch features."""
+
+    file: str  # detector.file.cache
+    size: tuple[int, int]  # detector.preprocess.size, [height, width]
+    channels: str  # detector.preprocess.channels: "rgb" or "bgr", the tensor's channel order
+    mean: tuple[float, float, float]  # detector.preprocess.mean, in [0, 1], in `channels` order
+    std: tuple[float, float, float]
+    strides: tuple[int, ...]  # detector.strides: its output's anchor grids, row-major, finest first
+    classes: tuple[str, ...]  # detector.classes: the names of its output's class columns
 
 
 def _cache_file(section: dict, key: str) -> str:
@@ -57,6 +73,12 @@ def facts(path: Path = REFERENCE) -> Facts:
             encoder=_cache_file(enc, "encoder"), llm=_cache_file(llm, "llm"),
             prefix=llm["chat"]["prefix"], suffix=llm["chat"]["suffix"], end=llm["chat"]["stop"][0],
         )
+        if "detector" in m:
+            det, dpre = m["detector"], m["detector"]["preprocess"]
+            f = Facts(**{**asdict(f), "detector": Detector(
+                file=_cache_file(det, "detector"), size=tuple(dpre["size"]), channels=dpre.get("channels", "rgb"),
+                mean=tuple(dpre["mean"]), std=tuple(dpre["std"]), strides=tuple(det["strides"]),
+                classes=tuple(det["classes"]))})
     except KeyError as e:
         raise SystemExit(f"error: manifest {path}: key {e} is missing") from None
     gh, gw = f.patch_grid

@@ -60,7 +60,9 @@ def load_config(path: Path) -> dict:
     """train.toml with its [model] section filled from the manifest scenecast serves with (the
     frozen files, pooling, width and chat layout never come from train.toml)."""
     cfg = tomllib.loads(path.read_text())
-    doubled = sorted(set(cfg.get("model", {})) & set(FACTS.model_section()))
+    # `llm` may be set: the manifest serves a GGUF with an earlier adapter merged in, while training
+    # starts from the base GGUF that adapter was trained on.
+    doubled = sorted(set(cfg.get("model", {})) & set(FACTS.model_section()) - {"llm"})
     if doubled:
         raise SystemExit(f"error: {path}: [model] {', '.join(doubled)} come from models/reference.toml; remove them")
     cfg["model"] = {**FACTS.model_section(), **cfg.get("model", {})}
@@ -425,6 +427,56 @@ def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: i
     return np.concatenate(feats)
 
 
+def region_mask(det, regions: int) -> np.ndarray:
+    """[regions, anchors] 0/1: which of the detector's anchor points (its grids row-major, finest
+    first, as `detector.strides` says) has its centre in each vertical strip of the frame, left to
+    right. The projector takes each strip's maximum class score (scores are >= 0, so masking with a
+    product and taking the maximum is the same as a maximum over the strip)."""
+    h, w = det.size
+    cols = []
+    for stride in det.strides:
+        gh, gw = h // stride, w // stride
+        x = (np.arange(gw) + 0.5) * stride / w  # centre of each column, as a fraction of the width
+        strip = np.minimum((x * regions).astype(np.int64), regions - 1)
+        cols.append(np.tile(strip, gh))
+    strip = np.concatenate(cols)
+    return (strip[None, :] == np.arange(regions)[:, None]).astype(np.float32)
+
+
+def pool_detections(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[n, anchors, classes] scores -> [n, regions, classes], each strip's maximum."""
+    return (scores[:, None, :, :] * mask[None, :, :, None]).max(axis=2)
+
+
+def detect(images: list[Image.Image], cache: Path, regions: int, threads: int) -> np.ndarray:
+    """The detector's class scores of every image, pooled to `regions` strips: [n, regions, classes]."""
+    import onnxruntime as ort
+
+    det = FACTS.detector
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(cache / "models" / det.file), opts, providers=["CPUExecutionProvider"])
+    inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    mask = region_mask(det, regions)
+    mean, std = np.array(det.mean, np.float32), np.array(det.std, np.float32)
+    pooled = []
+    start = time.monotonic()
+    for i in range(0, len(images), 8):
+        batch = []
+        for im in images[i:i + 8]:
+            x = np.asarray(im.resize((det.size[1], det.size[0]), Image.BILINEAR), np.float32) / 255.0
+            if det.channels == "bgr":
+                x = x[:, :, ::-1]
+            batch.append(((x - mean) / std).transpose(2, 0, 1))
+        scores = np.concatenate([sess.run([out], {inp: b[None].astype(np.float32)})[0] for b in batch])
+        pooled.append(pool_detections(scores, mask))
+        done = min(i + 8, len(images))
+        if done % 400 == 0 or done == len(images):
+            rate = done / (time.monotonic() - start)
+            log(f"    detected {done}/{len(images)} ({rate:.1f} img/s, {(len(images) - done) / rate:.0f} s left)")
+    return np.concatenate(pooled).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data set (steps 1 and 2)
 
@@ -461,11 +513,18 @@ def compose_training(cfg: dict, photos: Path) -> tuple["Composer", list[Image.Im
     return comp, images, metas
 
 
-def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, list[dict]]:
+def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
+    """Patch features [n, tokens, width], detector scores per strip [n, regions, classes] (None
+    without `[detector]` in the training configuration) and scene descriptions, cached."""
     feats_path, meta_path = data_paths(cfg, work, user_data)
-    if feats_path.is_file() and meta_path.is_file():
+    regions = cfg.get("detector", {}).get("regions")
+    dets_path = feats_path.with_name(feats_path.name.replace("features-", f"detections{regions}-"))
+    have_feats = feats_path.is_file() and meta_path.is_file()
+    if have_feats and (not regions or dets_path.is_file()):
         log(f"[2/4] features cached: {feats_path}")
-        return np.load(feats_path), json.loads(meta_path.read_text())
+        return np.load(feats_path), np.load(dets_path) if regions else None, json.loads(meta_path.read_text())
+    if regions and FACTS.detector is None:
+        raise SystemExit("error: the training configuration has [detector], models/reference.toml has no [detector] section")
     photos = cache / "models" / "photos"
     comp, images, metas = compose_training(cfg, photos)
     if user_data:
@@ -486,11 +545,22 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     for _ in range(cfg["data"]["eval_pairs"]):
         im, m = check.pair(check.heldout_pairs, "check"); images.append(im); metas.append(m)  # noqa: E702
     write_eval(cfg, cache, work)
-    log(f"[2/4] encoding {len(images)} images with the frozen encoder")
-    feats = encode(images, cache / "models" / cfg["model"]["encoder"], cfg["model"]["pool"], cfg["train"]["threads"])
-    np.save(feats_path, feats)
-    meta_path.write_text(json.dumps(metas))
-    return feats, metas
+    if have_feats:
+        feats = np.load(feats_path)
+        if len(feats) != len(images):
+            raise SystemExit(f"error: {feats_path} has {len(feats)} images, the configuration composes {len(images)}; delete it")
+        log(f"[2/4] features cached: {feats_path}")
+    else:
+        log(f"[2/4] encoding {len(images)} images with the frozen encoder")
+        feats = encode(images, cache / "models" / cfg["model"]["encoder"], cfg["model"]["pool"], cfg["train"]["threads"])
+        np.save(feats_path, feats)
+        meta_path.write_text(json.dumps(metas))
+    dets = None
+    if regions:
+        log(f"[2/4] detecting in {len(images)} images with the frozen detector ({FACTS.detector.file})")
+        dets = detect(images, cache, regions, cfg["train"]["threads"])
+        np.save(dets_path, dets)
+    return feats, dets, metas
 
 
 def write_eval(cfg: dict, cache: Path, work: Path) -> None:
@@ -675,7 +745,59 @@ def export_adapter(cfg: dict, adapted: dict, model_config, dest: Path) -> None:
     writer.close()
 
 
-def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
+def strip_labels(metas: list[dict], categories: list[str], regions: int) -> np.ndarray:
+    """For every scene and vertical strip (left to right, as the detection tokens): the index of the
+    known category whose box covers at least half of the strip's width or has its centre in it (a
+    later paste wins), len(categories) for a strip no object reaches (at most a tenth of its width),
+    or -100 where it is unclear: partly covered strips, and every strip without a known object in
+    scenes that show an unknown one (the composer does not record where) or a user's photo."""
+    out = np.full((len(metas), regions), -100, np.int64)
+    for n, meta in enumerate(metas):
+        if meta["kind"] == "user":
+            continue
+        unknown_somewhere = meta["kind"] in ("unknown", "half")
+        for r in range(regions):
+            x0, x1 = r / regions, (r + 1) / regions
+            label, unclear = len(categories), False
+            for o in meta["objects"]:
+                bx0, _, bx1, _ = o["box"]
+                cover = max(0.0, min(bx1, x1) - max(bx0, x0)) * regions
+                if cover >= 0.5 or x0 <= (bx0 + bx1) / 2 < x1:
+                    label, unclear = categories.index(o["name"]), False
+                elif cover > 0.1 and label == len(categories):
+                    unclear = True
+            if unclear or (unknown_somewhere and label == len(categories)):
+                label = -100
+            out[n, r] = label
+    return out
+
+
+def make_projector(width: int, hidden: int, classes: int, regions: int):
+    """The projector: two layers over each pooled patch token, and, with `regions`, two layers over
+    each vertical strip's detector class scores plus a learned embedding of the strip, whose
+    `regions` tokens follow the patch tokens (make_projector.graph_from writes the same graph)."""
+    import torch
+
+    class Projector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patches = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+            self.regions = regions
+            if regions:
+                self.detections = torch.nn.Sequential(torch.nn.Linear(classes, hidden), torch.nn.GELU(),
+                                                      torch.nn.Linear(hidden, hidden))
+                self.place = torch.nn.Parameter(torch.zeros(regions, hidden))
+
+        def forward(self, feats, dets=None):
+            tokens = self.patches(feats)
+            if self.regions:
+                tokens = torch.cat([tokens, self.detections(dets) + self.place], dim=-2)
+            return tokens
+
+    return Projector()
+
+
+def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, metas: list[dict]):
     import torch
 
     t = cfg["train"]
@@ -690,7 +812,8 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         raise SystemExit(f"error: model.hidden in the training configuration is {hidden}, but {llm.name} has "
                          f"width {embed.weight.shape[1]}; set model.hidden to {embed.weight.shape[1]}")
 
-    proj = torch.nn.Sequential(torch.nn.Linear(feats.shape[2], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+    regions = 0 if dets is None else dets.shape[1]
+    proj = make_projector(feats.shape[2], hidden, 0 if dets is None else dets.shape[2], regions)
     opt = torch.optim.AdamW(proj.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
 
     def lr_at(step: int) -> float:
@@ -715,6 +838,11 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
     rng = np.random.default_rng(cfg["seed"] + 1)
     categories = [c["name"] for c in cfg["category"]]
     feats_t = torch.from_numpy(feats)
+    dets_t = None if dets is None else torch.from_numpy(dets)
+
+    def project(idx):
+        """Image tokens of the scenes `idx`: [b, tokens (+ regions), hidden]."""
+        return proj(feats_t[idx], None if dets_t is None else dets_t[idx])
 
     # Grounding: each image token over an object should point where the LLM's own embedding of
     # the object's name points, and a background token away from every name. Image tokens then
@@ -723,6 +851,11 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
     # With aux_position, an object's tokens also lean towards the word of its position (left,
     # centre, right), so "Where is the cat?" finds the answer where it finds the cat.
     cells, wheres = (torch.from_numpy(a) for a in cell_labels(metas, categories, m["pool"]))
+    if regions:
+        # The detection tokens are grounded like patch tokens: each strip's token points at the name
+        # of the known object in that strip, or away from every name.
+        cells = torch.cat([cells, torch.from_numpy(strip_labels(metas, categories, regions))], dim=1)
+        wheres = torch.cat([wheres, torch.full((len(metas), regions), -100)], dim=1)
     with torch.no_grad():
         names = torch.stack([embed(torch.tensor(ids(" " + c))).mean(0) for c in categories])
         places = torch.stack([embed(torch.tensor(ids(" " + p))).mean(0) for p in POSITIONS])
@@ -748,7 +881,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
 
     def check_grounding() -> float:
         with torch.no_grad():
-            return grounding(proj(feats_t[check]), check)[1]
+            return grounding(project(check), check)[1]
 
     # Yes/no on the held-out pairs, as the LLM's first-token preference of "Yes" over "No": one
     # question about an object shown and one about a category not shown, per scene.
@@ -767,7 +900,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         with torch.no_grad():
             for c in range(0, len(asked), 50):
                 chunk = asked[c:c + 50]
-                img = proj(feats_t[[i for i, _, _ in chunk]])
+                img = project([i for i, _, _ in chunk])
                 x, mask = pad([torch.cat([embed(prefix), img[r], embed(suf)]) for r, (_, suf, _) in enumerate(chunk)])
                 states = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
                 logits = model.lm_head(states[torch.arange(len(chunk)), mask.sum(1) - 1])
@@ -779,7 +912,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
         aux_opt = torch.optim.AdamW(list(proj.parameters()) + [background], lr=t["lr"])
         for step in range(t["aux_steps"]):
             idx = pick[rng.integers(len(pick), size=t["aux_batch"])]
-            loss, acc = grounding(proj(feats_t[idx]), idx)
+            loss, acc = grounding(project(idx), idx)
             aux_opt.zero_grad()
             loss.backward()
             aux_opt.step()
@@ -797,7 +930,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, metas: list[dict]):
                 f"of every layer ({sum(p.numel() for p in adapter_params):,} parameters) trains too")
             opt.add_param_group({"params": adapter_params})
         idx = pick[rng.integers(len(pick), size=t["batch"])]
-        img = proj(feats_t[idx])  # [b, tokens, hidden]
+        img = project(idx)  # [b, tokens, hidden]
         seqs, labels = [], []
         for row, i in enumerate(idx):
             q, a = question(metas[i], cfg, categories, rng, general)
@@ -874,22 +1007,58 @@ def general_answers(cfg: dict, model, tok, ids) -> list[tuple[str, str]]:
     return out
 
 
-def export(cfg: dict, proj, feats: np.ndarray, dest: Path) -> float:
+def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Path, cache: Path) -> float:
+    """Writes the projector's ONNX graph and returns its largest difference from torch. With a
+    detector, the graph reads the detector's raw scores and pools them itself, so the check runs
+    the detector on real photos and compares against torch on the same scores pooled in numpy."""
     import onnxruntime as ort
     import torch
 
     from make_projector import graph_from
 
-    w1, b1 = proj[0].weight.detach().numpy().T, proj[0].bias.detach().numpy()
-    w2, b2 = proj[2].weight.detach().numpy().T, proj[2].bias.detach().numpy()
-    model = graph_from(w1, b1, w2, b2, cfg["name"], "scenecast/models/train_projector.py")
+    p = proj.patches
+    w1, b1 = p[0].weight.detach().numpy().T, p[0].bias.detach().numpy()
+    w2, b2 = p[2].weight.detach().numpy().T, p[2].bias.detach().numpy()
+    detections = None
+    if dets is not None:
+        d = proj.detections
+        mask = region_mask(FACTS.detector, dets.shape[1])
+        detections = {"input": cfg["detector"]["input"], "mask": mask,
+                      "w1": d[0].weight.detach().numpy().T, "b1": d[0].bias.detach().numpy(),
+                      "w2": d[2].weight.detach().numpy().T, "b2": d[2].bias.detach().numpy(),
+                      "place": proj.place.detach().numpy()}
+    model = graph_from(w1, b1, w2, b2, cfg["name"], "scenecast/models/train_projector.py", detections)
     dest.write_bytes(model.SerializeToString())
     sess = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
-    x = feats[:32].reshape(-1, feats.shape[2])
-    with torch.no_grad():
-        ref = proj(torch.from_numpy(x)).numpy()
-    got = sess.run(["image_embeds"], {"image_features": x})[0]
-    return float(np.abs(ref - got).max())
+    worst = 0.0
+    for n in range(4):
+        x = feats[n]
+        feed = {"image_features": x}
+        raw = None
+        if dets is not None:
+            raw = raw_scores(cache, Image.open(cache / "models" / "photos" / ["chelsea.png", "coffee.png", "motorcycle_left.png", "astronaut.png"][n]))
+            feed[cfg["detector"]["input"]] = raw
+        with torch.no_grad():
+            pooled = None if raw is None else torch.from_numpy(pool_detections(raw, detections["mask"]))
+            ref = proj(torch.from_numpy(x)[None], pooled)[0].numpy()
+        got = sess.run(["image_embeds"], feed)[0]
+        if got.shape != ref.shape:
+            raise SystemExit(f"error: the exported projector gives {got.shape}, torch {ref.shape}")
+        worst = max(worst, float(np.abs(ref - got).max()))
+    return worst
+
+
+def raw_scores(cache: Path, image: Image.Image) -> np.ndarray:
+    """The detector's raw output for one image: [1, anchors, classes]."""
+    import onnxruntime as ort
+
+    det = FACTS.detector
+    sess = ort.InferenceSession(str(cache / "models" / det.file), providers=["CPUExecutionProvider"])
+    x = np.asarray(image.convert("RGB").resize((det.size[1], det.size[0]), Image.BILINEAR), np.float32) / 255.0
+    if det.channels == "bgr":
+        x = x[:, :, ::-1]
+    x = ((x - np.array(det.mean, np.float32)) / np.array(det.std, np.float32)).transpose(2, 0, 1)[None]
+    return sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
 
 
 def adapter_path(projector: Path) -> Path:
@@ -925,10 +1094,10 @@ def main() -> int:
         write_eval(cfg, args.cache, work)
         return 0
     total = time.monotonic()
-    feats, metas = build_data(cfg, args.cache, work, args.user_data)
-    proj, adapted, model_config, history, train_s = train(cfg, args.cache, feats, metas)
+    feats, dets, metas = build_data(cfg, args.cache, work, args.user_data)
+    proj, adapted, model_config, history, train_s = train(cfg, args.cache, feats, dets, metas)
     dest = args.output or args.config.parent / cfg["output"]
-    diff = export(cfg, proj, feats, dest)
+    diff = export(cfg, proj, feats, dets, dest, args.cache)
     log(f"[4/4] wrote {dest} ({dest.stat().st_size} B, sha256 {hashlib.sha256(dest.read_bytes()).hexdigest()}); "
         f"ONNX Runtime vs torch max abs diff {diff:.2e}")
     if diff > 1e-4:
@@ -941,27 +1110,32 @@ def main() -> int:
                "total_seconds": round(time.monotonic() - total), "images": sum(m["kind"] != "check" for m in metas),
                "loss_every_20": [round(sum(history[i:i + 20]) / len(history[i:i + 20]), 4) for i in range(0, len(history), 20)],
                "onnx_vs_torch_max_abs": diff, "image_token_norm": float(np.linalg.norm(
-                   proj(__import__("torch").from_numpy(feats[:8])).detach().numpy(), axis=-1).mean())}
+                   proj(__import__("torch").from_numpy(feats[:8]), None if dets is None else __import__("torch").from_numpy(dets[:8]))
+                   .detach().numpy(), axis=-1).mean())}
     dest.with_suffix(".train.json").write_text(json.dumps(summary, indent=1) + "\n")
-    config = write_candidate(dest, adapter_path(dest) if adapted else None, work)
+    config = write_candidate(dest, adapter_path(dest) if adapted else None, work, cfg["model"]["llm"])
     log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate the new projector with: "
         f"scenecast --config {config} eval {work / 'eval' / 'eval.json'}   (or `make eval`)")
     return 0
 
 
-def write_candidate(projector: Path, adapter: Path | None, work: Path) -> Path:
+def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str) -> Path:
     """A manifest and a config that use the freshly trained projector (and adapter) in place of the
-    shipped ones, so `scenecast eval` and `make eval` can judge a run before it is shipped. Returns
-    the config's path (`<work>/candidate.toml`)."""
+    shipped ones, so `scenecast eval` and `make eval` can judge a run before it is shipped: the
+    LLM is the one trained on (`llm`, in the cache), with the new adapter unmerged. Returns the
+    config's path (`<work>/candidate.toml`)."""
     text = manifest.REFERENCE.read_text()
     key = lambda p: f'{{ path = "{p.resolve()}" }}'  # noqa: E731
     projector_line = re.search(r'^file = \{ cache = "projector/[^"]+\.onnx".*\}$', text, re.M)
-    adapter_line = re.search(r'^adapter = \{ cache = "projector/[^"]+\.lora\.gguf".*\}$', text, re.M)
-    if not projector_line:
-        raise SystemExit(f"error: {manifest.REFERENCE} has no [projector] file line to replace")
+    llm_line = re.search(r'^file = \{ cache = "smollm2/[^"]+\.gguf".*\}$', text, re.M)
+    adapter_line = re.search(r'^adapter = \{ cache = "projector/[^"]+\.lora\.gguf".*\}\n', text, re.M)
+    if not projector_line or not llm_line:
+        raise SystemExit(f"error: {manifest.REFERENCE} has no [projector] or [llm] file line to replace")
     text = text.replace(projector_line.group(0), f"file = {key(projector)}")
     if adapter_line:
-        text = text.replace(adapter_line.group(0), f"adapter = {key(adapter)}" if adapter else "")
+        text = text.replace(adapter_line.group(0), "")
+    llm_file = f'file = {{ cache = "{llm}" }}'
+    text = text.replace(llm_line.group(0), llm_file + (f"\nadapter = {key(adapter)}" if adapter else ""))
     (work / "candidate-manifest.toml").write_text(text)
     config = work / "candidate.toml"
     config.write_text(f'[models]\nmanifest = "{(work / "candidate-manifest.toml").resolve()}"\n')
