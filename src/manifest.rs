@@ -69,7 +69,18 @@ pub enum ResizeMode {
     CenterCrop,
 }
 
-/// Pre-processing from an RGB8 frame to the encoder's input tensor.
+/// The order of the colour planes in a model's input tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    /// Red, green, blue (ViTs exported from PyTorch).
+    #[default]
+    Rgb,
+    /// Blue, green, red (models trained with OpenCV's loader, such as NanoDet).
+    Bgr,
+}
+
+/// Pre-processing from an RGB8 frame to a model's input tensor.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreprocessSpec {
@@ -77,10 +88,37 @@ pub struct PreprocessSpec {
     pub size: [u32; 2],
     /// How the frame is fitted to `size`.
     pub resize: ResizeMode,
-    /// Per-channel mean (RGB, on values in [0, 1]).
+    /// The tensor's channel order (default RGB).
+    #[serde(default)]
+    pub channels: ChannelOrder,
+    /// Per-channel mean on values in [0, 1], in the tensor's channel order.
     pub mean: [f32; 3],
-    /// Per-channel standard deviation (RGB).
+    /// Per-channel standard deviation, in the tensor's channel order.
     pub std: [f32; 3],
+}
+
+/// A second modality encoder: an object detector (ONNX) whose class scores the projector reads
+/// next to the patch features (`projector.detections_input`). Its output is one score per anchor
+/// point and class, the anchor points of every grid (`strides`) row-major, finest first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorSpec {
+    /// The ONNX file.
+    pub file: FileRef,
+    /// The image input's name.
+    pub input: String,
+    /// The image input's shape, `[1, 3, height, width]`.
+    pub input_shape: Vec<i64>,
+    /// The class-score output's name.
+    pub output: String,
+    /// The output's shape, `[1, anchors, classes]`.
+    pub output_shape: Vec<i64>,
+    /// The stride of each anchor grid over the input, finest first.
+    pub strides: Vec<u32>,
+    /// The class of each score column.
+    pub classes: Vec<String>,
+    /// Pre-processing.
+    pub preprocess: PreprocessSpec,
 }
 
 /// The modality encoder (a ViT exported to ONNX). Two layouts: patch features that the
@@ -134,6 +172,13 @@ pub struct ProjectorSpec {
     /// True for the untrained placeholder projector.
     #[serde(default)]
     pub untrained: bool,
+    /// The input that takes the `[detector]`'s raw output `[1, anchors, classes]`; required
+    /// exactly when the manifest has a detector.
+    #[serde(default)]
+    pub detections_input: Option<String>,
+    /// Image tokens the projector makes from the detections, after the pooled patch tokens.
+    #[serde(default)]
+    pub detection_tokens: usize,
 }
 
 /// How a conversation is laid out around the image tokens: either written out (`prefix` and
@@ -279,6 +324,8 @@ pub struct Manifest {
     pub encoder: EncoderSpec,
     /// The input projector; without one, the encoder's output is the image tokens.
     pub projector: Option<ProjectorSpec>,
+    /// A second encoder, an object detector read by the projector (optional).
+    pub detector: Option<DetectorSpec>,
     /// The LLM backbone.
     pub llm: LlmSpec,
     /// The modality generator (optional).
@@ -324,6 +371,9 @@ impl Manifest {
     /// Every file the manifest names, with its dotted key.
     pub fn files(&self) -> Vec<(&'static str, &FileRef)> {
         let mut files = vec![("encoder.file", &self.encoder.file)];
+        if let Some(detector) = &self.detector {
+            files.push(("detector.file", &detector.file));
+        }
         if let Some(projector) = &self.projector {
             files.push(("projector.file", &projector.file));
         }
@@ -434,6 +484,7 @@ impl Manifest {
             }
             None => {}
         }
+        self.validate_detector()?;
         if let Some(g) = &self.generator {
             self.validate_generator(g)?;
         }
@@ -456,6 +507,66 @@ impl Manifest {
             (None, _, _) => {
                 return Err(self.invalid("llm.chat", "give `prefix` and `suffix`, or `template = \"gguf\"`".into()))
             }
+        }
+        Ok(())
+    }
+
+    fn validate_detector(&self) -> Result<(), ManifestError> {
+        let projector = self.projector.as_ref();
+        let wired = projector.and_then(|p| p.detections_input.as_ref());
+        let Some(det) = &self.detector else {
+            if wired.is_some() || projector.is_some_and(|p| p.detection_tokens > 0) {
+                return Err(self.invalid(
+                    "projector.detections_input",
+                    "the projector reads detections, but the manifest has no [detector]".into(),
+                ));
+            }
+            return Ok(());
+        };
+        if wired.is_none() {
+            return Err(self.invalid(
+                "projector.detections_input",
+                "the manifest has a [detector]; name the projector input that takes its scores".into(),
+            ));
+        }
+        if projector.is_some_and(|p| p.detection_tokens == 0) {
+            return Err(self.invalid(
+                "projector.detection_tokens",
+                "must be > 0: the image tokens the projector makes from the detections".into(),
+            ));
+        }
+        let [height, width] = det.preprocess.size;
+        if det.input_shape != [1, 3, i64::from(height), i64::from(width)] || height == 0 || width == 0 {
+            return Err(self.invalid(
+                "detector.input_shape",
+                format!(
+                    "expected [1, 3, {height}, {width}] (detector.preprocess.size), got {:?}",
+                    det.input_shape
+                ),
+            ));
+        }
+        if det.preprocess.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(self
+                .invalid("detector.preprocess.std", format!("every value must be > 0, got {:?}", det.preprocess.std)));
+        }
+        if det.strides.is_empty() || det.strides.iter().any(|s| *s == 0 || height % s != 0 || width % s != 0) {
+            return Err(self.invalid(
+                "detector.strides",
+                format!("each stride must divide the input size {height}x{width}, got {:?}", det.strides),
+            ));
+        }
+        let anchors: u32 = det.strides.iter().map(|s| (height / s) * (width / s)).sum();
+        let expected = [1, i64::from(anchors), det.classes.len() as i64];
+        if det.output_shape != expected {
+            return Err(self.invalid(
+                "detector.output_shape",
+                format!(
+                    "expected {expected:?} ({anchors} anchor points of strides {:?}, {} classes), got {:?}",
+                    det.strides,
+                    det.classes.len(),
+                    det.output_shape
+                ),
+            ));
         }
         Ok(())
     }
@@ -513,7 +624,7 @@ impl Manifest {
     /// The number of image tokens one frame costs.
     pub fn n_image_tokens(&self) -> usize {
         match &self.projector {
-            Some(p) => p.pool[0] * p.pool[1],
+            Some(p) => p.pool[0] * p.pool[1] + p.detection_tokens,
             None => self.encoder.patch_grid[0] * self.encoder.patch_grid[1],
         }
     }

@@ -11,7 +11,7 @@ use crate::generate::{ConditionPath, Conditioning, Generator, GeneratorError, Re
 use crate::llm::{Backbone, Generation, LlmConfig, LlmError};
 use crate::manifest::{FileRef, Manifest, ManifestError};
 use crate::onnx::{OnnxConfig, OnnxError, OnnxRuntime, MIN_ORT_VERSION};
-use crate::vision::{Encoder, ImageTokens, Projector, Vision, VisionError, VisionTimings};
+use crate::vision::{Detector, Encoder, ImageTokens, Projector, Vision, VisionError, VisionTimings};
 
 /// An error loading or running the model stack.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +177,27 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
             }
         });
     checks.push(PartCheck { part: "encoder", outcome: encoder });
+
+    if let Some(det) = &manifest.detector {
+        let detector = verify_file(manifest, &det.file, root, "the detector ONNX model").and_then(|path| match &runtime
+        {
+            None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
+            Some(runtime) => {
+                let loaded = Detector::load(runtime, manifest, root)?;
+                Ok(format!(
+                    "{}: {} {:?} -> {} {:?}, {} classes; ep {}",
+                    path.display(),
+                    det.input,
+                    det.input_shape,
+                    det.output,
+                    det.output_shape,
+                    det.classes.len(),
+                    loaded.session().ep()
+                ))
+            }
+        });
+        checks.push(PartCheck { part: "detector", outcome: detector });
+    }
 
     let projector = match &manifest.projector {
         None => {

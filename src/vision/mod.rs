@@ -1,8 +1,10 @@
 //! The vision path as one unit: frame → encoder → pooled patch features → projector → image
-//! tokens, or, for an encoder with its connector inside (no `[projector]` in the manifest),
+//! tokens (with a `[detector]`, the projector also reads the detector's class scores of the same
+//! frame), or, for an encoder with its connector inside (no `[projector]` in the manifest),
 //! frame → encoder → image tokens. The last frame's features stay available for scene-change
 //! gating.
 
+mod detector;
 mod encoder;
 mod preprocess;
 mod projector;
@@ -15,6 +17,7 @@ use crate::frame::RgbImage;
 use crate::manifest::Manifest;
 use crate::onnx::OnnxRuntime;
 
+pub use detector::Detector;
 pub use encoder::{EncodeTimings, Encoder, PatchFeatures, VisionError};
 pub use preprocess::Preprocessor;
 pub use projector::{ImageTokens, Projector};
@@ -41,7 +44,7 @@ pub struct VisionTimings {
     pub preprocess_ms: f64,
     /// The ViT.
     pub encode_ms: f64,
-    /// Pooling and the projector.
+    /// Pooling, the detector (when the manifest has one) and the projector.
     pub project_ms: f64,
 }
 
@@ -50,6 +53,8 @@ pub struct Vision {
     encoder: Encoder,
     /// None when the encoder's output already is the image tokens.
     projector: Option<Projector>,
+    /// The second encoder the projector reads, when the manifest has one.
+    detector: Option<Detector>,
     features: PatchFeatures,
     /// Tokens before the grid (for the layout without a projector, whose grid tokens are the
     /// image tokens).
@@ -73,11 +78,15 @@ impl Vision {
             }
         };
         let encoder = Encoder::load(runtime, manifest, cache_root)?;
+        let detector = match &manifest.detector {
+            Some(_) => Some(Detector::load(runtime, manifest, cache_root)?),
+            None => None,
+        };
         if manifest.random {
             tracing::warn!(stack = %manifest.name, "the model stack has random test weights: its text does not describe the image");
         }
         let prefix = manifest.encoder.prefix_tokens;
-        Ok(Vision { encoder, projector, features: PatchFeatures::default(), prefix })
+        Ok(Vision { encoder, projector, detector, features: PatchFeatures::default(), prefix })
     }
 
     /// Runs the whole path on one frame, writing the image tokens into `out`.
@@ -88,8 +97,14 @@ impl Vision {
     }
 
     /// Encodes one frame; its features stay for [`Vision::signature`] and [`Vision::project`].
+    /// With a detector, the frame is also pre-processed for it (the detector itself runs in
+    /// `project`, so frames the scene gate drops do not pay for it).
     pub fn encode(&mut self, image: &RgbImage) -> Result<EncodeTimings, VisionError> {
-        self.encoder.encode(image, &mut self.features)
+        let mut timings = self.encoder.encode(image, &mut self.features)?;
+        if let Some(detector) = &mut self.detector {
+            timings.preprocess_ms += detector.prepare(image)?;
+        }
+        Ok(timings)
     }
 
     /// The scene signature of the last encoded frame: its patch grid pooled as the projector pools
@@ -107,7 +122,15 @@ impl Vision {
     /// Projects the last encoded frame into image tokens; returns the time in ms.
     pub fn project(&mut self, out: &mut ImageTokens) -> Result<f64, VisionError> {
         match &mut self.projector {
-            Some(projector) => projector.project(&self.features, out),
+            Some(projector) => {
+                let start = std::time::Instant::now();
+                let detections = match &mut self.detector {
+                    Some(detector) => Some(detector.run()?),
+                    None => None,
+                };
+                let detect_ms = crate::util::ms_since(start);
+                Ok(detect_ms + projector.project(&self.features, detections, out)?)
+            }
             None => {
                 // The encoder's connector already mapped them: the grid tokens are the image tokens.
                 let start = std::time::Instant::now();

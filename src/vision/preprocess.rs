@@ -7,10 +7,11 @@ use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 
 use super::VisionError;
 use crate::frame::RgbImage;
-use crate::manifest::{PreprocessSpec, ResizeMode};
+use crate::manifest::{ChannelOrder, PreprocessSpec, ResizeMode};
 
-/// Turns RGB8 frames into the encoder's input tensor: resize (bilinear convolution, Pillow's
-/// `BILINEAR` filter), scale to [0, 1], normalise with the manifest's mean/std, lay out as NCHW f32.
+/// Turns RGB8 frames into a model's input tensor: resize (bilinear convolution, Pillow's
+/// `BILINEAR` filter), scale to [0, 1], normalise with the manifest's mean/std, lay out as NCHW f32
+/// in the manifest's channel order (RGB, or BGR for models trained on OpenCV's loader).
 ///
 /// The resize runs on 16-bit samples (each byte `v` widened to `v * 257`), not on bytes: an 8-bit
 /// resize rounds every output to a whole level, which shifts a normalised value by up to
@@ -79,9 +80,18 @@ impl Preprocessor {
         self.resizer.resize_typed(&src, &mut dst, &self.options).map_err(|e| resize_err(e.to_string()))?;
 
         let plane = width as usize * height as usize;
-        let (r_plane, rest) = self.tensor.split_at_mut(plane);
-        let (g_plane, b_plane) = rest.split_at_mut(plane);
-        let [(rs, ro), (gs, go), (bs, bo)] = self.affine;
+        let (first, rest) = self.tensor.split_at_mut(plane);
+        let (g_plane, last) = rest.split_at_mut(plane);
+        let (r_plane, b_plane) = match self.spec.channels {
+            ChannelOrder::Rgb => (first, last),
+            ChannelOrder::Bgr => (last, first),
+        };
+        // The manifest's mean and std are in the tensor's order: per colour, which plane's.
+        let plane_of = |colour: usize| match self.spec.channels {
+            ChannelOrder::Rgb => colour,
+            ChannelOrder::Bgr => 2 - colour,
+        };
+        let [(rs, ro), (gs, go), (bs, bo)] = std::array::from_fn(|colour| self.affine[plane_of(colour)]);
         for (i, px) in self.resized.iter().enumerate() {
             let [r, g, b] = px.0;
             r_plane[i] = f32::from(r) * rs + ro;
@@ -96,7 +106,24 @@ mod tests {
     use super::*;
 
     fn spec(resize: ResizeMode) -> PreprocessSpec {
-        PreprocessSpec { size: [4, 4], resize, mean: [0.5, 0.5, 0.5], std: [0.5, 0.25, 0.5] }
+        PreprocessSpec { size: [4, 4], resize, channels: ChannelOrder::Rgb, mean: [0.5, 0.5, 0.5], std: [0.5, 0.25, 0.5] }
+    }
+
+    #[test]
+    fn bgr_puts_blue_first_with_the_statistics_of_each_plane() {
+        let img = RgbImage::from_pixels(4, 4, [255u8, 0, 128].repeat(16)).unwrap();
+        // mean/std in the tensor's (BGR) order: blue's are first.
+        let bgr = PreprocessSpec {
+            channels: ChannelOrder::Bgr,
+            mean: [0.25, 0.5, 0.75],
+            std: [0.5, 0.25, 0.125],
+            ..spec(ResizeMode::Squash)
+        };
+        let t = Preprocessor::new(&bgr).run(&img).unwrap().to_vec();
+        let blue = (128.0 / 255.0 - 0.25) / 0.5;
+        assert!(t[..16].iter().all(|v| (v - blue).abs() < 1e-5), "B plane first: {:?}", &t[..16]);
+        assert!(t[16..32].iter().all(|v| (v + 2.0).abs() < 1e-5), "G plane: (0 - .5) / .25");
+        assert!(t[32..].iter().all(|v| (v - (1.0 - 0.75) / 0.125).abs() < 1e-5), "R plane last: {:?}", &t[32..]);
     }
 
     #[test]

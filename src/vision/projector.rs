@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::encoder::{PatchFeatures, VisionError};
 use crate::cache;
 use crate::manifest::{Manifest, ProjectorSpec};
-use crate::onnx::{OnnxRuntime, OnnxSession};
+use crate::onnx::{Element, Input, OnnxRuntime, OnnxSession};
 use crate::util::ms_since;
 
 /// Image tokens ready for the backbone: `[n_tokens, n_embd]` f32, row-major.
@@ -81,6 +81,9 @@ impl Projector {
             &spec.output,
             &[-1, spec.out_width as i64],
         )?;
+        if let Some(name) = &spec.detections_input {
+            session.check_io(&[(name, &[Element::F32], 3)], &[])?;
+        }
         if spec.untrained {
             tracing::warn!(projector = %path.display(), "the projector is the untrained placeholder: captions will not describe the image");
         }
@@ -103,22 +106,32 @@ impl Projector {
         pool_patches(features, self.prefix, self.grid, self.spec.pool, out);
     }
 
-    /// Pools and projects one frame's features into `out`; returns the time in ms.
-    pub fn project(&mut self, features: &PatchFeatures, out: &mut ImageTokens) -> Result<f64, VisionError> {
+    /// Pools and projects one frame's features (and, when the manifest has a detector, its class
+    /// scores `[1, anchors, classes]` with their shape) into `out`; returns the time in ms.
+    pub fn project(
+        &mut self,
+        features: &PatchFeatures,
+        detections: Option<(&[f32], [usize; 3])>,
+        out: &mut ImageTokens,
+    ) -> Result<f64, VisionError> {
         let start = Instant::now();
         pool_patches(features, self.prefix, self.grid, self.spec.pool, &mut self.pooled);
-        let n_tokens = self.spec.pool[0] * self.spec.pool[1];
-        let shape = self.session.run_f32(
-            &self.spec.input,
-            &self.pooled,
-            &[n_tokens, self.spec.in_width],
-            &self.spec.output,
-            &mut out.data,
-        )?;
+        let patches = self.spec.pool[0] * self.spec.pool[1];
+        let feature_shape = [patches, self.spec.in_width];
+        let features = (self.spec.input.as_str(), feature_shape.as_slice(), Input::F32(&self.pooled));
+        let shape = match (&self.spec.detections_input, detections) {
+            (Some(name), Some((scores, shape))) => self.session.run(
+                &[features, (name.as_str(), shape.as_slice(), Input::F32(scores))],
+                &self.spec.output,
+                &mut out.data,
+            )?,
+            _ => self.session.run(&[features], &self.spec.output, &mut out.data)?,
+        };
+        let n_tokens = patches + self.spec.detection_tokens;
         if shape != [n_tokens, self.spec.out_width] {
             return Err(VisionError::OutputShape {
                 file: self.session.file().to_owned(),
-                manifest: "projector.pool / projector.out_width".into(),
+                manifest: "projector.pool / projector.detection_tokens / projector.out_width".into(),
                 expected: vec![n_tokens, self.spec.out_width],
                 actual: shape,
             });
