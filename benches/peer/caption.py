@@ -48,6 +48,14 @@ class Peer:
         self.enc_in, self.enc_out = enc["input"], enc["output"]
         self.projector = ort.InferenceSession(cached(cache, proj), options, providers=["CPUExecutionProvider"])
         self.proj_in, self.proj_out = proj["input"], proj["output"]
+        # The second encoder (the COCO detector), when the manifest has one: its raw class scores
+        # are the projector's second input.
+        self.detector = None
+        if "detector" in m:
+            det = m["detector"]
+            self.det_size, self.det_pre = det["preprocess"]["size"], det["preprocess"]
+            self.detector = ort.InferenceSession(cached(cache, det), options, providers=["CPUExecutionProvider"])
+            self.det_in, self.det_out, self.det_proj_in = det["input"], det["output"], proj["detections_input"]
         self.llm = llama_cpp.Llama(
             model_path=cached(cache, llm),
             n_ctx=2048,
@@ -61,24 +69,38 @@ class Peer:
         self.n_vocab = self.llm.n_vocab()
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
-    def preprocess(self, image: Image.Image) -> np.ndarray:
+    @staticmethod
+    def resize(image: Image.Image, size, mean, std, bgr: bool = False) -> np.ndarray:
         # Bilinear resize of the whole frame in float, per channel (no 8-bit rounding), then
-        # ImageNet normalisation, NCHW.
+        # normalisation, NCHW (BGR for the detector).
         pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
-        h, w = self.size
+        h, w = size
         resized = np.stack(
             [np.asarray(Image.fromarray(pixels[:, :, c], mode="F").resize((w, h), Image.Resampling.BILINEAR)) for c in range(3)],
             axis=-1,
         ).astype(np.float64) / 255.0
-        return ((resized - self.mean) / self.std).transpose(2, 0, 1)[None].astype(np.float32)
+        if bgr:
+            resized = resized[:, :, ::-1]
+        return ((resized - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
 
-    def image_tokens(self, tensor: np.ndarray) -> np.ndarray:
+    def preprocess(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        tensor = self.resize(image, self.size, self.mean, self.std)
+        if self.detector is None:
+            return tensor, None
+        p = self.det_pre
+        return tensor, self.resize(image, self.det_size, np.array(p["mean"]), np.array(p["std"]), p.get("channels") == "bgr")
+
+    def image_tokens(self, tensors: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
+        tensor, det_tensor = tensors
         features = self.encoder.run([self.enc_out], {self.enc_in: tensor})[0][0]  # [tokens, width]
         patches = features[self.prefix_tokens:]
         gh, gw = self.grid
         ph, pw = self.pool
         grid = patches.reshape(ph, gh // ph, pw, gw // pw, -1).mean(axis=(1, 3))  # average-pool
-        return self.projector.run([self.proj_out], {self.proj_in: grid.reshape(ph * pw, -1).astype(np.float32)})[0]
+        feed = {self.proj_in: grid.reshape(ph * pw, -1).astype(np.float32)}
+        if self.detector is not None:
+            feed[self.det_proj_in] = self.detector.run([self.det_out], {self.det_in: det_tensor})[0]
+        return self.projector.run([self.proj_out], feed)[0]
 
     def clear(self) -> None:
         if hasattr(llama_cpp, "llama_memory_clear"):
