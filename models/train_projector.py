@@ -1113,18 +1113,30 @@ def main() -> int:
                    proj(__import__("torch").from_numpy(feats[:8]), None if dets is None else __import__("torch").from_numpy(dets[:8]))
                    .detach().numpy(), axis=-1).mean())}
     dest.with_suffix(".train.json").write_text(json.dumps(summary, indent=1) + "\n")
-    config = write_candidate(dest, adapter_path(dest) if adapted else None, work, cfg["model"]["llm"])
+    config = write_candidate(dest, adapter_path(dest) if adapted else None, work, cfg["model"]["llm"], cfg.get("detector"))
     log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate the new projector with: "
         f"scenecast --config {config} eval {work / 'eval' / 'eval.json'}   (or `make eval`)")
     return 0
 
 
-def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str) -> Path:
+def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str, detector: dict | None = None) -> Path:
     """A manifest and a config that use the freshly trained projector (and adapter) in place of the
     shipped ones, so `scenecast eval` and `make eval` can judge a run before it is shipped: the
-    LLM is the one trained on (`llm`, in the cache), with the new adapter unmerged. Returns the
-    config's path (`<work>/candidate.toml`)."""
+    LLM is the one trained on (`llm`, in the cache), with the new adapter unmerged, and the
+    projector reads the detector when it was trained with one (`detector`: the training
+    configuration's [detector]). Returns the config's path (`<work>/candidate.toml`)."""
     text = manifest.REFERENCE.read_text()
+    if detector and "\n[detector]\n" not in text:
+        raise SystemExit(f"error: the projector reads the detector, {manifest.REFERENCE} has no [detector]")
+    section = re.search(r"^\[projector\]\n(?:(?!\[).*\n)*", text, re.M)
+    if section:
+        # The projector's wiring to the detector is the trained projector's, not the reference's.
+        kept = "".join(line for line in section.group(0).splitlines(keepends=True)
+                       if not line.startswith(("detections_input", "detection_tokens")))
+        if detector:
+            kept = kept.rstrip("\n") + (f'\ndetections_input = "{detector["input"]}"\n'
+                                       f'detection_tokens = {detector["regions"]}\n\n')
+        text = text.replace(section.group(0), kept)
     key = lambda p: f'{{ path = "{p.resolve()}" }}'  # noqa: E731
     projector_line = re.search(r'^file = \{ cache = "projector/[^"]+\.onnx".*\}$', text, re.M)
     llm_line = re.search(r'^file = \{ cache = "smollm2/[^"]+\.gguf".*\}$', text, re.M)

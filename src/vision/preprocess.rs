@@ -106,7 +106,13 @@ mod tests {
     use super::*;
 
     fn spec(resize: ResizeMode) -> PreprocessSpec {
-        PreprocessSpec { size: [4, 4], resize, channels: ChannelOrder::Rgb, mean: [0.5, 0.5, 0.5], std: [0.5, 0.25, 0.5] }
+        PreprocessSpec {
+            size: [4, 4],
+            resize,
+            channels: ChannelOrder::Rgb,
+            mean: [0.5, 0.5, 0.5],
+            std: [0.5, 0.25, 0.5],
+        }
     }
 
     #[test]
