@@ -5,6 +5,9 @@
 //! 2. The encoder through scenecast (`Encoder::encode`: pre-processing of a 224x224 frame, the ONNX
 //!    session, output checks and copy) against a bare `ort` session running the same model on the
 //!    same pre-processed tensor. The ratio is scenecast's overhead.
+//! 3. The second encoder, the COCO detector (`Detector`: its pre-processing of the same frame at
+//!    416x416 and the ONNX session), against the encoder of 2: what the detector adds to each
+//!    projected frame.
 //!
 //! Run with `cargo bench --bench vision` after `make models`.
 
@@ -18,7 +21,7 @@ use scenecast::frame::RgbImage;
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
 use scenecast::vision::Preprocessor;
-use scenecast::vision::{Encoder, PatchFeatures};
+use scenecast::vision::{Detector, Encoder, PatchFeatures};
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -104,4 +107,24 @@ fn main() {
     println!("encoder DINOv2-S 224x224, CPU EP (median of 23):");
     println!("  bare ort session    {:7.2} ms  (baseline)", ms(theirs));
     println!("  scenecast Encoder   {:7.2} ms  ratio {:.3}", ms(ours), ours.as_secs_f64() / theirs.as_secs_f64());
+
+    if manifest.detector.is_some() {
+        let mut detector = Detector::load(&runtime, &manifest, &root).unwrap();
+        let mut samples = Vec::new();
+        for i in 0..25 {
+            let t0 = Instant::now();
+            detector.prepare(&frame).unwrap();
+            std::hint::black_box(detector.run().unwrap());
+            if i >= 2 {
+                samples.push(t0.elapsed());
+            }
+        }
+        let det = median(samples);
+        println!("detector NanoDet 416x416 on the same frame, CPU EP (median of 23):");
+        println!(
+            "  scenecast Detector  {:7.2} ms  ratio {:.3} to the encoder",
+            ms(det),
+            det.as_secs_f64() / ours.as_secs_f64()
+        );
+    }
 }
