@@ -709,7 +709,7 @@ mod tests {
         assert_eq!((det.classes.len(), det.preprocess.channels), (80, ChannelOrder::Bgr));
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
-        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v3-merged.gguf"));
+        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v4-merged.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
         assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
@@ -776,7 +776,11 @@ mod tests {
     #[test]
     fn path_files_resolve_against_the_manifest_dir() {
         let m = with(|t| {
-            t.replacen("file = { cache = \"projector/dinov2s-smollm2-v3.onnx\"", "file = { path = \"proj.onnx\"", 1)
+            t.replacen(
+                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v4.onnx\"",
+                "file = { path = \"proj.onnx\"",
+                1,
+            )
         })
         .unwrap();
         assert_eq!(m.resolve(&m.projector.as_ref().unwrap().file, Path::new("/c")), Path::new("/m/proj.onnx"));
