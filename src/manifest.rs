@@ -704,17 +704,16 @@ mod tests {
     #[test]
     fn reference_manifest_is_valid() {
         let m = Manifest::reference().unwrap();
-        assert_eq!(m.n_image_tokens(), 64 + 3, "8 x 8 pooled patches and the detector's three strips");
-        let det = m.detector.as_ref().expect("the reference stack has the COCO detector");
-        assert_eq!((det.classes.len(), det.preprocess.channels), (80, ChannelOrder::Bgr));
+        assert_eq!(m.n_image_tokens(), 64);
+        assert!(m.detector.is_none());
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
-        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v4-merged.gguf"));
+        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v3-merged.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
         assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
         assert!(m.llm.adapter.is_none(), "the reference stack runs the GGUF with the projector's adapter merged");
-        assert_eq!(m.files().len(), 9);
+        assert_eq!(m.files().len(), 8);
     }
 
     #[test]
@@ -754,6 +753,26 @@ mod tests {
             ("latent_scaling = 1.0", "latent_scaling = 0.0", "`generator.latent_scaling`: expected a number > 0"),
             ("sampler = \"euler\"", "sampler = \"ddim\"", "unknown variant `ddim`"),
             ("steps = 1\n", "steps = 0\n", "`generator.steps`: must be at least 1"),
+        ];
+        for (from, to, expect) in cases {
+            assert!(REFERENCE_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");
+            let err = with(|t| t.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(err.starts_with("manifest test.toml: "), "{err}");
+            assert!(err.contains(expect), "expected {expect:?} in: {err}");
+        }
+    }
+
+    /// The projector-v4 stack: the reference plus the COCO detector as a second encoder.
+    const NANODET_MANIFEST: &str = include_str!("../models/dinov2s-nanodet.toml");
+
+    #[test]
+    fn the_detector_stack_is_valid_and_its_errors_name_the_key() {
+        let m = Manifest::parse(NANODET_MANIFEST, "test.toml", Path::new("/m")).unwrap();
+        assert_eq!(m.n_image_tokens(), 64 + 3, "8 x 8 pooled patches and the detector's three strips");
+        let det = m.detector.as_ref().expect("a detector");
+        assert_eq!((det.classes.len(), det.preprocess.channels), (80, ChannelOrder::Bgr));
+        assert_eq!(m.files().len(), 10, "the reference's eight, the detector and the adapter");
+        let cases: &[(&str, &str, &str)] = &[
             ("detection_tokens = 3", "detection_tokens = 0", "`projector.detection_tokens`: must be > 0"),
             ("detections_input = \"detections\"\n", "", "`projector.detections_input`: the manifest has a [detector]"),
             ("strides = [8, 16, 32]", "strides = [8, 16, 30]", "`detector.strides`: each stride must divide"),
@@ -764,23 +783,33 @@ mod tests {
             ),
             ("input_shape = [1, 3, 416, 416]", "input_shape = [1, 3, 320, 320]", "`detector.input_shape`: expected [1, 3, 416, 416]"),
             ("channels = \"bgr\"", "channels = \"bgra\"", "unknown variant `bgra`"),
+            ("[detector]\n", "[unused]\n", "unknown field `unused`"),
         ];
         for (from, to, expect) in cases {
-            assert!(REFERENCE_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");
-            let err = with(|t| t.replacen(from, to, 1)).unwrap_err().to_string();
+            assert!(NANODET_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");
+            let err = Manifest::parse(&NANODET_MANIFEST.replacen(from, to, 1), "test.toml", Path::new("/m"))
+                .unwrap_err()
+                .to_string();
             assert!(err.starts_with("manifest test.toml: "), "{err}");
             assert!(err.contains(expect), "expected {expect:?} in: {err}");
         }
+        // A projector that reads detections without a detector.
+        let start = NANODET_MANIFEST.find("\n[detector]\n").unwrap();
+        let end = NANODET_MANIFEST.find("\n[llm]\n").unwrap();
+        let without = format!("{}{}", &NANODET_MANIFEST[..start], &NANODET_MANIFEST[end..]);
+        let err = Manifest::parse(&without, "test.toml", Path::new("/m")).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "`projector.detections_input`: the projector reads detections, but the manifest has no [detector]"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn path_files_resolve_against_the_manifest_dir() {
         let m = with(|t| {
-            t.replacen(
-                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v4.onnx\"",
-                "file = { path = \"proj.onnx\"",
-                1,
-            )
+            t.replacen("file = { cache = \"projector/dinov2s-smollm2-v3.onnx\"", "file = { path = \"proj.onnx\"", 1)
         })
         .unwrap();
         assert_eq!(m.resolve(&m.projector.as_ref().unwrap().file, Path::new("/c")), Path::new("/m/proj.onnx"));

@@ -85,10 +85,7 @@ fn gguf_of_another_width_or_not_a_gguf() {
     };
     assert_contains(
         &err,
-        &[
-            "dinov2s-nanodet-smollm2-v4.onnx outputs image tokens of width 576",
-            "gemma-3-270m-q4_k_m.gguf has n_embd 640",
-        ],
+        &["dinov2s-smollm2-v3.onnx outputs image tokens of width 576", "gemma-3-270m-q4_k_m.gguf has n_embd 640"],
     );
 
     let dir = tempfile::tempdir().unwrap();
@@ -142,10 +139,10 @@ fn adapter_missing_not_an_adapter_or_for_another_model() {
     );
 
     let gemma = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma3.toml")).unwrap();
-    let smol_adapter = models().join("projector/dinov2s-nanodet-smollm2-v4.lora.gguf");
+    let smol_adapter = models().join("projector/dinov2s-smollm2-v3.lora.gguf");
     assert_contains(
         &backbone_error(&with_adapter(&gemma, &smol_adapter)),
-        &["dinov2s-nanodet-smollm2-v4.lora.gguf: llama.cpp cannot apply it to the LLM", "arch mismatch"],
+        &["dinov2s-smollm2-v3.lora.gguf: llama.cpp cannot apply it to the LLM", "arch mismatch"],
     );
 }
 

@@ -58,9 +58,8 @@ fn vision_gives_image_tokens_of_the_llm_width() {
     let mut vision = Vision::load(&rt, &m, &cache_root(), None).unwrap();
     let mut tokens = ImageTokens::default();
     vision.run(&photo("astronaut.png"), &mut tokens).unwrap();
-    // 8 x 8 pooled patch tokens, then the detector's three strip tokens.
-    assert_eq!((tokens.n_tokens, tokens.n_embd), (67, 576));
-    assert_eq!(tokens.data.len(), 67 * 576);
+    assert_eq!((tokens.n_tokens, tokens.n_embd), (64, 576));
+    assert_eq!(tokens.data.len(), 64 * 576);
     assert!(tokens.data.iter().all(|v| v.is_finite()));
     // Deterministic: the same frame gives the same tokens; another frame does not.
     let first = tokens.clone();
@@ -97,9 +96,15 @@ fn unavailable_execution_providers_fall_back_or_fail_when_required() {
 /// models/tfjs_to_onnx.py at `make models`) through scenecast's own pre-processing (BGR, 416 x 416,
 /// 16-bit resize): its best class for real photos is what they show, with the scores TensorFlow +
 /// tf2onnx give the same model on Pillow-resized input (models/experiments/coco_detector_probe.py).
+/// The projector-v4 stack (models/dinov2s-nanodet.toml): the reference plus the COCO detector.
+fn nanodet_manifest() -> scenecast::manifest::Manifest {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dinov2s-nanodet.toml");
+    scenecast::manifest::Manifest::load(&path).unwrap()
+}
+
 #[test]
 fn the_detector_names_coco_classes_in_real_photos() {
-    let m = manifest();
+    let m = nanodet_manifest();
     let spec = m.detector.clone().expect("the reference stack has a detector");
     let mut detector = Detector::load(&runtime(), &m, &cache_root()).unwrap();
     let cases = [
@@ -130,7 +135,7 @@ fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
     // The tokens of a frame are the same whether or not other frames were encoded (and not
     // projected) in between: the detector reads the frame that is projected.
     let rt = runtime();
-    let m = manifest();
+    let m = nanodet_manifest();
     let mut vision = Vision::load(&rt, &m, &cache_root(), None).unwrap();
     let mut alone = ImageTokens::default();
     vision.run(&photo("coffee.png"), &mut alone).unwrap();
@@ -138,6 +143,7 @@ fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
     vision.encode(&photo("motorcycle_left.png")).unwrap();
     vision.run(&photo("coffee.png"), &mut after).unwrap();
     assert_eq!(alone, after);
+    assert_eq!((alone.n_tokens, alone.n_embd), (64 + 3, 576), "8 x 8 patch tokens, then three strip tokens");
     // The strip tokens (the last three) differ between photos of different things.
     let mut other = ImageTokens::default();
     vision.run(&photo("motorcycle_left.png"), &mut other).unwrap();
