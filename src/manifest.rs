@@ -701,6 +701,18 @@ mod tests {
         Manifest::parse(&edit(REFERENCE_MANIFEST.to_owned()), "test.toml", Path::new("/m"))
     }
 
+    /// Each case: an edit of `manifest` (replace the first `from` with `to`) and a fragment the
+    /// error must contain.
+    fn assert_edits_fail(manifest: &str, cases: &[(&str, &str, &str)]) {
+        for (from, to, expect) in cases {
+            assert!(manifest.contains(from), "fixture edit {from:?} no longer applies");
+            let err =
+                Manifest::parse(&manifest.replacen(from, to, 1), "test.toml", Path::new("/m")).unwrap_err().to_string();
+            assert!(err.starts_with("manifest test.toml: "), "{err}");
+            assert!(err.contains(expect), "expected {expect:?} in: {err}");
+        }
+    }
+
     #[test]
     fn reference_manifest_is_valid() {
         let m = Manifest::reference().unwrap();
@@ -754,12 +766,7 @@ mod tests {
             ("sampler = \"euler\"", "sampler = \"ddim\"", "unknown variant `ddim`"),
             ("steps = 1\n", "steps = 0\n", "`generator.steps`: must be at least 1"),
         ];
-        for (from, to, expect) in cases {
-            assert!(REFERENCE_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");
-            let err = with(|t| t.replacen(from, to, 1)).unwrap_err().to_string();
-            assert!(err.starts_with("manifest test.toml: "), "{err}");
-            assert!(err.contains(expect), "expected {expect:?} in: {err}");
-        }
+        assert_edits_fail(REFERENCE_MANIFEST, cases);
     }
 
     /// The projector-v4 stack: the reference plus the COCO detector as a second encoder.
@@ -785,14 +792,7 @@ mod tests {
             ("channels = \"bgr\"", "channels = \"bgra\"", "unknown variant `bgra`"),
             ("[detector]\n", "[unused]\n", "unknown field `unused`"),
         ];
-        for (from, to, expect) in cases {
-            assert!(NANODET_MANIFEST.contains(from), "fixture edit {from:?} no longer applies");
-            let err = Manifest::parse(&NANODET_MANIFEST.replacen(from, to, 1), "test.toml", Path::new("/m"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.starts_with("manifest test.toml: "), "{err}");
-            assert!(err.contains(expect), "expected {expect:?} in: {err}");
-        }
+        assert_edits_fail(NANODET_MANIFEST, cases);
         // A projector that reads detections without a detector.
         let start = NANODET_MANIFEST.find("\n[detector]\n").unwrap();
         let end = NANODET_MANIFEST.find("\n[llm]\n").unwrap();
