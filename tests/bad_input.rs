@@ -206,3 +206,37 @@ fn build_library(dir: &Path, name: &str, source: &str) -> PathBuf {
     assert!(status.success(), "cc failed for {name}");
     out
 }
+
+/// The detector of `models/dinov2s-nanodet.toml` at another file: a missing file, the encoder (an
+/// ONNX with other names), and a detector whose scores the manifest says have another class count.
+#[test]
+fn missing_or_mismatched_detector_files() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dinov2s-nanodet.toml")).unwrap();
+    let line = text.lines().find(|l| l.starts_with("file = { cache = \"detector/nanodet-coco.onnx\"")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let detector_at = |file: &str| {
+        Manifest::parse(&text.replacen(line, &format!("file = {file}"), 1), "test.toml", dir.path()).unwrap()
+    };
+    let error = |m: &Manifest| match scenecast::vision::Detector::load(&runtime(), m, &cache_root()) {
+        Ok(_) => panic!("expected the detector to be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert_contains(
+        &error(&detector_at("{ path = \"nope.onnx\" }")),
+        &["nope.onnx: file not found (expected the detector ONNX model"],
+    );
+    let encoder = models().join("dinov2s/encoder.onnx").display().to_string();
+    assert_contains(
+        &error(&detector_at(&format!("{{ path = {encoder:?} }}"))),
+        &["encoder.onnx", "expected input `input_1`"],
+    );
+    // A manifest that says 81 classes (and so another output shape) for the 80-class model.
+    let more = text.replacen("\"toothbrush\",", "\"toothbrush\", \"kettle\",", 1).replacen(
+        "output_shape = [1, 3549, 80]",
+        "output_shape = [1, 3549, 81]",
+        1,
+    );
+    let m = Manifest::parse(&more, "test.toml", dir.path()).unwrap();
+    assert_contains(&error(&m), &["nanodet-coco.onnx", "output `scores`: expected f32 [1, 3549, 81]"]);
+}
