@@ -71,6 +71,10 @@ pub struct OnnxConfig {
     pub intra_threads: usize,
     /// Providers in order of preference; the CPU is always the last resort.
     pub execution_providers: Vec<EpConfig>,
+    /// Weight pre-packing (ONNX Runtime's default): weights are re-laid out once for faster
+    /// matrix products, a second copy next to the original. Off saves that copy (37 MiB of peak
+    /// RSS for the reference stack, for 6 % more time per caption; README, "Benchmarks").
+    pub prepacking: bool,
 }
 
 impl Default for OnnxConfig {
@@ -85,6 +89,7 @@ impl Default for OnnxConfig {
                 fp16: false,
                 engine_cache_dir: None,
             }],
+            prepacking: true,
         }
     }
 }
@@ -251,6 +256,9 @@ impl OnnxRuntime {
         if self.config.intra_threads > 0 {
             builder = builder.with_intra_threads(self.config.intra_threads).map_err(|e| session_err(e.to_string()))?;
         }
+        if !self.config.prepacking {
+            builder = builder.with_prepacking(false).map_err(|e| session_err(e.to_string()))?;
+        }
         let mut providers = Vec::new();
         for ep in &self.config.execution_providers {
             match self.register(ep, &mut builder) {
@@ -284,7 +292,8 @@ impl OnnxRuntime {
             }
             EpKind::Cuda => ort::ep::CUDA::default().with_device_id(ep.device_id).register(builder),
             // ort's CPU provider disables ONNX Runtime's memory arena unless asked: keep the arena,
-            // ONNX Runtime's own default (without it every run allocates its intermediate tensors).
+            // ONNX Runtime's own default (without it every run allocates its intermediate tensors;
+            // measured: no lower peak RSS, 4 % slower captions).
             EpKind::Cpu => ort::ep::CPU::default().with_arena_allocator(true).register(builder),
         };
         result.map_err(|e| e.to_string())

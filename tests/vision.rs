@@ -150,3 +150,20 @@ fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
     let strips = |t: &ImageTokens| t.data[64 * 576..].to_vec();
     assert_ne!(strips(&alone), strips(&other));
 }
+
+#[test]
+fn without_weight_prepacking_the_image_tokens_are_the_same() {
+    // `[onnx] prepacking = false` trades time for memory; it must not change what the stack sees.
+    use scenecast::config::Config;
+    use scenecast::onnx::OnnxRuntime;
+    let lean = Config::parse("[onnx]\nprepacking = false\n", "t.toml").unwrap();
+    assert!(!lean.onnx.prepacking && Config::builtin().onnx.prepacking, "on by default");
+    let mut tokens = [ImageTokens::default(), ImageTokens::default()];
+    for (rt, out) in [runtime(), OnnxRuntime::init(&lean.onnx, &cache_root()).unwrap()].iter().zip(&mut tokens) {
+        let mut vision = Vision::load(rt, &manifest(), &cache_root(), None).unwrap();
+        vision.run(&photo("astronaut.png"), out).unwrap();
+    }
+    let diff = tokens[0].data.iter().zip(&tokens[1].data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert_eq!(tokens[0].n_tokens, tokens[1].n_tokens);
+    assert!(diff < 1e-3, "image tokens differ by {diff}");
+}
