@@ -10,6 +10,9 @@ an object of no known category ("No known object."), a known next to an unknown 
 unknown objects marked `heldout` never appear in training and make their own evaluation rows. The composer knows what
 each image token shows, so a grounding loss (no LLM needed) also points every token over an object at
 the LLM's embedding of the object's name: the tokens read like words, and composed scenes generalise.
+With `[detector]` in the configuration (v4), the projector also reads a second encoder, the COCO
+detector of the manifest's `[detector]`: its class scores, pooled per vertical third of the frame,
+become three more image tokens after the patch tokens.
 
     python models/train_projector.py                         # data, features, training, export, eval set
     python models/train_projector.py --user-data DIR         # add your own photos (DIR/x.jpg + DIR/x.txt)
@@ -66,6 +69,14 @@ def load_config(path: Path) -> dict:
     if doubled:
         raise SystemExit(f"error: {path}: [model] {', '.join(doubled)} come from models/reference.toml; remove them")
     cfg["model"] = {**FACTS.model_section(), **cfg.get("model", {})}
+    if "detector" in cfg:
+        # The detector's facts (file, input size, channels, strides) come from the manifest that
+        # serves it, `[detector] manifest`, relative to this file (default: the reference).
+        src = (path.parent / cfg["detector"]["manifest"]).resolve() if "manifest" in cfg["detector"] else manifest.REFERENCE
+        cfg["detector"]["manifest"] = src
+        cfg["detector"]["facts"] = manifest.facts(src).detector
+        if cfg["detector"]["facts"] is None:
+            raise SystemExit(f"error: {path}: [detector] reads the detector of {src}, which has no [detector] section")
     for c in cfg.get("category", []):
         c["photos"] = [exemplar(p) for p in c["photos"]]
     if "sets" in cfg:
@@ -448,11 +459,11 @@ def pool_detections(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (scores[:, None, :, :] * mask[None, :, :, None]).max(axis=2)
 
 
-def detect(images: list[Image.Image], cache: Path, regions: int, threads: int) -> np.ndarray:
-    """The detector's class scores of every image, pooled to `regions` strips: [n, regions, classes]."""
+def detect(images: list[Image.Image], cache: Path, det, regions: int, threads: int) -> np.ndarray:
+    """The detector's (`det`, manifest.Detector) class scores of every image, pooled to `regions`
+    strips: [n, regions, classes]."""
     import onnxruntime as ort
 
-    det = FACTS.detector
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(cache / "models" / det.file), opts, providers=["CPUExecutionProvider"])
@@ -523,8 +534,6 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     if have_feats and (not regions or dets_path.is_file()):
         log(f"[2/4] features cached: {feats_path}")
         return np.load(feats_path), np.load(dets_path) if regions else None, json.loads(meta_path.read_text())
-    if regions and FACTS.detector is None:
-        raise SystemExit("error: the training configuration has [detector], models/reference.toml has no [detector] section")
     photos = cache / "models" / "photos"
     comp, images, metas = compose_training(cfg, photos)
     if user_data:
@@ -557,8 +566,9 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
         meta_path.write_text(json.dumps(metas))
     dets = None
     if regions:
-        log(f"[2/4] detecting in {len(images)} images with the frozen detector ({FACTS.detector.file})")
-        dets = detect(images, cache, regions, cfg["train"]["threads"])
+        det = cfg["detector"]["facts"]
+        log(f"[2/4] detecting in {len(images)} images with the frozen detector ({det.file})")
+        dets = detect(images, cache, det, regions, cfg["train"]["threads"])
         np.save(dets_path, dets)
     return feats, dets, metas
 
@@ -1022,7 +1032,7 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
     detections = None
     if dets is not None:
         d = proj.detections
-        mask = region_mask(FACTS.detector, dets.shape[1])
+        mask = region_mask(cfg["detector"]["facts"], dets.shape[1])
         detections = {"input": cfg["detector"]["input"], "mask": mask,
                       "w1": d[0].weight.detach().numpy().T, "b1": d[0].bias.detach().numpy(),
                       "w2": d[2].weight.detach().numpy().T, "b2": d[2].bias.detach().numpy(),
@@ -1036,7 +1046,7 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
         feed = {"image_features": x}
         raw = None
         if dets is not None:
-            raw = raw_scores(cache, Image.open(cache / "models" / "photos" / ["chelsea.png", "coffee.png", "motorcycle_left.png", "astronaut.png"][n]))
+            raw = raw_scores(cache, cfg["detector"]["facts"], Image.open(cache / "models" / "photos" / ["chelsea.png", "coffee.png", "motorcycle_left.png", "astronaut.png"][n]))
             feed[cfg["detector"]["input"]] = raw
         with torch.no_grad():
             pooled = None if raw is None else torch.from_numpy(pool_detections(raw, detections["mask"]))
@@ -1048,11 +1058,10 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
     return worst
 
 
-def raw_scores(cache: Path, image: Image.Image) -> np.ndarray:
-    """The detector's raw output for one image: [1, anchors, classes]."""
+def raw_scores(cache: Path, det, image: Image.Image) -> np.ndarray:
+    """The detector's (`det`, manifest.Detector) raw output for one image: [1, anchors, classes]."""
     import onnxruntime as ort
 
-    det = FACTS.detector
     sess = ort.InferenceSession(str(cache / "models" / det.file), providers=["CPUExecutionProvider"])
     x = np.asarray(image.convert("RGB").resize((det.size[1], det.size[0]), Image.BILINEAR), np.float32) / 255.0
     if det.channels == "bgr":
@@ -1125,9 +1134,8 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
     LLM is the one trained on (`llm`, in the cache), with the new adapter unmerged, and the
     projector reads the detector when it was trained with one (`detector`: the training
     configuration's [detector]). Returns the config's path (`<work>/candidate.toml`)."""
-    text = manifest.REFERENCE.read_text()
-    if detector and "\n[detector]\n" not in text:
-        raise SystemExit(f"error: the projector reads the detector, {manifest.REFERENCE} has no [detector]")
+    base = detector["manifest"] if detector else manifest.REFERENCE
+    text = base.read_text()
     section = re.search(r"^\[projector\]\n(?:(?!\[).*\n)*", text, re.M)
     if section:
         # The projector's wiring to the detector is the trained projector's, not the reference's.
@@ -1142,7 +1150,7 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
     llm_line = re.search(r'^file = \{ cache = "smollm2/[^"]+\.gguf".*\}$', text, re.M)
     adapter_line = re.search(r'^adapter = \{ cache = "projector/[^"]+\.lora\.gguf".*\}\n', text, re.M)
     if not projector_line or not llm_line:
-        raise SystemExit(f"error: {manifest.REFERENCE} has no [projector] or [llm] file line to replace")
+        raise SystemExit(f"error: {base} has no [projector] or [llm] file line to replace")
     text = text.replace(projector_line.group(0), f"file = {key(projector)}")
     if adapter_line:
         text = text.replace(adapter_line.group(0), "")
