@@ -115,7 +115,7 @@ def convert(model_json: Path, concat: tuple[str, list[str]] | None, axis: int, o
     def operand(name: str) -> str:
         name = ref(name)
         if name in consts:
-            return const_name(consts[name].astype(np.float32) if consts[name].dtype == np.float32 else consts[name], name)
+            return const_name(consts[name], name)
         return name
 
     def emit(op: str, ins: list[str], outs: list[str], **kw):

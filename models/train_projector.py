@@ -59,10 +59,25 @@ MEAN = np.array(FACTS.mean, np.float32)
 STD = np.array(FACTS.std, np.float32)
 
 
+def read_config(path: Path) -> dict:
+    """A training configuration's TOML; with `extends = "FILE"` (relative to it), FILE's, with this
+    file's tables merged in key by key and its other values in place of FILE's."""
+    cfg = tomllib.loads(path.read_text())
+    base = cfg.pop("extends", None)
+    if base is None:
+        return cfg
+
+    def merge(a: dict, b: dict) -> dict:
+        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                        for k, v in b.items()}}
+
+    return merge(read_config((path.parent / base).resolve()), cfg)
+
+
 def load_config(path: Path) -> dict:
     """train.toml with its [model] section filled from the manifest scenecast serves with (the
     frozen files, pooling, width and chat layout never come from train.toml)."""
-    cfg = tomllib.loads(path.read_text())
+    cfg = read_config(path)
     # `llm` may be set: the manifest serves a GGUF with an earlier adapter merged in, while training
     # starts from the base GGUF that adapter was trained on.
     doubled = sorted(set(cfg.get("model", {})) & set(FACTS.model_section()) - {"llm"})
@@ -459,29 +474,36 @@ def pool_detections(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (scores[:, None, :, :] * mask[None, :, :, None]).max(axis=2)
 
 
-def detect(images: list[Image.Image], cache: Path, det, regions: int, threads: int) -> np.ndarray:
-    """The detector's (`det`, manifest.Detector) class scores of every image, pooled to `regions`
-    strips: [n, regions, classes]."""
+def detector(cache: Path, det, threads: int = 0):
+    """The detector (`det`, manifest.Detector) as a function: image -> its raw class scores
+    [1, anchors, classes], pre-processed as the manifest says (scenecast's Detector does the same)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(str(cache / "models" / det.file), opts, providers=["CPUExecutionProvider"])
     inp, out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-    mask = region_mask(det, regions)
     mean, std = np.array(det.mean, np.float32), np.array(det.std, np.float32)
+
+    def scores(image: Image.Image) -> np.ndarray:
+        x = np.asarray(image.convert("RGB").resize((det.size[1], det.size[0]), Image.BILINEAR), np.float32) / 255.0
+        if det.channels == "bgr":
+            x = x[:, :, ::-1]
+        return sess.run([out], {inp: ((x - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)})[0]
+
+    return scores
+
+
+def detect(images: list[Image.Image], cache: Path, det, regions: int, threads: int) -> np.ndarray:
+    """The detector's (`det`, manifest.Detector) class scores of every image, pooled to `regions`
+    strips: [n, regions, classes]."""
+    scores = detector(cache, det, threads)
+    mask = region_mask(det, regions)
     pooled = []
     start = time.monotonic()
-    for i in range(0, len(images), 8):
-        batch = []
-        for im in images[i:i + 8]:
-            x = np.asarray(im.resize((det.size[1], det.size[0]), Image.BILINEAR), np.float32) / 255.0
-            if det.channels == "bgr":
-                x = x[:, :, ::-1]
-            batch.append(((x - mean) / std).transpose(2, 0, 1))
-        scores = np.concatenate([sess.run([out], {inp: b[None].astype(np.float32)})[0] for b in batch])
-        pooled.append(pool_detections(scores, mask))
-        done = min(i + 8, len(images))
+    for i, im in enumerate(images):
+        pooled.append(pool_detections(scores(im), mask))
+        done = i + 1
         if done % 400 == 0 or done == len(images):
             rate = done / (time.monotonic() - start)
             log(f"    detected {done}/{len(images)} ({rate:.1f} img/s, {(len(images) - done) / rate:.0f} s left)")
@@ -1041,12 +1063,14 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
     dest.write_bytes(model.SerializeToString())
     sess = ort.InferenceSession(str(dest), providers=["CPUExecutionProvider"])
     worst = 0.0
+    scores = None if dets is None else detector(cache, cfg["detector"]["facts"])
     for n in range(4):
         x = feats[n]
         feed = {"image_features": x}
         raw = None
         if dets is not None:
-            raw = raw_scores(cache, cfg["detector"]["facts"], Image.open(cache / "models" / "photos" / ["chelsea.png", "coffee.png", "motorcycle_left.png", "astronaut.png"][n]))
+            photo = ["chelsea.png", "coffee.png", "motorcycle_left.png", "astronaut.png"][n]
+            raw = scores(Image.open(cache / "models" / "photos" / photo))
             feed[cfg["detector"]["input"]] = raw
         with torch.no_grad():
             pooled = None if raw is None else torch.from_numpy(pool_detections(raw, detections["mask"]))
@@ -1056,18 +1080,6 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
             raise SystemExit(f"error: the exported projector gives {got.shape}, torch {ref.shape}")
         worst = max(worst, float(np.abs(ref - got).max()))
     return worst
-
-
-def raw_scores(cache: Path, det, image: Image.Image) -> np.ndarray:
-    """The detector's (`det`, manifest.Detector) raw output for one image: [1, anchors, classes]."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(cache / "models" / det.file), providers=["CPUExecutionProvider"])
-    x = np.asarray(image.convert("RGB").resize((det.size[1], det.size[0]), Image.BILINEAR), np.float32) / 255.0
-    if det.channels == "bgr":
-        x = x[:, :, ::-1]
-    x = ((x - np.array(det.mean, np.float32)) / np.array(det.std, np.float32)).transpose(2, 0, 1)[None]
-    return sess.run(None, {sess.get_inputs()[0].name: x.astype(np.float32)})[0]
 
 
 def adapter_path(projector: Path) -> Path:

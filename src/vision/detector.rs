@@ -20,8 +20,8 @@ pub struct Detector {
     preprocessor: Preprocessor,
     spec: DetectorSpec,
     shape: [usize; 4],
-    /// The pre-processed frame waiting for `run`; empty when none is.
-    input: Vec<f32>,
+    /// A frame is pre-processed (in the pre-processor's buffer) and not yet run.
+    pending: bool,
     scores: Vec<f32>,
 }
 
@@ -40,7 +40,7 @@ impl Detector {
             shape: [1, 3, h as usize, w as usize],
             session,
             spec,
-            input: Vec::new(),
+            pending: false,
             scores: Vec::new(),
         };
         let blank = RgbImage::from_pixels(w, h, vec![0; (w * h * 3) as usize]).expect("size validated by the manifest");
@@ -57,9 +57,8 @@ impl Detector {
     /// Pre-processes `image` for the next `run`; returns the time in ms.
     pub fn prepare(&mut self, image: &RgbImage) -> Result<f64, VisionError> {
         let start = Instant::now();
-        let tensor = self.preprocessor.run(image)?;
-        self.input.clear();
-        self.input.extend_from_slice(tensor);
+        self.preprocessor.run(image)?;
+        self.pending = true;
         Ok(ms_since(start))
     }
 
@@ -67,10 +66,10 @@ impl Detector {
     /// its class scores, `[anchors, classes]` row-major, with their shape `[1, anchors, classes]`.
     pub fn run(&mut self) -> Result<(&[f32], [usize; 3]), VisionError> {
         let expected = [1, self.spec.output_shape[1] as usize, self.spec.output_shape[2] as usize];
-        if !self.input.is_empty() {
-            let pixels = (self.spec.input.as_str(), self.shape.as_slice(), Input::F32(&self.input));
+        if self.pending {
+            let pixels = (self.spec.input.as_str(), self.shape.as_slice(), Input::F32(self.preprocessor.tensor()));
             let shape = self.session.run(&[pixels], &self.spec.output, &mut self.scores)?;
-            self.input.clear();
+            self.pending = false;
             if shape != expected {
                 self.scores.clear();
                 return Err(VisionError::OutputShape {

@@ -56,6 +56,11 @@ impl Preprocessor {
         [1, 3, self.spec.size[0] as usize, self.spec.size[1] as usize]
     }
 
+    /// The tensor of the last `run` (zeros before the first).
+    pub fn tensor(&self) -> &[f32] {
+        &self.tensor
+    }
+
     /// Pre-processes `image`; the returned slice is the NCHW tensor, valid until the next call.
     pub fn run(&mut self, image: &RgbImage) -> Result<&[f32], VisionError> {
         let [height, width] = self.spec.size;
