@@ -63,7 +63,15 @@ def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, n
     [regions, out]), the graph has a second input, the detector's class scores [1, anchors,
     classes]: each vertical strip's maximum score per class (`mask` says which anchors lie in which
     strip) goes through its own two layers, plus a learned embedding of the strip, and these
-    `regions` tokens follow the patch tokens: `image_embeds` is [n + regions, out]."""
+    `regions` tokens follow the patch tokens: `image_embeds` is [n + regions, out].
+
+    With `detections` keys `input`, `shape` [anchors, classes], `cells` [cells, k] (each pooled
+    grid cell's anchor points, train_projector.cell_anchors) and `grid` [h, w], the scores are fused into the patch tokens
+    instead: each cell's maximum score per class, that maximum over the cell's 3 x 3 neighbourhood
+    and over the whole frame are appended to the cell's features before the two layers (`w1` has
+    `in + 3 * classes` rows), and `image_embeds` is [cells, out]."""
+    if detections is not None and "cells" in detections:
+        return fused_graph_from(w1, b1, w2, b2, name, producer, detections)
     in_width, out_width = w1.shape[0], w2.shape[1]
     w1, b1, w2, b2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
     inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
@@ -104,6 +112,61 @@ def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, n
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],
                               producer_name=producer)
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model
+
+
+def constants() -> list:
+    return [numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+            numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "rsqrt2")]
+
+
+def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, name: str,
+                     producer: str, detections: dict) -> onnx.ModelProto:
+    """graph_from's fused form: the detector's scores pooled per grid cell join each cell's
+    features (see graph_from)."""
+    cells = np.asarray(detections["cells"], np.int64)
+    gh, gw = detections["grid"]
+    n_cells, k = cells.shape
+    if n_cells != gh * gw:
+        raise ValueError(f"{n_cells} cells of anchor points for a {gh} x {gw} grid")
+    out_width = w2.shape[1]
+    w1, b1, w2, b2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
+    inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
+    inits += constants()
+    inits += [
+        numpy_helper.from_array(cells.reshape(-1), "det_cells"),
+        numpy_helper.from_array(np.array([n_cells, k, -1], np.int64), "det_by_cell"),
+        numpy_helper.from_array(np.array([1, gh, gw, -1], np.int64), "det_grid"),
+        numpy_helper.from_array(np.array([n_cells, -1], np.int64), "det_flat"),
+    ]
+    x, scores = "image_features", detections["input"]
+    anchors, classes = detections["shape"]
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n_tokens", w1.shape[0] - 3 * classes]),
+              helper.make_tensor_value_info(scores, TensorProto.FLOAT, [1, anchors, classes])]
+    nodes = [
+        # [1, anchors, classes] -> the anchors of each cell [1, cells * k, classes] -> [cells, classes]
+        helper.make_node("Gather", [scores, "det_cells"], ["det_gathered"], axis=1),
+        helper.make_node("Reshape", ["det_gathered", "det_by_cell"], ["det_by_k"]),
+        helper.make_node("ReduceMax", ["det_by_k"], ["det_cell"], axes=[1], keepdims=0),
+        # Each cell's 3 x 3 neighbourhood: [cells, classes] -> [1, classes, h, w], max-pooled.
+        helper.make_node("Reshape", ["det_cell", "det_grid"], ["det_hwc"]),
+        helper.make_node("Transpose", ["det_hwc"], ["det_chw"], perm=[0, 3, 1, 2]),
+        helper.make_node("MaxPool", ["det_chw"], ["det_near_chw"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+        helper.make_node("Transpose", ["det_near_chw"], ["det_near_hwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["det_near_hwc", "det_flat"], ["det_near"]),
+        # The whole frame's maximum, next to every cell: [1, classes] broadcast by adding zeros.
+        helper.make_node("ReduceMax", ["det_cell"], ["det_frame1"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["det_cell", "det_cell"], ["det_zero"]),
+        helper.make_node("Add", ["det_zero", "det_frame1"], ["det_frame"]),
+        helper.make_node("Concat", [x, "det_cell", "det_near", "det_frame"], ["fused"], axis=1),
+    ]
+    nodes += mlp_nodes("fused", "image_embeds", "")
+    graph = helper.make_graph(nodes, name, inputs,
+                              [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [n_cells, out_width])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], producer_name=producer)
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model

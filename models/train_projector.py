@@ -469,6 +469,35 @@ def region_mask(det, regions: int) -> np.ndarray:
     return (strip[None, :] == np.arange(regions)[:, None]).astype(np.float32)
 
 
+def cell_anchors(det, pool: list[int]) -> np.ndarray:
+    """[cells, k] int64: for each pooled grid cell (row-major, like the patch tokens), the
+    detector's anchor points (its grids row-major, finest first) whose centre lies in it, padded
+    to the same count k by repeating the cell's first one (a maximum is unchanged by repeats)."""
+    h, w = det.size
+    ph, pw = pool
+    cell_of = []
+    for stride in det.strides:
+        gh, gw = h // stride, w // stride
+        y = np.minimum(((np.arange(gh) + 0.5) * stride / h * ph).astype(np.int64), ph - 1)
+        x = np.minimum(((np.arange(gw) + 0.5) * stride / w * pw).astype(np.int64), pw - 1)
+        cell_of.append((y[:, None] * pw + x[None, :]).reshape(-1))
+    cell_of = np.concatenate(cell_of)
+    members = [np.nonzero(cell_of == c)[0] for c in range(ph * pw)]
+    k = max(len(m) for m in members)
+    return np.stack([np.concatenate([m, np.full(k - len(m), m[0])]) for m in members])
+
+
+def anchor_count(det) -> int:
+    """The detector's anchor points: one per cell of each stride's grid."""
+    return sum((det.size[0] // s) * (det.size[1] // s) for s in det.strides)
+
+
+def cell_detections(scores: np.ndarray, det, pool: list[int]) -> np.ndarray:
+    """[n, anchors, classes] scores -> [n, cells, classes], each grid cell's maximum per class."""
+    idx = cell_anchors(det, pool)
+    return scores[:, idx.reshape(-1), :].reshape(scores.shape[0], *idx.shape, scores.shape[2]).max(axis=2)
+
+
 def pool_detections(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[n, anchors, classes] scores -> [n, regions, classes], each strip's maximum."""
     return (scores[:, None, :, :] * mask[None, :, :, None]).max(axis=2)
@@ -494,20 +523,23 @@ def detector(cache: Path, det, threads: int = 0):
     return scores
 
 
-def detect(images: list[Image.Image], cache: Path, det, regions: int, threads: int) -> np.ndarray:
+def detect(images: list[Image.Image], cache: Path, det, regions: int | None, threads: int,
+           pool: list[int] | None = None) -> np.ndarray:
     """The detector's (`det`, manifest.Detector) class scores of every image, pooled to `regions`
-    strips: [n, regions, classes]."""
+    strips ([n, regions, classes]) or, with `pool`, to the pooled patch grid's cells ([n, cells,
+    classes], float16: 64 x 80 per image)."""
     scores = detector(cache, det, threads)
-    mask = region_mask(det, regions)
+    mask = None if pool else region_mask(det, regions)
     pooled = []
     start = time.monotonic()
     for i, im in enumerate(images):
-        pooled.append(pool_detections(scores(im), mask))
+        raw = scores(im)
+        pooled.append(cell_detections(raw, det, pool).astype(np.float16) if pool else pool_detections(raw, mask))
         done = i + 1
         if done % 400 == 0 or done == len(images):
             rate = done / (time.monotonic() - start)
             log(f"    detected {done}/{len(images)} ({rate:.1f} img/s, {(len(images) - done) / rate:.0f} s left)")
-    return np.concatenate(pooled).astype(np.float32)
+    return np.concatenate(pooled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,15 +579,18 @@ def compose_training(cfg: dict, photos: Path) -> tuple["Composer", list[Image.Im
 
 
 def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
-    """Patch features [n, tokens, width], detector scores per strip [n, regions, classes] (None
-    without `[detector]` in the training configuration) and scene descriptions, cached."""
+    """Patch features [n, tokens, width], detector scores per strip [n, regions, classes] or, with
+    `[detector] cells`, per pooled grid cell [n, tokens, classes] (None without `[detector]` in the
+    training configuration) and scene descriptions, cached."""
     feats_path, meta_path = data_paths(cfg, work, user_data)
     regions = cfg.get("detector", {}).get("regions")
-    dets_path = feats_path.with_name(feats_path.name.replace("features-", f"detections{regions}-"))
+    cells = cfg.get("detector", {}).get("cells", False)
+    dets_path = feats_path.with_name(feats_path.name.replace("features-", "detcells-" if cells else f"detections{regions}-"))
     have_feats = feats_path.is_file() and meta_path.is_file()
-    if have_feats and (not regions or dets_path.is_file()):
+    if have_feats and (not (regions or cells) or dets_path.is_file()):
         log(f"[2/4] features cached: {feats_path}")
-        return np.load(feats_path), np.load(dets_path) if regions else None, json.loads(meta_path.read_text())
+        dets = np.load(dets_path).astype(np.float32) if regions or cells else None
+        return np.load(feats_path), dets, json.loads(meta_path.read_text())
     photos = cache / "models" / "photos"
     comp, images, metas = compose_training(cfg, photos)
     if user_data:
@@ -587,11 +622,12 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
         np.save(feats_path, feats)
         meta_path.write_text(json.dumps(metas))
     dets = None
-    if regions:
+    if regions or cells:
         det = cfg["detector"]["facts"]
         log(f"[2/4] detecting in {len(images)} images with the frozen detector ({det.file})")
-        dets = detect(images, cache, det, regions, cfg["train"]["threads"])
+        dets = detect(images, cache, det, regions, cfg["train"]["threads"], cfg["model"]["pool"] if cells else None)
         np.save(dets_path, dets)
+        dets = dets.astype(np.float32)
     return feats, dets, metas
 
 
@@ -804,23 +840,39 @@ def strip_labels(metas: list[dict], categories: list[str], regions: int) -> np.n
     return out
 
 
-def make_projector(width: int, hidden: int, classes: int, regions: int):
+def make_projector(width: int, hidden: int, classes: int, regions: int, grid: list[int] | None = None):
     """The projector: two layers over each pooled patch token, and, with `regions`, two layers over
     each vertical strip's detector class scores plus a learned embedding of the strip, whose
-    `regions` tokens follow the patch tokens (make_projector.graph_from writes the same graph)."""
+    `regions` tokens follow the patch tokens. With `grid` (`[detector] cells`), the detector's
+    scores are fused into the patch tokens instead: each cell's two layers read its patch features
+    next to the detector's scores in the cell, their maximum over the cell's 3 x 3 neighbourhood
+    and over the whole frame, and no token is added (make_projector.graph_from writes the same
+    graph)."""
     import torch
+
+    def fused(feats, dets):
+        """[b, cells, width] features and [b, cells, classes] scores -> [b, cells, width + 3 classes]."""
+        b, n, c = dets.shape
+        g = dets.reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
+        near = torch.nn.functional.max_pool2d(g, 3, 1, 1).permute(0, 2, 3, 1).reshape(b, n, c)
+        frame = dets.max(dim=1, keepdim=True).values.expand(b, n, c)
+        return torch.cat([feats, dets, near, frame], dim=-1)
 
     class Projector(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.patches = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
-            self.regions = regions
-            if regions:
+            self.grid = grid
+            inputs = width + 3 * classes if grid else width
+            self.patches = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+            self.regions = 0 if grid else regions
+            if self.regions:
                 self.detections = torch.nn.Sequential(torch.nn.Linear(classes, hidden), torch.nn.GELU(),
                                                       torch.nn.Linear(hidden, hidden))
                 self.place = torch.nn.Parameter(torch.zeros(regions, hidden))
 
         def forward(self, feats, dets=None):
+            if self.grid:
+                return self.patches(fused(feats, dets))
             tokens = self.patches(feats)
             if self.regions:
                 tokens = torch.cat([tokens, self.detections(dets) + self.place], dim=-2)
@@ -844,8 +896,10 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         raise SystemExit(f"error: model.hidden in the training configuration is {hidden}, but {llm.name} has "
                          f"width {embed.weight.shape[1]}; set model.hidden to {embed.weight.shape[1]}")
 
-    regions = 0 if dets is None else dets.shape[1]
-    proj = make_projector(feats.shape[2], hidden, 0 if dets is None else dets.shape[2], regions)
+    cells = cfg.get("detector", {}).get("cells", False)
+    regions = 0 if dets is None or cells else dets.shape[1]
+    proj = make_projector(feats.shape[2], hidden, 0 if dets is None else dets.shape[2], regions,
+                          cfg["model"]["pool"] if cells else None)
     opt = torch.optim.AdamW(proj.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
 
     def lr_at(step: int) -> float:
@@ -1052,7 +1106,12 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
     w1, b1 = p[0].weight.detach().numpy().T, p[0].bias.detach().numpy()
     w2, b2 = p[2].weight.detach().numpy().T, p[2].bias.detach().numpy()
     detections = None
-    if dets is not None:
+    cells = cfg.get("detector", {}).get("cells", False)
+    if dets is not None and cells:
+        facts = cfg["detector"]["facts"]
+        detections = {"input": cfg["detector"]["input"], "cells": cell_anchors(facts, cfg["model"]["pool"]),
+                      "grid": cfg["model"]["pool"], "shape": [anchor_count(facts), dets.shape[2]]}
+    elif dets is not None:
         d = proj.detections
         mask = region_mask(cfg["detector"]["facts"], dets.shape[1])
         detections = {"input": cfg["detector"]["input"], "mask": mask,
@@ -1073,7 +1132,12 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
             raw = scores(Image.open(cache / "models" / "photos" / photo))
             feed[cfg["detector"]["input"]] = raw
         with torch.no_grad():
-            pooled = None if raw is None else torch.from_numpy(pool_detections(raw, detections["mask"]))
+            if raw is None:
+                pooled = None
+            elif cells:
+                pooled = torch.from_numpy(cell_detections(raw, cfg["detector"]["facts"], cfg["model"]["pool"]))
+            else:
+                pooled = torch.from_numpy(pool_detections(raw, detections["mask"]))
             ref = proj(torch.from_numpy(x)[None], pooled)[0].numpy()
         got = sess.run(["image_embeds"], feed)[0]
         if got.shape != ref.shape:
@@ -1155,7 +1219,7 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
                        if not line.startswith(("detections_input", "detection_tokens")))
         if detector:
             kept = kept.rstrip("\n") + (f'\ndetections_input = "{detector["input"]}"\n'
-                                       f'detection_tokens = {detector["regions"]}\n\n')
+                                       f'detection_tokens = {detector.get("regions", 0)}\n\n')
         text = text.replace(section.group(0), kept)
     key = lambda p: f'{{ path = "{p.resolve()}" }}'  # noqa: E731
     projector_line = re.search(r'^file = \{ cache = "projector/[^"]+\.onnx".*\}$', text, re.M)

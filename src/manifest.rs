@@ -176,7 +176,8 @@ pub struct ProjectorSpec {
     /// exactly when the manifest has a detector.
     #[serde(default)]
     pub detections_input: Option<String>,
-    /// Image tokens the projector makes from the detections, after the pooled patch tokens.
+    /// Image tokens the projector makes from the detections, after the pooled patch tokens; 0
+    /// when it fuses them into the patch tokens (each cell's token reads the scores in its cell).
     #[serde(default)]
     pub detection_tokens: usize,
 }
@@ -529,12 +530,6 @@ impl Manifest {
                 "the manifest has a [detector]; name the projector input that takes its scores".into(),
             ));
         }
-        if projector.is_some_and(|p| p.detection_tokens == 0) {
-            return Err(self.invalid(
-                "projector.detection_tokens",
-                "must be > 0: the image tokens the projector makes from the detections".into(),
-            ));
-        }
         let [height, width] = det.preprocess.size;
         if det.input_shape != [1, 3, i64::from(height), i64::from(width)] || height == 0 || width == 0 {
             return Err(self.invalid(
@@ -780,7 +775,6 @@ mod tests {
         assert_eq!((det.classes.len(), det.preprocess.channels), (80, ChannelOrder::Bgr));
         assert_eq!(m.files().len(), 10, "the reference's eight, the detector and the adapter");
         let cases: &[(&str, &str, &str)] = &[
-            ("detection_tokens = 3", "detection_tokens = 0", "`projector.detection_tokens`: must be > 0"),
             ("detections_input = \"detections\"\n", "", "`projector.detections_input`: the manifest has a [detector]"),
             ("strides = [8, 16, 32]", "strides = [8, 16, 30]", "`detector.strides`: each stride must divide"),
             (
@@ -793,6 +787,10 @@ mod tests {
             ("[detector]\n", "[unused]\n", "unknown field `unused`"),
         ];
         assert_edits_fail(NANODET_MANIFEST, cases);
+        // A projector that fuses the detections into the patch tokens adds none.
+        let fused = NANODET_MANIFEST.replace("detection_tokens = 3", "detection_tokens = 0");
+        let m = Manifest::parse(&fused, "test.toml", Path::new("/m")).unwrap();
+        assert_eq!(m.n_image_tokens(), 64, "the detections fused into the 8 x 8 patch tokens");
         // A projector that reads detections without a detector.
         let start = NANODET_MANIFEST.find("\n[detector]\n").unwrap();
         let end = NANODET_MANIFEST.find("\n[llm]\n").unwrap();
