@@ -20,10 +20,25 @@ for f in usr/bin/scenecast lib/systemd/system/scenecast.service lib/systemd/syst
          etc/scenecast/scenecast.toml \
          usr/share/scenecast/models/fetch.py usr/share/scenecast/models/sources.toml \
          usr/share/scenecast/models/merge_adapter.py \
-         usr/share/scenecast/models/projector/dinov2s-smollm2-v3.onnx \
-         usr/share/scenecast/models/projector/dinov2s-smollm2-v3.lora.gguf \
          usr/share/scenecast/systemd/jetson.conf; do
   test -e "$root/$f" || { echo "cross/check-deb.sh: the package lacks /$f" >&2; exit 1; }
+done
+# `fetch.py` on the device copies the core parts' repository files (registry "repo": projectors,
+# adapters) and runs the tools their derived files need (`convert`: tfjs_to_onnx.py): all must ship.
+models="$root/usr/share/scenecast/models"
+for f in $(python3 - "$models/sources.toml" <<'PY'
+import sys, tomllib
+parts = tomllib.load(open(sys.argv[1], "rb"))["part"]
+for p in parts:
+    if p.get("group") != "core":
+        continue
+    if p.get("registry") == "repo":
+        print(*(f["member"] for f in p.get("file", [])))
+    if any("convert" in f for f in p.get("file", [])) or "convert" in p:
+        print("tfjs_to_onnx.py")
+PY
+); do
+  test -e "$models/$f" || { echo "cross/check-deb.sh: the package lacks $f, which fetch.py needs for a core part" >&2; exit 1; }
 done
 "$root/usr/bin/scenecast" --config "$root/etc/scenecast/scenecast.toml" config >/dev/null
 bash "$here/systemd/check.sh" "$root/usr/bin/scenecast" "$root/lib/systemd/system/scenecast.service"

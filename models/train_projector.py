@@ -1153,7 +1153,7 @@ def adapter_path(projector: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v3.toml", help="training configuration")
+    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v5.toml", help="training configuration")
     ap.add_argument("--cache", type=Path, default=default_cache(), help="cache root (default: $SCENECAST_CACHE)")
     ap.add_argument("--user-data", type=Path, help="folder of your own photos, each with a same-named .txt caption")
     ap.add_argument("--steps", type=int, help="override train.steps (for a quick trial)")
@@ -1221,6 +1221,9 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
             kept = kept.rstrip("\n") + (f'\ndetections_input = "{detector["input"]}"\n'
                                        f'detection_tokens = {detector.get("regions", 0)}\n\n')
         text = text.replace(section.group(0), kept)
+    if not detector:
+        # A projector trained without the detector does not read it, whatever the base serves.
+        text = re.sub(r"^\[detector(?:\.preprocess)?\]\n(?:(?!\[).*\n)*", "", text, flags=re.M)
     key = lambda p: f'{{ path = "{p.resolve()}" }}'  # noqa: E731
     projector_line = re.search(r'^file = \{ cache = "projector/[^"]+\.onnx".*\}$', text, re.M)
     llm_line = re.search(r'^file = \{ cache = "smollm2/[^"]+\.gguf".*\}$', text, re.M)

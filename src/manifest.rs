@@ -711,16 +711,17 @@ mod tests {
     #[test]
     fn reference_manifest_is_valid() {
         let m = Manifest::reference().unwrap();
-        assert_eq!(m.n_image_tokens(), 64);
-        assert!(m.detector.is_none());
+        assert_eq!(m.n_image_tokens(), 64, "the detector's scores are fused into the 8 x 8 patch tokens");
+        assert_eq!(m.detector.as_ref().map(|d| d.classes.len()), Some(80), "the COCO detector");
+        assert_eq!(m.projector.as_ref().and_then(|p| p.detections_input.as_deref()), Some("detections"));
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
-        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v3-merged.gguf"));
+        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v5-merged.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
         assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
         assert!(m.llm.adapter.is_none(), "the reference stack runs the GGUF with the projector's adapter merged");
-        assert_eq!(m.files().len(), 8);
+        assert_eq!(m.files().len(), 9, "encoder, detector, projector, LLM and the generator's five");
     }
 
     #[test]
@@ -807,7 +808,11 @@ mod tests {
     #[test]
     fn path_files_resolve_against_the_manifest_dir() {
         let m = with(|t| {
-            t.replacen("file = { cache = \"projector/dinov2s-smollm2-v3.onnx\"", "file = { path = \"proj.onnx\"", 1)
+            t.replacen(
+                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v5.onnx\"",
+                "file = { path = \"proj.onnx\"",
+                1,
+            )
         })
         .unwrap();
         assert_eq!(m.resolve(&m.projector.as_ref().unwrap().file, Path::new("/c")), Path::new("/m/proj.onnx"));

@@ -96,7 +96,7 @@ fn unavailable_execution_providers_fall_back_or_fail_when_required() {
 /// models/tfjs_to_onnx.py at `make models`) through scenecast's own pre-processing (BGR, 416 x 416,
 /// 16-bit resize): its best class for real photos is what they show, with the scores TensorFlow +
 /// tf2onnx give the same model on Pillow-resized input (models/experiments/coco_detector_probe.py).
-/// The projector-v4 stack (models/dinov2s-nanodet.toml): the reference plus the COCO detector.
+/// The projector-v4 stack (models/dinov2s-nanodet.toml): the COCO detector's scores as three more tokens.
 fn nanodet_manifest() -> scenecast::manifest::Manifest {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dinov2s-nanodet.toml");
     scenecast::manifest::Manifest::load(&path).unwrap()
@@ -105,7 +105,7 @@ fn nanodet_manifest() -> scenecast::manifest::Manifest {
 #[test]
 fn the_detector_names_coco_classes_in_real_photos() {
     let m = nanodet_manifest();
-    let spec = m.detector.clone().expect("the reference stack has a detector");
+    let spec = m.detector.clone().expect("the v4 stack has a detector");
     let mut detector = Detector::load(&runtime(), &m, &cache_root()).unwrap();
     let cases = [
         ("motorcycle_left.png", "motorcycle", 0.78),
@@ -149,6 +149,60 @@ fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
     vision.run(&photo("motorcycle_left.png"), &mut other).unwrap();
     let strips = |t: &ImageTokens| t.data[64 * 576..].to_vec();
     assert_ne!(strips(&alone), strips(&other));
+}
+
+#[test]
+fn the_reference_projector_fuses_the_detections_into_the_cells_where_they_are() {
+    // Projector v5 reads the detector's scores per grid cell (with each cell's 3 x 3 neighbourhood
+    // and the whole frame): the same patch features with the real scores and with the scores of
+    // only the motorcycle's anchors in the frame's left half give tokens that differ most in the
+    // cells of the right half, where the scores were removed, and no token is added.
+    let rt = runtime();
+    let m = manifest();
+    let root = cache_root();
+    let mut encoder = Encoder::load(&rt, &m, &root).unwrap();
+    let mut detector = Detector::load(&rt, &m, &root).unwrap();
+    let mut projector = scenecast::vision::Projector::load(&rt, &m, &root, None).unwrap();
+    let frame = photo("astronaut.png");
+    let mut features = PatchFeatures::default();
+    encoder.encode(&frame, &mut features).unwrap();
+    detector.prepare(&frame).unwrap();
+    let (scores, shape) = detector.run().unwrap();
+    let scores = scores.to_vec();
+    let mut full = ImageTokens::default();
+    projector.project(&features, Some((&scores, shape)), &mut full).unwrap();
+    assert_eq!((full.n_tokens, full.n_embd), (64, 576), "8 x 8 tokens, the detections fused in");
+    // Zero the scores of every anchor point whose centre is in the right half of the frame
+    // (the grids of strides 8, 16, 32 over 416 x 416, row-major, finest first).
+    let mut left_only = scores.clone();
+    let classes = shape[2];
+    let mut anchor = 0;
+    for side in [52usize, 26, 13] {
+        for _row in 0..side {
+            for col in 0..side {
+                if (col as f32 + 0.5) / side as f32 >= 0.5 {
+                    left_only[anchor * classes..(anchor + 1) * classes].fill(0.0);
+                }
+                anchor += 1;
+            }
+        }
+    }
+    assert_eq!(anchor, shape[1]);
+    let mut left = ImageTokens::default();
+    projector.project(&features, Some((&left_only, shape)), &mut left).unwrap();
+    let change = |cols: std::ops::Range<usize>| -> f32 {
+        let mut sum = 0.0;
+        for row in 0..8 {
+            for col in cols.clone() {
+                let cell = (row * 8 + col) * 576..(row * 8 + col + 1) * 576;
+                sum += full.data[cell.clone()].iter().zip(&left.data[cell]).map(|(a, b)| (a - b).abs()).sum::<f32>();
+            }
+        }
+        sum
+    };
+    let (far_left, far_right) = (change(0..3), change(5..8));
+    assert!(far_right > 0.0, "the right half's tokens read its detections");
+    assert!(far_right > 2.0 * far_left, "the change is where the scores changed: left {far_left}, right {far_right}");
 }
 
 #[test]
