@@ -10,9 +10,10 @@ an object of no known category ("No known object."), a known next to an unknown 
 unknown objects marked `heldout` never appear in training and make their own evaluation rows. The composer knows what
 each image token shows, so a grounding loss (no LLM needed) also points every token over an object at
 the LLM's embedding of the object's name: the tokens read like words, and composed scenes generalise.
-With `[detector]` in the configuration (v4), the projector also reads a second encoder, the COCO
-detector of the manifest's `[detector]`: its class scores, pooled per vertical third of the frame,
-become three more image tokens after the patch tokens.
+With `[detector]` in the configuration, the projector also reads a second encoder, the COCO
+detector of the manifest's `[detector]`: its class scores, pooled per cell of the patch grid, join
+each cell's features (`cells = true`, v5, the reference), or, pooled per vertical third of the
+frame, become three more image tokens after the patch tokens (`regions = 3`, v4).
 
     python models/train_projector.py                         # data, features, training, export, eval set
     python models/train_projector.py --user-data DIR         # add your own photos (DIR/x.jpg + DIR/x.txt)
