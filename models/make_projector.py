@@ -68,8 +68,9 @@ def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, n
     With `detections` keys `input`, `shape` [anchors, classes], `cells` [cells, k] (each pooled
     grid cell's anchor points, train_projector.cell_anchors) and `grid` [h, w], the scores are fused into the patch tokens
     instead: each cell's maximum score per class, that maximum over the cell's 3 x 3 neighbourhood
-    and over the whole frame are appended to the cell's features before the two layers (`w1` has
-    `in + 3 * classes` rows), and `image_embeds` is [cells, out]."""
+    and (unless `frame` is false) over the whole frame are appended to the cell's features before
+    the two layers (`w1` has `in + 3 * classes` rows, or `in + 2 * classes`), and `image_embeds` is
+    [cells, out]."""
     if detections is not None and "cells" in detections:
         return fused_graph_from(w1, b1, w2, b2, name, producer, detections)
     in_width, out_width = w1.shape[0], w2.shape[1]
@@ -144,7 +145,8 @@ def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndar
     ]
     x, scores = "image_features", detections["input"]
     anchors, classes = detections["shape"]
-    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n_tokens", w1.shape[0] - 3 * classes]),
+    frame = detections.get("frame", True)
+    inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n_tokens", w1.shape[0] - (3 if frame else 2) * classes]),
               helper.make_tensor_value_info(scores, TensorProto.FLOAT, [1, anchors, classes])]
     nodes = [
         # [1, anchors, classes] -> the anchors of each cell [1, cells * k, classes] -> [cells, classes]
@@ -157,12 +159,15 @@ def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndar
         helper.make_node("MaxPool", ["det_chw"], ["det_near_chw"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
         helper.make_node("Transpose", ["det_near_chw"], ["det_near_hwc"], perm=[0, 2, 3, 1]),
         helper.make_node("Reshape", ["det_near_hwc", "det_flat"], ["det_near"]),
-        # The whole frame's maximum, next to every cell: [1, classes] broadcast by adding zeros.
-        helper.make_node("ReduceMax", ["det_cell"], ["det_frame1"], axes=[0], keepdims=1),
-        helper.make_node("Sub", ["det_cell", "det_cell"], ["det_zero"]),
-        helper.make_node("Add", ["det_zero", "det_frame1"], ["det_frame"]),
-        helper.make_node("Concat", [x, "det_cell", "det_near", "det_frame"], ["fused"], axis=1),
     ]
+    if frame:
+        nodes += [
+            # The whole frame's maximum, next to every cell: [1, classes] broadcast by adding zeros.
+            helper.make_node("ReduceMax", ["det_cell"], ["det_frame1"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["det_cell", "det_cell"], ["det_zero"]),
+            helper.make_node("Add", ["det_zero", "det_frame1"], ["det_frame"]),
+        ]
+    nodes.append(helper.make_node("Concat", [x, "det_cell", "det_near"] + (["det_frame"] if frame else []), ["fused"], axis=1))
     nodes += mlp_nodes("fused", "image_embeds", "")
     graph = helper.make_graph(nodes, name, inputs,
                               [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [n_cells, out_width])], inits)

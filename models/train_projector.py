@@ -841,14 +841,15 @@ def strip_labels(metas: list[dict], categories: list[str], regions: int) -> np.n
     return out
 
 
-def make_projector(width: int, hidden: int, classes: int, regions: int, grid: list[int] | None = None):
+def make_projector(width: int, hidden: int, classes: int, regions: int, grid: list[int] | None = None,
+                   frame: bool = True):
     """The projector: two layers over each pooled patch token, and, with `regions`, two layers over
     each vertical strip's detector class scores plus a learned embedding of the strip, whose
     `regions` tokens follow the patch tokens. With `grid` (`[detector] cells`), the detector's
     scores are fused into the patch tokens instead: each cell's two layers read its patch features
     next to the detector's scores in the cell, their maximum over the cell's 3 x 3 neighbourhood
-    and over the whole frame, and no token is added (make_projector.graph_from writes the same
-    graph)."""
+    and (with `frame`) over the whole frame, and no token is added (make_projector.graph_from
+    writes the same graph)."""
     import torch
 
     def fused(feats, dets):
@@ -856,14 +857,16 @@ def make_projector(width: int, hidden: int, classes: int, regions: int, grid: li
         b, n, c = dets.shape
         g = dets.reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
         near = torch.nn.functional.max_pool2d(g, 3, 1, 1).permute(0, 2, 3, 1).reshape(b, n, c)
-        frame = dets.max(dim=1, keepdim=True).values.expand(b, n, c)
-        return torch.cat([feats, dets, near, frame], dim=-1)
+        if not frame:
+            return torch.cat([feats, dets, near], dim=-1)
+        whole = dets.max(dim=1, keepdim=True).values.expand(b, n, c)
+        return torch.cat([feats, dets, near, whole], dim=-1)
 
     class Projector(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.grid = grid
-            inputs = width + 3 * classes if grid else width
+            inputs = width + (3 if frame else 2) * classes if grid else width
             self.patches = torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
             self.regions = 0 if grid else regions
             if self.regions:
@@ -900,7 +903,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
     cells = cfg.get("detector", {}).get("cells", False)
     regions = 0 if dets is None or cells else dets.shape[1]
     proj = make_projector(feats.shape[2], hidden, 0 if dets is None else dets.shape[2], regions,
-                          cfg["model"]["pool"] if cells else None)
+                          cfg["model"]["pool"] if cells else None, cfg.get("detector", {}).get("frame", True))
     opt = torch.optim.AdamW(proj.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
 
     def lr_at(step: int) -> float:
@@ -1111,7 +1114,8 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
     if dets is not None and cells:
         facts = cfg["detector"]["facts"]
         detections = {"input": cfg["detector"]["input"], "cells": cell_anchors(facts, cfg["model"]["pool"]),
-                      "grid": cfg["model"]["pool"], "shape": [anchor_count(facts), dets.shape[2]]}
+                      "grid": cfg["model"]["pool"], "shape": [anchor_count(facts), dets.shape[2]],
+                      "frame": cfg["detector"].get("frame", True)}
     elif dets is not None:
         d = proj.detections
         mask = region_mask(cfg["detector"]["facts"], dets.shape[1])
