@@ -12,7 +12,7 @@ each image token shows, so a grounding loss (no LLM needed) also points every to
 the LLM's embedding of the object's name: the tokens read like words, and composed scenes generalise.
 With `[detector]` in the configuration, the projector also reads a second encoder, the COCO
 detector of the manifest's `[detector]`: its class scores, pooled per cell of the patch grid, join
-each cell's features (`cells = true`: v5, and v6, the reference), or, pooled per vertical third of the
+each cell's features (`cells = true`, v5, the reference), or, pooled per vertical third of the
 frame, become three more image tokens after the patch tokens (`regions = 3`, v4).
 
     python models/train_projector.py                         # data, features, training, export, eval set
@@ -1158,7 +1158,7 @@ def adapter_path(projector: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v6.toml", help="training configuration")
+    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v5.toml", help="training configuration")
     ap.add_argument("--cache", type=Path, default=default_cache(), help="cache root (default: $SCENECAST_CACHE)")
     ap.add_argument("--user-data", type=Path, help="folder of your own photos, each with a same-named .txt caption")
     ap.add_argument("--steps", type=int, help="override train.steps (for a quick trial)")

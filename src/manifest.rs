@@ -716,7 +716,7 @@ mod tests {
         assert_eq!(m.projector.as_ref().and_then(|p| p.detections_input.as_deref()), Some("detections"));
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
-        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v6-merged.gguf"));
+        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v5-merged.gguf"));
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
         assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
@@ -809,7 +809,7 @@ mod tests {
     fn path_files_resolve_against_the_manifest_dir() {
         let m = with(|t| {
             t.replacen(
-                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v6.onnx\"",
+                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v5.onnx\"",
                 "file = { path = \"proj.onnx\"",
                 1,
             )

@@ -39,8 +39,8 @@ const PHOTOS: &[(&str, &str)] = &[
 /// presence questions are answered "No.".
 const UNKNOWN: &[&str] = &["gcompris/world-koala.webp", "gcompris/world-crocodile.webp"];
 
-/// Every category the shipped projector was trained on (models/projector/train-v3.toml, which v6's
-/// train-v6.toml (through train-v5.toml) extends with the detector and nothing else about the data): a caption
+/// Every category the shipped projector was trained on (models/projector/train-v3.toml, which v5's
+/// train-v5.toml extends with the detector and nothing else about the data): a caption
 /// naming any other than the photo's is wrong.
 fn categories() -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/projector/train-v3.toml");
@@ -103,7 +103,7 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     let text = std::fs::read_to_string(models.join("reference.toml")).unwrap();
     let base = root.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let adapter = root.join("models/projector/dinov2s-nanodet-smollm2-v6.lora.gguf");
+    let adapter = root.join("models/projector/dinov2s-nanodet-smollm2-v5.lora.gguf");
     let file_line = text.lines().find(|l| l.starts_with("file = { cache = \"smollm2/")).unwrap();
     let unmerged = text.replacen(
         file_line,

@@ -153,8 +153,8 @@ fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
 
 #[test]
 fn the_reference_projector_fuses_the_detections_into_the_cells_where_they_are() {
-    // Projector v6 reads the detector's scores per grid cell (with each cell's 3 x 3
-    // neighbourhood): the same patch features with the real scores and with the scores of
+    // Projector v5 reads the detector's scores per grid cell (with each cell's 3 x 3 neighbourhood
+    // and the whole frame): the same patch features with the real scores and with the scores of
     // only the motorcycle's anchors in the frame's left half give tokens that differ most in the
     // cells of the right half, where the scores were removed, and no token is added.
     let rt = runtime();
