@@ -5,9 +5,9 @@
 //! 2. The encoder through scenecast (`Encoder::encode`: pre-processing of a 224x224 frame, the ONNX
 //!    session, output checks and copy) against a bare `ort` session running the same model on the
 //!    same pre-processed tensor. The ratio is scenecast's overhead.
-//! 3. The second encoder of `models/dinov2s-nanodet.toml`, the COCO detector (`Detector`: its
-//!    pre-processing of the same frame at 416x416 and the ONNX session), against the encoder of 2:
-//!    what the detector adds to each projected frame.
+//! 3. The second encoder, the COCO detector (`Detector`: its pre-processing of the same frame at
+//!    416x416 and the ONNX session), against the encoder of 2: what the detector adds to each
+//!    projected frame.
 //!
 //! Run with `cargo bench --bench vision` after `make models`.
 
@@ -108,10 +108,8 @@ fn main() {
     println!("  bare ort session    {:7.2} ms  (baseline)", ms(theirs));
     println!("  scenecast Encoder   {:7.2} ms  ratio {:.3}", ms(ours), ours.as_secs_f64() / theirs.as_secs_f64());
 
-    // The detector stack (projector v4, models/dinov2s-nanodet.toml).
-    let nanodet = Manifest::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dinov2s-nanodet.toml"));
-    if let Ok(nanodet) = nanodet {
-        let mut detector = Detector::load(&runtime, &nanodet, &root).unwrap();
+    if manifest.detector.is_some() {
+        let mut detector = Detector::load(&runtime, &manifest, &root).unwrap();
         let mut samples = Vec::new();
         for i in 0..25 {
             let t0 = Instant::now();

@@ -19,12 +19,11 @@ in_root -i "$deb"
 for f in usr/bin/scenecast lib/systemd/system/scenecast.service lib/systemd/system/scenecast-worker.service \
          etc/scenecast/scenecast.toml \
          usr/share/scenecast/models/fetch.py usr/share/scenecast/models/sources.toml \
-         usr/share/scenecast/models/merge_adapter.py \
          usr/share/scenecast/systemd/jetson.conf; do
   test -e "$root/$f" || { echo "cross/check-deb.sh: the package lacks /$f" >&2; exit 1; }
 done
 # `fetch.py` on the device copies the core parts' repository files (registry "repo": projectors,
-# adapters) and runs the tools their derived files need (`convert`: tfjs_to_onnx.py): all must ship.
+# adapters) and runs the tool each derived step needs: all must ship.
 models="$root/usr/share/scenecast/models"
 for f in $(python3 - "$models/sources.toml" <<'PY'
 import sys, tomllib
@@ -34,8 +33,8 @@ for p in parts:
         continue
     if p.get("registry") == "repo":
         print(*(f["member"] for f in p.get("file", [])))
-    if any("convert" in f for f in p.get("file", [])) or "convert" in p:
-        print("tfjs_to_onnx.py")
+    tools = {"merge": "merge_adapter.py", "convert": "tfjs_to_onnx.py", "tokenizer": "clip_tokenizer.py"}
+    print(*(tool for step, tool in tools.items() if step in p))
 PY
 ); do
   test -e "$models/$f" || { echo "cross/check-deb.sh: the package lacks $f, which fetch.py needs for a core part" >&2; exit 1; }

@@ -74,13 +74,7 @@ def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, n
     if detections is not None and "cells" in detections:
         return fused_graph_from(w1, b1, w2, b2, name, producer, detections)
     in_width, out_width = w1.shape[0], w2.shape[1]
-    w1, b1, w2, b2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
-    inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
-    inits += [
-        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-        numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "rsqrt2"),
-    ]
+    inits = mlp_inits(w1, b1, w2, b2)
     inputs = [helper.make_tensor_value_info("image_features", TensorProto.FLOAT, ["n_tokens", in_width])]
     if detections is None:
         nodes = mlp_nodes("image_features", "image_embeds", "")
@@ -104,24 +98,27 @@ def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, n
             helper.make_node("Concat", ["patch_embeds", "det_embeds"], ["image_embeds"], axis=0),
         ]
         out_tokens = f"n_tokens_plus_{regions}"
-    graph = helper.make_graph(
-        nodes,
-        name,
-        inputs,
-        [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [out_tokens, out_width])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)],
-                              producer_name=producer)
+    return finish(nodes, name, producer, inputs, [out_tokens, out_width], inits)
+
+
+def mlp_inits(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> list:
+    """The two layers' weights (as mlp_nodes names them, no prefix) and GELU's constants."""
+    w1, b1, w2, b2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
+    return [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]] + [
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "rsqrt2"),
+    ]
+
+
+def finish(nodes: list, name: str, producer: str, inputs: list, out_shape: list, inits: list) -> onnx.ModelProto:
+    """The checked opset-14 model of `nodes`, whose output is `image_embeds` of `out_shape`."""
+    graph = helper.make_graph(nodes, name, inputs,
+                              [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, out_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], producer_name=producer)
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model
-
-
-def constants() -> list:
-    return [numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-            numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-            numpy_helper.from_array(np.array(1 / np.sqrt(2), np.float32), "rsqrt2")]
 
 
 def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, name: str,
@@ -134,10 +131,7 @@ def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndar
     if n_cells != gh * gw:
         raise ValueError(f"{n_cells} cells of anchor points for a {gh} x {gw} grid")
     out_width = w2.shape[1]
-    w1, b1, w2, b2 = (np.ascontiguousarray(a, dtype=np.float32) for a in (w1, b1, w2, b2))
-    inits = [numpy_helper.from_array(a, n) for a, n in [(w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2")]]
-    inits += constants()
-    inits += [
+    inits = mlp_inits(w1, b1, w2, b2) + [
         numpy_helper.from_array(cells.reshape(-1), "det_cells"),
         numpy_helper.from_array(np.array([n_cells, k, -1], np.int64), "det_by_cell"),
         numpy_helper.from_array(np.array([1, gh, gw, -1], np.int64), "det_grid"),
@@ -169,12 +163,7 @@ def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndar
         ]
     nodes.append(helper.make_node("Concat", [x, "det_cell", "det_near"] + (["det_frame"] if frame else []), ["fused"], axis=1))
     nodes += mlp_nodes("fused", "image_embeds", "")
-    graph = helper.make_graph(nodes, name, inputs,
-                              [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, [n_cells, out_width])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], producer_name=producer)
-    model.ir_version = 7
-    onnx.checker.check_model(model)
-    return model
+    return finish(nodes, name, producer, inputs, [n_cells, out_width], inits)
 
 
 def path_for(root: Path, out_width: int) -> Path:

@@ -493,9 +493,9 @@ def anchor_count(det) -> int:
     return sum((det.size[0] // s) * (det.size[1] // s) for s in det.strides)
 
 
-def cell_detections(scores: np.ndarray, det, pool: list[int]) -> np.ndarray:
-    """[n, anchors, classes] scores -> [n, cells, classes], each grid cell's maximum per class."""
-    idx = cell_anchors(det, pool)
+def cell_detections(scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """[n, anchors, classes] scores -> [n, cells, classes], each grid cell's maximum per class
+    (`idx`: cell_anchors)."""
     return scores[:, idx.reshape(-1), :].reshape(scores.shape[0], *idx.shape, scores.shape[2]).max(axis=2)
 
 
@@ -531,11 +531,12 @@ def detect(images: list[Image.Image], cache: Path, det, regions: int | None, thr
     classes], float16: 64 x 80 per image)."""
     scores = detector(cache, det, threads)
     mask = None if pool else region_mask(det, regions)
+    idx = cell_anchors(det, pool) if pool else None
     pooled = []
     start = time.monotonic()
     for i, im in enumerate(images):
         raw = scores(im)
-        pooled.append(cell_detections(raw, det, pool).astype(np.float16) if pool else pool_detections(raw, mask))
+        pooled.append(cell_detections(raw, idx).astype(np.float16) if pool else pool_detections(raw, mask))
         done = i + 1
         if done % 400 == 0 or done == len(images):
             rate = done / (time.monotonic() - start)
@@ -1140,7 +1141,7 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
             if raw is None:
                 pooled = None
             elif cells:
-                pooled = torch.from_numpy(cell_detections(raw, cfg["detector"]["facts"], cfg["model"]["pool"]))
+                pooled = torch.from_numpy(cell_detections(raw, detections["cells"]))
             else:
                 pooled = torch.from_numpy(pool_detections(raw, detections["mask"]))
             ref = proj(torch.from_numpy(x)[None], pooled)[0].numpy()

@@ -774,7 +774,7 @@ mod tests {
         assert_eq!(m.n_image_tokens(), 64 + 3, "8 x 8 pooled patches and the detector's three strips");
         let det = m.detector.as_ref().expect("a detector");
         assert_eq!((det.classes.len(), det.preprocess.channels), (80, ChannelOrder::Bgr));
-        assert_eq!(m.files().len(), 10, "the reference's eight, the detector and the adapter");
+        assert_eq!(m.files().len(), 10, "encoder, detector, projector, LLM, its adapter and the generator's five");
         let cases: &[(&str, &str, &str)] = &[
             ("detections_input = \"detections\"\n", "", "`projector.detections_input`: the manifest has a [detector]"),
             ("strides = [8, 16, 32]", "strides = [8, 16, 30]", "`detector.strides`: each stride must divide"),

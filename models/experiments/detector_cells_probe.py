@@ -18,7 +18,6 @@ scene's objects, the way `scenecast eval` scores captions.
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +26,11 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from fetch import default_cache, log  # noqa: E402
-from train_projector import (Composer, cell_detections, cell_labels, compose_training, data_paths, detector,  # noqa: E402
-                             encode, load_config, load_frozen_llm)
+from train_projector import Composer, cell_labels, compose_training, data_paths, detect, encode, load_config, load_frozen_llm  # noqa: E402
 
 
 def detect_cells(images, cache: Path, det, pool, threads: int) -> np.ndarray:
-    scores = detector(cache, det, threads)
-    out = []
-    start = time.monotonic()
-    for i, im in enumerate(images):
-        out.append(cell_detections(scores(im), det, pool))
-        if (i + 1) % 500 == 0:
-            log(f"    detected {i + 1}/{len(images)} ({(i + 1) / (time.monotonic() - start):.1f} img/s)")
-    return np.concatenate(out).astype(np.float16)
+    return detect(images, cache, det, None, threads, pool)
 
 
 def main() -> int:
