@@ -5,8 +5,8 @@
 //! 2. Time to first token for a question about the current scene: with the scene prefix cached,
 //!    against re-encoding the image and re-prefilling the prefix.
 //! 3. The cost of the projector's LoRA adapter: scene prefill and decode of the fetched base GGUF
-//!    alone, with the adapter applied at run time, and with it merged into the GGUF (the reference
-//!    stack's LLM, made at `make models`).
+//!    alone, with the adapter applied at run time on every token and on the scene prefix only
+//!    (`llm.adapter_scope = "scene"`), and merged into the GGUF (made at `make models`).
 //!
 //! Run with `cargo bench --bench backbone` after `make models`.
 
@@ -24,7 +24,7 @@ use scenecast::frame::RgbImage;
 use scenecast::llm::LlmConfig;
 use scenecast::llm::SamplingParams;
 use scenecast::llm::{Backbone, GenerateOptions, Part};
-use scenecast::manifest::{FileRef, Manifest};
+use scenecast::manifest::{AdapterScope, FileRef, Manifest};
 use scenecast::onnx::OnnxRuntime;
 use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
@@ -80,10 +80,11 @@ fn main() {
     let manifest = Manifest::reference().unwrap();
     let threads = scenecast::physical_cores();
     let llm = LlmConfig { threads, ..LlmConfig::default() };
-    // Bare llama.cpp runs the GGUF alone, so the loop is compared without an unmerged adapter (the
-    // reference stack has its adapter merged; the cost of one applied at run time is measured below).
+    // Bare llama.cpp runs the GGUF alone, so the loop is compared without an adapter (the cost of
+    // one applied at run time, on every token or on the scene only, is measured below).
     let mut plain = manifest.clone();
     plain.llm.adapter = None;
+    plain.llm.adapter_scope = AdapterScope::All;
     let mut ours = Backbone::load(&plain, &root, &llm).expect("SmolLM2 (run `make models` first)");
 
     let backend = LlamaBackend::init().unwrap();
@@ -129,31 +130,46 @@ fn main() {
     println!("  scene prefix cached                  {cached:7.1} ms  {:.1}x faster", uncached / cached);
 
     drop(ours);
-    // 3. The projector's adapter: the fetched base GGUF alone (baseline), with the adapter applied
-    //    at run time, and merged into the GGUF (what the reference stack runs).
-    let (base, unmerged) = base_and_unmerged(&manifest);
-    let stacks = [("base GGUF alone", &base), ("adapter unmerged", &unmerged), ("adapter merged", &manifest)];
+    // 3. The projector's adapter: the fetched base GGUF alone (baseline), the adapter applied at
+    //    run time on every token and on the scene prefix only, and merged into the GGUF.
+    let stacks = adapter_stacks(&manifest);
+    // Decode speed depends on the context length, so every stack decodes the same number of
+    // tokens: as many as the one that ends the story first (an adapter changes the text).
+    let n_gen = stacks
+        .iter()
+        .map(|(_, m)| {
+            let mut b = Backbone::load(m, &root, &llm).unwrap();
+            b.set_prefix(1, &[Part::Text(PROMPT)]).unwrap();
+            b.generate(&[], &options(N_GEN), &mut |_| true).unwrap().n_tokens
+        })
+        .min()
+        .unwrap();
     let mut rows = Vec::new();
-    for (label, m) in stacks {
+    for (label, m) in &stacks {
         let mut b = Backbone::load(m, &root, &llm).unwrap();
-        let (mut prefill, mut tps, mut n) = (Vec::new(), Vec::new(), 0);
+        let (mut prefill, mut tps) = (Vec::new(), Vec::new());
         for i in 0..3u64 {
-            prefill.push(b.set_scene(100 + i, Some(&tokens)).unwrap());
+            // The scene's prefill, then the first question's (after a scene-only adapter is
+            // switched off, llama.cpp re-plans its graph on that decode).
+            let scene = b.set_scene(100 + i, Some(&tokens)).unwrap();
+            let question = b.request_text("Is there a cat in the image?");
+            let g = b.generate(&[Part::Text(&question)], &options(1), &mut |_| true).unwrap();
+            prefill.push(scene + g.prefill_ms);
             b.set_prefix(200 + i, &[Part::Text(PROMPT)]).unwrap();
-            let g = b.generate(&[], &options(N_GEN), &mut |_| true).unwrap();
-            n = g.n_tokens;
+            let g = b.generate(&[], &options(n_gen), &mut |_| true).unwrap();
+            assert_eq!(g.n_tokens, n_gen, "{label}");
             tps.push(g.n_tokens as f64 / (g.decode_ms / 1e3));
         }
-        rows.push((label, median(prefill), median(tps), n, m.resolve(&m.llm.file, &root)));
+        rows.push((label, median(prefill), median(tps), m.resolve(&m.llm.file, &root)));
     }
     println!(
-        "the projector's LoRA adapter: scene prefill of {} image tokens, decode of the story prompt (median of 3):",
+        "the projector's LoRA adapter: prefill of a scene ({} image tokens) and a question, decode of {n_gen} tokens of the story prompt (median of 3):",
         tokens.n_tokens
     );
     let (base_prefill, base_tps) = (rows[0].1, rows[0].2);
-    for (label, prefill, tps, n, file) in &rows {
+    for (label, prefill, tps, file) in &rows {
         println!(
-            "  {label:<17} prefill {prefill:7.1} ms  decode {tps:6.1} tok/s ({n} tokens)  ratio prefill {:.2}, decode {:.2}  {}",
+            "  {label:<26} prefill {prefill:7.1} ms  decode {tps:6.1} tok/s  ratio prefill {:.2}, decode {:.2}  {}",
             prefill / base_prefill,
             tps / base_tps,
             file.file_name().unwrap_or_default().to_string_lossy()
@@ -161,19 +177,36 @@ fn main() {
     }
 }
 
-/// The base GGUF and the adapter the reference stack's merged GGUF is made of (models/sources.toml,
-/// the part with `merge`), as two manifests: the base alone, and the base with the adapter applied
-/// at run time.
-fn base_and_unmerged(reference: &Manifest) -> (Manifest, Manifest) {
+/// The stacks whose adapter cost is compared, each a manifest: the fetched base GGUF alone (the
+/// baseline), the reference's adapter (or, for a reference that serves a merged GGUF, the adapter
+/// it was merged from: models/sources.toml's `merge`) applied at run time on every token and on
+/// the scene prefix only (`llm.adapter_scope`), and the merged GGUF `make models` derives.
+fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sources.toml");
     let sources: toml::Value = toml::from_str(&std::fs::read_to_string(sources).unwrap()).unwrap();
     let merge = sources["part"].as_array().unwrap().iter().find_map(|p| p.get("merge")).expect("a merge part");
     let cached =
         |key: &str| FileRef { cache: Some(merge[key].as_str().unwrap().into()), path: None, sha256: None, size: None };
     let mut base = reference.clone();
-    base.llm.file = cached("base");
     base.llm.adapter = None;
-    let mut unmerged = base.clone();
-    unmerged.llm.adapter = Some(cached("adapter"));
-    (base, unmerged)
+    base.llm.adapter_scope = AdapterScope::All;
+    let adapter = match &reference.llm.adapter {
+        Some(adapter) => adapter.clone(),
+        None => {
+            base.llm.file = cached("base");
+            cached("adapter")
+        }
+    };
+    let mut every = base.clone();
+    every.llm.adapter = Some(adapter);
+    let mut scene = every.clone();
+    scene.llm.adapter_scope = AdapterScope::Scene;
+    let mut merged = base.clone();
+    merged.llm.file = cached("dest");
+    vec![
+        ("base GGUF alone", base),
+        ("adapter on every token", every),
+        ("adapter on the scene only", scene),
+        ("adapter merged", merged),
+    ]
 }

@@ -360,7 +360,10 @@ COUNT = ["How many objects are there?", "How many things can you see?"]
 
 
 def question(meta: dict, cfg: dict, categories: list[str], rng: np.random.Generator,
-             general: list[tuple[str, str]] | None = None) -> tuple[str, str]:
+             general: list[tuple[str, str]] | None = None, confusable: list[str] = ()) -> tuple[str, str]:
+    """One (question, answer) about the scene `meta`. `confusable`: absent categories the image
+    tokens point at most, most first; a "No" question asks about one of them `hard_negative` of
+    the time (questions.hard_negative), instead of a category drawn at random."""
     q = cfg["questions"]
     if general and rng.random() < q.get("general", 0.0):
         return general[rng.integers(len(general))]
@@ -381,6 +384,9 @@ def question(meta: dict, cfg: dict, categories: list[str], rng: np.random.Genera
             name, answer = names[rng.integers(len(names))], "Yes."
         else:
             absent = [c for c in categories if c not in names]
+            hard = [c for c in confusable if c not in names]
+            if hard and rng.random() < q.get("hard_negative", 0.0):
+                absent = hard
             name, answer = absent[rng.integers(len(absent))], "No."
         return YESNO[rng.integers(len(YESNO))].format(a=article(name)), answer
     if kind == "where":
@@ -754,9 +760,13 @@ LORA_TARGETS = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_p
                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
 
 
-def add_lora(model, spec: dict) -> dict:
+def add_lora(model, spec: dict, gate: dict | None = None) -> dict:
     """Wraps the `spec["targets"]` projections of every layer of `model` in rank-`spec["rank"]` LoRA
-    adapters (B starts at zero: the model is unchanged until trained). Returns {gguf tensor name: module}."""
+    adapters (B starts at zero: the model is unchanged until trained). Returns {gguf tensor name: module}.
+    With `gate`, the adapters' change is multiplied by `gate["mask"]` ([b, length, 1], or None for
+    everywhere): `[adapter] scope = "scene"` sets it to 1 on the scene prefix (chat prefix and image
+    tokens) and 0 after, as the runtime applies such an adapter (llama.cpp, while it decodes the
+    scene prefix only)."""
     import torch
 
     class Lora(torch.nn.Module):
@@ -767,7 +777,10 @@ def add_lora(model, spec: dict) -> dict:
             self.b = torch.nn.Parameter(torch.zeros(base.out_features, spec["rank"]))
 
         def forward(self, x):
-            return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
+            delta = (x @ self.a.T @ self.b.T) * self.scale
+            if gate is not None and gate.get("mask") is not None:
+                delta = delta * gate["mask"]
+            return self.base(x) + delta
 
     adapted = {}
     for i, layer in enumerate(model.model.layers):
@@ -918,13 +931,26 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         return tuple(tok(text, add_special_tokens=False).input_ids)
 
     m = cfg["model"]
+    m_q = cfg["questions"]
     prefix = torch.tensor(ids(m["prefix"]))
     general = general_answers(cfg, model, tok, ids)  # the frozen LLM's own answers, before any adapter
     adapter = cfg.get("adapter")
     if adapter and not 0 <= adapter["start"] < t["steps"]:
         log(f"    warning: adapter.start {adapter['start']} is not below train.steps {t['steps']}: the adapter does "
             f"not train and is written unchanged (it changes nothing); lower adapter.start for a trained one")
-    adapted = add_lora(model, adapter) if adapter else {}
+    # `[adapter] scope`: "all" (the adapter computes on every token: every request pays for it
+    # unless it is merged) or "scene" (only on the scene prefix, like CogVLM's visual expert: the
+    # question, the answer and text-only requests run the base model unchanged).
+    scope = adapter.get("scope", "all") if adapter else "all"
+    if scope not in ("all", "scene"):
+        raise SystemExit(f"error: adapter.scope is {scope!r}; expected \"all\" or \"scene\"")
+    gate = {"mask": None}
+    adapted = add_lora(model, adapter, gate) if adapter else {}
+
+    def scene_gate(length: int, image_tokens: int) -> None:
+        """Limits a "scene" adapter to the first len(prefix) + image_tokens positions of the batch."""
+        if scope == "scene":
+            gate["mask"] = (torch.arange(length) < len(prefix) + image_tokens).float()[None, :, None]
     adapter_params = [p for m in adapted.values() for p in (m.a, m.b)]
     rng = np.random.default_rng(cfg["seed"] + 1)
     categories = [c["name"] for c in cfg["category"]]
@@ -954,17 +980,25 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
     places = torch.nn.functional.normalize(places, dim=-1)
     background = torch.nn.Parameter(torch.zeros(1))
 
+    def labelled_ce(logits, labels):
+        """Cross-entropy over the labelled rows (label != -100); 0 when a batch has none (a batch of
+        eight scenes can hold no object with a position: cross_entropy's mean over nothing is NaN,
+        which would poison every weight through the optimiser)."""
+        keep = labels.reshape(-1) != -100
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1)[keep])
+
     def grounding(img, idx):
         unit = torch.nn.functional.normalize(img, dim=-1)
         lab = cells[idx]
         cos = unit @ names.T * t["aux_scale"]
         logits = torch.cat([cos, background.expand(*cos.shape[:2], 1)], dim=-1)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+        loss = labelled_ce(logits, lab)
         if t.get("aux_position", 0.0) > 0:
-            place = (unit @ places.T * t["aux_scale"]).reshape(-1, len(places))
-            loss = loss + t["aux_position"] * torch.nn.functional.cross_entropy(place, wheres[idx].reshape(-1), ignore_index=-100)
+            loss = loss + t["aux_position"] * labelled_ce(unit @ places.T * t["aux_scale"], wheres[idx])
         known = lab != -100
-        acc = (logits.argmax(-1)[known] == lab[known]).float().mean()
+        acc = (logits.argmax(-1)[known] == lab[known]).float().mean() if bool(known.any()) else torch.tensor(0.0)
         return loss, float(acc)
 
     pick = np.array([i for i, m in enumerate(metas) if m["kind"] != "check"])
@@ -993,6 +1027,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
                 chunk = asked[c:c + 50]
                 img = project([i for i, _, _ in chunk])
                 x, mask = pad([torch.cat([embed(prefix), img[r], embed(suf)]) for r, (_, suf, _) in enumerate(chunk)])
+                scene_gate(x.shape[1], img.shape[1])
                 states = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
                 logits = model.lm_head(states[torch.arange(len(chunk)), mask.sum(1) - 1])
                 right += sum((float(l[yes] - l[no]) > 0) == shown for l, (_, _, shown) in zip(logits, chunk))
@@ -1022,9 +1057,18 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             opt.add_param_group({"params": adapter_params})
         idx = pick[rng.integers(len(pick), size=t["batch"])]
         img = project(idx)  # [b, tokens, hidden]
+        confusable = [[]] * len(idx)
+        if m_q.get("hard_negative", 0.0) > 0:
+            # Hard negatives: the absent categories the image tokens point at most now (their best
+            # cell's cosine with the name), so "No" is learned where the tokens mislead.
+            with torch.no_grad():
+                near = (torch.nn.functional.normalize(img, dim=-1) @ names.T).amax(1)  # [b, categories]
+            top = near.argsort(dim=-1, descending=True)[:, :m_q.get("hard_top", 3) + 2].tolist()
+            confusable = [[categories[c] for c in row if categories[c] not in {o["name"] for o in metas[i]["objects"]}]
+                          [:m_q.get("hard_top", 3)] for row, i in zip(top, idx)]
         seqs, labels = [], []
         for row, i in enumerate(idx):
-            q, a = question(metas[i], cfg, categories, rng, general)
+            q, a = question(metas[i], cfg, categories, rng, general, confusable[row])
             suffix = torch.tensor(ids(m["suffix"].format(question=q)))
             answer = torch.tensor(ids(a) + ids(m["end"]))
             with torch.no_grad():
@@ -1032,6 +1076,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             seqs.append(torch.cat([pre, img[row], suf, ans]))
             labels.append(torch.cat([torch.full((len(prefix) + img.shape[1] + len(suffix),), -100), answer]))
         x, mask = pad(seqs)
+        scene_gate(x.shape[1], img.shape[1])
         y = torch.full(mask.shape, -100)
         for r, lab in enumerate(labels):
             y[r, :len(lab)] = lab
@@ -1204,18 +1249,21 @@ def main() -> int:
                    proj(__import__("torch").from_numpy(feats[:8]), None if dets is None else __import__("torch").from_numpy(dets[:8]))
                    .detach().numpy(), axis=-1).mean())}
     dest.with_suffix(".train.json").write_text(json.dumps(summary, indent=1) + "\n")
-    config = write_candidate(dest, adapter_path(dest) if adapted else None, work, cfg["model"]["llm"], cfg.get("detector"))
+    config = write_candidate(dest, adapter_path(dest) if adapted else None, work, cfg["model"]["llm"], cfg.get("detector"),
+                             (cfg.get("adapter") or {}).get("scope", "all"))
     log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate the new projector with: "
         f"scenecast --config {config} eval {work / 'eval' / 'eval.json'}   (or `make eval`)")
     return 0
 
 
-def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str, detector: dict | None = None) -> Path:
+def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str, detector: dict | None = None,
+                    scope: str = "all") -> Path:
     """A manifest and a config that use the freshly trained projector (and adapter) in place of the
     shipped ones, so `scenecast eval` and `make eval` can judge a run before it is shipped: the
-    LLM is the one trained on (`llm`, in the cache), with the new adapter unmerged, and the
-    projector reads the detector when it was trained with one (`detector`: the training
-    configuration's [detector]). Returns the config's path (`<work>/candidate.toml`)."""
+    LLM is the one trained on (`llm`, in the cache), with the new adapter unmerged (on the scene
+    prefix only with `scope` "scene"), and the projector reads the detector when it was trained
+    with one (`detector`: the training configuration's [detector]). Returns the config's path
+    (`<work>/candidate.toml`)."""
     base = detector["manifest"] if detector else manifest.REFERENCE
     text = base.read_text()
     section = re.search(r"^\[projector\]\n(?:(?!\[).*\n)*", text, re.M)
@@ -1240,7 +1288,9 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
     if adapter_line:
         text = text.replace(adapter_line.group(0), "")
     llm_file = f'file = {{ cache = "{llm}" }}'
-    text = text.replace(llm_line.group(0), llm_file + (f"\nadapter = {key(adapter)}" if adapter else ""))
+    text = re.sub(r"^adapter_scope = .*\n", "", text, flags=re.M)
+    text = text.replace(llm_line.group(0), llm_file + (f"\nadapter = {key(adapter)}" if adapter else "")
+                        + (f'\nadapter_scope = "{scope}"' if adapter and scope != "all" else ""))
     (work / "candidate-manifest.toml").write_text(text)
     config = work / "candidate.toml"
     config.write_text(f'[models]\nmanifest = "{(work / "candidate-manifest.toml").resolve()}"\n')

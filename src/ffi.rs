@@ -631,6 +631,27 @@ impl Context {
         Ok(())
     }
 
+    /// Turns the adapter given to [`Context::set_adapter`] off (`false`, the base model alone) or
+    /// back on at scale 1.0 (`true`) for what is decoded from now on; what is already in the
+    /// cache stays as it was computed. Without an adapter, turning it off is a no-op.
+    pub fn enable_adapter(&mut self, on: bool) -> Result<(), String> {
+        match (&self.adapter, on) {
+            (Some(adapter), true) => self.set_adapter(adapter.clone(), 1.0),
+            (None, true) => Err("no adapter was set on this context".into()),
+            (_, false) => {
+                // SAFETY: valid context; zero adapters with null arrays is the documented way to
+                // remove all adapters (llama.cpp asserts n_adapters == 0 for null arrays).
+                let rc = unsafe {
+                    sys::llama_set_adapters_lora(self.ptr.as_ptr(), std::ptr::null_mut(), 0, std::ptr::null_mut())
+                };
+                if rc != 0 {
+                    return Err(format!("llama.cpp refused to remove the adapter ({rc})"));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Context length.
     pub fn n_ctx(&self) -> usize {
         // SAFETY: valid context.

@@ -59,6 +59,18 @@ pub struct FileRef {
     pub size: Option<u64>,
 }
 
+/// Which tokens a LoRA adapter computes on (`llm.adapter_scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterScope {
+    /// Every token: the scene, the question, the answer, text-only requests.
+    #[default]
+    All,
+    /// Only the scene prefix with its image tokens (a "visual expert", as in CogVLM): questions,
+    /// answers and text-only requests run the base model, so decoding pays nothing for it.
+    Scene,
+}
+
 /// How the frame is brought to the encoder's input size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -212,9 +224,13 @@ pub struct LlmSpec {
     /// The expected embedding width.
     pub n_embd: usize,
     /// A LoRA adapter (GGUF, `general.type = "adapter"`) trained together with the projector,
-    /// applied to every request at its trained scale.
+    /// applied at its trained scale where `adapter_scope` says.
     #[serde(default)]
     pub adapter: Option<FileRef>,
+    /// Which tokens the adapter computes on: all of them, or only the scene prefix (chat prefix
+    /// and image tokens), as it was trained (`[adapter] scope` of the training configuration).
+    #[serde(default)]
+    pub adapter_scope: AdapterScope,
     /// The chat layout.
     pub chat: ChatSpec,
 }
@@ -406,6 +422,9 @@ impl Manifest {
                     return Err(self.invalid(key, format!("sha256 {sha:?} is not 64 hex digits")));
                 }
             }
+        }
+        if self.llm.adapter_scope == AdapterScope::Scene && self.llm.adapter.is_none() {
+            return Err(self.invalid("llm.adapter_scope", "\"scene\" needs `llm.adapter`, and none is given".into()));
         }
         let enc = &self.encoder;
         let [height, width] = enc.preprocess.size;
@@ -824,5 +843,18 @@ mod tests {
         let err = with(|t| t.replacen("[llm]\n", "[llm]\nadapter = { path = \"a.gguf\", cache = \"b.gguf\" }\n", 1))
             .unwrap_err();
         assert!(err.to_string().contains("`llm.adapter`: give exactly one of"), "{err}");
+    }
+
+    #[test]
+    fn an_adapter_scope_is_all_by_default_and_scene_needs_an_adapter() {
+        assert_eq!(with(|t| t.to_owned()).unwrap().llm.adapter_scope, AdapterScope::All);
+        let m =
+            with(|t| t.replacen("[llm]\n", "[llm]\nadapter = { path = \"a.gguf\" }\nadapter_scope = \"scene\"\n", 1))
+                .unwrap();
+        assert_eq!(m.llm.adapter_scope, AdapterScope::Scene);
+        let err = with(|t| t.replacen("[llm]\n", "[llm]\nadapter_scope = \"scene\"\n", 1)).unwrap_err();
+        assert!(err.to_string().contains("`llm.adapter_scope`: \"scene\" needs `llm.adapter`"), "{err}");
+        let err = with(|t| t.replacen("[llm]\n", "[llm]\nadapter_scope = \"image\"\n", 1)).unwrap_err();
+        assert!(err.to_string().contains("adapter_scope"), "{err}");
     }
 }

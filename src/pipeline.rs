@@ -154,7 +154,11 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
                 info.n_ctx_train.map_or("?".into(), |n| n.to_string()),
                 info.quantization.as_deref().unwrap_or("unknown quantisation"),
                 if info.has_chat_template { "chat template in GGUF" } else { "no chat template in GGUF" },
-                s.adapter.as_ref().map_or(String::new(), |p| format!(", LoRA adapter {}", p.display())),
+                s.adapter.as_ref().map_or(String::new(), |p| format!(
+                    ", LoRA adapter {}{}",
+                    p.display(),
+                    if s.adapter_scope == crate::manifest::AdapterScope::Scene { " (scene prefix only)" } else { "" }
+                )),
             )
         }),
     });

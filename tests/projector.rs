@@ -135,6 +135,49 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
     assert_eq!(captions[0], [vec!["cat".to_owned()], vec!["cow".to_owned()], vec![]]);
 }
 
+#[test]
+fn a_scene_scoped_adapter_computes_on_the_scene_prefix_only() {
+    // `llm.adapter_scope = "scene"`: the adapter computes the chat prefix and the image tokens,
+    // and every token after them (question, answer, text-only requests) runs the base model.
+    let root = cache_root();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let text = std::fs::read_to_string(models.join("reference.toml")).unwrap();
+    let base = root.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let adapter = root.join("models/projector/dinov2s-nanodet-smollm2-v5.lora.gguf");
+    let file_line = text.lines().find(|l| l.starts_with("file = { cache = \"smollm2/")).unwrap();
+    let with_llm = |llm: String| Manifest::parse(&text.replacen(file_line, &llm, 1), "t.toml", &models).unwrap();
+    let base_line = format!("file = {{ path = {:?} }}", base.to_str().unwrap());
+    let adapter_line = format!("{base_line}\nadapter = {{ path = {:?} }}", adapter.to_str().unwrap());
+    let stacks = [
+        with_llm(base_line.clone()),
+        with_llm(adapter_line.clone()),
+        with_llm(format!("{adapter_line}\nadapter_scope = \"scene\"")),
+    ];
+    let config = LlmConfig { threads: 1, max_tokens: 40, ..LlmConfig::default() };
+    let story = "Write a short story about a robot who learns to paint.";
+    let (mut texts, mut captions) = (Vec::new(), Vec::new());
+    for m in &stacks {
+        let mut backbone = Backbone::load(m, &root, &config).unwrap();
+        texts.push(backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text);
+        let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+        let mut tokens = ImageTokens::default();
+        vision.run(&photo("chelsea.png"), &mut tokens).unwrap();
+        backbone.set_scene(1, Some(&tokens)).unwrap();
+        captions.push(backbone.ask(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap().text);
+        // After a scene, a text-only request still runs without the adapter.
+        backbone.set_scene(2, None).unwrap();
+        let again = backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text;
+        assert_eq!(again, texts[texts.len() - 1], "{}: a text request after a scene", m.name);
+    }
+    let [base, all, scene] = [0, 1, 2];
+    assert_ne!(
+        texts[all], texts[base],
+        "the adapter on every token changes a text-only answer (else this test shows nothing)"
+    );
+    assert_eq!(texts[scene], texts[base], "a scene-scoped adapter leaves text-only requests to the base model");
+    assert_ne!(captions[scene], captions[base], "a scene-scoped adapter computes the scene prefix: {captions:?}");
+}
+
 /// `scenecast caption` over several photos in one process (models loaded once) writes, for each
 /// photo, the caption it writes for that photo alone: nothing of one photo leaks into the next.
 #[test]

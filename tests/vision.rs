@@ -153,8 +153,8 @@ fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
 
 #[test]
 fn the_reference_projector_fuses_the_detections_into_the_cells_where_they_are() {
-    // Projector v5 reads the detector's scores per grid cell (with each cell's 3 x 3 neighbourhood
-    // and the whole frame): the same patch features with the real scores and with the scores of
+    // The reference projector reads the detector's scores per grid cell (with each cell's 3 x 3
+    // neighbourhood, and for v5 the whole frame): the same patch features with the real scores and with the scores of
     // only the motorcycle's anchors in the frame's left half give tokens that differ most in the
     // cells of the right half, where the scores were removed, and no token is added.
     let rt = runtime();
@@ -173,14 +173,17 @@ fn the_reference_projector_fuses_the_detections_into_the_cells_where_they_are() 
     projector.project(&features, Some((&scores, shape)), &mut full).unwrap();
     assert_eq!((full.n_tokens, full.n_embd), (64, 576), "8 x 8 tokens, the detections fused in");
     // Zero the scores of every anchor point whose centre is in the right half of the frame
-    // (the grids of strides 8, 16, 32 over 416 x 416, row-major, finest first).
+    // (the manifest's grids, one per stride over the detector's input, row-major, finest first).
     let mut left_only = scores.clone();
     let classes = shape[2];
+    let det = m.detector.as_ref().expect("the reference stack has a detector");
+    let [height, width] = det.preprocess.size;
     let mut anchor = 0;
-    for side in [52usize, 26, 13] {
-        for _row in 0..side {
-            for col in 0..side {
-                if (col as f32 + 0.5) / side as f32 >= 0.5 {
+    for stride in &det.strides {
+        let (rows, cols) = ((height / stride) as usize, (width / stride) as usize);
+        for _row in 0..rows {
+            for col in 0..cols {
+                if (col as f32 + 0.5) / cols as f32 >= 0.5 {
                     left_only[anchor * classes..(anchor + 1) * classes].fill(0.0);
                 }
                 anchor += 1;

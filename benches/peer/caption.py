@@ -65,9 +65,23 @@ class Peer:
             verbose=False,
         )
         self.ctx = self.llm.ctx
+        # The manifest's LoRA adapter, if any: on every token, or (`adapter_scope = "scene"`) only
+        # while the chat prefix and the image tokens are decoded, as scenecast applies it.
+        self.adapter, self.scene_only = None, llm.get("adapter_scope", "all") == "scene"
+        if "adapter" in llm:
+            self.adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, cached(cache, {"file": llm["adapter"]}).encode())
+            if not self.adapter:
+                raise RuntimeError(f"llama.cpp could not load the adapter {llm['adapter']}")
+            self.use_adapter(not self.scene_only)
         self.n_embd = self.llm.n_embd()
         self.n_vocab = self.llm.n_vocab()
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+    def use_adapter(self, on: bool) -> None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self.adapter)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(self.ctx, adapters if on else None, 1 if on else 0, scales if on else None) != 0:
+            raise RuntimeError("llama.cpp refused the adapter")
 
     @staticmethod
     def resize(image: Image.Image, size, mean, std, bgr: bool = False) -> np.ndarray:
@@ -151,8 +165,12 @@ class Peer:
         t2 = time.perf_counter()
         self.clear()
         prefix = self.llm.tokenize(self.chat["prefix"].encode(), add_bos=True, special=True)
+        if self.adapter and self.scene_only:
+            self.use_adapter(True)
         pos = self.decode_tokens(prefix, 0, False)
         pos = self.decode_embeddings(tokens_img, pos)
+        if self.adapter and self.scene_only:
+            self.use_adapter(False)
         suffix = self.llm.tokenize(self.chat["suffix"].replace("{question}", question).encode(), add_bos=False, special=True)
         pos = self.decode_tokens(suffix, pos, True)
         t3 = time.perf_counter()

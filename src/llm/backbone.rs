@@ -10,7 +10,7 @@ use super::gguf::GgufInfo;
 use super::prompt::{ChatLayout, StopFilter};
 use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
-use crate::manifest::Manifest;
+use crate::manifest::{AdapterScope, Manifest};
 use crate::util::ms_since;
 use crate::vision::ImageTokens;
 
@@ -79,8 +79,10 @@ pub struct ModelSummary {
     /// GGUF metadata.
     #[serde(flatten)]
     pub gguf: GgufInfo,
-    /// The LoRA adapter applied to every request, if the manifest names one.
+    /// The LoRA adapter, if the manifest names one.
     pub adapter: Option<PathBuf>,
+    /// Where it computes: every token, or the scene prefix only.
+    pub adapter_scope: AdapterScope,
     /// Parameters, as llama.cpp counts them.
     pub n_params: u64,
     /// CPU threads used.
@@ -105,6 +107,8 @@ pub struct Backbone {
     config: LlmConfig,
     scene: Option<CachedScene>,
     history: Vec<i32>,
+    /// The adapter computes on scene prefixes with an image only (`llm.adapter_scope = "scene"`).
+    scene_adapter: bool,
 }
 
 impl Backbone {
@@ -130,7 +134,11 @@ impl Backbone {
             crate::ffi::Adapter::load(model.clone(), &path)
                 .and_then(|adapter| ctx.set_adapter(std::sync::Arc::new(adapter), 1.0))
                 .map_err(|reason| LlmError::Adapter { path: path.clone(), reason })?;
-            tracing::info!(adapter = %path.display(), "LoRA adapter applied");
+            if manifest.llm.adapter_scope == AdapterScope::Scene {
+                // Off until a scene with an image is decoded (`set_scene`).
+                ctx.enable_adapter(false).map_err(|reason| LlmError::Adapter { path: path.clone(), reason })?;
+            }
+            tracing::info!(adapter = %path.display(), scope = ?manifest.llm.adapter_scope, "LoRA adapter loaded");
             adapter = Some(path);
         }
         let system = config.system_prompt.as_deref().unwrap_or(&manifest.llm.chat.system);
@@ -141,13 +149,16 @@ impl Backbone {
         let summary = ModelSummary {
             stack: manifest.name.clone(),
             adapter,
+            adapter_scope: manifest.llm.adapter_scope,
             n_params: model.n_params(),
             threads,
             n_ctx: ctx.n_ctx(),
             gguf: info,
         };
         tracing::info!(model = %path.display(), params = summary.n_params, threads, n_ctx = summary.n_ctx, "LLM backbone loaded");
-        let backbone = Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new() };
+        let scene_adapter = summary.adapter.is_some() && manifest.llm.adapter_scope == AdapterScope::Scene;
+        let backbone =
+            Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new(), scene_adapter };
         backbone.check_layout()?;
         Ok(backbone)
     }
@@ -255,9 +266,24 @@ impl Backbone {
         }
         let prefix = self.layout.prefix().to_owned();
         match image {
+            Some(image) if self.scene_adapter => {
+                // The adapter computes the scene prefix only; every token after it runs the base
+                // model. The prefill time includes both switches (llama.cpp re-plans its graph).
+                let start = std::time::Instant::now();
+                self.switch_adapter(true)?;
+                let prefill = self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]);
+                self.switch_adapter(false)?;
+                prefill.map(|_| ms_since(start))
+            }
             Some(image) => self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]),
             None => self.set_prefix(id, &[Part::Text(&prefix)]),
         }
+    }
+
+    fn switch_adapter(&mut self, on: bool) -> Result<(), LlmError> {
+        self.ctx
+            .enable_adapter(on)
+            .map_err(|reason| LlmError::Adapter { path: self.summary.adapter.clone().unwrap_or_default(), reason })
     }
 
     /// Checks a question against `llm.max_question_chars` (see [`check_question`]).
