@@ -72,11 +72,12 @@ $(TRAIN_PY): models/requirements-train.txt
 
 train-venv: $(TRAIN_PY)
 
-# The projector's training configuration (models/projector/train-v5.toml: the shipped one, 82
-# categories, patch features with the COCO detector's scores fused in per cell; train-v3.toml the
-# same without the detector, train-v4.toml with it as three more tokens; train.toml is v1's 15,
-# train-v2.toml the first 80-category run; models/README.md).
-PROJECTOR_CONFIG ?= models/projector/train-v5.toml
+# The projector's training configuration (models/projector/train-v7.toml: the shipped one, 82
+# categories, patch features with the COCO detector's scores fused in per cell, the adapter on the
+# scene prefix only; train-v5.toml the previous reference (adapter on every token), train-v6.toml
+# v5 without the frame maximum, train-v3.toml without the detector, train-v4.toml with it as three
+# more tokens; train.toml is v1's 15, train-v2.toml the first 80-category run; models/README.md).
+PROJECTOR_CONFIG ?= models/projector/train-v7.toml
 PROJECTOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(PROJECTOR_CONFIG) | head -n 1)
 CANDIDATE = $(CACHE)/train/$(PROJECTOR_NAME)/candidate.toml
 

@@ -735,12 +735,13 @@ mod tests {
         assert_eq!(m.projector.as_ref().and_then(|p| p.detections_input.as_deref()), Some("detections"));
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
-        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.v5-merged.gguf"));
+        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "the fetched GGUF, unchanged");
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
         assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
-        assert!(m.llm.adapter.is_none(), "the reference stack runs the GGUF with the projector's adapter merged");
-        assert_eq!(m.files().len(), 9, "encoder, detector, projector, LLM and the generator's five");
+        assert!(m.llm.adapter.is_some(), "the projector's adapter");
+        assert_eq!(m.llm.adapter_scope, AdapterScope::Scene, "on the scene prefix only: decoding runs the base GGUF");
+        assert_eq!(m.files().len(), 10, "encoder, detector, projector, LLM, its adapter and the generator's five");
     }
 
     #[test]
@@ -828,7 +829,7 @@ mod tests {
     fn path_files_resolve_against_the_manifest_dir() {
         let m = with(|t| {
             t.replacen(
-                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v5.onnx\"",
+                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v7.onnx\"",
                 "file = { path = \"proj.onnx\"",
                 1,
             )
@@ -840,21 +841,29 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("`encoder.file`: give exactly one of"), "{err}");
-        let err = with(|t| t.replacen("[llm]\n", "[llm]\nadapter = { path = \"a.gguf\", cache = \"b.gguf\" }\n", 1))
-            .unwrap_err();
+        let err = with(|t| {
+            let line = t.lines().find(|l| l.starts_with("adapter = ")).unwrap().to_owned();
+            t.replacen(&line, "adapter = { path = \"a.gguf\", cache = \"b.gguf\" }", 1)
+        })
+        .unwrap_err();
         assert!(err.to_string().contains("`llm.adapter`: give exactly one of"), "{err}");
     }
 
     #[test]
     fn an_adapter_scope_is_all_by_default_and_scene_needs_an_adapter() {
-        assert_eq!(with(|t| t.to_owned()).unwrap().llm.adapter_scope, AdapterScope::All);
-        let m =
-            with(|t| t.replacen("[llm]\n", "[llm]\nadapter = { path = \"a.gguf\" }\nadapter_scope = \"scene\"\n", 1))
-                .unwrap();
-        assert_eq!(m.llm.adapter_scope, AdapterScope::Scene);
-        let err = with(|t| t.replacen("[llm]\n", "[llm]\nadapter_scope = \"scene\"\n", 1)).unwrap_err();
+        // The reference names its adapter with `adapter_scope = "scene"`.
+        assert_eq!(with(|t| t.to_owned()).unwrap().llm.adapter_scope, AdapterScope::Scene);
+        let unscoped = with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\n", 1)).unwrap();
+        assert_eq!(unscoped.llm.adapter_scope, AdapterScope::All, "the default");
+        assert!(unscoped.llm.adapter.is_some());
+        let no_adapter = |t: String| {
+            let line = t.lines().find(|l| l.starts_with("adapter = ")).unwrap();
+            t.replacen(&format!("{line}\n"), "", 1)
+        };
+        let err = with(no_adapter).unwrap_err();
         assert!(err.to_string().contains("`llm.adapter_scope`: \"scene\" needs `llm.adapter`"), "{err}");
-        let err = with(|t| t.replacen("[llm]\n", "[llm]\nadapter_scope = \"image\"\n", 1)).unwrap_err();
+        let err =
+            with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\nadapter_scope = \"image\"\n", 1)).unwrap_err();
         assert!(err.to_string().contains("adapter_scope"), "{err}");
     }
 }

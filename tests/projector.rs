@@ -1,10 +1,10 @@
 //! The shipped (trained) projector through the whole real pipeline — DINOv2-S and the COCO detector on
-//! ONNX Runtime, the projector, SmolLM2 on llama.cpp with the projector's LoRA adapter merged in — names what fixed
+//! ONNX Runtime, the projector, SmolLM2 on llama.cpp with the projector's LoRA adapter on the scene prefix — names what fixed
 //! photos show (its first 15 categories and ones v3 added), names nothing for photos of unknown
 //! things, and answers whether they show a category. These are training photos: the test guards
 //! the runtime against regressions; generalisation is measured by `make eval` (models/README.md).
-//! A regression in any stage (pre-processing, pooling, the projector file, the merged GGUF or an
-//! unmerged adapter, the chat layout, injection of the image tokens) shows up here as a wrong or
+//! A regression in any stage (pre-processing, pooling, the projector file, the adapter and its
+//! scope, the merged GGUF, the chat layout, injection of the image tokens) shows up here as a wrong or
 //! missing name or a wrong yes/no.
 
 mod common;
@@ -13,7 +13,7 @@ use common::*;
 use scenecast::eval::mentions;
 use scenecast::llm::Backbone;
 use scenecast::llm::LlmConfig;
-use scenecast::manifest::Manifest;
+use scenecast::manifest::{AdapterScope, FileRef};
 use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
 use std::path::Path;
@@ -93,28 +93,26 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
     assert!(answer.contains("Paris"), "{answer:?}");
 }
 
+/// A file in the model cache, by its cache path.
+fn cached(path: &str) -> FileRef {
+    FileRef { cache: Some(path.into()), path: None, sha256: None, size: None }
+}
+
 #[test]
 fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
-    // The reference stack runs SmolLM2 with the projector's LoRA adapter folded in (make models,
-    // models/merge_adapter.py); the same adapter applied at run time to the fetched base GGUF must
-    // name the same things. This also keeps the unmerged-adapter path (users' own adapters) tested.
+    // Projector v5's adapter was trained on every token; `make models` folds it into a copy of
+    // SmolLM2 (models/merge_adapter.py, sources.toml's `merge`). The same adapter applied at run
+    // time to the fetched base GGUF must name the same things, so the merged GGUF serves v5 as
+    // the adapter does. This also keeps the unmerged, every-token path (users' own adapters) tested.
     let root = cache_root();
-    let merged = manifest();
-    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let text = std::fs::read_to_string(models.join("reference.toml")).unwrap();
-    let base = root.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let adapter = root.join("models/projector/dinov2s-nanodet-smollm2-v5.lora.gguf");
-    let file_line = text.lines().find(|l| l.starts_with("file = { cache = \"smollm2/")).unwrap();
-    let unmerged = text.replacen(
-        file_line,
-        &format!(
-            "file = {{ path = {:?} }}\nadapter = {{ path = {:?} }}",
-            base.to_str().unwrap(),
-            adapter.to_str().unwrap()
-        ),
-        1,
-    );
-    let unmerged = Manifest::parse(&unmerged, "unmerged.toml", &models).unwrap();
+    let mut merged = manifest();
+    merged.projector.as_mut().unwrap().file = cached("projector/dinov2s-nanodet-smollm2-v5.onnx");
+    merged.llm.file = cached("smollm2/SmolLM2-135M-Instruct.v5-merged.gguf");
+    merged.llm.adapter = None;
+    merged.llm.adapter_scope = AdapterScope::All;
+    let mut unmerged = merged.clone();
+    unmerged.llm.file = cached("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    unmerged.llm.adapter = Some(cached("projector/dinov2s-nanodet-smollm2-v5.lora.gguf"));
     let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
     let categories = categories();
     let mut captions = Vec::new();
@@ -137,26 +135,21 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
 
 #[test]
 fn a_scene_scoped_adapter_computes_on_the_scene_prefix_only() {
-    // `llm.adapter_scope = "scene"`: the adapter computes the chat prefix and the image tokens,
-    // and every token after them (question, answer, text-only requests) runs the base model.
+    // The reference's adapter has `llm.adapter_scope = "scene"`: it computes the chat prefix and
+    // the image tokens, and every token after them (question, answer, text-only requests) runs the
+    // base model: text-only answers equal the base GGUF's alone, captions do not.
     let root = cache_root();
-    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
-    let text = std::fs::read_to_string(models.join("reference.toml")).unwrap();
-    let base = root.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let adapter = root.join("models/projector/dinov2s-nanodet-smollm2-v5.lora.gguf");
-    let file_line = text.lines().find(|l| l.starts_with("file = { cache = \"smollm2/")).unwrap();
-    let with_llm = |llm: String| Manifest::parse(&text.replacen(file_line, &llm, 1), "t.toml", &models).unwrap();
-    let base_line = format!("file = {{ path = {:?} }}", base.to_str().unwrap());
-    let adapter_line = format!("{base_line}\nadapter = {{ path = {:?} }}", adapter.to_str().unwrap());
-    let stacks = [
-        with_llm(base_line.clone()),
-        with_llm(adapter_line.clone()),
-        with_llm(format!("{adapter_line}\nadapter_scope = \"scene\"")),
-    ];
+    let reference = manifest();
+    assert_eq!(reference.llm.adapter_scope, AdapterScope::Scene, "the reference's adapter is scene-scoped");
+    let mut base = reference.clone();
+    base.llm.adapter = None;
+    base.llm.adapter_scope = AdapterScope::All;
+    let mut every = reference.clone();
+    every.llm.adapter_scope = AdapterScope::All;
     let config = LlmConfig { threads: 1, max_tokens: 40, ..LlmConfig::default() };
     let story = "Write a short story about a robot who learns to paint.";
     let (mut texts, mut captions) = (Vec::new(), Vec::new());
-    for m in &stacks {
+    for m in [&base, &every, &reference] {
         let mut backbone = Backbone::load(m, &root, &config).unwrap();
         texts.push(backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text);
         let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
@@ -164,14 +157,14 @@ fn a_scene_scoped_adapter_computes_on_the_scene_prefix_only() {
         vision.run(&photo("chelsea.png"), &mut tokens).unwrap();
         backbone.set_scene(1, Some(&tokens)).unwrap();
         captions.push(backbone.ask(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap().text);
-        // After a scene, a text-only request still runs without the adapter.
+        // After a scene, a text-only request still runs as before it.
         backbone.set_scene(2, None).unwrap();
         let again = backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text;
-        assert_eq!(again, texts[texts.len() - 1], "{}: a text request after a scene", m.name);
+        assert_eq!(&again, texts.last().unwrap(), "a text request after a scene");
     }
-    let [base, all, scene] = [0, 1, 2];
+    let [base, every, scene] = [0, 1, 2];
     assert_ne!(
-        texts[all], texts[base],
+        texts[every], texts[base],
         "the adapter on every token changes a text-only answer (else this test shows nothing)"
     );
     assert_eq!(texts[scene], texts[base], "a scene-scoped adapter leaves text-only requests to the base model");
