@@ -160,27 +160,30 @@ fn main() {
             assert_eq!(g.n_tokens, n_gen, "{label}");
             tps.push(g.n_tokens as f64 / (g.decode_ms / 1e3));
         }
-        rows.push((label, median(prefill), median(tps), m.resolve(&m.llm.file, &root)));
+        let adapter = m.llm.adapter.as_ref().map(|a| m.resolve(a, &root));
+        rows.push((label, median(prefill), median(tps), m.resolve(&m.llm.file, &root), adapter));
     }
     println!(
         "the projector's LoRA adapter: prefill of a scene ({} image tokens) and a question, decode of {n_gen} tokens of the story prompt (median of 3):",
         tokens.n_tokens
     );
     let (base_prefill, base_tps) = (rows[0].1, rows[0].2);
-    for (label, prefill, tps, file) in &rows {
+    let name = |p: &std::path::Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    for (label, prefill, tps, file, adapter) in &rows {
         println!(
-            "  {label:<26} prefill {prefill:7.1} ms  decode {tps:6.1} tok/s  ratio prefill {:.2}, decode {:.2}  {}",
+            "  {label:<26} prefill {prefill:7.1} ms  decode {tps:6.1} tok/s  ratio prefill {:.2}, decode {:.2}  {}{}",
             prefill / base_prefill,
             tps / base_tps,
-            file.file_name().unwrap_or_default().to_string_lossy()
+            name(file),
+            adapter.as_ref().map_or(String::new(), |a| format!(" + {}", name(a)))
         );
     }
 }
 
 /// The stacks whose adapter cost is compared, each a manifest: the fetched base GGUF alone (the
-/// baseline), the reference's adapter (or, for a reference that serves a merged GGUF, the adapter
-/// it was merged from: models/sources.toml's `merge`) applied at run time on every token and on
-/// the scene prefix only (`llm.adapter_scope`), and the merged GGUF `make models` derives.
+/// baseline); an adapter trained on every token (the one models/sources.toml's `merge` folds into
+/// a copy of the GGUF, v5's) applied at run time, and merged; and the reference's adapter on the
+/// scene prefix only (`llm.adapter_scope = "scene"`, v7's).
 fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sources.toml");
     let sources: toml::Value = toml::from_str(&std::fs::read_to_string(sources).unwrap()).unwrap();
@@ -188,25 +191,20 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     let cached =
         |key: &str| FileRef { cache: Some(merge[key].as_str().unwrap().into()), path: None, sha256: None, size: None };
     let mut base = reference.clone();
+    base.llm.file = cached("base");
     base.llm.adapter = None;
     base.llm.adapter_scope = AdapterScope::All;
-    let adapter = match &reference.llm.adapter {
-        Some(adapter) => adapter.clone(),
-        None => {
-            base.llm.file = cached("base");
-            cached("adapter")
-        }
-    };
     let mut every = base.clone();
-    every.llm.adapter = Some(adapter);
-    let mut scene = every.clone();
+    every.llm.adapter = Some(cached("adapter"));
+    let mut scene = base.clone();
+    scene.llm.adapter = Some(reference.llm.adapter.clone().unwrap_or_else(|| cached("adapter")));
     scene.llm.adapter_scope = AdapterScope::Scene;
     let mut merged = base.clone();
     merged.llm.file = cached("dest");
     vec![
         ("base GGUF alone", base),
         ("adapter on every token", every),
-        ("adapter on the scene only", scene),
         ("adapter merged", merged),
+        ("adapter on the scene only", scene),
     ]
 }
