@@ -14,9 +14,11 @@ target_dir=${CARGO_TARGET_DIR:-$cache/target}
 host=$target_dir/release/scenecast
 dotprod=$target_dir/aarch64-unknown-linux-gnu/release/scenecast
 plain=$target_dir-armv8/aarch64-unknown-linux-gnu/release/scenecast
-[ -x "$dotprod" ] || bash cross/build-aarch64.sh --no-test
-[ -x "$plain" ] || bash cross/build-aarch64.sh --armv8 --no-test
-[ -x "$host" ] || cargo build --release
+# Always (incrementally) rebuilt: a binary built from older sources embeds an older reference
+# manifest and would check another stack than the one in this tree.
+bash cross/build-aarch64.sh --no-test
+bash cross/build-aarch64.sh --armv8 --no-test
+cargo build --release
 [ -f "$cache/models/ort/aarch64/libonnxruntime.so.1.32.0" ] || {
   echo "cross/check-arm64.sh: the aarch64 ONNX Runtime is not fetched; run make check-arm64" >&2; exit 2; }
 text() { python3 -c 'import json, sys; print(json.loads(sys.stdin.readline())["text"])'; }
