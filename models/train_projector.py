@@ -855,6 +855,16 @@ def strip_labels(metas: list[dict], categories: list[str], regions: int) -> np.n
     return out
 
 
+def adapter_scope(cfg: dict) -> str:
+    """`[adapter] scope`: "all" (the adapter computes on every token: every request pays for it
+    unless it is merged) or "scene" (only on the scene prefix, like CogVLM's visual expert: the
+    question, the answer and text-only requests run the base model unchanged)."""
+    scope = (cfg.get("adapter") or {}).get("scope", "all")
+    if scope not in ("all", "scene"):
+        raise SystemExit(f"error: adapter.scope is {scope!r}; expected \"all\" or \"scene\"")
+    return scope
+
+
 def make_projector(width: int, hidden: int, classes: int, regions: int, grid: list[int] | None = None,
                    frame: bool = True):
     """The projector: two layers over each pooled patch token, and, with `regions`, two layers over
@@ -931,19 +941,13 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         return tuple(tok(text, add_special_tokens=False).input_ids)
 
     m = cfg["model"]
-    m_q = cfg["questions"]
     prefix = torch.tensor(ids(m["prefix"]))
     general = general_answers(cfg, model, tok, ids)  # the frozen LLM's own answers, before any adapter
     adapter = cfg.get("adapter")
     if adapter and not 0 <= adapter["start"] < t["steps"]:
         log(f"    warning: adapter.start {adapter['start']} is not below train.steps {t['steps']}: the adapter does "
             f"not train and is written unchanged (it changes nothing); lower adapter.start for a trained one")
-    # `[adapter] scope`: "all" (the adapter computes on every token: every request pays for it
-    # unless it is merged) or "scene" (only on the scene prefix, like CogVLM's visual expert: the
-    # question, the answer and text-only requests run the base model unchanged).
-    scope = adapter.get("scope", "all") if adapter else "all"
-    if scope not in ("all", "scene"):
-        raise SystemExit(f"error: adapter.scope is {scope!r}; expected \"all\" or \"scene\"")
+    scope = adapter_scope(cfg)
     gate = {"mask": None}
     adapted = add_lora(model, adapter, gate) if adapter else {}
 
@@ -1058,14 +1062,15 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         idx = pick[rng.integers(len(pick), size=t["batch"])]
         img = project(idx)  # [b, tokens, hidden]
         confusable = [[]] * len(idx)
-        if m_q.get("hard_negative", 0.0) > 0:
+        if cfg["questions"].get("hard_negative", 0.0) > 0:
             # Hard negatives: the absent categories the image tokens point at most now (their best
             # cell's cosine with the name), so "No" is learned where the tokens mislead.
             with torch.no_grad():
-                near = (torch.nn.functional.normalize(img, dim=-1) @ names.T).amax(1)  # [b, categories]
-            top = near.argsort(dim=-1, descending=True)[:, :m_q.get("hard_top", 3) + 2].tolist()
-            confusable = [[categories[c] for c in row if categories[c] not in {o["name"] for o in metas[i]["objects"]}]
-                          [:m_q.get("hard_top", 3)] for row, i in zip(top, idx)]
+                ranked = (torch.nn.functional.normalize(img, dim=-1) @ names.T).amax(1).argsort(dim=-1, descending=True)
+            confusable = []
+            for row, i in zip(ranked.tolist(), idx):
+                shown = {o["name"] for o in metas[i]["objects"]}
+                confusable.append([categories[c] for c in row if categories[c] not in shown][:cfg["questions"].get("hard_top", 3)])
         seqs, labels = [], []
         for row, i in enumerate(idx):
             q, a = question(metas[i], cfg, categories, rng, general, confusable[row])
@@ -1250,7 +1255,7 @@ def main() -> int:
                    .detach().numpy(), axis=-1).mean())}
     dest.with_suffix(".train.json").write_text(json.dumps(summary, indent=1) + "\n")
     config = write_candidate(dest, adapter_path(dest) if adapted else None, work, cfg["model"]["llm"], cfg.get("detector"),
-                             (cfg.get("adapter") or {}).get("scope", "all"))
+                             adapter_scope(cfg))
     log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate the new projector with: "
         f"scenecast --config {config} eval {work / 'eval' / 'eval.json'}   (or `make eval`)")
     return 0
