@@ -5,8 +5,9 @@
 //! 2. Time to first token for a question about the current scene: with the scene prefix cached,
 //!    against re-encoding the image and re-prefilling the prefix.
 //! 3. The cost of the projector's LoRA adapter: scene prefill and decode of the fetched base GGUF
-//!    alone, with the adapter applied at run time on every token and on the scene prefix only
-//!    (`llm.adapter_scope = "scene"`), and merged into the GGUF (made at `make models`).
+//!    alone, with the adapter applied at run time on every token, on the scene prefix only
+//!    (`llm.adapter_scope = "scene"`) and on the scene prefix and each question (`"prompt"`), and
+//!    merged into the GGUF (made at `make models`).
 //!
 //! Run with `cargo bench --bench backbone` after `make models`.
 
@@ -183,7 +184,8 @@ fn main() {
 /// The stacks whose adapter cost is compared, each a manifest: the fetched base GGUF alone (the
 /// baseline); an adapter trained on every token (the one models/sources.toml's `merge` folds into
 /// a copy of the GGUF, v5's) applied at run time, and merged; and the reference's adapter on the
-/// scene prefix only (`llm.adapter_scope = "scene"`, v7's).
+/// scene prefix only (`llm.adapter_scope = "scene"`, as it was trained) and, to show what that
+/// scope costs, on the scene prefix and the question (`"prompt"`).
 fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     let sources = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sources.toml");
     let sources: toml::Value = toml::from_str(&std::fs::read_to_string(sources).unwrap()).unwrap();
@@ -199,6 +201,8 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     let mut scene = base.clone();
     scene.llm.adapter = Some(reference.llm.adapter.clone().unwrap_or_else(|| cached("adapter")));
     scene.llm.adapter_scope = AdapterScope::Scene;
+    let mut prompt = scene.clone();
+    prompt.llm.adapter_scope = AdapterScope::Prompt;
     let mut merged = base.clone();
     merged.llm.file = cached("dest");
     vec![
@@ -206,5 +210,6 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
         ("adapter on every token", every),
         ("adapter merged", merged),
         ("adapter on the scene only", scene),
+        ("adapter on scene + prompts", prompt),
     ]
 }

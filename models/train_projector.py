@@ -112,15 +112,52 @@ def article(name: str, capital: bool = False) -> str:
 def exemplar(e) -> dict:
     """An exemplar as a dict: `{file, box, crop?}` (a photo in photos/, the object in `box`, the
     photo itself `crop` of the file), or `{stamp}` (a cut-out with alpha in stamps/). A bare string
-    is a whole photo, and so is a `{file}` without a box."""
+    is a whole photo, and so is a `{file}` without a box. `{cifar: [split, index]}` is one of
+    CIFAR-10's photos (`Cifar`), whole."""
     if isinstance(e, str):
         return {"file": e, "box": [0.0, 0.0, 1.0, 1.0]}
-    return {"box": [0.0, 0.0, 1.0, 1.0], **e} if "file" in e else e
+    return {"box": [0.0, 0.0, 1.0, 1.0], **e} if "file" in e or "cifar" in e else e
+
+
+class Cifar:
+    """CIFAR-10's real 32 x 32 photos (part `photos-cifar10` of models/sources.toml: PNG sheets,
+    one photo per row, and the labels as JSON lists), named by the configuration's `[cifar10]
+    names` (label i -> one of our categories). The training split gives training exemplars; the
+    test split, never trained on, gives evaluation rows of its own."""
+
+    def __init__(self, root: Path, spec: dict):
+        self.root, self.spec = root / "cifar10", spec
+        self.names = spec["names"]
+        self._splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Photos [n, 32, 32, 3] uint8 and labels [n] of `train` or `test`."""
+        if split not in self._splits:
+            sheets = self.spec["train_sheets"] if split == "train" else ["test_batch.png"]
+            photos = np.concatenate([np.asarray(Image.open(self.root / f).convert("RGB")).reshape(-1, 32, 32, 3)
+                                     for f in sheets])
+            labels = np.asarray(json.loads((self.root / f"{split}_labels.json").read_text()))[:len(photos)]
+            self._splits[split] = photos, labels
+        return self._splits[split]
+
+    def photo(self, split: str, index: int) -> Image.Image:
+        return Image.fromarray(self.split(split)[0][index])
+
+    def exemplars(self, split: str, per_class: int, skip: int = 0) -> dict[str, list[dict]]:
+        """The first `per_class` photos of each class after the first `skip` (the split's own
+        order: deterministic), as exemplars by category name."""
+        labels = self.split(split)[1]
+        return {name: [exemplar({"cifar": [split, int(i)]}) for i in np.flatnonzero(labels == k)[skip:skip + per_class]]
+                for k, name in enumerate(self.names)}
 
 
 class Composer:
-    def __init__(self, cfg: dict, photos: Path, rng: np.random.Generator):
+    def __init__(self, cfg: dict, photos: Path, rng: np.random.Generator, cifar: bool = False):
+        """`cifar`: also pick CIFAR-10's training photos for its categories (the training
+        composer; the evaluation's composers do not, so their rows stay those of earlier runs)."""
         self.cfg, self.rng, self.photos = cfg, rng, photos
+        self.cifar = Cifar(photos.parent, cfg["cifar10"]) if "cifar10" in cfg else None
+        self.cifar_train = self.cifar.exemplars("train", cfg["cifar10"]["per_class"]) if cifar and self.cifar else {}
         self._open = lru_cache(maxsize=None)(self._load)
         self.categories = [c["name"] for c in cfg["category"]]
         self.train_photos = {c["name"]: [p for p in c["photos"] if not p.get("heldout")] for c in cfg["category"]}
@@ -143,6 +180,8 @@ class Composer:
     def _load(self, key: tuple) -> Image.Image:
         """A photo (RGB, cropped to `crop`) or a stamp (RGBA, cut to its alpha's bounding box)."""
         kind, name, crop = key
+        if kind == "cifar":
+            return self.cifar.photo(name, crop)
         if kind == "stamp":
             img = Image.open(self.photos.parent / "stamps" / name).convert("RGBA")
             return img.crop(img.getchannel("A").point(lambda a: 255 if a > 16 else 0).getbbox())
@@ -156,6 +195,8 @@ class Composer:
         e = exemplar(e)
         if "stamp" in e:
             return self._open(("stamp", e["stamp"], None))
+        if "cifar" in e:
+            return self._open(("cifar", *e["cifar"]))
         return self._open(("file", e["file"], tuple(e["crop"]) if "crop" in e else None))
 
     def uniform(self, lo: float, hi: float) -> float:
@@ -234,8 +275,29 @@ class Composer:
         return [float(np.clip(v, 0.0, 1.0)) for v in box]
 
     def pick_photo(self, name: str) -> dict:
+        """A training exemplar of `name`: one of CIFAR-10's photos `[cifar10] share` of the time
+        when it is one of CIFAR's classes (the training composer), else one of the configuration's."""
+        many = self.cifar_train.get(name)
+        if many and self.rng.random() < self.cfg["cifar10"]["share"]:
+            return many[self.rng.integers(len(many))]
         ps = self.train_photos[name]
         return ps[self.rng.integers(len(ps))]
+
+    def cifar_frame(self) -> tuple[Image.Image, dict]:
+        """A CIFAR-10 training photo as a whole camera frame."""
+        names = list(self.cifar_train)
+        name = names[self.rng.integers(len(names))]
+        img, box = self.photo_view(self.cifar_train[name][self.rng.integers(len(self.cifar_train[name]))])
+        return img, {"kind": "photo", "objects": [{"name": name, "box": box}]}
+
+    def lowres(self, img: Image.Image) -> Image.Image:
+        """The scene as a small or distant camera delivers it: `[data] lowres` of the time, down
+        to 32-96 pixels and back (so blur is no cue for CIFAR's classes, and 64-pixel renders of
+        the generator are read as they are)."""
+        if self.rng.random() >= self.cfg["data"].get("lowres", 0.0):
+            return img
+        side = int(self.rng.integers(32, 97))
+        return img.resize((side, side), Image.BILINEAR).resize((SIZE, SIZE), Image.BILINEAR)
 
     def single(self) -> tuple[Image.Image, dict]:
         name = self.categories[self.rng.integers(len(self.categories))]
@@ -557,17 +619,18 @@ def detect(images: list[Image.Image], cache: Path, det, regions: int | None, thr
 def data_paths(cfg: dict, work: Path, user_data: Path | None) -> tuple[Path, Path]:
     """Where the features and scene descriptions of this data configuration are cached."""
     key = hashlib.sha256(json.dumps([DATA_VERSION, cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], cfg["model"],
-                                     str(user_data)], sort_keys=True).encode()).hexdigest()[:16]
+                                     str(user_data)] + ([cfg["cifar10"]] if "cifar10" in cfg else []),
+                                    sort_keys=True).encode()).hexdigest()[:16]
     return work / f"features-{key}.npy", work / f"meta-{key}.json"
 
 
 def compose_training(cfg: dict, photos: Path) -> tuple["Composer", list[Image.Image], list[dict]]:
     """The training scenes of `cfg` (seeded: the same images every time), and the composer."""
     rng = np.random.default_rng(cfg["seed"])
-    comp = Composer(cfg, photos, rng)
+    comp = Composer(cfg, photos, rng, cifar=True)
     d = cfg["data"]
     images, metas = [], []
-    total = sum(d.get(k, 0) for k in ("single", "pair", "empty", "photo", "unknown", "half"))
+    total = sum(d.get(k, 0) for k in ("single", "pair", "empty", "photo", "unknown", "half", "cifar_frames"))
     log(f"[1/4] composing {total} training images")
     for _ in range(d["single"]):
         im, m = comp.single(); images.append(im); metas.append(m)  # noqa: E702
@@ -583,6 +646,10 @@ def compose_training(cfg: dict, photos: Path) -> tuple["Composer", list[Image.Im
         im, m = comp.empty(); images.append(im); metas.append(m)  # noqa: E702
     for _ in range(d.get("half", 0)):
         im, m = comp.half(); images.append(im); metas.append(m)  # noqa: E702
+    for _ in range(d.get("cifar_frames", 0)):
+        im, m = comp.cifar_frame(); images.append(im); metas.append(m)  # noqa: E702
+    if d.get("lowres"):
+        images = [comp.lowres(im) for im in images]
     return comp, images, metas
 
 
@@ -722,6 +789,20 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
                 name = f"unknown-photo-{Path(u['file']).stem}.png"
                 comp.open(u).save(out / name)
                 scenes.append({"image": name, "kind": "unknown-photo-heldout", "objects": [], "questions": questions([], {})})
+    if "cifar10" in cfg:
+        # CIFAR-10's test photos (never trained on): whole frames, and pasted into scenes as one
+        # object at the training scale. Their own random stream, after every other row.
+        spec = cfg["cifar10"]
+        cc = Composer(cfg, cache / "models" / "photos", np.random.default_rng(cfg["seed"] + 5))
+        frames = cc.cifar.exemplars("test", spec["eval_frames"])
+        pasted = cc.cifar.exemplars("test", spec["eval_pasted"], skip=spec["eval_frames"])
+        for name in cc.cifar.names:
+            for k, e in enumerate(frames[name]):
+                img, box = cc.photo_view(e)
+                add(img, {"kind": "cifar-photo-heldout", "objects": [{"name": name, "box": box}]}, f"cifar-{name}-{k:02}.png")
+            for k, e in enumerate(pasted[name]):
+                img, m = cc.exemplar_single(name, e)
+                add(img, {**m, "kind": "cifar-heldout"}, f"cifar-pasted-{name}-{k:02}.png")
     doc = {"name": cfg["name"], "categories": comp.categories, "caption_prompt": cfg["questions"]["caption_prompts"][0],
            "scenes": scenes}
     (out / "eval.json").write_text(json.dumps(doc, indent=1))
@@ -766,7 +847,7 @@ def add_lora(model, spec: dict, gate: dict | None = None) -> dict:
     With `gate`, the adapters' change is multiplied by `gate["mask"]` ([b, length, 1], or None for
     everywhere): `[adapter] scope = "scene"` sets it to 1 on the scene prefix (chat prefix and image
     tokens) and 0 after, as the runtime applies such an adapter (llama.cpp, while it decodes the
-    scene prefix only)."""
+    scene prefix only); `"prompt"` to 1 up to the end of each row's question."""
     import torch
 
     class Lora(torch.nn.Module):
@@ -857,11 +938,13 @@ def strip_labels(metas: list[dict], categories: list[str], regions: int) -> np.n
 
 def adapter_scope(cfg: dict) -> str:
     """`[adapter] scope`: "all" (the adapter computes on every token: every request pays for it
-    unless it is merged) or "scene" (only on the scene prefix, like CogVLM's visual expert: the
-    question, the answer and text-only requests run the base model unchanged)."""
+    unless it is merged), "scene" (only on the scene prefix, like CogVLM's visual expert: the
+    question, the answer and text-only requests run the base model unchanged) or "prompt" (the
+    scene prefix and the question, everything the model reads about an image, so the answer's
+    first token is the adapter's; the rest of the answer runs the base model)."""
     scope = (cfg.get("adapter") or {}).get("scope", "all")
-    if scope not in ("all", "scene"):
-        raise SystemExit(f"error: adapter.scope is {scope!r}; expected \"all\" or \"scene\"")
+    if scope not in ("all", "scene", "prompt"):
+        raise SystemExit(f"error: adapter.scope is {scope!r}; expected \"all\", \"scene\" or \"prompt\"")
     return scope
 
 
@@ -951,10 +1034,13 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
     gate = {"mask": None}
     adapted = add_lora(model, adapter, gate) if adapter else {}
 
-    def scene_gate(length: int, image_tokens: int) -> None:
-        """Limits a "scene" adapter to the first len(prefix) + image_tokens positions of the batch."""
+    def scene_gate(length: int, image_tokens: int, prompts) -> None:
+        """Limits a scoped adapter: "scene" to the first len(prefix) + image_tokens positions of the
+        batch, "prompt" to each row's first `prompts[row]` positions (its prompt, before the answer)."""
         if scope == "scene":
             gate["mask"] = (torch.arange(length) < len(prefix) + image_tokens).float()[None, :, None]
+        elif scope == "prompt":
+            gate["mask"] = (torch.arange(length)[None, :] < torch.as_tensor(prompts)[:, None]).float()[:, :, None]
     adapter_params = [p for m in adapted.values() for p in (m.a, m.b)]
     rng = np.random.default_rng(cfg["seed"] + 1)
     categories = [c["name"] for c in cfg["category"]]
@@ -1031,7 +1117,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
                 chunk = asked[c:c + 50]
                 img = project([i for i, _, _ in chunk])
                 x, mask = pad([torch.cat([embed(prefix), img[r], embed(suf)]) for r, (_, suf, _) in enumerate(chunk)])
-                scene_gate(x.shape[1], img.shape[1])
+                scene_gate(x.shape[1], img.shape[1], mask.sum(1))
                 states = model.model(inputs_embeds=x, attention_mask=mask).last_hidden_state
                 logits = model.lm_head(states[torch.arange(len(chunk)), mask.sum(1) - 1])
                 right += sum((float(l[yes] - l[no]) > 0) == shown for l, (_, _, shown) in zip(logits, chunk))
@@ -1071,7 +1157,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             for row, i in zip(ranked.tolist(), idx):
                 shown = {o["name"] for o in metas[i]["objects"]}
                 confusable.append([categories[c] for c in row if categories[c] not in shown][:cfg["questions"].get("hard_top", 3)])
-        seqs, labels = [], []
+        seqs, labels, answers = [], [], []
         for row, i in enumerate(idx):
             q, a = question(metas[i], cfg, categories, rng, general, confusable[row])
             suffix = torch.tensor(ids(m["suffix"].format(question=q)))
@@ -1080,8 +1166,9 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
                 pre, suf, ans = embed(prefix), embed(suffix), embed(answer)
             seqs.append(torch.cat([pre, img[row], suf, ans]))
             labels.append(torch.cat([torch.full((len(prefix) + img.shape[1] + len(suffix),), -100), answer]))
+            answers.append(len(answer))
         x, mask = pad(seqs)
-        scene_gate(x.shape[1], img.shape[1])
+        scene_gate(x.shape[1], img.shape[1], [len(lab) - n for lab, n in zip(labels, answers)])
         y = torch.full(mask.shape, -100)
         for r, lab in enumerate(labels):
             y[r, :len(lab)] = lab

@@ -69,6 +69,18 @@ pub enum AdapterScope {
     /// Only the scene prefix with its image tokens (a "visual expert", as in CogVLM): questions,
     /// answers and text-only requests run the base model, so decoding pays nothing for it.
     Scene,
+    /// What the model reads about a scene with an image, not what it writes: the scene prefix and
+    /// each request's prompt (so the first token of an answer is the adapter's), while the rest of
+    /// the answer and text-only requests run the base model. Decoding pays nothing for it.
+    Prompt,
+}
+
+impl AdapterScope {
+    /// Whether the adapter is switched on and off around parts of the conversation (not on for
+    /// every token).
+    pub fn is_scoped(self) -> bool {
+        self != AdapterScope::All
+    }
 }
 
 /// How the frame is brought to the encoder's input size.
@@ -227,8 +239,9 @@ pub struct LlmSpec {
     /// applied at its trained scale where `adapter_scope` says.
     #[serde(default)]
     pub adapter: Option<FileRef>,
-    /// Which tokens the adapter computes on: all of them, or only the scene prefix (chat prefix
-    /// and image tokens), as it was trained (`[adapter] scope` of the training configuration).
+    /// Which tokens the adapter computes on: all of them, only the scene prefix (chat prefix and
+    /// image tokens), or the scene prefix and each request's prompt, as it was trained (`[adapter]
+    /// scope` of the training configuration).
     #[serde(default)]
     pub adapter_scope: AdapterScope,
     /// The chat layout.
@@ -423,8 +436,9 @@ impl Manifest {
                 }
             }
         }
-        if self.llm.adapter_scope == AdapterScope::Scene && self.llm.adapter.is_none() {
-            return Err(self.invalid("llm.adapter_scope", "\"scene\" needs `llm.adapter`, and none is given".into()));
+        if self.llm.adapter_scope.is_scoped() && self.llm.adapter.is_none() {
+            let scope = serde_json::to_string(&self.llm.adapter_scope).unwrap_or_default();
+            return Err(self.invalid("llm.adapter_scope", format!("{scope} needs `llm.adapter`, and none is given")));
         }
         let enc = &self.encoder;
         let [height, width] = enc.preprocess.size;
@@ -850,7 +864,7 @@ mod tests {
     }
 
     #[test]
-    fn an_adapter_scope_is_all_by_default_and_scene_needs_an_adapter() {
+    fn an_adapter_scope_is_all_by_default_and_a_scoped_one_needs_an_adapter() {
         // The reference names its adapter with `adapter_scope = "scene"`.
         assert_eq!(with(|t| t.to_owned()).unwrap().llm.adapter_scope, AdapterScope::Scene);
         let unscoped = with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\n", 1)).unwrap();
@@ -862,6 +876,13 @@ mod tests {
         };
         let err = with(no_adapter).unwrap_err();
         assert!(err.to_string().contains("`llm.adapter_scope`: \"scene\" needs `llm.adapter`"), "{err}");
+        let prompt =
+            with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\nadapter_scope = \"prompt\"\n", 1)).unwrap();
+        assert_eq!(prompt.llm.adapter_scope, AdapterScope::Prompt);
+        let err =
+            with(|t| no_adapter(t).replacen("\nadapter_scope = \"scene\"\n", "\nadapter_scope = \"prompt\"\n", 1))
+                .unwrap_err();
+        assert!(err.to_string().contains("`llm.adapter_scope`: \"prompt\" needs `llm.adapter`"), "{err}");
         let err =
             with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\nadapter_scope = \"image\"\n", 1)).unwrap_err();
         assert!(err.to_string().contains("adapter_scope"), "{err}");

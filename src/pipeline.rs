@@ -157,7 +157,11 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
                 s.adapter.as_ref().map_or(String::new(), |p| format!(
                     ", LoRA adapter {}{}",
                     p.display(),
-                    if s.adapter_scope == crate::manifest::AdapterScope::Scene { " (scene prefix only)" } else { "" }
+                    match s.adapter_scope {
+                        crate::manifest::AdapterScope::All => "",
+                        crate::manifest::AdapterScope::Scene => " (scene prefix only)",
+                        crate::manifest::AdapterScope::Prompt => " (scene prefix and prompts only)",
+                    }
                 )),
             )
         }),

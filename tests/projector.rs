@@ -134,10 +134,12 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
 }
 
 #[test]
-fn a_scene_scoped_adapter_computes_on_the_scene_prefix_only() {
+fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
     // The reference's adapter has `llm.adapter_scope = "scene"`: it computes the chat prefix and
     // the image tokens, and every token after them (question, answer, text-only requests) runs the
-    // base model: text-only answers equal the base GGUF's alone, captions do not.
+    // base model: text-only answers equal the base GGUF's alone, captions do not. With scope
+    // "prompt" it also computes the question about a scene (what the model reads), not the answer
+    // nor text-only requests.
     let root = cache_root();
     let reference = manifest();
     assert_eq!(reference.llm.adapter_scope, AdapterScope::Scene, "the reference's adapter is scene-scoped");
@@ -146,10 +148,12 @@ fn a_scene_scoped_adapter_computes_on_the_scene_prefix_only() {
     base.llm.adapter_scope = AdapterScope::All;
     let mut every = reference.clone();
     every.llm.adapter_scope = AdapterScope::All;
+    let mut prompt = reference.clone();
+    prompt.llm.adapter_scope = AdapterScope::Prompt;
     let config = LlmConfig { threads: 1, max_tokens: 40, ..LlmConfig::default() };
     let story = "Write a short story about a robot who learns to paint.";
-    let (mut texts, mut captions) = (Vec::new(), Vec::new());
-    for m in [&base, &every, &reference] {
+    let (mut texts, mut captions, mut states) = (Vec::new(), Vec::new(), Vec::new());
+    for m in [&base, &every, &reference, &prompt] {
         let mut backbone = Backbone::load(m, &root, &config).unwrap();
         texts.push(backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text);
         let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
@@ -157,18 +161,23 @@ fn a_scene_scoped_adapter_computes_on_the_scene_prefix_only() {
         vision.run(&photo("chelsea.png"), &mut tokens).unwrap();
         backbone.set_scene(1, Some(&tokens)).unwrap();
         captions.push(backbone.ask(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap().text);
+        // The hidden states after a question and an answer read what the question's tokens hold.
+        states.push(backbone.signal_states("Is there a cat in the image?", "Yes.", " Picture:").unwrap());
         // After a scene, a text-only request still runs as before it.
         backbone.set_scene(2, None).unwrap();
         let again = backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text;
         assert_eq!(&again, texts.last().unwrap(), "a text request after a scene");
     }
-    let [base, every, scene] = [0, 1, 2];
+    let [base, every, scene, prompt] = [0, 1, 2, 3];
     assert_ne!(
         texts[every], texts[base],
         "the adapter on every token changes a text-only answer (else this test shows nothing)"
     );
     assert_eq!(texts[scene], texts[base], "a scene-scoped adapter leaves text-only requests to the base model");
     assert_ne!(captions[scene], captions[base], "a scene-scoped adapter computes the scene prefix: {captions:?}");
+    assert_eq!(texts[prompt], texts[base], "a prompt-scoped adapter leaves text-only requests to the base model");
+    assert_ne!(states[prompt], states[scene], "a prompt-scoped adapter computes the question about a scene");
+    assert_ne!(states[scene], states[every], "a scene-scoped adapter does not compute the question");
 }
 
 /// `scenecast caption` over several photos in one process (models loaded once) writes, for each

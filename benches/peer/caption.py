@@ -66,13 +66,15 @@ class Peer:
         )
         self.ctx = self.llm.ctx
         # The manifest's LoRA adapter, if any: on every token, or (`adapter_scope = "scene"`) only
-        # while the chat prefix and the image tokens are decoded, as scenecast applies it.
-        self.adapter, self.scene_only = None, llm.get("adapter_scope", "all") == "scene"
+        # while the chat prefix and the image tokens are decoded, or (`"prompt"`) also while the
+        # question is, as scenecast applies it.
+        self.adapter, self.scope = None, llm.get("adapter_scope", "all")
+        self.scoped = self.scope in ("scene", "prompt")
         if "adapter" in llm:
             self.adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, cached(cache, {"file": llm["adapter"]}).encode())
             if not self.adapter:
                 raise RuntimeError(f"llama.cpp could not load the adapter {llm['adapter']}")
-            self.use_adapter(not self.scene_only)
+            self.use_adapter(not self.scoped)
         self.n_embd = self.llm.n_embd()
         self.n_vocab = self.llm.n_vocab()
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -165,14 +167,16 @@ class Peer:
         t2 = time.perf_counter()
         self.clear()
         prefix = self.llm.tokenize(self.chat["prefix"].encode(), add_bos=True, special=True)
-        if self.adapter and self.scene_only:
+        if self.adapter and self.scoped:
             self.use_adapter(True)
         pos = self.decode_tokens(prefix, 0, False)
         pos = self.decode_embeddings(tokens_img, pos)
-        if self.adapter and self.scene_only:
+        if self.adapter and self.scope == "scene":
             self.use_adapter(False)
         suffix = self.llm.tokenize(self.chat["suffix"].replace("{question}", question).encode(), add_bos=False, special=True)
         pos = self.decode_tokens(suffix, pos, True)
+        if self.adapter and self.scope == "prompt":
+            self.use_adapter(False)
         t3 = time.perf_counter()
         generated: list[int] = []
         text = b""

@@ -81,7 +81,7 @@ pub struct ModelSummary {
     pub gguf: GgufInfo,
     /// The LoRA adapter, if the manifest names one.
     pub adapter: Option<PathBuf>,
-    /// Where it computes: every token, or the scene prefix only.
+    /// Where it computes: every token, the scene prefix only, or the scene prefix and prompts.
     pub adapter_scope: AdapterScope,
     /// Parameters, as llama.cpp counts them.
     pub n_params: u64,
@@ -97,6 +97,9 @@ struct CachedScene {
     id: u64,
     /// Positions the prefix occupies.
     n_past: usize,
+    /// Whether the prefix has an image (a scoped adapter computes on it and, with scope
+    /// "prompt", on the prompts of requests about it).
+    image: bool,
 }
 
 /// The LLM backbone: model, context, chat layout, and the cached scene prefix.
@@ -107,8 +110,9 @@ pub struct Backbone {
     config: LlmConfig,
     scene: Option<CachedScene>,
     history: Vec<i32>,
-    /// The adapter computes on scene prefixes with an image only (`llm.adapter_scope = "scene"`).
-    scene_adapter: bool,
+    /// The adapter's scope when it is switched on and off around parts of the conversation
+    /// (`llm.adapter_scope` "scene" or "prompt"); None without an adapter or for one on every token.
+    scoped: Option<AdapterScope>,
 }
 
 impl Backbone {
@@ -134,7 +138,7 @@ impl Backbone {
             crate::ffi::Adapter::load(model.clone(), &path)
                 .and_then(|adapter| ctx.set_adapter(std::sync::Arc::new(adapter), 1.0))
                 .map_err(|reason| LlmError::Adapter { path: path.clone(), reason })?;
-            if manifest.llm.adapter_scope == AdapterScope::Scene {
+            if manifest.llm.adapter_scope.is_scoped() {
                 // Off until a scene with an image is decoded (`set_scene`).
                 ctx.enable_adapter(false).map_err(|reason| LlmError::Adapter { path: path.clone(), reason })?;
             }
@@ -156,9 +160,10 @@ impl Backbone {
             gguf: info,
         };
         tracing::info!(model = %path.display(), params = summary.n_params, threads, n_ctx = summary.n_ctx, "LLM backbone loaded");
-        let scene_adapter = summary.adapter.is_some() && manifest.llm.adapter_scope == AdapterScope::Scene;
+        let scoped =
+            (summary.adapter.is_some() && manifest.llm.adapter_scope.is_scoped()).then_some(manifest.llm.adapter_scope);
         let backbone =
-            Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new(), scene_adapter };
+            Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new(), scoped };
         backbone.check_layout()?;
         Ok(backbone)
     }
@@ -252,7 +257,8 @@ impl Backbone {
         self.ctx.clear();
         self.scene = None;
         let n_past = self.decode_parts(parts, 0, "the scene prefix")?;
-        self.scene = Some(CachedScene { id, n_past });
+        let image = parts.iter().any(|p| matches!(p, Part::Embeddings(_)));
+        self.scene = Some(CachedScene { id, n_past, image });
         Ok(ms_since(start))
     }
 
@@ -266,24 +272,46 @@ impl Backbone {
         }
         let prefix = self.layout.prefix().to_owned();
         match image {
-            Some(image) if self.scene_adapter => {
-                // The adapter computes the scene prefix only; every token after it runs the base
-                // model. The prefill time includes both switches (llama.cpp re-plans its graph).
+            Some(image) if self.scoped.is_some() => {
+                // A scoped adapter computes the scene prefix; with scope "scene" every token after
+                // it runs the base model, with "prompt" it stays on for the prompt of the next
+                // request (`generate` switches it). The prefill time includes the switches
+                // (llama.cpp re-plans its graph on each).
                 let start = std::time::Instant::now();
                 self.switch_adapter(true)?;
                 let prefill = self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]);
-                self.switch_adapter(false)?;
+                if self.scoped == Some(AdapterScope::Scene) || prefill.is_err() {
+                    self.switch_adapter(false)?;
+                }
                 prefill.map(|_| ms_since(start))
             }
             Some(image) => self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]),
-            None => self.set_prefix(id, &[Part::Text(&prefix)]),
+            None => {
+                if self.scoped.is_some() {
+                    self.switch_adapter(false)?;
+                }
+                self.set_prefix(id, &[Part::Text(&prefix)])
+            }
         }
     }
 
+    /// Switches a scoped adapter on or off (llama.cpp does nothing when it already is).
     fn switch_adapter(&mut self, on: bool) -> Result<(), LlmError> {
         self.ctx
             .enable_adapter(on)
             .map_err(|reason| LlmError::Adapter { path: self.summary.adapter.clone().unwrap_or_default(), reason })
+    }
+
+    /// Decodes a request's prompt after the scene prefix: with an adapter of scope "prompt", the
+    /// adapter computes it when the scene has an image, and is off for what is generated after.
+    fn decode_prompt(&mut self, parts: &[Part<'_>], scene: CachedScene, what: &'static str) -> Result<usize, LlmError> {
+        if self.scoped != Some(AdapterScope::Prompt) {
+            return self.decode_parts(parts, scene.n_past, what);
+        }
+        self.switch_adapter(scene.image)?;
+        let pos = self.decode_parts(parts, scene.n_past, what);
+        self.switch_adapter(false)?;
+        pos
     }
 
     /// Checks a question against `llm.max_question_chars` (see [`check_question`]).
@@ -321,7 +349,13 @@ impl Backbone {
             return Err(LlmError::CacheCut);
         }
         let request = self.layout.request(question);
-        let pos = self.decode_parts(&[Part::Text(&request), Part::Text(answer)], scene.n_past, "the description")?;
+        let pos = if self.scoped == Some(AdapterScope::Prompt) {
+            // The prompt as the adapter reads it; the answer as the base model wrote it.
+            let pos = self.decode_prompt(&[Part::Text(&request)], scene, "the description")?;
+            self.decode_parts(&[Part::Text(answer)], pos, "the description")?
+        } else {
+            self.decode_parts(&[Part::Text(&request), Part::Text(answer)], scene.n_past, "the description")?
+        };
         let tokens = self.tokenize(signal, false);
         if tokens.len() > self.config.batch as usize {
             return Err(LlmError::SignalTooLong { n: tokens.len(), batch: self.config.batch as usize });
@@ -361,7 +395,7 @@ impl Backbone {
         if !self.ctx.truncate(scene.n_past) {
             return Err(LlmError::CacheCut);
         }
-        let mut pos = self.decode_parts(tail, scene.n_past, "the request")?;
+        let mut pos = self.decode_prompt(tail, scene, "the request")?;
         let prefill_ms = ms_since(start);
         let mut sampler = TokenSampler::new(options.sampling.clone());
         let mut filter = StopFilter::new(self.layout.stop());
