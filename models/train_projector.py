@@ -134,6 +134,10 @@ class Cifar:
         """Photos [n, 32, 32, 3] uint8 and labels [n] of `train` or `test`."""
         if split not in self._splits:
             sheets = self.spec["train_sheets"] if split == "train" else ["test_batch.png"]
+            for f in sheets + [f"{split}_labels.json"]:
+                if not (self.root / f).is_file():
+                    raise SystemExit(f"error: {self.root / f} is missing; [cifar10] reads CIFAR-10 from the fetch's "
+                                     f"part photos-cifar10 (`make projector`, or models/fetch.py --train)")
             photos = np.concatenate([np.asarray(Image.open(self.root / f).convert("RGB")).reshape(-1, 32, 32, 3)
                                      for f in sheets])
             labels = np.asarray(json.loads((self.root / f"{split}_labels.json").read_text()))[:len(photos)]
@@ -147,6 +151,10 @@ class Cifar:
         """The first `per_class` photos of each class after the first `skip` (the split's own
         order: deterministic), as exemplars by category name."""
         labels = self.split(split)[1]
+        for k, name in enumerate(self.names):
+            if (labels == k).sum() < skip + per_class:
+                raise SystemExit(f"error: [cifar10]: the {split} split has {(labels == k).sum()} photos of {name}, "
+                                 f"fewer than the {skip + per_class} asked for; lower the count or add train_sheets")
         return {name: [exemplar({"cifar": [split, int(i)]}) for i in np.flatnonzero(labels == k)[skip:skip + per_class]]
                 for k, name in enumerate(self.names)}
 
@@ -1157,7 +1165,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             for row, i in zip(ranked.tolist(), idx):
                 shown = {o["name"] for o in metas[i]["objects"]}
                 confusable.append([categories[c] for c in row if categories[c] not in shown][:cfg["questions"].get("hard_top", 3)])
-        seqs, labels, answers = [], [], []
+        seqs, labels, prompts = [], [], []
         for row, i in enumerate(idx):
             q, a = question(metas[i], cfg, categories, rng, general, confusable[row])
             suffix = torch.tensor(ids(m["suffix"].format(question=q)))
@@ -1165,10 +1173,10 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             with torch.no_grad():
                 pre, suf, ans = embed(prefix), embed(suffix), embed(answer)
             seqs.append(torch.cat([pre, img[row], suf, ans]))
-            labels.append(torch.cat([torch.full((len(prefix) + img.shape[1] + len(suffix),), -100), answer]))
-            answers.append(len(answer))
+            prompts.append(len(prefix) + img.shape[1] + len(suffix))
+            labels.append(torch.cat([torch.full((prompts[-1],), -100), answer]))
         x, mask = pad(seqs)
-        scene_gate(x.shape[1], img.shape[1], [len(lab) - n for lab, n in zip(labels, answers)])
+        scene_gate(x.shape[1], img.shape[1], prompts)
         y = torch.full(mask.shape, -100)
         for r, lab in enumerate(labels):
             y[r, :len(lab)] = lab
@@ -1296,7 +1304,7 @@ def adapter_path(projector: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v5.toml", help="training configuration")
+    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v7.toml", help="training configuration")
     ap.add_argument("--cache", type=Path, default=default_cache(), help="cache root (default: $SCENECAST_CACHE)")
     ap.add_argument("--user-data", type=Path, help="folder of your own photos, each with a same-named .txt caption")
     ap.add_argument("--steps", type=int, help="override train.steps (for a quick trial)")

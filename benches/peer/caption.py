@@ -69,12 +69,11 @@ class Peer:
         # while the chat prefix and the image tokens are decoded, or (`"prompt"`) also while the
         # question is, as scenecast applies it.
         self.adapter, self.scope = None, llm.get("adapter_scope", "all")
-        self.scoped = self.scope in ("scene", "prompt")
         if "adapter" in llm:
             self.adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, cached(cache, {"file": llm["adapter"]}).encode())
             if not self.adapter:
                 raise RuntimeError(f"llama.cpp could not load the adapter {llm['adapter']}")
-            self.use_adapter(not self.scoped)
+            self.use_adapter(self.scope == "all")
         self.n_embd = self.llm.n_embd()
         self.n_vocab = self.llm.n_vocab()
         self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -167,7 +166,7 @@ class Peer:
         t2 = time.perf_counter()
         self.clear()
         prefix = self.llm.tokenize(self.chat["prefix"].encode(), add_bos=True, special=True)
-        if self.adapter and self.scoped:
+        if self.adapter and self.scope != "all":
             self.use_adapter(True)
         pos = self.decode_tokens(prefix, 0, False)
         pos = self.decode_embeddings(tokens_img, pos)
