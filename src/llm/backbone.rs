@@ -349,13 +349,10 @@ impl Backbone {
             return Err(LlmError::CacheCut);
         }
         let request = self.layout.request(question);
-        let pos = if self.scoped == Some(AdapterScope::Prompt) {
-            // The prompt as the adapter reads it; the answer as the base model wrote it.
-            let pos = self.decode_prompt(&[Part::Text(&request)], scene, "the description")?;
-            self.decode_parts(&[Part::Text(answer)], pos, "the description")?
-        } else {
-            self.decode_parts(&[Part::Text(&request), Part::Text(answer)], scene.n_past, "the description")?
-        };
+        // The prompt as a request's prompt is read (with a "prompt" adapter, by the adapter); the
+        // answer as the base model wrote it.
+        let pos = self.decode_prompt(&[Part::Text(&request)], scene, "the description")?;
+        let pos = self.decode_parts(&[Part::Text(answer)], pos, "the description")?;
         let tokens = self.tokenize(signal, false);
         if tokens.len() > self.config.batch as usize {
             return Err(LlmError::SignalTooLong { n: tokens.len(), batch: self.config.batch as usize });
