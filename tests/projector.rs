@@ -135,25 +135,32 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
 
 #[test]
 fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
-    // The reference's adapter has `llm.adapter_scope = "scene"`: it computes the chat prefix and
-    // the image tokens, and every token after them (question, answer, text-only requests) runs the
-    // base model: text-only answers equal the base GGUF's alone, captions do not. With scope
-    // "prompt" it also computes the question about a scene (what the model reads), not the answer
-    // nor text-only requests.
+    // The reference's adapter is scoped (`llm.adapter_scope`). With scope "scene" it computes the
+    // chat prefix and the image tokens, and every token after them (question, answer, text-only
+    // requests) runs the base model: text-only answers equal the base GGUF's alone, captions do
+    // not. With scope "prompt" it also computes the question about a scene (what the model
+    // reads), not the answer nor text-only requests. The same adapter runs in every scope.
     let root = cache_root();
     let reference = manifest();
-    assert_eq!(reference.llm.adapter_scope, AdapterScope::Scene, "the reference's adapter is scene-scoped");
+    assert!(
+        reference.llm.adapter_scope.is_scoped(),
+        "the reference's adapter is scoped: {:?}",
+        reference.llm.adapter_scope
+    );
     let mut base = reference.clone();
     base.llm.adapter = None;
     base.llm.adapter_scope = AdapterScope::All;
-    let mut every = reference.clone();
-    every.llm.adapter_scope = AdapterScope::All;
-    let mut prompt = reference.clone();
-    prompt.llm.adapter_scope = AdapterScope::Prompt;
+    let with_scope = |scope| {
+        let mut m = reference.clone();
+        m.llm.adapter_scope = scope;
+        m
+    };
+    let (every, scene, prompt) =
+        (with_scope(AdapterScope::All), with_scope(AdapterScope::Scene), with_scope(AdapterScope::Prompt));
     let config = LlmConfig { threads: 1, max_tokens: 40, ..LlmConfig::default() };
     let story = "Write a short story about a robot who learns to paint.";
     let (mut texts, mut captions, mut states) = (Vec::new(), Vec::new(), Vec::new());
-    for m in [&base, &every, &reference, &prompt] {
+    for m in [&base, &every, &scene, &prompt] {
         let mut backbone = Backbone::load(m, &root, &config).unwrap();
         texts.push(backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text);
         let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
