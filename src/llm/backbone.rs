@@ -349,8 +349,8 @@ impl Backbone {
             return Err(LlmError::CacheCut);
         }
         let request = self.layout.request(question);
-        // The prompt as a request's prompt is read (with a "prompt" adapter, by the adapter); the
-        // answer as the base model wrote it.
+        // The question as every request is read (by the adapter too when its scope is "prompt");
+        // the answer as the base model wrote it.
         let pos = self.decode_prompt(&[Part::Text(&request)], scene, "the description")?;
         let pos = self.decode_parts(&[Part::Text(answer)], pos, "the description")?;
         let tokens = self.tokenize(signal, false);
