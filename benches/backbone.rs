@@ -134,10 +134,9 @@ fn main() {
     // 3. The projector's adapter: the fetched base GGUF alone (baseline), the adapter applied at
     //    run time on every token and on the scene prefix only, and merged into the GGUF.
     let stacks = adapter_stacks(&manifest);
-    // Every stack decodes the story up to N_GEN tokens, or until it ends it: an adapter on every
-    // token changes the text, and v5's ends the story after 7 tokens, too few to time. At about
-    // 100 tokens of context, decode speed hardly depends on how many came before, so each row's
-    // own count is timed and printed (earlier runs timed the shortest stack's count for all).
+    // Every stack decodes the story up to N_GEN tokens, or until it ends it (an adapter on every
+    // token changes the text; v5's ends it after 7). At about 100 tokens of context, decode speed
+    // hardly depends on how many came before, so each row times and prints its own count.
     let mut rows = Vec::new();
     for (label, m) in &stacks {
         let mut b = Backbone::load(m, &root, &llm).unwrap();
@@ -156,7 +155,7 @@ fn main() {
             tps.push(g.n_tokens as f64 / (g.decode_ms / 1e3));
         }
         let adapter = m.llm.adapter.as_ref().map(|a| m.resolve(a, &root));
-        let n_gen = n_gen.unwrap_or_default();
+        let n_gen = n_gen.expect("three rounds ran");
         rows.push((label, median(prefill), median(tps), n_gen, m.resolve(&m.llm.file, &root), adapter));
     }
     println!(

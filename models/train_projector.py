@@ -956,6 +956,22 @@ def adapter_scope(cfg: dict) -> str:
     return scope
 
 
+def fuse_detections(feats, dets, grid: list[int], frame: bool):
+    """What each cell of a fused projector (`[detector] cells`) reads: [b, cells, width] features
+    and [b, cells, classes] detector scores -> [b, cells, width + 2 or 3 classes], each cell's
+    features, the scores in the cell, their maximum over its 3 x 3 neighbourhood and (with
+    `frame`) over the whole frame (torch tensors)."""
+    import torch
+
+    b, n, c = dets.shape
+    g = dets.reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
+    near = torch.nn.functional.max_pool2d(g, 3, 1, 1).permute(0, 2, 3, 1).reshape(b, n, c)
+    if not frame:
+        return torch.cat([feats, dets, near], dim=-1)
+    whole = dets.max(dim=1, keepdim=True).values.expand(b, n, c)
+    return torch.cat([feats, dets, near, whole], dim=-1)
+
+
 def make_projector(width: int, hidden: int, classes: int, regions: int, grid: list[int] | None = None,
                    frame: bool = True):
     """The projector: two layers over each pooled patch token, and, with `regions`, two layers over
@@ -966,16 +982,6 @@ def make_projector(width: int, hidden: int, classes: int, regions: int, grid: li
     and (with `frame`) over the whole frame, and no token is added (make_projector.graph_from
     writes the same graph)."""
     import torch
-
-    def fused(feats, dets):
-        """[b, cells, width] features and [b, cells, classes] scores -> [b, cells, width + 3 classes]."""
-        b, n, c = dets.shape
-        g = dets.reshape(b, grid[0], grid[1], c).permute(0, 3, 1, 2)
-        near = torch.nn.functional.max_pool2d(g, 3, 1, 1).permute(0, 2, 3, 1).reshape(b, n, c)
-        if not frame:
-            return torch.cat([feats, dets, near], dim=-1)
-        whole = dets.max(dim=1, keepdim=True).values.expand(b, n, c)
-        return torch.cat([feats, dets, near, whole], dim=-1)
 
     class Projector(torch.nn.Module):
         def __init__(self):
@@ -991,7 +997,7 @@ def make_projector(width: int, hidden: int, classes: int, regions: int, grid: li
 
         def forward(self, feats, dets=None):
             if self.grid:
-                return self.patches(fused(feats, dets))
+                return self.patches(fuse_detections(feats, dets, grid, frame))
             tokens = self.patches(feats)
             if self.regions:
                 tokens = torch.cat([tokens, self.detections(dets) + self.place], dim=-2)

@@ -3,8 +3,8 @@
 
 A projector can only generalise as far as its training scenes let any reader of the same features
 generalise. This tool trains the simplest such reader, a linear classifier per image-token cell (the
-frozen encoder's pooled patch features, with the detector's scores in the cell and its 3 x 3
-neighbourhood when the configuration reads the detector), on the grounding labels of the training
+frozen encoder's pooled patch features, with the detector's scores fused in as the configuration's
+projector reads them), on the grounding labels of the training
 scenes: each cell's category, or background. No LLM. It then names, for every scene of the
 evaluation set `make eval` scores, the categories some cell gives a probability above `--threshold`,
 and prints object precision, recall and "named nothing" per row, like `scenecast eval`'s report.
@@ -37,19 +37,6 @@ import train_projector as tp  # noqa: E402  (the same configuration, cache, enco
 from fetch import default_cache, log  # noqa: E402
 
 
-def cell_inputs(feats: np.ndarray, dets: np.ndarray | None, grid: list[int]) -> np.ndarray:
-    """[n, cells, width (+ 2 classes)]: each cell's features, and with a detector its scores in the
-    cell and their maximum over the cell's 3 x 3 neighbourhood (what the projector reads, less the
-    whole-frame maximum no shipped configuration uses)."""
-    if dets is None:
-        return feats
-    n, cells, classes = dets.shape
-    g = dets.reshape(n, grid[0], grid[1], classes)
-    pad = np.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    near = np.max([pad[:, i:i + grid[0], j:j + grid[1]] for i in range(3) for j in range(3)], axis=0)
-    return np.concatenate([feats, dets, near.reshape(n, cells, classes)], axis=-1)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v7.toml", help="training configuration")
@@ -60,9 +47,6 @@ def main() -> int:
     import torch
 
     cfg = tp.load_config(args.config)
-    if cfg.get("detector", {}).get("frame", False) and cfg.get("detector", {}).get("cells"):
-        raise SystemExit(f"error: {args.config} reads the detector's whole-frame maximum ([detector] frame); the probe "
-                         "reads cells and neighbourhoods only")
     work = args.cache / "train" / cfg["name"]
     feats_path, meta_path = tp.data_paths(cfg, work, None)
     if not (feats_path.is_file() and meta_path.is_file()):
@@ -73,10 +57,17 @@ def main() -> int:
     if dets is not None and not cells:
         raise SystemExit(f"error: {args.config.name} reads the detector as strips ([detector] regions); the probe reads cells")
     grid = cfg["model"]["pool"]
+    frame = cfg.get("detector", {}).get("frame", True)
+
+    def cell_inputs(feats: np.ndarray, dets: np.ndarray | None) -> torch.Tensor:
+        """What each cell of the projector reads (train_projector.fuse_detections)."""
+        feats = torch.from_numpy(feats)
+        return feats if dets is None else tp.fuse_detections(feats, torch.from_numpy(dets), grid, frame)
+
     categories = [c["name"] for c in cfg["category"]]
     labels, _ = tp.cell_labels(metas, categories, grid)
     train = np.array([m["kind"] != "check" for m in metas])
-    x = torch.from_numpy(cell_inputs(feats[train], None if dets is None else dets[train], grid)).flatten(0, 1)
+    x = cell_inputs(feats[train], None if dets is None else dets[train]).flatten(0, 1)
     y = torch.from_numpy(labels[train]).flatten()
     keep = y != -100
     x, y = x[keep], y[keep]
@@ -102,7 +93,7 @@ def main() -> int:
     ed = None if dets is None else tp.detect(images, args.cache, cfg["detector"]["facts"], None,
                                              cfg["train"]["threads"], grid).astype(np.float32)
     with torch.no_grad():
-        p = probe(torch.from_numpy(cell_inputs(ef, ed, grid))).softmax(-1)[..., :len(categories)].amax(1).numpy()
+        p = probe(cell_inputs(ef, ed)).softmax(-1)[..., :len(categories)].amax(1).numpy()
 
     rows = collections.defaultdict(lambda: [0, 0, 0, 0, 0])  # right, named, shown, named nothing, scenes
     for scene, prob in zip(scenes, p):
