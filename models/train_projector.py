@@ -855,7 +855,8 @@ def add_lora(model, spec: dict, gate: dict | None = None) -> dict:
     With `gate`, the adapters' change is multiplied by `gate["mask"]` ([b, length, 1], or None for
     everywhere): `[adapter] scope = "scene"` sets it to 1 on the scene prefix (chat prefix and image
     tokens) and 0 after, as the runtime applies such an adapter (llama.cpp, while it decodes the
-    scene prefix only); `"prompt"` to 1 up to the end of each row's question."""
+    scene prefix only); `"prompt"` to 1 up to the end of each row's question ("questions": a caption row's
+    to the end of the scene prefix)."""
     import torch
 
     class Lora(torch.nn.Module):
@@ -949,10 +950,11 @@ def adapter_scope(cfg: dict) -> str:
     unless it is merged), "scene" (only on the scene prefix, like CogVLM's visual expert: the
     question, the answer and text-only requests run the base model unchanged) or "prompt" (the
     scene prefix and the question, everything the model reads about an image, so the answer's
-    first token is the adapter's; the rest of the answer runs the base model)."""
+    first token is the adapter's; the rest of the answer runs the base model) or "questions" (as
+    "prompt" for questions, as "scene" for captions: the caption prompt runs the base model)."""
     scope = (cfg.get("adapter") or {}).get("scope", "all")
-    if scope not in ("all", "scene", "prompt"):
-        raise SystemExit(f"error: adapter.scope is {scope!r}; expected \"all\", \"scene\" or \"prompt\"")
+    if scope not in ("all", "scene", "prompt", "questions"):
+        raise SystemExit(f"error: adapter.scope is {scope!r}; expected \"all\", \"scene\", \"prompt\" or \"questions\"")
     return scope
 
 
@@ -1050,10 +1052,11 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
 
     def scene_gate(length: int, image_tokens: int, prompts) -> None:
         """Limits a scoped adapter: "scene" to the first len(prefix) + image_tokens positions of the
-        batch, "prompt" to each row's first `prompts[row]` positions (its prompt, before the answer)."""
+        batch, "prompt" and "questions" to each row's first `prompts[row]` positions (its prompt,
+        before the answer; the caller gives a caption row of "questions" the scene prefix's length)."""
         if scope == "scene":
             gate["mask"] = (torch.arange(length) < len(prefix) + image_tokens).float()[None, :, None]
-        elif scope == "prompt":
+        elif scope in ("prompt", "questions"):
             gate["mask"] = (torch.arange(length)[None, :] < torch.as_tensor(prompts)[:, None]).float()[:, :, None]
     adapter_params = [p for m in adapted.values() for p in (m.a, m.b)]
     rng = np.random.default_rng(cfg["seed"] + 1)
@@ -1171,7 +1174,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             for row, i in zip(ranked.tolist(), idx):
                 shown = {o["name"] for o in metas[i]["objects"]}
                 confusable.append([categories[c] for c in row if categories[c] not in shown][:cfg["questions"].get("hard_top", 3)])
-        seqs, labels, prompts = [], [], []
+        seqs, labels, prompts, gated = [], [], [], []
         for row, i in enumerate(idx):
             q, a = question(metas[i], cfg, categories, rng, general, confusable[row])
             suffix = torch.tensor(ids(m["suffix"].format(question=q)))
@@ -1181,8 +1184,11 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             seqs.append(torch.cat([pre, img[row], suf, ans]))
             prompts.append(len(prefix) + img.shape[1] + len(suffix))
             labels.append(torch.cat([torch.full((prompts[-1],), -100), answer]))
+            # Scope "questions": a caption's prompt runs the base model, as the runtime's captions do.
+            caption_row = scope == "questions" and q in cfg["questions"]["caption_prompts"]
+            gated.append(len(prefix) + img.shape[1] if caption_row else prompts[-1])
         x, mask = pad(seqs)
-        scene_gate(x.shape[1], img.shape[1], prompts)
+        scene_gate(x.shape[1], img.shape[1], gated)
         y = torch.full(mask.shape, -100)
         for r, lab in enumerate(labels):
             y[r, :len(lab)] = lab

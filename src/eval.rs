@@ -287,14 +287,12 @@ pub fn run(
         let image = RgbImage::open(&scene.image)?;
         pipeline.set_scene(i as u64, &image, &mut tokens)?;
         let backbone = &mut pipeline.backbone;
-        let mut ask = |question: &str| -> Result<String, StackError> {
-            let o = options(backbone);
-            Ok(backbone.ask(question, &o, &mut |_| true)?.text)
-        };
-        let caption = ask(&set.caption_prompt)?;
+        let o = options(backbone);
+        let caption = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?.text;
         let mut answers = Vec::with_capacity(scene.questions.len());
         for q in &scene.questions {
-            answers.push(ask(&q.question)?);
+            let o = options(backbone);
+            answers.push(backbone.ask(&q.question, &o, &mut |_| true).map_err(StackError::from)?.text);
         }
         let (named, correct, tally) = score(scene, &set.categories, &caption, &answers);
         let answers =

@@ -73,6 +73,9 @@ pub enum AdapterScope {
     /// each request's prompt (so the first token of an answer is the adapter's), while the rest of
     /// the answer and text-only requests run the base model. Decoding pays nothing for it.
     Prompt,
+    /// As `Prompt` for questions, as `Scene` for captions: the caption prompt runs the base model,
+    /// each question about a scene with an image is read by the adapter.
+    Questions,
 }
 
 impl AdapterScope {
@@ -865,26 +868,33 @@ mod tests {
 
     #[test]
     fn an_adapter_scope_is_all_by_default_and_a_scoped_one_needs_an_adapter() {
-        // The reference names its adapter with `adapter_scope = "scene"`.
-        assert_eq!(with(|t| t.to_owned()).unwrap().llm.adapter_scope, AdapterScope::Scene);
-        let unscoped = with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\n", 1)).unwrap();
+        // The reference names its adapter with a scope (`adapter_scope = "…"`).
+        let scope_line = |t: &str| t.lines().find(|l| l.starts_with("adapter_scope = ")).unwrap().to_owned();
+        let scoped = |t: String, scope: &str| {
+            let line = scope_line(&t);
+            t.replacen(&format!("\n{line}\n"), &format!("\nadapter_scope = \"{scope}\"\n"), 1)
+        };
+        assert!(with(|t| t).unwrap().llm.adapter_scope.is_scoped());
+        let unscoped = with(|t| {
+            let line = scope_line(&t);
+            t.replacen(&format!("\n{line}\n"), "\n", 1)
+        })
+        .unwrap();
         assert_eq!(unscoped.llm.adapter_scope, AdapterScope::All, "the default");
         assert!(unscoped.llm.adapter.is_some());
         let no_adapter = |t: String| {
             let line = t.lines().find(|l| l.starts_with("adapter = ")).unwrap();
             t.replacen(&format!("{line}\n"), "", 1)
         };
-        let err = with(no_adapter).unwrap_err();
-        assert!(err.to_string().contains("`llm.adapter_scope`: \"scene\" needs `llm.adapter`"), "{err}");
-        let prompt =
-            with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\nadapter_scope = \"prompt\"\n", 1)).unwrap();
-        assert_eq!(prompt.llm.adapter_scope, AdapterScope::Prompt);
-        let err =
-            with(|t| no_adapter(t).replacen("\nadapter_scope = \"scene\"\n", "\nadapter_scope = \"prompt\"\n", 1))
-                .unwrap_err();
-        assert!(err.to_string().contains("`llm.adapter_scope`: \"prompt\" needs `llm.adapter`"), "{err}");
-        let err =
-            with(|t| t.replacen("\nadapter_scope = \"scene\"\n", "\nadapter_scope = \"image\"\n", 1)).unwrap_err();
+        for (name, scope) in
+            [("scene", AdapterScope::Scene), ("prompt", AdapterScope::Prompt), ("questions", AdapterScope::Questions)]
+        {
+            assert_eq!(with(|t| scoped(t, name)).unwrap().llm.adapter_scope, scope);
+            let err = with(|t| no_adapter(scoped(t, name))).unwrap_err();
+            let expected = format!("`llm.adapter_scope`: \"{name}\" needs `llm.adapter`");
+            assert!(err.to_string().contains(&expected), "{err}");
+        }
+        let err = with(|t| scoped(t, "image")).unwrap_err();
         assert!(err.to_string().contains("adapter_scope"), "{err}");
     }
 }

@@ -80,7 +80,7 @@ impl Pipeline {
     /// Captions the current scene with the configured caption prompt.
     pub fn caption(&mut self) -> Result<Generation, StackError> {
         let (prompt, options) = (self.backbone.caption_prompt().to_owned(), self.backbone.default_options());
-        Ok(self.backbone.ask(&prompt, &options, &mut |_| true)?)
+        Ok(self.backbone.describe(&prompt, &options, &mut |_| true)?)
     }
 }
 
@@ -161,6 +161,7 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
                         crate::manifest::AdapterScope::All => "",
                         crate::manifest::AdapterScope::Scene => " (scene prefix only)",
                         crate::manifest::AdapterScope::Prompt => " (scene prefix and prompts only)",
+                        crate::manifest::AdapterScope::Questions => " (scene prefix and questions only)",
                     }
                 )),
             )

@@ -65,7 +65,7 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
     for (i, (file, category)) in PHOTOS.iter().enumerate() {
         vision.run(&photo(file), &mut tokens).unwrap();
         backbone.set_scene(i as u64, Some(&tokens)).unwrap();
-        let caption = backbone.ask(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
+        let caption = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
         assert_eq!(mentions(&caption, &categories), vec![*category], "{file}: {caption:?}");
         // Presence questions about the same cached scene: the shown category, and the next photo's.
         let absent = PHOTOS[(i + 1) % PHOTOS.len()].1;
@@ -81,7 +81,7 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
     for (i, file) in UNKNOWN.iter().enumerate() {
         vision.run(&photo(file), &mut tokens).unwrap();
         backbone.set_scene((PHOTOS.len() + i) as u64, Some(&tokens)).unwrap();
-        let caption = backbone.ask(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
+        let caption = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
         assert!(mentions(&caption, &categories).is_empty(), "{file} shows nothing known: {caption:?}");
         let answer =
             backbone.ask("Is there a dog in the image?", &backbone.default_options(), &mut |_| true).unwrap().text;
@@ -124,7 +124,8 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
         for (i, file) in ["chelsea.png", "gcompris/farm-cow.webp", "gcompris/world-koala.webp"].iter().enumerate() {
             vision.run(&photo(file), &mut tokens).unwrap();
             backbone.set_scene(i as u64, Some(&tokens)).unwrap();
-            let caption = backbone.ask(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap();
+            let caption =
+                backbone.describe(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap();
             named.push(mentions(&caption.text, &categories));
         }
         captions.push(named);
@@ -138,8 +139,9 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
     // The reference's adapter is scoped (`llm.adapter_scope`). With scope "scene" it computes the
     // chat prefix and the image tokens, and every token after them (question, answer, text-only
     // requests) runs the base model: text-only answers equal the base GGUF's alone, captions do
-    // not. With scope "prompt" it also computes the question about a scene (what the model
-    // reads), not the answer nor text-only requests. The same adapter runs in every scope.
+    // not. With scope "prompt" it also computes the request about a scene (what the model
+    // reads), not the answer nor text-only requests. Scope "questions" computes a question's
+    // prompt as "prompt" does and a caption's as "scene" does. The same adapter runs in every scope.
     let root = cache_root();
     let reference = manifest();
     assert!(
@@ -155,27 +157,35 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
         m.llm.adapter_scope = scope;
         m
     };
-    let (every, scene, prompt) =
-        (with_scope(AdapterScope::All), with_scope(AdapterScope::Scene), with_scope(AdapterScope::Prompt));
+    let stacks = [
+        base,
+        with_scope(AdapterScope::All),
+        with_scope(AdapterScope::Scene),
+        with_scope(AdapterScope::Prompt),
+        with_scope(AdapterScope::Questions),
+    ];
     let config = LlmConfig { threads: 1, max_tokens: 40, ..LlmConfig::default() };
     let story = "Write a short story about a robot who learns to paint.";
-    let (mut texts, mut captions, mut states) = (Vec::new(), Vec::new(), Vec::new());
-    for m in [&base, &every, &scene, &prompt] {
+    let question = "What is the animal in the image doing? Answer in two sentences.";
+    let (mut texts, mut captions, mut answers, mut states) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for m in &stacks {
         let mut backbone = Backbone::load(m, &root, &config).unwrap();
         texts.push(backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text);
         let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
         let mut tokens = ImageTokens::default();
         vision.run(&photo("chelsea.png"), &mut tokens).unwrap();
         backbone.set_scene(1, Some(&tokens)).unwrap();
-        captions.push(backbone.ask(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap().text);
-        // The hidden states after a question and an answer read what the question's tokens hold.
-        states.push(backbone.signal_states("Is there a cat in the image?", "Yes.", " Picture:").unwrap());
+        captions
+            .push(backbone.describe(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap().text);
+        answers.push(backbone.ask(question, &backbone.default_options(), &mut |_| true).unwrap().text);
+        // The hidden states after a description read what the caption prompt's tokens hold.
+        states.push(backbone.signal_states(&config.caption_prompt, "A cat.", " Picture:").unwrap());
         // After a scene, a text-only request still runs as before it.
         backbone.set_scene(2, None).unwrap();
         let again = backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text;
         assert_eq!(&again, texts.last().unwrap(), "a text request after a scene");
     }
-    let [base, every, scene, prompt] = [0, 1, 2, 3];
+    let [base, every, scene, prompt, questions] = [0, 1, 2, 3, 4];
     assert_ne!(
         texts[every], texts[base],
         "the adapter on every token changes a text-only answer (else this test shows nothing)"
@@ -183,8 +193,17 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
     assert_eq!(texts[scene], texts[base], "a scene-scoped adapter leaves text-only requests to the base model");
     assert_ne!(captions[scene], captions[base], "a scene-scoped adapter computes the scene prefix: {captions:?}");
     assert_eq!(texts[prompt], texts[base], "a prompt-scoped adapter leaves text-only requests to the base model");
-    assert_ne!(states[prompt], states[scene], "a prompt-scoped adapter computes the question about a scene");
-    assert_ne!(states[scene], states[every], "a scene-scoped adapter does not compute the question");
+    assert_ne!(states[prompt], states[scene], "a prompt-scoped adapter computes the caption prompt");
+    assert_ne!(states[scene], states[every], "a scene-scoped adapter does not compute the caption prompt");
+    assert_ne!(answers[prompt], answers[scene], "a prompt-scoped adapter computes the question: {answers:?}");
+    // "questions": the question as "prompt" reads it, the caption as "scene" does.
+    assert_eq!(texts[questions], texts[base], "a questions-scoped adapter leaves text-only requests to the base model");
+    assert_eq!(answers[questions], answers[prompt], "a questions-scoped adapter computes the question");
+    assert_eq!(
+        captions[questions], captions[scene],
+        "a questions-scoped adapter leaves the caption prompt to the base model"
+    );
+    assert_eq!(states[questions], states[scene], "the description's states are a caption's");
 }
 
 /// `scenecast caption` over several photos in one process (models loaded once) writes, for each

@@ -66,8 +66,9 @@ class Peer:
         )
         self.ctx = self.llm.ctx
         # The manifest's LoRA adapter, if any: on every token, or (`adapter_scope = "scene"`) only
-        # while the chat prefix and the image tokens are decoded, or (`"prompt"`) also while the
-        # question is, as scenecast applies it.
+        # while the chat prefix and the image tokens are decoded (also with `"questions"`, which
+        # leaves the caption prompt to the base model), or (`"prompt"`) also while the caption
+        # prompt is, as scenecast applies it.
         self.adapter, self.scope = None, llm.get("adapter_scope", "all")
         if "adapter" in llm:
             self.adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, cached(cache, {"file": llm["adapter"]}).encode())
@@ -170,7 +171,7 @@ class Peer:
             self.use_adapter(True)
         pos = self.decode_tokens(prefix, 0, False)
         pos = self.decode_embeddings(tokens_img, pos)
-        if self.adapter and self.scope == "scene":
+        if self.adapter and self.scope in ("scene", "questions"):
             self.use_adapter(False)
         suffix = self.llm.tokenize(self.chat["suffix"].replace("{question}", question).encode(), add_bos=False, special=True)
         pos = self.decode_tokens(suffix, pos, True)

@@ -92,6 +92,15 @@ pub struct ModelSummary {
 }
 
 /// The scene whose prefix is in the KV cache.
+/// What a request asks for, which decides whether an adapter of scope "questions" reads its prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// A description of the scene ([`Backbone::describe`]).
+    Caption,
+    /// Anything else ([`Backbone::ask`]).
+    Question,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct CachedScene {
     id: u64,
@@ -302,10 +311,22 @@ impl Backbone {
             .map_err(|reason| LlmError::Adapter { path: self.summary.adapter.clone().unwrap_or_default(), reason })
     }
 
-    /// Decodes a request's prompt after the scene prefix: with an adapter of scope "prompt", the
-    /// adapter computes it when the scene has an image, and is off for what is generated after.
-    fn decode_prompt(&mut self, parts: &[Part<'_>], scene: CachedScene, what: &'static str) -> Result<usize, LlmError> {
-        if self.scoped != Some(AdapterScope::Prompt) {
+    /// Decodes a request's prompt after the scene prefix: with an adapter of scope "prompt" (any
+    /// request) or "questions" (a question, not a caption), the adapter computes it when the scene
+    /// has an image, and is off for what is generated after.
+    fn decode_prompt(
+        &mut self,
+        parts: &[Part<'_>],
+        scene: CachedScene,
+        request: Request,
+        what: &'static str,
+    ) -> Result<usize, LlmError> {
+        let reads = match self.scoped {
+            Some(AdapterScope::Prompt) => true,
+            Some(AdapterScope::Questions) => request == Request::Question,
+            _ => false,
+        };
+        if !reads {
             return self.decode_parts(parts, scene.n_past, what);
         }
         self.switch_adapter(scene.image)?;
@@ -327,12 +348,34 @@ impl Backbone {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        self.check_question(question)?;
+        self.request(Request::Question, question, options, on_text)
+    }
+
+    /// Describes the current scene (a text-only prefix when none is set) as `prompt` asks: a
+    /// caption. It differs from [`Backbone::ask`] only for an adapter of scope "questions", which
+    /// reads questions but not the caption prompt (as it was trained).
+    pub fn describe(
+        &mut self,
+        prompt: &str,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, LlmError> {
+        self.request(Request::Caption, prompt, options, on_text)
+    }
+
+    fn request(
+        &mut self,
+        kind: Request,
+        text: &str,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, LlmError> {
+        self.check_question(text)?;
         if self.scene.is_none() {
             self.set_scene(u64::MAX, None)?;
         }
-        let request = self.layout.request(question);
-        self.generate(&[Part::Text(&request)], options, on_text)
+        let request = self.layout.request(text);
+        self.generate_as(kind, &[Part::Text(&request)], options, on_text)
     }
 
     /// The LLM's final hidden states at the tokens of `signal`, read after the conversation
@@ -349,9 +392,9 @@ impl Backbone {
             return Err(LlmError::CacheCut);
         }
         let request = self.layout.request(question);
-        // The question as every request is read (by the adapter too when its scope is "prompt");
-        // the answer as the base model wrote it.
-        let pos = self.decode_prompt(&[Part::Text(&request)], scene, "the description")?;
+        // The prompt as a caption's is read (by the adapter too when its scope is "prompt"); the
+        // answer as the base model wrote it.
+        let pos = self.decode_prompt(&[Part::Text(&request)], scene, Request::Caption, "the description")?;
         let pos = self.decode_parts(&[Part::Text(answer)], pos, "the description")?;
         let tokens = self.tokenize(signal, false);
         if tokens.len() > self.config.batch as usize {
@@ -374,8 +417,19 @@ impl Backbone {
 
     /// Continues the cached prefix with `tail` and generates. The cache is first cut back to the
     /// prefix, so every request sees the same scene prefix and nothing of earlier requests.
+    /// A scoped adapter reads `tail` as a question's prompt.
     pub fn generate(
         &mut self,
+        tail: &[Part<'_>],
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, LlmError> {
+        self.generate_as(Request::Question, tail, options, on_text)
+    }
+
+    fn generate_as(
+        &mut self,
+        kind: Request,
         tail: &[Part<'_>],
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
@@ -392,7 +446,7 @@ impl Backbone {
         if !self.ctx.truncate(scene.n_past) {
             return Err(LlmError::CacheCut);
         }
-        let mut pos = self.decode_prompt(tail, scene, "the request")?;
+        let mut pos = self.decode_prompt(tail, scene, kind, "the request")?;
         let prefill_ms = ms_since(start);
         let mut sampler = TokenSampler::new(options.sampling.clone());
         let mut filter = StopFilter::new(self.layout.stop());

@@ -281,7 +281,7 @@ impl Worker {
         let options = self.options(stop);
         let progress = self.progress.clone();
         self.progress.llm_runs.fetch_add(1, Ordering::Relaxed);
-        let g = self.backbone.ask(prompt, &options, &mut |_| {
+        let g = self.backbone.describe(prompt, &options, &mut |_| {
             progress.beat();
             true
         })?;
@@ -378,7 +378,7 @@ impl Worker {
             }
             let options = self.options(stop);
             self.progress.llm_runs.fetch_add(1, Ordering::Relaxed);
-            let description = self.backbone.ask(&caption_prompt, &options, &mut |_| true)?;
+            let description = self.backbone.describe(&caption_prompt, &options, &mut |_| true)?;
             match job.text.trim() {
                 "" => description.text,
                 extra => format!("{} {extra}", description.text),
