@@ -29,6 +29,14 @@ pub enum EvalError {
         /// Why it was refused.
         reason: String,
     },
+    /// A kind of scene asked for that the set does not have.
+    #[error("no scene of kind {kind:?} in the evaluation set; it has {has}")]
+    Kind {
+        /// The kind asked for.
+        kind: String,
+        /// The kinds the set has, comma-separated.
+        has: String,
+    },
     /// A scene's image cannot be opened.
     #[error(transparent)]
     Image(#[from] ImageError),
@@ -105,6 +113,22 @@ impl EvalSet {
             }
         }
         Ok(set)
+    }
+
+    /// Keeps only the scenes of the given kinds (`scenecast eval --kind`); the set's name gains
+    /// them. A kind that no scene has is refused with the kinds the set has.
+    pub fn keep_kinds(&mut self, kinds: &[String]) -> Result<(), EvalError> {
+        if kinds.is_empty() {
+            return Ok(());
+        }
+        let has: std::collections::BTreeSet<&str> = self.scenes.iter().map(|s| s.kind.as_str()).collect();
+        if let Some(missing) = kinds.iter().find(|k| !has.contains(k.as_str())) {
+            let has: Vec<&str> = has.into_iter().collect();
+            return Err(EvalError::Kind { kind: missing.clone(), has: has.join(", ") });
+        }
+        self.scenes.retain(|s| kinds.contains(&s.kind));
+        self.name = format!("{} ({})", self.name, kinds.join(", "));
+        Ok(())
     }
 }
 
@@ -492,6 +516,33 @@ mod tests {
         // "category" and "hotdog" contain names but are other words.
         assert!(mentions("A category of hotdogs.", &c).is_empty());
         assert!(mentions("No known object.", &c).is_empty());
+    }
+
+    #[test]
+    fn a_set_keeps_the_kinds_asked_for_and_refuses_a_kind_it_lacks() {
+        let scene = |kind: &str| Scene {
+            image: PathBuf::from(format!("{kind}.png")),
+            kind: kind.into(),
+            objects: vec![],
+            questions: vec![],
+        };
+        let mut set = EvalSet {
+            name: "v8".into(),
+            categories: cats(),
+            caption_prompt: "Describe the image.".into(),
+            scenes: vec![scene("photo"), scene("cifar-heldout"), scene("photo"), scene("empty")],
+        };
+        set.keep_kinds(&[]).unwrap();
+        assert_eq!(set.scenes.len(), 4, "no kinds: every scene");
+        let err = set.clone().keep_kinds(&["cifar".into()]).unwrap_err().to_string();
+        assert!(
+            err.contains("no scene of kind \"cifar\" in the evaluation set; it has cifar-heldout, empty, photo"),
+            "{err}"
+        );
+        set.keep_kinds(&["photo".into(), "empty".into()]).unwrap();
+        let kinds: Vec<&str> = set.scenes.iter().map(|s| s.kind.as_str()).collect();
+        assert_eq!(kinds, ["photo", "photo", "empty"]);
+        assert_eq!(set.name, "v8 (photo, empty)");
     }
 
     #[test]

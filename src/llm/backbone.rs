@@ -91,7 +91,6 @@ pub struct ModelSummary {
     pub n_ctx: usize,
 }
 
-/// The scene whose prefix is in the KV cache.
 /// What a request asks for, which decides whether an adapter of scope "questions" reads its prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
@@ -101,6 +100,7 @@ enum Request {
     Question,
 }
 
+/// The scene whose prefix is in the KV cache.
 #[derive(Debug, Clone, Copy)]
 struct CachedScene {
     id: u64,
@@ -392,7 +392,7 @@ impl Backbone {
             return Err(LlmError::CacheCut);
         }
         let request = self.layout.request(question);
-        // The prompt as a caption's is read (by the adapter too when its scope is "prompt"); the
+        // The prompt read as a caption's is (by the adapter only when its scope is "prompt"); the
         // answer as the base model wrote it.
         let pos = self.decode_prompt(&[Part::Text(&request)], scene, Request::Caption, "the description")?;
         let pos = self.decode_parts(&[Part::Text(answer)], pos, "the description")?;

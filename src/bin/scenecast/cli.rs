@@ -68,6 +68,9 @@ pub enum Command {
         /// Sample outputs per kind of scene in the report.
         #[arg(long, default_value_t = 4)]
         samples: usize,
+        /// Evaluate only the scenes of this kind (repeat for several), e.g. `--kind photo-heldout`.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
         /// Print one line per scene as it is evaluated.
         #[arg(long, short)]
         verbose: bool,

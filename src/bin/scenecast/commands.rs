@@ -302,9 +302,11 @@ pub fn evaluate(
     set_path: &Path,
     report: Option<&Path>,
     samples: usize,
+    kinds: &[String],
     verbose: bool,
 ) -> Result<ExitCode> {
-    let set = eval::EvalSet::load(set_path)?;
+    let mut set = eval::EvalSet::load(set_path)?;
+    set.keep_kinds(kinds).with_context(|| format!("--kind in {}", set_path.display()))?;
     let mut pipeline = load_pipeline(config)?;
     if pipeline.manifest.untrained() {
         eprintln!("note: the stack is untrained (placeholder projector or random weights); expect scores near zero");

@@ -98,8 +98,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             commands::generate(&config, &args)
         }
-        Command::Eval { set, report, samples, verbose } => {
-            commands::evaluate(&config, &set, report.as_deref(), samples, verbose)
+        Command::Eval { set, report, samples, kinds, verbose } => {
+            commands::evaluate(&config, &set, report.as_deref(), samples, &kinds, verbose)
         }
         Command::Config => {
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
