@@ -247,6 +247,49 @@ pub struct SceneResult {
     pub answers: Vec<(String, String, bool)>,
     /// This scene's counts.
     pub tally: Tally,
+    /// Per category of the set (in its order): how strongly some image token points at the
+    /// category's name, the largest cosine of an image token with the name's direction
+    /// ([`name_directions`]), the similarity the projector's grounding loss trains. What a
+    /// filter of captions by the image tokens would read (models/experiments/grounded_filter.py).
+    pub support: Vec<f32>,
+}
+
+/// Each category's direction in the LLM's input space, as the projector's grounding loss points
+/// image tokens at it: the mean of the input embeddings of the tokens of " <name>", unit length.
+pub fn name_directions(backbone: &Backbone, categories: &[String]) -> Result<Vec<Vec<f32>>, StackError> {
+    let ids: Vec<Vec<i32>> = categories.iter().map(|c| backbone.tokenize(&format!(" {c}"), false)).collect();
+    let all: Vec<i32> = ids.iter().flatten().copied().collect();
+    let rows = crate::llm::token_embeddings(&backbone.summary().gguf.path, &all).map_err(StackError::from)?;
+    let width = backbone.summary().gguf.n_embd;
+    let mut at = 0;
+    Ok(ids
+        .iter()
+        .map(|name| {
+            let mut v = vec![0.0f32; width];
+            for row in rows[at * width..(at + name.len()) * width].chunks_exact(width) {
+                v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+            at += name.len();
+            unit(v)
+        })
+        .collect())
+}
+
+fn unit(mut v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+    v
+}
+
+/// Per direction, the largest cosine of one of `tokens`' rows with it.
+pub fn support(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<f32> {
+    let rows: Vec<Vec<f32>> = tokens.data.chunks_exact(tokens.n_embd.max(1)).map(|r| unit(r.to_vec())).collect();
+    directions
+        .iter()
+        .map(|d| rows.iter().map(|r| r.iter().zip(d).map(|(a, b)| a * b).sum::<f32>()).fold(f32::MIN, f32::max))
+        .collect()
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).
@@ -306,10 +349,12 @@ pub fn run(
         o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
         o
     };
+    let directions = name_directions(&pipeline.backbone, &set.categories)?;
     let mut results = Vec::with_capacity(set.scenes.len());
     for (i, scene) in set.scenes.iter().enumerate() {
         let image = RgbImage::open(&scene.image)?;
         pipeline.set_scene(i as u64, &image, &mut tokens)?;
+        let support = support(&tokens, &directions);
         let backbone = &mut pipeline.backbone;
         let o = options(backbone);
         let caption = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?.text;
@@ -329,6 +374,7 @@ pub fn run(
             named,
             answers,
             tally,
+            support,
         };
         progress(i, &result);
         results.push(result);
@@ -599,7 +645,19 @@ mod tests {
             named: named.iter().map(|s| s.to_string()).collect(),
             answers: vec![],
             tally: Tally::default(),
+            support: vec![],
         }
+    }
+
+    #[test]
+    fn support_is_the_best_token_cosine_with_each_direction() {
+        // Two tokens of width 3: one along x (any length), one between y and z.
+        let tokens = ImageTokens { n_tokens: 2, n_embd: 3, data: vec![5.0, 0.0, 0.0, 0.0, 1.0, 1.0] };
+        let directions = [vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, -1.0]];
+        let s = support(&tokens, &directions);
+        let half = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((s[0] - 1.0).abs() < 1e-6 && (s[1] - half).abs() < 1e-6, "{s:?}");
+        assert!(s[2].abs() < 1e-6, "the best of 0 and -0.71: {s:?}");
     }
 
     #[test]

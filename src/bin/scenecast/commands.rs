@@ -338,7 +338,7 @@ pub fn evaluate(
     if let Some(path) = report {
         std::fs::write(path, &text).with_context(|| format!("writing the report {}", path.display()))?;
         let json_path = path.with_extension("json");
-        let detail = json!({ "manifest": pipeline.manifest.name, "summary": eval::summarize(&results),
+        let detail = json!({ "manifest": pipeline.manifest.name, "categories": set.categories, "summary": eval::summarize(&results),
             "per_category": eval::per_category(&results), "confusions": eval::confusions(&results, 30), "scenes": results });
         std::fs::write(&json_path, serde_json::to_string_pretty(&detail)?)
             .with_context(|| format!("writing {}", json_path.display()))?;

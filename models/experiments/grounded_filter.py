@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""What a caption filter by the image tokens would give: names the tokens do not support removed.
+
+`scenecast eval --report R.md` writes, next to the report, the per-scene results as JSON (`R.json`),
+and with them each category's *support*: the largest cosine of an image token with the category's
+name direction in the LLM's input space (`eval::support`), the similarity the projector's grounding
+loss trains (tokens over an object point at its name, background tokens away from every name).
+
+This tool reads such a file and re-scores the captions as if every named category whose support is
+below a threshold had been dropped (a caption left with no name says "nothing known"). The threshold
+is calibrated on the rows whose objects the projector trained on (`--calibrate`, by default the
+training photos and the held-out pairs of training objects): the highest threshold that keeps
+`--keep` of their correctly named categories. It is then applied, unchanged, to the held-out rows
+(new exemplars, whole photos, unknown objects), which therefore measure it. No LLM is run: the
+captions are the ones in the file.
+
+    scenecast eval SET.json --report /tmp/vN.eval.md        # or `make eval`: models/projector/<name>.eval.json
+    python3 models/experiments/grounded_filter.py /tmp/vN.eval.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+CALIBRATE = ("photo", "heldout-pair")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("results", type=Path, help="per-scene results of `scenecast eval --report` (the .json next to the .md)")
+    ap.add_argument("--set", type=Path, help="the evaluation set (for its category order; default: read from the results' images)")
+    ap.add_argument("--calibrate", nargs="+", default=list(CALIBRATE), help="scene kinds to calibrate the threshold on")
+    ap.add_argument("--keep", type=float, default=0.95, help="share of the calibration rows' correct names to keep")
+    args = ap.parse_args()
+
+    doc = json.loads(args.results.read_text())
+    results = doc["scenes"]
+    categories = doc.get("categories") or json.loads((args.set or Path(results[0]["image"]).parent / "eval.json").read_text())["categories"]
+    if any(len(r.get("support", [])) != len(categories) for r in results):
+        raise SystemExit(f"error: {args.results} has no support per category for every scene "
+                         f"(written by a scenecast older than eval::support?)")
+    index = {c: i for i, c in enumerate(categories)}
+
+    right = [r["support"][index[n]] for r in results if r["kind"] in args.calibrate for n in r["named"] if n in r["objects"]]
+    if not right:
+        raise SystemExit(f"error: no correctly named category in rows {args.calibrate}")
+    right.sort()
+    threshold = right[int((1 - args.keep) * len(right))]
+    print(f"threshold {threshold:.3f}: keeps {args.keep:.0%} of the {len(right)} correct names on rows "
+          f"{', '.join(args.calibrate)} (calibration, not a measurement)\n")
+
+    rows = collections.defaultdict(lambda: collections.Counter())
+    for r in results:
+        shown = set(r["objects"])
+        kept = [n for n in r["named"] if r["support"][index[n]] >= threshold]
+        for kind in (r["kind"], "all"):
+            for name, named in (("before", r["named"]), ("after", kept)):
+                c = rows[kind]
+                c[name + "_right"] += len(set(named) & shown)
+                c[name + "_named"] += len(set(named))
+                c[name + "_nothing"] += not named
+            c["shown"] += len(shown)
+            c["scenes"] += 1
+
+    def pct(a: int, b: int) -> str:
+        return f"{100 * a / b:.1f}" if b else "–"
+
+    print("| scenes | n | P / R before | P / R after | named nothing before | after |")
+    print("|---|---|---|---|---|---|")
+    for kind in sorted(rows, key=lambda k: (k == "all", k in args.calibrate, k)):
+        c = rows[kind]
+        mark = " (calibration)" if kind in args.calibrate else ""
+        print(f"| {kind}{mark} | {c['scenes']} | {pct(c['before_right'], c['before_named'])} / {pct(c['before_right'], c['shown'])} "
+              f"| {pct(c['after_right'], c['after_named'])} / {pct(c['after_right'], c['shown'])} "
+              f"| {pct(c['before_nothing'], c['scenes'])} | {pct(c['after_nothing'], c['scenes'])} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
