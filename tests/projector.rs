@@ -211,11 +211,13 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
         let mut tokens = ImageTokens::default();
         vision.run(&photo("chelsea.png"), &mut tokens).unwrap();
         backbone.set_scene(1, Some(&tokens)).unwrap();
+        // Right after the scene, as every caption comes: the hidden states after a description
+        // read what the caption prompt's tokens hold (and whether the adapter was off for them).
+        states.push(backbone.signal_states(&config.caption_prompt, "A cat.", " Picture:").unwrap());
+        answers.push(backbone.ask(question, &backbone.default_options(), &mut |_| true).unwrap().text);
+        backbone.set_scene(1, Some(&tokens)).unwrap();
         captions
             .push(backbone.describe(&config.caption_prompt, &backbone.default_options(), &mut |_| true).unwrap().text);
-        answers.push(backbone.ask(question, &backbone.default_options(), &mut |_| true).unwrap().text);
-        // The hidden states after a description read what the caption prompt's tokens hold.
-        states.push(backbone.signal_states(&config.caption_prompt, "A cat.", " Picture:").unwrap());
         // After a scene, a text-only request still runs as before it.
         backbone.set_scene(2, None).unwrap();
         let again = backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text;

@@ -16,11 +16,13 @@ captions are the ones in the file.
 
     scenecast eval SET.json --report /tmp/vN.eval.md        # or `make eval`: models/projector/<name>.eval.json
     python3 models/experiments/grounded_filter.py /tmp/vN.eval.json
+    python3 models/experiments/grounded_filter.py models/projector/dinov2s-nanodet-smollm2-v10.eval.json.gz
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -30,13 +32,14 @@ CALIBRATE = ("photo", "heldout-pair")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", type=Path, help="per-scene results of `scenecast eval --report` (the .json next to the .md)")
+    ap.add_argument("results", type=Path, help="per-scene results of `scenecast eval --report` (the .json next to the .md, or it gzipped)")
     ap.add_argument("--set", type=Path, help="the evaluation set (for its category order; default: read from the results' images)")
     ap.add_argument("--calibrate", nargs="+", default=list(CALIBRATE), help="scene kinds to calibrate the threshold on")
     ap.add_argument("--keep", type=float, default=0.95, help="share of the calibration rows' correct names to keep")
     args = ap.parse_args()
 
-    doc = json.loads(args.results.read_text())
+    raw = args.results.read_bytes()
+    doc = json.loads(gzip.decompress(raw) if args.results.suffix == ".gz" else raw)
     results = doc["scenes"]
     categories = doc.get("categories") or json.loads((args.set or Path(results[0]["image"]).parent / "eval.json").read_text())["categories"]
     if any(len(r.get("support", [])) != len(categories) for r in results):

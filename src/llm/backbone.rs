@@ -322,14 +322,14 @@ impl Backbone {
         what: &'static str,
     ) -> Result<usize, LlmError> {
         let reads = match self.scoped {
+            None => return self.decode_parts(parts, scene.n_past, what),
             Some(AdapterScope::Prompt) => true,
             Some(AdapterScope::Questions) => request == Request::Question,
-            _ => false,
+            Some(_) => false,
         };
-        if !reads {
-            return self.decode_parts(parts, scene.n_past, what);
-        }
-        self.switch_adapter(scene.image)?;
+        // Set either way: `set_scene` leaves a "prompt" or "questions" adapter on for the next
+        // request, which may be a caption.
+        self.switch_adapter(reads && scene.image)?;
         let pos = self.decode_parts(parts, scene.n_past, what);
         self.switch_adapter(false)?;
         pos
