@@ -322,10 +322,12 @@ impl Backbone {
         what: &'static str,
     ) -> Result<usize, LlmError> {
         let reads = match self.scoped {
-            None => return self.decode_parts(parts, scene.n_past, what),
+            // Off since `set_scene`.
+            None | Some(AdapterScope::Scene | AdapterScope::All) => {
+                return self.decode_parts(parts, scene.n_past, what);
+            }
             Some(AdapterScope::Prompt) => true,
             Some(AdapterScope::Questions) => request == Request::Question,
-            Some(_) => false,
         };
         // Set either way: `set_scene` leaves a "prompt" or "questions" adapter on for the next
         // request, which may be a caption.
