@@ -17,6 +17,7 @@ use crate::frame::{ImageError, RgbImage};
 use crate::llm::Backbone;
 use crate::pipeline::{Pipeline, StackError};
 use crate::vision::ImageTokens;
+use crate::worker::cosine_distance;
 
 /// What can go wrong while evaluating.
 #[derive(Debug, thiserror::Error)]
@@ -255,41 +256,30 @@ pub struct SceneResult {
 }
 
 /// Each category's direction in the LLM's input space, as the projector's grounding loss points
-/// image tokens at it: the mean of the input embeddings of the tokens of " <name>", unit length.
+/// image tokens at it: the sum (so the direction of the mean) of the input embeddings of the tokens
+/// of " <name>".
 pub fn name_directions(backbone: &Backbone, categories: &[String]) -> Result<Vec<Vec<f32>>, StackError> {
     let ids: Vec<Vec<i32>> = categories.iter().map(|c| backbone.tokenize(&format!(" {c}"), false)).collect();
     let all: Vec<i32> = ids.iter().flatten().copied().collect();
     let rows = crate::llm::token_embeddings(&backbone.summary().gguf.path, &all).map_err(StackError::from)?;
     let width = backbone.summary().gguf.n_embd;
-    let mut at = 0;
+    let mut rows = rows.chunks_exact(width);
     Ok(ids
         .iter()
         .map(|name| {
             let mut v = vec![0.0f32; width];
-            for row in rows[at * width..(at + name.len()) * width].chunks_exact(width) {
+            for row in rows.by_ref().take(name.len()) {
                 v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
             }
-            at += name.len();
-            unit(v)
+            v
         })
         .collect())
 }
 
-fn unit(mut v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    if norm > 0.0 {
-        v.iter_mut().for_each(|x| *x /= norm);
-    }
-    v
-}
-
 /// Per direction, the largest cosine of one of `tokens`' rows with it.
 pub fn support(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<f32> {
-    let rows: Vec<Vec<f32>> = tokens.data.chunks_exact(tokens.n_embd.max(1)).map(|r| unit(r.to_vec())).collect();
-    directions
-        .iter()
-        .map(|d| rows.iter().map(|r| r.iter().zip(d).map(|(a, b)| a * b).sum::<f32>()).fold(f32::MIN, f32::max))
-        .collect()
+    let rows = tokens.data.chunks_exact(tokens.n_embd.max(1));
+    directions.iter().map(|d| rows.clone().map(|r| 1.0 - cosine_distance(r, d)).fold(f32::MIN, f32::max)).collect()
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).

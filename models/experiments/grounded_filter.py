@@ -33,7 +33,6 @@ CALIBRATE = ("photo", "heldout-pair")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path, help="per-scene results of `scenecast eval --report` (the .json next to the .md, or it gzipped)")
-    ap.add_argument("--set", type=Path, help="the evaluation set (for its category order; default: read from the results' images)")
     ap.add_argument("--calibrate", nargs="+", default=list(CALIBRATE), help="scene kinds to calibrate the threshold on")
     ap.add_argument("--keep", type=float, default=0.95, help="share of the calibration rows' correct names to keep")
     args = ap.parse_args()
@@ -41,10 +40,10 @@ def main() -> int:
     raw = args.results.read_bytes()
     doc = json.loads(gzip.decompress(raw) if args.results.suffix == ".gz" else raw)
     results = doc["scenes"]
-    categories = doc.get("categories") or json.loads((args.set or Path(results[0]["image"]).parent / "eval.json").read_text())["categories"]
-    if any(len(r.get("support", [])) != len(categories) for r in results):
-        raise SystemExit(f"error: {args.results} has no support per category for every scene "
-                         f"(written by a scenecast older than eval::support?)")
+    categories = doc.get("categories", [])
+    if not categories or any(len(r.get("support", [])) != len(categories) for r in results):
+        raise SystemExit(f"error: {args.results} has no categories or no support per category for every scene; "
+                         f"expected the JSON of `scenecast eval --report` from a scenecast with eval::support")
     index = {c: i for i, c in enumerate(categories)}
 
     right = [r["support"][index[n]] for r in results if r["kind"] in args.calibrate for n in r["named"] if n in r["objects"]]

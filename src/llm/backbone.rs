@@ -107,7 +107,7 @@ struct CachedScene {
     /// Positions the prefix occupies.
     n_past: usize,
     /// Whether the prefix has an image (a scoped adapter computes on it and, with scope
-    /// "prompt", on the prompts of requests about it).
+    /// "prompt" or "questions", on the prompts it reads of requests about it).
     image: bool,
 }
 
@@ -148,7 +148,8 @@ impl Backbone {
                 .and_then(|adapter| ctx.set_adapter(std::sync::Arc::new(adapter), 1.0))
                 .map_err(|reason| LlmError::Adapter { path: path.clone(), reason })?;
             if manifest.llm.adapter_scope.is_scoped() {
-                // Off until a scene with an image is decoded (`set_scene`).
+                // Off, except while `set_scene` decodes a scene with an image and `decode_prompt`
+                // a prompt the scope reads: each switches it on and off again.
                 ctx.enable_adapter(false).map_err(|reason| LlmError::Adapter { path: path.clone(), reason })?;
             }
             tracing::info!(adapter = %path.display(), scope = ?manifest.llm.adapter_scope, "LoRA adapter loaded");
@@ -282,25 +283,17 @@ impl Backbone {
         let prefix = self.layout.prefix().to_owned();
         match image {
             Some(image) if self.scoped.is_some() => {
-                // A scoped adapter computes the scene prefix; with scope "scene" every token after
-                // it runs the base model, with "prompt" it stays on for the prompt of the next
-                // request (`generate` switches it). The prefill time includes the switches
-                // (llama.cpp re-plans its graph on each).
+                // A scoped adapter computes the scene prefix and is off again after it; a request
+                // whose prompt it reads switches it on for that prompt (`decode_prompt`). The
+                // prefill time includes the switches (llama.cpp re-plans its graph on each).
                 let start = std::time::Instant::now();
                 self.switch_adapter(true)?;
                 let prefill = self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]);
-                if self.scoped == Some(AdapterScope::Scene) || prefill.is_err() {
-                    self.switch_adapter(false)?;
-                }
+                self.switch_adapter(false)?;
                 prefill.map(|_| ms_since(start))
             }
             Some(image) => self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]),
-            None => {
-                if self.scoped.is_some() {
-                    self.switch_adapter(false)?;
-                }
-                self.set_prefix(id, &[Part::Text(&prefix)])
-            }
+            None => self.set_prefix(id, &[Part::Text(&prefix)]),
         }
     }
 
@@ -313,7 +306,8 @@ impl Backbone {
 
     /// Decodes a request's prompt after the scene prefix: with an adapter of scope "prompt" (any
     /// request) or "questions" (a question, not a caption), the adapter computes it when the scene
-    /// has an image, and is off for what is generated after.
+    /// has an image, and is off again for what is generated after (as everywhere but here and in
+    /// `set_scene`).
     fn decode_prompt(
         &mut self,
         parts: &[Part<'_>],
@@ -321,17 +315,16 @@ impl Backbone {
         request: Request,
         what: &'static str,
     ) -> Result<usize, LlmError> {
-        let reads = match self.scoped {
-            // Off since `set_scene`.
-            None | Some(AdapterScope::Scene | AdapterScope::All) => {
-                return self.decode_parts(parts, scene.n_past, what);
-            }
-            Some(AdapterScope::Prompt) => true,
-            Some(AdapterScope::Questions) => request == Request::Question,
-        };
-        // Set either way: `set_scene` leaves a "prompt" or "questions" adapter on for the next
-        // request, which may be a caption.
-        self.switch_adapter(reads && scene.image)?;
+        let reads = scene.image
+            && match self.scoped {
+                Some(AdapterScope::Prompt) => true,
+                Some(AdapterScope::Questions) => request == Request::Question,
+                _ => false,
+            };
+        if !reads {
+            return self.decode_parts(parts, scene.n_past, what);
+        }
+        self.switch_adapter(true)?;
         let pos = self.decode_parts(parts, scene.n_past, what);
         self.switch_adapter(false)?;
         pos
