@@ -89,11 +89,14 @@ projector: deps models train-venv
 	$(TRAIN_PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG)
 
 ## eval: evaluate through the Rust pipeline on the held-out set: the projector `make projector` just
-## trained when there is one (its candidate.toml), else the shipped one (models/README.md)
+## trained when there is one (its candidate.toml, whose caption check is calibrated first on the set's
+## scenes of training objects), else the shipped one (models/README.md)
+EVAL_SET = $(CACHE)/train/$(PROJECTOR_NAME)/eval/eval.json
 eval: FETCH_ARGS += --train
 eval: deps models build
 	$(PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG) --eval-set-only
-	$(CARGO) run --release --quiet -- $(if $(wildcard $(CANDIDATE)),--config $(CANDIDATE)) eval $(CACHE)/train/$(PROJECTOR_NAME)/eval/eval.json --report models/projector/$(PROJECTOR_NAME).eval.md
+	$(if $(wildcard $(CANDIDATE)),$(CARGO) run --release --quiet -- --config $(CANDIDATE) calibrate $(EVAL_SET) --write $(CACHE)/train/$(PROJECTOR_NAME)/candidate-manifest.toml)
+	$(CARGO) run --release --quiet -- $(if $(wildcard $(CANDIDATE)),--config $(CANDIDATE)) eval $(EVAL_SET) --report models/projector/$(PROJECTOR_NAME).eval.md
 
 ## generator: train and distil the generator, then its output projector (about 60 min on 2 cores; models/generator/README.md)
 GENERATOR_CONFIG ?= models/generator/train.toml

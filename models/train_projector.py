@@ -1387,6 +1387,9 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
             kept = kept.rstrip("\n") + (f'\ndetections_input = "{detector["input"]}"\n'
                                        f'detection_tokens = {detector.get("regions", 0)}\n\n')
         text = text.replace(section.group(0), kept)
+    # The caption check's threshold is the shipped projector's; a new one is calibrated on its own
+    # scenes (`make eval` runs `scenecast calibrate --write` on the candidate).
+    text = re.sub(r"^\[grounding\]\n(?:(?!\[).*\n)*", "", text, flags=re.M)
     if not detector:
         # A projector trained without the detector does not read it, whatever the base serves.
         text = re.sub(r"^\[detector(?:\.preprocess)?\]\n(?:(?!\[).*\n)*", "", text, flags=re.M)

@@ -14,10 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{ImageError, RgbImage};
-use crate::llm::Backbone;
+use crate::llm::{mentions, name_directions, support, Backbone};
 use crate::pipeline::{Pipeline, StackError};
 use crate::vision::ImageTokens;
-use crate::worker::cosine_distance;
 
 /// What can go wrong while evaluating.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +36,15 @@ pub enum EvalError {
         kind: String,
         /// The kinds the set has, comma-separated.
         has: String,
+    },
+    /// No caption of the calibration scenes named a category they show.
+    #[error(
+        "none of the {scenes} calibration captions named a category its scene shows, so there is nothing to \
+         calibrate on; expected scenes of objects the projector trained on (kinds photo, heldout-pair)"
+    )]
+    NothingToCalibrate {
+        /// The scenes captioned.
+        scenes: usize,
     },
     /// A scene's image cannot be opened.
     #[error(transparent)]
@@ -133,20 +141,6 @@ impl EvalSet {
     }
 }
 
-/// The categories named in `text`: a name or its plural as a whole word, case-insensitive.
-pub fn mentions<'a>(text: &str, categories: &'a [String]) -> Vec<&'a str> {
-    let words: Vec<String> =
-        text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect();
-    categories
-        .iter()
-        .filter(|name| {
-            let name = name.to_lowercase();
-            words.iter().any(|w| *w == name || *w == format!("{name}s") || *w == format!("{name}es"))
-        })
-        .map(String::as_str)
-        .collect()
-}
-
 /// `Some(true)` for an answer that starts with "yes", `Some(false)` for "no", else `None`.
 pub fn yes_no(text: &str) -> Option<bool> {
     let first = text.split(|c: char| !c.is_alphanumeric()).find(|w| !w.is_empty())?.to_lowercase();
@@ -183,6 +177,8 @@ pub struct Tally {
     pub false_negatives: usize,
     /// Scenes whose caption named every shown category and nothing else.
     pub exact: usize,
+    /// Scenes whose caption named no category (right for scenes of nothing known).
+    pub named_nothing: usize,
     /// Scenes that showed something and whose caption named every shown category (other names
     /// allowed): "names both objects" for a two-object scene.
     pub all_named: usize,
@@ -223,6 +219,7 @@ impl Tally {
         self.false_positives += other.false_positives;
         self.false_negatives += other.false_negatives;
         self.exact += other.exact;
+        self.named_nothing += other.named_nothing;
         self.all_named += other.all_named;
         self.yesno_correct += other.yesno_correct;
         self.yesno_total += other.yesno_total;
@@ -240,46 +237,26 @@ pub struct SceneResult {
     pub kind: String,
     /// Categories shown.
     pub objects: Vec<String>,
-    /// The caption.
+    /// The caption, as the stack publishes it.
     pub caption: String,
+    /// The caption as the LLM wrote it, when the check by the image tokens (the manifest's
+    /// `[grounding]`) changed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unchecked: Option<String>,
     /// Categories the caption named.
     pub named: Vec<String>,
     /// (question, answer, correct) for each question.
     pub answers: Vec<(String, String, bool)>,
     /// This scene's counts.
     pub tally: Tally,
+    /// Its counts with the caption as the LLM wrote it (equal to `tally` when the check changed
+    /// nothing).
+    pub unchecked_tally: Tally,
     /// Per category of the set (in its order): how strongly some image token points at the
     /// category's name, the largest cosine of an image token with the name's direction
     /// ([`name_directions`]), the similarity the projector's grounding loss trains. What a
-    /// filter of captions by the image tokens would read (models/experiments/grounded_filter.py).
+    /// check of captions by the image tokens reads (`llm::Grounding`; models/experiments/grounded_filter.py).
     pub support: Vec<f32>,
-}
-
-/// Each category's direction in the LLM's input space, as the projector's grounding loss points
-/// image tokens at it: the sum (so the direction of the mean) of the input embeddings of the tokens
-/// of " <name>".
-pub fn name_directions(backbone: &Backbone, categories: &[String]) -> Result<Vec<Vec<f32>>, StackError> {
-    let ids: Vec<Vec<i32>> = categories.iter().map(|c| backbone.tokenize(&format!(" {c}"), false)).collect();
-    let all: Vec<i32> = ids.iter().flatten().copied().collect();
-    let rows = crate::llm::token_embeddings(&backbone.summary().gguf.path, &all).map_err(StackError::from)?;
-    let width = backbone.summary().gguf.n_embd;
-    let mut rows = rows.chunks_exact(width);
-    Ok(ids
-        .iter()
-        .map(|name| {
-            let mut v = vec![0.0f32; width];
-            for row in rows.by_ref().take(name.len()) {
-                v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
-            }
-            v
-        })
-        .collect())
-}
-
-/// Per direction, the largest cosine of one of `tokens`' rows with it.
-pub fn support(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<f32> {
-    let rows = tokens.data.chunks_exact(tokens.n_embd.max(1));
-    directions.iter().map(|d| rows.clone().map(|r| 1.0 - cosine_distance(r, d)).fold(f32::MIN, f32::max)).collect()
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).
@@ -299,6 +276,7 @@ pub fn score(
     distinct.dedup();
     tally.false_negatives = distinct.iter().filter(|o| !named.contains(o)).count();
     tally.exact = usize::from(tally.false_positives == 0 && tally.false_negatives == 0);
+    tally.named_nothing = usize::from(named.is_empty());
     tally.all_named = usize::from(!distinct.is_empty() && tally.false_negatives == 0);
     let mut correct = Vec::with_capacity(answers.len());
     for (q, a) in scene.questions.iter().zip(answers) {
@@ -339,7 +317,7 @@ pub fn run(
         o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
         o
     };
-    let directions = name_directions(&pipeline.backbone, &set.categories)?;
+    let directions = name_directions(&pipeline.backbone, &set.categories).map_err(StackError::from)?;
     let mut results = Vec::with_capacity(set.scenes.len());
     for (i, scene) in set.scenes.iter().enumerate() {
         let image = RgbImage::open(&scene.image)?;
@@ -347,13 +325,19 @@ pub fn run(
         let support = support(&tokens, &directions);
         let backbone = &mut pipeline.backbone;
         let o = options(backbone);
-        let caption = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?.text;
+        let described = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
+        let unchecked = described.checked.and_then(|c| c.unchecked);
+        let caption = described.text;
         let mut answers = Vec::with_capacity(scene.questions.len());
         for q in &scene.questions {
             let o = options(backbone);
             answers.push(backbone.ask(&q.question, &o, &mut |_| true).map_err(StackError::from)?.text);
         }
         let (named, correct, tally) = score(scene, &set.categories, &caption, &answers);
+        let unchecked_tally = match &unchecked {
+            Some(text) => score(scene, &set.categories, text, &answers).2,
+            None => tally.clone(),
+        };
         let answers =
             scene.questions.iter().zip(answers).zip(correct).map(|((q, a), ok)| (q.question.clone(), a, ok)).collect();
         let result = SceneResult {
@@ -361,15 +345,78 @@ pub fn run(
             kind: scene.kind.clone(),
             objects: scene.objects.clone(),
             caption,
+            unchecked,
             named,
             answers,
             tally,
+            unchecked_tally,
             support,
         };
         progress(i, &result);
         results.push(result);
     }
     Ok(results)
+}
+
+/// The threshold of the caption check by the image tokens, calibrated on scenes of objects the
+/// projector trained on (see [`calibrate`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    /// The least support that keeps `keep` of the correctly named categories.
+    pub threshold: f32,
+    /// The share of correct names it keeps.
+    pub keep: f64,
+    /// Correctly named categories (shown and named) the threshold is taken over.
+    pub correct: usize,
+    /// Named categories that were not shown, and of them how many it would remove.
+    pub wrong: usize,
+    /// Of `wrong`, how many fall below the threshold.
+    pub wrong_removed: usize,
+}
+
+/// Captions every scene of `set` (through [`Backbone::describe`], as the LLM writes them, before
+/// any check) and takes the support of each category a caption names correctly; the threshold is
+/// the highest that keeps `keep` of them. Run it on scenes of objects the projector trained on
+/// (`photo`, `heldout-pair`), never on the held-out rows it is measured on.
+pub fn calibrate(
+    set: &EvalSet,
+    pipeline: &mut Pipeline,
+    keep: f64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Calibration, EvalError> {
+    let directions = name_directions(&pipeline.backbone, &set.categories).map_err(StackError::from)?;
+    let mut tokens = ImageTokens::default();
+    let (mut right, mut wrong) = (Vec::new(), Vec::new());
+    for (i, scene) in set.scenes.iter().enumerate() {
+        let image = RgbImage::open(&scene.image)?;
+        pipeline.set_scene(i as u64, &image, &mut tokens)?;
+        let support = support(&tokens, &directions);
+        let backbone = &mut pipeline.backbone;
+        let mut o = backbone.default_options();
+        o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
+        let g = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
+        let caption = g.checked.and_then(|c| c.unchecked).unwrap_or(g.text);
+        for name in mentions(&caption, &set.categories) {
+            let at = set.categories.iter().position(|c| c == name).expect("a mention is a category");
+            if scene.objects.iter().any(|o| o == name) { &mut right } else { &mut wrong }.push(support[at]);
+        }
+        progress(i);
+    }
+    threshold(&mut right, &wrong, keep).ok_or(EvalError::NothingToCalibrate { scenes: set.scenes.len() })
+}
+
+/// The highest threshold that keeps `keep` of `right` (None when it is empty).
+fn threshold(right: &mut [f32], wrong: &[f32], keep: f64) -> Option<Calibration> {
+    right.sort_by(f32::total_cmp);
+    let at = ((1.0 - keep.clamp(0.0, 1.0)) * right.len() as f64).floor() as usize;
+    let threshold = *right.get(at.min(right.len().checked_sub(1)?))?;
+    Some(Calibration {
+        threshold,
+        keep,
+        correct: right.len(),
+        wrong: wrong.len(),
+        wrong_removed: wrong.iter().filter(|s| **s < threshold).count(),
+    })
 }
 
 /// Scenes of `kind` (or all for `all`) that show at least one object.
@@ -379,14 +426,23 @@ fn of_kind_showing(results: &[SceneResult], kind: &str) -> usize {
 
 /// Counts per scene kind (in first-seen order), then `all`.
 pub fn summarize(results: &[SceneResult]) -> Vec<(String, Tally)> {
+    summarize_by(results, |r| &r.tally)
+}
+
+/// [`summarize`] over the captions as the LLM wrote them, before the check by the image tokens.
+pub fn summarize_unchecked(results: &[SceneResult]) -> Vec<(String, Tally)> {
+    summarize_by(results, |r| &r.unchecked_tally)
+}
+
+fn summarize_by(results: &[SceneResult], tally: impl Fn(&SceneResult) -> &Tally) -> Vec<(String, Tally)> {
     let mut groups: Vec<(String, Tally)> = Vec::new();
     let mut all = Tally::default();
     for r in results {
         match groups.iter_mut().find(|(k, _)| *k == r.kind) {
-            Some((_, t)) => t.add(&r.tally),
-            None => groups.push((r.kind.clone(), r.tally.clone())),
+            Some((_, t)) => t.add(tally(r)),
+            None => groups.push((r.kind.clone(), tally(r).clone())),
         }
-        all.add(&r.tally);
+        all.add(tally(r));
     }
     groups.push(("all".into(), all));
     groups
@@ -467,9 +523,6 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
     s += "| scenes | n | object precision | object recall | all shown named | exact captions | named nothing | yes/no accuracy | position accuracy |\n";
     s += "|---|---|---|---|---|---|---|---|---|\n";
     for (kind, t) in summarize(results) {
-        // Captions that name no category: the right answer for scenes of nothing known.
-        let of_kind = results.iter().filter(|r| kind == "all" || r.kind == kind);
-        let nothing = of_kind.filter(|r| r.named.is_empty()).count();
         let showing = of_kind_showing(results, &kind);
         s += &format!(
             "| {kind} | {} | {} | {} | {} | {} | {} | {} ({}/{}) | {} ({}/{}) |\n",
@@ -478,7 +531,7 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
             pct(t.recall()),
             pct(ratio(t.all_named, showing)),
             pct(ratio(t.exact, t.scenes)),
-            pct(ratio(nothing, t.scenes)),
+            pct(ratio(t.named_nothing, t.scenes)),
             pct(t.yesno_accuracy()),
             t.yesno_correct,
             t.yesno_total,
@@ -486,6 +539,27 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
             t.position_correct,
             t.position_total
         );
+    }
+    if results.iter().any(|r| r.unchecked.is_some()) {
+        let changed = results.iter().filter(|r| r.unchecked.is_some()).count();
+        s += &format!(
+            "\nThe captions above are checked against the image tokens (the manifest's `[grounding]`): a named \
+             category that no image token points at is removed. The check changed {changed} captions; as the \
+             LLM wrote them, they score:\n\n"
+        );
+        s += "| scenes | n | object precision | object recall | all shown named | exact captions | named nothing |\n";
+        s += "|---|---|---|---|---|---|---|\n";
+        for (kind, t) in summarize_unchecked(results) {
+            s += &format!(
+                "| {kind} | {} | {} | {} | {} | {} | {} |\n",
+                t.scenes,
+                pct(t.precision()),
+                pct(t.recall()),
+                pct(ratio(t.all_named, of_kind_showing(results, &kind))),
+                pct(ratio(t.exact, t.scenes)),
+                pct(ratio(t.named_nothing, t.scenes)),
+            );
+        }
     }
     s += "\nPer category (all scenes): how often a shown category was named, and how often it was named when not shown.\n\n";
     s += "| category | shown | named | recall | named when absent |\n|---|---|---|---|---|\n";
@@ -544,17 +618,6 @@ mod tests {
     }
 
     #[test]
-    fn mentions_whole_words_and_plurals_only() {
-        let c = cats();
-        assert_eq!(mentions("A cat on the left and a dog on the right.", &c), vec!["cat", "dog"]);
-        assert_eq!(mentions("Two cats.", &c), vec!["cat"]);
-        assert_eq!(mentions("Buses and oranges", &c), vec!["orange", "bus"]);
-        // "category" and "hotdog" contain names but are other words.
-        assert!(mentions("A category of hotdogs.", &c).is_empty());
-        assert!(mentions("No known object.", &c).is_empty());
-    }
-
-    #[test]
     fn a_set_keeps_the_kinds_asked_for_and_refuses_a_kind_it_lacks() {
         let scene = |kind: &str| Scene {
             image: PathBuf::from(format!("{kind}.png")),
@@ -579,6 +642,16 @@ mod tests {
         let kinds: Vec<&str> = set.scenes.iter().map(|s| s.kind.as_str()).collect();
         assert_eq!(kinds, ["photo", "photo", "empty"]);
         assert_eq!(set.name, "v8 (photo, empty)");
+    }
+
+    #[test]
+    fn the_threshold_keeps_the_share_of_correct_names_asked_for() {
+        let mut right: Vec<f32> = (1..=20).rev().map(|i| i as f32 / 20.0).collect();
+        let c = threshold(&mut right, &[0.01, 0.2, 0.9], 0.95).unwrap();
+        // 20 correct names: keeping 95 % drops the lowest one.
+        assert_eq!((c.threshold, c.correct, c.wrong, c.wrong_removed), (0.1, 20, 3, 1));
+        assert_eq!(threshold(&mut right, &[], 1.0).unwrap().threshold, 0.05);
+        assert!(threshold(&mut [], &[0.3], 0.95).is_none());
     }
 
     #[test]
@@ -632,44 +705,61 @@ mod tests {
             kind: kind.into(),
             objects: objects.iter().map(|s| s.to_string()).collect(),
             caption: String::new(),
+            unchecked: None,
             named: named.iter().map(|s| s.to_string()).collect(),
             answers: vec![],
             tally: Tally::default(),
+            unchecked_tally: Tally::default(),
             support: vec![],
         }
-    }
-
-    #[test]
-    fn support_is_the_best_token_cosine_with_each_direction() {
-        // Two tokens of width 3: one along x (any length), one between y and z.
-        let tokens = ImageTokens { n_tokens: 2, n_embd: 3, data: vec![5.0, 0.0, 0.0, 0.0, 1.0, 1.0] };
-        let directions = [vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, -1.0]];
-        let s = support(&tokens, &directions);
-        let half = std::f32::consts::FRAC_1_SQRT_2;
-        assert!((s[0] - 1.0).abs() < 1e-6 && (s[1] - half).abs() < 1e-6, "{s:?}");
-        assert!(s[2].abs() < 1e-6, "the best of 0 and -0.71: {s:?}");
     }
 
     #[test]
     fn the_report_names_the_stack_the_set_and_what_named_nothing() {
         let set =
             EvalSet { name: "set-v3".into(), categories: cats(), caption_prompt: "Describe.".into(), scenes: vec![] };
-        let scored = |kind: &str, objects: &[&str], named: &[&str], tp: usize, fp: usize| {
-            let mut r = result(kind, objects, named);
-            let all_named = usize::from(!objects.is_empty() && tp == objects.len());
-            r.tally = Tally { scenes: 1, true_positives: tp, false_positives: fp, all_named, ..Tally::default() };
-            r
+        // A scene captioned `caption`, which the check by the image tokens made of `unchecked`.
+        let scored = |kind: &str, objects: &[&str], unchecked: Option<&str>, caption: &str| {
+            let scene = Scene {
+                image: "x.png".into(),
+                kind: kind.into(),
+                objects: objects.iter().map(|s| s.to_string()).collect(),
+                questions: vec![],
+            };
+            let (named, _, tally) = score(&scene, &cats(), caption, &[]);
+            let unchecked_tally = score(&scene, &cats(), unchecked.unwrap_or(caption), &[]).2;
+            SceneResult {
+                caption: caption.into(),
+                unchecked: unchecked.map(String::from),
+                named,
+                tally,
+                unchecked_tally,
+                ..result(kind, objects, &[])
+            }
         };
         let results = [
-            scored("unknown", &[], &[], 0, 0),
-            scored("unknown", &[], &["dog"], 0, 1),
-            scored("single", &["cat"], &["cat"], 1, 0),
+            scored("unknown", &[], None, "No known object."),
+            scored("unknown", &[], None, "A dog."),
+            scored("single", &["cat"], None, "A cat."),
         ];
         let md = markdown(&set, "the stack `s` (image tokens from `p.onnx`)", &results, 0, 1.0);
         assert!(md.starts_with("Evaluation of the stack `s` (image tokens from `p.onnx`) on the set `set-v3`"), "{md}");
         // unknown: 1 of 2 captions named nothing, nothing shown to name all of; single: named it.
-        assert!(md.contains("| unknown | 2 | 0.0 % | – | – | 0.0 % | 50.0 % |"), "{md}");
-        assert!(md.contains("| single | 1 | 100.0 % | 100.0 % | 100.0 % | 0.0 % | 0.0 % |"), "{md}");
+        assert!(md.contains("| unknown | 2 | 0.0 % | – | – | 50.0 % | 50.0 % |"), "{md}");
+        assert!(md.contains("| single | 1 | 100.0 % | 100.0 % | 100.0 % | 100.0 % | 0.0 % |"), "{md}");
+        assert!(!md.contains("as the LLM wrote them"), "no caption was changed by a check: {md}");
+        // The check turned "A dog." into "No known object." and "A cat and a bus." into "A cat.".
+        let results = [
+            scored("unknown", &[], None, "No known object."),
+            scored("unknown", &[], Some("A dog."), "No known object."),
+            scored("single", &["cat"], Some("A cat and a bus."), "A cat."),
+        ];
+        let md = markdown(&set, "s", &results, 0, 1.0);
+        assert!(md.contains("| unknown | 2 | – | – | – | 100.0 % | 100.0 % |"), "{md}");
+        let (_, unchecked) =
+            md.split_once("The check changed 2 captions; as the LLM wrote them").expect("the second table");
+        assert!(unchecked.contains("| unknown | 2 | 0.0 % | – | – | 50.0 % | 50.0 % |"), "{md}");
+        assert!(unchecked.contains("| single | 1 | 50.0 % | 100.0 % | 100.0 % | 0.0 % | 0.0 % |"), "{md}");
     }
 
     #[test]

@@ -342,6 +342,67 @@ pub struct GeneratorSpec {
     pub size: [usize; 2],
 }
 
+/// The caption check by the image tokens (`[grounding]`): the projector's vocabulary, and how
+/// strongly some image token must point at a category's name for a caption to keep naming it
+/// (written by `scenecast calibrate`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroundingSpec {
+    /// The categories the projector was trained on, named as its captions name them.
+    pub categories: Vec<String>,
+    /// The least support (the largest cosine of an image token with the name's direction in the
+    /// LLM's input space) a named category needs to stay in a caption.
+    pub threshold: f32,
+    /// The caption when no named category is left ("No known object.").
+    pub nothing: String,
+}
+
+impl GroundingSpec {
+    /// The section as TOML, under `comment` (one `# ` line per line of it).
+    pub fn to_toml(&self, comment: &str) -> String {
+        let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+        let mut text = String::from("[grounding]\n");
+        for line in comment.lines() {
+            text += &format!("# {line}\n").replace("# \n", "#\n");
+        }
+        text += "categories = [\n";
+        let mut line = String::new();
+        for name in &self.categories {
+            if line.len() + name.len() > 96 {
+                text += &format!("  {}\n", line.trim_end());
+                line.clear();
+            }
+            line += &format!("{}, ", quote(name));
+        }
+        text += &format!("  {}\n]\n", line.trim_end());
+        text += &format!("threshold = {:.4}\nnothing = {}\n", self.threshold, quote(&self.nothing));
+        text
+    }
+}
+
+/// Manifest text with its `[grounding]` section replaced by `section` (up to the next table and
+/// the comments that open it), or `section` appended after a blank line when it has none.
+pub fn with_grounding(text: &str, section: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let is_header = |l: &str| l.trim_start().starts_with('[');
+    let Some(start) = lines.iter().position(|l| l.trim() == "[grounding]") else {
+        return format!("{}\n\n{section}", text.trim_end());
+    };
+    let mut end = (start + 1..lines.len()).find(|&i| is_header(lines[i])).unwrap_or(lines.len());
+    if end < lines.len() {
+        while end > start + 1 && (lines[end - 1].trim().is_empty() || lines[end - 1].trim_start().starts_with('#')) {
+            end -= 1;
+        }
+    }
+    let mut out: Vec<String> = lines[..start].iter().map(|l| l.to_string()).collect();
+    out.push(section.trim_end().to_owned());
+    if end < lines.len() && !lines[end].trim().is_empty() {
+        out.push(String::new());
+    }
+    out.extend(lines[end..].iter().map(|l| l.to_string()));
+    out.join("\n") + "\n"
+}
+
 /// One model stack.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -363,6 +424,8 @@ pub struct Manifest {
     pub llm: LlmSpec,
     /// The modality generator (optional).
     pub generator: Option<GeneratorSpec>,
+    /// The caption check by the image tokens (optional).
+    pub grounding: Option<GroundingSpec>,
     /// Where the manifest came from (a path, or `<built-in reference>`); not in the TOML.
     #[serde(skip)]
     pub origin: String,
@@ -525,6 +588,9 @@ impl Manifest {
         if let Some(g) = &self.generator {
             self.validate_generator(g)?;
         }
+        if let Some(g) = &self.grounding {
+            self.validate_grounding(g)?;
+        }
         let chat = &self.llm.chat;
         match (chat.template.as_deref(), &chat.prefix, &chat.suffix) {
             (Some("gguf"), None, None) => {}
@@ -544,6 +610,35 @@ impl Manifest {
             (None, _, _) => {
                 return Err(self.invalid("llm.chat", "give `prefix` and `suffix`, or `template = \"gguf\"`".into()))
             }
+        }
+        Ok(())
+    }
+
+    fn validate_grounding(&self, g: &GroundingSpec) -> Result<(), ManifestError> {
+        let mut seen = std::collections::HashSet::new();
+        for name in &g.categories {
+            let plain =
+                !name.is_empty() && name.split(' ').all(|w| !w.is_empty() && w.chars().all(char::is_alphanumeric));
+            if !plain {
+                return Err(self.invalid(
+                    "grounding.categories",
+                    format!("{name:?} is not a name of plain words (letters and digits, single spaces)"),
+                ));
+            }
+            if !seen.insert(name.to_lowercase()) {
+                return Err(self.invalid("grounding.categories", format!("{name:?} is listed twice")));
+            }
+        }
+        if g.categories.is_empty() {
+            return Err(self.invalid("grounding.categories", "expected at least one category".into()));
+        }
+        if !(g.threshold.is_finite() && (-1.0..=1.0).contains(&g.threshold)) {
+            return Err(self.invalid("grounding.threshold", format!("{} is not a cosine in [-1, 1]", g.threshold)));
+        }
+        if g.nothing.trim().is_empty() {
+            return Err(
+                self.invalid("grounding.nothing", "expected the caption for a scene with no known object".into())
+            );
         }
         Ok(())
     }
@@ -759,6 +854,43 @@ mod tests {
         assert!(m.llm.adapter.is_some(), "the projector's adapter");
         assert_eq!(m.llm.adapter_scope, AdapterScope::Scene, "on the scene prefix only: decoding runs the base GGUF");
         assert_eq!(m.files().len(), 10, "encoder, detector, projector, LLM, its adapter and the generator's five");
+    }
+
+    #[test]
+    fn a_grounding_section_is_written_replaced_and_checked() {
+        let spec = GroundingSpec {
+            categories: ["dog", "teddy bear", "cat"].map(String::from).to_vec(),
+            threshold: 0.1874,
+            nothing: "No \"known\" object.".into(),
+        };
+        let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
+        assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
+        // Without a section (comments at the end stay), then replacing it in place.
+        let bare = with_grounding(REFERENCE_MANIFEST, "");
+        let without = &bare[..bare.find("[grounding]").unwrap_or(bare.len())];
+        let once = with_grounding(without, &section);
+        let m = Manifest::parse(&once, "test.toml", Path::new("/m")).unwrap();
+        let g = m.grounding.expect("written");
+        assert_eq!((g.categories, g.threshold, g.nothing), (spec.categories.clone(), 0.1874, spec.nothing.clone()));
+        let other = GroundingSpec { threshold: 0.3, ..spec.clone() }.to_toml("Again.");
+        let twice = with_grounding(&once, &other);
+        assert_eq!(twice.matches("[grounding]").count(), 1, "{twice}");
+        assert_eq!(Manifest::parse(&twice, "t", Path::new("/m")).unwrap().grounding.unwrap().threshold, 0.3);
+        // A section followed by another table keeps that table and the comment that opens it.
+        let middle = format!("{}\n# the generator\n[x]\n", section);
+        let replaced = with_grounding(&middle, &other);
+        assert!(replaced.ends_with("nothing = 'No \"known\" object.'\n\n# the generator\n[x]\n"), "{replaced}");
+        let cases: &[(&str, &str, &str)] = &[
+            ("\"teddy bear\", \"cat\"", "\"teddy bear\", \"dog\"", "`grounding.categories`: \"dog\" is listed twice"),
+            (
+                "\"teddy bear\", \"cat\"",
+                "\"teddy bear\", \"hot-dog\"",
+                "`grounding.categories`: \"hot-dog\" is not a name of plain words",
+            ),
+            ("threshold = 0.1874", "threshold = 1.5", "`grounding.threshold`: 1.5 is not a cosine in [-1, 1]"),
+            ("nothing = ", "nothing = \"  \"\n#", "`grounding.nothing`: expected the caption"),
+        ];
+        assert_edits_fail(&once, cases);
     }
 
     #[test]

@@ -334,6 +334,7 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
     for seq in 0..20u64 {
         let caption = scenecast::worker::Caption {
             text: format!("scene {seq}"),
+            unsupported: vec![],
             frame_seq: seq,
             frame_ts_ms: 1_700_000_000_000 + seq,
             timings_ms: Default::default(),
@@ -690,6 +691,7 @@ async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
     };
     let caption = Caption {
         text: "a cat".into(),
+        unsupported: vec!["dog".into()],
         frame_seq: 1,
         frame_ts_ms: 0,
         timings_ms: Default::default(),

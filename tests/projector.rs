@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use scenecast::eval::mentions;
+use scenecast::llm::mentions;
 use scenecast::llm::Backbone;
 use scenecast::llm::LlmConfig;
 use scenecast::manifest::{AdapterScope, FileRef};
@@ -65,8 +65,10 @@ fn the_trained_projector_names_the_objects_in_fixed_photos() {
     for (i, (file, category)) in PHOTOS.iter().enumerate() {
         vision.run(&photo(file), &mut tokens).unwrap();
         backbone.set_scene(i as u64, Some(&tokens)).unwrap();
-        let caption = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap().text;
+        let described = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap();
+        let caption = described.text;
         assert_eq!(mentions(&caption, &categories), vec![*category], "{file}: {caption:?}");
+        assert_eq!(described.checked, None, "{file}: the LLM's own caption, which the image tokens support");
         // Presence questions about the same cached scene: the shown category, and the next photo's.
         let absent = PHOTOS[(i + 1) % PHOTOS.len()].1;
         for (asked, expected) in [(*category, "Yes."), (absent, "No.")] {
@@ -106,11 +108,11 @@ fn image_tokens_point_at_the_name_of_what_a_photo_shows() {
     let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, ..LlmConfig::default() }).unwrap();
     let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
     let categories = categories();
-    let directions = scenecast::eval::name_directions(&backbone, &categories).unwrap();
+    let directions = scenecast::llm::name_directions(&backbone, &categories).unwrap();
     let mut tokens = ImageTokens::default();
     let mut best = |file: &str| {
         vision.run(&photo(file), &mut tokens).unwrap();
-        let support = scenecast::eval::support(&tokens, &directions);
+        let support = scenecast::llm::support(&tokens, &directions);
         let mut ranked: Vec<(f32, &str)> = support.iter().copied().zip(categories.iter().map(String::as_str)).collect();
         ranked.sort_by(|a, b| b.0.total_cmp(&a.0));
         println!("{file}: {:?}", &ranked[..3]);
@@ -127,6 +129,41 @@ fn image_tokens_point_at_the_name_of_what_a_photo_shows() {
         let top = best(file)[0].0;
         assert!(shown_support.iter().all(|s| *s > top), "{file}: best support {top}, shown {shown_support:?}");
     }
+}
+
+#[test]
+fn the_caption_check_drops_names_the_image_tokens_do_not_support() {
+    // The reference manifest's [grounding]: its vocabulary is the projector's, and on real image
+    // tokens the check keeps the name of what a photo shows and drops a name it does not show.
+    let root = cache_root();
+    let m = manifest();
+    let spec = m.grounding.clone().expect("the reference manifest checks captions");
+    assert_eq!(spec.categories, categories(), "the check's vocabulary is the projector's");
+    let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
+    let mut backbone = Backbone::load(&m, &root, &config).unwrap();
+    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let mut tokens = ImageTokens::default();
+    let mut scene = |backbone: &mut Backbone, id: u64, file: &str| {
+        vision.run(&photo(file), &mut tokens).unwrap();
+        backbone.set_scene(id, Some(&tokens)).unwrap();
+    };
+    scene(&mut backbone, 0, "chelsea.png");
+    let check = |backbone: &Backbone, text: &str| {
+        backbone.grounding().unwrap().check(text, backbone.scene_support().expect("a scene with an image"))
+    };
+    let checked = check(&backbone, "A cat on the left and a whale on the right.");
+    assert_eq!((checked.text.as_str(), checked.dropped.as_slice()), ("A cat on the left.", &["whale".to_owned()][..]));
+    assert_eq!(check(&backbone, "A photo of a cat.").unchecked, None, "the shown category stays");
+    // A koala is none of the 82: every name goes, and the caption says so.
+    scene(&mut backbone, 1, UNKNOWN[0]);
+    assert_eq!(check(&backbone, "A photo of a bear.").text, spec.nothing);
+    assert_eq!(check(&backbone, "A photo of a whale and a rocket.").dropped, ["whale", "rocket"]);
+    // A scene without an image has no support, and its captions are not checked.
+    backbone.set_scene(2, None).unwrap();
+    assert!(backbone.scene_support().is_none());
+    // `llm.ground_captions = false`: captions as the LLM writes them.
+    let off = Backbone::load(&m, &root, &LlmConfig { ground_captions: false, ..config }).unwrap();
+    assert!(off.grounding().is_none());
 }
 
 /// A file in the model cache, by its cache path.

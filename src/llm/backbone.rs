@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::error::{check_question, LlmError, QuestionError};
 use super::gguf::GgufInfo;
+use super::grounding::{Checked, Grounding};
 use super::prompt::{ChatLayout, StopFilter};
 use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
@@ -69,6 +70,9 @@ pub struct Generation {
     pub prefix_cached: bool,
     /// Why it ended.
     pub stop: StopReason,
+    /// For a caption checked against the image tokens and changed by the check: the caption as
+    /// the LLM wrote it (`text` is the checked one) and the names removed.
+    pub checked: Option<Checked>,
 }
 
 /// What the loaded model is.
@@ -122,6 +126,10 @@ pub struct Backbone {
     /// The adapter's scope when it is switched on and off around parts of the conversation
     /// (`llm.adapter_scope` "scene" or "prompt"); None without an adapter or for one on every token.
     scoped: Option<AdapterScope>,
+    /// The caption check (the manifest's `[grounding]`, unless `llm.ground_captions` is off).
+    grounding: Option<Grounding>,
+    /// The support of each of its categories in the cached scene, when it has an image.
+    support: Option<Vec<f32>>,
 }
 
 impl Backbone {
@@ -172,9 +180,26 @@ impl Backbone {
         tracing::info!(model = %path.display(), params = summary.n_params, threads, n_ctx = summary.n_ctx, "LLM backbone loaded");
         let scoped =
             (summary.adapter.is_some() && manifest.llm.adapter_scope.is_scoped()).then_some(manifest.llm.adapter_scope);
-        let backbone =
-            Backbone { ctx, layout, summary, config: config.clone(), scene: None, history: Vec::new(), scoped };
+        let mut backbone = Backbone {
+            ctx,
+            layout,
+            summary,
+            config: config.clone(),
+            scene: None,
+            history: Vec::new(),
+            scoped,
+            grounding: None,
+            support: None,
+        };
         backbone.check_layout()?;
+        if let Some(spec) = manifest.grounding.as_ref().filter(|_| config.ground_captions) {
+            backbone.grounding = Some(Grounding::new(spec, &backbone)?);
+            tracing::info!(
+                categories = spec.categories.len(),
+                threshold = spec.threshold,
+                "captions checked against the image tokens"
+            );
+        }
         Ok(backbone)
     }
 
@@ -266,6 +291,7 @@ impl Backbone {
         let start = std::time::Instant::now();
         self.ctx.clear();
         self.scene = None;
+        self.support = None;
         let n_past = self.decode_parts(parts, 0, "the scene prefix")?;
         let image = parts.iter().any(|p| matches!(p, Part::Embeddings(_)));
         self.scene = Some(CachedScene { id, n_past, image });
@@ -281,7 +307,8 @@ impl Backbone {
             }
         }
         let prefix = self.layout.prefix().to_owned();
-        match image {
+        let support = self.grounding.as_ref().zip(image).map(|(g, image)| g.support(image));
+        let prefill = match image {
             Some(image) if self.scoped.is_some() => {
                 // A scoped adapter computes the scene prefix and is off again after it; a request
                 // whose prompt it reads switches it on for that prompt (`decode_prompt`). The
@@ -294,7 +321,9 @@ impl Backbone {
             }
             Some(image) => self.set_prefix(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)]),
             None => self.set_prefix(id, &[Part::Text(&prefix)]),
-        }
+        }?;
+        self.support = support;
+        Ok(prefill)
     }
 
     /// Switches a scoped adapter on or off (llama.cpp does nothing when it already is).
@@ -347,15 +376,36 @@ impl Backbone {
     }
 
     /// Describes the current scene (a text-only prefix when none is set) as `prompt` asks: a
-    /// caption. It differs from [`Backbone::ask`] only for an adapter of scope "questions", which
-    /// reads questions but not the caption prompt (as it was trained).
+    /// caption. It differs from [`Backbone::ask`] in two ways: an adapter of scope "questions"
+    /// reads questions but not the caption prompt (as it was trained), and with the manifest's
+    /// `[grounding]` the finished caption of a scene with an image is checked against its image
+    /// tokens (`Generation::checked`; `on_text` sees the caption as written).
     pub fn describe(
         &mut self,
         prompt: &str,
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        self.request(Request::Caption, prompt, options, on_text)
+        let mut g = self.request(Request::Caption, prompt, options, on_text)?;
+        if let Some((grounding, support)) = self.grounding.as_ref().zip(self.support.as_ref()) {
+            let checked = grounding.check(&g.text, support);
+            if checked.unchecked.is_some() {
+                g.text.clone_from(&checked.text);
+                g.checked = Some(checked);
+            }
+        }
+        Ok(g)
+    }
+
+    /// The caption check, when captions are checked.
+    pub fn grounding(&self) -> Option<&Grounding> {
+        self.grounding.as_ref()
+    }
+
+    /// The support of each of the check's categories in the current scene (None without a check or
+    /// without an image in the scene).
+    pub fn scene_support(&self) -> Option<&[f32]> {
+        self.support.as_deref()
     }
 
     fn request(
@@ -495,6 +545,7 @@ impl Backbone {
             ttft_ms,
             prefix_cached,
             stop,
+            checked: None,
         })
     }
 

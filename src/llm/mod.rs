@@ -4,6 +4,7 @@
 mod backbone;
 mod error;
 mod gguf;
+mod grounding;
 mod prompt;
 mod sampling;
 
@@ -12,6 +13,7 @@ use serde::Deserialize;
 pub use backbone::{Backbone, GenerateOptions, Generation, ModelSummary, Part, StopReason};
 pub use error::{check_question, LlmError, QuestionError};
 pub use gguf::{token_embeddings, GgufInfo};
+pub use grounding::{mentions, name_directions, support, Checked, Grounding};
 pub use prompt::{ChatLayout, StopFilter};
 pub use sampling::{SamplingParams, TokenSampler};
 
@@ -37,6 +39,9 @@ pub struct LlmConfig {
     pub caption_prompt: String,
     /// A caption or answer that takes longer is cut off (seconds).
     pub request_timeout_s: f64,
+    /// Check captions against the image tokens when the manifest has a `[grounding]` section: a
+    /// named category that no image token points at is removed (see `Grounding`).
+    pub ground_captions: bool,
     /// Sampling; the default (temperature 0) is greedy and deterministic.
     pub sampling: SamplingParams,
 }
@@ -53,6 +58,7 @@ impl Default for LlmConfig {
             system_prompt: None,
             caption_prompt: "Describe what you see in one sentence.".into(),
             request_timeout_s: 60.0,
+            ground_captions: true,
             sampling: SamplingParams::default(),
         }
     }

@@ -190,6 +190,7 @@ mod tests {
         let info = info();
         let caption = Caption {
             text: "t".into(),
+            unsupported: vec![],
             frame_seq: 1,
             frame_ts_ms: 2,
             timings_ms: Default::default(),

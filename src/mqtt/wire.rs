@@ -410,6 +410,10 @@ pub type Timings = BTreeMap<String, f64>;
 pub struct Caption {
     /// The caption.
     pub text: String,
+    /// Names the LLM wrote that no image token supports, removed from `text` (the manifest's
+    /// `[grounding]` check); empty when the check changed nothing or is off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsupported: Vec<String>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.
@@ -424,6 +428,7 @@ impl From<&worker::Caption> for Caption {
     fn from(c: &worker::Caption) -> Self {
         Caption {
             text: c.text.clone(),
+            unsupported: c.unsupported.clone(),
             frame_seq: c.frame_seq,
             frame_ts_ms: c.frame_ts_ms,
             timings_ms: c.timings_ms.clone(),

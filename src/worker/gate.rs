@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::util::cosine_distance;
+
 /// Gating settings (`[scene]` in the config).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -47,20 +49,6 @@ impl Decision {
     pub fn caption(&self) -> bool {
         matches!(self, Decision::First | Decision::Changed(_) | Decision::Refresh)
     }
-}
-
-/// Cosine distance of two equally long vectors (1 when either is all zeros).
-pub fn cosine_distance(a: &[f32], b: &[f32]) -> f32 {
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        dot += f64::from(*x) * f64::from(*y);
-        na += f64::from(*x) * f64::from(*x);
-        nb += f64::from(*y) * f64::from(*y);
-    }
-    if na == 0.0 || nb == 0.0 {
-        return 1.0;
-    }
-    (1.0 - dot / (na.sqrt() * nb.sqrt())) as f32
 }
 
 /// The gate: remembers the signature and time of the last captioned scene.

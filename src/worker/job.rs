@@ -120,6 +120,9 @@ pub struct GenerateJob {
 pub struct Caption {
     /// The caption.
     pub text: String,
+    /// Names the LLM wrote that no image token supports, removed from `text` (the manifest's
+    /// `[grounding]` check); empty when the check changed nothing or is off.
+    pub unsupported: Vec<String>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.

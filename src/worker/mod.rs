@@ -22,7 +22,8 @@ use crate::pipeline::{render_description, StackError};
 use crate::util::ms_since;
 use crate::vision::{EncodeTimings, ImageTokens, Vision};
 
-pub use gate::{cosine_distance, Decision, GateConfig, SceneGate};
+pub use crate::util::cosine_distance;
+pub use gate::{Decision, GateConfig, SceneGate};
 pub use job::{
     Answer, AttachedFrame, Caption, GenerateJob, Job, JobError, JobKind, OffloadJob, OffloadKind, Output, Picture,
     RenderInfo, RuntimeSettings, SettingError, Timings, MAX_CAPTION_PROMPT_CHARS,
@@ -297,8 +298,21 @@ impl Worker {
             ("total", ms_since(start)),
         ]);
         tracing::info!(frame = frame.seq, total_ms = timings["total"], "caption: {}", g.text);
+        let unsupported = match g.checked {
+            Some(checked) => {
+                tracing::info!(
+                    frame = frame.seq,
+                    "the image tokens do not support {:?}: removed from {:?}",
+                    checked.dropped,
+                    checked.unchecked.unwrap_or_default()
+                );
+                checked.dropped
+            }
+            None => Vec::new(),
+        };
         Ok(Caption {
             text: g.text,
+            unsupported,
             frame_seq: frame.seq,
             frame_ts_ms: ts_ms(frame),
             timings_ms: timings,

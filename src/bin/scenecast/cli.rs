@@ -75,6 +75,26 @@ pub enum Command {
         #[arg(long, short)]
         verbose: bool,
     },
+    /// Calibrate the check of captions by the image tokens (the manifest's [grounding]): caption the
+    /// scenes of objects the projector trained on and take the least support that keeps `--keep` of
+    /// the names they get right. Prints the section, or writes it into a manifest file.
+    Calibrate {
+        /// The evaluation set (eval.json, written by models/train_projector.py); its categories
+        /// become the check's vocabulary.
+        set: PathBuf,
+        /// Calibrate on the scenes of this kind (repeat for several): objects the projector trained on.
+        #[arg(long = "kind", value_name = "KIND", default_values_t = ["photo".to_owned(), "heldout-pair".to_owned()])]
+        kinds: Vec<String>,
+        /// The share of correct names the threshold keeps, in (0, 1].
+        #[arg(long, default_value_t = 0.95)]
+        keep: f64,
+        /// The caption when no known name is left.
+        #[arg(long, default_value = "No known object.")]
+        nothing: String,
+        /// Write the section into this manifest (replacing its [grounding]) instead of printing it.
+        #[arg(long, value_name = "MANIFEST")]
+        write: Option<PathBuf>,
+    },
     /// Render an image with the generator (the manifest's [generator]) and write it as PNG or JPEG.
     Generate {
         /// What to render. With --from-image, added to the LLM's description of that image.

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use scenecast::generate::{check_prompt, RenderRequest};
 use scenecast::llm::GgufInfo;
-use scenecast::manifest::SamplerKind;
+use scenecast::manifest::{with_grounding, GroundingSpec, Manifest, SamplerKind};
 use scenecast::mqtt::{self, wire, MqttProtocol};
 use scenecast::pipeline::{self, render_description};
 use scenecast::{cache, eval, ms_since, Config, Generator, ImageTokens, OnnxRuntime, Pipeline, RgbImage, Vision};
@@ -346,9 +346,80 @@ pub fn evaluate(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `scenecast calibrate`: the threshold of the caption check on the set's scenes of `kinds`, as a
+/// `[grounding]` section printed or written into the manifest `write`.
+pub fn calibrate(
+    config: &Config,
+    set_path: &Path,
+    kinds: &[String],
+    keep: f64,
+    nothing: &str,
+    write: Option<&Path>,
+) -> Result<ExitCode> {
+    anyhow::ensure!(keep > 0.0 && keep <= 1.0, "--keep {keep}: expected a share in (0, 1], e.g. 0.95");
+    let mut set = eval::EvalSet::load(set_path)?;
+    set.keep_kinds(kinds).with_context(|| format!("--kind in {}", set_path.display()))?;
+    let mut pipeline = load_pipeline(config)?;
+    let start = Instant::now();
+    let total = set.scenes.len();
+    let c = eval::calibrate(&set, &mut pipeline, keep, &mut |i| {
+        if (i + 1) % 20 == 0 {
+            eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
+        }
+    })?;
+    let spec =
+        GroundingSpec { categories: set.categories.clone(), threshold: c.threshold, nothing: nothing.to_owned() };
+    let comment = format!(
+        "The check of captions by the image tokens (scenecast's `llm.ground_captions`): a caption keeps a\n\
+         category's name only when some image token points at the name (cosine with the name's direction\n\
+         in the LLM's input space >= threshold); one left with none says `nothing`. Written by\n\
+         `scenecast calibrate` on {} ({} scenes of kinds {}): the threshold keeps {:.0} % of the {} names\n\
+         its captions got right, and removes {} of the {} wrong ones.",
+        set_path.file_name().map_or_else(|| set_path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        total,
+        kinds.join(", "),
+        keep * 100.0,
+        c.correct,
+        c.wrong_removed,
+        c.wrong,
+    );
+    let section = spec.to_toml(&comment);
+    eprintln!(
+        "threshold {:.4}: keeps {:.0} % of {} correct names; {} of {} wrong names fall below it ({:.0} s)",
+        c.threshold,
+        keep * 100.0,
+        c.correct,
+        c.wrong_removed,
+        c.wrong,
+        start.elapsed().as_secs_f64()
+    );
+    match write {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading the manifest {}", path.display()))?;
+            let text = with_grounding(&text, &section);
+            let base = path.parent().unwrap_or(Path::new("."));
+            Manifest::parse(&text, &path.display().to_string(), base)
+                .context("the manifest with the new [grounding] section does not validate; it was not written")?;
+            std::fs::write(path, text).with_context(|| format!("writing the manifest {}", path.display()))?;
+            eprintln!("wrote [grounding] into {}", path.display());
+        }
+        None => out!("{section}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The image through the whole stack, then each question against the one cached scene prefix.
-/// Answers `questions` about each image in turn; the models are loaded once.
-pub fn describe(config: &Config, image_paths: &[PathBuf], questions: &[String], json: bool) -> Result<ExitCode> {
+/// Answers `questions` about each image in turn; the models are loaded once. With `caption`, the
+/// one question is the caption prompt and is asked as a caption (`Backbone::describe`: checked
+/// against the image tokens).
+pub fn describe(
+    config: &Config,
+    image_paths: &[PathBuf],
+    questions: &[String],
+    caption: bool,
+    json: bool,
+) -> Result<ExitCode> {
     let mut pipeline = load_pipeline(config)?;
     for question in questions {
         pipeline.backbone.check_question(question)?;
@@ -358,18 +429,18 @@ pub fn describe(config: &Config, image_paths: &[PathBuf], questions: &[String], 
         if image_paths.len() > 1 && !json {
             out!("{}", image_path.display());
         }
-        describe_one(config, &mut pipeline, &mut tokens, n as u64, image_path, questions, json)?;
+        describe_one(&mut pipeline, &mut tokens, n as u64, image_path, questions, caption, json)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn describe_one(
-    config: &Config,
     pipeline: &mut Pipeline,
     tokens: &mut ImageTokens,
     scene: u64,
     image_path: &Path,
     questions: &[String],
+    caption: bool,
     json: bool,
 ) -> Result<()> {
     let (image, decode_ms) = open_image(image_path)?;
@@ -380,7 +451,11 @@ fn describe_one(
     for (i, question) in questions.iter().enumerate() {
         let request_start = Instant::now();
         let options = backbone.default_options();
-        let answer = backbone.ask(question, &options, &mut |_| true)?;
+        let answer = if caption {
+            backbone.describe(question, &options, &mut |_| true)?
+        } else {
+            backbone.ask(question, &options, &mut |_| true)?
+        };
         // The first request pays for the image (vision + scene prefill); later ones reuse it.
         let (first, scene_ms) = if i == 0 { (true, scene_prefill_ms) } else { (false, 0.0) };
         let total_ms = ms_since(request_start) + if first { decode_ms + vision_ms + scene_prefill_ms } else { 0.0 };
@@ -390,6 +465,7 @@ fn describe_one(
                 "image": image_path,
                 "question": question,
                 "text": answer.text,
+                "checked": answer.checked,
                 "tokens": answer.n_tokens,
                 "stop": answer.stop,
                 "timings_ms": {
@@ -407,10 +483,17 @@ fn describe_one(
             });
             out!("{out}");
         } else {
-            if questions.len() > 1 || question != &config.llm.caption_prompt {
+            if !caption {
                 out!("Q: {question}");
             }
             out!("{}", answer.text);
+            if let Some(checked) = &answer.checked {
+                out!(
+                    "  [the image tokens do not support {}: removed from \"{}\"]",
+                    checked.dropped.join(", "),
+                    checked.unchecked.as_deref().unwrap_or("")
+                );
+            }
             out!(
                 "  [{} tokens, ttft {:.0} ms, prefill {:.0} ms, decode {:.0} ms ({:.1} tok/s), total {:.0} ms{}]",
                 answer.n_tokens,

@@ -101,6 +101,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval { set, report, samples, kinds, verbose } => {
             commands::evaluate(&config, &set, report.as_deref(), samples, &kinds, verbose)
         }
+        Command::Calibrate { set, kinds, keep, nothing, write } => {
+            commands::calibrate(&config, &set, &kinds, keep, &nothing, write.as_deref())
+        }
         Command::Config => {
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
             Ok(ExitCode::SUCCESS)
@@ -113,12 +116,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fleet(FleetCommand::List { group, json }) => commands::fleet_list(&config, &group, json),
         Command::Caption { images, json } => {
             let prompt = config.llm.caption_prompt.clone();
-            commands::describe(&config, &images, &[prompt], json)
+            commands::describe(&config, &images, &[prompt], true, json)
         }
         Command::Ask { image, question, questions, json } => {
             let all: Vec<String> = question.into_iter().chain(questions).collect();
             anyhow::ensure!(!all.is_empty(), "give a question: scenecast ask IMAGE \"What is on the table?\"");
-            commands::describe(&config, std::slice::from_ref(&image), &all, json)
+            commands::describe(&config, std::slice::from_ref(&image), &all, false, json)
         }
     }
 }

@@ -1,0 +1,286 @@
+//! The caption check by the image tokens: a caption keeps naming a category only when some image
+//! token points at the category's name.
+//!
+//! The projector's grounding loss trains the image tokens over an object to point at the LLM's
+//! input embedding of its name, and background tokens away from every name. The *support* of a
+//! category in a scene is therefore the largest cosine of an image token with the category's name
+//! direction (`support`). The LLM, reading the same tokens, sometimes names a category the tokens
+//! do not support: a wrong guess for an object it never saw. [`Grounding::check`] drops such names
+//! from a caption (the clause that names them), and a caption left with no known name becomes the
+//! manifest's "nothing" caption. The vocabulary and the threshold are the manifest's
+//! (`[grounding]`, written by `scenecast calibrate`), so nothing here knows a model.
+
+use serde::Serialize;
+
+use super::backbone::Backbone;
+use super::error::LlmError;
+use crate::manifest::GroundingSpec;
+use crate::util::cosine_distance;
+use crate::vision::ImageTokens;
+
+/// The categories named in `text`: a name (or the plural of its last word, `-s`/`-es`) as whole
+/// words, case-insensitive. Returned in the order of `categories`.
+pub fn mentions<'a>(text: &str, categories: &'a [String]) -> Vec<&'a str> {
+    let words = words(text);
+    categories.iter().filter(|name| !find(&words, name).is_empty()).map(String::as_str).collect()
+}
+
+/// The lower-case words of `text` (runs of letters and digits).
+fn words(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(str::to_lowercase).collect()
+}
+
+/// The word indexes where `name` (or its plural) starts in `words`.
+fn find(words: &[String], name: &str) -> Vec<usize> {
+    let name: Vec<String> = name.split(' ').map(str::to_lowercase).collect();
+    let Some((last, head)) = name.split_last() else { return Vec::new() };
+    let n = name.len();
+    (0..words.len().saturating_sub(n - 1))
+        .filter(|&i| {
+            let w = &words[i + n - 1];
+            words[i..i + n - 1] == *head && (w == last || *w == format!("{last}s") || *w == format!("{last}es"))
+        })
+        .collect()
+}
+
+/// Each category's direction in the LLM's input space, as the projector's grounding loss points
+/// image tokens at it: the sum (so the direction of the mean) of the input embeddings of the tokens
+/// of " <name>".
+pub fn name_directions(backbone: &Backbone, categories: &[String]) -> Result<Vec<Vec<f32>>, LlmError> {
+    let ids: Vec<Vec<i32>> = categories.iter().map(|c| backbone.tokenize(&format!(" {c}"), false)).collect();
+    let all: Vec<i32> = ids.iter().flatten().copied().collect();
+    let rows = super::token_embeddings(&backbone.summary().gguf.path, &all)?;
+    let width = backbone.summary().gguf.n_embd;
+    let mut rows = rows.chunks_exact(width);
+    Ok(ids
+        .iter()
+        .map(|name| {
+            let mut v = vec![0.0f32; width];
+            for row in rows.by_ref().take(name.len()) {
+                v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+            }
+            v
+        })
+        .collect())
+}
+
+/// Per direction, the largest cosine of one of `tokens`' rows with it.
+pub fn support(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<f32> {
+    let rows = tokens.data.chunks_exact(tokens.n_embd.max(1));
+    directions.iter().map(|d| rows.clone().map(|r| 1.0 - cosine_distance(r, d)).fold(f32::MIN, f32::max)).collect()
+}
+
+/// What the check did to a caption.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Checked {
+    /// The caption as published.
+    pub text: String,
+    /// The caption as the LLM wrote it, when the check changed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unchecked: Option<String>,
+    /// The categories it named that the image tokens do not support (removed from `text`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<String>,
+}
+
+/// The manifest's vocabulary with each name's direction, and the threshold.
+#[derive(Debug, Clone)]
+pub struct Grounding {
+    spec: GroundingSpec,
+    directions: Vec<Vec<f32>>,
+}
+
+impl Grounding {
+    /// The check of `spec`, with the name directions read from `backbone`'s GGUF.
+    pub fn new(spec: &GroundingSpec, backbone: &Backbone) -> Result<Self, LlmError> {
+        Ok(Grounding { spec: spec.clone(), directions: name_directions(backbone, &spec.categories)? })
+    }
+
+    /// The vocabulary.
+    pub fn categories(&self) -> &[String] {
+        &self.spec.categories
+    }
+
+    /// Each category's support in a scene (in the order of [`Grounding::categories`]).
+    pub fn support(&self, tokens: &ImageTokens) -> Vec<f32> {
+        support(tokens, &self.directions)
+    }
+
+    /// `caption` with every named category whose `support` is below the threshold removed.
+    pub fn check(&self, caption: &str, support: &[f32]) -> Checked {
+        let named = mentions(caption, &self.spec.categories);
+        let index = |name: &str| self.spec.categories.iter().position(|c| c == name);
+        let dropped: Vec<String> = named
+            .into_iter()
+            .filter(|n| index(n).and_then(|i| support.get(i)).is_none_or(|s| *s < self.spec.threshold))
+            .map(str::to_owned)
+            .collect();
+        if dropped.is_empty() {
+            return Checked { text: caption.to_owned(), unchecked: None, dropped };
+        }
+        let text = without(caption, &dropped, &self.spec.categories, &self.spec.nothing);
+        Checked { text, unchecked: Some(caption.to_owned()), dropped }
+    }
+}
+
+/// Separators between the clauses of a caption, longest first.
+const SEPARATORS: [&str; 4] = [", and ", " and ", ", ", "; "];
+
+/// Words that open a noun phrase: a dropped clause's lead-in ("There is", "A photo of") ends
+/// before the last of them in front of the name.
+const DETERMINERS: [&str; 12] =
+    ["a", "an", "the", "one", "two", "three", "four", "five", "some", "several", "many", "another"];
+
+/// `caption` without the clauses that name a category of `drop`: clauses are the pieces between
+/// `SEPARATORS`; when the first goes, its lead-in opens the next; the last two kept clauses are
+/// joined by "and". A caption left naming none of `categories` becomes `nothing`.
+pub fn without(caption: &str, drop: &[String], categories: &[String], nothing: &str) -> String {
+    let trimmed = caption.trim();
+    let body = trimmed.trim_end_matches(['.', '!', ' ']);
+    let end = &trimmed[body.len()..];
+    // Clauses with the separator that precedes each ("" for the first).
+    let mut clauses: Vec<(&str, &str)> = Vec::new();
+    let (mut rest, mut sep) = (body, "");
+    loop {
+        let next = SEPARATORS
+            .iter()
+            .filter_map(|s| rest.find(s).map(|at| (at, *s)))
+            .min_by_key(|(at, s)| (*at, usize::MAX - s.len()));
+        match next {
+            Some((at, s)) => {
+                clauses.push((sep, &rest[..at]));
+                rest = &rest[at + s.len()..];
+                sep = s;
+            }
+            None => {
+                clauses.push((sep, rest));
+                break;
+            }
+        }
+    }
+    let names = |text: &str| mentions(text, drop);
+    let lead_in = clauses
+        .first()
+        .filter(|(_, c)| !names(c).is_empty())
+        .map(|(_, first)| {
+            let words: Vec<&str> = first.split(' ').collect();
+            let lower: Vec<String> = words.iter().map(|w| w.to_lowercase()).collect();
+            let at = drop.iter().flat_map(|n| find(&lower, n)).min().unwrap_or(0);
+            let start = (0..at).rev().find(|&i| DETERMINERS.contains(&lower[i].as_str())).unwrap_or(at);
+            words[..start].join(" ")
+        })
+        .unwrap_or_default();
+    let by_and = clauses.iter().any(|(sep, _)| sep.ends_with(" and "));
+    let kept: Vec<(&str, &str)> = clauses.into_iter().filter(|(_, c)| names(c).is_empty()).collect();
+    let mut text = String::new();
+    for (i, (sep, clause)) in kept.iter().enumerate() {
+        match i {
+            0 if lead_in.is_empty() => {
+                let mut chars = clause.chars();
+                text.extend(chars.next().map(|c| c.to_ascii_uppercase()));
+                text.push_str(chars.as_str());
+            }
+            0 => {
+                text.push_str(&lead_in);
+                text.push(' ');
+                text.push_str(&lowercase_first(clause));
+            }
+            _ => {
+                // "A, B and C" without C is "A and B".
+                text.push_str(if by_and && i + 1 == kept.len() { " and " } else { sep });
+                text.push_str(clause);
+            }
+        }
+    }
+    if mentions(&text, categories).is_empty() {
+        return nothing.to_owned();
+    }
+    text.push_str(end);
+    text
+}
+
+/// `clause` with its first letter lower-cased, unless its first word looks like a name ("I",
+/// all capitals).
+fn lowercase_first(clause: &str) -> String {
+    let first = clause.split(' ').next().unwrap_or("");
+    if first == "I" || (first.len() > 1 && first.chars().all(|c| c.is_uppercase())) {
+        return clause.to_owned();
+    }
+    let mut chars = clause.chars();
+    chars.next().map(|c| c.to_lowercase().chain(chars).collect()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cats() -> Vec<String> {
+        ["dog", "cat", "pig", "goat", "fish", "teddy bear", "bus"].map(String::from).to_vec()
+    }
+
+    #[test]
+    fn mentions_whole_words_plurals_and_names_of_two_words() {
+        let c = cats();
+        assert_eq!(mentions("Two dogs and a cat.", &c), vec!["dog", "cat"]);
+        assert_eq!(mentions("A doggy and a catalogue.", &c), Vec::<&str>::new());
+        assert_eq!(mentions("Some fishes, two buses.", &c), vec!["fish", "bus"]);
+        assert_eq!(mentions("A Teddy Bears picnic; a bear.", &c), vec!["teddy bear"]);
+        assert_eq!(mentions("A bear.", &c), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn clauses_naming_dropped_categories_go() {
+        let c = cats();
+        let drop = |caption: &str, names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+            without(caption, &names, &c, "No known object.")
+        };
+        let table = [
+            ("There is a pig on the left and a goat on the right.", &["pig"][..], "There is a goat on the right."),
+            ("There is a pig on the left and a goat on the right.", &["goat"], "There is a pig on the left."),
+            ("A horse on the left and a pig on the right.", &["pig"], "No known object."),
+            ("A pig on the left and a goat on the right.", &["pig"], "A goat on the right."),
+            ("A photo of a dog.", &["dog"], "No known object."),
+            ("A photo of a dog and a cat.", &["dog"], "A photo of a cat."),
+            ("A dog, a pig and a cat.", &["pig"], "A dog and a cat."),
+            ("A dog, a pig and a cat.", &["cat"], "A dog and a pig."),
+            ("A dog, a pig, and a cat!", &["dog"], "A pig and a cat!"),
+            ("I see two teddy bears and a fish", &["teddy bear"], "I see a fish"),
+            ("There is a fish in the centre.", &["fish", "goat"], "No known object."),
+        ];
+        for (caption, names, expect) in table {
+            assert_eq!(drop(caption, names), expect, "{caption:?} without {names:?}");
+        }
+    }
+
+    #[test]
+    fn the_check_keeps_supported_names_and_drops_the_rest() {
+        let spec = GroundingSpec { categories: cats(), threshold: 0.2, nothing: "Nothing known.".into() };
+        let g = Grounding { directions: vec![Vec::new(); spec.categories.len()], spec };
+        let support = [0.5, 0.1, 0.19, 0.2, 0.0, 0.0, 0.0];
+        let kept = g.check("A dog on the left and a goat on the right.", &support);
+        assert_eq!(
+            kept,
+            Checked { text: "A dog on the left and a goat on the right.".into(), unchecked: None, dropped: vec![] }
+        );
+        let checked = g.check("A cat on the left and a dog on the right.", &support);
+        assert_eq!(checked.text, "A dog on the right.");
+        assert_eq!(checked.unchecked.as_deref(), Some("A cat on the left and a dog on the right."));
+        assert_eq!(checked.dropped, vec!["cat"]);
+        assert_eq!(g.check("A pig.", &support).text, "Nothing known.");
+        assert_eq!(g.check("No known object.", &support).text, "No known object.");
+        // A support list that is too short counts as no support.
+        assert_eq!(g.check("A goat.", &support[..2]).text, "Nothing known.");
+    }
+
+    #[test]
+    fn support_is_the_best_token_cosine_with_each_direction() {
+        // Two tokens of width 3: one along x (any length), one between y and z.
+        let tokens = ImageTokens { n_tokens: 2, n_embd: 3, data: vec![5.0, 0.0, 0.0, 0.0, 1.0, 1.0] };
+        let directions = [vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, -1.0]];
+        let s = support(&tokens, &directions);
+        let half = std::f32::consts::FRAC_1_SQRT_2;
+        assert!((s[0] - 1.0).abs() < 1e-6 && (s[1] - half).abs() < 1e-6, "{s:?}");
+        assert!(s[2].abs() < 1e-6, "the best of 0 and -0.71: {s:?}");
+    }
+}
