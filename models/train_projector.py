@@ -1406,6 +1406,10 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
     text = re.sub(r"^adapter_scope = .*\n", "", text, flags=re.M)
     text = text.replace(llm_line.group(0), llm_file + (f"\nadapter = {key(adapter)}" if adapter else "")
                         + (f'\nadapter_scope = "{scope}"' if adapter and scope != "all" else ""))
+    # The base's description is of the base's projector (v4 for the detector's manifest).
+    text = re.sub(r"^description = .*$", lambda _: f'description = "a candidate from models/train_projector.py: '
+                  f'projector {projector.name}' + (f", adapter {adapter.name} (scope {scope})" if adapter else "")
+                  + ', not shipped"', text, count=1, flags=re.M)
     (work / "candidate-manifest.toml").write_text(text)
     config = work / "candidate.toml"
     config.write_text(f'[models]\nmanifest = "{(work / "candidate-manifest.toml").resolve()}"\n')

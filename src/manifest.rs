@@ -358,12 +358,20 @@ pub struct GroundingSpec {
 }
 
 impl GroundingSpec {
-    /// The section as TOML, under `comment` (one `# ` line per line of it).
+    /// The section as TOML, under `comment` (each of its lines wrapped to 100 columns as `# ` lines).
     pub fn to_toml(&self, comment: &str) -> String {
         let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
         let mut text = String::from("[grounding]\n");
-        for line in comment.lines() {
-            text += &format!("# {line}\n").replace("# \n", "#\n");
+        for paragraph in comment.lines() {
+            let mut line = String::from("#");
+            for word in paragraph.split_whitespace() {
+                if line.len() + 1 + word.len() > 100 && line.len() > 1 {
+                    text += &format!("{line}\n");
+                    line = String::from("#");
+                }
+                line += &format!(" {word}");
+            }
+            text += &format!("{line}\n");
         }
         text += "categories = [\n";
         let mut line = String::new();
@@ -865,6 +873,11 @@ mod tests {
         };
         let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
         assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
+        let long = spec.to_toml(&"wordy ".repeat(40));
+        assert!(
+            long.lines().all(|l| l.len() <= 100) && long.lines().filter(|l| l.starts_with("# ")).count() == 3,
+            "{long}"
+        );
         // Without a section (comments at the end stay), then replacing it in place.
         let bare = with_grounding(REFERENCE_MANIFEST, "");
         let without = &bare[..bare.find("[grounding]").unwrap_or(bare.len())];

@@ -166,6 +166,63 @@ fn the_caption_check_drops_names_the_image_tokens_do_not_support() {
     assert!(off.grounding().is_none());
 }
 
+#[test]
+fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
+    // `scenecast calibrate` on a set of the fixed photos (kind "photo"): every caption names its
+    // photo's category (the first test), so keeping 95 % of 12 correct names keeps all of them and
+    // the threshold is the least support among them, which stands above the unknown photos' best.
+    let dir = tempfile::tempdir().unwrap();
+    let photos = cache_root().join("models/photos");
+    let mut scenes: Vec<serde_json::Value> = PHOTOS
+        .iter()
+        .map(|(file, category)| serde_json::json!({"image": photos.join(file), "kind": "photo", "objects": [category]}))
+        .collect();
+    scenes
+        .extend(UNKNOWN.iter().map(|f| serde_json::json!({"image": photos.join(f), "kind": "unknown", "objects": []})));
+    let set = serde_json::json!({"name": "fixed", "categories": categories(), "caption_prompt": LlmConfig::default().caption_prompt, "scenes": scenes});
+    let set_path = write_temp(dir.path(), "set.json", set.to_string().as_bytes());
+    let set_arg = set_path.to_str().unwrap();
+
+    // The default kinds are the training set's; this set has no "heldout-pair".
+    let (ok, _, err) = scenecast(&["calibrate", set_arg], &[]);
+    assert!(
+        !ok && err.contains("no scene of kind \"heldout-pair\" in the evaluation set; it has photo, unknown"),
+        "{err}"
+    );
+    let (ok, _, err) = scenecast(&["calibrate", set_arg, "--kind", "photo", "--keep", "1.5"], &[]);
+    assert!(!ok && err.contains("--keep 1.5: expected a share in (0, 1]"), "{err}");
+
+    let (ok, section, err) = scenecast(&["calibrate", set_arg, "--kind", "photo"], &[]);
+    assert!(ok, "{err}");
+    assert!(err.contains("keeps 95 % of 12 correct names"), "{err}");
+    let reference = include_str!("../models/reference.toml");
+    let text = scenecast::manifest::with_grounding(reference, &section);
+    let written = scenecast::manifest::Manifest::parse(&text, "calibrated", Path::new(".")).unwrap().grounding.unwrap();
+    assert_eq!(written.categories, categories());
+
+    let m = manifest();
+    let root = cache_root();
+    let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, ..LlmConfig::default() }).unwrap();
+    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let directions = scenecast::llm::name_directions(&backbone, &categories()).unwrap();
+    let mut tokens = ImageTokens::default();
+    let mut support = |file: &str| {
+        vision.run(&photo(file), &mut tokens).unwrap();
+        scenecast::llm::support(&tokens, &directions)
+    };
+    let at = |name: &str| categories().iter().position(|c| c == name).unwrap();
+    let least = PHOTOS.iter().map(|(f, c)| support(f)[at(c)]).fold(f32::MAX, f32::min);
+    assert!(
+        (written.threshold - least).abs() < 1e-3,
+        "threshold {} against the least support {least}",
+        written.threshold
+    );
+    for file in UNKNOWN {
+        let best = support(file).into_iter().fold(f32::MIN, f32::max);
+        assert!(best < written.threshold, "{file}: best support {best} reaches the threshold {}", written.threshold);
+    }
+}
+
 /// A file in the model cache, by its cache path.
 fn cached(path: &str) -> FileRef {
     FileRef { cache: Some(path.into()), path: None, sha256: None, size: None }

@@ -115,7 +115,10 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("ORT_DYLIB_PATH", "SCENECAST_CONFIG")}
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "peer.toml"
-        config.write_text(f'[models]\ncache_dir = "{args.cache}"\n[llm]\nthreads = {args.threads}\n[onnx]\nintra_threads = {args.threads}\n')
+        # The peer has no caption check by the image tokens, so scenecast runs without it too: the
+        # same work on both sides, and the same caption text to compare.
+        config.write_text(f'[models]\ncache_dir = "{args.cache}"\n[llm]\nthreads = {args.threads}\nground_captions = false\n'
+                          f'[onnx]\nintra_threads = {args.threads}\n')
         sides = {
             "scenecast": [args.scenecast, "--config", str(config), "caption", "--json", *map(str, photos)],
             "python": [sys.executable, str(HERE / "caption.py"), "--cache", str(args.cache), "--threads",

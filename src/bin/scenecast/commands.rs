@@ -358,6 +358,7 @@ pub fn calibrate(
 ) -> Result<ExitCode> {
     anyhow::ensure!(keep > 0.0 && keep <= 1.0, "--keep {keep}: expected a share in (0, 1], e.g. 0.95");
     let mut set = eval::EvalSet::load(set_path)?;
+    let name = set.name.clone();
     set.keep_kinds(kinds).with_context(|| format!("--kind in {}", set_path.display()))?;
     let mut pipeline = load_pipeline(config)?;
     let start = Instant::now();
@@ -370,13 +371,11 @@ pub fn calibrate(
     let spec =
         GroundingSpec { categories: set.categories.clone(), threshold: c.threshold, nothing: nothing.to_owned() };
     let comment = format!(
-        "The check of captions by the image tokens (scenecast's `llm.ground_captions`): a caption keeps a\n\
-         category's name only when some image token points at the name (cosine with the name's direction\n\
-         in the LLM's input space >= threshold); one left with none says `nothing`. Written by\n\
-         `scenecast calibrate` on {} ({} scenes of kinds {}): the threshold keeps {:.0} % of the {} names\n\
-         its captions got right, and removes {} of the {} wrong ones.",
-        set_path.file_name().map_or_else(|| set_path.display().to_string(), |n| n.to_string_lossy().into_owned()),
-        total,
+        "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
+         only when some image token points at it (cosine with the name's direction in the LLM's input space \
+         >= threshold); a caption left with no name says `nothing`. Written by `scenecast calibrate` on the set \
+         {name}: {total} scenes of kinds {}, objects the projector trained on; the threshold keeps {:.0} % of the \
+         {} names their captions got right and removes {} of the {} wrong ones.",
         kinds.join(", "),
         keep * 100.0,
         c.correct,
