@@ -163,16 +163,13 @@ pub fn ort_version(path: &Path) -> Option<String> {
 }
 
 impl GgufFile {
-    /// The float values of a tensor (for example `token_embd.weight`), read from `path` at the
-    /// offset this header gives and dequantised with ggml's own `to_float` for its type.
-    /// Returns `(values, row_len)`; `None` when the tensor is absent or its type has no converter.
-    pub fn tensor_f32(&self, path: &Path, name: &str) -> Option<(Vec<f32>, usize)> {
-        use std::io::{Read, Seek, SeekFrom};
+    /// A 2-D tensor's `(type, file offset of its data, rows, row length, bytes per row)`, from this
+    /// header; `None` when it is absent or its size is not a whole number of rows.
+    fn tensor_layout(&self, name: &str) -> Option<(sys::ggml_type, u64, usize, usize, usize)> {
         let c_name = CString::new(name).ok()?;
         let ctx = self.ctx.as_ptr();
-        // SAFETY: valid context and NUL-terminated name; the id is checked before use; the
-        // type traits are static in ggml; `to_float` is called with a source of exactly
-        // `n_rows * row_size(ty, row_len)` bytes and a destination of `n_rows * row_len` floats.
+        let row_len = self.tensor_row_len(name)?;
+        // SAFETY: valid context and NUL-terminated name; the id is checked before it is used.
         unsafe {
             let id = sys::gguf_find_tensor(ctx, c_name.as_ptr());
             if id < 0 {
@@ -181,22 +178,42 @@ impl GgufFile {
             let ty = sys::gguf_get_tensor_type(ctx, id);
             let n_bytes = sys::gguf_get_tensor_size(ctx, id);
             let offset = sys::gguf_get_data_offset(ctx) + sys::gguf_get_tensor_offset(ctx, id);
-            let row_len = self.tensor_row_len(name)?;
             let row_bytes = sys::ggml_row_size(ty, row_len as i64);
             if row_bytes == 0 || !n_bytes.is_multiple_of(row_bytes) {
                 return None;
             }
-            let n_rows = n_bytes / row_bytes;
-            let traits = sys::ggml_get_type_traits(ty);
-            let to_float = (*traits).to_float?;
-            let mut raw = vec![0u8; n_bytes];
-            let mut file = std::fs::File::open(path).ok()?;
-            file.seek(SeekFrom::Start(offset as u64)).ok()?;
-            file.read_exact(&mut raw).ok()?;
-            let mut out = vec![0f32; n_rows * row_len];
-            to_float(raw.as_ptr().cast(), out.as_mut_ptr(), (n_rows * row_len) as i64);
-            Some((out, row_len))
+            Some((ty, offset as u64, n_bytes / row_bytes, row_len, row_bytes))
         }
+    }
+
+    /// A 2-D tensor's `(rows, row length)` (for example `token_embd.weight`: vocabulary, width).
+    pub fn tensor_shape(&self, name: &str) -> Option<(usize, usize)> {
+        self.tensor_layout(name).map(|(_, _, n_rows, row_len, _)| (n_rows, row_len))
+    }
+
+    /// The float values of some rows of a tensor, in the order of `rows`, read from `path` at the
+    /// offsets this header gives (only those rows) and dequantised with ggml's own `to_float` for
+    /// its type. `None` when the tensor is absent, a row is out of range, the file cannot be read
+    /// or the type has no converter.
+    pub fn tensor_rows_f32(&self, path: &Path, name: &str, rows: &[usize]) -> Option<Vec<f32>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let (ty, offset, n_rows, row_len, row_bytes) = self.tensor_layout(name)?;
+        if rows.iter().any(|r| *r >= n_rows) {
+            return None;
+        }
+        // SAFETY: the type traits are static in ggml (a table indexed by a type the header gave).
+        let to_float = unsafe { (*sys::ggml_get_type_traits(ty)).to_float? };
+        let mut file = std::fs::File::open(path).ok()?;
+        let mut raw = vec![0u8; row_bytes];
+        let mut out = vec![0f32; rows.len() * row_len];
+        for (row, dst) in rows.iter().zip(out.chunks_exact_mut(row_len)) {
+            file.seek(SeekFrom::Start(offset + (row * row_bytes) as u64)).ok()?;
+            file.read_exact(&mut raw).ok()?;
+            // SAFETY: `to_float` reads exactly `row_size(ty, row_len)` = `row_bytes` bytes from
+            // `raw` (its length) and writes `row_len` floats to `dst` (its length).
+            unsafe { to_float(raw.as_ptr().cast(), dst.as_mut_ptr(), row_len as i64) };
+        }
+        Some(out)
     }
 
     /// The first dimension (row length) of a tensor, from its ggml meta tensor.

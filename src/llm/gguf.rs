@@ -127,20 +127,19 @@ impl GgufInfo {
 /// what the model itself feeds its first layer for those tokens.
 pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, LlmError> {
     let gguf = GgufFile::open(path).ok_or_else(|| LlmError::NotGguf { path: path.to_owned() })?;
-    let (matrix, width) = gguf.tensor_f32(path, "token_embd.weight").ok_or_else(|| LlmError::MissingKey {
-        path: path.to_owned(),
-        key: "token_embd.weight".into(),
-        expected: "a dequantisable tensor",
-    })?;
-    let n_rows = matrix.len() / width;
-    let mut out = Vec::with_capacity(tokens.len() * width);
-    for &t in tokens {
-        let row = usize::try_from(t).ok().filter(|r| *r < n_rows).ok_or_else(|| LlmError::MissingKey {
-            path: path.to_owned(),
-            key: format!("token_embd.weight row {t}"),
-            expected: "a token id inside the vocabulary",
-        })?;
-        out.extend_from_slice(&matrix[row * width..(row + 1) * width]);
-    }
-    Ok(out)
+    let missing = |key: String, expected: &'static str| LlmError::MissingKey { path: path.to_owned(), key, expected };
+    let (n_rows, _) = gguf
+        .tensor_shape("token_embd.weight")
+        .ok_or_else(|| missing("token_embd.weight".into(), "a dequantisable tensor"))?;
+    let rows = tokens
+        .iter()
+        .map(|&t| {
+            usize::try_from(t)
+                .ok()
+                .filter(|r| *r < n_rows)
+                .ok_or_else(|| missing(format!("token_embd.weight row {t}"), "a token id inside the vocabulary"))
+        })
+        .collect::<Result<Vec<usize>, _>>()?;
+    gguf.tensor_rows_f32(path, "token_embd.weight", &rows)
+        .ok_or_else(|| missing("token_embd.weight".into(), "a dequantisable tensor"))
 }
