@@ -19,6 +19,7 @@ objects' included, at the threshold a caption needs.
 
     make projector PROJECTOR_CONFIG=models/projector/train-v8.toml   # once: the cached features
     $(CACHE)/train-venv/bin/python models/experiments/linear_probe.py --config models/projector/train-v8.toml
+    $(CACHE)/train-venv/bin/python models/experiments/linear_probe.py --inputs detector   # v7's: NanoDet's scores only
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def main() -> int:
     ap.add_argument("--cache", type=Path, default=default_cache(), help="cache root (default: $SCENECAST_CACHE)")
     ap.add_argument("--threshold", type=float, default=0.5, help="a category is named when a cell's probability exceeds this")
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--inputs", choices=("both", "encoder", "detector"), default="both",
+                    help="what each cell's classifier reads: the encoder's features and the detector's scores "
+                         "(as the projector does), or one of the two alone")
     args = ap.parse_args()
     import torch
 
@@ -59,10 +63,18 @@ def main() -> int:
     grid = cfg["model"]["pool"]
     frame = cfg.get("detector", {}).get("frame", True)
 
+    if args.inputs != "both" and dets is None:
+        raise SystemExit(f"error: --inputs {args.inputs}: {args.config.name} has no detector")
+
     def cell_inputs(feats: np.ndarray, dets: np.ndarray | None) -> torch.Tensor:
-        """What each cell of the projector reads (train_projector.fuse_detections)."""
+        """What each cell of the projector reads (train_projector.fuse_detections), or the part of it
+        `--inputs` names."""
+        width = feats.shape[-1]
         feats = torch.from_numpy(feats)
-        return feats if dets is None else tp.fuse_detections(feats, torch.from_numpy(dets), grid, frame)
+        if dets is None:
+            return feats
+        fused = tp.fuse_detections(feats, torch.from_numpy(dets), grid, frame)
+        return {"both": fused, "encoder": fused[..., :width], "detector": fused[..., width:]}[args.inputs]
 
     categories = [c["name"] for c in cfg["category"]]
     labels, _ = tp.cell_labels(metas, categories, grid)
@@ -95,7 +107,8 @@ def main() -> int:
     with torch.no_grad():
         p = probe(cell_inputs(ef, ed)).softmax(-1)[..., :len(categories)].amax(1).numpy()
 
-    rows = collections.defaultdict(lambda: [0, 0, 0, 0, 0])  # right, named, shown, named nothing, scenes
+    # right, named, shown, named nothing, scenes, one-object scenes, of them best category right
+    rows = collections.defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0])
     for scene, prob in zip(scenes, p):
         named = {categories[i] for i in np.nonzero(prob > args.threshold)[0]}
         shown = set(scene["objects"])
@@ -106,17 +119,20 @@ def main() -> int:
             r[2] += len(shown)
             r[3] += not named
             r[4] += 1
+            if len(shown) == 1:
+                r[5] += 1
+                r[6] += categories[int(prob.argmax())] in shown
 
     def pct(a: int, b: int) -> str:
         return f"{100 * a / b:.1f} %" if b else "–"
 
-    print(f"\nLinear probe on the training cells of {cfg['name']} (threshold {args.threshold}), "
+    print(f"\nLinear probe ({args.inputs}) on the training cells of {cfg['name']} (threshold {args.threshold}), "
           f"scored on {ev / 'eval.json'}:\n")
-    print("| scenes | n | object precision | object recall | named nothing |")
-    print("|---|---|---|---|---|")
+    print("| scenes | n | object precision | object recall | named nothing | one object: best category right |")
+    print("|---|---|---|---|---|---|")
     for kind in sorted(rows, key=lambda k: (k == "all", k)):
-        right, named, shown, nothing, n = rows[kind]
-        print(f"| {kind} | {n} | {pct(right, named)} | {pct(right, shown)} | {pct(nothing, n)} |")
+        right, named, shown, nothing, n, single, best = rows[kind]
+        print(f"| {kind} | {n} | {pct(right, named)} | {pct(right, shown)} | {pct(nothing, n)} | {pct(best, single)} |")
     return 0
 
 
