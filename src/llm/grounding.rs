@@ -134,7 +134,7 @@ const DETERMINERS: [&str; 12] =
 /// `caption` without the clauses that name a category of `drop`: clauses are the pieces between
 /// `SEPARATORS`; when the first goes, its lead-in opens the next; the last two kept clauses are
 /// joined by "and". A caption left naming none of `categories` becomes `nothing`.
-pub fn without(caption: &str, drop: &[String], categories: &[String], nothing: &str) -> String {
+fn without(caption: &str, drop: &[String], categories: &[String], nothing: &str) -> String {
     let trimmed = caption.trim();
     let body = trimmed.trim_end_matches(['.', '!', ' ']);
     let end = &trimmed[body.len()..];
@@ -175,7 +175,9 @@ pub fn without(caption: &str, drop: &[String], categories: &[String], nothing: &
     let mut text = String::new();
     for (i, (sep, clause)) in kept.iter().enumerate() {
         match i {
-            0 if lead_in.is_empty() => {
+            // A clause that has its own lead-in ("There is a pig and there is a goat" without
+            // the pig) keeps it.
+            0 if lead_in.is_empty() || clause.to_lowercase().starts_with(&format!("{} ", lead_in.to_lowercase())) => {
                 let mut chars = clause.chars();
                 text.extend(chars.next().map(|c| c.to_ascii_uppercase()));
                 text.push_str(chars.as_str());
@@ -247,6 +249,7 @@ mod tests {
             ("A dog, a pig, and a cat!", &["dog"], "A pig and a cat!"),
             ("I see two teddy bears and a fish", &["teddy bear"], "I see a fish"),
             ("There is a fish in the centre.", &["fish", "goat"], "No known object."),
+            ("There is a pig on the left and there is a goat.", &["pig"], "There is a goat."),
         ];
         for (caption, names, expect) in table {
             assert_eq!(drop(caption, names), expect, "{caption:?} without {names:?}");

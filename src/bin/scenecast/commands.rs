@@ -339,6 +339,7 @@ pub fn evaluate(
         std::fs::write(path, &text).with_context(|| format!("writing the report {}", path.display()))?;
         let json_path = path.with_extension("json");
         let detail = json!({ "manifest": pipeline.manifest.name, "categories": set.categories, "summary": eval::summarize(&results),
+            "summary_unchecked": eval::summarize_unchecked(&results),
             "per_category": eval::per_category(&results), "confusions": eval::confusions(&results, 30), "scenes": results });
         std::fs::write(&json_path, serde_json::to_string_pretty(&detail)?)
             .with_context(|| format!("writing {}", json_path.display()))?;
