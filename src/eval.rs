@@ -368,7 +368,7 @@ pub struct Calibration {
     pub keep: f64,
     /// Correctly named categories (shown and named) the threshold is taken over.
     pub correct: usize,
-    /// Named categories that were not shown, and of them how many it would remove.
+    /// Named categories that were not shown.
     pub wrong: usize,
     /// Of `wrong`, how many fall below the threshold.
     pub wrong_removed: usize,

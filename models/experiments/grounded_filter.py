@@ -24,10 +24,25 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import sys
 from pathlib import Path
 
 CALIBRATE = ("photo", "heldout-pair")
+
+
+def mentions(text: str, categories: list[str]) -> list[str]:
+    """The categories named in `text`, as `llm::mentions` finds them: the name, or the plural of its
+    last word (-s, -es), as whole words, case-insensitive."""
+    words = [w for w in re.split(r"[^0-9A-Za-z]+", text.lower()) if w]
+    found = []
+    for name in categories:
+        *head, last = name.lower().split(" ")
+        n = len(head) + 1
+        if any(words[i:i + n - 1] == head and words[i + n - 1] in (last, last + "s", last + "es")
+               for i in range(len(words) - n + 1)):
+            found.append(name)
+    return found
 
 
 def main() -> int:
@@ -45,6 +60,11 @@ def main() -> int:
         raise SystemExit(f"error: {args.results} has no categories or no support per category for every scene; "
                          f"expected the JSON of `scenecast eval --report` from a scenecast with eval::support")
     index = {c: i for i, c in enumerate(categories)}
+    for r in results:
+        # With the manifest's [grounding], the caption in the file is already checked; this tool
+        # re-scores the caption as the LLM wrote it.
+        if r.get("unchecked"):
+            r["named"] = mentions(r["unchecked"], categories)
 
     right = [r["support"][index[n]] for r in results if r["kind"] in args.calibrate for n in r["named"] if n in r["objects"]]
     if not right:
