@@ -326,7 +326,7 @@ pub fn run(
         let backbone = &mut pipeline.backbone;
         let o = options(backbone);
         let described = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
-        let unchecked = described.checked.and_then(|c| c.unchecked);
+        let unchecked = described.checked.map(|c| c.unchecked);
         let caption = described.text;
         let mut answers = Vec::with_capacity(scene.questions.len());
         for q in &scene.questions {
@@ -395,7 +395,7 @@ pub fn calibrate(
         let mut o = backbone.default_options();
         o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
         let g = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
-        let caption = g.checked.and_then(|c| c.unchecked).unwrap_or(g.text);
+        let caption = g.checked.map_or(g.text, |c| c.unchecked);
         for name in mentions(&caption, &set.categories) {
             let at = set.categories.iter().position(|c| c == name).expect("a mention is a category");
             if scene.objects.iter().any(|o| o == name) { &mut right } else { &mut wrong }.push(support[at]);

@@ -70,8 +70,8 @@ pub struct Generation {
     pub prefix_cached: bool,
     /// Why it ended.
     pub stop: StopReason,
-    /// For a caption checked against the image tokens and changed by the check: the caption as
-    /// the LLM wrote it (`text` is the checked one) and the names removed.
+    /// For a caption whose check against the image tokens removed names: the caption as the LLM
+    /// wrote it (`text` is the checked one) and the names removed.
     pub checked: Option<Checked>,
 }
 
@@ -388,11 +388,7 @@ impl Backbone {
     ) -> Result<Generation, LlmError> {
         let mut g = self.request(Request::Caption, prompt, options, on_text)?;
         if let Some((grounding, support)) = self.grounding.as_ref().zip(self.support.as_ref()) {
-            let checked = grounding.check(&g.text, support);
-            if checked.unchecked.is_some() {
-                g.text.clone_from(&checked.text);
-                g.checked = Some(checked);
-            }
+            g.checked = grounding.check(&mut g.text, support);
         }
         Ok(g)
     }

@@ -70,16 +70,12 @@ pub fn support(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<f32> {
     directions.iter().map(|d| rows.clone().map(|r| 1.0 - cosine_distance(r, d)).fold(f32::MIN, f32::max)).collect()
 }
 
-/// What the check did to a caption.
+/// What the check removed from a caption.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Checked {
-    /// The caption as published.
-    pub text: String,
-    /// The caption as the LLM wrote it, when the check changed it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub unchecked: Option<String>,
-    /// The categories it named that the image tokens do not support (removed from `text`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// The caption as the LLM wrote it.
+    pub unchecked: String,
+    /// The categories it named that the image tokens do not support (removed from the caption).
     pub dropped: Vec<String>,
 }
 
@@ -96,18 +92,14 @@ impl Grounding {
         Ok(Grounding { spec: spec.clone(), directions: name_directions(backbone, &spec.categories)? })
     }
 
-    /// The vocabulary.
-    pub fn categories(&self) -> &[String] {
-        &self.spec.categories
-    }
-
-    /// Each category's support in a scene (in the order of [`Grounding::categories`]).
+    /// Each category's support in a scene (in the order of the manifest's categories).
     pub fn support(&self, tokens: &ImageTokens) -> Vec<f32> {
         support(tokens, &self.directions)
     }
 
-    /// `caption` with every named category whose `support` is below the threshold removed.
-    pub fn check(&self, caption: &str, support: &[f32]) -> Checked {
+    /// Removes from `caption` every named category whose `support` is below the threshold, with
+    /// its clause; returns what it removed, or None when the image tokens support every name.
+    pub fn check(&self, caption: &mut String, support: &[f32]) -> Option<Checked> {
         let named = mentions(caption, &self.spec.categories);
         let index = |name: &str| self.spec.categories.iter().position(|c| c == name);
         let dropped: Vec<String> = named
@@ -116,10 +108,10 @@ impl Grounding {
             .map(str::to_owned)
             .collect();
         if dropped.is_empty() {
-            return Checked { text: caption.to_owned(), unchecked: None, dropped };
+            return None;
         }
         let text = without(caption, &dropped, &self.spec.categories, &self.spec.nothing);
-        Checked { text, unchecked: Some(caption.to_owned()), dropped }
+        Some(Checked { unchecked: std::mem::replace(caption, text), dropped })
     }
 }
 
@@ -261,19 +253,22 @@ mod tests {
         let spec = GroundingSpec { categories: cats(), threshold: 0.2, nothing: "Nothing known.".into() };
         let g = Grounding { directions: vec![Vec::new(); spec.categories.len()], spec };
         let support = [0.5, 0.1, 0.19, 0.2, 0.0, 0.0, 0.0];
-        let kept = g.check("A dog on the left and a goat on the right.", &support);
-        assert_eq!(
-            kept,
-            Checked { text: "A dog on the left and a goat on the right.".into(), unchecked: None, dropped: vec![] }
-        );
-        let checked = g.check("A cat on the left and a dog on the right.", &support);
-        assert_eq!(checked.text, "A dog on the right.");
-        assert_eq!(checked.unchecked.as_deref(), Some("A cat on the left and a dog on the right."));
-        assert_eq!(checked.dropped, vec!["cat"]);
-        assert_eq!(g.check("A pig.", &support).text, "Nothing known.");
-        assert_eq!(g.check("No known object.", &support).text, "No known object.");
+        let check = |caption: &str, support: &[f32]| {
+            let mut text = caption.to_owned();
+            let removed = g.check(&mut text, support);
+            (text, removed)
+        };
+        let (kept, removed) = check("A dog on the left and a goat on the right.", &support);
+        assert_eq!((kept.as_str(), removed), ("A dog on the left and a goat on the right.", None));
+        let (text, removed) = check("A cat on the left and a dog on the right.", &support);
+        assert_eq!(text, "A dog on the right.");
+        let removed = removed.expect("the cat is removed");
+        assert_eq!(removed.unchecked, "A cat on the left and a dog on the right.");
+        assert_eq!(removed.dropped, vec!["cat"]);
+        assert_eq!(check("A pig.", &support).0, "Nothing known.");
+        assert_eq!(check("No known object.", &support).0, "No known object.");
         // A support list that is too short counts as no support.
-        assert_eq!(g.check("A goat.", &support[..2]).text, "Nothing known.");
+        assert_eq!(check("A goat.", &support[..2]).0, "Nothing known.");
     }
 
     #[test]

@@ -304,7 +304,7 @@ impl Worker {
                     frame = frame.seq,
                     "the image tokens do not support {:?}: removed from {:?}",
                     checked.dropped,
-                    checked.unchecked.unwrap_or_default()
+                    checked.unchecked
                 );
                 checked.dropped
             }

@@ -491,7 +491,7 @@ fn describe_one(
                 out!(
                     "  [the image tokens do not support {}: removed from \"{}\"]",
                     checked.dropped.join(", "),
-                    checked.unchecked.as_deref().unwrap_or("")
+                    checked.unchecked
                 );
             }
             out!(
