@@ -35,17 +35,22 @@ const PROMPT: &str =
 const N_GEN: usize = 96;
 
 fn options(max_tokens: usize) -> GenerateOptions {
-    // No repeat penalty: the bare loop's greedy sampler has none either.
+    options_with(max_tokens, 1.0)
+}
+
+/// Greedy, with a repeat penalty over the last 64 tokens (1.0: none).
+fn options_with(max_tokens: usize, repeat_penalty: f32) -> GenerateOptions {
     GenerateOptions {
         max_tokens,
-        sampling: SamplingParams { repeat_penalty: 1.0, ..SamplingParams::default() },
+        sampling: SamplingParams { repeat_penalty, repeat_last_n: 64, ..SamplingParams::default() },
         deadline: None,
         cancel: None,
     }
 }
 
-/// tokens/s of a bare llama-cpp-2 greedy decode loop.
-fn bare_decode(backend: &LlamaBackend, model: &LlamaModel, threads: i32) -> f64 {
+/// tokens/s of a bare llama-cpp-2 greedy decode loop, with llama.cpp's repeat penalty over the last
+/// 64 tokens (1.0: none).
+fn bare_decode(backend: &LlamaBackend, model: &LlamaModel, threads: i32, repeat_penalty: f32) -> f64 {
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(2048))
         .with_n_batch(512)
@@ -59,7 +64,14 @@ fn bare_decode(backend: &LlamaBackend, model: &LlamaModel, threads: i32) -> f64 
         batch.add(*t, i as i32, &[0], i == tokens.len() - 1).unwrap();
     }
     ctx.decode(&mut batch).unwrap();
-    let mut sampler = LlamaSampler::greedy();
+    let mut sampler = if repeat_penalty == 1.0 {
+        LlamaSampler::greedy()
+    } else {
+        LlamaSampler::chain_simple([
+            LlamaSampler::penalties(model.n_vocab(), 64, repeat_penalty, 0.0, 0.0),
+            LlamaSampler::greedy(),
+        ])
+    };
     let mut pos = tokens.len() as i32;
     let start = Instant::now();
     let mut n = 0;
@@ -92,22 +104,43 @@ fn main() {
     let path = manifest.resolve(&manifest.llm.file, &root);
     let model = LlamaModel::load_from_file(&backend, &path, &LlamaModelParams::default()).unwrap();
 
-    let (mut ours_tps, mut bare_tps) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        ours.set_prefix(1, &[Part::Text(PROMPT)]).unwrap();
-        let g = ours.generate(&[], &options(N_GEN), &mut |_| true).unwrap();
-        // Generation stops at the end token if the model gets there; count what it decoded.
-        ours_tps.push(g.n_tokens as f64 / (g.decode_ms / 1e3));
-        bare_tps.push(bare_decode(&backend, &model, threads as i32));
+    // This machine's speed drifts by a fifth within minutes, so the two loops alternate (which
+    // one goes first alternates too) and the ratio is taken round by round, each round's two runs
+    // a second apart; the median of those ratios is what the bench reports. Without a repeat
+    // penalty, and with the one captions use by default (1.1 over the last 64 tokens; llama.cpp's
+    // penalty sampler in the bare loop).
+    for penalty in [1.0, SamplingParams::default().repeat_penalty] {
+        let (mut ours_tps, mut bare_tps, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..ROUNDS {
+            let mut ours_round = || {
+                ours.set_prefix(1, &[Part::Text(PROMPT)]).unwrap();
+                let g = ours.generate(&[], &options_with(N_GEN, penalty), &mut |_| true).unwrap();
+                // Generation stops at the end token if the model gets there; count what it decoded.
+                g.n_tokens as f64 / (g.decode_ms / 1e3)
+            };
+            let bare = || bare_decode(&backend, &model, threads as i32, penalty);
+            let (o, b) = if round % 2 == 0 {
+                let o = ours_round();
+                (o, bare())
+            } else {
+                let b = bare();
+                (ours_round(), b)
+            };
+            ours_tps.push(o);
+            bare_tps.push(b);
+            ratios.push(o / b);
+        }
+        println!(
+            "decode, SmolLM2-135M Q4_1, {threads} threads, greedy, repeat penalty {penalty}, up to {N_GEN} tokens (medians of {ROUNDS} alternating rounds):"
+        );
+        println!("  bare llama.cpp loop (llama-cpp-2)  {:7.1} tok/s  (baseline)", median(bare_tps));
+        println!(
+            "  scenecast Backbone::generate       {:7.1} tok/s  ratio {:.3} (per round {})",
+            median(ours_tps),
+            median(ratios.clone()),
+            spread(&ratios)
+        );
     }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let (ours_tps, bare_tps) = (median(ours_tps), median(bare_tps));
-    println!("decode, SmolLM2-135M Q4_1, {threads} threads, greedy, up to {N_GEN} tokens (median of 3):");
-    println!("  bare llama.cpp loop (llama-cpp-2)  {bare_tps:7.1} tok/s  (baseline)");
-    println!("  scenecast Backbone::generate       {ours_tps:7.1} tok/s  ratio {:.3}", ours_tps / bare_tps);
 
     let runtime = OnnxRuntime::init(&config.onnx, &root).unwrap();
     let mut vision = Vision::load(&runtime, &manifest, &root, Some(ours.summary().gguf.llm_width())).unwrap();
@@ -137,42 +170,63 @@ fn main() {
     // Every stack decodes the story up to N_GEN tokens, or until it ends it (an adapter on every
     // token changes the text; v5's ends it after 7). At about 100 tokens of context, decode speed
     // hardly depends on how many came before, so each row times and prints its own count.
-    let mut rows = Vec::new();
-    for (label, m) in &stacks {
-        let mut b = Backbone::load(m, &root, &llm).unwrap();
-        let (mut prefill, mut tps, mut n_gen) = (Vec::new(), Vec::new(), None);
-        for i in 0..3u64 {
+    // All stacks are loaded at once and take turns, round by round, so each ratio to the base
+    // GGUF compares runs seconds apart (see the decode bench above).
+    let mut backbones: Vec<Backbone> = stacks.iter().map(|(_, m)| Backbone::load(m, &root, &llm).unwrap()).collect();
+    let n = stacks.len();
+    let (mut prefill, mut tps, mut n_gen) = (vec![Vec::new(); n], vec![Vec::new(); n], vec![None; n]);
+    for round in 0..ROUNDS as u64 {
+        for (k, b) in backbones.iter_mut().enumerate() {
             // The scene's prefill, then the first question's (after a scene-only adapter is
             // switched off, llama.cpp re-plans its graph on that decode).
-            let scene = b.set_scene(100 + i, Some(&tokens)).unwrap();
+            let scene = b.set_scene(100 + round, Some(&tokens)).unwrap();
             let question = b.request_text("Is there a cat in the image?");
             let g = b.generate(&[Part::Text(&question)], &options(1), &mut |_| true).unwrap();
-            prefill.push(scene + g.prefill_ms);
-            b.set_prefix(200 + i, &[Part::Text(PROMPT)]).unwrap();
+            prefill[k].push(scene + g.prefill_ms);
+            b.set_prefix(200 + round, &[Part::Text(PROMPT)]).unwrap();
             let g = b.generate(&[], &options(N_GEN), &mut |_| true).unwrap();
             // Greedy: every round writes the same story.
-            assert_eq!(*n_gen.get_or_insert(g.n_tokens), g.n_tokens, "{label}");
-            tps.push(g.n_tokens as f64 / (g.decode_ms / 1e3));
+            assert_eq!(*n_gen[k].get_or_insert(g.n_tokens), g.n_tokens, "{}", stacks[k].0);
+            tps[k].push(g.n_tokens as f64 / (g.decode_ms / 1e3));
         }
-        let adapter = m.llm.adapter.as_ref().map(|a| m.resolve(a, &root));
-        let n_gen = n_gen.expect("three rounds ran");
-        rows.push((label, median(prefill), median(tps), n_gen, m.resolve(&m.llm.file, &root), adapter));
     }
+    drop(backbones);
     println!(
-        "the projector's LoRA adapter: prefill of a scene ({} image tokens) and a question, decode of the story prompt, up to {N_GEN} tokens (median of 3):",
+        "the projector's LoRA adapter: prefill of a scene ({} image tokens) and a question, decode of the story prompt, up to {N_GEN} tokens (medians of {ROUNDS} rounds; ratios to the base GGUF's run in the same round):",
         tokens.n_tokens
     );
-    let (base_prefill, base_tps) = (rows[0].1, rows[0].2);
     let name = |p: &std::path::Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
-    for (label, prefill, tps, n_gen, file, adapter) in &rows {
+    for (k, (label, m)) in stacks.iter().enumerate() {
+        let per_round = |v: &[Vec<f64>]| v[k].iter().zip(&v[0]).map(|(x, base)| x / base).collect::<Vec<_>>();
+        let (prefill_ratio, decode_ratio) = (per_round(&prefill), per_round(&tps));
+        let adapter = m.llm.adapter.as_ref().map(|a| name(&m.resolve(a, &root)));
         println!(
-            "  {label:<26} prefill {prefill:7.1} ms  decode {tps:6.1} tok/s ({n_gen:2} tokens)  ratio prefill {:.2}, decode {:.2}  {}{}",
-            prefill / base_prefill,
-            tps / base_tps,
-            name(file),
-            adapter.as_ref().map_or(String::new(), |a| format!(" + {}", name(a)))
+            "  {label:<26} prefill {:7.1} ms  decode {:6.1} tok/s ({:2} tokens)  ratio prefill {:.3} {}, decode {:.3} {}  {}{}",
+            median(prefill[k].clone()),
+            median(tps[k].clone()),
+            n_gen[k].expect("rounds ran"),
+            median(prefill_ratio.clone()),
+            spread(&prefill_ratio),
+            median(decode_ratio.clone()),
+            spread(&decode_ratio),
+            name(&m.resolve(&m.llm.file, &root)),
+            adapter.map_or(String::new(), |a| format!(" + {a}"))
         );
     }
+}
+
+const ROUNDS: usize = 9;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The middle half of per-round ratios, "[q1, q3]", to show how much a median can be trusted.
+fn spread(ratios: &[f64]) -> String {
+    let mut v = ratios.to_vec();
+    v.sort_by(f64::total_cmp);
+    format!("[{:.2}-{:.2}]", v[v.len() / 4], v[v.len() * 3 / 4])
 }
 
 /// The stacks whose adapter cost is compared, each a manifest: the fetched base GGUF alone (the
@@ -197,6 +251,9 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     scene.llm.adapter_scope = AdapterScope::Scene;
     let mut prompt = scene.clone();
     prompt.llm.adapter_scope = AdapterScope::Prompt;
+    // The reference's adapter on every token: what its matrix products cost without the switching.
+    let mut scene_all = scene.clone();
+    scene_all.llm.adapter_scope = AdapterScope::All;
     let mut merged = base.clone();
     merged.llm.file = cached("dest");
     vec![
@@ -205,5 +262,6 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
         ("adapter merged", merged),
         ("adapter on the scene only", scene),
         ("adapter on scene + prompts", prompt),
+        ("scene adapter, every token", scene_all),
     ]
 }

@@ -500,6 +500,9 @@ pub struct ContextOptions {
     pub n_ctx: u32,
     /// Most tokens decoded in one call.
     pub n_batch: u32,
+    /// Most positions one decode returns outputs (logits, hidden states) for. llama.cpp sizes its
+    /// compute buffer for this many (by default `n_batch`).
+    pub n_outputs: u32,
     /// CPU threads.
     pub n_threads: i32,
 }
@@ -556,6 +559,8 @@ pub struct Context {
     ptr: NonNull<sys::llama_context>,
     model: std::sync::Arc<Model>,
     n_batch: usize,
+    /// Most positions one decode returns outputs for (`ContextOptions::n_outputs`).
+    n_outputs: usize,
     /// The adapter the context computes with; held so that it outlives the context's use of it.
     adapter: Option<std::sync::Arc<Adapter>>,
     /// The token batch, allocated once (a decode per generated token must not allocate).
@@ -603,6 +608,7 @@ impl Context {
             params.n_batch = options.n_batch;
             params.n_ubatch = options.n_batch;
             params.n_seq_max = 1;
+            params.n_outputs_max = options.n_outputs.clamp(1, options.n_batch);
             params.n_threads = options.n_threads;
             params.n_threads_batch = options.n_threads;
             // Keep the whole cache for sliding-window models, so a scene prefix can be kept
@@ -620,7 +626,16 @@ impl Context {
                 }
             })?;
             let n_batch = options.n_batch as usize;
-            Ok(Context { ptr, model, n_batch, adapter: None, tokens: Batch::new(n_batch, 0), embeddings: None })
+            let n_outputs = options.n_outputs.clamp(1, options.n_batch) as usize;
+            Ok(Context {
+                ptr,
+                model,
+                n_batch,
+                n_outputs,
+                adapter: None,
+                tokens: Batch::new(n_batch, 0),
+                embeddings: None,
+            })
         }
     }
 
@@ -731,10 +746,11 @@ impl Context {
     }
 
     /// Decodes `tokens` at positions `pos0..` and returns the final hidden states (after the
-    /// output norm, `n_embd` floats per token) of all of them, row-major. At most `n_batch` tokens.
+    /// output norm, `n_embd` floats per token) of all of them, row-major. At most the context's
+    /// `n_outputs` tokens.
     pub fn hidden_states(&mut self, tokens: &[i32], pos0: usize) -> Result<Vec<f32>, i32> {
         let n_embd = self.model.n_embd();
-        if tokens.is_empty() || tokens.len() > self.n_batch {
+        if tokens.is_empty() || tokens.len() > self.n_outputs {
             return Err(-1);
         }
         // SAFETY: valid context; embeddings mode only changes what the next decode outputs.

@@ -83,6 +83,15 @@ fn the_output_projector_path_runs_end_to_end_on_the_llms_hidden_states() {
     // The same text gives the same states; another text other states.
     assert_eq!(states, backbone.signal_states("Describe the image.", "A cat on a sofa.", signal).unwrap());
     assert_ne!(states, backbone.signal_states("Describe the image.", "A red car.", signal).unwrap());
+    // The context returns states for at most 32 positions per decode (llama.cpp sizes its
+    // compute buffer for that many outputs): 32 tokens are read, 33 refused with the limit.
+    let max = scenecast::llm::MAX_OUTPUTS;
+    let long = |n: usize| " Picture".repeat(n);
+    assert_eq!(backbone.tokenize(&long(max), false).len(), max);
+    let at_limit = backbone.signal_states("Describe the image.", "A cat.", &long(max)).unwrap();
+    assert_eq!(at_limit.len(), max * n_embd);
+    let err = backbone.signal_states("Describe the image.", "A cat.", &long(max + 1)).unwrap_err().to_string();
+    assert!(err.contains(&format!("is {} tokens", max + 1)) && err.contains(&format!("at most {max}")), "{err}");
     // And the backbone still answers as before (the cache was cut back, logits mode restored).
     let answer = backbone.ask("What is the capital of France?", &backbone.default_options(), &mut |_| true).unwrap();
     assert!(!answer.text.is_empty());

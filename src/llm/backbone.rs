@@ -13,6 +13,13 @@ use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
 use crate::manifest::{AdapterScope, Manifest};
 use crate::util::ms_since;
+
+/// The most positions one decode returns outputs for: generation reads the last position's
+/// logits, the output projector the hidden states of its few signal tokens. llama.cpp sizes its
+/// compute buffer for the worst case, by default a whole batch of outputs: with SmolLM2's
+/// 49,152-word vocabulary and a batch of 512 that is 96 MiB of logits no request reads (105 MiB
+/// of compute buffer against 17 MiB with this limit; on a GPU that is device memory).
+pub const MAX_OUTPUTS: usize = 32;
 use crate::vision::ImageTokens;
 
 /// A piece of a prompt: text, or embedding rows (image tokens).
@@ -143,8 +150,12 @@ impl Backbone {
             crate::ffi::Model::load(&path, options).map_err(|reason| LlmError::Load { path: path.clone(), reason })?;
         let model = std::sync::Arc::new(model);
         let threads = if config.threads == 0 { crate::util::physical_cores() } else { config.threads };
-        let ctx_options =
-            crate::ffi::ContextOptions { n_ctx: config.context, n_batch: config.batch, n_threads: threads as i32 };
+        let ctx_options = crate::ffi::ContextOptions {
+            n_ctx: config.context,
+            n_batch: config.batch,
+            n_outputs: MAX_OUTPUTS as u32,
+            n_threads: threads as i32,
+        };
         let mut ctx = crate::ffi::Context::new(model.clone(), ctx_options)
             .map_err(|reason| LlmError::Context { n_ctx: config.context, reason })?;
         let mut adapter = None;
@@ -438,8 +449,9 @@ impl Backbone {
         let pos = self.decode_prompt(&[Part::Text(&request)], scene, Request::Caption, "the description")?;
         let pos = self.decode_parts(&[Part::Text(answer)], pos, "the description")?;
         let tokens = self.tokenize(signal, false);
-        if tokens.len() > self.config.batch as usize {
-            return Err(LlmError::SignalTooLong { n: tokens.len(), batch: self.config.batch as usize });
+        let max = (self.config.batch as usize).min(MAX_OUTPUTS);
+        if tokens.len() > max {
+            return Err(LlmError::SignalTooLong { n: tokens.len(), max });
         }
         if tokens.is_empty() || pos + tokens.len() >= self.ctx.n_ctx() {
             return Err(LlmError::ContextTooSmall {

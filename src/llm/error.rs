@@ -127,13 +127,13 @@ pub enum LlmError {
     /// llama.cpp produced no logits after a decode.
     #[error("llama.cpp returned no logits for the last position (a decode that asked for them succeeded)")]
     NoLogits,
-    /// The output projector's signal text is longer than one decode batch.
-    #[error("the manifest's generator.output_projector.signal is {n} tokens; at most `llm.batch` ({batch}) fit in one decode")]
+    /// The output projector's signal text is longer than one decode can return states for.
+    #[error("the manifest's generator.output_projector.signal is {n} tokens; the LLM returns hidden states for at most {max} (and `llm.batch`) in one decode")]
     SignalTooLong {
         /// Its tokens.
         n: usize,
-        /// `llm.batch`.
-        batch: usize,
+        /// The most: `llm.batch` or the context's outputs per decode, whichever is smaller.
+        max: usize,
     },
     /// llama_decode failed.
     #[error("llama.cpp failed to decode {what} (status {status}){}", decode_hint(*status))]

@@ -10,7 +10,7 @@ mod sampling;
 
 use serde::Deserialize;
 
-pub use backbone::{Backbone, GenerateOptions, Generation, ModelSummary, Part, StopReason};
+pub use backbone::{Backbone, GenerateOptions, Generation, ModelSummary, Part, StopReason, MAX_OUTPUTS};
 pub use error::{check_question, LlmError, QuestionError};
 pub use gguf::{token_embeddings, GgufInfo};
 pub use grounding::{mentions, name_directions, support, Checked, Grounding};

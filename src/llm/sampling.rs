@@ -32,13 +32,14 @@ pub struct TokenSampler {
     params: SamplingParams,
     rng: u64,
     candidates: Vec<(i32, f32)>,
+    scratch: Vec<f32>,
 }
 
 impl TokenSampler {
     /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         let rng = params.seed ^ 0x9E37_79B9_7F4A_7C15;
-        TokenSampler { params, rng, candidates: Vec::new() }
+        TokenSampler { params, rng, candidates: Vec::new(), scratch: Vec::new() }
     }
 
     fn next_f32(&mut self) -> f32 {
@@ -48,32 +49,39 @@ impl TokenSampler {
     /// Picks the next token from `logits`, given the tokens generated so far (`history`).
     /// Returns `None` for empty logits.
     pub fn sample(&mut self, logits: &[f32], history: &[i32]) -> Option<i32> {
+        if logits.is_empty() {
+            return None;
+        }
         let p = &self.params;
-        let penalised = |token: usize, logit: f32| {
-            let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
-            if p.repeat_penalty != 1.0 && recent.contains(&(token as i32)) {
-                if logit > 0.0 {
-                    logit / p.repeat_penalty
-                } else {
-                    logit * p.repeat_penalty
-                }
-            } else {
-                logit
-            }
-        };
+        let recent = &history[history.len().saturating_sub(p.repeat_last_n)..];
+        let penalty = p.repeat_penalty;
+        let penalised = |logit: f32| if logit > 0.0 { logit / penalty } else { logit * penalty };
+        // The penalty touches at most `repeat_last_n` tokens: they are rewritten in a copy (each
+        // from its own logit, so a token repeated in the history is penalised once), not looked
+        // up in the history for every one of the vocabulary's tokens.
+        let penalise = penalty != 1.0 && !recent.is_empty();
         if p.temperature <= 0.0 {
-            return logits
-                .iter()
-                .enumerate()
-                .map(|(t, l)| (t, penalised(t, *l)))
-                .fold(None, |best: Option<(usize, f32)>, (t, l)| match best {
-                    Some((_, bl)) if bl >= l => best,
-                    _ => Some((t, l)),
-                })
-                .map(|(t, _)| t as i32);
+            if !penalise {
+                return Some(argmax(logits) as i32);
+            }
+            self.scratch.clear();
+            self.scratch.extend_from_slice(logits);
+            for &t in recent {
+                if let Some(l) = logits.get(t as usize) {
+                    self.scratch[t as usize] = penalised(*l);
+                }
+            }
+            return Some(argmax(&self.scratch) as i32);
         }
         self.candidates.clear();
-        self.candidates.extend(logits.iter().enumerate().map(|(t, l)| (t as i32, penalised(t, *l))));
+        self.candidates.extend(logits.iter().enumerate().map(|(t, l)| (t as i32, *l)));
+        if penalise {
+            for &t in recent {
+                if let Some(l) = logits.get(t as usize) {
+                    self.candidates[t as usize].1 = penalised(*l);
+                }
+            }
+        }
         let temperature = p.temperature;
         let (top_k, top_p) = (p.top_k, p.top_p);
         self.candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
@@ -108,6 +116,22 @@ impl TokenSampler {
     }
 }
 
+/// The index of the largest value, the first one on ties (`values` not empty). Two passes the
+/// compiler vectorises: the maximum over eight lanes, then its first position.
+fn argmax(values: &[f32]) -> usize {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &v) in lanes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    // All NaN or -inf: the first token, as a fold that never replaces its start would give.
+    values.iter().position(|&v| v == max).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +154,48 @@ mod tests {
             assert_eq!(s.sample(logits, history), Some(*expected), "{logits:?} {history:?}");
         }
         assert_eq!(TokenSampler::new(greedy()).sample(&[], &[]), None);
+    }
+
+    #[test]
+    fn greedy_with_a_penalty_agrees_with_penalising_every_token() {
+        // The reference: every token's logit penalised if it is among the recent ones.
+        let reference = |logits: &[f32], recent: &[i32], penalty: f32| {
+            let value = |t: usize| {
+                let l = logits[t];
+                match recent.contains(&(t as i32)) {
+                    true if l > 0.0 => l / penalty,
+                    true => l * penalty,
+                    false => l,
+                }
+            };
+            (0..logits.len()).fold(0, |best, t| if value(t) > value(best) { t } else { best }) as i32
+        };
+        let mut rng = 5u64;
+        for n in [1, 7, 8, 9, 100, 49_157] {
+            // Few distinct values, so ties and repeats are common.
+            let logits: Vec<f32> = (0..n).map(|_| (crate::util::splitmix64(&mut rng) % 13) as f32 - 6.0).collect();
+            let history: Vec<i32> = (0..80).map(|_| (crate::util::splitmix64(&mut rng) % n as u64) as i32).collect();
+            for (penalty, last_n) in [(1.0, 64), (1.3, 64), (1.3, 0), (0.7, 8), (2.0, 200)] {
+                let params = SamplingParams { repeat_penalty: penalty, repeat_last_n: last_n, ..greedy() };
+                let recent = &history[history.len().saturating_sub(last_n)..];
+                let got = TokenSampler::new(params).sample(&logits, &history);
+                assert_eq!(got, Some(reference(&logits, recent, penalty)), "n {n}, penalty {penalty}, last {last_n}");
+            }
+        }
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, 1.0, f32::NAN, 1.0]), 1);
+    }
+
+    #[test]
+    fn a_penalised_token_is_drawn_less_often() {
+        // Two equal logits; the one just generated, penalised hard, is drawn far less often.
+        let params =
+            SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, repeat_penalty: 4.0, repeat_last_n: 4, seed: 3 };
+        let mut s = TokenSampler::new(params);
+        let draws: Vec<i32> = (0..400).map(|_| s.sample(&[2.0, 2.0], &[0, 0]).unwrap()).collect();
+        let zeros = draws.iter().filter(|&&t| t == 0).count();
+        // P(0) = e^0.5 / (e^0.5 + e^2) = 0.18.
+        assert!((40..110).contains(&zeros), "{zeros} of 400 draws were the penalised token");
     }
 
     #[test]
