@@ -158,7 +158,9 @@ $(PEER_PY): benches/peer/requirements.txt
 
 ## bench-peer: scenecast against the same caption written in Python (onnxruntime + llama-cpp-python): latency, memory, cold start, same text; then the daemon's footprint (a few minutes after the peer's venv)
 bench-peer: deps models build $(PEER_PY)
-	$(PEER_PY) benches/peer/run.py --cache $(CACHE) --scenecast $(CARGO_TARGET_DIR)/release/scenecast
+	$(CARGO) build --release --example preprocess_dump
+	$(PEER_PY) benches/peer/run.py --cache $(CACHE) --scenecast $(CARGO_TARGET_DIR)/release/scenecast \
+	  --preprocess-dump $(CARGO_TARGET_DIR)/release/examples/preprocess_dump
 
 ## bench: the benchmarks (ratios against baselines measured in the same process)
 bench: deps models

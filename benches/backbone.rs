@@ -1,13 +1,18 @@
 //! Backbone benchmarks, each against a baseline in the same process, same GGUF, same threads:
 //!
 //! 1. Decode speed: scenecast's generation loop (sys-crate decode, Rust sampler, stop filter)
-//!    against a bare llama.cpp decode loop written with the `llama-cpp-2` crate (greedy sampler).
+//!    against a bare llama.cpp decode loop written with the `llama-cpp-2` crate (greedy sampler),
+//!    without a repeat penalty and with the captions' default one (llama.cpp's penalty sampler).
 //! 2. Time to first token for a question about the current scene: with the scene prefix cached,
 //!    against re-encoding the image and re-prefilling the prefix.
 //! 3. The cost of the projector's LoRA adapter: scene prefill and decode of the fetched base GGUF
 //!    alone, with the adapter applied at run time on every token, on the scene prefix only
-//!    (`llm.adapter_scope = "scene"`) and on the scene prefix and each question (`"prompt"`), and
-//!    merged into the GGUF (made at `make models`).
+//!    (`llm.adapter_scope = "scene"`) and on the scene prefix and each question (`"prompt"`), the
+//!    same adapter on every token (its products without the switching), and merged into the GGUF
+//!    (made at `make models`).
+//!
+//! The machine's speed drifts within minutes, so the sides of each comparison take turns, round by
+//! round, and each reports the median of its per-round ratios with their middle half.
 //!
 //! Run with `cargo bench --bench backbone` after `make models`.
 

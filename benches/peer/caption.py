@@ -4,7 +4,10 @@ Python with `onnxruntime` and `llama-cpp-python` — the same encoder ONNX, proj
 (read from models/reference.toml and the model cache), the image tokens injected as embeddings
 through llama.cpp's batch API, greedy decoding with the same repeat penalty, the same prompt.
 
-    python benches/peer/caption.py --cache DIR --threads N IMAGE... [--json]
+    python benches/peer/caption.py --cache DIR --threads N IMAGE... [--json] [--tensors DIR]
+
+--tensors DIR reads each image's pre-processed encoder (and detector) input from the files
+scenecast's `preprocess_dump` example wrote there instead of decoding and resizing it here.
 
 Prints one line per image (one JSON object with --json: image, text, tokens, timings_ms), each as
 soon as it is done, so the caller can time the cold start to the first caption.
@@ -65,6 +68,7 @@ class Peer:
             verbose=False,
         )
         self.ctx = self.llm.ctx
+        self.tensors: Path | None = None
         # The manifest's LoRA adapter, if any: on every token, or (`adapter_scope = "scene"`) only
         # while the chat prefix and the image tokens are decoded (also with `"questions"`, which
         # leaves the caption prompt to the base model), or (`"prompt"`) also while the caption
@@ -100,11 +104,18 @@ class Peer:
         return ((resized - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)
 
     def preprocess(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.tensors is not None:
+            return self.dumped(Path(image.filename).name)
         tensor = self.resize(image, self.size, self.mean, self.std)
         if self.detector is None:
             return tensor, None
         p = self.det_pre
         return tensor, self.resize(image, self.det_size, np.array(p["mean"]), np.array(p["std"]), p.get("channels") == "bgr")
+
+    def dumped(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """scenecast's own pre-processed tensors for the image `name` (see --tensors)."""
+        read = lambda what, size: np.fromfile(self.tensors / f"{name}.{what}.f32", np.float32).reshape(1, 3, *size)
+        return read("encoder", self.size), (read("detector", self.det_size) if self.detector is not None else None)
 
     def image_tokens(self, tensors: tuple[np.ndarray, np.ndarray | None]) -> np.ndarray:
         tensor, det_tensor = tensors
@@ -216,8 +227,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--question", default="Describe what you see in one sentence.")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--tensors", type=Path, help="read the pre-processed tensors scenecast wrote here")
     args = ap.parse_args()
     peer = Peer(args.cache, args.threads)
+    peer.tensors = args.tensors
     for path in args.images:
         result = peer.caption(path, args.question)
         print(json.dumps(result) if args.json else f"{path}: {result['text']}", flush=True)

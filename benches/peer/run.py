@@ -8,10 +8,14 @@ footprint.
    cold start to the first caption (process start, model load, first caption), peak resident
    memory (the process's VmHWM, from wait4), the ratios scenecast / Python against the issue's
    goals (latency <= 0.8, memory <= 0.6), and whether both wrote the same caption for each photo.
+   The photos whose captions differ are captioned once more by the peer from scenecast's own
+   pre-processed tensors (the `preprocess_dump` example): when it then writes scenecast's
+   caption, the two pipelines parted before the encoders (decoding or resizing the image).
 2. Footprint of `scenecast run --demo` on a static scene: resident memory once running, CPU use over
    one idle minute, and peak memory after a render has loaded the generator.
 
-    python benches/peer/run.py --cache DIR --scenecast PATH/TO/scenecast [--rounds 3] [--threads N]
+    python benches/peer/run.py --cache DIR --scenecast PATH/TO/scenecast \
+        --preprocess-dump PATH/TO/examples/preprocess_dump [--rounds 3] [--threads N]
 """
 import argparse
 import json
@@ -28,9 +32,11 @@ HERE = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-def run_captions(cmd: list[str], env: dict) -> tuple[list[dict], float, float]:
-    """Runs one captioning process; returns its JSON lines, the seconds to its first line, and its
-    peak resident memory in MiB."""
+def run_captions(cmd: list[str], env: dict, only: list[Path] | None = None) -> tuple[list[dict], float, float]:
+    """Runs one captioning process (on the photos `only`, in place of the command's own, if given);
+    returns its JSON lines, the seconds to its first line, and its peak resident memory in MiB."""
+    if only is not None:
+        cmd = [a for a in cmd if Path(a).suffix.lower() not in IMAGE_SUFFIXES] + [str(p) for p in only]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     lines, first = [], None
@@ -110,6 +116,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--idle-s", type=float, default=60.0)
+    ap.add_argument("--preprocess-dump", required=True, help="scenecast's preprocess_dump example")
     args = ap.parse_args()
     photos = sorted(p for p in (args.cache / "models" / "photos").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     env = {k: v for k, v in os.environ.items() if k not in ("ORT_DYLIB_PATH", "SCENECAST_CONFIG")}
@@ -147,7 +154,27 @@ def main() -> None:
     for name, text in results["scenecast"]["captions"].items():
         mark = "=" if name in same else "≠"
         print(f"    {mark} {name}: scenecast {text!r}" + ("" if name in same else f" / python {results['python']['captions'].get(name)!r}"))
+    differ = [p for p in photos if p.name not in same]
+    if differ:
+        same_tensors(differ, sides["python"], env, args.preprocess_dump, results["scenecast"]["captions"])
     footprint(args.scenecast, args.cache, photos[0], env, args.idle_s)
+
+
+def same_tensors(photos: list[Path], peer: list[str], env: dict, dump: str, scenecast_captions: dict) -> None:
+    """Captions the photos whose captions differed once more with the peer, this time from the
+    tensors scenecast pre-processed (its `preprocess_dump` example): when the peer then writes
+    scenecast's caption, everything after pre-processing (ONNX Runtime, llama.cpp, the sampler)
+    agrees, and the two parted at decoding or resizing the image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([dump, tmp, *map(str, photos)], check=True, env=env)
+        lines, _, _ = run_captions(peer + ["--tensors", tmp], env, only=photos)
+    captions = {Path(line["image"]).name: line["text"] for line in lines}
+    agree = [p.name for p in photos if captions[p.name] == scenecast_captions[p.name]]
+    print(f"  of the {len(photos)} that differ, the peer fed scenecast's pre-processed tensors writes scenecast's "
+          f"caption for {len(agree)}")
+    for p in photos:
+        if p.name not in agree:
+            print(f"    ≠ {p.name}: scenecast {scenecast_captions[p.name]!r} / python on its tensors {captions[p.name]!r}")
 
 
 if __name__ == "__main__":
