@@ -111,7 +111,7 @@ fn streaming_cancellation_and_limits() {
 
 #[test]
 fn gemma3_loads_and_generates_with_its_own_template() {
-    let m = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma3.toml")).unwrap();
+    let m = Manifest::load(&common::repo().join("models/gemma3.toml")).unwrap();
     let mut b = Backbone::load(&m, &cache_root(), &llm_config()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!((b.summary().gguf.architecture.as_str(), b.summary().gguf.n_embd), ("gemma3", 640));
     let answer = b.ask("What is the capital of France?", &greedy(24), &mut |_| true).unwrap();

@@ -141,7 +141,7 @@ fn adapter_missing_not_an_adapter_or_for_another_model() {
         ],
     );
 
-    let gemma = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/gemma3.toml")).unwrap();
+    let gemma = std::fs::read_to_string(common::repo().join("models/gemma3.toml")).unwrap();
     let smol_adapter = models().join("projector/dinov2s-smollm2-v3.lora.gguf");
     assert_contains(
         &backbone_error(&with_adapter(&gemma, &smol_adapter)),
@@ -214,8 +214,7 @@ fn build_library(dir: &Path, name: &str, source: &str) -> PathBuf {
 /// ONNX with other names), and a detector whose scores the manifest says have another class count.
 #[test]
 fn missing_or_mismatched_detector_files() {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dinov2s-nanodet.toml")).unwrap();
+    let text = std::fs::read_to_string(common::repo().join("models/dinov2s-nanodet.toml")).unwrap();
     let line = text.lines().find(|l| l.starts_with("file = { cache = \"detector/nanodet-coco.onnx\"")).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let detector_at = |file: &str| {

@@ -43,7 +43,7 @@ const UNKNOWN: &[&str] = &["gcompris/world-koala.webp", "gcompris/world-crocodil
 /// train-v5.toml extends with the detector and nothing else about the data): a caption
 /// naming any other than the photo's is wrong.
 fn categories() -> Vec<String> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/projector/train-v3.toml");
+    let path = common::repo().join("models/projector/train-v3.toml");
     let config: toml::Value = toml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let names: Vec<String> =
         config["category"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap().to_owned()).collect();

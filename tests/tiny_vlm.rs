@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use common::*;
 use scenecast::llm::{Backbone, LlmConfig, SamplingParams};
@@ -16,7 +16,7 @@ use scenecast::manifest::Manifest;
 use scenecast::vision::{ImageTokens, Vision};
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-vlm")
+    common::repo().join("models/tiny-vlm")
 }
 
 struct Reference {
@@ -111,7 +111,7 @@ fn a_layout_marker_the_gguf_lacks_is_refused_at_load() {
 fn the_real_smolvlm_manifest_has_the_tested_layout() {
     // models/smolvlm-256m.toml (the real model, downloaded by users) must be the layout the tiny
     // model proves: the same tensor names and shapes up to the text width, pre-processing and chat.
-    let real = Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smolvlm-256m.toml")).unwrap();
+    let real = Manifest::load(&common::repo().join("models/smolvlm-256m.toml")).unwrap();
     let tiny = manifest_with(|t| t).unwrap();
     let (r, t) = (&real.encoder, &tiny.encoder);
     assert!(real.projector.is_none() && tiny.projector.is_none());

@@ -37,7 +37,7 @@ fn encoder_features_separate_photos_and_survive_a_flip() {
 
 #[test]
 fn preprocessing_matches_the_pillow_numpy_fixture() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let dir = common::repo().join("tests/fixtures");
     let input = RgbImage::open(&dir.join("preprocess_input.png")).unwrap();
     let expected: Vec<f32> = std::fs::read(dir.join("preprocess_expected.f32"))
         .unwrap()
@@ -98,7 +98,7 @@ fn unavailable_execution_providers_fall_back_or_fail_when_required() {
 /// tf2onnx give the same model on Pillow-resized input (models/experiments/coco_detector_probe.py).
 /// The projector-v4 stack (models/dinov2s-nanodet.toml): the COCO detector's scores as three more tokens.
 fn nanodet_manifest() -> scenecast::manifest::Manifest {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/dinov2s-nanodet.toml");
+    let path = common::repo().join("models/dinov2s-nanodet.toml");
     scenecast::manifest::Manifest::load(&path).unwrap()
 }
 

@@ -8,6 +8,13 @@ use scenecast::frame::RgbImage;
 use scenecast::manifest::Manifest;
 use scenecast::onnx::OnnxRuntime;
 
+/// The repository's root, as cargo names it when it runs the test. Not `env!`: the build directory
+/// is shared between checkouts (`make test` here and CI's fresh clone), and a test binary built in
+/// one of them would otherwise read the other's files.
+pub fn repo() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 /// The model cache `make test` filled.
 pub fn cache_root() -> PathBuf {
     scenecast::cache::default_root()
@@ -30,8 +37,8 @@ pub fn tiny_generator_manifest() -> Manifest {
     let reference = include_str!("../../models/reference.toml");
     let head = &reference[..reference.find("\n[generator]").expect("the reference manifest has a generator")];
     let tiny = include_str!("../../models/generator/tiny.toml");
-    let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models"));
-    Manifest::parse(&format!("{head}\n{tiny}"), "models/reference.toml + models/generator/tiny.toml", dir).unwrap()
+    let dir = repo().join("models");
+    Manifest::parse(&format!("{head}\n{tiny}"), "models/reference.toml + models/generator/tiny.toml", &dir).unwrap()
 }
 
 /// The ONNX Runtime library with the default (CPU) config.
@@ -262,7 +269,7 @@ impl TestClient {
 
 /// Validates `instance` against a schema file under docs/schemas.
 pub fn assert_schema(schema_file: &str, instance: &serde_json::Value) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemas").join(schema_file);
+    let path = repo().join("docs/schemas").join(schema_file);
     let schema: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let validator = jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{schema_file}: {e}"));
     let errors: Vec<String> =
