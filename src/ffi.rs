@@ -186,34 +186,33 @@ impl GgufFile {
         }
     }
 
-    /// A 2-D tensor's `(rows, row length)` (for example `token_embd.weight`: vocabulary, width).
-    pub fn tensor_shape(&self, name: &str) -> Option<(usize, usize)> {
-        self.tensor_layout(name).map(|(_, _, n_rows, row_len, _)| (n_rows, row_len))
-    }
-
     /// The float values of some rows of a tensor, in the order of `rows`, read from `path` at the
     /// offsets this header gives (only those rows) and dequantised with ggml's own `to_float` for
-    /// its type. `None` when the tensor is absent, a row is out of range, the file cannot be read
-    /// or the type has no converter.
-    pub fn tensor_rows_f32(&self, path: &Path, name: &str, rows: &[usize]) -> Option<Vec<f32>> {
+    /// its type. The error says what is wrong: the tensor is absent or not a whole number of rows,
+    /// a row is out of range, the type has no converter, or the file cannot be read.
+    pub fn tensor_rows_f32(&self, path: &Path, name: &str, rows: &[usize]) -> Result<Vec<f32>, String> {
         use std::io::{Read, Seek, SeekFrom};
-        let (ty, offset, n_rows, row_len, row_bytes) = self.tensor_layout(name)?;
-        if rows.iter().any(|r| *r >= n_rows) {
-            return None;
+        let (ty, offset, n_rows, row_len, row_bytes) = self
+            .tensor_layout(name)
+            .ok_or("is missing, or not a matrix of whole rows of the model's embedding width")?;
+        if let Some(row) = rows.iter().find(|r| **r >= n_rows) {
+            return Err(format!("has {n_rows} rows; row {row} was asked for"));
         }
         // SAFETY: the type traits are static in ggml (a table indexed by a type the header gave).
-        let to_float = unsafe { (*sys::ggml_get_type_traits(ty)).to_float? };
-        let mut file = std::fs::File::open(path).ok()?;
+        let to_float = unsafe { (*sys::ggml_get_type_traits(ty)).to_float }
+            .ok_or_else(|| format!("is of ggml type {ty}, which ggml cannot convert to f32"))?;
+        let unreadable = |e: std::io::Error| format!("cannot be read: {e}");
+        let mut file = std::fs::File::open(path).map_err(unreadable)?;
         let mut raw = vec![0u8; row_bytes];
         let mut out = vec![0f32; rows.len() * row_len];
         for (row, dst) in rows.iter().zip(out.chunks_exact_mut(row_len)) {
-            file.seek(SeekFrom::Start(offset + (row * row_bytes) as u64)).ok()?;
-            file.read_exact(&mut raw).ok()?;
+            file.seek(SeekFrom::Start(offset + (row * row_bytes) as u64)).map_err(unreadable)?;
+            file.read_exact(&mut raw).map_err(unreadable)?;
             // SAFETY: `to_float` reads exactly `row_size(ty, row_len)` = `row_bytes` bytes from
             // `raw` (its length) and writes `row_len` floats to `dst` (its length).
             unsafe { to_float(raw.as_ptr().cast(), dst.as_mut_ptr(), row_len as i64) };
         }
-        Some(out)
+        Ok(out)
     }
 
     /// The first dimension (row length) of a tensor, from its ggml meta tensor.

@@ -49,6 +49,16 @@ fn injected_embedding_rows_continue_like_the_tokens_themselves() {
     let gguf = manifest().resolve(&manifest().llm.file, &cache_root());
     let rows = token_embeddings(&gguf, &tokens).unwrap();
     assert_eq!(rows.len(), tokens.len() * 576);
+    // Ids outside the vocabulary are refused with the tensor, its rows and the id.
+    let path = gguf.display();
+    let cases = [
+        (49_152, format!("{path}: tensor `token_embd.weight` has 49152 rows; row 49152 was asked for")),
+        (-1, format!("{path}: tensor `token_embd.weight` has no row for the negative token id -1")),
+    ];
+    for (id, expected) in cases {
+        let err = token_embeddings(&gguf, &[1, id]).unwrap_err().to_string();
+        assert!(err.starts_with(&expected), "{err}");
+    }
 
     b.set_prefix(1, &[Part::Text(text)]).unwrap();
     let from_tokens = b.generate(&[], &greedy(24), &mut |_| true).unwrap();

@@ -54,6 +54,16 @@ pub enum LlmError {
         /// The expected type.
         expected: &'static str,
     },
+    /// A tensor of the GGUF cannot be read as asked.
+    #[error("{path}: tensor `{tensor}` {problem} (expected the LLM GGUF the manifest names, readable)")]
+    Tensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
     /// The GGUF differs from what the manifest says.
     #[error("{path}: {what} is {actual}, but manifest {manifest} expects {expected}")]
     Mismatch {

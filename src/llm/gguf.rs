@@ -127,19 +127,11 @@ impl GgufInfo {
 /// what the model itself feeds its first layer for those tokens.
 pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, LlmError> {
     let gguf = GgufFile::open(path).ok_or_else(|| LlmError::NotGguf { path: path.to_owned() })?;
-    let missing = |key: String, expected: &'static str| LlmError::MissingKey { path: path.to_owned(), key, expected };
-    let (n_rows, _) = gguf
-        .tensor_shape("token_embd.weight")
-        .ok_or_else(|| missing("token_embd.weight".into(), "a dequantisable tensor"))?;
+    let tensor = "token_embd.weight";
+    let bad = |problem: String| LlmError::Tensor { path: path.to_owned(), tensor, problem };
     let rows = tokens
         .iter()
-        .map(|&t| {
-            usize::try_from(t)
-                .ok()
-                .filter(|r| *r < n_rows)
-                .ok_or_else(|| missing(format!("token_embd.weight row {t}"), "a token id inside the vocabulary"))
-        })
+        .map(|&t| usize::try_from(t).map_err(|_| bad(format!("has no row for the negative token id {t}"))))
         .collect::<Result<Vec<usize>, _>>()?;
-    gguf.tensor_rows_f32(path, "token_embd.weight", &rows)
-        .ok_or_else(|| missing("token_embd.weight".into(), "a dequantisable tensor"))
+    gguf.tensor_rows_f32(path, tensor, &rows).map_err(bad)
 }
