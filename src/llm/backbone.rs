@@ -13,6 +13,7 @@ use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
 use crate::manifest::{AdapterScope, Manifest};
 use crate::util::ms_since;
+use crate::vision::ImageTokens;
 
 /// The most positions one decode returns outputs for: generation reads the last position's
 /// logits, the output projector the hidden states of its few signal tokens. llama.cpp sizes its
@@ -20,7 +21,6 @@ use crate::util::ms_since;
 /// 49,152-word vocabulary and a batch of 512 that is 96 MiB of logits no request reads (105 MiB
 /// of compute buffer against 17 MiB with this limit; on a GPU that is device memory).
 pub const MAX_OUTPUTS: usize = 32;
-use crate::vision::ImageTokens;
 
 /// A piece of a prompt: text, or embedding rows (image tokens).
 #[derive(Debug, Clone, Copy)]
