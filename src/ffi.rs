@@ -480,9 +480,9 @@ impl Drop for Model {
     }
 }
 
-/// Returns freed heap memory to the operating system (glibc's `malloc_trim`), so that unloading
-/// a model shrinks the resident set instead of leaving the pages in the allocator's free lists.
-/// A no-op on other C libraries.
+/// Returns freed heap memory to the operating system (glibc's `malloc_trim`), so that loading or
+/// unloading a model shrinks the resident set instead of leaving the pages in the allocator's free
+/// lists. A no-op on other C libraries.
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim takes no pointers from us and only walks the allocator's own free lists;

@@ -275,6 +275,11 @@ impl OnnxRuntime {
             providers.push(EpKind::Cpu);
         }
         let session = builder.commit_from_file(file).map_err(|e| session_err(e.to_string()))?;
+        // ONNX Runtime has parsed the file into a protobuf and copied its weights out, then freed
+        // the protobuf; glibc keeps such freed memory mapped unless told. Returned now, it does
+        // not stack up under the next model's load (measured: `scenecast caption` over 12 photos
+        // peaks at 405 MiB instead of 440; under 1 ms a call).
+        crate::ffi::release_free_memory();
         tracing::info!(model = %file.display(), ep = %providers[0], "session ready ({what}); providers {}", join(&providers));
         Ok(OnnxSession { session, file: file.to_owned(), providers })
     }
