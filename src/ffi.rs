@@ -607,7 +607,8 @@ impl Context {
             params.n_batch = options.n_batch;
             params.n_ubatch = options.n_batch;
             params.n_seq_max = 1;
-            params.n_outputs_max = options.n_outputs.clamp(1, options.n_batch);
+            let n_outputs = options.n_outputs.clamp(1, options.n_batch);
+            params.n_outputs_max = n_outputs;
             params.n_threads = options.n_threads;
             params.n_threads_batch = options.n_threads;
             // Keep the whole cache for sliding-window models, so a scene prefix can be kept
@@ -625,12 +626,11 @@ impl Context {
                 }
             })?;
             let n_batch = options.n_batch as usize;
-            let n_outputs = options.n_outputs.clamp(1, options.n_batch) as usize;
             Ok(Context {
                 ptr,
                 model,
                 n_batch,
-                n_outputs,
+                n_outputs: n_outputs as usize,
                 adapter: None,
                 tokens: Batch::new(n_batch, 0),
                 embeddings: None,
@@ -681,6 +681,12 @@ impl Context {
                 Ok(())
             }
         }
+    }
+
+    /// Most positions one decode returns outputs for (`ContextOptions::n_outputs`, at most
+    /// `n_batch`).
+    pub fn n_outputs(&self) -> usize {
+        self.n_outputs
     }
 
     /// Context length.

@@ -61,8 +61,6 @@ impl Pipeline {
         let runtime = OnnxRuntime::init(onnx, cache_root)?;
         let backbone = Backbone::load(&manifest, cache_root, llm)?;
         let vision = Vision::load(&runtime, &manifest, cache_root, Some(backbone.summary().gguf.llm_width()))?;
-        // What the loads freed goes back to the system (see `OnnxRuntime::session`).
-        crate::ffi::release_free_memory();
         Ok(Pipeline { manifest, cache_root: cache_root.to_owned(), runtime, backbone, vision })
     }
 

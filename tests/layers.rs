@@ -2,6 +2,8 @@
 //! before it in the data flow (foundation → camera → vision → llm → generate → pipeline → worker
 //! → mqtt → config → eval, daemon), so there are no back-references and no cycles between them.
 
+mod common;
+
 use std::path::Path;
 
 /// The top-level modules in the order they may import each other: each may use only those before
@@ -53,7 +55,7 @@ fn walk(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
 
 #[test]
 fn no_module_imports_from_a_module_after_it() {
-    let src = repo().join("src");
+    let src = common::repo().join("src");
     let mut files = Vec::new();
     walk(&src, &mut files);
     let mut violations = Vec::new();
@@ -91,10 +93,4 @@ fn the_checker_finds_a_back_reference() {
     let text = "use crate::mqtt::Outgoing;\n// crate::daemon in a comment\nlet x = crate::llm::check_question(q, 3);";
     assert_eq!(imports(text), ["mqtt", "llm"]);
     assert!(rank("mqtt") > rank("worker"), "mqtt comes after the worker");
-}
-
-/// The repository's root, as cargo names it when it runs the test (see `common::repo`).
-fn repo() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from)
 }

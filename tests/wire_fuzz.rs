@@ -7,6 +7,8 @@
 //! `tests/fixtures/fuzz-corpus/` (the interesting ones found so far). `make fuzz` runs each
 //! property with `SCENECAST_FUZZ_CASES` cases (1,000,000).
 
+mod common;
+
 use proptest::prelude::*;
 use scenecast::config::Config;
 use scenecast::mqtt::wire::{
@@ -185,7 +187,7 @@ proptest! {
 /// The kept inputs: every file under tests/fixtures/fuzz-corpus through every parser.
 #[test]
 fn the_corpus_never_panics() {
-    let dir = repo().join("tests/fixtures/fuzz-corpus");
+    let dir = common::repo().join("tests/fixtures/fuzz-corpus");
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -201,14 +203,8 @@ fn the_corpus_never_panics() {
 /// A job whose frame claims to be 100000 x 100000 pixels is refused before any pixel is allocated.
 #[test]
 fn a_decompression_bomb_in_a_job_is_refused() {
-    let path = repo().join("tests/fixtures/fuzz-corpus/job-png-bomb.json");
+    let path = common::repo().join("tests/fixtures/fuzz-corpus/job-png-bomb.json");
     let err = parse_job(OffloadKind::Ask, &std::fs::read(path).unwrap(), &JOB_LIMITS, 200).unwrap_err();
     assert_eq!(err.code(), "bad_request");
     assert!(err.to_string().contains("`frame.data`"), "{err}");
-}
-
-/// The repository's root, as cargo names it when it runs the test (see `common::repo`).
-fn repo() -> std::path::PathBuf {
-    std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from)
 }

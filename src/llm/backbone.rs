@@ -449,9 +449,8 @@ impl Backbone {
         let pos = self.decode_prompt(&[Part::Text(&request)], scene, Request::Caption, "the description")?;
         let pos = self.decode_parts(&[Part::Text(answer)], pos, "the description")?;
         let tokens = self.tokenize(signal, false);
-        let max = (self.config.batch as usize).min(MAX_OUTPUTS);
-        if tokens.len() > max {
-            return Err(LlmError::SignalTooLong { n: tokens.len(), max });
+        if tokens.len() > self.ctx.n_outputs() {
+            return Err(LlmError::SignalTooLong { n: tokens.len(), max: self.ctx.n_outputs() });
         }
         if tokens.is_empty() || pos + tokens.len() >= self.ctx.n_ctx() {
             return Err(LlmError::ContextTooSmall {

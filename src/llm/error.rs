@@ -138,11 +138,11 @@ pub enum LlmError {
     #[error("llama.cpp returned no logits for the last position (a decode that asked for them succeeded)")]
     NoLogits,
     /// The output projector's signal text is longer than one decode can return states for.
-    #[error("the manifest's generator.output_projector.signal is {n} tokens; the LLM returns hidden states for at most {max} (and `llm.batch`) in one decode")]
+    #[error("the manifest's generator.output_projector.signal is {n} tokens; the LLM returns hidden states for at most {max} in one decode (the smaller of `llm.batch` and 32): shorten the signal")]
     SignalTooLong {
         /// Its tokens.
         n: usize,
-        /// The most: `llm.batch` or the context's outputs per decode, whichever is smaller.
+        /// The context's outputs per decode (`llm.batch` or `MAX_OUTPUTS`, whichever is smaller).
         max: usize,
     },
     /// llama_decode failed.
