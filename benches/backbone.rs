@@ -14,7 +14,8 @@
 //! The machine's speed drifts within minutes, so the sides of each comparison take turns, round by
 //! round, and each reports the median of its per-round ratios with their middle half.
 //!
-//! Run with `cargo bench --bench backbone` after `make models`.
+//! Run with `cargo bench --bench backbone` after `make models`; `SCENECAST_BENCH_ADAPTER=<gguf>` adds a
+//! row for another adapter file on the scene prefix (the same weights stored otherwise, a retrained one).
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -264,12 +265,19 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     scene_all.llm.adapter_scope = AdapterScope::All;
     let mut merged = base.clone();
     merged.llm.file = cached("dest");
-    vec![
+    let mut stacks = vec![
         ("base GGUF alone", base),
         ("adapter on every token", every),
         ("adapter merged", merged),
-        ("adapter on the scene only", scene),
+        ("adapter on the scene only", scene.clone()),
         ("adapter on scene + prompts", prompt),
         ("scene adapter, every token", scene_all),
-    ]
+    ];
+    // Another adapter file to compare on the scene (e.g. the same weights stored otherwise).
+    if let Some(path) = std::env::var_os("SCENECAST_BENCH_ADAPTER") {
+        let mut other = scene;
+        other.llm.adapter = Some(FileRef { cache: None, path: Some(path.into()), sha256: None, size: None });
+        stacks.push(("$SCENECAST_BENCH_ADAPTER on the scene", other));
+    }
+    stacks
 }

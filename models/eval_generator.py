@@ -8,7 +8,7 @@ caption names every object the prompt asked for. Rows of the report:
   gen-heldout-pair-Ks  "a <A> on the left and a <B> on the right" for the category pairs never
                        composed together in training (both orders);
   teacher-*-16s        the undistilled teacher, 16 guided flow steps (torch), as reference;
-  composed-*-64px      real scenes composed from the training photos, downscaled to the generator's
+  composed-*-Npx      real scenes composed from the training photos, downscaled to the generator's
                        size: what the captioner itself manages on real pictures at that size;
   rerender-C-1s        privacy re-rendering: held-out composed scenes described by the LLM and
                        rendered from the description (`generate --from-image`), through the text
@@ -131,7 +131,8 @@ def main() -> int:
     for kind, prompts in (("teacher-single", singles), ("teacher-heldout-pair", pairs)) if teacher else ():
         ids = torch.tensor([tokens.ids(p) for p, _ in prompts for _ in range(seeds)])
         noise = torch.randn((len(ids), 3 * r * r, side, side), generator=torch.Generator().manual_seed(7))
-        images = tg.from_latent(tg.sample_teacher(teacher, noise, ids, uncond, 16, cfg["distill"]["guidance"]), r)
+        images = tg.from_latent(tg.sample_teacher(teacher, noise, ids, uncond, 16, cfg["distill"]["guidance"],
+                                                cfg["train"].get("shift", 1.0)), r)
         for j, img in enumerate(images):
             path = out / f"{kind}-{j:03}.png"
             Image.fromarray(img).save(path)
@@ -148,13 +149,13 @@ def main() -> int:
         img, m = comp.single()
         path = out / f"composed-single-{i:03}.png"
         img.resize((size, size), Image.LANCZOS).save(path)
-        add("composed-single-64px", path, [o["name"] for o in m["objects"]])
+        add(f"composed-single-{size}px", path, [o["name"] for o in m["objects"]])
     held_real = []
     for i in range(len(pairs)):
         img, m = comp.pair(comp.heldout_pairs, "heldout")
         path = out / f"composed-heldout-pair-{i:03}.png"
         img.resize((size, size), Image.LANCZOS).save(path)
-        add("composed-heldout-pair-64px", path, [o["name"] for o in m["objects"]])
+        add(f"composed-heldout-pair-{size}px", path, [o["name"] for o in m["objects"]])
         full = out / f"scene-heldout-pair-{i:03}.png"
         img.save(full)
         held_real.append(full)
@@ -183,10 +184,18 @@ def main() -> int:
     for k, im in enumerate(sheet):
         grid.paste(im, ((k % cols) * size, (k // cols) * size))
     grid.save(args.config.parent / f"{cfg['name']}.contact.jpg", quality=85)
-    # Nearest training image and spread across seeds (mean absolute difference of 0-255 pixels).
+    # Nearest training image and spread across seeds (mean absolute difference of 0-255 pixels), at
+    # 64 x 64 whatever the generator's size (20,000 images at 128 pixels would take 4 GB as floats).
+    NOVELTY = 64
     train = None
     for p in sorted(work.glob("images-*.npy")):
-        train = np.load(p).reshape(-1, size * size * 3).astype(np.float32)
+        imgs = np.load(p, mmap_mode="r")
+        if imgs.shape[1] != size:
+            continue
+        f = size // NOVELTY
+        chunks = [np.asarray(imgs[i:i + 1000], np.float32).reshape(-1, NOVELTY, f, NOVELTY, f, 3).mean(axis=(2, 4))
+                  for i in range(0, len(imgs), 1000)]
+        train = np.concatenate(chunks).reshape(len(imgs), -1)
     if train is None:
         log(f"no training images in {work} (make generator composes them): no novelty table")
         log(f"report: {report}")
@@ -194,7 +203,7 @@ def main() -> int:
     def nearest(paths: list[Path]) -> float:
         d = []
         for p in paths:
-            x = np.asarray(Image.open(p).convert("RGB").resize((size, size)), np.float32).reshape(1, -1)
+            x = np.asarray(Image.open(p).convert("RGB").resize((NOVELTY, NOVELTY), Image.BOX), np.float32).reshape(1, -1)
             d.append(float(np.abs(train - x).mean(axis=1).min()))
         return float(np.mean(d))
     lines = ["", "## Novelty and diversity", "",
@@ -205,7 +214,7 @@ def main() -> int:
         paths = [p for _, ps in items for p in ps]
         spread = []
         for _, ps in items:
-            arrs = [np.asarray(Image.open(p).convert("RGB"), np.float32) for p in ps]
+            arrs = [np.asarray(Image.open(p).convert("RGB").resize((NOVELTY, NOVELTY), Image.BOX), np.float32) for p in ps]
             spread += [float(np.abs(arrs[a] - arrs[b]).mean()) for a in range(len(arrs)) for b in range(a + 1, len(arrs))]
         lines.append(f"| {kind} | {nearest(paths):.1f} | {np.mean(spread):.1f} |")
     lines.append(f"| held-out real scenes (reference) | {nearest([out / f'composed-heldout-pair-{i:03}.png' for i in range(len(pairs))]):.1f} | – |")

@@ -10,10 +10,11 @@ The recipe (models/generator/train.toml holds every number):
   1. compose scenes the way the input projector's are (its categories, real photos and cut-outs; the
      projector's held-out exemplars and held-out category pairs never appear), downscale to 64 x 64,
      caption them ("a dog on the left and a cup on the right");
-  2. train the teacher by rectified flow (z = (1-s)x + s n, predict v = n - x, logit-normal s) in
+  2. train the teacher by rectified flow (z = (1-s)x + s n, the loss on v = n - x, which the UNet
+     predicts or derives from its clean image, `[model] predicts`; logit-normal s, `[train] shift`) in
      pixel space: the "latent" is the image pixel-unshuffled to 12 x 32 x 32, so the decoder is an
      exact pixel shuffle. A UNet with self- and cross-attention at 16 and 8 pixels reads the text
-     encoder's token sequence (never pooled: left and right must survive); 10 % empty captions for
+     encoder's token sequence (never only its mean: left and right must survive); 10 % empty captions for
      classifier-free guidance;
   3. sample noise -> image pairs from the guided teacher (12 Euler steps, guidance 3);
   4. distil a student (initialised from the teacher) to the runtime's trailing Euler timesteps for
@@ -277,13 +278,17 @@ class AttnBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """v-prediction of the rectified flow at flow time s in [0, 1]."""
+    """The rectified flow's denoiser at flow time s in [0, 1]: its output is the velocity or the
+    clean image (Model.predicts). With `pooled`, the text tokens' mean joins the time embedding
+    too (every ResBlock reads it), as SDXL adds its pooled text embedding: the prompt reaches
+    every resolution, and the cross-attention still tells left from right."""
 
-    def __init__(self, cin: int, channels: list[int], ctx: int, heads: int, tdim: int):
+    def __init__(self, cin: int, channels: list[int], ctx: int, heads: int, tdim: int, pooled: bool = False):
         super().__init__()
         c0, c1, c2 = channels
         self.tfreq = 64
         self.temb = nn.Sequential(nn.Linear(self.tfreq, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
+        self.pool = nn.Sequential(nn.Linear(ctx, tdim), nn.SiLU(), nn.Linear(tdim, tdim)) if pooled else None
         self.inp = nn.Conv2d(cin, c0, 3, padding=1)
         self.d0 = ResBlock(c0, c0, tdim)
         self.down0 = nn.Conv2d(c0, c0, 3, stride=2, padding=1)
@@ -305,6 +310,8 @@ class UNet(nn.Module):
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         arg = (s * 1000.0)[:, None] * freqs[None]
         t = self.temb(torch.cat([torch.cos(arg), torch.sin(arg)], dim=1))
+        if getattr(self, "pool", None) is not None:
+            t = t + self.pool(ctx.mean(dim=1))
         h0 = self.d0(self.inp(z), t)
         h1 = self.a1(self.d1(self.down0(h0), t), ctx)
         h2 = self.a2(self.d2(self.down1(h1), t), ctx)
@@ -321,10 +328,23 @@ class Model(nn.Module):
         super().__init__()
         m, r = cfg["model"], cfg["image"]["unshuffle"]
         self.text = TextEncoder(remap, m["text_width"], m["text_layers"], m["heads"], m["context_tokens"])
-        self.unet = UNet(3 * r * r, m["channels"], m["text_width"], m["heads"], m["time_dim"])
+        self.unet = UNet(3 * r * r, m["channels"], m["text_width"], m["heads"], m["time_dim"], m.get("pooled", False))
+        # "v": the UNet's output is the velocity n - x; "x0": the clean image (JiT's x-prediction:
+        # a pixel-unshuffled patch has more values than the narrowest layer has channels, so
+        # predicting the noise in it would have to pass full-rank noise through that layer).
+        self.predicts = m.get("predicts", "v")
 
-    def v(self, z, s, ids):
-        return self.unet(z, s, self.text(ids))
+
+# Flow times below this divide the velocity of an x-predicting model (v = (z - x)/s) by no less.
+S_MIN = 0.05
+
+
+def velocity(model: Model, z, s, ctx):
+    """The flow's velocity n - x at z, s (s: [b]) with text context ctx, whatever the UNet predicts."""
+    out = model.unet(z, s, ctx)
+    if getattr(model, "predicts", "v") == "x0":
+        return (z - out) / s.clamp(min=S_MIN)[:, None, None, None]
+    return out
 
 
 def to_latent(images: torch.Tensor, r: int) -> torch.Tensor:
@@ -338,16 +358,25 @@ def from_latent(z: torch.Tensor, r: int) -> np.ndarray:
     return ((x + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
+def shifted(u, shift: float):
+    """SD3's time shift: more of the flow's time at high noise, where the prompt decides the
+    picture. A pixel-unshuffled image stays visible under much noise (the noise averages out over
+    an object's many pixels), so at shift 1 most training steps are spent where the caption no
+    longer matters. (It did not make scenegen-v2 read its caption: models/generator/README.md.)"""
+    return shift * u / (1 + (shift - 1) * u)
+
+
 @torch.no_grad()
-def sample_teacher(model: Model, noise, ids, uncond, steps: int, guidance: float):
-    """Euler on the rectified flow from s = 1 to 0, classifier-free guided."""
+def sample_teacher(model: Model, noise, ids, uncond, steps: int, guidance: float, shift: float = 1.0):
+    """Euler on the rectified flow from s = 1 to 0 (the time grid shifted as in training),
+    classifier-free guided."""
     ctx = model.text(ids)
     ctx_u = model.text(uncond.expand(ids.shape[0], -1))
     z = noise
     for i in range(steps):
-        s, s_next = 1.0 - i / steps, 1.0 - (i + 1) / steps
+        s, s_next = shifted(1.0 - i / steps, shift), shifted(1.0 - (i + 1) / steps, shift)
         sv = torch.full((z.shape[0],), s)
-        v = model.unet(torch.cat([z, z]), torch.cat([sv, sv]), torch.cat([ctx_u, ctx]))
+        v = velocity(model, torch.cat([z, z]), torch.cat([sv, sv]), torch.cat([ctx_u, ctx]))
         vu, vc = v.chunk(2)
         z = z + (s_next - s) * (vu + guidance * (vc - vu))
     return z
@@ -363,14 +392,31 @@ def lr_at(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_teacher(cfg: dict, model: Model, latents: torch.Tensor, ids: torch.Tensor, uncond: torch.Tensor,
+def train_teacher(cfg: dict, model: Model, images: torch.Tensor, ids: torch.Tensor, uncond: torch.Tensor,
                   work: Path, steps: int | None = None) -> Model:
+    """Rectified flow on the uint8 images [n, h, w, 3] (made latents a batch at a time: at 128
+    pixels the whole set in float32 would take 4 GB), half of them mirrored with their mirrored
+    caption. The loss is on the velocity whatever the UNet predicts."""
     t = cfg["train"]
     steps = steps or t["steps"]
     gen = torch.Generator().manual_seed(cfg["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
     ema = copy.deepcopy(model).eval()
-    n = latents.shape[0]
+    n, r = images.shape[0], cfg["image"]["unshuffle"]
+    # How much the caption helps: the clean image's error at high noise (s = 0.98) on a fixed batch
+    # with the right captions, minus with the empty one (negative: the caption helps).
+    probe = torch.randint(0, n, (32,), generator=torch.Generator().manual_seed(cfg["seed"] + 3))
+    probe_x = to_latent(images[probe], r)
+    probe_n = torch.randn(probe_x.shape, generator=torch.Generator().manual_seed(cfg["seed"] + 4))
+
+    @torch.no_grad()
+    def caption_gain(m: Model) -> float:
+        s9 = torch.full((32,), 0.98)
+        z9 = 0.02 * probe_x + 0.98 * probe_n
+        err = [F.mse_loss(z9 - 0.98 * velocity(m, z9, s9, m.text(c)), probe_x).item()
+               for c in (ids[probe, 0], uncond.expand(32, -1))]
+        return err[0] - err[1]
+
     log(f"[2/5] teacher: {steps} steps of {t['batch']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)")
     start, avg = time.time(), None
     for step in range(steps):
@@ -378,16 +424,15 @@ def train_teacher(cfg: dict, model: Model, latents: torch.Tensor, ids: torch.Ten
             g["lr"] = lr_at(step, steps, t["lr"], t["warmup"])
         idx = torch.randint(0, n, (t["batch"],), generator=gen)
         flip = torch.rand(t["batch"], generator=gen) < 0.5
-        x = latents[idx]
-        x = torch.where(flip[:, None, None, None], F.pixel_unshuffle(
-            F.pixel_shuffle(x, cfg["image"]["unshuffle"]).flip(-1), cfg["image"]["unshuffle"]), x)
+        x = images[idx]
+        x = to_latent(torch.where(flip[:, None, None, None], x.flip(2), x), r)
         cond = ids[idx, flip.long()]
         drop = torch.rand(t["batch"], generator=gen) < t["cond_drop"]
         cond = torch.where(drop[:, None], uncond.expand_as(cond), cond)
-        s = torch.sigmoid(torch.randn(t["batch"], generator=gen))
+        s = shifted(torch.sigmoid(torch.randn(t["batch"], generator=gen)), t.get("shift", 1.0))
         noise = torch.randn(x.shape, generator=gen)
         z = (1 - s)[:, None, None, None] * x + s[:, None, None, None] * noise
-        loss = F.mse_loss(model.v(z, s, cond), noise - x)
+        loss = F.mse_loss(velocity(model, z, s, model.text(cond)), noise - x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -398,7 +443,8 @@ def train_teacher(cfg: dict, model: Model, latents: torch.Tensor, ids: torch.Ten
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             el = time.time() - start
-            log(f"    step {step}/{steps}  loss {avg:.4f}  {(step + 1) / el:.2f} steps/s  {el / 60:.1f} min")
+            gain = f"  caption gain {caption_gain(ema):+.4f}" if step % 500 == 0 or step == steps - 1 else ""
+            log(f"    step {step}/{steps}  loss {avg:.4f}  {(step + 1) / el:.2f} steps/s  {el / 60:.1f} min{gain}")
     return ema
 
 
@@ -413,7 +459,8 @@ def make_pairs(cfg: dict, teacher: Model, ids: torch.Tensor, uncond: torch.Tenso
     log(f"[3/5] {d['pairs']} teacher pairs ({d['teacher_steps']} steps, guidance {d['guidance']})")
     start = time.time()
     for i in range(0, d["pairs"], 64):
-        out[i:i + 64] = sample_teacher(teacher, noise[i:i + 64], cond[i:i + 64], uncond, d["teacher_steps"], d["guidance"])
+        out[i:i + 64] = sample_teacher(teacher, noise[i:i + 64], cond[i:i + 64], uncond, d["teacher_steps"], d["guidance"],
+                                       cfg["train"].get("shift", 1.0))
         if i % 640 == 0:
             log(f"    {i + 64}/{d['pairs']} ({time.time() - start:.0f} s)")
     return noise, cond, out
@@ -429,7 +476,8 @@ def distil(cfg: dict, teacher: Model, noise, cond, target) -> Model:
     (a1, b1), (a2, b2) = [(math.sqrt(ac[t]), math.sqrt(1 - ac[t])) for t in (t1, t2)]
     s1, s2 = b1 / (a1 + b1), b2 / (a2 + b2)
     # The student predicts the clean image itself: through z - s v it would have to cancel the
-    # input noise exactly, and what it misses stays in the picture as grain.
+    # input noise exactly, and what it misses stays in the picture as grain. A teacher that
+    # predicts x0 already hands it a head of the right kind; a v-teacher's head has to be relearnt.
     student = copy.deepcopy(teacher).train()
     student.predicts = "x0"
     opt = torch.optim.AdamW(student.parameters(), lr=d["lr"], weight_decay=0.0)
@@ -730,10 +778,11 @@ def main() -> int:
     if args.bench:
         remap = Tokens.remap({BOS, EOS})
         model = Model(cfg, remap)
-        lat = torch.randn(256, 3 * r * r, side, side)
+        size = cfg["image"]["size"]
+        imgs = torch.randint(0, 256, (256, size, size, 3), dtype=torch.uint8)
         ids = torch.full((256, 2, cfg["model"]["context_tokens"]), EOS)
         t0 = time.time()
-        train_teacher(cfg, model, lat, ids, ids[0, 0], work, steps=20)
+        train_teacher(cfg, model, imgs, ids, ids[0, 0], work, steps=20)
         print(f"{20 / (time.time() - t0):.2f} steps/s at batch {cfg['train']['batch']}")
         return 0
 
@@ -745,14 +794,14 @@ def main() -> int:
     log(f"    {len(used)} distinct token ids in the captions")
     ids = torch.tensor(all_ids, dtype=torch.long)
     uncond = torch.tensor(uncond_ids, dtype=torch.long)[None]
-    latents = to_latent(torch.from_numpy(images), r)
+    images_t = torch.from_numpy(images)
 
     teacher_path = work / "teacher.pt"
     if teacher_path.is_file():
         teacher = torch.load(teacher_path, weights_only=False)
         log(f"[2/5] teacher cached: {teacher_path}")
     else:
-        teacher = train_teacher(cfg, Model(cfg, remap), latents, ids, uncond, work)
+        teacher = train_teacher(cfg, Model(cfg, remap), images_t, ids, uncond, work)
         torch.save(teacher, teacher_path)
     pairs_path = work / "pairs.pt"
     if pairs_path.is_file():

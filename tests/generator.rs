@@ -53,16 +53,17 @@ fn renders_are_deterministic(mut g: Generator, spec: scenecast::manifest::Genera
     assert_ne!(a.image.pixels(), other.image.pixels(), "the prompt conditions the image");
 
     // LCM with guidance (two UNet halves per step) at another size, also repeatable.
+    let m = spec.size_multiple;
     let lcm = scenecast::generate::RenderOptions {
         seed: 1,
         steps: 4,
-        size: [32, 80],
+        size: [2 * m, 5 * m],
         guidance: 2.5,
         sampler: SamplerKind::Lcm,
     };
     let x = g.render(Conditioning::Prompt("a dog"), &lcm).unwrap();
     let y = g.render(Conditioning::Prompt("a dog"), &lcm).unwrap();
-    assert_eq!((x.image.width(), x.image.height()), (80, 32));
+    assert_eq!((x.image.width() as usize, x.image.height() as usize), (5 * m, 2 * m));
     assert_eq!(x.image.pixels(), y.image.pixels());
     assert_eq!(x.timings.step_ms.len(), 4);
 }
@@ -138,11 +139,13 @@ fn requests_out_of_range_are_refused_with_the_allowed_range() {
     let limits = RenderLimits { max_steps: 4, max_side: 256, max_prompt_chars: 2000 };
     let ok = Generator::default_options(&spec, 0);
     assert!(Generator::check(&spec, &ok, limits).is_ok());
+    let m = spec.size_multiple;
+    let sides = format!("multiple of {m} between {m} and 256");
     let cases = [
         (scenecast::generate::RenderOptions { steps: 0, ..ok.clone() }, "expected 1 to 4"),
         (scenecast::generate::RenderOptions { steps: 5, ..ok.clone() }, "expected 1 to 4"),
-        (scenecast::generate::RenderOptions { size: [100, 128], ..ok.clone() }, "multiple of 16 between 16 and 256"),
-        (scenecast::generate::RenderOptions { size: [512, 128], ..ok.clone() }, "multiple of 16 between 16 and 256"),
+        (scenecast::generate::RenderOptions { size: [100, 128], ..ok.clone() }, sides.as_str()),
+        (scenecast::generate::RenderOptions { size: [512, 128], ..ok.clone() }, sides.as_str()),
         (scenecast::generate::RenderOptions { guidance: -1.0, ..ok.clone() }, "guidance"),
     ];
     for (options, message) in cases {
@@ -210,12 +213,12 @@ fn the_generate_command_writes_an_image_and_names_bad_arguments() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.png");
     let (ok, stdout, stderr) = scenecast(
-        &["generate", "a harbour at noon", "-o", out.to_str().unwrap(), "--size", "48x32", "--seed", "9"],
+        &["generate", "a harbour at noon", "-o", out.to_str().unwrap(), "--size", "96x32", "--seed", "9"],
         &[],
     );
     assert!(ok, "{stdout}{stderr}");
     let img = image::open(&out).unwrap();
-    assert_eq!((img.width(), img.height()), (48, 32));
+    assert_eq!((img.width(), img.height()), (96, 32));
     let jpg = dir.path().join("out.jpg");
     let (ok, _, stderr) =
         scenecast(&["generate", "a harbour", "-o", jpg.to_str().unwrap(), "--sampler", "lcm", "--steps", "2"], &[]);

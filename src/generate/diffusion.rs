@@ -198,8 +198,13 @@ mod tests {
     }
 
     fn fixtures() -> Fixtures {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/generator/sampler.json");
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+        // The checkout cargo runs the test from: a build directory shared with another clone keeps
+        // a test binary whose compile-time `env!` names that clone.
+        let repo = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from);
+        let path = repo.join("models/generator/sampler.json");
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+            .unwrap()
     }
 
     fn close(a: &[f32], b: &[f32], tol: f32) {
