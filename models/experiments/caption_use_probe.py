@@ -41,6 +41,9 @@ def main() -> int:
     ap.add_argument("--scenes", type=int, default=3000)
     ap.add_argument("--background", choices=["trained", "grey"], default="trained")
     ap.add_argument("--kind", choices=["single", "mixed"], default="single", help="single objects, or the training mix")
+    ap.add_argument("--scale", type=float, nargs=2, metavar=("MIN", "MAX"),
+                    help="a single object's width as a fraction of the frame (default: the config's)")
+    ap.add_argument("--categories", type=int, help="only the first N categories (single objects)")
     ap.add_argument("--toy", action="store_true")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -50,6 +53,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg, scenes = tg.load_config(args.config)
+    if args.scale:
+        scenes["data"]["single_scale"] = list(args.scale)
     cfg["image"]["size"], cfg["image"]["unshuffle"] = args.size, args.size // 16
     r = cfg["image"]["unshuffle"]
     tokens = tg.Tokens(args.cache / "models" / "generator" / "clip-tokenizer.json", 77, tg.EOS)
@@ -61,6 +66,8 @@ def main() -> int:
         captions = [f"a {['cat', 'dog', 'car', 'cup'][k]}" for k in pick]
     else:
         comp = tg.Composer(cfg, scenes, args.cache / "models" / "photos", rng)
+        if args.categories:
+            comp.categories = comp.categories[:args.categories]
         if args.background == "grey":
             comp.background = lambda: Image.new("RGB", (tg.tp.SIZE, tg.tp.SIZE), (128, 128, 128))
         images, captions = np.zeros((args.scenes, args.size, args.size, 3), np.uint8), []
@@ -71,7 +78,8 @@ def main() -> int:
                 img, m = comp.pair(comp.train_pairs, "pair")
             images[i] = np.asarray(img.resize((args.size, args.size), Image.LANCZOS))
             captions.append(tg.captions_for(m, cfg, rng)[0])
-    log(f"{args.scenes} scenes ({'toy' if args.toy else args.background + ' background, ' + args.kind}), "
+    log(f"{args.scenes} scenes ({'toy' if args.toy else args.background + ' background, ' + args.kind}, "
+        f"object width {scenes['data']['single_scale']}, {len(comp.categories) if not args.toy else 4} categories), "
         f"{args.size} px, shift {args.shift}, lr {args.lr}")
     ids = torch.tensor([tokens.ids(c) for c in captions])
     empty = torch.tensor([tokens.ids("")])
