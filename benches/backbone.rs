@@ -36,6 +36,9 @@ use scenecast::onnx::OnnxRuntime;
 use scenecast::vision::ImageTokens;
 use scenecast::vision::Vision;
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 const PROMPT: &str =
     "<|im_start|>user\nWrite a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n";
 const N_GEN: usize = 96;
@@ -241,10 +244,7 @@ fn spread(ratios: &[f64]) -> String {
 /// scene prefix only (`llm.adapter_scope = "scene"`, as it was trained) and, to show what that
 /// scope costs, on the scene prefix and the question (`"prompt"`).
 fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
-    // The checkout cargo runs the bench from (`env!` would name the one it was built in).
-    let repo = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from);
-    let sources = repo.join("models/sources.toml");
+    let sources = common::repo().join("models/sources.toml");
     let sources: toml::Value = toml::from_str(&std::fs::read_to_string(sources).unwrap()).unwrap();
     let merge = sources["part"].as_array().unwrap().iter().find_map(|p| p.get("merge")).expect("a merge part");
     let cached =

@@ -194,7 +194,7 @@ impl GgufFile {
         use std::io::{Read, Seek, SeekFrom};
         let (ty, offset, n_rows, row_len, row_bytes) = self
             .tensor_layout(name)
-            .ok_or("is missing, or not a matrix of whole rows of the model's embedding width")?;
+            .ok_or("is missing, or its size is not a whole number of rows of its first dimension")?;
         if let Some(row) = rows.iter().find(|r| **r >= n_rows) {
             return Err(format!("has {n_rows} rows; row {row} was asked for"));
         }

@@ -34,7 +34,7 @@ def cached(cache: Path, entry: dict) -> str:
 
 
 class Peer:
-    def __init__(self, cache: Path, threads: int):
+    def __init__(self, cache: Path, threads: int, tensors: Path | None = None):
         m = tomllib.loads((REPO / "models" / "reference.toml").read_text())
         enc, proj, llm, chat = m["encoder"], m["projector"], m["llm"], m["llm"]["chat"]
         pre = enc["preprocess"]
@@ -68,7 +68,7 @@ class Peer:
             verbose=False,
         )
         self.ctx = self.llm.ctx
-        self.tensors: Path | None = None
+        self.tensors = tensors  # read scenecast's pre-processed tensors from here (--tensors)
         # The manifest's LoRA adapter, if any: on every token, or (`adapter_scope = "scene"`) only
         # while the chat prefix and the image tokens are decoded (also with `"questions"`, which
         # leaves the caption prompt to the base model), or (`"prompt"`) also while the caption
@@ -229,8 +229,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--tensors", type=Path, help="read the pre-processed tensors scenecast wrote here")
     args = ap.parse_args()
-    peer = Peer(args.cache, args.threads)
-    peer.tensors = args.tensors
+    peer = Peer(args.cache, args.threads, args.tensors)
     for path in args.images:
         result = peer.caption(path, args.question)
         print(json.dumps(result) if args.json else f"{path}: {result['text']}", flush=True)

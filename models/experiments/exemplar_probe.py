@@ -39,6 +39,55 @@ import train_projector as tp  # noqa: E402  (the same configuration, composer an
 from fetch import default_cache, log  # noqa: E402
 
 
+def framings(cfg: dict) -> dict[str, tuple[tuple[float, float], list[str]]]:
+    """Object width as a fraction of the frame, and the positions, of each framing."""
+    return {"tight": ((0.75, 0.95), ["centre"]), "scene": (tuple(cfg["data"]["single_scale"]), list(tp.POSITIONS))}
+
+
+def views(comp, rng: np.random.Generator, exemplars: dict[str, list[dict]], n: int,
+          framing: tuple[tuple[float, float], list[str]]) -> tuple[list, list[int]]:
+    """`n` scenes of each exemplar alone in the framing, and their category indices."""
+    scale, positions = framing
+    images, labels = [], []
+    for k, name in enumerate(comp.categories):
+        for p in exemplars.get(name, []):
+            for _ in range(n):
+                canvas = comp.background()
+                comp.paste(canvas, comp.cutout(p), positions[rng.integers(len(positions))], scale)
+                images.append(canvas)
+                labels.append(k)
+    return images, labels
+
+
+def read(train: np.ndarray, labels: list[int], test: np.ndarray, test_labels: list[int], n_categories: int,
+         seed: int) -> dict[str, float]:
+    """Share of the test views named right from one feature vector each by a linear classifier
+    trained on the training views, by the nearest class mean and by the nearest training view."""
+    import torch
+    # Centred on the training views' mean (DINOv2's tokens share a large common part, which would
+    # decide a nearest mean by the means' norms), then unit length.
+    centre = train.mean(axis=0)
+    unit = lambda f: torch.from_numpy((f - centre) / np.linalg.norm(f - centre, axis=1, keepdims=True))  # noqa: E731
+    x, xt, y, yt = unit(train), unit(test), torch.tensor(labels), torch.tensor(test_labels)
+    torch.manual_seed(seed)
+    probe = torch.nn.Linear(x.shape[1], n_categories)
+    opt = torch.optim.AdamW(probe.parameters(), 1e-2, weight_decay=1e-4)
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(probe(x) * 10.0, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        linear = (probe(xt).argmax(1) == yt).float().mean().item()
+        # Unit-length class means: a category of one exemplar has a tighter, longer mean, which
+        # would otherwise win every comparison.
+        centroids = torch.nn.functional.normalize(torch.stack(
+            [x[y == k].mean(0) if (y == k).any() else torch.zeros(x.shape[1]) for k in range(n_categories)]), dim=1)
+        nearest = ((xt @ centroids.T).argmax(1) == yt).float().mean().item()
+        one_nn = (y[(xt @ x.T).argmax(1)] == yt).float().mean().item()
+    return {"linear": linear, "nearest": nearest, "1-nn": one_nn}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v7.toml", help="training configuration")
@@ -47,59 +96,24 @@ def main() -> int:
     ap.add_argument("--test-views", type=int, default=3, help="views of each held-out exemplar per framing")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    import torch
 
     cfg = tp.load_config(args.config)
     rng = np.random.default_rng(cfg["seed"] + 7)
     comp = tp.Composer(cfg, args.cache / "models" / "photos", rng)
     categories = comp.categories
-    framings = {"tight": ((0.75, 0.95), ["centre"]), "scene": (tuple(cfg["data"]["single_scale"]), list(tp.POSITIONS))}
-
-    def views(exemplars: dict[str, list[dict]], n: int, framing: str) -> tuple[list, list[int]]:
-        scale, positions = framings[framing]
-        images, labels = [], []
-        for k, name in enumerate(categories):
-            for p in exemplars[name]:
-                for _ in range(n):
-                    canvas = comp.background()
-                    comp.paste(canvas, comp.cutout(p), positions[rng.integers(len(positions))], scale)
-                    images.append(canvas)
-                    labels.append(k)
-        return images, labels
-
     held = {n: ps for n, ps in comp.heldout_photos.items() if ps}
     log(f"crop probe: {len(categories)} categories, {sum(map(len, comp.train_photos.values()))} training exemplars, "
         f"{sum(map(len, held.values()))} held-out exemplars of {len(held)} categories")
     encoder = args.cache / "models" / cfg["model"]["encoder"]
     results = {}
-    for framing in framings:
+    for framing, frame in framings(cfg).items():
         data = {}
-        for split, exemplars, n in (("train", comp.train_photos, args.train_views),
-                                    ("test", {c: held.get(c, []) for c in categories}, args.test_views)):
-            images, labels = views(exemplars, n, framing)
+        for split, exemplars, n in (("train", comp.train_photos, args.train_views), ("test", held, args.test_views)):
+            images, labels = views(comp, rng, exemplars, n, frame)
             log(f"  {framing}: encoding {len(images)} {split} views")
             data[split] = (tp.encode(images, encoder, cfg["model"]["pool"], args.threads).mean(axis=1), labels)
-        # Centred on the training views' mean (DINOv2's patch tokens share a large common part, which
-        # would decide a nearest mean by the means' norms), then unit length.
-        centre = data["train"][0].mean(axis=0)
-        unit = lambda f: torch.from_numpy((f - centre) / np.linalg.norm(f - centre, axis=1, keepdims=True))  # noqa: E731
-        (x, y), (xt, yt) = [(unit(f), torch.tensor(labels)) for f, labels in (data["train"], data["test"])]
-        torch.manual_seed(cfg["seed"])
-        probe = torch.nn.Linear(x.shape[1], len(categories))
-        opt = torch.optim.AdamW(probe.parameters(), 1e-2, weight_decay=1e-4)
-        for _ in range(300):
-            loss = torch.nn.functional.cross_entropy(probe(x) * 10.0, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            linear = (probe(xt).argmax(1) == yt).float().mean().item()
-            # Unit-length class means: a category of one exemplar has a tighter, longer mean, which
-            # would otherwise win every comparison.
-            centroids = torch.nn.functional.normalize(torch.stack(
-                [x[y == k].mean(0) if (y == k).any() else torch.zeros(x.shape[1]) for k in range(len(categories))]), dim=1)
-            nearest = ((xt @ centroids.T).argmax(1) == yt).float().mean().item()
-        results[framing] = (linear, nearest, len(yt))
+        scores = read(*data["train"], *data["test"], len(categories), cfg["seed"])
+        results[framing] = (scores["linear"], scores["nearest"], len(data["test"][1]))
     print(f"\nHeld-out exemplars named right by the mean patch token of {cfg['model']['encoder']} "
           f"({args.config.name}; {args.train_views} views of each training exemplar, {args.test_views} of each held-out one):\n")
     print("| framing | views | linear classifier | nearest class mean |")
