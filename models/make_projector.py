@@ -70,7 +70,10 @@ def graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, n
     instead: each cell's maximum score per class, that maximum over the cell's 3 x 3 neighbourhood
     and (unless `frame` is false) over the whole frame are appended to the cell's features before
     the two layers (`w1` has `in + 3 * classes` rows, or `in + 2 * classes`), and `image_embeds` is
-    [cells, out]."""
+    [cells, out]. With `global` (keys `tokens`, `w1`, `b1`, `w2`, `b2`) as well, the last `tokens`
+    rows of `image_features` are the encoder's leading tokens (CLS) instead of cells: each, next to
+    the whole frame's maximum score per class, goes through two layers of its own and follows the
+    cells' tokens: `image_embeds` is [cells + tokens, out]."""
     if detections is not None and "cells" in detections:
         return fused_graph_from(w1, b1, w2, b2, name, producer, detections)
     in_width, out_width = w1.shape[0], w2.shape[1]
@@ -140,9 +143,19 @@ def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndar
     x, scores = "image_features", detections["input"]
     anchors, classes = detections["shape"]
     frame = detections.get("frame", True)
+    whole = detections.get("global")
+    g = whole["tokens"] if whole else 0
     inputs = [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n_tokens", w1.shape[0] - (3 if frame else 2) * classes]),
               helper.make_tensor_value_info(scores, TensorProto.FLOAT, [1, anchors, classes])]
-    nodes = [
+    nodes = []
+    if whole:
+        # The cells' rows, then the global rows: [cells + g, in] -> [cells, in], [g, in].
+        inits += [numpy_helper.from_array(np.array([n_cells, g], np.int64), "split_rows")]
+        inits += [numpy_helper.from_array(np.ascontiguousarray(whole[k], dtype=np.float32), f"glob_{k}") for k in ("w1", "b1", "w2", "b2")]
+        inits += [numpy_helper.from_array(np.array([g, classes], np.int64), "glob_shape")]
+        nodes.append(helper.make_node("Split", [x, "split_rows"], ["cell_features", "global_features"], axis=0))
+        x = "cell_features"
+    nodes += [
         # [1, anchors, classes] -> the anchors of each cell [1, cells * k, classes] -> [cells, classes]
         helper.make_node("Gather", [scores, "det_cells"], ["det_gathered"], axis=1),
         helper.make_node("Reshape", ["det_gathered", "det_by_cell"], ["det_by_k"]),
@@ -162,8 +175,19 @@ def fused_graph_from(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndar
             helper.make_node("Add", ["det_zero", "det_frame1"], ["det_frame"]),
         ]
     nodes.append(helper.make_node("Concat", [x, "det_cell", "det_near"] + (["det_frame"] if frame else []), ["fused"], axis=1))
-    nodes += mlp_nodes("fused", "image_embeds", "")
-    return finish(nodes, name, producer, inputs, [n_cells, out_width], inits)
+    if not whole:
+        nodes += mlp_nodes("fused", "image_embeds", "")
+        return finish(nodes, name, producer, inputs, [n_cells, out_width], inits)
+    nodes += mlp_nodes("fused", "cell_embeds", "")
+    nodes += [
+        # The whole frame's maximum per class, next to each global token: [1, classes] -> [g, classes].
+        helper.make_node("ReduceMax", ["det_cell"], ["glob_frame1"], axes=[0], keepdims=1),
+        helper.make_node("Expand", ["glob_frame1", "glob_shape"], ["glob_frame"]),
+        helper.make_node("Concat", ["global_features", "glob_frame"], ["glob_in"], axis=1),
+    ]
+    nodes += mlp_nodes("glob_in", "global_embeds", "glob_")
+    nodes.append(helper.make_node("Concat", ["cell_embeds", "global_embeds"], ["image_embeds"], axis=0))
+    return finish(nodes, name, producer, inputs, [n_cells + g, out_width], inits)
 
 
 def path_for(root: Path, out_width: int) -> Path:

@@ -503,8 +503,10 @@ def cell_labels(metas: list[dict], categories: list[str], pool: list[int]) -> tu
 # Features
 
 
-def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: int) -> np.ndarray:
-    """Frozen encoder features, average-pooled like scenecast's projector.rs: [n, pool_h * pool_w, width]."""
+def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: int, keep: int = 0) -> np.ndarray:
+    """Frozen encoder features, average-pooled like scenecast's projector.rs: [n, pool_h * pool_w, width],
+    followed, with `keep`, by the encoder's first `keep` leading tokens (CLS) as they are:
+    [n, pool_h * pool_w + keep, width], the rows a projector with `global_tokens` reads."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -516,13 +518,17 @@ def encode(images: list[Image.Image], encoder: Path, pool: list[int], threads: i
     for i in range(0, len(images), 16):
         batch = np.stack([(np.asarray(im, np.float32) / 255.0 - MEAN) / STD for im in images[i:i + 16]])
         # Drop the leading tokens (CLS), then pool the patch grid as the manifest says.
-        tokens = sess.run([out], {inp: batch.transpose(0, 3, 1, 2).copy()})[0][:, FACTS.prefix_tokens:]
+        full = sess.run([out], {inp: batch.transpose(0, 3, 1, 2).copy()})[0]
+        tokens = full[:, FACTS.prefix_tokens:]
         n, _, width = tokens.shape
         gh, gw = FACTS.patch_grid
         grid = tokens.reshape(n, gh, gw, width)
         ph, pw = pool
         pooled = grid.reshape(n, ph, gh // ph, pw, gw // pw, width).mean(axis=(2, 4))
-        feats.append(pooled.reshape(n, ph * pw, width).astype(np.float32))
+        rows = pooled.reshape(n, ph * pw, width)
+        if keep:
+            rows = np.concatenate([rows, full[:, :keep]], axis=1)
+        feats.append(rows.astype(np.float32))
         done = min(i + 16, len(images))
         if done % 320 == 0 or done == len(images):
             rate = done / (time.monotonic() - start)
@@ -626,7 +632,9 @@ def detect(images: list[Image.Image], cache: Path, det, regions: int | None, thr
 
 def data_paths(cfg: dict, work: Path, user_data: Path | None) -> tuple[Path, Path]:
     """Where the features and scene descriptions of this data configuration are cached."""
-    key = hashlib.sha256(json.dumps([DATA_VERSION, cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], cfg["model"],
+    # The global tokens are cached next to the patch features (`global_rows`), under the same key.
+    model = {k: v for k, v in cfg["model"].items() if k != "global_tokens"}
+    key = hashlib.sha256(json.dumps([DATA_VERSION, cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], model,
                                      str(user_data)] + ([cfg["cifar10"]] if "cifar10" in cfg else []),
                                     sort_keys=True).encode()).hexdigest()[:16]
     return work / f"features-{key}.npy", work / f"meta-{key}.json"
@@ -661,19 +669,9 @@ def compose_training(cfg: dict, photos: Path) -> tuple["Composer", list[Image.Im
     return comp, images, metas
 
 
-def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
-    """Patch features [n, tokens, width], detector scores per strip [n, regions, classes] or, with
-    `[detector] cells`, per pooled grid cell [n, tokens, classes] (None without `[detector]` in the
-    training configuration) and scene descriptions, cached."""
-    feats_path, meta_path = data_paths(cfg, work, user_data)
-    regions = cfg.get("detector", {}).get("regions")
-    cells = cfg.get("detector", {}).get("cells", False)
-    dets_path = feats_path.with_name(feats_path.name.replace("features-", "detcells-" if cells else f"detections{regions}-"))
-    have_feats = feats_path.is_file() and meta_path.is_file()
-    if have_feats and (not (regions or cells) or dets_path.is_file()):
-        log(f"[2/4] features cached: {feats_path}")
-        dets = np.load(dets_path).astype(np.float32) if regions or cells else None
-        return np.load(feats_path), dets, json.loads(meta_path.read_text())
+def scenes(cfg: dict, cache: Path, user_data: Path | None) -> tuple[list[Image.Image], list[dict]]:
+    """Every image the features are computed from, in order, with its description: the training
+    scenes, the user's photos (8 jittered views each) and the held-out pairs of the grounding check."""
     photos = cache / "models" / "photos"
     comp, images, metas = compose_training(cfg, photos)
     if user_data:
@@ -693,25 +691,68 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     check = Composer(cfg, photos, np.random.default_rng(cfg["seed"] + 3))
     for _ in range(cfg["data"]["eval_pairs"]):
         im, m = check.pair(check.heldout_pairs, "check"); images.append(im); metas.append(m)  # noqa: E702
+    return images, metas
+
+
+def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
+    """Patch features [n, tokens, width] (with `[model] global_tokens`, the encoder's leading
+    tokens after them), detector scores per strip [n, regions, classes] or, with `[detector]
+    cells`, per pooled grid cell [n, tokens, classes] (None without `[detector]` in the training
+    configuration) and scene descriptions, cached."""
+    feats_path, meta_path = data_paths(cfg, work, user_data)
+    regions = cfg.get("detector", {}).get("regions")
+    cells = cfg.get("detector", {}).get("cells", False)
+    dets_path = feats_path.with_name(feats_path.name.replace("features-", "detcells-" if cells else f"detections{regions}-"))
+    keep = int(cfg["model"].get("global_tokens", 0))
+    global_path = feats_path.with_name(feats_path.name.replace("features-", f"global{keep}-"))
+    if keep > FACTS.prefix_tokens:
+        raise SystemExit(f"error: model.global_tokens is {keep}, but the encoder has {FACTS.prefix_tokens} leading "
+                         f"token(s) before its patch grid (encoder.prefix_tokens); expected at most that")
+    have_feats = feats_path.is_file() and meta_path.is_file()
+    have_global = not keep or global_path.is_file()
+    if have_feats and have_global and (not (regions or cells) or dets_path.is_file()):
+        log(f"[2/4] features cached: {feats_path}")
+        dets = np.load(dets_path).astype(np.float32) if regions or cells else None
+        return with_global(np.load(feats_path), global_path, keep), dets, json.loads(meta_path.read_text())
+    images, metas = scenes(cfg, cache, user_data)
     write_eval(cfg, cache, work)
+    encoder = cache / "models" / cfg["model"]["encoder"]
     if have_feats:
         feats = np.load(feats_path)
         if len(feats) != len(images):
             raise SystemExit(f"error: {feats_path} has {len(feats)} images, the configuration composes {len(images)}; delete it")
         log(f"[2/4] features cached: {feats_path}")
+        if not have_global:
+            log(f"[2/4] encoding {len(images)} images again for the encoder's {keep} leading token(s)")
+            np.save(global_path, encode(images, encoder, cfg["model"]["pool"], cfg["train"]["threads"], keep)[:, -keep:])
     else:
         log(f"[2/4] encoding {len(images)} images with the frozen encoder")
-        feats = encode(images, cache / "models" / cfg["model"]["encoder"], cfg["model"]["pool"], cfg["train"]["threads"])
+        both = encode(images, encoder, cfg["model"]["pool"], cfg["train"]["threads"], keep)
+        feats = both[:, :both.shape[1] - keep]
         np.save(feats_path, feats)
+        if keep:
+            np.save(global_path, both[:, -keep:])
         meta_path.write_text(json.dumps(metas))
     dets = None
-    if regions or cells:
+    if (regions or cells) and dets_path.is_file() and have_feats:
+        dets = np.load(dets_path).astype(np.float32)
+    elif regions or cells:
         det = cfg["detector"]["facts"]
         log(f"[2/4] detecting in {len(images)} images with the frozen detector ({det.file})")
         dets = detect(images, cache, det, regions, cfg["train"]["threads"], cfg["model"]["pool"] if cells else None)
         np.save(dets_path, dets)
         dets = dets.astype(np.float32)
-    return feats, dets, metas
+    return with_global(feats, global_path, keep), dets, metas
+
+
+def with_global(feats: np.ndarray, path: Path, keep: int) -> np.ndarray:
+    """The patch features with the cached global tokens (`path`, [n, keep, width]) after them."""
+    if not keep:
+        return feats
+    rows = np.load(path)
+    if rows.shape[0] != feats.shape[0] or rows.shape[1] != keep:
+        raise SystemExit(f"error: {path} holds {rows.shape[:2]} global tokens, expected ({feats.shape[0]}, {keep}); delete it")
+    return np.concatenate([feats, rows], axis=1)
 
 
 def write_eval(cfg: dict, cache: Path, work: Path) -> None:
@@ -918,6 +959,22 @@ def export_adapter(cfg: dict, adapted: dict, model_config, dest: Path) -> None:
     writer.close()
 
 
+def global_targets(metas: list[dict], categories: list[str]) -> np.ndarray:
+    """For every scene, what a global image token (the whole frame's) should point at: [n,
+    len(categories) + 1], the known categories shown, equally (a pair: half each), or the last
+    column, background, when none is; all zeros (no target) for the user's own photos."""
+    out = np.zeros((len(metas), len(categories) + 1), np.float32)
+    for n, meta in enumerate(metas):
+        if meta["kind"] == "user":
+            continue
+        shown = sorted({categories.index(o["name"]) for o in meta["objects"]})
+        if shown:
+            out[n, shown] = 1.0 / len(shown)
+        else:
+            out[n, -1] = 1.0
+    return out
+
+
 def strip_labels(metas: list[dict], categories: list[str], regions: int) -> np.ndarray:
     """For every scene and vertical strip (left to right, as the detection tokens): the index of the
     known category whose box covers at least half of the strip's width or has its centre in it (a
@@ -975,14 +1032,19 @@ def fuse_detections(feats, dets, grid: list[int], frame: bool):
 
 
 def make_projector(width: int, hidden: int, classes: int, regions: int, grid: list[int] | None = None,
-                   frame: bool = True):
+                   frame: bool = True, global_tokens: int = 0):
     """The projector: two layers over each pooled patch token, and, with `regions`, two layers over
     each vertical strip's detector class scores plus a learned embedding of the strip, whose
     `regions` tokens follow the patch tokens. With `grid` (`[detector] cells`), the detector's
     scores are fused into the patch tokens instead: each cell's two layers read its patch features
     next to the detector's scores in the cell, their maximum over the cell's 3 x 3 neighbourhood
     and (with `frame`) over the whole frame, and no token is added (make_projector.graph_from
-    writes the same graph)."""
+    writes the same graph).
+
+    With `global_tokens`, the last that many rows of the input are the encoder's leading tokens
+    (CLS), not patch cells: each goes through two layers of its own, reading it next to the whole
+    frame's maximum detector score per class (with `grid`), and becomes an image token after the
+    cells' (a view of the whole image, which reads new exemplars better than the pooled patches)."""
     import torch
 
     class Projector(torch.nn.Module):
@@ -996,8 +1058,20 @@ def make_projector(width: int, hidden: int, classes: int, regions: int, grid: li
                 self.detections = torch.nn.Sequential(torch.nn.Linear(classes, hidden), torch.nn.GELU(),
                                                       torch.nn.Linear(hidden, hidden))
                 self.place = torch.nn.Parameter(torch.zeros(regions, hidden))
+            self.global_tokens = global_tokens
+            if global_tokens:
+                self.whole = torch.nn.Sequential(torch.nn.Linear(width + (classes if grid else 0), hidden), torch.nn.GELU(),
+                                                 torch.nn.Linear(hidden, hidden))
 
         def forward(self, feats, dets=None):
+            if self.global_tokens:
+                g = self.global_tokens
+                cells, whole = feats[:, :-g], feats[:, -g:]
+                if self.grid:
+                    frame_max = dets.max(dim=1, keepdim=True).values.expand(-1, g, -1)
+                    whole = torch.cat([whole, frame_max], dim=-1)
+                    return torch.cat([self.patches(fuse_detections(cells, dets, grid, frame)), self.whole(whole)], dim=-2)
+                return torch.cat([self.patches(cells), self.whole(whole)], dim=-2)
             if self.grid:
                 return self.patches(fuse_detections(feats, dets, grid, frame))
             tokens = self.patches(feats)
@@ -1025,8 +1099,13 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
 
     cells = cfg.get("detector", {}).get("cells", False)
     regions = 0 if dets is None or cells else dets.shape[1]
+    m = cfg["model"]
     proj = make_projector(feats.shape[2], hidden, 0 if dets is None else dets.shape[2], regions,
-                          cfg["model"]["pool"] if cells else None, cfg.get("detector", {}).get("frame", True))
+                          cfg["model"]["pool"] if cells else None, cfg.get("detector", {}).get("frame", True),
+                          int(m.get("global_tokens", 0)))
+    if proj.global_tokens and not (cells and dets is not None):
+        raise SystemExit("error: model.global_tokens needs the detector fused into the cells ([detector] cells = true); "
+                         "the exported graph reads the whole frame's detector scores next to the global tokens")
     opt = torch.optim.AdamW(proj.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
 
     def lr_at(step: int) -> float:
@@ -1039,7 +1118,6 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
     def ids(text: str) -> tuple[int, ...]:
         return tuple(tok(text, add_special_tokens=False).input_ids)
 
-    m = cfg["model"]
     prefix = torch.tensor(ids(m["prefix"]))
     general = general_answers(cfg, model, tok, ids)  # the frozen LLM's own answers, before any adapter
     adapter = cfg.get("adapter")
@@ -1096,12 +1174,19 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             return logits.sum() * 0.0
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1)[keep])
 
+    # A global token (the whole frame's) points at every known object shown, or at background.
+    wholes = torch.from_numpy(global_targets(metas, categories))
+
     def grounding(img, idx):
         unit = torch.nn.functional.normalize(img, dim=-1)
         lab = cells[idx]
-        cos = unit @ names.T * t["aux_scale"]
-        logits = torch.cat([cos, background.expand(*cos.shape[:2], 1)], dim=-1)
+        logits = torch.cat([unit @ names.T * t["aux_scale"], background.expand(*unit.shape[:2], 1)], dim=-1)
+        whole, logits, unit = logits[:, lab.shape[1]:], logits[:, :lab.shape[1]], unit[:, :lab.shape[1]]
         loss = labelled_ce(logits, lab)
+        if whole.shape[1]:
+            target = wholes[idx][:, None, :].expand(-1, whole.shape[1], -1)
+            per_token = -(target * torch.log_softmax(whole, dim=-1)).sum(-1)
+            loss = loss + (per_token * (target.sum(-1) > 0)).sum() / (target.sum(-1) > 0).sum().clamp(min=1)
         if t.get("aux_position", 0.0) > 0:
             loss = loss + t["aux_position"] * labelled_ce(unit @ places.T * t["aux_scale"], wheres[idx])
         known = lab != -100
@@ -1274,6 +1359,10 @@ def export(cfg: dict, proj, feats: np.ndarray, dets: np.ndarray | None, dest: Pa
         detections = {"input": cfg["detector"]["input"], "cells": cell_anchors(facts, cfg["model"]["pool"]),
                       "grid": cfg["model"]["pool"], "shape": [anchor_count(facts), dets.shape[2]],
                       "frame": cfg["detector"].get("frame", True)}
+        if proj.global_tokens:
+            w = proj.whole
+            detections["global"] = {"tokens": proj.global_tokens, "w1": w[0].weight.detach().numpy().T, "b1": w[0].bias.detach().numpy(),
+                                    "w2": w[2].weight.detach().numpy().T, "b2": w[2].bias.detach().numpy()}
     elif dets is not None:
         d = proj.detections
         mask = region_mask(cfg["detector"]["facts"], dets.shape[1])
@@ -1362,14 +1451,14 @@ def main() -> int:
                    .detach().numpy(), axis=-1).mean())}
     dest.with_suffix(".train.json").write_text(json.dumps(summary, indent=1) + "\n")
     config = write_candidate(dest, adapter_path(dest) if adapted else None, work, cfg["model"]["llm"], cfg.get("detector"),
-                             adapter_scope(cfg))
+                             adapter_scope(cfg), int(cfg["model"].get("global_tokens", 0)))
     log(f"done in {summary['total_seconds'] / 60:.1f} min; evaluate the new projector with: "
         f"scenecast --config {config} eval {work / 'eval' / 'eval.json'}   (or `make eval`)")
     return 0
 
 
 def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str, detector: dict | None = None,
-                    scope: str = "all") -> Path:
+                    scope: str = "all", global_tokens: int = 0) -> Path:
     """A manifest and a config that use the freshly trained projector (and adapter) in place of the
     shipped ones, so `scenecast eval` and `make eval` can judge a run before it is shipped: the
     LLM is the one trained on (`llm`, in the cache), with the new adapter unmerged (on the scene
@@ -1382,10 +1471,12 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
     if section:
         # The projector's wiring to the detector is the trained projector's, not the reference's.
         kept = "".join(line for line in section.group(0).splitlines(keepends=True)
-                       if not line.startswith(("detections_input", "detection_tokens")))
+                       if not line.startswith(("detections_input", "detection_tokens", "global_tokens")))
         if detector:
             kept = kept.rstrip("\n") + (f'\ndetections_input = "{detector["input"]}"\n'
                                        f'detection_tokens = {detector.get("regions", 0)}\n\n')
+        if global_tokens:
+            kept = kept.rstrip("\n") + f"\nglobal_tokens = {global_tokens}\n\n"
         text = text.replace(section.group(0), kept)
     # The caption check's threshold is the shipped projector's; a new one is calibrated on its own
     # scenes (`make eval` runs `scenecast calibrate --write` on the candidate).

@@ -207,6 +207,11 @@ pub struct ProjectorSpec {
     /// when it fuses them into the patch tokens (each cell's token reads the scores in its cell).
     #[serde(default)]
     pub detection_tokens: usize,
+    /// The encoder's leading tokens (CLS, `encoder.prefix_tokens`) the projector reads as they
+    /// are, after the pooled patch cells: each becomes an image token of the whole frame, after
+    /// the cells' (and any detection tokens). 0: the leading tokens are dropped.
+    #[serde(default)]
+    pub global_tokens: usize,
 }
 
 /// How a conversation is laid out around the image tokens: either written out (`prefix` and
@@ -567,6 +572,16 @@ impl Manifest {
                         format!("{pool_rows}x{pool_cols} must evenly divide the patch grid {rows}x{cols}"),
                     ));
                 }
+                if proj.global_tokens > enc.prefix_tokens {
+                    return Err(self.invalid(
+                        "projector.global_tokens",
+                        format!(
+                            "{} leading tokens asked for, but the encoder has {} before its patch grid \
+                             (encoder.prefix_tokens); expected at most that",
+                            proj.global_tokens, enc.prefix_tokens
+                        ),
+                    ));
+                }
                 if enc.output_shape[2] != proj.in_width as i64 {
                     return Err(self.invalid(
                         "projector.in_width",
@@ -755,7 +770,7 @@ impl Manifest {
     /// The number of image tokens one frame costs.
     pub fn n_image_tokens(&self) -> usize {
         match &self.projector {
-            Some(p) => p.pool[0] * p.pool[1] + p.detection_tokens,
+            Some(p) => p.pool[0] * p.pool[1] + p.detection_tokens + p.global_tokens,
             None => self.encoder.patch_grid[0] * self.encoder.patch_grid[1],
         }
     }
@@ -911,6 +926,11 @@ mod tests {
         // Each case: an edit of the reference manifest and a fragment the error must contain.
         let cases: &[(&str, &str, &str)] = &[
             ("pool = [8, 8]", "pool = [5, 5]", "`projector.pool`: 5x5 must evenly divide the patch grid 16x16"),
+            (
+                "pool = [8, 8]",
+                "pool = [8, 8]\nglobal_tokens = 2",
+                "`projector.global_tokens`: 2 leading tokens asked for, but the encoder has 1",
+            ),
             ("out_width = 576", "out_width = 640", "`projector.out_width`: 640 differs from llm.n_embd 576"),
             (
                 "in_width = 384",
@@ -974,6 +994,9 @@ mod tests {
         let fused = NANODET_MANIFEST.replace("detection_tokens = 3", "detection_tokens = 0");
         let m = Manifest::parse(&fused, "test.toml", Path::new("/m")).unwrap();
         assert_eq!(m.n_image_tokens(), 64, "the detections fused into the 8 x 8 patch tokens");
+        let global = fused.replace("detection_tokens = 0", "detection_tokens = 0\nglobal_tokens = 1");
+        let m = Manifest::parse(&global, "test.toml", Path::new("/m")).unwrap();
+        assert_eq!(m.n_image_tokens(), 64 + 1, "the cells and the CLS token");
         // A projector that reads detections without a detector.
         let start = NANODET_MANIFEST.find("\n[detector]\n").unwrap();
         let end = NANODET_MANIFEST.find("\n[llm]\n").unwrap();

@@ -43,6 +43,13 @@ pub fn pool_patches(features: &PatchFeatures, prefix: usize, grid: [usize; 2], p
     }
 }
 
+/// Appends the first `count` leading (non-patch) tokens of `features` (CLS) to `out`, as they are.
+pub fn append_leading(features: &PatchFeatures, count: usize, out: &mut Vec<f32>) {
+    for token in 0..count {
+        out.extend_from_slice(features.token(token));
+    }
+}
+
 /// The projector session and its pooling buffer.
 pub struct Projector {
     session: OnnxSession,
@@ -116,8 +123,9 @@ impl Projector {
     ) -> Result<f64, VisionError> {
         let start = Instant::now();
         pool_patches(features, self.prefix, self.grid, self.spec.pool, &mut self.pooled);
+        append_leading(features, self.spec.global_tokens, &mut self.pooled);
         let patches = self.spec.pool[0] * self.spec.pool[1];
-        let feature_shape = [patches, self.spec.in_width];
+        let feature_shape = [patches + self.spec.global_tokens, self.spec.in_width];
         let features = (self.spec.input.as_str(), feature_shape.as_slice(), Input::F32(&self.pooled));
         let shape = match (&self.spec.detections_input, detections) {
             (Some(name), Some((scores, shape))) => self.session.run(
@@ -127,11 +135,12 @@ impl Projector {
             )?,
             _ => self.session.run(&[features], &self.spec.output, &mut out.data)?,
         };
-        let n_tokens = patches + self.spec.detection_tokens;
+        let n_tokens = patches + self.spec.detection_tokens + self.spec.global_tokens;
         if shape != [n_tokens, self.spec.out_width] {
             return Err(VisionError::OutputShape {
                 file: self.session.file().to_owned(),
-                manifest: "projector.pool / projector.detection_tokens / projector.out_width".into(),
+                manifest: "projector.pool / projector.detection_tokens / projector.global_tokens / projector.out_width"
+                    .into(),
                 expected: vec![n_tokens, self.spec.out_width],
                 actual: shape,
             });
@@ -171,5 +180,18 @@ mod tests {
         pool_patches(&features, 1, [4, 4], [4, 4], &mut out);
         assert_eq!(out.len(), 16 * 2);
         assert_eq!(&out[..2], &[0.0, -0.0]);
+    }
+
+    #[test]
+    fn global_tokens_follow_the_cells_unpooled() {
+        // 1 prefix token (CLS: 1000, 2000) + a 2x2 grid pooled to one cell.
+        let data = vec![1000.0, 2000.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let features = PatchFeatures { n_tokens: 5, width: 2, data };
+        let mut out = Vec::new();
+        pool_patches(&features, 1, [2, 2], [1, 1], &mut out);
+        append_leading(&features, 1, &mut out);
+        assert_eq!(out, [4.0, 5.0, 1000.0, 2000.0], "the cell's mean, then CLS as it is");
+        append_leading(&features, 0, &mut out);
+        assert_eq!(out.len(), 4, "no global tokens: nothing appended");
     }
 }
