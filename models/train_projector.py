@@ -959,15 +959,18 @@ def export_adapter(cfg: dict, adapted: dict, model_config, dest: Path) -> None:
     writer.close()
 
 
-def global_targets(metas: list[dict], categories: list[str]) -> np.ndarray:
+def global_targets(metas: list[dict], categories: list[str], pairs: bool = True) -> np.ndarray:
     """For every scene, what a global image token (the whole frame's) should point at: [n,
     len(categories) + 1], the known categories shown, equally (a pair: half each), or the last
-    column, background, when none is; all zeros (no target) for the user's own photos."""
+    column, background, when none is; all zeros (no target) for the user's own photos and, without
+    `pairs`, for scenes of two or more known categories."""
     out = np.zeros((len(metas), len(categories) + 1), np.float32)
     for n, meta in enumerate(metas):
         if meta["kind"] == "user":
             continue
         shown = sorted({categories.index(o["name"]) for o in meta["objects"]})
+        if len(shown) > 1 and not pairs:
+            continue
         if shown:
             out[n, shown] = 1.0 / len(shown)
         else:
@@ -1175,7 +1178,8 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1])[keep], labels.reshape(-1)[keep])
 
     # A global token (the whole frame's) points at every known object shown, or at background.
-    wholes = torch.from_numpy(global_targets(metas, categories))
+    # With `[train] global_pairs = false`, not in scenes of two known categories (a blend of both).
+    wholes = torch.from_numpy(global_targets(metas, categories, t.get("global_pairs", True)))
 
     def grounding(img, idx):
         unit = torch.nn.functional.normalize(img, dim=-1)
