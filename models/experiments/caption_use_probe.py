@@ -13,6 +13,8 @@ caption has the first clearly below the second.
     python models/experiments/caption_use_probe.py --toy                   # the caption decides the colour
 
 `--toy` is the wiring check: four captions, each a solid colour; the model must learn it in ~100 steps.
+`--box-weight W` weighs the loss inside the objects' boxes 1 + W times the background's (the caption
+only decides those pixels).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--shift", type=float, default=1.0)
+    ap.add_argument("--box-weight", type=float, default=0.0,
+                    help="the loss weighs the objects' boxes 1 + this much more than the background")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -59,6 +63,8 @@ def main() -> int:
     r = cfg["image"]["unshuffle"]
     tokens = tg.Tokens(args.cache / "models" / "generator" / "clip-tokenizer.json", 77, tg.EOS)
     rng = np.random.default_rng(1)
+    cells = args.size // r
+    boxes = np.zeros((args.scenes, cells, cells), np.float32)  # the objects' boxes on the latent grid
     if args.toy:
         colours = np.array([[255, 0, 0], [0, 0, 255], [0, 255, 0], [255, 255, 0]], np.uint8)
         pick = rng.integers(0, 4, args.scenes)
@@ -77,10 +83,13 @@ def main() -> int:
             else:
                 img, m = comp.pair(comp.train_pairs, "pair")
             images[i] = np.asarray(img.resize((args.size, args.size), Image.LANCZOS))
+            for o in m["objects"]:
+                x0, y0, x1, y1 = (round(v * cells) for v in o["box"])
+                boxes[i, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1.0
             captions.append(tg.captions_for(m, cfg, rng)[0])
     log(f"{args.scenes} scenes ({'toy' if args.toy else args.background + ' background, ' + args.kind}, "
         f"object width {scenes['data']['single_scale']}, {len(comp.categories) if not args.toy else 4} categories), "
-        f"{args.size} px, shift {args.shift}, lr {args.lr}")
+        f"{args.size} px, shift {args.shift}, lr {args.lr}, box weight {args.box_weight}")
     ids = torch.tensor([tokens.ids(c) for c in captions])
     empty = torch.tensor([tokens.ids("")])
     model = tg.Model(cfg, tg.Tokens.remap(set(ids.flatten().tolist()) | set(empty.flatten().tolist())))
@@ -96,7 +105,8 @@ def main() -> int:
         n = torch.randn_like(x)
         z = (1 - s)[:, None, None, None] * x + s[:, None, None, None] * n
         cond = torch.where((torch.rand(32) < 0.1)[:, None], empty.expand(32, -1), ids[k])
-        loss = F.mse_loss(tg.velocity(model, z, s, model.text(cond)), n - x)
+        weight = 1.0 + args.box_weight * torch.from_numpy(boxes)[k][:, None]
+        loss = (weight * (tg.velocity(model, z, s, model.text(cond)) - (n - x)) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
