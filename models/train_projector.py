@@ -632,7 +632,7 @@ def detect(images: list[Image.Image], cache: Path, det, regions: int | None, thr
 
 def data_paths(cfg: dict, work: Path, user_data: Path | None) -> tuple[Path, Path]:
     """Where the features and scene descriptions of this data configuration are cached."""
-    # The global tokens are cached next to the patch features (`global_rows`), under the same key.
+    # The global tokens are cached next to the patch features (`global<n>-<key>.npy`), under the same key.
     model = {k: v for k, v in cfg["model"].items() if k != "global_tokens"}
     key = hashlib.sha256(json.dumps([DATA_VERSION, cfg["seed"], cfg["data"], cfg["category"], cfg["sets"], model,
                                      str(user_data)] + ([cfg["cifar10"]] if "cifar10" in cfg else []),
@@ -1044,11 +1044,15 @@ def make_projector(width: int, hidden: int, classes: int, regions: int, grid: li
     and (with `frame`) over the whole frame, and no token is added (make_projector.graph_from
     writes the same graph).
 
-    With `global_tokens`, the last that many rows of the input are the encoder's leading tokens
-    (CLS), not patch cells: each goes through two layers of its own, reading it next to the whole
-    frame's maximum detector score per class (with `grid`), and becomes an image token after the
+    With `global_tokens` (only with `grid`), the last that many rows of the input are the encoder's
+    leading tokens (CLS), not patch cells: each goes through two layers of its own, reading it next
+    to the whole frame's maximum detector score per class, and becomes an image token after the
     cells' (a view of the whole image, which reads new exemplars better than the pooled patches)."""
     import torch
+
+    if global_tokens and not grid:
+        raise SystemExit("error: model.global_tokens needs the detector fused into the cells ([detector] cells = true); "
+                         "the global tokens read the whole frame's detector scores")
 
     class Projector(torch.nn.Module):
         def __init__(self):
@@ -1063,18 +1067,16 @@ def make_projector(width: int, hidden: int, classes: int, regions: int, grid: li
                 self.place = torch.nn.Parameter(torch.zeros(regions, hidden))
             self.global_tokens = global_tokens
             if global_tokens:
-                self.whole = torch.nn.Sequential(torch.nn.Linear(width + (classes if grid else 0), hidden), torch.nn.GELU(),
+                self.whole = torch.nn.Sequential(torch.nn.Linear(width + classes, hidden), torch.nn.GELU(),
                                                  torch.nn.Linear(hidden, hidden))
 
         def forward(self, feats, dets=None):
             if self.global_tokens:
                 g = self.global_tokens
                 cells, whole = feats[:, :-g], feats[:, -g:]
-                if self.grid:
-                    frame_max = dets.max(dim=1, keepdim=True).values.expand(-1, g, -1)
-                    whole = torch.cat([whole, frame_max], dim=-1)
-                    return torch.cat([self.patches(fuse_detections(cells, dets, grid, frame)), self.whole(whole)], dim=-2)
-                return torch.cat([self.patches(cells), self.whole(whole)], dim=-2)
+                frame_max = dets.max(dim=1, keepdim=True).values.expand(-1, g, -1)
+                whole = torch.cat([whole, frame_max], dim=-1)
+                return torch.cat([self.patches(fuse_detections(cells, dets, grid, frame)), self.whole(whole)], dim=-2)
             if self.grid:
                 return self.patches(fuse_detections(feats, dets, grid, frame))
             tokens = self.patches(feats)
@@ -1106,9 +1108,6 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
     proj = make_projector(feats.shape[2], hidden, 0 if dets is None else dets.shape[2], regions,
                           cfg["model"]["pool"] if cells else None, cfg.get("detector", {}).get("frame", True),
                           int(m.get("global_tokens", 0)))
-    if proj.global_tokens and not (cells and dets is not None):
-        raise SystemExit("error: model.global_tokens needs the detector fused into the cells ([detector] cells = true); "
-                         "the exported graph reads the whole frame's detector scores next to the global tokens")
     opt = torch.optim.AdamW(proj.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
 
     def lr_at(step: int) -> float:
