@@ -224,3 +224,61 @@ fn without_weight_prepacking_the_image_tokens_are_the_same() {
     assert_eq!(tokens[0].n_tokens, tokens[1].n_tokens);
     assert!(diff < 1e-3, "image tokens differ by {diff}");
 }
+
+#[test]
+fn a_global_token_projector_reads_the_cls_token_after_the_pooled_cells() {
+    // tests/fixtures/projector-global.onnx (models/make_fixtures.py) has the reference's fused
+    // layout with `global_tokens = 1` and readable weights: each cell's token is GELU of the first
+    // 8 values of the cell's pooled features in dims 0..8, the global token GELU of the first 8
+    // values of the encoder's CLS token in dims 8..16. Through the runtime, 65 tokens come out and
+    // each holds what the manifest says it reads: a runtime that fed a pooled cell, a patch token
+    // or nothing in the CLS token's place would fail here.
+    let fixture = common::repo().join("tests/fixtures/projector-global.onnx");
+    let reference = scenecast::manifest::REFERENCE_MANIFEST;
+    let line = reference.lines().find(|l| l.starts_with("file = { cache = \"projector/")).unwrap();
+    let text = reference
+        .replace(line, &format!("file = {{ path = \"{}\" }}", fixture.display()))
+        .replace("detection_tokens = 0", "detection_tokens = 0\nglobal_tokens = 1");
+    let m = scenecast::manifest::Manifest::parse(&text, "global.toml", std::path::Path::new(".")).unwrap();
+    assert_eq!(m.n_image_tokens(), 65);
+    let rt = runtime();
+    let root = cache_root();
+    let mut encoder = Encoder::load(&rt, &m, &root).unwrap();
+    let mut detector = Detector::load(&rt, &m, &root).unwrap();
+    let mut projector = scenecast::vision::Projector::load(&rt, &m, &root, None).unwrap();
+    let frame = photo("chelsea.png");
+    let mut features = PatchFeatures::default();
+    encoder.encode(&frame, &mut features).unwrap();
+    detector.prepare(&frame).unwrap();
+    let (scores, shape) = detector.run().unwrap();
+    let scores = scores.to_vec();
+    let mut tokens = ImageTokens::default();
+    projector.project(&features, Some((&scores, shape)), &mut tokens).unwrap();
+    assert_eq!((tokens.n_tokens, tokens.n_embd), (65, 576), "8 x 8 cells and the CLS token");
+    let gelu = |x: f32| 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2));
+    let mut pooled = Vec::new();
+    projector.pool(&features, &mut pooled);
+    let token = |i: usize| &tokens.data[i * 576..(i + 1) * 576];
+    let close = |got: &[f32], want: &[f32], what: &str| {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-3, "{what}: {got:?} vs {want:?}");
+        }
+    };
+    for cell in [0, 27, 63] {
+        let want: Vec<f32> = pooled[cell * 384..cell * 384 + 8].iter().map(|v| gelu(*v)).collect();
+        close(&token(cell)[..8], &want, &format!("cell {cell}"));
+        assert!(token(cell)[8..].iter().all(|v| *v == 0.0), "cell {cell} writes dims 0..8 only");
+    }
+    let cls: Vec<f32> = features.token(0)[..8].iter().map(|v| gelu(*v)).collect();
+    assert!(cls.iter().any(|v| v.abs() > 0.05), "a CLS token worth checking: {cls:?}");
+    close(&token(64)[8..16], &cls, "the global token");
+    assert!(token(64)[..8].iter().all(|v| *v == 0.0) && token(64)[16..].iter().all(|v| *v == 0.0));
+}
+
+/// The error function (Abramowitz and Stegun 7.1.26, |error| < 1.5e-7), for GELU's erf form.
+fn erf(x: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.3275911 * x.abs() as f64);
+    let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+    let y = 1.0 - poly * (-(x as f64) * (x as f64)).exp();
+    (if x < 0.0 { -y } else { y }) as f32
+}
