@@ -157,20 +157,8 @@ fn the_reference_projector_fuses_the_detections_into_the_cells_where_they_are() 
     // neighbourhood, and for v5 the whole frame): the same patch features with the real scores and with the scores of
     // only the motorcycle's anchors in the frame's left half give tokens that differ most in the
     // cells of the right half, where the scores were removed, and no token is added.
-    let rt = runtime();
     let m = manifest();
-    let root = cache_root();
-    let mut encoder = Encoder::load(&rt, &m, &root).unwrap();
-    let mut detector = Detector::load(&rt, &m, &root).unwrap();
-    let mut projector = scenecast::vision::Projector::load(&rt, &m, &root, None).unwrap();
-    let frame = photo("astronaut.png");
-    let mut features = PatchFeatures::default();
-    encoder.encode(&frame, &mut features).unwrap();
-    detector.prepare(&frame).unwrap();
-    let (scores, shape) = detector.run().unwrap();
-    let scores = scores.to_vec();
-    let mut full = ImageTokens::default();
-    projector.project(&features, Some((&scores, shape)), &mut full).unwrap();
+    let Projected { mut projector, features, scores, shape, tokens: full } = project(&m, "astronaut.png");
     assert_eq!((full.n_tokens, full.n_embd), (64, 576), "8 x 8 tokens, the detections fused in");
     // Zero the scores of every anchor point whose centre is in the right half of the frame
     // (the manifest's grids, one per stride over the detector's input, row-major, finest first).
@@ -241,19 +229,7 @@ fn a_global_token_projector_reads_the_cls_token_after_the_pooled_cells() {
         .replace("detection_tokens = 0", "detection_tokens = 0\nglobal_tokens = 1");
     let m = scenecast::manifest::Manifest::parse(&text, "global.toml", std::path::Path::new(".")).unwrap();
     assert_eq!(m.n_image_tokens(), 65);
-    let rt = runtime();
-    let root = cache_root();
-    let mut encoder = Encoder::load(&rt, &m, &root).unwrap();
-    let mut detector = Detector::load(&rt, &m, &root).unwrap();
-    let mut projector = scenecast::vision::Projector::load(&rt, &m, &root, None).unwrap();
-    let frame = photo("chelsea.png");
-    let mut features = PatchFeatures::default();
-    encoder.encode(&frame, &mut features).unwrap();
-    detector.prepare(&frame).unwrap();
-    let (scores, shape) = detector.run().unwrap();
-    let scores = scores.to_vec();
-    let mut tokens = ImageTokens::default();
-    projector.project(&features, Some((&scores, shape)), &mut tokens).unwrap();
+    let Projected { projector, features, tokens, .. } = project(&m, "chelsea.png");
     assert_eq!((tokens.n_tokens, tokens.n_embd), (65, 576), "8 x 8 cells and the CLS token");
     let gelu = |x: f32| 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2));
     let mut pooled = Vec::new();
@@ -281,4 +257,29 @@ fn erf(x: f32) -> f32 {
     let poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
     let y = 1.0 - poly * (-(x as f64) * (x as f64)).exp();
     (if x < 0.0 { -y } else { y }) as f32
+}
+
+/// One photo through `m`'s encoder, detector and projector, each step's output kept.
+struct Projected {
+    projector: scenecast::vision::Projector,
+    features: PatchFeatures,
+    scores: Vec<f32>,
+    shape: [usize; 3],
+    tokens: ImageTokens,
+}
+
+fn project(m: &scenecast::manifest::Manifest, file: &str) -> Projected {
+    let (rt, root) = (runtime(), cache_root());
+    let mut encoder = Encoder::load(&rt, m, &root).unwrap();
+    let mut detector = Detector::load(&rt, m, &root).unwrap();
+    let mut projector = scenecast::vision::Projector::load(&rt, m, &root, None).unwrap();
+    let frame = photo(file);
+    let mut features = PatchFeatures::default();
+    encoder.encode(&frame, &mut features).unwrap();
+    detector.prepare(&frame).unwrap();
+    let (scores, shape) = detector.run().unwrap();
+    let scores = scores.to_vec();
+    let mut tokens = ImageTokens::default();
+    projector.project(&features, Some((&scores, shape)), &mut tokens).unwrap();
+    Projected { projector, features, scores, shape, tokens }
 }
