@@ -56,6 +56,10 @@ pub struct Projector {
     spec: ProjectorSpec,
     prefix: usize,
     grid: [usize; 2],
+    /// Rows of the projector's input: the pooled cells, then the global (leading) tokens.
+    rows: usize,
+    /// Image tokens out (`Manifest::n_image_tokens`).
+    n_tokens: usize,
     pooled: Vec<f32>,
 }
 
@@ -94,11 +98,14 @@ impl Projector {
         if spec.untrained {
             tracing::warn!(projector = %path.display(), "the projector is the untrained placeholder: captions will not describe the image");
         }
+        let rows = spec.pool[0] * spec.pool[1] + spec.global_tokens;
         Ok(Projector {
             session,
             spec,
             prefix: manifest.encoder.prefix_tokens,
             grid: manifest.encoder.patch_grid,
+            rows,
+            n_tokens: manifest.n_image_tokens(),
             pooled: Vec::new(),
         })
     }
@@ -124,8 +131,7 @@ impl Projector {
         let start = Instant::now();
         pool_patches(features, self.prefix, self.grid, self.spec.pool, &mut self.pooled);
         append_leading(features, self.spec.global_tokens, &mut self.pooled);
-        let patches = self.spec.pool[0] * self.spec.pool[1];
-        let feature_shape = [patches + self.spec.global_tokens, self.spec.in_width];
+        let feature_shape = [self.rows, self.spec.in_width];
         let features = (self.spec.input.as_str(), feature_shape.as_slice(), Input::F32(&self.pooled));
         let shape = match (&self.spec.detections_input, detections) {
             (Some(name), Some((scores, shape))) => self.session.run(
@@ -135,7 +141,7 @@ impl Projector {
             )?,
             _ => self.session.run(&[features], &self.spec.output, &mut out.data)?,
         };
-        let n_tokens = patches + self.spec.detection_tokens + self.spec.global_tokens;
+        let n_tokens = self.n_tokens;
         if shape != [n_tokens, self.spec.out_width] {
             return Err(VisionError::OutputShape {
                 file: self.session.file().to_owned(),
