@@ -15,6 +15,12 @@ caption has the first clearly below the second.
 `--toy` is the wiring check: four captions, each a solid colour; the model must learn it in ~100 steps.
 `--box-weight W` weighs the loss inside the objects' boxes 1 + W times the background's (the caption
 only decides those pixels).
+
+`--curriculum N` is a curriculum by background: the first N steps train on single objects on one grey
+background (where the caption gain appears), the rest on the scenes `--background` and `--kind` ask
+for, half of each batch still grey; the log then reads the gain on both sets of scenes.
+
+    python models/experiments/caption_use_probe.py --shift 3 --kind mixed --curriculum 1000 --steps 2000
 """
 from __future__ import annotations
 
@@ -52,6 +58,8 @@ def main() -> int:
     ap.add_argument("--shift", type=float, default=1.0)
     ap.add_argument("--box-weight", type=float, default=0.0,
                     help="the loss weighs the objects' boxes 1 + this much more than the background")
+    ap.add_argument("--curriculum", type=int, default=0, metavar="N",
+                    help="the first N steps on grey singles, then the asked-for scenes (half grey)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,48 +72,50 @@ def main() -> int:
     tokens = tg.Tokens(args.cache / "models" / "generator" / "clip-tokenizer.json", 77, tg.EOS)
     rng = np.random.default_rng(1)
     cells = args.size // r
-    boxes = np.zeros((args.scenes, cells, cells), np.float32)  # the objects' boxes on the latent grid
     if args.toy:
         colours = np.array([[255, 0, 0], [0, 0, 255], [0, 255, 0], [255, 255, 0]], np.uint8)
         pick = rng.integers(0, 4, args.scenes)
         images = np.broadcast_to(colours[pick][:, None, None, :], (args.scenes, args.size, args.size, 3)).copy()
         captions = [f"a {['cat', 'dog', 'car', 'cup'][k]}" for k in pick]
+        boxes = np.zeros((args.scenes, cells, cells), np.float32)
+        sets = [(images, captions, boxes)]
     else:
         comp = tg.Composer(cfg, scenes, args.cache / "models" / "photos", rng)
         if args.categories:
             comp.categories = comp.categories[:args.categories]
-        if args.background == "grey":
-            comp.background = lambda: Image.new("RGB", (tg.tp.SIZE, tg.tp.SIZE), (128, 128, 128))
-        images, captions = np.zeros((args.scenes, args.size, args.size, 3), np.uint8), []
-        for i in range(args.scenes):
-            if args.kind == "single" or rng.random() < 0.5:
-                img, m = comp.single()
-            else:
-                img, m = comp.pair(comp.train_pairs, "pair")
-            images[i] = np.asarray(img.resize((args.size, args.size), Image.LANCZOS))
-            for o in m["objects"]:
-                x0, y0, x1, y1 = (round(v * cells) for v in o["box"])
-                boxes[i, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1.0
-            captions.append(tg.captions_for(m, cfg, rng)[0])
+        trained_background = comp.background
+        grey = lambda: Image.new("RGB", (tg.tp.SIZE, tg.tp.SIZE), (128, 128, 128))  # noqa: E731
+        asked = (grey if args.background == "grey" else trained_background, args.kind)
+        # The scenes the probe asks for; with a curriculum, first the grey singles it starts on.
+        sets = [compose(comp, background, kind, args, cells, cfg, rng)
+                for background, kind in ([(grey, "single")] if args.curriculum else []) + [asked]]
     log(f"{args.scenes} scenes ({'toy' if args.toy else args.background + ' background, ' + args.kind}, "
         f"object width {scenes['data']['single_scale']}, {len(comp.categories) if not args.toy else 4} categories), "
-        f"{args.size} px, shift {args.shift}, lr {args.lr}, box weight {args.box_weight}")
-    ids = torch.tensor([tokens.ids(c) for c in captions])
+        f"{args.size} px, shift {args.shift}, lr {args.lr}, box weight {args.box_weight}"
+        + (f", the first {args.curriculum} steps on grey singles" if args.curriculum else ""))
     empty = torch.tensor([tokens.ids("")])
-    model = tg.Model(cfg, tg.Tokens.remap(set(ids.flatten().tolist()) | set(empty.flatten().tolist())))
+    data = [(torch.from_numpy(images), torch.tensor([tokens.ids(c) for c in captions]), torch.from_numpy(boxes))
+            for images, captions, boxes in sets]
+    used = set(empty.flatten().tolist()).union(*(set(ids.flatten().tolist()) for _, ids, _ in data))
+    model = tg.Model(cfg, tg.Tokens.remap(used))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    imgs = torch.from_numpy(images)
-    px = tg.to_latent(imgs[:64], r)
-    pn = torch.randn(px.shape, generator=torch.Generator().manual_seed(5))
+    # Fixed read-out batches: the first 64 scenes of each set, with fixed noise.
+    fixed = [(tg.to_latent(imgs[:64], r), ids[:64]) for imgs, ids, _ in data]
+    pn = torch.randn(fixed[0][0].shape, generator=torch.Generator().manual_seed(5))
+    names = ["grey singles", "asked scenes"] if len(data) == 2 else ["scenes"]
     start = time.time()
     for step in range(args.steps + 1):
-        k = torch.randint(0, len(imgs), (32,))
-        x = tg.to_latent(imgs[k], r)
+        # Before the curriculum's switch only the first set; after it half a batch of each.
+        parts = [(data[0], 32)] if len(data) == 1 or step < args.curriculum else [(data[0], 16), (data[1], 16)]
+        picked = [(d, torch.randint(0, len(d[0]), (m,))) for d, m in parts]
+        x = torch.cat([tg.to_latent(d[0][k], r) for d, k in picked])
+        ids_k = torch.cat([d[1][k] for d, k in picked])
+        box_k = torch.cat([d[2][k] for d, k in picked])
         s = tg.shifted(torch.sigmoid(torch.randn(32)), args.shift)
         n = torch.randn_like(x)
         z = (1 - s)[:, None, None, None] * x + s[:, None, None, None] * n
-        cond = torch.where((torch.rand(32) < 0.1)[:, None], empty.expand(32, -1), ids[k])
-        weight = 1.0 + args.box_weight * torch.from_numpy(boxes)[k][:, None]
+        cond = torch.where((torch.rand(32) < 0.1)[:, None], empty.expand(32, -1), ids_k)
+        weight = 1.0 + args.box_weight * box_k[:, None]
         loss = (weight * (tg.velocity(model, z, s, model.text(cond)) - (n - x)) ** 2).mean() / weight.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,14 +124,36 @@ def main() -> int:
         if step % 100 == 0:
             cols = []
             with torch.no_grad():
-                for sv in (0.98, 0.9):
-                    z9 = (1 - sv) * px + sv * pn
-                    s9 = torch.full((64,), sv)
-                    err = [F.mse_loss(z9 - sv * tg.velocity(model, z9, s9, model.text(c)), px).item()
-                           for c in (ids[:64], empty.expand(64, -1))]
-                    cols.append(f"s={sv}: right {err[0]:.4f} empty {err[1]:.4f} gain {err[0] - err[1]:+.4f}")
+                for name, (px, ids) in zip(names, fixed):
+                    for sv in (0.98, 0.9):
+                        z9 = (1 - sv) * px + sv * pn
+                        s9 = torch.full((64,), sv)
+                        err = [F.mse_loss(z9 - sv * tg.velocity(model, z9, s9, model.text(c)), px).item()
+                               for c in (ids, empty.expand(64, -1))]
+                        cols.append(f"{name + ' ' if len(names) > 1 else ''}s={sv}: right {err[0]:.4f} "
+                                    f"empty {err[1]:.4f} gain {err[0] - err[1]:+.4f}")
             log(f"  step {step:4}  loss {loss.item():.4f}  " + "  ".join(cols) + f"  ({time.time() - start:.0f} s)")
     return 0
+
+
+def compose(comp, background, kind: str, args, cells: int, cfg, rng):
+    """`args.scenes` scenes on `background`, single objects or the training mix of singles and pairs:
+    the images at the probe's size, their captions, and the objects' boxes on the latent grid."""
+    comp.background = background
+    images = np.zeros((args.scenes, args.size, args.size, 3), np.uint8)
+    boxes = np.zeros((args.scenes, cells, cells), np.float32)
+    captions = []
+    for i in range(args.scenes):
+        if kind == "single" or rng.random() < 0.5:
+            img, m = comp.single()
+        else:
+            img, m = comp.pair(comp.train_pairs, "pair")
+        images[i] = np.asarray(img.resize((args.size, args.size), Image.LANCZOS))
+        for o in m["objects"]:
+            x0, y0, x1, y1 = (round(v * cells) for v in o["box"])
+            boxes[i, y0:max(y1, y0 + 1), x0:max(x1, x0 + 1)] = 1.0
+        captions.append(tg.captions_for(m, cfg, rng)[0])
+    return images, captions, boxes
 
 
 if __name__ == "__main__":
