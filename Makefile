@@ -78,9 +78,9 @@ train-venv: $(TRAIN_PY)
 # v5 without the frame maximum, train-v3.toml without the detector, train-v4.toml with it as three
 # more tokens; train.toml is v1's 15, train-v2.toml the first 80-category run; train-v8.toml (CIFAR-10),
 # train-v9.toml (the adapter on each question too), train-v10.toml (on questions, not captions),
-# train-v11.toml (v7 in 640 LLM steps, the 60-minute budget) and train-v12.toml (v11 with the
-# encoder's CLS as a 65th image token) runs that were not shipped; train-v13.toml, v7 with that
-# token, is prepared and not yet trained; models/README.md).
+# train-v11.toml (v7 in 640 LLM steps, the 60-minute budget), train-v12.toml (v11 with the
+# encoder's CLS as a 65th image token) and train-v13.toml (v7 with that token) runs that were not
+# shipped; models/README.md).
 PROJECTOR_CONFIG ?= models/projector/train-v7.toml
 PROJECTOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(PROJECTOR_CONFIG) | head -n 1)
 CANDIDATE = $(CACHE)/train/$(PROJECTOR_NAME)/candidate.toml
