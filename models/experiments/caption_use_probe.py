@@ -21,6 +21,14 @@ background (where the caption gain appears), the rest on the scenes `--backgroun
 for, half of each batch still grey; the log then reads the gain on both sets of scenes.
 
     python models/experiments/caption_use_probe.py --shift 3 --kind mixed --curriculum 1000 --steps 2000
+
+`--judge SCENECAST` then draws every trained category ("a <name> on the left/in the centre/on the
+right", two seeds, 32 guided flow steps at guidance 3) with the probe's model and captions the
+drawings with that scenecast binary (`scenecast eval`): whether reading the caption becomes drawing
+the object.
+
+    python models/experiments/caption_use_probe.py --background grey --categories 8 --shift 3 \
+        --steps 2000 --judge "$CARGO_TARGET_DIR/release/scenecast"
 """
 from __future__ import annotations
 
@@ -61,6 +69,8 @@ def main() -> int:
     ap.add_argument("--curriculum", type=int, default=0, metavar="N",
                     help="the first N steps on grey singles, then the asked-for scenes (half grey)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--judge", type=Path, metavar="SCENECAST",
+                    help="after training, draw each trained category and caption the drawings with this binary")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -133,7 +143,40 @@ def main() -> int:
                         cols.append(f"{name + ' ' if len(names) > 1 else ''}s={sv}: right {err[0]:.4f} "
                                     f"empty {err[1]:.4f} gain {err[0] - err[1]:+.4f}")
             log(f"  step {step:4}  loss {loss.item():.4f}  " + "  ".join(cols) + f"  ({time.time() - start:.0f} s)")
+    if args.judge and not args.toy:
+        judge(args, model.eval(), comp.categories, tokens, empty, scenes)
     return 0
+
+
+def judge(args, model, categories: list[str], tokens, empty, scenes) -> None:
+    """Draw "a <name> <position>" for each category (two seeds) and caption the drawings with
+    `scenecast eval`; its report is `roundtrip.md` beside the drawings."""
+    import json
+    import subprocess
+    out = args.cache / "train" / "caption-use-probe"
+    out.mkdir(parents=True, exist_ok=True)
+    positions = list(tg.tp.POSITIONS)
+    prompts = [(f"{tg.tp.article(c)} {tg.tp.POSITIONS[positions[i % 3]]}", c) for i, c in enumerate(categories)
+               for _ in range(2)]
+    ids = torch.tensor([tokens.ids(p) for p, _ in prompts])
+    r = args.size // 16
+    noise = torch.randn((len(ids), 3 * r * r, 16, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        images = tg.from_latent(tg.sample_teacher(model, noise, ids, empty, 32, 3.0, args.shift), r)
+    scenes_out = []
+    for j, (img, (_, name)) in enumerate(zip(images, prompts)):
+        path = out / f"drawn-{j:03}.png"
+        Image.fromarray(img).save(path)
+        scenes_out.append({"image": str(path), "kind": "drawn-single-32s", "objects": [name], "questions": []})
+    doc = {"name": "caption-use-probe", "categories": [c["name"] for c in scenes["category"]],
+           "caption_prompt": scenes["questions"]["caption_prompts"][0], "scenes": scenes_out}
+    (out / "eval.json").write_text(json.dumps(doc, indent=1))
+    log(f"captioning {len(scenes_out)} drawings of {len(categories)} categories (scenecast eval; report {out / 'roundtrip.md'})")
+    subprocess.run([str(args.judge), "eval", str(out / "eval.json"), "--report", str(out / "roundtrip.md")],
+                   check=True, stdout=subprocess.DEVNULL)
+    row = next(line for line in (out / "roundtrip.md").read_text().splitlines() if line.startswith("| drawn-"))
+    log("  scenes | n | precision | recall | all named | exact | named nothing ...")
+    log("  " + row)
 
 
 def compose(comp, background, kind: str, args, cells: int, cfg, rng):
