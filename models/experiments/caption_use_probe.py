@@ -24,8 +24,8 @@ for, half of each batch still grey; the log then reads the gain on both sets of 
 
 `--judge SCENECAST` then draws every trained category ("a <name> on the left/in the centre/on the
 right", two seeds, 32 guided flow steps at guidance 3) with the probe's model and captions the
-drawings with that scenecast binary (`scenecast eval`): whether reading the caption becomes drawing
-the object.
+drawings with that scenecast binary (`scenecast eval`), beside as many real scenes of the kind the
+probe trained on: whether reading the caption becomes drawing the object.
 
     python models/experiments/caption_use_probe.py --background grey --categories 8 --shift 3 \
         --steps 2000 --judge "$CARGO_TARGET_DIR/release/scenecast"
@@ -144,13 +144,15 @@ def main() -> int:
                                     f"empty {err[1]:.4f} gain {err[0] - err[1]:+.4f}")
             log(f"  step {step:4}  loss {loss.item():.4f}  " + "  ".join(cols) + f"  ({time.time() - start:.0f} s)")
     if args.judge and not args.toy:
-        judge(args, model.eval(), comp.categories, tokens, empty, scenes)
+        judge(args, model.eval(), comp, tokens, empty, scenes)
     return 0
 
 
-def judge(args, model, categories: list[str], tokens, empty, scenes) -> None:
+def judge(args, model, comp, tokens, empty, scenes) -> None:
     """Draw "a <name> <position>" for each category (two seeds) and caption the drawings with
-    `scenecast eval`; its report is `roundtrip.md` beside the drawings."""
+    `scenecast eval`, beside as many real scenes of the kind the probe trained on (single objects on
+    its last background, at its size: the judge's ceiling); the report is `roundtrip.md` beside them."""
+    categories = comp.categories
     import json
     import subprocess
     out = args.cache / "train" / "caption-use-probe"
@@ -168,15 +170,21 @@ def judge(args, model, categories: list[str], tokens, empty, scenes) -> None:
         path = out / f"drawn-{j:03}.png"
         Image.fromarray(img).save(path)
         scenes_out.append({"image": str(path), "kind": "drawn-single-32s", "objects": [name], "questions": []})
+    for j in range(len(prompts)):
+        img, m = comp.single()
+        path = out / f"real-{j:03}.png"
+        img.resize((args.size, args.size), Image.LANCZOS).save(path)
+        scenes_out.append({"image": str(path), "kind": f"real-single-{args.size}px",
+                           "objects": [o["name"] for o in m["objects"]], "questions": []})
     doc = {"name": "caption-use-probe", "categories": [c["name"] for c in scenes["category"]],
            "caption_prompt": scenes["questions"]["caption_prompts"][0], "scenes": scenes_out}
     (out / "eval.json").write_text(json.dumps(doc, indent=1))
     log(f"captioning {len(scenes_out)} drawings of {len(categories)} categories (scenecast eval; report {out / 'roundtrip.md'})")
     subprocess.run([str(args.judge), "eval", str(out / "eval.json"), "--report", str(out / "roundtrip.md")],
                    check=True, stdout=subprocess.DEVNULL)
-    row = next(line for line in (out / "roundtrip.md").read_text().splitlines() if line.startswith("| drawn-"))
     log("  scenes | n | precision | recall | all named | exact | named nothing ...")
-    log("  " + row)
+    for kind in ("| drawn-", "| real-"):
+        log("  " + next(line for line in (out / "roundtrip.md").read_text().splitlines() if line.startswith(kind)))
 
 
 def compose(comp, background, kind: str, args, cells: int, cfg, rng):
