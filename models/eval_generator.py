@@ -67,6 +67,22 @@ def named(text: str, categories: list[str]) -> list[str]:
     return [c for c in categories if re.search(rf"\b{re.escape(c)}(s|es)?\b", low)]
 
 
+def single_prompts(categories: list[str]) -> list[tuple[str, list[str]]]:
+    """"a <name> <position>" for each category, the positions taken in turn, with the objects asked for."""
+    positions = list(tp.POSITIONS)
+    return [(f"{tp.article(c)} {tp.POSITIONS[positions[i % 3]]}", [c]) for i, c in enumerate(categories)]
+
+
+def caption_back(scenecast: list[str], out: Path, name: str, scenes: dict, images: list[dict], report: Path) -> None:
+    """Caption `images` (`scenecast eval`'s scene entries) with scenecast, through an evaluation set
+    written to `out`/eval.json, the composer's categories and caption prompt (`scenes`); the report
+    goes to `report`."""
+    doc = {"name": name, "categories": [c["name"] for c in scenes["category"]],
+           "caption_prompt": scenes["questions"]["caption_prompts"][0], "scenes": images}
+    (out / "eval.json").write_text(json.dumps(doc, indent=1))
+    subprocess.run([*scenecast, "eval", str(out / "eval.json"), "--report", str(report)], check=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=HERE / "generator" / "train.toml")
@@ -92,8 +108,7 @@ def main() -> int:
     categories = [c["name"] for c in scenes["category"]]
     art = tp.article
     seeds = cfg["eval"]["seeds"]
-    positions = list(tp.POSITIONS)
-    singles = [(f"{art(c)} {tp.POSITIONS[positions[i % 3]]}", [c]) for i, c in enumerate(categories)]
+    singles = single_prompts(categories)
     pairs = [(f"{art(a)} on the left and {art(b)} on the right", [a, b])
              for x, y in scenes["sets"]["heldout_pairs"] for a, b in ((x, y), (y, x))]
     evalset: list[dict] = []
@@ -170,11 +185,8 @@ def main() -> int:
             description = json.loads(res.stdout)["prompt"]
             add(f"rerender-{condition}-1s", path, named(description, categories))
 
-    doc = {"name": f"{cfg['name']}-roundtrip", "categories": categories,
-           "caption_prompt": scenes["questions"]["caption_prompts"][0], "scenes": evalset}
-    (out / "eval.json").write_text(json.dumps(doc, indent=1))
     log(f"captioning {len(evalset)} images (scenecast eval)")
-    subprocess.run([*scenecast, "eval", str(out / "eval.json"), "--report", str(report)], check=True)
+    caption_back(scenecast, out, f"{cfg['name']}-roundtrip", scenes, evalset, report)
 
     # Contact sheet: the 1-step renders of the first seed, 16 per row.
     sheet = [Image.open(ps[0]).convert("RGB") for kind in ("gen-single-1s", "gen-heldout-pair-1s") for _, ps in groups[kind]]

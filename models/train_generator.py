@@ -33,7 +33,6 @@ import json
 import math
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +52,10 @@ DATA_VERSION = 1
 
 
 def load_config(path: Path) -> tuple[dict, dict]:
-    """train.toml and the composer's configuration it names, with the object sizes and edge cuts
-    of train.toml's [data] in place of the projector's."""
-    cfg = tomllib.loads(path.read_text())
+    """train.toml (with `extends`, as the projector's configurations) and the composer's
+    configuration it names, with the object sizes and edge cuts of train.toml's [data] in place of
+    the projector's."""
+    cfg = tp.read_config(path)
     if cfg["model"]["pad_token"] != EOS:
         raise SystemExit(f"error: {path}: model.pad_token must be CLIP's end of text ({EOS}); the text encoder pads with it")
     scenes = tp.load_config((path.parent / cfg["scenes"]).resolve())
@@ -412,9 +412,9 @@ def train_teacher(cfg: dict, model: Model, images: torch.Tensor, ids: torch.Tens
 
     @torch.no_grad()
     def caption_gain(m: Model, level: float) -> float:
-        s9 = torch.full((32,), level)
-        z9 = (1 - level) * probe_x + level * probe_n
-        err = [F.mse_loss(z9 - level * velocity(m, z9, s9, m.text(c)), probe_x).item()
+        sv = torch.full((32,), level)
+        zv = (1 - level) * probe_x + level * probe_n
+        err = [F.mse_loss(zv - level * velocity(m, zv, sv, m.text(c)), probe_x).item()
                for c in (ids[probe, 0], uncond.expand(32, -1))]
         return err[0] - err[1]
 

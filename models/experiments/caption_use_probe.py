@@ -42,6 +42,7 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(HERE))
+import eval_generator as eg  # noqa: E402
 import train_generator as tg  # noqa: E402
 from fetch import default_cache, log  # noqa: E402
 
@@ -72,6 +73,8 @@ def main() -> int:
     ap.add_argument("--judge", type=Path, metavar="SCENECAST",
                     help="after training, draw each trained category and caption the drawings with this binary")
     args = ap.parse_args()
+    if args.judge and args.toy:
+        ap.error("--judge draws the composed scenes' categories; the toy set has none")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg, scenes = tg.load_config(args.config)
@@ -109,7 +112,7 @@ def main() -> int:
     used = set(empty.flatten().tolist()).union(*(set(ids.flatten().tolist()) for _, ids, _ in data))
     model = tg.Model(cfg, tg.Tokens.remap(used))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    # Fixed read-out batches: the first 64 scenes of each set, with fixed noise.
+    # Fixed read-out batches: the first 64 scenes of each set (all, if fewer), with fixed noise.
     fixed = [(tg.to_latent(imgs[:64], r), ids[:64]) for imgs, ids, _ in data]
     pn = torch.randn(fixed[0][0].shape, generator=torch.Generator().manual_seed(5))
     names = ["grey singles", "asked scenes"] if len(data) == 2 else ["scenes"]
@@ -137,13 +140,13 @@ def main() -> int:
                 for name, (px, ids) in zip(names, fixed):
                     for sv in (0.98, 0.9):
                         z9 = (1 - sv) * px + sv * pn
-                        s9 = torch.full((64,), sv)
+                        s9 = torch.full((len(px),), sv)
                         err = [F.mse_loss(z9 - sv * tg.velocity(model, z9, s9, model.text(c)), px).item()
-                               for c in (ids, empty.expand(64, -1))]
+                               for c in (ids, empty.expand(len(px), -1))]
                         cols.append(f"{name + ' ' if len(names) > 1 else ''}s={sv}: right {err[0]:.4f} "
                                     f"empty {err[1]:.4f} gain {err[0] - err[1]:+.4f}")
             log(f"  step {step:4}  loss {loss.item():.4f}  " + "  ".join(cols) + f"  ({time.time() - start:.0f} s)")
-    if args.judge and not args.toy:
+    if args.judge:
         judge(args, model.eval(), comp, tokens, empty, scenes)
     return 0
 
@@ -153,35 +156,28 @@ def judge(args, model, comp, tokens, empty, scenes) -> None:
     `scenecast eval`, beside as many real scenes of the kind the probe trained on (single objects on
     its last background, at its size: the judge's ceiling); the report is `roundtrip.md` beside them."""
     categories = comp.categories
-    import json
-    import subprocess
     out = args.cache / "train" / "caption-use-probe"
     out.mkdir(parents=True, exist_ok=True)
-    positions = list(tg.tp.POSITIONS)
-    prompts = [(f"{tg.tp.article(c)} {tg.tp.POSITIONS[positions[i % 3]]}", c) for i, c in enumerate(categories)
-               for _ in range(2)]
+    prompts = [p for p in eg.single_prompts(categories) for _ in range(2)]
     ids = torch.tensor([tokens.ids(p) for p, _ in prompts])
     r = args.size // 16
     noise = torch.randn((len(ids), 3 * r * r, 16, 16), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         images = tg.from_latent(tg.sample_teacher(model, noise, ids, empty, 32, 3.0, args.shift), r)
     scenes_out = []
-    for j, (img, (_, name)) in enumerate(zip(images, prompts)):
+    for j, (img, (_, objects)) in enumerate(zip(images, prompts)):
         path = out / f"drawn-{j:03}.png"
         Image.fromarray(img).save(path)
-        scenes_out.append({"image": str(path), "kind": "drawn-single-32s", "objects": [name], "questions": []})
+        scenes_out.append({"image": str(path), "kind": "drawn-single-32s", "objects": objects, "questions": []})
     for j in range(len(prompts)):
         img, m = comp.single()
         path = out / f"real-{j:03}.png"
         img.resize((args.size, args.size), Image.LANCZOS).save(path)
         scenes_out.append({"image": str(path), "kind": f"real-single-{args.size}px",
                            "objects": [o["name"] for o in m["objects"]], "questions": []})
-    doc = {"name": "caption-use-probe", "categories": [c["name"] for c in scenes["category"]],
-           "caption_prompt": scenes["questions"]["caption_prompts"][0], "scenes": scenes_out}
-    (out / "eval.json").write_text(json.dumps(doc, indent=1))
-    log(f"captioning {len(scenes_out)} drawings of {len(categories)} categories (scenecast eval; report {out / 'roundtrip.md'})")
-    subprocess.run([str(args.judge), "eval", str(out / "eval.json"), "--report", str(out / "roundtrip.md")],
-                   check=True, stdout=subprocess.DEVNULL)
+    log(f"captioning {len(scenes_out)} drawings and real scenes of {len(categories)} categories "
+        f"(scenecast eval; report {out / 'roundtrip.md'})")
+    eg.caption_back([str(args.judge)], out, "caption-use-probe", scenes, scenes_out, out / "roundtrip.md")
     log("  scenes | n | precision | recall | all named | exact | named nothing ...")
     for kind in ("| drawn-", "| real-"):
         log("  " + next(line for line in (out / "roundtrip.md").read_text().splitlines() if line.startswith(kind)))
