@@ -356,13 +356,36 @@ def merge_adapter(root: Path, spec: dict) -> None:
     install_verified(tmp, dest, spec["sha256"], f"merged GGUF {dest.name}")
 
 
+def imagenet_detector(root: Path, spec: dict) -> None:
+    """Appends the ImageNet classifier to the detector's graph (models/imagenet_to_onnx.py), then
+    verifies the result. `categories` and `manifest` are paths in models/, the rest in the cache."""
+    import imagenet_to_onnx
+
+    for need in (spec["detector"], spec["weights"], spec["wnids"], spec["wordnet"]):
+        if not (root / need).exists():
+            raise FetchError(f"{root / need}: needed for {spec['dest']}; fetch its part first (it comes earlier in sources.toml)")
+    tmp = root / (spec["dest"] + ".tmp-convert")
+    try:
+        spec_toml = tomllib.loads((HERE / spec["categories"]).read_text())
+        names, matrix = imagenet_to_onnx.category_matrix(root / spec["wordnet"], root / spec["wnids"], spec_toml)
+        det = tomllib.loads((HERE / spec["manifest"]).read_text())["detector"]
+        import onnx
+
+        model = imagenet_to_onnx.combine(onnx.load(str(root / spec["detector"])), imagenet_to_onnx.read_pth(root / spec["weights"]),
+                                         matrix, det)
+    except imagenet_to_onnx.ConvertError as exc:
+        raise FetchError(f"appending the classifier to {spec['detector']}: {exc}") from exc
+    tmp.write_bytes(model.SerializeToString())
+    install_verified(tmp, root / spec["dest"], spec["sha256"], f"{spec['dest']} ({len(names)} categories)")
+
+
 def part_outputs(part: dict) -> list[tuple[str, str]]:
     """(dest, sha256) of every file a part leaves in the cache."""
     intermediate = part.get("cut", part.get("tokenizer", {})).get("from")
     outs = [(f["dest"], f["sha256"]) for f in part.get("file", []) if f["dest"] != intermediate]
     if "concat" in part:
         outs.append((part["concat"]["dest"], part["concat"]["sha256"]))
-    for derived in ("cut", "tokenizer", "merge", "convert"):
+    for derived in ("cut", "tokenizer", "merge", "convert", "imagenet"):
         if derived in part:
             outs.append((part[derived]["dest"], part[derived]["sha256"]))
     return outs
@@ -408,6 +431,8 @@ def fetch_part(part: dict, root: Path) -> str:
             merge_adapter(root, part["merge"])
         if "convert" in part:
             convert_tfjs(root, part["convert"])
+        if "imagenet" in part:
+            imagenet_detector(root, part["imagenet"])
     finally:
         shutil.rmtree(downloads, ignore_errors=True)
     return "fetched"

@@ -702,7 +702,10 @@ def build_data(cfg: dict, cache: Path, work: Path, user_data: Path | None) -> tu
     feats_path, meta_path = data_paths(cfg, work, user_data)
     regions = cfg.get("detector", {}).get("regions")
     cells = cfg.get("detector", {}).get("cells", False)
-    dets_path = feats_path.with_name(feats_path.name.replace("features-", "detcells-" if cells else f"detections{regions}-"))
+    # The detector's scores are cached per detector file: the same scenes read by another detector
+    # (NanoDet alone, or with the ImageNet classifier) are other columns.
+    det_stem = Path(cfg["detector"]["facts"].file).stem if "detector" in cfg else ""
+    dets_path = feats_path.with_name(feats_path.name.replace("features-", f"detcells-{det_stem}-" if cells else f"detections{regions}-{det_stem}-"))
     keep = int(cfg["model"].get("global_tokens", 0))
     global_path = feats_path.with_name(feats_path.name.replace("features-", f"global{keep}-"))
     if keep > FACTS.prefix_tokens:
