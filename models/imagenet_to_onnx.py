@@ -56,7 +56,8 @@ class ConvertError(Exception):
 
 
 def read_pth(path: Path) -> dict[str, np.ndarray]:
-    """A PyTorch state dict as numpy arrays, read without torch, in either of torch.save's formats:
+    """A PyTorch state dict as numpy arrays, read without torch (and without unpickling anything but
+    tensors and plain containers), in either of torch.save's formats:
     the zip one (a pickle plus one file per storage) or the legacy one (pickles, then each storage's
     element count and bytes in the order the last pickle lists). The pickle names each tensor's
     storage, offset, shape and strides."""
@@ -109,12 +110,12 @@ def read_pth(path: Path) -> dict[str, np.ndarray]:
                 st.array = np.frombuffer(z.read(f"{pkl[:-len('data.pkl')]}data/{key}"), st.dtype)
     else:
         f = io.BytesIO(raw)
-        if pickle.load(f) != 0x1950A86A20F9469CFC6C:
+        if Unpickler(f).load() != 0x1950A86A20F9469CFC6C:
             raise ConvertError(f"{path}: not a PyTorch file (neither zip nor the legacy magic number)")
-        pickle.load(f)  # protocol version
-        pickle.load(f)  # system info
+        Unpickler(f).load()  # protocol version
+        Unpickler(f).load()  # system info
         state = Unpickler(f).load()
-        for key in pickle.load(f):
+        for key in Unpickler(f).load():
             st = storages[key]
             n = int.from_bytes(f.read(8), "little")
             st.array = np.frombuffer(f.read(n * np.dtype(st.dtype).itemsize), st.dtype)

@@ -130,6 +130,68 @@ fn the_detector_names_coco_classes_in_real_photos() {
     }
 }
 
+/// The ImageNet classifier appended to NanoDet's graph (models/imagenet_to_onnx.py at `make models`;
+/// models/dinov2s-nanodet-imagenet.toml): NanoDet's columns are NanoDet's own, bit for bit; the
+/// classifier's cells (stride 52, the 8 x 8 token grid) score the projector's categories, and their
+/// best cell names what real photos show, while photos of nothing in the vocabulary score every
+/// category low.
+#[test]
+fn the_imagenet_classifier_scores_the_categories_per_cell_beside_the_detector() {
+    let rt = runtime();
+    let both = scenecast::manifest::Manifest::load(&common::repo().join("models/dinov2s-nanodet-imagenet.toml")).unwrap();
+    let spec = both.detector.clone().expect("a detector");
+    let mut combined = Detector::load(&rt, &both, &cache_root()).unwrap();
+    let mut nanodet = Detector::load(&rt, &nanodet_manifest(), &cache_root()).unwrap();
+    let (coco, imagenet) = spec.classes.split_at(80);
+    assert_eq!((imagenet[0].as_str(), imagenet.last().unwrap().as_str()), ("imagenet person", "imagenet other"));
+    let categories = imagenet.len() - 1;
+    let best_category = |file: &str, combined: &mut Detector, nanodet: &mut Detector| {
+        let image = photo(file);
+        combined.prepare(&image).unwrap();
+        let (scores, [_, anchors, classes]) = combined.run().unwrap();
+        let scores = scores.to_vec();
+        assert_eq!((anchors, classes), (3549 + 64, 80 + imagenet.len()));
+        nanodet.prepare(&image).unwrap();
+        let (alone, _) = nanodet.run().unwrap();
+        for (anchor, row) in scores.chunks_exact(classes).enumerate() {
+            let (det, cls) = row.split_at(coco.len());
+            if anchor < 3549 {
+                assert_eq!(det, &alone[anchor * 80..(anchor + 1) * 80], "{file}: NanoDet's scores at anchor {anchor}");
+                assert!(cls.iter().all(|s| *s == 0.0), "{file}: no classifier score at NanoDet's anchor {anchor}");
+            } else {
+                assert!(det.iter().all(|s| *s == 0.0), "{file}: no COCO score at the classifier's cell {anchor}");
+                assert!(cls.iter().all(|s| (0.0..=1.0001).contains(s)), "{file}: probabilities");
+            }
+        }
+        let mut best = vec![0f32; categories];
+        for row in scores.chunks_exact(classes).skip(3549) {
+            for (b, s) in best.iter_mut().zip(&row[coco.len()..]) {
+                *b = b.max(*s);
+            }
+        }
+        let (top, score) = best.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+        (imagenet[top].trim_start_matches("imagenet ").to_owned(), *score)
+    };
+    let shown = [
+        ("chelsea.png", "cat"),
+        ("baboon.jpg", "monkey"),
+        ("orange.jpg", "orange"),
+        ("squirrel_cls.jpg", "squirrel"),
+        ("rocket.jpg", "rocket"),
+        ("motorcycle_left.png", "motorcycle"),
+        ("building.jpg", "building"),
+    ];
+    for (file, category) in shown {
+        let (top, score) = best_category(file, &mut combined, &mut nanodet);
+        assert_eq!(top, category, "{file}: best category {top} ({score})");
+        assert!(score > 0.8, "{file}: {category} {score}");
+    }
+    for file in ["box.png", "cards.png", "board.jpg"] {
+        let (top, score) = best_category(file, &mut combined, &mut nanodet);
+        assert!(score < 0.2, "{file} shows nothing of the vocabulary: {top} {score}");
+    }
+}
+
 #[test]
 fn the_detector_runs_once_per_projected_frame_and_only_on_that_frame() {
     // The tokens of a frame are the same whether or not other frames were encoded (and not

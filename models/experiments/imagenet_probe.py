@@ -74,8 +74,8 @@ def main() -> int:
 
     def run(images: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         out = [[], [], []]
-        for i in range(0, len(images), 16):
-            a = np.stack([np.asarray(im.convert("RGB").resize((256, 256), Image.BILINEAR), np.float32) for im in images[i:i + 16]])
+        for im in images:  # batch 1, as the runtime runs it (the graph's per-cell output is [1, cells, categories])
+            a = np.asarray(im.convert("RGB").resize((256, 256), Image.BILINEAR), np.float32)[None]
             for o, r in zip(out, sess.run(None, {"x": ((a - ito.LITE_MEAN) / ito.LITE_STD).transpose(0, 3, 1, 2).copy()})):
                 o.append(r)
         return tuple(np.concatenate(o) for o in out)
