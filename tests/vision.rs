@@ -138,7 +138,8 @@ fn the_detector_names_coco_classes_in_real_photos() {
 #[test]
 fn the_imagenet_classifier_scores_the_categories_per_cell_beside_the_detector() {
     let rt = runtime();
-    let both = scenecast::manifest::Manifest::load(&common::repo().join("models/dinov2s-nanodet-imagenet.toml")).unwrap();
+    let both =
+        scenecast::manifest::Manifest::load(&common::repo().join("models/dinov2s-nanodet-imagenet.toml")).unwrap();
     let spec = both.detector.clone().expect("a detector");
     let mut combined = Detector::load(&rt, &both, &cache_root()).unwrap();
     let mut nanodet = Detector::load(&rt, &nanodet_manifest(), &cache_root()).unwrap();
