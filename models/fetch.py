@@ -360,6 +360,7 @@ def imagenet_detector(root: Path, spec: dict) -> None:
     """Appends the ImageNet classifier to the detector's graph (models/imagenet_to_onnx.py), then
     verifies the result. `categories` and `manifest` are paths in models/, the rest in the cache."""
     import imagenet_to_onnx
+    import onnx
 
     for need in (spec["detector"], spec["weights"], spec["wnids"], spec["wordnet"]):
         if not (root / need).exists():
@@ -369,8 +370,6 @@ def imagenet_detector(root: Path, spec: dict) -> None:
         spec_toml = tomllib.loads((HERE / spec["categories"]).read_text())
         names, matrix = imagenet_to_onnx.category_matrix(root / spec["wordnet"], root / spec["wnids"], spec_toml)
         det = tomllib.loads((HERE / spec["manifest"]).read_text())["detector"]
-        import onnx
-
         model = imagenet_to_onnx.combine(onnx.load(str(root / spec["detector"])), imagenet_to_onnx.read_pth(root / spec["weights"]),
                                          matrix, det)
     except imagenet_to_onnx.ConvertError as exc:
