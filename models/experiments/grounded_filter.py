@@ -45,6 +45,35 @@ def mentions(text: str, categories: list[str]) -> list[str]:
     return found
 
 
+def print_rows(results: list[dict], kept, calibrate: list[str], headers: tuple[str, str, str, str]) -> None:
+    """Prints, per scene kind, precision / recall and the share of scenes named nothing, of each
+    scene's `named` categories and of those `kept(scene)` returns (the calibration rows marked)."""
+    rows = collections.defaultdict(lambda: collections.Counter())
+    for r in results:
+        shown = set(r["objects"])
+        after = kept(r)
+        for kind in (r["kind"], "all"):
+            c = rows[kind]
+            for name, named in (("before", r["named"]), ("after", after)):
+                c[name + "_right"] += len(set(named) & shown)
+                c[name + "_named"] += len(set(named))
+                c[name + "_nothing"] += not named
+            c["shown"] += len(shown)
+            c["scenes"] += 1
+
+    def pct(a: int, b: int) -> str:
+        return f"{100 * a / b:.1f}" if b else "–"
+
+    print(f"| scenes | n | {' | '.join(headers)} |")
+    print("|---|---|---|---|---|---|")
+    for kind in sorted(rows, key=lambda k: (k == "all", k in calibrate, k)):
+        c = rows[kind]
+        mark = " (calibration)" if kind in calibrate else ""
+        print(f"| {kind}{mark} | {c['scenes']} | {pct(c['before_right'], c['before_named'])} / {pct(c['before_right'], c['shown'])} "
+              f"| {pct(c['after_right'], c['after_named'])} / {pct(c['after_right'], c['shown'])} "
+              f"| {pct(c['before_nothing'], c['scenes'])} | {pct(c['after_nothing'], c['scenes'])} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", type=Path, help="per-scene results of `scenecast eval --report` (the .json next to the .md, or it gzipped)")
@@ -74,30 +103,8 @@ def main() -> int:
     print(f"threshold {threshold:.3f}: keeps {args.keep:.0%} of the {len(right)} correct names on rows "
           f"{', '.join(args.calibrate)} (calibration, not a measurement)\n")
 
-    rows = collections.defaultdict(lambda: collections.Counter())
-    for r in results:
-        shown = set(r["objects"])
-        kept = [n for n in r["named"] if r["support"][index[n]] >= threshold]
-        for kind in (r["kind"], "all"):
-            for name, named in (("before", r["named"]), ("after", kept)):
-                c = rows[kind]
-                c[name + "_right"] += len(set(named) & shown)
-                c[name + "_named"] += len(set(named))
-                c[name + "_nothing"] += not named
-            c["shown"] += len(shown)
-            c["scenes"] += 1
-
-    def pct(a: int, b: int) -> str:
-        return f"{100 * a / b:.1f}" if b else "–"
-
-    print("| scenes | n | P / R before | P / R after | named nothing before | after |")
-    print("|---|---|---|---|---|---|")
-    for kind in sorted(rows, key=lambda k: (k == "all", k in args.calibrate, k)):
-        c = rows[kind]
-        mark = " (calibration)" if kind in args.calibrate else ""
-        print(f"| {kind}{mark} | {c['scenes']} | {pct(c['before_right'], c['before_named'])} / {pct(c['before_right'], c['shown'])} "
-              f"| {pct(c['after_right'], c['after_named'])} / {pct(c['after_right'], c['shown'])} "
-              f"| {pct(c['before_nothing'], c['scenes'])} | {pct(c['after_nothing'], c['scenes'])} |")
+    print_rows(results, lambda r: [n for n in r["named"] if r["support"][index[n]] >= threshold], args.calibrate,
+               ("P / R before", "P / R after", "named nothing before", "after"))
     return 0
 
 

@@ -17,7 +17,6 @@ their correct names) and applied unchanged to the held-out rows, which measure i
 from __future__ import annotations
 
 import argparse
-import collections
 import gzip
 import json
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grounded_filter import CALIBRATE  # noqa: E402
+from grounded_filter import CALIBRATE, print_rows  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from fetch import default_cache  # noqa: E402
@@ -75,30 +74,8 @@ def main() -> int:
     threshold = right[int((1 - args.keep) * len(right))]
     print(f"{len(covered)} categories covered by ImageNet; threshold {threshold:.3f}: keeps {args.keep:.0%} of the "
           f"{len(right)} correct covered names on rows {', '.join(CALIBRATE)} (calibration, not a measurement)\n")
-    rows = collections.defaultdict(collections.Counter)
-    for r in results:
-        shown = set(r["objects"])
-        kept = [n for n in r["named"] if n not in covered or r["imagenet"][n] >= threshold]
-        for kind in (r["kind"], "all"):
-            c = rows[kind]
-            for name, named in (("before", r["named"]), ("after", kept)):
-                c[name + "_right"] += len(set(named) & shown)
-                c[name + "_named"] += len(set(named))
-                c[name + "_nothing"] += not named
-            c["shown"] += len(shown)
-            c["scenes"] += 1
-
-    def pct(a: int, b: int) -> str:
-        return f"{100 * a / b:.1f}" if b else "–"
-
-    print("| scenes | n | P / R published | P / R after the ImageNet check | named nothing published | after |")
-    print("|---|---|---|---|---|---|")
-    for kind in sorted(rows, key=lambda k: (k == "all", k in CALIBRATE, k)):
-        c = rows[kind]
-        mark = " (calibration)" if kind in CALIBRATE else ""
-        print(f"| {kind}{mark} | {c['scenes']} | {pct(c['before_right'], c['before_named'])} / {pct(c['before_right'], c['shown'])} "
-              f"| {pct(c['after_right'], c['after_named'])} / {pct(c['after_right'], c['shown'])} "
-              f"| {pct(c['before_nothing'], c['scenes'])} | {pct(c['after_nothing'], c['scenes'])} |")
+    print_rows(results, lambda r: [n for n in r["named"] if n not in covered or r["imagenet"][n] >= threshold], list(CALIBRATE),
+               ("P / R published", "P / R after the ImageNet check", "named nothing published", "after"))
     return 0
 
 
