@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 # EfficientNet-Lite0's blocks: (repeats, kernel, stride, expand ratio, in, out) — the EfficientNet-B0
 # layout without squeeze-excitation, with ReLU6 (efficientnet_lite_builder.py).

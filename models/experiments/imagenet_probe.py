@@ -121,7 +121,7 @@ def main() -> int:
         log(f"{framing}: composing and encoding views")
         ti, tl = views(comp, rng, comp.train_photos, args.train_views, frame)
         hi, hl = views(comp, rng, held, args.test_views, frame)
-        (tc, tlog, tf), (hc, hlog, hf) = run(ti), run(hi)
+        (_, tlog, tf), (hc, hlog, hf) = run(ti), run(hi)
         whole, cell = zero_shot(hc, hlog, hl)
         dino_t = tp.encode(ti, encoder, cfg["model"]["pool"], args.threads).mean(axis=1)
         dino_h = tp.encode(hi, encoder, cfg["model"]["pool"], args.threads).mean(axis=1)
