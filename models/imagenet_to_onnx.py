@@ -76,6 +76,10 @@ def read_pth(path: Path) -> dict[str, np.ndarray]:
 
         def numpy(self) -> np.ndarray:
             a = self.storage.array
+            # as_strided reads whatever memory the strides point at: check the extent first.
+            extent = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
+            if min(self.shape, default=1) > 0 and extent > a.size:
+                raise ConvertError(f"{path}: a tensor of shape {self.shape} needs {extent} elements of a storage of {a.size}")
             return np.lib.stride_tricks.as_strided(a[self.offset:], self.shape, [s * a.itemsize for s in self.stride]).copy()
 
     class StateDict(dict):  # a dict that takes the pickle's `_metadata` attribute
@@ -100,28 +104,31 @@ def read_pth(path: Path) -> dict[str, np.ndarray]:
             return storages[pid[2]]
 
     raw = path.read_bytes()
-    if zipfile.is_zipfile(io.BytesIO(raw)):
-        with zipfile.ZipFile(io.BytesIO(raw)) as z:
-            pkl = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
-            if pkl is None:
-                raise ConvertError(f"{path}: a zip without data.pkl is not a PyTorch file")
-            state = Unpickler(io.BytesIO(z.read(pkl))).load()
-            for key, st in storages.items():
-                st.array = np.frombuffer(z.read(f"{pkl[:-len('data.pkl')]}data/{key}"), st.dtype)
-    else:
-        f = io.BytesIO(raw)
-        if Unpickler(f).load() != 0x1950A86A20F9469CFC6C:
-            raise ConvertError(f"{path}: not a PyTorch file (neither zip nor the legacy magic number)")
-        Unpickler(f).load()  # protocol version
-        Unpickler(f).load()  # system info
-        state = Unpickler(f).load()
-        for key in Unpickler(f).load():
-            st = storages[key]
-            n = int.from_bytes(f.read(8), "little")
-            st.array = np.frombuffer(f.read(n * np.dtype(st.dtype).itemsize), st.dtype)
-            if st.array.size != n:
-                raise ConvertError(f"{path}: storage {key} is truncated")
-    return {k: v.numpy() for k, v in state.items()}
+    try:
+        if zipfile.is_zipfile(io.BytesIO(raw)):
+            with zipfile.ZipFile(io.BytesIO(raw)) as z:
+                pkl = next((n for n in z.namelist() if n.endswith("/data.pkl")), None)
+                if pkl is None:
+                    raise ConvertError(f"{path}: a zip without data.pkl is not a PyTorch file")
+                state = Unpickler(io.BytesIO(z.read(pkl))).load()
+                for key, st in storages.items():
+                    st.array = np.frombuffer(z.read(f"{pkl[:-len('data.pkl')]}data/{key}"), st.dtype)
+        else:
+            f = io.BytesIO(raw)
+            if Unpickler(f).load() != 0x1950A86A20F9469CFC6C:
+                raise ConvertError(f"{path}: not a PyTorch file (neither zip nor the legacy magic number)")
+            Unpickler(f).load()  # protocol version
+            Unpickler(f).load()  # system info
+            state = Unpickler(f).load()
+            for key in Unpickler(f).load():
+                st = storages[key]
+                n = int.from_bytes(f.read(8), "little")
+                st.array = np.frombuffer(f.read(n * np.dtype(st.dtype).itemsize), st.dtype)
+                if st.array.size != n:
+                    raise ConvertError(f"{path}: storage {key} is truncated")
+        return {k: v.numpy() for k, v in state.items()}
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+        raise ConvertError(f"{path}: not a readable PyTorch state dict ({type(exc).__name__}: {exc})") from exc
 
 
 def category_matrix(wordnet: Path, wnids_json: Path, spec: dict) -> tuple[list[str], np.ndarray]:
@@ -216,10 +223,27 @@ class Graph:
         return y + "_r6"
 
 
+def lite0_tensors() -> list[tuple[str, str]]:
+    """(module, parameter) of every tensor classifier_nodes reads."""
+    bn = ("weight", "bias", "running_mean", "running_var")
+    out = [("_conv_stem", "weight")] + [("_bn0", p) for p in bn]
+    i = 0
+    for repeats, _, _, expand, _, _ in LITE0:
+        for _ in range(repeats):
+            convs = ([("_expand_conv", "_bn0")] if expand != 1 else []) + [("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2")]
+            for conv, norm in convs:
+                out += [(f"_blocks.{i}.{conv}", "weight")] + [(f"_blocks.{i}.{norm}", p) for p in bn]
+            i += 1
+    return out + [("_conv_head", "weight")] + [("_bn1", p) for p in bn] + [("_fc", "weight"), ("_fc", "bias")]
+
+
 def classifier_nodes(w: dict[str, np.ndarray], matrix: np.ndarray, x: str, out: str, prefix: str = "cls_") -> Graph:
     """EfficientNet-Lite0 from `x` ([1, 3, H, W], normalised (pixel - 127) / 128, H and W multiples
     of 32) to `out` [1, (H/32)(W/32), categories]: per cell, softmax over ImageNet's classes, summed
     per category by `matrix` [1000, categories]."""
+    missing = sorted({f"{t}.{p}" for t, p in lite0_tensors()} - set(w))
+    if missing:
+        raise ConvertError(f"the state dict lacks {len(missing)} of EfficientNet-Lite0's tensors, e.g. {', '.join(missing[:3])}")
     g = Graph(prefix)
     h = g.conv_bn(x, w, "_conv_stem", "_bn0", 2, 1, True)
     i = 0
@@ -243,6 +267,7 @@ def classifier_nodes(w: dict[str, np.ndarray], matrix: np.ndarray, x: str, out: 
     if f"_blocks.{i}._depthwise_conv.weight" in w:
         raise ConvertError(f"the state dict has more than the {i} blocks of EfficientNet-Lite0")
     h = g.conv_bn(h, w, "_conv_head", "_bn1", 1, 1, True)
+    g.features = h  # [1, 1280, H/32, W/32], before the classifier
     # The classifier on every cell: a 1 x 1 convolution with the linear layer's weights.
     fc_w, fc_b = w["_fc.weight"], w["_fc.bias"]
     if fc_w.shape != (1000, 1280) or matrix.shape[0] != 1000:
@@ -275,6 +300,8 @@ def combine(detector: onnx.ModelProto, w: dict[str, np.ndarray], matrix: np.ndar
     out = graph.output[0]
     if shape[2:] != det["preprocess"]["size"]:
         raise ConvertError(f"detector input {shape}: the manifest says {det['preprocess']['size']}")
+    if shape[2] != shape[3] or shape[2] % 8 or side % 32:
+        raise ConvertError(f"detector input {shape}: the classifier's grid needs a square input divisible by 8 (and a classifier side divisible by 32)")
     anchors = sum((shape[2] // s) * (shape[3] // s) for s in det["strides"])
     classes = len(det["classes"])
     det_out = "det_scores"
@@ -308,8 +335,6 @@ def combine(detector: onnx.ModelProto, w: dict[str, np.ndarray], matrix: np.ndar
     graph.initializer.extend(g.inits)
     out.type.tensor_type.shape.dim[1].dim_value = anchors + cells
     out.type.tensor_type.shape.dim[2].dim_value = classes + n_cat
-    if shape[2] != shape[3] or shape[2] % 8 or side % 32:
-        raise ConvertError(f"detector input {shape}: the classifier's grid needs a square input divisible by 8")
     opset = max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx"))
     if opset < 18:  # Resize's antialias
         for o in m.opset_import:

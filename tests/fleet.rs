@@ -59,7 +59,13 @@ async fn a_fleet_question_is_answered_by_every_camera_of_the_group() {
         .collect();
     wait_online(port, &["porch", "kitchen", "garage"], WAIT).await;
 
-    // Each camera keeps a retained member record in each of its groups.
+    // Each camera keeps a retained member record in each of its groups. A record published after a
+    // client subscribed reaches it live, without the retain flag (MQTT), so wait until every camera
+    // has published its record, then read the records as a hub that connects later does.
+    let mut early = TestClient::connect(port, "test-hub-early", &["scenecast/all/members/+"]).await;
+    for d in ["porch", "kitchen", "garage"] {
+        early.next_on(&format!("scenecast/all/members/{d}"), WAIT).await.expect("member record");
+    }
     let mut hub = TestClient::connect(port, "test-hub", &["scenecast/all/members/+"]).await;
     for d in ["porch", "kitchen", "garage"] {
         let record = hub.next_on(&format!("scenecast/all/members/{d}"), WAIT).await.expect("member record");

@@ -23,20 +23,19 @@ import sys
 import tomllib
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grounded_filter import CALIBRATE, print_rows  # noqa: E402
 
 sys.path.insert(0, str(HERE))
+import imagenet_to_onnx as ito  # noqa: E402
+import manifest  # noqa: E402
 from fetch import default_cache  # noqa: E402
+from PIL import Image  # noqa: E402
+from train_projector import anchor_count, detector  # noqa: E402
 
 
 def main() -> int:
-    import onnxruntime as ort
-    from PIL import Image
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=HERE / "projector" / "dinov2s-nanodet-smollm2-v7.eval.json.gz",
                     help="per-scene results of `scenecast eval --report` (.json or .json.gz)")
@@ -46,30 +45,20 @@ def main() -> int:
     args = ap.parse_args()
     raw = args.results.read_bytes()
     doc = json.loads(gzip.decompress(raw) if args.results.suffix == ".gz" else raw)
-    manifest = tomllib.loads((HERE / "dinov2s-nanodet-imagenet.toml").read_text())["detector"]
-    columns = [c.removeprefix("imagenet ") for c in manifest["classes"] if c.startswith("imagenet ")]
-    first = len(manifest["classes"]) - len(columns)
-    cells = sum((manifest["preprocess"]["size"][0] // s) ** 2 for s in manifest["strides"][:-1])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(args.cache / "models" / manifest["file"]["cache"]), opts, providers=["CPUExecutionProvider"])
-    mean, std = np.array(manifest["preprocess"]["mean"], np.float32), np.array(manifest["preprocess"]["std"], np.float32)
-    side = manifest["preprocess"]["size"]
-
-    def best_cells(path: Path) -> dict[str, float]:
-        rgb = np.asarray(Image.open(path).convert("RGB").resize((side[1], side[0]), Image.BILINEAR), np.float32) / 255.0
-        x = ((rgb[:, :, ::-1] - mean) / std).transpose(2, 0, 1)[None].copy()
-        scores = sess.run(None, {manifest["input"]: x})[0][0, cells:, first:]
-        return dict(zip(columns, scores.max(axis=0).tolist()))
-
+    models = args.cache / "models"
+    det = manifest.facts(HERE / "dinov2s-nanodet-imagenet.toml").detector
     spec = tomllib.loads((HERE / "classifier" / "imagenet-categories.toml").read_text())
-    # A category "covered" by ImageNet: one of its synsets holds an ImageNet class. Read off the
-    # scores: a category ImageNet never covers scores exactly 0 in every cell of every scene.
+    names, matrix = ito.category_matrix(models / "classifier" / "wordnet", models / "classifier" / "imagenet1k_to_21k.json", spec)
+    # The classifier's columns come last, its cells after the detector's anchors (the manifest's last stride).
+    first, cells = len(det.classes) - len(names), anchor_count(det) - (det.size[0] // det.strides[-1]) ** 2
+    scores = detector(args.cache, det, threads=2)
+    covered = {n for n, col in zip(names, matrix.T) if col.any()} - {spec.get("other")}
+
     results = doc["scenes"]
     for r in results:
         image = Path(r["image"])
-        r["imagenet"] = best_cells(image if image.is_file() else args.images / image.name)
-    covered = {c for c in columns if any(r["imagenet"][c] > 0 for r in results)} - {spec.get("other")}
+        best = scores(Image.open(image if image.is_file() else args.images / image.name))[0, cells:, first:].max(axis=0)
+        r["imagenet"] = dict(zip(names, best.tolist()))
     right = sorted(r["imagenet"][n] for r in results if r["kind"] in CALIBRATE for n in r["named"] if n in r["objects"] and n in covered)
     threshold = right[int((1 - args.keep) * len(right))]
     print(f"{len(covered)} categories covered by ImageNet; threshold {threshold:.3f}: keeps {args.keep:.0%} of the "

@@ -62,8 +62,7 @@ def main() -> int:
     # The classifier alone, on the Lite-normalised 256 x 256 tensor: per-cell scores, pooled logits
     # and the pooled 1280-wide features.
     g = ito.classifier_nodes(weights, matrix, "x", "cells")
-    head = next(n for n in g.nodes if n.output[0] == g.name("logits")).input[0]
-    nodes = g.nodes + [onnx.helper.make_node("GlobalAveragePool", [head], ["pooled"]),
+    nodes = g.nodes + [onnx.helper.make_node("GlobalAveragePool", [g.features], ["pooled"]),
                        onnx.helper.make_node("Flatten", ["pooled"], ["features"]),
                        onnx.helper.make_node("Gemm", ["features", "fc_w", "fc_b"], ["logits"], transB=1)]
     inits = g.inits + [onnx.numpy_helper.from_array(weights["_fc.weight"], "fc_w"), onnx.numpy_helper.from_array(weights["_fc.bias"], "fc_b")]
