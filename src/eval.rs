@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{ImageError, RgbImage};
-use crate::llm::{mentions, name_directions, support, Backbone};
+use crate::llm::{classifier_support, mentions, name_directions, support, Backbone};
 use crate::pipeline::{Pipeline, StackError};
 use crate::vision::ImageTokens;
 
@@ -257,6 +257,11 @@ pub struct SceneResult {
     /// ([`name_directions`]), the similarity the projector's grounding loss trains. What a
     /// check of captions by the image tokens reads (`llm::Grounding`; models/experiments/grounded_filter.py).
     pub support: Vec<f32>,
+    /// Per category of the set, with a detector that scores the categories itself
+    /// (`detector.category_prefix`): its best score of the category in the scene (None: no score).
+    /// Empty without such a detector.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub classifier: Vec<Option<f32>>,
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).
@@ -318,11 +323,14 @@ pub fn run(
         o
     };
     let directions = name_directions(&pipeline.backbone, &set.categories).map_err(StackError::from)?;
+    let columns = pipeline.manifest.category_columns(&set.categories);
+    let scored = columns.iter().any(Option::is_some);
     let mut results = Vec::with_capacity(set.scenes.len());
     for (i, scene) in set.scenes.iter().enumerate() {
         let image = RgbImage::open(&scene.image)?;
         pipeline.set_scene(i as u64, &image, &mut tokens)?;
         let support = support(&tokens, &directions);
+        let classifier = if scored { classifier_support(&tokens, &columns) } else { Vec::new() };
         let backbone = &mut pipeline.backbone;
         let o = options(backbone);
         let described = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
@@ -351,6 +359,7 @@ pub fn run(
             tally,
             unchecked_tally,
             support,
+            classifier,
         };
         progress(i, &result);
         results.push(result);
@@ -374,23 +383,38 @@ pub struct Calibration {
     pub wrong_removed: usize,
 }
 
+/// The caption check's thresholds (see [`calibrate`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Thresholds {
+    /// By the image tokens.
+    pub tokens: Calibration,
+    /// By the detector's own scores of the categories (`detector.category_prefix`), over the
+    /// names that have a score and that the image tokens keep; None without such a detector.
+    pub classifier: Option<Calibration>,
+}
+
 /// Captions every scene of `set` (through [`Backbone::describe`], as the LLM writes them, before
 /// any check) and takes the support of each category a caption names correctly; the threshold is
-/// the highest that keeps `keep` of them. Run it on scenes of objects the projector trained on
-/// (`photo`, `heldout-pair`), never on the held-out rows it is measured on.
+/// the highest that keeps `keep` of them. With a detector that scores the categories itself
+/// (`detector.category_prefix`), the same again for its scores, over the names the image tokens
+/// keep. Run it on scenes of objects the projector trained on (`photo`, `heldout-pair`), never on
+/// the held-out rows it is measured on.
 pub fn calibrate(
     set: &EvalSet,
     pipeline: &mut Pipeline,
     keep: f64,
     progress: &mut dyn FnMut(usize),
-) -> Result<Calibration, EvalError> {
+) -> Result<Thresholds, EvalError> {
     let directions = name_directions(&pipeline.backbone, &set.categories).map_err(StackError::from)?;
+    let columns = pipeline.manifest.category_columns(&set.categories);
     let mut tokens = ImageTokens::default();
-    let (mut right, mut wrong) = (Vec::new(), Vec::new());
+    // Each name a caption wrote: whether the scene shows it, its token support, its detector score.
+    let mut names: Vec<(bool, f32, Option<f32>)> = Vec::new();
     for (i, scene) in set.scenes.iter().enumerate() {
         let image = RgbImage::open(&scene.image)?;
         pipeline.set_scene(i as u64, &image, &mut tokens)?;
         let support = support(&tokens, &directions);
+        let classifier = classifier_support(&tokens, &columns);
         let backbone = &mut pipeline.backbone;
         let mut o = backbone.default_options();
         o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
@@ -398,11 +422,21 @@ pub fn calibrate(
         let caption = g.checked.map_or(g.text, |c| c.unchecked);
         for name in mentions(&caption, &set.categories) {
             let at = set.categories.iter().position(|c| c == name).expect("a mention is a category");
-            if scene.objects.iter().any(|o| o == name) { &mut right } else { &mut wrong }.push(support[at]);
+            names.push((scene.objects.iter().any(|o| o == name), support[at], classifier[at]));
         }
         progress(i);
     }
-    threshold(&mut right, &wrong, keep).ok_or(EvalError::NothingToCalibrate { scenes: set.scenes.len() })
+    let split = |names: &mut dyn Iterator<Item = (bool, f32)>| -> (Vec<f32>, Vec<f32>) {
+        let (right, wrong): (Vec<_>, Vec<_>) = names.partition(|(shown, _)| *shown);
+        (right.into_iter().map(|n| n.1).collect(), wrong.into_iter().map(|n| n.1).collect())
+    };
+    let (mut right, wrong) = split(&mut names.iter().map(|n| (n.0, n.1)));
+    let tokens =
+        threshold(&mut right, &wrong, keep).ok_or(EvalError::NothingToCalibrate { scenes: set.scenes.len() })?;
+    let (mut right, wrong) =
+        split(&mut names.iter().filter(|n| n.1 >= tokens.threshold).filter_map(|n| Some((n.0, n.2?))));
+    let classifier = if columns.iter().any(Option::is_some) { threshold(&mut right, &wrong, keep) } else { None };
+    Ok(Thresholds { tokens, classifier })
 }
 
 /// The highest threshold that keeps `keep` of `right` (None when it is empty).
@@ -544,8 +578,13 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
         let changed = results.iter().filter(|r| r.unchecked.is_some()).count();
         s += &format!(
             "\nThe captions above are checked against the image tokens (the manifest's `[grounding]`): a named \
-             category that no image token points at is removed. The check changed {changed} captions; as the \
-             LLM wrote them, they score:\n\n"
+             category that no image token points at is removed{}. The check changed {changed} captions; as the \
+             LLM wrote them, they score:\n\n",
+            if results.iter().any(|r| !r.classifier.is_empty()) {
+                ", and, with `classifier_threshold`, one the detector's own score of the category rejects"
+            } else {
+                ""
+            }
         );
         s += "| scenes | n | object precision | object recall | all shown named | exact captions | named nothing |\n";
         s += "|---|---|---|---|---|---|---|\n";
@@ -711,6 +750,7 @@ mod tests {
             tally: Tally::default(),
             unchecked_tally: Tally::default(),
             support: vec![],
+            classifier: vec![],
         }
     }
 

@@ -144,6 +144,12 @@ pub struct DetectorSpec {
     pub strides: Vec<u32>,
     /// The class of each score column.
     pub classes: Vec<String>,
+    /// Columns named `<category_prefix><category>` score a `[grounding]` category itself (the
+    /// ImageNet classifier's columns of `dinov2s-nanodet-imagenet.toml`: "imagenet cat"), and the
+    /// caption check can read them (`grounding.classifier_threshold`). Such a column that is zero
+    /// over a whole frame gives no score (no class of the classifier falls under the category).
+    #[serde(default)]
+    pub category_prefix: Option<String>,
     /// Pre-processing.
     pub preprocess: PreprocessSpec,
 }
@@ -360,6 +366,11 @@ pub struct GroundingSpec {
     pub threshold: f32,
     /// The caption when no named category is left ("No known object.").
     pub nothing: String,
+    /// A second check, by the detector's own scores of the categories (its columns named
+    /// `detector.category_prefix` + category): a named category that has such a score in the
+    /// frame stays only when its best score over the anchors reaches this. None: no such check.
+    #[serde(default)]
+    pub classifier_threshold: Option<f32>,
 }
 
 impl GroundingSpec {
@@ -389,6 +400,9 @@ impl GroundingSpec {
         }
         text += &format!("  {}\n]\n", line.trim_end());
         text += &format!("threshold = {:.4}\nnothing = {}\n", self.threshold, quote(&self.nothing));
+        if let Some(t) = self.classifier_threshold {
+            text += &format!("classifier_threshold = {t:.5}\n");
+        }
         text
     }
 }
@@ -663,7 +677,28 @@ impl Manifest {
                 self.invalid("grounding.nothing", "expected the caption for a scene with no known object".into())
             );
         }
+        if let Some(t) = g.classifier_threshold {
+            if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
+                return Err(self.invalid("grounding.classifier_threshold", format!("{t} is not a score in [0, 1]")));
+            }
+            if self.category_columns(&g.categories).iter().all(Option::is_none) {
+                return Err(self.invalid(
+                    "grounding.classifier_threshold",
+                    "expected a [detector] with `category_prefix` and a column named by it for some category".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// Per category, the detector's column that scores it (`detector.category_prefix`): None for
+    /// every category without such a column, or without a detector or prefix.
+    pub fn category_columns(&self, categories: &[String]) -> Vec<Option<usize>> {
+        let columns = self.detector.as_ref().and_then(|d| Some((d.category_prefix.as_deref()?, &d.classes)));
+        categories
+            .iter()
+            .map(|c| columns.and_then(|(prefix, classes)| classes.iter().position(|k| *k == format!("{prefix}{c}"))))
+            .collect()
     }
 
     fn validate_detector(&self) -> Result<(), ManifestError> {
@@ -885,6 +920,7 @@ mod tests {
             categories: ["dog", "teddy bear", "cat"].map(String::from).to_vec(),
             threshold: 0.1874,
             nothing: "No \"known\" object.".into(),
+            classifier_threshold: None,
         };
         let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
         assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
@@ -900,6 +936,9 @@ mod tests {
         let m = Manifest::parse(&once, "test.toml", Path::new("/m")).unwrap();
         let g = m.grounding.expect("written");
         assert_eq!((g.categories, g.threshold, g.nothing), (spec.categories.clone(), 0.1874, spec.nothing.clone()));
+        assert!(!section.contains("classifier_threshold"), "written only when calibrated: {section}");
+        let with_classifier = GroundingSpec { classifier_threshold: Some(0.00912), ..spec.clone() }.to_toml("C.");
+        assert!(with_classifier.ends_with("classifier_threshold = 0.00912\n"), "{with_classifier}");
         let other = GroundingSpec { threshold: 0.3, ..spec.clone() }.to_toml("Again.");
         let twice = with_grounding(&once, &other);
         assert_eq!(twice.matches("[grounding]").count(), 1, "{twice}");
@@ -965,6 +1004,42 @@ mod tests {
             ("steps = 1\n", "steps = 0\n", "`generator.steps`: must be at least 1"),
         ];
         assert_edits_fail(REFERENCE_MANIFEST, cases);
+    }
+
+    /// NanoDet with the ImageNet classifier in one detector graph (projectors v14, v15).
+    const IMAGENET_MANIFEST: &str = include_str!("../models/dinov2s-nanodet-imagenet.toml");
+
+    #[test]
+    fn the_classifier_columns_score_the_categories_and_their_threshold_is_checked() {
+        let m = Manifest::parse(IMAGENET_MANIFEST, "test.toml", Path::new("/m")).unwrap();
+        let det = m.detector.as_ref().expect("a detector");
+        let names = ["cat", "deer", "teddy bear", "pliers"].map(String::from);
+        // "imagenet cat" is column 80 + 1; "teddy bear" is a COCO class but no category column.
+        let at = |c: &str| det.classes.iter().position(|k| k == c);
+        assert_eq!(m.category_columns(&names), [Some(81), at("imagenet deer"), None, at("imagenet pliers")]);
+        assert!(at("imagenet deer").is_some(), "every category has a column, zero where ImageNet has none");
+        // Without the prefix (the reference's COCO detector) no category has a column.
+        let reference = Manifest::parse(REFERENCE_MANIFEST, "test.toml", Path::new("/m")).unwrap();
+        assert!(reference.category_columns(&names).iter().all(Option::is_none));
+        // The threshold in a [grounding] section.
+        let checked = IMAGENET_MANIFEST
+            .replace("nothing = \"No known object.\"", "nothing = \"No known object.\"\nclassifier_threshold = 0.009");
+        assert_ne!(checked, IMAGENET_MANIFEST, "the fixture has a [grounding] to edit");
+        let m = Manifest::parse(&checked, "test.toml", Path::new("/m")).unwrap();
+        assert_eq!(m.grounding.and_then(|g| g.classifier_threshold), Some(0.009));
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "classifier_threshold = 0.009",
+                "classifier_threshold = 1.5",
+                "`grounding.classifier_threshold`: 1.5 is not a score in [0, 1]",
+            ),
+            (
+                "category_prefix = \"imagenet \"",
+                "category_prefix = \"ImageNet \"",
+                "`grounding.classifier_threshold`: expected a [detector] with `category_prefix`",
+            ),
+        ];
+        assert_edits_fail(&checked, cases);
     }
 
     /// The projector-v4 stack: the reference plus the COCO detector as a second encoder.

@@ -177,7 +177,7 @@ fn bad_ggufs_and_contexts_are_clear_errors() {
     // 300 image tokens plus the chat prefix do not fit in the smallest context (llama.cpp
     // rounds a 64-token request up to 256).
     let mut tiny = smollm_with(LlmConfig { context: 64, ..llm_config() });
-    let image = ImageTokens { n_tokens: 300, n_embd: 576, data: vec![0.01; 300 * 576] };
+    let image = ImageTokens { n_tokens: 300, n_embd: 576, data: vec![0.01; 300 * 576], ..ImageTokens::default() };
     let err = tiny.set_scene(1, Some(&image)).unwrap_err();
     assert!(matches!(err, LlmError::ContextTooSmall { .. }), "{err}");
     assert!(
@@ -186,7 +186,7 @@ fn bad_ggufs_and_contexts_are_clear_errors() {
         "{err}"
     );
 
-    let wrong = ImageTokens { n_tokens: 64, n_embd: 640, data: vec![0.0; 64 * 640] };
+    let wrong = ImageTokens { n_tokens: 64, n_embd: 640, data: vec![0.0; 64 * 640], ..ImageTokens::default() };
     let err = smollm().set_scene(1, Some(&wrong)).unwrap_err().to_string();
     assert!(err.contains("image tokens are 640 wide, but the LLM's n_embd is 576"), "{err}");
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::error::{check_question, LlmError, QuestionError};
 use super::gguf::GgufInfo;
-use super::grounding::{Checked, Grounding};
+use super::grounding::{Checked, Grounding, Support};
 use super::prompt::{ChatLayout, StopFilter};
 use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
@@ -136,7 +136,7 @@ pub struct Backbone {
     /// The caption check (the manifest's `[grounding]`, unless `llm.ground_captions` is off).
     grounding: Option<Grounding>,
     /// The support of each of its categories in the cached scene, when it has an image.
-    support: Option<Vec<f32>>,
+    support: Option<Support>,
 }
 
 impl Backbone {
@@ -204,10 +204,11 @@ impl Backbone {
         };
         backbone.check_layout()?;
         if let Some(spec) = manifest.grounding.as_ref().filter(|_| config.ground_captions) {
-            backbone.grounding = Some(Grounding::new(spec, &backbone)?);
+            backbone.grounding = Some(Grounding::new(spec, &backbone, manifest.category_columns(&spec.categories))?);
             tracing::info!(
                 categories = spec.categories.len(),
                 threshold = spec.threshold,
+                classifier_threshold = spec.classifier_threshold,
                 "captions checked against the image tokens"
             );
         }
@@ -411,8 +412,8 @@ impl Backbone {
 
     /// The support of each of the check's categories in the current scene (None without a check or
     /// without an image in the scene).
-    pub fn scene_support(&self) -> Option<&[f32]> {
-        self.support.as_deref()
+    pub fn scene_support(&self) -> Option<&Support> {
+        self.support.as_ref()
     }
 
     fn request(

@@ -7,8 +7,11 @@
 //! direction (`support`). The LLM, reading the same tokens, sometimes names a category the tokens
 //! do not support: a wrong guess for an object it never saw. [`Grounding::check`] drops such names
 //! from a caption (the clause that names them), and a caption left with no known name becomes the
-//! manifest's "nothing" caption. The vocabulary and the threshold are the manifest's
-//! (`[grounding]`, written by `scenecast calibrate`), so nothing here knows a model.
+//! manifest's "nothing" caption. With a detector that scores the categories itself (the ImageNet
+//! classifier beside NanoDet, `detector.category_prefix`), a second judge: a named category the
+//! detector scores in the frame must also reach `classifier_threshold` there (`classifier_support`).
+//! The vocabulary and the thresholds are the manifest's (`[grounding]`, written by
+//! `scenecast calibrate`), so nothing here knows a model.
 
 use serde::Serialize;
 
@@ -70,43 +73,79 @@ pub fn support(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<f32> {
     directions.iter().map(|d| rows.clone().map(|r| 1.0 - cosine_distance(r, d)).fold(f32::MIN, f32::max)).collect()
 }
 
+/// Per category, the detector's own best score of it in the frame (`tokens.class_scores` at the
+/// category's column, `Manifest::category_columns`): None where the category has no column, or a
+/// column that is zero over the whole frame (the classifier has no class under the category).
+pub fn classifier_support(tokens: &ImageTokens, columns: &[Option<usize>]) -> Vec<Option<f32>> {
+    columns.iter().map(|c| c.and_then(|c| tokens.class_scores.get(c).copied()).filter(|s| *s > 0.0)).collect()
+}
+
+/// A scene's support of each category of the check, in the order of its categories.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Support {
+    /// By the image tokens ([`support`]).
+    pub tokens: Vec<f32>,
+    /// By the detector's own scores of the categories ([`classifier_support`]); empty when the
+    /// check does not read them.
+    pub classifier: Vec<Option<f32>>,
+}
+
 /// What the check removed from a caption.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Checked {
     /// The caption as the LLM wrote it.
     pub unchecked: String,
-    /// The categories it named that the image tokens do not support (removed from the caption).
+    /// The categories it named that the image tokens (or the detector's scores) do not support
+    /// (removed from the caption).
     pub dropped: Vec<String>,
 }
 
-/// The manifest's vocabulary with each name's direction, and the threshold.
+/// The manifest's vocabulary with each name's direction, the detector's column of each (when the
+/// check reads them), and the thresholds.
 #[derive(Debug, Clone)]
 pub struct Grounding {
     spec: GroundingSpec,
     directions: Vec<Vec<f32>>,
+    /// Per category, the detector's column that scores it (all None without
+    /// `classifier_threshold`).
+    columns: Vec<Option<usize>>,
 }
 
 impl Grounding {
-    /// The check of `spec`, with the name directions read from `backbone`'s GGUF.
-    pub fn new(spec: &GroundingSpec, backbone: &Backbone) -> Result<Self, LlmError> {
-        Ok(Grounding { spec: spec.clone(), directions: name_directions(backbone, &spec.categories)? })
+    /// The check of `spec`, with the name directions read from `backbone`'s GGUF; `columns` (per
+    /// category, `Manifest::category_columns`) are read when the spec has a `classifier_threshold`.
+    pub fn new(spec: &GroundingSpec, backbone: &Backbone, columns: Vec<Option<usize>>) -> Result<Self, LlmError> {
+        let columns = if spec.classifier_threshold.is_some() { columns } else { vec![None; spec.categories.len()] };
+        Ok(Grounding { spec: spec.clone(), directions: name_directions(backbone, &spec.categories)?, columns })
     }
 
-    /// Each category's support in a scene (in the order of the manifest's categories).
-    pub fn support(&self, tokens: &ImageTokens) -> Vec<f32> {
-        support(tokens, &self.directions)
+    /// Each category's support in a scene.
+    pub fn support(&self, tokens: &ImageTokens) -> Support {
+        let classifier = if self.spec.classifier_threshold.is_some() {
+            classifier_support(tokens, &self.columns)
+        } else {
+            Vec::new()
+        };
+        Support { tokens: support(tokens, &self.directions), classifier }
     }
 
-    /// Removes from `caption` every named category whose `support` is below the threshold, with
-    /// its clause; returns what it removed, or None when the image tokens support every name.
-    pub fn check(&self, caption: &mut String, support: &[f32]) -> Option<Checked> {
+    /// Removes from `caption` every named category whose token support is below the threshold, or
+    /// whose detector score (where it has one) is below `classifier_threshold`, with its clause;
+    /// returns what it removed, or None when both support every name.
+    pub fn check(&self, caption: &mut String, support: &Support) -> Option<Checked> {
         let named = mentions(caption, &self.spec.categories);
         let index = |name: &str| self.spec.categories.iter().position(|c| c == name);
-        let dropped: Vec<String> = named
-            .into_iter()
-            .filter(|n| index(n).and_then(|i| support.get(i)).is_none_or(|s| *s < self.spec.threshold))
-            .map(str::to_owned)
-            .collect();
+        let unsupported = |i: usize| {
+            let by_tokens = support.tokens.get(i).is_none_or(|s| *s < self.spec.threshold);
+            let by_classifier = self
+                .spec
+                .classifier_threshold
+                .zip(support.classifier.get(i).copied().flatten())
+                .is_some_and(|(t, s)| s < t);
+            by_tokens || by_classifier
+        };
+        let dropped: Vec<String> =
+            named.into_iter().filter(|n| index(n).is_none_or(unsupported)).map(str::to_owned).collect();
         if dropped.is_empty() {
             return None;
         }
@@ -250,12 +289,18 @@ mod tests {
 
     #[test]
     fn the_check_keeps_supported_names_and_drops_the_rest() {
-        let spec = GroundingSpec { categories: cats(), threshold: 0.2, nothing: "Nothing known.".into() };
-        let g = Grounding { directions: vec![Vec::new(); spec.categories.len()], spec };
+        let spec = GroundingSpec {
+            categories: cats(),
+            threshold: 0.2,
+            nothing: "Nothing known.".into(),
+            classifier_threshold: None,
+        };
+        let n = spec.categories.len();
+        let g = Grounding { directions: vec![Vec::new(); n], columns: vec![None; n], spec };
         let support = [0.5, 0.1, 0.19, 0.2, 0.0, 0.0, 0.0];
         let check = |caption: &str, support: &[f32]| {
             let mut text = caption.to_owned();
-            let removed = g.check(&mut text, support);
+            let removed = g.check(&mut text, &Support { tokens: support.to_vec(), classifier: Vec::new() });
             (text, removed)
         };
         let (kept, removed) = check("A dog on the left and a goat on the right.", &support);
@@ -272,9 +317,46 @@ mod tests {
     }
 
     #[test]
+    fn the_detectors_own_scores_drop_names_it_scores_low_and_leave_the_rest_to_the_tokens() {
+        // Columns: dog 0, cat 2, pig 3 (zero over the frame: no classifier class under it); goat,
+        // fish, teddy bear and bus have none.
+        let spec = GroundingSpec {
+            categories: cats(),
+            threshold: 0.2,
+            nothing: "Nothing known.".into(),
+            classifier_threshold: Some(0.01),
+        };
+        let n = spec.categories.len();
+        let columns = vec![Some(0), Some(2), Some(3), None, None, None, None];
+        let g = Grounding { directions: vec![Vec::new(); n], columns, spec };
+        let tokens = ImageTokens { class_scores: vec![0.4, 0.9, 0.005, 0.0], ..ImageTokens::default() };
+        let classifier = classifier_support(&tokens, &g.columns);
+        assert_eq!(classifier, [Some(0.4), Some(0.005), None, None, None, None, None]);
+        // Every name is supported by the tokens; the cat's own score is below 0.01.
+        let support = Support { tokens: vec![0.5; n], classifier };
+        let check = |caption: &str| {
+            let mut text = caption.to_owned();
+            (g.check(&mut text, &support).map(|c| c.dropped), text)
+        };
+        assert_eq!(check("A dog and a cat."), (Some(vec!["cat".to_owned()]), "A dog.".to_owned()));
+        assert_eq!(check("A pig and a goat."), (None, "A pig and a goat.".to_owned()), "no score: the tokens decide");
+        assert_eq!(check("A cat.").1, "Nothing known.");
+        // Without a detector's scores (a frame from a stack without one) the tokens decide alone.
+        let none = classifier_support(&ImageTokens::default(), &g.columns);
+        assert!(none.iter().all(Option::is_none));
+        let mut text = "A cat.".to_owned();
+        assert_eq!(g.check(&mut text, &Support { tokens: vec![0.5; n], classifier: none }), None);
+        // A low token support drops a name whatever the detector says.
+        let mut text = "A dog and a cat.".to_owned();
+        let low = Support { tokens: vec![0.1; n], classifier: vec![Some(0.9); n] };
+        assert_eq!(g.check(&mut text, &low).map(|c| c.dropped), Some(vec!["dog".to_owned(), "cat".to_owned()]));
+    }
+
+    #[test]
     fn support_is_the_best_token_cosine_with_each_direction() {
         // Two tokens of width 3: one along x (any length), one between y and z.
-        let tokens = ImageTokens { n_tokens: 2, n_embd: 3, data: vec![5.0, 0.0, 0.0, 0.0, 1.0, 1.0] };
+        let tokens =
+            ImageTokens { n_tokens: 2, n_embd: 3, data: vec![5.0, 0.0, 0.0, 0.0, 1.0, 1.0], ..ImageTokens::default() };
         let directions = [vec![1.0, 0.0, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, -1.0]];
         let s = support(&tokens, &directions);
         let half = std::f32::consts::FRAC_1_SQRT_2;

@@ -13,7 +13,7 @@ use serde::Deserialize;
 pub use backbone::{Backbone, GenerateOptions, Generation, ModelSummary, Part, StopReason, MAX_OUTPUTS};
 pub use error::{check_question, LlmError, QuestionError};
 pub use gguf::{token_embeddings, GgufInfo};
-pub use grounding::{mentions, name_directions, support, Checked, Grounding};
+pub use grounding::{classifier_support, mentions, name_directions, support, Checked, Grounding, Support};
 pub use prompt::{ChatLayout, StopFilter};
 pub use sampling::{SamplingParams, TokenSampler};
 

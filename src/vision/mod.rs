@@ -37,6 +37,17 @@ pub fn check_width(manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, u
     }
 }
 
+/// Writes the best score of each class over all anchors of `detections` (`[anchors, classes]`
+/// row-major, with its shape) into `out`; clears it without detections.
+pub fn best_per_class(detections: Option<(&[f32], [usize; 3])>, out: &mut Vec<f32>) {
+    out.clear();
+    let Some((scores, [_, _, classes])) = detections else { return };
+    out.resize(classes, f32::MIN);
+    for anchor in scores.chunks_exact(classes.max(1)) {
+        out.iter_mut().zip(anchor).for_each(|(best, s)| *best = best.max(*s));
+    }
+}
+
 /// Milliseconds per vision stage for one frame.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct VisionTimings {
@@ -128,6 +139,7 @@ impl Vision {
                     Some(detector) => Some(detector.run()?),
                     None => None,
                 };
+                best_per_class(detections, &mut out.class_scores);
                 let detect_ms = crate::util::ms_since(start);
                 Ok(detect_ms + projector.project(&self.features, detections, out)?)
             }
@@ -138,6 +150,7 @@ impl Vision {
                 out.data.extend_from_slice(self.grid_tokens());
                 out.n_tokens = self.features.n_tokens - self.prefix;
                 out.n_embd = self.features.width;
+                out.class_scores.clear();
                 Ok(crate::util::ms_since(start))
             }
         }

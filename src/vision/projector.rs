@@ -19,6 +19,9 @@ pub struct ImageTokens {
     pub n_embd: usize,
     /// The embeddings.
     pub data: Vec<f32>,
+    /// With a `[detector]`: its best score of each class (column) over all its anchors in the same
+    /// frame, which the caption check can read (`grounding.classifier_threshold`); empty without.
+    pub class_scores: Vec<f32>,
 }
 
 /// Average-pools a row-major `grid` of patch tokens (after `prefix` leading tokens) to `pool`

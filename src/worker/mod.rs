@@ -302,7 +302,7 @@ impl Worker {
             Some(checked) => {
                 tracing::info!(
                     frame = frame.seq,
-                    "the image tokens do not support {:?}: removed from {:?}",
+                    "the scene does not support {:?} (image tokens or detector scores): removed from {:?}",
                     checked.dropped,
                     checked.unchecked
                 );

@@ -364,14 +364,19 @@ pub fn calibrate(
     let mut pipeline = load_pipeline(config)?;
     let start = Instant::now();
     let total = set.scenes.len();
-    let c = eval::calibrate(&set, &mut pipeline, keep, &mut |i| {
+    let t = eval::calibrate(&set, &mut pipeline, keep, &mut |i| {
         if (i + 1) % 20 == 0 {
             eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
         }
     })?;
-    let spec =
-        GroundingSpec { categories: set.categories.clone(), threshold: c.threshold, nothing: nothing.to_owned() };
-    let comment = format!(
+    let c = &t.tokens;
+    let spec = GroundingSpec {
+        categories: set.categories.clone(),
+        threshold: c.threshold,
+        nothing: nothing.to_owned(),
+        classifier_threshold: t.classifier.as_ref().map(|k| k.threshold),
+    };
+    let mut comment = format!(
         "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
          only when some image token points at it (cosine with the name's direction in the LLM's input space \
          >= threshold); a caption left with no name says `nothing`. Written by `scenecast calibrate` on the set \
@@ -383,7 +388,6 @@ pub fn calibrate(
         c.wrong_removed,
         c.wrong,
     );
-    let section = spec.to_toml(&comment);
     eprintln!(
         "threshold {:.4}: keeps {:.0} % of {} correct names; {} of {} wrong names fall below it ({:.0} s)",
         c.threshold,
@@ -393,6 +397,27 @@ pub fn calibrate(
         c.wrong,
         start.elapsed().as_secs_f64()
     );
+    if let Some(k) = &t.classifier {
+        comment += &format!(
+            "\nThe detector's own scores of the categories (its columns named `detector.category_prefix` + \
+             category) check the names the image tokens keep: a name it scores below classifier_threshold in the \
+             frame goes too. The threshold keeps {:.0} % of the {} correct names that have such a score and removes \
+             {} of the {} wrong ones.",
+            keep * 100.0,
+            k.correct,
+            k.wrong_removed,
+            k.wrong,
+        );
+        eprintln!(
+            "classifier_threshold {:.5}: keeps {:.0} % of {} correct names with a score; removes {} of {} wrong ones",
+            k.threshold,
+            keep * 100.0,
+            k.correct,
+            k.wrong_removed,
+            k.wrong
+        );
+    }
+    let section = spec.to_toml(&comment);
     match write {
         Some(path) => {
             let text =
@@ -489,7 +514,7 @@ fn describe_one(
             out!("{}", answer.text);
             if let Some(checked) = &answer.checked {
                 out!(
-                    "  [the image tokens do not support {}: removed from \"{}\"]",
+                    "  [the scene does not support {} (image tokens or detector scores): removed from \"{}\"]",
                     checked.dropped.join(", "),
                     checked.unchecked
                 );
