@@ -901,7 +901,11 @@ mod tests {
     fn reference_manifest_is_valid() {
         let m = Manifest::reference().unwrap();
         assert_eq!(m.n_image_tokens(), 64, "the detector's scores are fused into the 8 x 8 patch tokens");
-        assert_eq!(m.detector.as_ref().map(|d| d.classes.len()), Some(80), "the COCO detector");
+        assert_eq!(
+            m.detector.as_ref().map(|d| d.classes.len()),
+            Some(80 + 83),
+            "COCO's classes and the classifier's categories"
+        );
         assert_eq!(m.projector.as_ref().and_then(|p| p.detections_input.as_deref()), Some("detections"));
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
@@ -1089,7 +1093,7 @@ mod tests {
     fn path_files_resolve_against_the_manifest_dir() {
         let m = with(|t| {
             t.replacen(
-                "file = { cache = \"projector/dinov2s-nanodet-smollm2-v7.onnx\"",
+                "file = { cache = \"projector/dinov2s-nanodet-imagenet-smollm2-v15.onnx\"",
                 "file = { path = \"proj.onnx\"",
                 1,
             )

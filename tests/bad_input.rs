@@ -86,7 +86,7 @@ fn gguf_of_another_width_or_not_a_gguf() {
     assert_contains(
         &err,
         &[
-            "dinov2s-nanodet-smollm2-v7.onnx outputs image tokens of width 576",
+            "dinov2s-nanodet-imagenet-smollm2-v15.onnx outputs image tokens of width 576",
             "gemma-3-270m-q4_k_m.gguf has n_embd 640",
         ],
     );
