@@ -72,20 +72,21 @@ $(TRAIN_PY): models/requirements-train.txt
 
 train-venv: $(TRAIN_PY)
 
-# The projector's training configuration (models/projector/train-v7.toml: the shipped one, 82
-# categories, patch features with the COCO detector's scores fused in per cell, the adapter on the
-# scene prefix only; train-v5.toml the previous reference (adapter on every token), train-v6.toml
+# The projector's training configuration (models/projector/train-v15.toml: the shipped one, 82
+# categories, patch features with the COCO detector's and the ImageNet classifier's scores fused in
+# per cell, the adapter on the scene prefix only; train-v7.toml the same with the COCO detector
+# alone, the reference before it; train-v5.toml an earlier one (adapter on every token), train-v6.toml
 # v5 without the frame maximum, train-v3.toml without the detector, train-v4.toml with it as three
 # more tokens; train.toml is v1's 15, train-v2.toml the first 80-category run; train-v8.toml (CIFAR-10),
 # train-v9.toml (the adapter on each question too), train-v10.toml (on questions, not captions),
 # train-v11.toml (v7 in 640 LLM steps, the 60-minute budget), train-v12.toml (v11 with the
 # encoder's CLS as a 65th image token), train-v13.toml (v7 with that token) and train-v14.toml (v11
 # with an ImageNet classifier beside the detector) runs that were not shipped; models/README.md).
-PROJECTOR_CONFIG ?= models/projector/train-v7.toml
+PROJECTOR_CONFIG ?= models/projector/train-v15.toml
 PROJECTOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(PROJECTOR_CONFIG) | head -n 1)
 CANDIDATE = $(CACHE)/train/$(PROJECTOR_NAME)/candidate.toml
 
-## projector: train the input projector from scratch (about 65 min on 2 cores; models/README.md)
+## projector: train the input projector from scratch (v15: about 95 min on 2 cores; models/README.md)
 projector: FETCH_ARGS += --train
 projector: deps models train-venv
 	$(TRAIN_PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG)

@@ -5,7 +5,8 @@ and tests/fixtures/preprocess_expected.f32 (its 1x3x224x224 NCHW tensor, little-
 Pillow BILINEAR resize to 224x224 in float ("F" mode, per channel: the exact filter, no 8-bit
 rounding), /255, the manifest's mean/std (models/reference.toml, read by models/manifest.py);
 and tests/fixtures/projector-global.onnx, a projector with a global token (`[projector]
-global_tokens = 1`) in the reference's fused-detector layout whose weights make its output readable:
+global_tokens = 1`) in the fused-detector layout of v7 (NanoDet's 80 COCO columns,
+models/dinov2s-nanodet.toml's detector) whose weights make its output readable:
 each cell's token carries GELU of the first 8 values of the cell's pooled features in dims 0..8,
 the global token GELU of the first 8 values of the encoder's CLS token in dims 8..16, zeros
 elsewhere, so a test can check what the runtime feeds it (tests/vision.rs).
@@ -51,7 +52,8 @@ def write_global_projector(dest: Path, probe: int = 8) -> None:
 
     import tomllib
 
-    det = FACTS.detector
+    # NanoDet alone (80 columns), as the fixture was made for v7; tests/vision.rs pairs it with that detector.
+    det = manifest.facts(manifest.REFERENCE.parent / "dinov2s-nanodet.toml").detector
     spec = tomllib.loads(manifest.REFERENCE.read_text())["projector"]
     width, out_width, classes = spec["in_width"], spec["out_width"], len(det.classes)
     w1 = np.zeros((width + 2 * classes, probe), np.float32)  # the cell's features, its scores, its 3 x 3 maximum

@@ -1411,7 +1411,7 @@ def adapter_path(projector: Path) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v7.toml", help="training configuration")
+    ap.add_argument("--config", type=Path, default=HERE / "projector" / "train-v15.toml", help="training configuration")
     ap.add_argument("--cache", type=Path, default=default_cache(), help="cache root (default: $SCENECAST_CACHE)")
     ap.add_argument("--user-data", type=Path, help="folder of your own photos, each with a same-named .txt caption")
     ap.add_argument("--steps", type=int, help="override train.steps (for a quick trial)")

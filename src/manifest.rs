@@ -1022,9 +1022,13 @@ mod tests {
         let at = |c: &str| det.classes.iter().position(|k| k == c);
         assert_eq!(m.category_columns(&names), [Some(81), at("imagenet deer"), None, at("imagenet pliers")]);
         assert!(at("imagenet deer").is_some(), "every category has a column, zero where ImageNet has none");
-        // Without the prefix (the reference's COCO detector) no category has a column.
-        let reference = Manifest::parse(REFERENCE_MANIFEST, "test.toml", Path::new("/m")).unwrap();
-        assert!(reference.category_columns(&names).iter().all(Option::is_none));
+        // Without the prefix (NanoDet alone, projector v4's stack) no category has a column.
+        let coco = Manifest::parse(NANODET_MANIFEST, "test.toml", Path::new("/m")).unwrap();
+        assert!(coco.category_columns(&names).iter().all(Option::is_none));
+        // The reference reads the classifier (projector v15) and its check does too.
+        let reference = Manifest::reference().unwrap();
+        assert_eq!(reference.category_columns(&names), m.category_columns(&names));
+        assert!(reference.grounding.and_then(|g| g.classifier_threshold).is_some());
         // The threshold in a [grounding] section.
         let checked = IMAGENET_MANIFEST
             .replace("nothing = \"No known object.\"", "nothing = \"No known object.\"\nclassifier_threshold = 0.009");

@@ -326,7 +326,10 @@ fn a_global_token_projector_reads_the_cls_token_after_the_pooled_cells() {
     let text = reference
         .replace(line, &format!("file = {{ path = \"{}\" }}", fixture.display()))
         .replace("detection_tokens = 0", "detection_tokens = 0\nglobal_tokens = 1");
-    let m = scenecast::manifest::Manifest::parse(&text, "global.toml", std::path::Path::new(".")).unwrap();
+    let mut m = scenecast::manifest::Manifest::parse(&text, "global.toml", std::path::Path::new(".")).unwrap();
+    // The fixture reads NanoDet's 80 COCO columns (v7's layout; the reference's detector adds the
+    // classifier's 83).
+    m.detector = nanodet_manifest().detector;
     assert_eq!(m.n_image_tokens(), 65);
     let Projected { projector, features, tokens, .. } = project(&m, "chelsea.png");
     assert_eq!((tokens.n_tokens, tokens.n_embd), (65, 576), "8 x 8 cells and the CLS token");
