@@ -14,26 +14,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import re
 import sys
 import tomllib
 from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
-
-
-def mentions(text: str, categories: list[str]) -> list[str]:
-    """The categories named in `text` as scenecast's `llm::mentions` finds them (whole words, -s/-es plurals)."""
-    words = re.findall(r"[^\W_]+", text.lower())
-    found = []
-    for c in categories:
-        *head, last = c.lower().split(" ")
-        n = len(head) + 1
-        if any(words[i:i + n - 1] == head and words[i + n - 1] in (last, last + "s", last + "es")
-               for i in range(len(words) - n + 1)):
-            found.append(c)
-    return found
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grounded_filter import mentions  # noqa: E402
 
 
 def main() -> int:
