@@ -210,6 +210,27 @@ fn build_library(dir: &Path, name: &str, source: &str) -> PathBuf {
     out
 }
 
+/// A projector trained on another detector: v7 reads NanoDet's 80 columns, the reference's detector
+/// gives 163 (the classifier's too). Refused at load, naming the file and both shapes.
+#[test]
+fn a_projector_trained_on_another_detector_is_refused_at_load() {
+    let mut m = manifest();
+    m.projector.as_mut().unwrap().file = scenecast::manifest::FileRef {
+        cache: Some("projector/dinov2s-nanodet-smollm2-v7.onnx".into()),
+        path: None,
+        sha256: None,
+        size: None,
+    };
+    let err = match Vision::load(&runtime(), &m, &cache_root(), None) {
+        Ok(_) => panic!("v7's projector must not load with the 163-column detector"),
+        Err(e) => e.to_string(),
+    };
+    assert_contains(
+        &err,
+        &["dinov2s-nanodet-smollm2-v7.onnx", "input `detections`: expected f32 [1, 3613, 163]", "[1, 3549, 80]"],
+    );
+}
+
 /// The detector of `models/dinov2s-nanodet.toml` at another file: a missing file, the encoder (an
 /// ONNX with other names), and a detector whose scores the manifest says have another class count.
 #[test]

@@ -97,6 +97,11 @@ impl Projector {
         )?;
         if let Some(name) = &spec.detections_input {
             session.check_io(&[(name, &[Element::F32], 3)], &[])?;
+            // The detector's scores go in as they come out: a projector trained on another detector
+            // (another count of anchors or classes) is refused here, not at its first frame.
+            if let Some(det) = &manifest.detector {
+                session.check_signature(name, &det.output_shape, &spec.output, &[-1, spec.out_width as i64])?;
+            }
         }
         if spec.untrained {
             tracing::warn!(projector = %path.display(), "the projector is the untrained placeholder: captions will not describe the image");
