@@ -400,33 +400,43 @@ impl OnnxSession {
         output: &str,
         output_shape: &[i64],
     ) -> Result<(), OnnxError> {
-        let inputs = self.session.inputs();
-        let outputs = self.session.outputs();
-        let check = |kind: &str, name: &str, want: &[i64], outlets: &[ort::value::Outlet]| -> Result<(), OnnxError> {
-            let Some(found) = outlets.iter().find(|o| o.name() == name) else {
-                return Err(OnnxError::Signature {
-                    file: self.file.clone(),
-                    message: format!(
-                        "expected {kind} `{name}` with shape {want:?}; the model's {kind}s are: {}",
-                        list(outlets)
-                    ),
-                });
-            };
-            let shape: Vec<i64> = found.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
-            let is_f32 = found.dtype().tensor_type() == Some(TensorElementType::Float32);
-            if !is_f32 || shape.len() != want.len() || !shape.iter().zip(want).all(|(m, w)| dim_matches(*m, *w)) {
-                return Err(OnnxError::Signature {
-                    file: self.file.clone(),
-                    message: format!(
-                        "{kind} `{name}`: expected f32 {want:?} (-1 = any), the model has {}",
-                        describe(name, found.dtype())
-                    ),
-                });
-            }
-            Ok(())
+        self.check_input(input, input_shape)?;
+        self.check_outlet("output", output, output_shape, self.session.outputs())
+    }
+
+    /// Checks that the model has an f32 input `input` of a shape compatible with `shape`.
+    pub fn check_input(&self, input: &str, shape: &[i64]) -> Result<(), OnnxError> {
+        self.check_outlet("input", input, shape, self.session.inputs())
+    }
+
+    fn check_outlet(
+        &self,
+        kind: &str,
+        name: &str,
+        want: &[i64],
+        outlets: &[ort::value::Outlet],
+    ) -> Result<(), OnnxError> {
+        let Some(found) = outlets.iter().find(|o| o.name() == name) else {
+            return Err(OnnxError::Signature {
+                file: self.file.clone(),
+                message: format!(
+                    "expected {kind} `{name}` with shape {want:?}; the model's {kind}s are: {}",
+                    list(outlets)
+                ),
+            });
         };
-        check("input", input, input_shape, inputs)?;
-        check("output", output, output_shape, outputs)
+        let shape: Vec<i64> = found.dtype().tensor_shape().map(|s| s.iter().copied().collect()).unwrap_or_default();
+        let is_f32 = found.dtype().tensor_type() == Some(TensorElementType::Float32);
+        if !is_f32 || shape.len() != want.len() || !shape.iter().zip(want).all(|(m, w)| dim_matches(*m, *w)) {
+            return Err(OnnxError::Signature {
+                file: self.file.clone(),
+                message: format!(
+                    "{kind} `{name}`: expected f32 {want:?} (-1 = any), the model has {}",
+                    describe(name, found.dtype())
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The element type and rank of the input or output `name`, if the model has one.

@@ -106,8 +106,7 @@ pub struct Checked {
 pub struct Grounding {
     spec: GroundingSpec,
     directions: Vec<Vec<f32>>,
-    /// Per category, the detector's column that scores it (all None without
-    /// `classifier_threshold`).
+    /// Per category, the detector's column that scores it (read only with `classifier_threshold`).
     columns: Vec<Option<usize>>,
 }
 
@@ -115,7 +114,6 @@ impl Grounding {
     /// The check of `spec`, with the name directions read from `backbone`'s GGUF; `columns` (per
     /// category, `Manifest::category_columns`) are read when the spec has a `classifier_threshold`.
     pub fn new(spec: &GroundingSpec, backbone: &Backbone, columns: Vec<Option<usize>>) -> Result<Self, LlmError> {
-        let columns = if spec.classifier_threshold.is_some() { columns } else { vec![None; spec.categories.len()] };
         Ok(Grounding { spec: spec.clone(), directions: name_directions(backbone, &spec.categories)?, columns })
     }
 

@@ -100,7 +100,7 @@ impl Projector {
             // The detector's scores go in as they come out: a projector trained on another detector
             // (another count of anchors or classes) is refused here, not at its first frame.
             if let Some(det) = &manifest.detector {
-                session.check_signature(name, &det.output_shape, &spec.output, &[-1, spec.out_width as i64])?;
+                session.check_input(name, &det.output_shape)?;
             }
         }
         if spec.untrained {
