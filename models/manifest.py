@@ -52,6 +52,8 @@ class Detector:
     std: tuple[float, float, float]
     strides: tuple[int, ...]  # detector.strides: its output's anchor grids, row-major, finest first
     classes: tuple[str, ...]  # detector.classes: the names of its output's class columns
+    # detector.category_prefix: the columns "<prefix><category>" score the categories themselves
+    category_prefix: str | None = None
 
 
 def _cache_file(section: dict, key: str) -> str:
@@ -78,7 +80,7 @@ def facts(path: Path = REFERENCE) -> Facts:
             f = Facts(**{**asdict(f), "detector": Detector(
                 file=_cache_file(det, "detector"), size=tuple(dpre["size"]), channels=dpre.get("channels", "rgb"),
                 mean=tuple(dpre["mean"]), std=tuple(dpre["std"]), strides=tuple(det["strides"]),
-                classes=tuple(det["classes"]))})
+                classes=tuple(det["classes"]), category_prefix=det.get("category_prefix"))})
     except KeyError as e:
         raise SystemExit(f"error: manifest {path}: key {e} is missing") from None
     gh, gw = f.patch_grid
