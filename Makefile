@@ -80,8 +80,10 @@ train-venv: $(TRAIN_PY)
 # more tokens; train.toml is v1's 15, train-v2.toml the first 80-category run; train-v8.toml (CIFAR-10),
 # train-v9.toml (the adapter on each question too), train-v10.toml (on questions, not captions),
 # train-v11.toml (v7 in 640 LLM steps, the 60-minute budget), train-v12.toml (v11 with the
-# encoder's CLS as a 65th image token), train-v13.toml (v7 with that token) and train-v14.toml (v11
-# with an ImageNet classifier beside the detector) runs that were not shipped; models/README.md).
+# encoder's CLS as a 65th image token), train-v13.toml (v7 with that token), train-v14.toml (v11
+# with an ImageNet classifier beside the detector), train-v16.toml (v15 with feature dropout and a
+# bfloat16 LLM) and train-v17.toml (v15 with the bfloat16 LLM alone) runs that were not shipped;
+# models/README.md).
 PROJECTOR_CONFIG ?= models/projector/train-v15.toml
 PROJECTOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(PROJECTOR_CONFIG) | head -n 1)
 CANDIDATE = $(CACHE)/train/$(PROJECTOR_NAME)/candidate.toml
