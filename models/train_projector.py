@@ -1192,6 +1192,8 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
     # a column of zeros scores nothing) are dropped: without features and scores a scene would
     # teach guessing.
     drop_p = float(t.get("feature_dropout", 0.0))
+    if not 0.0 <= drop_p <= 1.0:
+        raise SystemExit(f"error: train.feature_dropout is {drop_p}; expected a share of the scenes in [0, 1]")
     droppable = torch.zeros(len(metas), dtype=torch.bool)
     if drop_p > 0:
         facts = cfg.get("detector", {}).get("facts")
@@ -1207,11 +1209,11 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
             f"detector's category columns score ({len(covered)} of {len(categories)} categories) see no patch features")
     drop_rng = torch.Generator().manual_seed(cfg["seed"] + 5)
 
-    def project(idx, train: bool = False):
-        """Image tokens of the scenes `idx`: [b, tokens (+ regions), hidden]; with `train`, feature
-        dropout applies."""
+    def project(idx, dropout: bool = False):
+        """Image tokens of the scenes `idx`: [b, tokens (+ regions), hidden]; with `dropout`, a
+        training step's, feature dropout applies."""
         f = feats_t[idx]
-        if train and drop_p > 0:
+        if dropout and drop_p > 0:
             drop = droppable[idx] & (torch.rand(len(idx), generator=drop_rng) < drop_p)
             f = f * (~drop).to(f.dtype)[:, None, None]
         return proj(f, None if dets_t is None else dets_t[idx])
@@ -1302,7 +1304,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         aux_opt = torch.optim.AdamW(list(proj.parameters()) + [background], lr=t["lr"])
         for step in range(t["aux_steps"]):
             idx = pick[rng.integers(len(pick), size=t["aux_batch"])]
-            loss, acc = grounding(project(idx, train=True), idx)
+            loss, acc = grounding(project(idx, dropout=True), idx)
             aux_opt.zero_grad()
             loss.backward()
             aux_opt.step()
@@ -1320,7 +1322,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
                 f"of every layer ({sum(p.numel() for p in adapter_params):,} parameters) trains too")
             opt.add_param_group({"params": adapter_params})
         idx = pick[rng.integers(len(pick), size=t["batch"])]
-        img = project(idx, train=True)  # [b, tokens, hidden]
+        img = project(idx, dropout=True)  # [b, tokens, hidden]
         confusable = [[]] * len(idx)
         if cfg["questions"].get("hard_negative", 0.0) > 0:
             # Hard negatives: the absent categories the image tokens point at most now (their best

@@ -244,8 +244,7 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
     let mut merged = manifest();
     merged.projector.as_mut().unwrap().file = cached("projector/dinov2s-nanodet-smollm2-v5.onnx");
     // v5 reads NanoDet's 80 COCO columns alone (the reference's detector adds the classifier's).
-    let coco = scenecast::manifest::Manifest::load(&common::repo().join("models/dinov2s-nanodet.toml")).unwrap();
-    merged.detector = coco.detector;
+    merged.detector = common::nanodet_manifest().detector;
     merged.llm.file = cached("smollm2/SmolLM2-135M-Instruct.v5-merged.gguf");
     merged.llm.adapter = None;
     merged.llm.adapter_scope = AdapterScope::All;

@@ -96,12 +96,6 @@ fn unavailable_execution_providers_fall_back_or_fail_when_required() {
 /// models/tfjs_to_onnx.py at `make models`) through scenecast's own pre-processing (BGR, 416 x 416,
 /// 16-bit resize): its best class for real photos is what they show, with the scores TensorFlow +
 /// tf2onnx give the same model on Pillow-resized input (models/experiments/coco_detector_probe.py).
-/// The projector-v4 stack (models/dinov2s-nanodet.toml): the COCO detector's scores as three more tokens.
-fn nanodet_manifest() -> scenecast::manifest::Manifest {
-    let path = common::repo().join("models/dinov2s-nanodet.toml");
-    scenecast::manifest::Manifest::load(&path).unwrap()
-}
-
 #[test]
 fn the_detector_names_coco_classes_in_real_photos() {
     let m = nanodet_manifest();

@@ -96,11 +96,11 @@ impl Projector {
             &[-1, spec.out_width as i64],
         )?;
         if let Some(name) = &spec.detections_input {
-            session.check_io(&[(name, &[Element::F32], 3)], &[])?;
             // The detector's scores go in as they come out: a projector trained on another detector
             // (another count of anchors or classes) is refused here, not at its first frame.
-            if let Some(det) = &manifest.detector {
-                session.check_input(name, &det.output_shape)?;
+            match &manifest.detector {
+                Some(det) => session.check_input(name, &det.output_shape)?,
+                None => session.check_io(&[(name, &[Element::F32], 3)], &[])?,
             }
         }
         if spec.untrained {

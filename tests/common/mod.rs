@@ -31,6 +31,11 @@ pub fn manifest() -> Manifest {
     Manifest::reference().unwrap()
 }
 
+/// The projector-v4 stack (models/dinov2s-nanodet.toml): NanoDet alone, COCO's 80 columns.
+pub fn nanodet_manifest() -> Manifest {
+    Manifest::load(&repo().join("models/dinov2s-nanodet.toml")).unwrap()
+}
+
 /// The reference manifest with the tiny random generator test models (models/generator/tiny.toml)
 /// as its `[generator]`, in place of the trained one.
 pub fn tiny_generator_manifest() -> Manifest {
