@@ -1129,7 +1129,11 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
     import torch
 
     t = cfg["train"]
-    torch.manual_seed(cfg["seed"])
+    # `[train] seed`: the training's own randomness (initialisation, batches, questions, dropout),
+    # apart from `seed`, which also composes the scenes and the evaluation set: a second run of a
+    # recipe on the same data and judged on the same scenes differs by this alone.
+    seed = int(t.get("seed", cfg["seed"]))
+    torch.manual_seed(seed)
     torch.set_num_threads(t["threads"])
     llm = cache / "models" / cfg["model"]["llm"]
     log(f"[3/4] loading {llm.name} as a frozen float model")
@@ -1178,7 +1182,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         elif scope in ("prompt", "questions"):
             gate["mask"] = (torch.arange(length)[None, :] < torch.as_tensor(prompts)[:, None]).float()[:, :, None]
     adapter_params = [p for m in adapted.values() for p in (m.a, m.b)]
-    rng = np.random.default_rng(cfg["seed"] + 1)
+    rng = np.random.default_rng(seed + 1)
     categories = [c["name"] for c in cfg["category"]]
     feats_t = torch.from_numpy(feats)
     dets_t = None if dets is None else torch.from_numpy(dets)
@@ -1207,7 +1211,7 @@ def train(cfg: dict, cache: Path, feats: np.ndarray, dets: np.ndarray | None, me
         droppable = torch.tensor([all(o["name"] in covered for o in m["objects"]) for m in metas])
         log(f"    feature dropout: {drop_p:.0%} of the {int(droppable.sum())} scenes whose known objects the "
             f"detector's category columns score ({len(covered)} of {len(categories)} categories) see no patch features")
-    drop_rng = torch.Generator().manual_seed(cfg["seed"] + 5)
+    drop_rng = torch.Generator().manual_seed(seed + 5)
 
     def project(idx, dropout: bool = False):
         """Image tokens of the scenes `idx`: [b, tokens (+ regions), hidden]; with `dropout`, a

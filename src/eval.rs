@@ -262,6 +262,10 @@ pub struct SceneResult {
     /// Empty without such a detector.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub classifier: Vec<Option<f32>>,
+    /// The category a guided caption was begun with (`grounding.guide_threshold`): the first
+    /// caption named nothing the checks kept, and the detector's category columns were sure of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guided: Option<String>,
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).
@@ -334,7 +338,8 @@ pub fn run(
         let backbone = &mut pipeline.backbone;
         let o = options(backbone);
         let described = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
-        let unchecked = described.checked.map(|c| c.unchecked);
+        let unchecked = (described.as_written() != described.text).then(|| described.as_written().to_owned());
+        let guided = described.guided.map(|g| g.guide.category);
         let caption = described.text;
         let mut answers = Vec::with_capacity(scene.questions.len());
         for q in &scene.questions {
@@ -360,6 +365,7 @@ pub fn run(
             unchecked_tally,
             support,
             classifier,
+            guided,
         };
         progress(i, &result);
         results.push(result);
@@ -419,8 +425,8 @@ pub fn calibrate(
         let mut o = backbone.default_options();
         o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
         let g = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
-        let caption = g.checked.map_or(g.text, |c| c.unchecked);
-        for name in mentions(&caption, &set.categories) {
+        let caption = g.as_written();
+        for name in mentions(caption, &set.categories) {
             let at = set.categories.iter().position(|c| c == name).expect("a mention is a category");
             names.push((scene.objects.iter().any(|o| o == name), support[at], classifier[at]));
         }
@@ -600,6 +606,25 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
             );
         }
     }
+    let guided: Vec<&SceneResult> = results.iter().filter(|r| r.guided.is_some()).collect();
+    if !guided.is_empty() {
+        let right = |r: &&SceneResult| r.guided.as_ref().is_some_and(|c| r.objects.contains(c));
+        let mut kinds: Vec<(&str, usize, usize)> = Vec::new();
+        for r in &guided {
+            match kinds.iter_mut().find(|(k, _, _)| *k == r.kind) {
+                Some((_, ok, n)) => (*ok, *n) = (*ok + usize::from(right(r)), *n + 1),
+                None => kinds.push((&r.kind, usize::from(right(r)), 1)),
+            }
+        }
+        s += &format!(
+            "\n{} captions that named nothing known were written again begun with the category the detector's \
+             category columns were sure of (`grounding.guide_threshold`); it was shown in {} of them (per kind, \
+             right / guided: {}).\n",
+            guided.len(),
+            guided.iter().filter(|r| right(r)).count(),
+            kinds.iter().map(|(k, ok, n)| format!("{k} {ok}/{n}")).collect::<Vec<_>>().join(", ")
+        );
+    }
     s += "\nPer category (all scenes): how often a shown category was named, and how often it was named when not shown.\n\n";
     s += "| category | shown | named | recall | named when absent |\n|---|---|---|---|---|\n";
     for c in per_category(results) {
@@ -751,6 +776,7 @@ mod tests {
             unchecked_tally: Tally::default(),
             support: vec![],
             classifier: vec![],
+            guided: None,
         }
     }
 

@@ -371,9 +371,29 @@ pub struct GroundingSpec {
     /// frame stays only when its best score over the anchors reaches this. None: no such check.
     #[serde(default)]
     pub classifier_threshold: Option<f32>,
+    /// Captions guided by the detector's category columns: when the checked caption names no
+    /// category and one category's best score in the frame reaches this (a probability: the
+    /// classifier's mass on the category's classes), the LLM writes the caption again with its
+    /// answer begun as `guide` says. None: no guided captions. Set by hand, not calibrated.
+    #[serde(default)]
+    pub guide_threshold: Option<f32>,
+    /// How a guided caption begins: `{a}` is the article ("a", "an") and `{name}` the category.
+    #[serde(default = "default_guide")]
+    pub guide: String,
+}
+
+/// The beginning of a guided caption, as the reference projector's captions begin.
+pub fn default_guide() -> String {
+    "There is {a} {name}".into()
 }
 
 impl GroundingSpec {
+    /// The beginning of a caption guided to `category` (`guide` with its article and name).
+    pub fn guide_start(&self, category: &str) -> String {
+        let article = if category.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+        self.guide.replace("{a}", article).replace("{name}", category)
+    }
+
     /// The section as TOML, under `comment` (each of its lines wrapped to 100 columns as `# ` lines).
     pub fn to_toml(&self, comment: &str) -> String {
         let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
@@ -402,6 +422,9 @@ impl GroundingSpec {
         text += &format!("threshold = {:.4}\nnothing = {}\n", self.threshold, quote(&self.nothing));
         if let Some(t) = self.classifier_threshold {
             text += &format!("classifier_threshold = {t:.5}\n");
+        }
+        if let Some(t) = self.guide_threshold {
+            text += &format!("guide_threshold = {t}\nguide = {}\n", quote(&self.guide));
         }
         text
     }
@@ -688,6 +711,23 @@ impl Manifest {
                 ));
             }
         }
+        if let Some(t) = g.guide_threshold {
+            if !(t.is_finite() && t > 0.0 && t <= 1.0) {
+                return Err(self.invalid("grounding.guide_threshold", format!("{t} is not a score in (0, 1]")));
+            }
+            if self.category_columns(&g.categories).iter().all(Option::is_none) {
+                return Err(self.invalid(
+                    "grounding.guide_threshold",
+                    "expected a [detector] with `category_prefix` and a column named by it for some category".into(),
+                ));
+            }
+            if !g.guide.contains("{name}") || g.guide.trim().is_empty() {
+                return Err(self.invalid(
+                    "grounding.guide",
+                    format!("{:?} does not name the category: expected a beginning with {{name}}, as \"There is {{a}} {{name}}\"", g.guide),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -925,6 +965,8 @@ mod tests {
             threshold: 0.1874,
             nothing: "No \"known\" object.".into(),
             classifier_threshold: None,
+            guide_threshold: None,
+            guide: default_guide(),
         };
         let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
         assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
@@ -962,6 +1004,21 @@ mod tests {
             ("nothing = ", "nothing = \"  \"\n#", "`grounding.nothing`: expected the caption"),
         ];
         assert_edits_fail(&once, cases);
+        // The guide: written with its beginning, read back, and checked.
+        let guided = GroundingSpec { guide_threshold: Some(0.99), ..spec.clone() }.to_toml("G.");
+        assert!(guided.ends_with("guide_threshold = 0.99\nguide = \"There is {a} {name}\"\n"), "{guided}");
+        let text = with_grounding(&once, &guided);
+        let g = Manifest::parse(&text, "t", Path::new("/m")).unwrap().grounding.unwrap();
+        assert_eq!((g.guide_threshold, g.guide_start("apple").as_str()), (Some(0.99), "There is an apple"));
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "guide_threshold = 0.99",
+                "guide_threshold = 0",
+                "`grounding.guide_threshold`: 0 is not a score in (0, 1]",
+            ),
+            ("{a} {name}", "{a} thing", "`grounding.guide`: \"There is {a} thing\" does not name the category"),
+        ];
+        assert_edits_fail(&text, cases);
     }
 
     #[test]

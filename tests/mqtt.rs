@@ -336,6 +336,8 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
             text: format!("scene {seq}"),
             // Every other caption had a name removed by the check: the field is then in the payload.
             unsupported: if seq % 2 == 0 { vec!["dog".into()] } else { vec![] },
+            // Every third was begun with the classifier's category: the field is then in the payload.
+            guided: (seq % 3 == 0).then(|| "goat".to_owned()),
             frame_seq: seq,
             frame_ts_ms: 1_700_000_000_000 + seq,
             timings_ms: Default::default(),
@@ -356,6 +358,8 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
         let seq = m.json()["frame_seq"].as_u64().unwrap();
         let removed = if seq % 2 == 0 { serde_json::json!(["dog"]) } else { serde_json::Value::Null };
         assert_eq!(m.json()["unsupported"], removed, "{}", m.json());
+        let guided = if seq % 3 == 0 { serde_json::json!("goat") } else { serde_json::Value::Null };
+        assert_eq!(m.json()["guided"], guided, "{}", m.json());
         seqs.push(seq);
     }
     assert_eq!(seqs, (0..20).collect::<Vec<_>>());
@@ -696,6 +700,7 @@ async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
     let caption = Caption {
         text: "a cat".into(),
         unsupported: vec!["dog".into()],
+        guided: Some("cat".into()),
         frame_seq: 1,
         frame_ts_ms: 0,
         timings_ms: Default::default(),

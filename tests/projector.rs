@@ -197,6 +197,8 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
     );
     let (ok, _, err) = scenecast(&["calibrate", set_arg, "--kind", "photo", "--keep", "1.5"], &[]);
     assert!(!ok && err.contains("--keep 1.5: expected a share in (0, 1]"), "{err}");
+    let (ok, _, err) = scenecast(&["calibrate", set_arg, "--kind", "photo", "--guide", "1.5"], &[]);
+    assert!(!ok && err.contains("--guide 1.5: expected a score in (0, 1]"), "{err}");
 
     let (ok, section, err) = scenecast(&["calibrate", set_arg, "--kind", "photo"], &[]);
     assert!(ok, "{err}");
@@ -205,8 +207,11 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
     let text = scenecast::manifest::with_grounding(reference, &section);
     let written = scenecast::manifest::Manifest::parse(&text, "calibrated", Path::new(".")).unwrap().grounding.unwrap();
     assert_eq!(written.categories, categories());
-
     let m = manifest();
+    // The guide is set, not calibrated: the loaded manifest's carries over.
+    let guide = m.grounding.as_ref().and_then(|g| g.guide_threshold);
+    assert_eq!((written.guide_threshold, guide.is_some()), (guide, true), "{section}");
+
     let root = cache_root();
     let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, ..LlmConfig::default() }).unwrap();
     let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
@@ -227,6 +232,41 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
         let best = support(file).into_iter().fold(f32::MIN, f32::max);
         assert!(best < written.threshold, "{file}: best support {best} reaches the threshold {}", written.threshold);
     }
+}
+
+#[test]
+fn a_caption_that_names_nothing_known_is_begun_with_the_category_the_classifier_is_sure_of() {
+    // A photo of a Nubian ibex, a goat the projector never trained on (one of `make eval`'s held-out
+    // camera photos). The image tokens do not support the name the LLM writes, so the check leaves
+    // none; the ImageNet classifier puts all but a trace of its probability on goats, so the LLM
+    // writes the caption again begun with "There is a goat" and places it itself. Without the
+    // guide the caption says nothing known.
+    let root = cache_root();
+    let m = manifest();
+    let spec = m.grounding.clone().expect("the reference manifest checks captions");
+    let threshold = spec.guide_threshold.expect("the reference manifest guides captions");
+    let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
+    let mut backbone = Backbone::load(&m, &root, &config).unwrap();
+    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let mut tokens = ImageTokens::default();
+    vision.run(&photo("gcompris/erase-nubian_ibex.webp"), &mut tokens).unwrap();
+    backbone.set_scene(0, Some(&tokens)).unwrap();
+    let prompt = LlmConfig::default().caption_prompt;
+    let described = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap();
+    let guided = described.guided.clone().expect("guided");
+    assert_eq!((guided.guide.category.as_str(), guided.guide.start.as_str()), ("goat", "There is a goat"));
+    assert!(guided.guide.score >= threshold, "{guided:?}");
+    assert!(described.text.starts_with("There is a goat"), "{:?}", described.text);
+    assert_eq!(mentions(&described.text, &categories()), ["goat"], "{:?}", described.text);
+    assert_eq!(described.as_written(), guided.written);
+    // The same scene without the guide.
+    let mut unguided = m.clone();
+    unguided.grounding.as_mut().unwrap().guide_threshold = None;
+    let mut plain = Backbone::load(&unguided, &root, &config).unwrap();
+    plain.set_scene(0, Some(&tokens)).unwrap();
+    let alone = plain.describe(&prompt, &plain.default_options(), &mut |_| true).unwrap();
+    assert_eq!((alone.text.as_str(), &alone.guided), (spec.nothing.as_str(), &None));
+    assert_eq!(alone.as_written(), guided.written, "the LLM's own caption is the same");
 }
 
 /// A file in the model cache, by its cache path.

@@ -4,8 +4,9 @@
 The report (`projector/<name>.eval.json.gz`) keeps, per scene, the caption as the LLM wrote it, each
 category's support by the image tokens and, with a `category_prefix` detector, its classifier score.
 This re-applies the manifest's two thresholds one after the other and prints precision / recall
-per row: as written, after the token check, after both (and the published captions, which must
-equal the last). No model runs.
+per row: as written, after the token check, after both (which the published captions must equal,
+except where the guide wrote a caption again: `grounding.guide_threshold`), and as published. No
+model runs.
 
     python3 models/experiments/check_split.py models/projector/dinov2s-nanodet-imagenet-smollm2-v15.eval.json.gz
 """
@@ -42,11 +43,12 @@ def main() -> int:
         kept = [n for n in written if r["support"][at[n]] >= tokens]
         scores = r.get("classifier") or []
         both = [n for n in kept if classifier is None or not scores or scores[at[n]] is None or scores[at[n]] >= classifier]
-        mismatched += sorted(both) != sorted(r["named"])
+        mismatched += "guided" not in r and sorted(both) != sorted(r["named"])
         shown = set(r["objects"])
         d = rows[r["kind"]]
         d["n"] += 1
-        for key, names in (("written", written), ("tokens", kept), ("both", both)):
+        d["guided"] += "guided" in r
+        for key, names in (("written", written), ("tokens", kept), ("both", both), ("published", r["named"])):
             d[key + "tp"] += sum(n in shown for n in names)
             d[key + "fp"] += sum(n not in shown for n in names)
             d[key + "fn"] += len(shown - set(names))
@@ -57,9 +59,10 @@ def main() -> int:
         return f"{pct(tp, tp + fp)} / {pct(tp, tp + fn)}"
 
     print(f"thresholds: tokens {tokens}, classifier {classifier} ({args.manifest.name})\n")
-    print("| scenes | n | as written | tokens | tokens + classifier |\n|---|---|---|---|---|")
+    print("| scenes | n | as written | tokens | tokens + classifier | published (guided) |\n|---|---|---|---|---|---|")
     for kind, d in rows.items():
-        print(f"| {kind} | {d['n']} | {pr(d, 'written')} | {pr(d, 'tokens')} | {pr(d, 'both')} |")
+        print(f"| {kind} | {d['n']} | {pr(d, 'written')} | {pr(d, 'tokens')} | {pr(d, 'both')} | {pr(d, 'published')} "
+              f"({d['guided']}) |")
     if mismatched:
         print(f"\nwarning: {mismatched} scenes' published names differ from the re-applied check "
               "(another manifest's thresholds?)", file=sys.stderr)

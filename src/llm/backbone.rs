@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::error::{check_question, LlmError, QuestionError};
 use super::gguf::GgufInfo;
-use super::grounding::{Checked, Grounding, Support};
+use super::grounding::{Checked, Grounding, Guide, Support};
 use super::prompt::{ChatLayout, StopFilter};
 use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
@@ -80,6 +80,31 @@ pub struct Generation {
     /// For a caption whose check against the image tokens removed names: the caption as the LLM
     /// wrote it (`text` is the checked one) and the names removed.
     pub checked: Option<Checked>,
+    /// For a caption the detector's category columns guided (`grounding.guide_threshold`): the
+    /// category it was begun with, and the LLM's first caption. `checked` then lists the names
+    /// removed from both captions, its `unchecked` the first as written.
+    pub guided: Option<Guided>,
+}
+
+/// A caption written again, begun with the category the detector's category columns are sure of.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Guided {
+    /// The category, its score, and the beginning given to the LLM.
+    #[serde(flatten)]
+    pub guide: Guide,
+    /// The LLM's first caption, as it wrote it (before the check, which left it naming nothing).
+    pub written: String,
+}
+
+impl Generation {
+    /// The caption as the LLM first wrote it, before the check and any guide.
+    pub fn as_written(&self) -> &str {
+        match (&self.guided, &self.checked) {
+            (Some(g), _) => &g.written,
+            (None, Some(c)) => &c.unchecked,
+            (None, None) => &self.text,
+        }
+    }
 }
 
 /// What the loaded model is.
@@ -384,25 +409,51 @@ impl Backbone {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        self.request(Request::Question, question, options, on_text)
+        self.request(Request::Question, question, options, "", on_text)
     }
 
     /// Describes the current scene (a text-only prefix when none is set) as `prompt` asks: a
     /// caption. It differs from [`Backbone::ask`] in two ways: an adapter of scope "questions"
     /// reads questions but not the caption prompt (as it was trained), and with the manifest's
     /// `[grounding]` the finished caption of a scene with an image is checked against its image
-    /// tokens (`Generation::checked`; `on_text` sees the caption as written).
+    /// tokens (`Generation::checked`; `on_text` sees the caption as written). With its
+    /// `guide_threshold`, a checked caption that names nothing is written again, begun with the
+    /// category the detector's category columns are sure of (`Generation::guided`; `on_text` does
+    /// not see the second caption; a cancelled or late first caption is not guided).
     pub fn describe(
         &mut self,
         prompt: &str,
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        let mut g = self.request(Request::Caption, prompt, options, on_text)?;
-        if let Some((grounding, support)) = self.grounding.as_ref().zip(self.support.as_ref()) {
-            g.checked = grounding.check(&mut g.text, support);
+        let mut g = self.request(Request::Caption, prompt, options, "", on_text)?;
+        let Some((grounding, support)) = self.grounding.as_ref().zip(self.support.as_ref()) else { return Ok(g) };
+        g.checked = grounding.check(&mut g.text, support);
+        if matches!(g.stop, StopReason::Cancelled | StopReason::Deadline) {
+            return Ok(g);
         }
-        Ok(g)
+        let Some(guide) = grounding.guide(&g.text, support) else { return Ok(g) };
+        // The check left no known name and the classifier is sure of one: the LLM writes the
+        // caption again, its answer begun with that name, and the rest of it is checked as before.
+        let mut again = self.request(Request::Caption, prompt, options, &guide.start, &mut |_| true)?;
+        let written = g.as_written().to_owned();
+        let mut dropped = g.checked.map(|c| c.dropped).unwrap_or_default();
+        if let Some((grounding, support)) = self.grounding.as_ref().zip(self.support.as_ref()) {
+            dropped.extend(
+                grounding
+                    .check_but(&mut again.text, support, Some(&guide.category))
+                    .map(|c| c.dropped)
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        again.checked = (!dropped.is_empty()).then(|| Checked { unchecked: written.clone(), dropped });
+        again.guided = Some(Guided { guide, written });
+        again.prefill_ms += g.prefill_ms;
+        again.decode_ms += g.decode_ms;
+        again.ttft_ms = g.ttft_ms;
+        again.n_tokens += g.n_tokens;
+        Ok(again)
     }
 
     /// The caption check, when captions are checked.
@@ -416,11 +467,13 @@ impl Backbone {
         self.support.as_ref()
     }
 
+    /// A request with `text` as its prompt; the answer begins with `start` (empty: as the LLM writes it).
     fn request(
         &mut self,
         kind: Request,
         text: &str,
         options: &GenerateOptions,
+        start: &str,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
         self.check_question(text)?;
@@ -428,7 +481,7 @@ impl Backbone {
             self.set_scene(u64::MAX, None)?;
         }
         let request = self.layout.request(text);
-        self.generate_as(kind, &[Part::Text(&request)], options, on_text)
+        self.generate_as(kind, &[Part::Text(&request)], options, start, on_text)
     }
 
     /// The LLM's final hidden states at the tokens of `signal`, read after the conversation
@@ -477,17 +530,20 @@ impl Backbone {
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        self.generate_as(Request::Question, tail, options, on_text)
+        self.generate_as(Request::Question, tail, options, "", on_text)
     }
 
+    /// Generates after `tail`; the answer begins with `start` (decoded as if generated, and part of
+    /// the text and of the repeat penalty's history), empty for an answer as the LLM writes it.
     fn generate_as(
         &mut self,
         kind: Request,
         tail: &[Part<'_>],
         options: &GenerateOptions,
+        start: &str,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        let start = std::time::Instant::now();
+        let begin = std::time::Instant::now();
         let scene = match self.scene {
             Some(scene) => scene,
             None => {
@@ -500,13 +556,25 @@ impl Backbone {
             return Err(LlmError::CacheCut);
         }
         let mut pos = self.decode_prompt(tail, scene, kind, "the request")?;
-        let prefill_ms = ms_since(start);
-        let mut sampler = TokenSampler::new(options.sampling.clone());
         let mut filter = StopFilter::new(self.layout.stop());
         self.history.clear();
+        if !start.is_empty() {
+            let begun = self.tokenize(start, false);
+            pos = self.decode_parts(&[Part::Text(start)], pos, "the caption's beginning")?;
+            for &token in &begun {
+                let (text, _) = filter.push(&self.ctx.model().token_bytes(token));
+                if !text.is_empty() {
+                    on_text(&text);
+                }
+            }
+            self.history.extend(begun);
+        }
+        let prefill_ms = ms_since(begin);
+        let mut sampler = TokenSampler::new(options.sampling.clone());
         let decode_start = std::time::Instant::now();
         let mut ttft_ms = 0.0;
         let mut stop = StopReason::MaxTokens;
+        let begun = self.history.len();
         while self.history.len() < options.max_tokens {
             if options.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
                 stop = StopReason::Cancelled;
@@ -519,8 +587,8 @@ impl Backbone {
             let Some(token) = sampler.sample(self.ctx.last_logits(), &self.history) else {
                 return Err(LlmError::NoLogits);
             };
-            if self.history.is_empty() {
-                ttft_ms = ms_since(start);
+            if self.history.len() == begun {
+                ttft_ms = ms_since(begin);
             }
             if self.ctx.model().is_eog(token) {
                 stop = StopReason::End;
@@ -554,6 +622,7 @@ impl Backbone {
             prefix_cached,
             stop,
             checked: None,
+            guided: None,
         })
     }
 

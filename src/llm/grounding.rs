@@ -119,7 +119,7 @@ impl Grounding {
 
     /// Each category's support in a scene.
     pub fn support(&self, tokens: &ImageTokens) -> Support {
-        let classifier = if self.spec.classifier_threshold.is_some() {
+        let classifier = if self.spec.classifier_threshold.is_some() || self.spec.guide_threshold.is_some() {
             classifier_support(tokens, &self.columns)
         } else {
             Vec::new()
@@ -131,7 +131,14 @@ impl Grounding {
     /// whose detector score (where it has one) is below `classifier_threshold`, with its clause;
     /// returns what it removed, or None when both support every name.
     pub fn check(&self, caption: &mut String, support: &Support) -> Option<Checked> {
-        let named = mentions(caption, &self.spec.categories);
+        self.check_but(caption, support, None)
+    }
+
+    /// [`Grounding::check`], keeping `kept` (the category a guided caption was begun with) whatever
+    /// its support.
+    pub fn check_but(&self, caption: &mut String, support: &Support, kept: Option<&str>) -> Option<Checked> {
+        let named: Vec<&str> =
+            mentions(caption, &self.spec.categories).into_iter().filter(|n| Some(*n) != kept).collect();
         let index = |name: &str| self.spec.categories.iter().position(|c| c == name);
         let unsupported = |i: usize| {
             let by_tokens = support.tokens.get(i).is_none_or(|s| *s < self.spec.threshold);
@@ -150,6 +157,38 @@ impl Grounding {
         let text = without(caption, &dropped, &self.spec.categories, &self.spec.nothing);
         Some(Checked { unchecked: std::mem::replace(caption, text), dropped })
     }
+}
+
+impl Grounding {
+    /// The guide for a caption that names no category (after the check): the category the
+    /// detector's category columns score highest in the frame, when that reaches the manifest's
+    /// `guide_threshold`. None without a guide, for a caption that names a category, or when no
+    /// score reaches it.
+    pub fn guide(&self, caption: &str, support: &Support) -> Option<Guide> {
+        let threshold = self.spec.guide_threshold?;
+        if !mentions(caption, &self.spec.categories).is_empty() {
+            return None;
+        }
+        let (at, score) = support
+            .classifier
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, (*s)?)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))?;
+        let category = self.spec.categories[at].clone();
+        (score >= threshold).then(|| Guide { start: self.spec.guide_start(&category), category, score })
+    }
+}
+
+/// A caption begun by the detector's category columns ([`Grounding::guide`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Guide {
+    /// The category.
+    pub category: String,
+    /// Its best score in the frame.
+    pub score: f32,
+    /// The beginning of the answer the LLM continues ("There is a goat").
+    pub start: String,
 }
 
 /// Separators between the clauses of a caption, longest first.
@@ -292,6 +331,8 @@ mod tests {
             threshold: 0.2,
             nothing: "Nothing known.".into(),
             classifier_threshold: None,
+            guide_threshold: None,
+            guide: crate::manifest::default_guide(),
         };
         let n = spec.categories.len();
         let g = Grounding { directions: vec![Vec::new(); n], columns: vec![None; n], spec };
@@ -323,6 +364,8 @@ mod tests {
             threshold: 0.2,
             nothing: "Nothing known.".into(),
             classifier_threshold: Some(0.01),
+            guide_threshold: None,
+            guide: crate::manifest::default_guide(),
         };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(2), Some(3), None, None, None, None];
@@ -348,6 +391,37 @@ mod tests {
         let mut text = "A dog and a cat.".to_owned();
         let low = Support { tokens: vec![0.1; n], classifier: vec![Some(0.9); n] };
         assert_eq!(g.check(&mut text, &low).map(|c| c.dropped), Some(vec!["dog".to_owned(), "cat".to_owned()]));
+    }
+
+    #[test]
+    fn a_caption_naming_nothing_is_guided_by_the_best_classifier_score_that_reaches_the_threshold() {
+        let spec = GroundingSpec {
+            categories: cats(),
+            threshold: 0.2,
+            nothing: "Nothing known.".into(),
+            classifier_threshold: None,
+            guide_threshold: Some(0.9),
+            guide: crate::manifest::default_guide(),
+        };
+        let n = spec.categories.len();
+        let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
+        let g = Grounding { directions: vec![Vec::new(); n], columns, spec };
+        // The guide alone makes the check read the classifier's columns.
+        let tokens = ImageTokens { class_scores: vec![0.3, 0.2, 0.0, 0.95], ..ImageTokens::default() };
+        let support = Support { tokens: vec![0.0; n], ..g.support(&tokens) };
+        assert_eq!(support.classifier[..4], [Some(0.3), Some(0.2), None, Some(0.95)]);
+        let guide = g.guide("Nothing known.", &support).expect("the goat scores 0.95");
+        assert_eq!((guide.category.as_str(), guide.start.as_str()), ("goat", "There is a goat"));
+        assert_eq!(g.guide("A dog on the left.", &support), None, "a caption that names a category is the LLM's");
+        let low = ImageTokens { class_scores: vec![0.3, 0.2, 0.0, 0.85], ..ImageTokens::default() };
+        assert_eq!(g.guide("Nothing known.", &g.support(&low)), None, "below the threshold");
+        assert_eq!(g.guide("Nothing known.", &g.support(&ImageTokens::default())), None, "no scores (no detector)");
+        // The guided caption keeps its category whatever the tokens say; the rest is checked.
+        let mut text = "There is a goat on the left and a dog on the right.".to_owned();
+        let checked = g.check_but(&mut text, &support, Some("goat")).expect("the dog has no support");
+        assert_eq!((text.as_str(), checked.dropped), ("There is a goat on the left.", vec!["dog".to_owned()]));
+        let article = GroundingSpec { guide: "I see {a} {name}".into(), ..g.spec.clone() };
+        assert_eq!(article.guide_start("orange"), "I see an orange");
     }
 
     #[test]

@@ -191,6 +191,7 @@ mod tests {
         let caption = Caption {
             text: "t".into(),
             unsupported: vec![],
+            guided: None,
             frame_seq: 1,
             frame_ts_ms: 2,
             timings_ms: Default::default(),

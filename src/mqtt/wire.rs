@@ -414,6 +414,10 @@ pub struct Caption {
     /// `[grounding]` check); empty when the check changed nothing or is off.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unsupported: Vec<String>,
+    /// The category the caption was begun with, when the detector's category columns guided it
+    /// (the manifest's `grounding.guide_threshold`); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided: Option<String>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.
@@ -429,6 +433,7 @@ impl From<&worker::Caption> for Caption {
         Caption {
             text: c.text.clone(),
             unsupported: c.unsupported.clone(),
+            guided: c.guided.clone(),
             frame_seq: c.frame_seq,
             frame_ts_ms: c.frame_ts_ms,
             timings_ms: c.timings_ms.clone(),

@@ -123,6 +123,9 @@ pub struct Caption {
     /// Names the LLM wrote that no image token supports, removed from `text` (the manifest's
     /// `[grounding]` check); empty when the check changed nothing or is off.
     pub unsupported: Vec<String>,
+    /// The category the caption was begun with, when the detector's category columns guided it
+    /// (`grounding.guide_threshold`: the LLM's own caption named nothing known).
+    pub guided: Option<String>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.

@@ -310,9 +310,19 @@ impl Worker {
             }
             None => Vec::new(),
         };
+        if let Some(guided) = &g.guided {
+            tracing::info!(
+                frame = frame.seq,
+                "the caption named nothing known ({:?}); the classifier scores {} at {:.3}: begun with it",
+                guided.written,
+                guided.guide.category,
+                guided.guide.score
+            );
+        }
         Ok(Caption {
             text: g.text,
             unsupported,
+            guided: g.guided.map(|g| g.guide.category),
             frame_seq: frame.seq,
             frame_ts_ms: ts_ms(frame),
             timings_ms: timings,

@@ -94,6 +94,11 @@ pub enum Command {
         /// Write the section into this manifest (replacing its [grounding]) instead of printing it.
         #[arg(long, value_name = "MANIFEST")]
         write: Option<PathBuf>,
+        /// Guide captions that name nothing by the detector's category columns: a category they
+        /// score at least this (a probability, e.g. 0.99) begins the caption, written again
+        /// (guide_threshold; not calibrated). Default: the loaded manifest's, if any.
+        #[arg(long, value_name = "SCORE")]
+        guide: Option<f32>,
     },
     /// Render an image with the generator (the manifest's [generator]) and write it as PNG or JPEG.
     Generate {

@@ -356,8 +356,12 @@ pub fn calibrate(
     keep: f64,
     nothing: &str,
     write: Option<&Path>,
+    guide: Option<f32>,
 ) -> Result<ExitCode> {
     anyhow::ensure!(keep > 0.0 && keep <= 1.0, "--keep {keep}: expected a share in (0, 1], e.g. 0.95");
+    if let Some(p) = guide {
+        anyhow::ensure!(p > 0.0 && p <= 1.0, "--guide {p}: expected a score in (0, 1], e.g. 0.99");
+    }
     let mut set = eval::EvalSet::load(set_path)?;
     let name = set.name.clone();
     set.keep_kinds(kinds).with_context(|| format!("--kind in {}", set_path.display()))?;
@@ -370,11 +374,14 @@ pub fn calibrate(
         }
     })?;
     let c = &t.tokens;
+    let current = pipeline.manifest.grounding.as_ref();
     let spec = GroundingSpec {
         categories: set.categories.clone(),
         threshold: c.threshold,
         nothing: nothing.to_owned(),
         classifier_threshold: t.classifier.as_ref().map(|k| k.threshold),
+        guide_threshold: guide.or_else(|| current.and_then(|g| g.guide_threshold)),
+        guide: current.map_or_else(scenecast::manifest::default_guide, |g| g.guide.clone()),
     };
     let mut comment = format!(
         "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
@@ -416,6 +423,12 @@ pub fn calibrate(
             k.wrong_removed,
             k.wrong
         );
+    }
+    if let Some(p) = spec.guide_threshold {
+        comment += "\nA caption the checks leave naming no category is guided: when the detector's category columns \
+             score one category at least guide_threshold in the frame (set, not calibrated), the LLM writes it \
+             again begun with `guide` and that category, and the rest of it is checked as above.";
+        eprintln!("guide_threshold {p}: captions that name nothing are begun with a category scored at least {p}");
     }
     let section = spec.to_toml(&comment);
     match write {
@@ -491,6 +504,7 @@ fn describe_one(
                 "question": question,
                 "text": answer.text,
                 "checked": answer.checked,
+                "guided": answer.guided,
                 "tokens": answer.n_tokens,
                 "stop": answer.stop,
                 "timings_ms": {
@@ -517,6 +531,15 @@ fn describe_one(
                     "  [the scene does not support {} (image tokens or detector scores): removed from \"{}\"]",
                     checked.dropped.join(", "),
                     checked.unchecked
+                );
+            }
+            if let Some(g) = &answer.guided {
+                out!(
+                    "  [begun with \"{}\": the classifier scores {} {:.3}, and the LLM's own caption named nothing known: \"{}\"]",
+                    g.guide.start,
+                    g.guide.category,
+                    g.guide.score,
+                    g.written
                 );
             }
             out!(
