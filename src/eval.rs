@@ -617,7 +617,7 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
             }
         }
         s += &format!(
-            "\n{} captions that named nothing known were written again begun with the category the detector's \
+            "\n{} captions that the checks left naming nothing were written again begun with the category the detector's \
              category columns were sure of (`grounding.guide_threshold`); it was shown in {} of them (per kind, \
              right / guided: {}).\n",
             guided.len(),
@@ -826,6 +826,19 @@ mod tests {
             md.split_once("The check changed 2 captions; as the LLM wrote them").expect("the second table");
         assert!(unchecked.contains("| unknown | 2 | 0.0 % | – | – | 50.0 % | 50.0 % |"), "{md}");
         assert!(unchecked.contains("| single | 1 | 50.0 % | 100.0 % | 100.0 % | 0.0 % | 0.0 % |"), "{md}");
+        assert!(!md.contains("written again"), "no caption was guided: {md}");
+        // Guided captions: a cat the LLM called a pig (right), and a dog on an unknown thing (wrong).
+        let results = [
+            SceneResult { guided: Some("cat".into()), ..scored("single", &["cat"], Some("A pig."), "There is a cat.") },
+            SceneResult { guided: Some("dog".into()), ..scored("unknown", &[], Some("A bus."), "There is a dog.") },
+            scored("single", &["dog"], None, "A dog."),
+        ];
+        let md = markdown(&set, "s", &results, 0, 1.0);
+        assert!(
+            md.contains("2 captions that the checks left naming nothing were written again")
+                && md.contains("it was shown in 1 of them (per kind, right / guided: single 1/1, unknown 0/1)"),
+            "{md}"
+        );
     }
 
     #[test]

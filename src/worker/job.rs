@@ -124,7 +124,7 @@ pub struct Caption {
     /// `[grounding]` check); empty when the check changed nothing or is off.
     pub unsupported: Vec<String>,
     /// The category the caption was begun with, when the detector's category columns guided it
-    /// (`grounding.guide_threshold`: the LLM's own caption named nothing known).
+    /// (`grounding.guide_threshold`: the checks left the LLM's own caption naming nothing).
     pub guided: Option<String>,
     /// The frame's sequence number.
     pub frame_seq: u64,

@@ -313,7 +313,7 @@ impl Worker {
         if let Some(guided) = &g.guided {
             tracing::info!(
                 frame = frame.seq,
-                "the caption named nothing known ({:?}); the classifier scores {} at {:.3}: begun with it",
+                "the checks left the caption naming nothing ({:?} as written); the classifier scores {} at {:.3}: begun with it",
                 guided.written,
                 guided.guide.category,
                 guided.guide.score

@@ -535,7 +535,7 @@ fn describe_one(
             }
             if let Some(g) = &answer.guided {
                 out!(
-                    "  [begun with \"{}\": the classifier scores {} {:.3}, and the LLM's own caption named nothing known: \"{}\"]",
+                    "  [begun with \"{}\": the classifier scores {} {:.3}, and the checks left nothing of the LLM's own caption: \"{}\"]",
                     g.guide.start,
                     g.guide.category,
                     g.guide.score,
