@@ -82,8 +82,8 @@ train-venv: $(TRAIN_PY)
 # train-v11.toml (v7 in 640 LLM steps, the 60-minute budget), train-v12.toml (v11 with the
 # encoder's CLS as a 65th image token), train-v13.toml (v7 with that token), train-v14.toml (v11
 # with an ImageNet classifier beside the detector), train-v16.toml (v15 with feature dropout and a
-# bfloat16 LLM) and train-v17.toml (v15 with the bfloat16 LLM alone) runs that were not shipped;
-# models/README.md).
+# bfloat16 LLM), train-v17.toml (v15 with the bfloat16 LLM alone) and train-v18.toml (v16 with
+# another training seed) runs that were not shipped; models/README.md).
 PROJECTOR_CONFIG ?= models/projector/train-v15.toml
 PROJECTOR_NAME = $(shell sed -n 's/^name = "\(.*\)"/\1/p' $(PROJECTOR_CONFIG) | head -n 1)
 CANDIDATE = $(CACHE)/train/$(PROJECTOR_NAME)/candidate.toml
