@@ -700,28 +700,30 @@ impl Manifest {
                 self.invalid("grounding.nothing", "expected the caption for a scene with no known object".into())
             );
         }
+        // Both the second judge and the guide read the detector's columns that score the categories.
+        let scored = self.category_columns(&g.categories).iter().any(Option::is_some);
+        let needs_columns = |key: &'static str| {
+            self.invalid(
+                key,
+                "expected a [detector] with `category_prefix` and a column named by it for some category".into(),
+            )
+        };
         if let Some(t) = g.classifier_threshold {
             if !(t.is_finite() && (0.0..=1.0).contains(&t)) {
                 return Err(self.invalid("grounding.classifier_threshold", format!("{t} is not a score in [0, 1]")));
             }
-            if self.category_columns(&g.categories).iter().all(Option::is_none) {
-                return Err(self.invalid(
-                    "grounding.classifier_threshold",
-                    "expected a [detector] with `category_prefix` and a column named by it for some category".into(),
-                ));
+            if !scored {
+                return Err(needs_columns("grounding.classifier_threshold"));
             }
         }
         if let Some(t) = g.guide_threshold {
             if !(t.is_finite() && t > 0.0 && t <= 1.0) {
                 return Err(self.invalid("grounding.guide_threshold", format!("{t} is not a score in (0, 1]")));
             }
-            if self.category_columns(&g.categories).iter().all(Option::is_none) {
-                return Err(self.invalid(
-                    "grounding.guide_threshold",
-                    "expected a [detector] with `category_prefix` and a column named by it for some category".into(),
-                ));
+            if !scored {
+                return Err(needs_columns("grounding.guide_threshold"));
             }
-            if !g.guide.contains("{name}") || g.guide.trim().is_empty() {
+            if !g.guide.contains("{name}") {
                 return Err(self.invalid(
                     "grounding.guide",
                     format!("{:?} does not name the category: expected a beginning with {{name}}, as \"There is {{a}} {{name}}\"", g.guide),

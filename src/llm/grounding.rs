@@ -157,9 +157,7 @@ impl Grounding {
         let text = without(caption, &dropped, &self.spec.categories, &self.spec.nothing);
         Some(Checked { unchecked: std::mem::replace(caption, text), dropped })
     }
-}
 
-impl Grounding {
     /// The guide for a caption that names no category (after the check): the category the
     /// detector's category columns score highest in the frame, when that reaches the manifest's
     /// `guide_threshold`. None without a guide, for a caption that names a category, or when no
@@ -175,7 +173,7 @@ impl Grounding {
             .enumerate()
             .filter_map(|(i, s)| Some((i, (*s)?)))
             .max_by(|a, b| a.1.total_cmp(&b.1))?;
-        let category = self.spec.categories[at].clone();
+        let category = self.spec.categories.get(at)?.clone();
         (score >= threshold).then(|| Guide { start: self.spec.guide_start(&category), category, score })
     }
 }
