@@ -266,6 +266,11 @@ pub struct SceneResult {
     /// caption named nothing the checks kept, and the detector's category columns were sure of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guided: Option<String>,
+    /// (question, the LLM's own answer) for each presence question answered again begun with yes
+    /// (`grounding.guide_threshold`: the detector's category columns were sure of the category
+    /// asked about and the LLM did not say yes); `answers` has the answer that stands.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guided_answers: Vec<(String, String)>,
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).
@@ -342,9 +347,14 @@ pub fn run(
         let guided = described.guided.map(|g| g.guide.category);
         let caption = described.text;
         let mut answers = Vec::with_capacity(scene.questions.len());
+        let mut guided_answers = Vec::new();
         for q in &scene.questions {
             let o = options(backbone);
-            answers.push(backbone.ask(&q.question, &o, &mut |_| true).map_err(StackError::from)?.text);
+            let g = backbone.ask(&q.question, &o, &mut |_| true).map_err(StackError::from)?;
+            if let Some(guided) = g.guided {
+                guided_answers.push((q.question.clone(), guided.written));
+            }
+            answers.push(g.text);
         }
         let (named, correct, tally) = score(scene, &set.categories, &caption, &answers);
         let unchecked_tally = match &unchecked {
@@ -366,6 +376,7 @@ pub fn run(
             support,
             classifier,
             guided,
+            guided_answers,
         };
         progress(i, &result);
         results.push(result);
@@ -457,6 +468,42 @@ fn threshold(right: &mut [f32], wrong: &[f32], keep: f64) -> Option<Calibration>
         wrong: wrong.len(),
         wrong_removed: wrong.iter().filter(|s| **s < threshold).count(),
     })
+}
+
+/// The report's line on answers begun with yes by the guide (empty when there are none): how many,
+/// how many of them are right, and how many the LLM's own answers had right, per kind.
+fn guided_answers(results: &[SceneResult]) -> String {
+    // Per kind: guided, right, the LLM's own right.
+    let mut kinds: Vec<(&str, usize, usize, usize)> = Vec::new();
+    for r in results {
+        for (question, own) in &r.guided_answers {
+            let Some((_, _, right)) = r.answers.iter().find(|(q, _, _)| q == question) else { continue };
+            // The answer that stands says yes, so yes was expected exactly when it is right.
+            let own_right = yes_no(own) == Some(*right);
+            let at = match kinds.iter().position(|k| k.0 == r.kind) {
+                Some(at) => at,
+                None => {
+                    kinds.push((&r.kind, 0, 0, 0));
+                    kinds.len() - 1
+                }
+            };
+            let k = &mut kinds[at];
+            (k.1, k.2, k.3) = (k.1 + 1, k.2 + usize::from(*right), k.3 + usize::from(own_right));
+        }
+    }
+    if kinds.is_empty() {
+        return String::new();
+    }
+    let sum = |f: fn(&(&str, usize, usize, usize)) -> usize| kinds.iter().map(f).sum::<usize>();
+    format!(
+        "\n{} answers to presence questions that the LLM did not answer yes were written again begun with yes, the \
+         detector's category columns being sure of the category asked about (`grounding.guide_threshold`): {} of them \
+         right, where the LLM's own answers were right {} times (per kind, right / the LLM's own right / guided: {}).\n",
+        sum(|k| k.1),
+        sum(|k| k.2),
+        sum(|k| k.3),
+        kinds.iter().map(|(k, n, ok, own)| format!("{k} {ok}/{own}/{n}")).collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// Scenes of `kind` (or all for `all`) that show at least one object.
@@ -625,6 +672,7 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
             kinds.iter().map(|(k, ok, n)| format!("{k} {ok}/{n}")).collect::<Vec<_>>().join(", ")
         );
     }
+    s += &guided_answers(results);
     s += "\nPer category (all scenes): how often a shown category was named, and how often it was named when not shown.\n\n";
     s += "| category | shown | named | recall | named when absent |\n|---|---|---|---|---|\n";
     for c in per_category(results) {
@@ -777,6 +825,7 @@ mod tests {
             support: vec![],
             classifier: vec![],
             guided: None,
+            guided_answers: vec![],
         }
     }
 
@@ -837,6 +886,29 @@ mod tests {
         assert!(
             md.contains("2 captions that the checks left naming nothing were written again")
                 && md.contains("it was shown in 1 of them (per kind, right / guided: single 1/1, unknown 0/1)"),
+            "{md}"
+        );
+        assert!(!md.contains("presence questions"), "no answer was guided: {md}");
+        // Guided answers: a cat the LLM said no to (right now), a dog it said no to rightly (wrong
+        // now), and an unknown thing it gave no yes or no (wrong either way).
+        let answered = |kind: &str, answers: &[(&str, &str, bool)], own: &[(&str, &str)]| SceneResult {
+            answers: answers.iter().map(|(q, a, ok)| (q.to_string(), a.to_string(), *ok)).collect(),
+            guided_answers: own.iter().map(|(q, a)| (q.to_string(), a.to_string())).collect(),
+            ..result(kind, &[], &[])
+        };
+        let results = [
+            answered(
+                "single",
+                &[("Is there a cat?", "Yes.", true), ("Is there a dog?", "Yes.", false), ("Is there a bus?", "No.", true)],
+                &[("Is there a cat?", "No."), ("Is there a dog?", "No.")],
+            ),
+            answered("unknown", &[("Is there a pig?", "Yes.", false)], &[("Is there a pig?", "A pig.")]),
+        ];
+        let md = markdown(&set, "s", &results, 0, 1.0);
+        assert!(
+            md.contains("3 answers to presence questions that the LLM did not answer yes were written again")
+                && md.contains(": 1 of them right, where the LLM's own answers were right 1 times")
+                && md.contains("(per kind, right / the LLM's own right / guided: single 1/1/2, unknown 0/0/1)"),
             "{md}"
         );
     }

@@ -380,11 +380,21 @@ pub struct GroundingSpec {
     /// How a guided caption begins: `{a}` is the article ("a", "an") and `{name}` the category.
     #[serde(default = "default_guide")]
     pub guide: String,
+    /// How a guided answer begins: with `guide_threshold`, a presence question about one category
+    /// ("Is there a goat?") that the LLM does not answer with this word, while the category's best
+    /// score in the frame reaches the threshold, is answered again begun with it.
+    #[serde(default = "default_guide_yes")]
+    pub guide_yes: String,
 }
 
 /// The beginning of a guided caption, as the reference projector's captions begin.
 pub fn default_guide() -> String {
     "There is {a} {name}".into()
+}
+
+/// The beginning of a guided answer, as the reference projector's answers begin.
+pub fn default_guide_yes() -> String {
+    "Yes".into()
 }
 
 impl GroundingSpec {
@@ -424,7 +434,11 @@ impl GroundingSpec {
             text += &format!("classifier_threshold = {t:.5}\n");
         }
         if let Some(t) = self.guide_threshold {
-            text += &format!("guide_threshold = {t}\nguide = {}\n", quote(&self.guide));
+            text += &format!(
+                "guide_threshold = {t}\nguide = {}\nguide_yes = {}\n",
+                quote(&self.guide),
+                quote(&self.guide_yes)
+            );
         }
         text
     }
@@ -729,6 +743,9 @@ impl Manifest {
                     format!("{:?} does not name the category: expected a beginning with {{name}}, as \"There is {{a}} {{name}}\"", g.guide),
                 ));
             }
+            if g.guide_yes.trim().is_empty() {
+                return Err(self.invalid("grounding.guide_yes", "expected the word a yes answer begins with, as \"Yes\"".into()));
+            }
         }
         Ok(())
     }
@@ -969,6 +986,7 @@ mod tests {
             classifier_threshold: None,
             guide_threshold: None,
             guide: default_guide(),
+            guide_yes: default_guide_yes(),
         };
         let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
         assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
@@ -1008,7 +1026,10 @@ mod tests {
         assert_edits_fail(&once, cases);
         // The guide: written with its beginning, read back, and checked.
         let guided = GroundingSpec { guide_threshold: Some(0.99), ..spec.clone() }.to_toml("G.");
-        assert!(guided.ends_with("guide_threshold = 0.99\nguide = \"There is {a} {name}\"\n"), "{guided}");
+        assert!(
+            guided.ends_with("guide_threshold = 0.99\nguide = \"There is {a} {name}\"\nguide_yes = \"Yes\"\n"),
+            "{guided}"
+        );
         let text = with_grounding(&once, &guided);
         let g = Manifest::parse(&text, "t", Path::new("/m")).unwrap().grounding.unwrap();
         assert_eq!((g.guide_threshold, g.guide_start("apple").as_str()), (Some(0.99), "There is an apple"));
@@ -1019,6 +1040,7 @@ mod tests {
                 "`grounding.guide_threshold`: 0 is not a score in (0, 1]",
             ),
             ("{a} {name}", "{a} thing", "`grounding.guide`: \"There is {a} thing\" does not name the category"),
+            ("guide_yes = \"Yes\"", "guide_yes = \" \"", "`grounding.guide_yes`: expected the word a yes answer begins with"),
         ];
         assert_edits_fail(&text, cases);
     }

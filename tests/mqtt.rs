@@ -79,14 +79,17 @@ impl Daemon {
 
     /// Starts the real worker on one photo (its frames: that photo once).
     fn start_worker(&mut self) {
-        self.start_worker_with(
-            false,
-            scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false },
-        );
+        self.start_worker_on("coffee.png");
     }
 
-    /// The real worker with the reference generator (loaded on demand) and a privacy setting.
-    fn start_worker_with(&mut self, generator: bool, privacy: scenecast::worker::PrivacyConfig) {
+    /// Starts the real worker on `photo` (in the fetched sample photos).
+    fn start_worker_on(&mut self, photo: &str) {
+        let privacy = scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false };
+        self.start_worker_with(photo, false, privacy);
+    }
+
+    /// The real worker on `photo` with the reference generator (loaded on demand) and a privacy setting.
+    fn start_worker_with(&mut self, photo: &str, generator: bool, privacy: scenecast::worker::PrivacyConfig) {
         let root = cache_root();
         let m = manifest();
         let backbone =
@@ -94,7 +97,7 @@ impl Daemon {
         let vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
         // One frame of a still scene, as the capture thread would deliver it.
         let frames = Arc::new(FrameSlot::new());
-        let image = scenecast::frame::RgbImage::open(&root.join("models/photos/coffee.png")).unwrap();
+        let image = scenecast::frame::RgbImage::open(&root.join("models/photos").join(photo)).unwrap();
         frames.put(scenecast::frame::Frame { seq: 0, captured_at: std::time::SystemTime::now(), image });
         let generator = generator
             .then(|| scenecast::generate::OnDemand::new(runtime(), m.clone(), root.clone(), Default::default()));
@@ -245,6 +248,40 @@ async fn v5_request_response_with_correlation_expiry_and_busy() {
         partials += 1;
     }
     assert!(partials > 1, "{partials} partial answers");
+    d.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_presence_answer_begun_by_the_classifier_says_which_category_in_the_reply() {
+    // The held-out Nubian ibex photo: the LLM says there is no goat, the ImageNet classifier is
+    // sure of one (tests/projector.rs). The streamed partials carry the answer that stands only,
+    // and the final reply names the category (reply schema).
+    let broker = Broker::start();
+    let mut client = TestClient::connect(broker.port, "asker-8", &["replies/#", "scenecast/cam8/caption"]).await;
+    let mut d = Daemon::start(mqtt_config(broker.port, "cam8")).await;
+    d.start_worker_on("gcompris/erase-nubian_ibex.webp");
+    client.next_on("scenecast/cam8/caption", WAIT).await.expect("the worker runs");
+    for (question, guided) in [("Is there a goat in the image?", Some("goat")), ("Where is the goat?", None)] {
+        let payload = serde_json::json!({ "question": question, "stream": true }).to_string();
+        client.request("scenecast/cam8/ask", payload.as_bytes(), Some("replies/goat"), None, None).await;
+        let mut partials = Vec::new();
+        let last = loop {
+            let m = client.next_on("replies/goat", WAIT).await.expect("stream messages");
+            let json = m.json();
+            assert_schema("reply.schema.json", &json);
+            if json["done"] == true {
+                break json;
+            }
+            assert!(json.get("guided").is_none(), "partials do not say it: {json}");
+            partials.push(json["text"].as_str().unwrap().to_owned());
+        };
+        assert_eq!(last["guided"].as_str(), guided, "{question}: {last}");
+        if guided.is_some() {
+            let text = last["text"].as_str().unwrap();
+            assert!(text.starts_with("Yes"), "{last}");
+            assert!(partials.iter().all(|p| text.starts_with(p.as_str())), "{partials:?} against {text:?}");
+        }
+    }
     d.shutdown().await;
 }
 
@@ -551,7 +588,11 @@ async fn generate_returns_a_png_and_bad_requests_get_errors() {
     let broker = Broker::start();
     let mut c = TestClient::connect(broker.port, "gen-watch", &["scenecast/gen1/#", "replies/#"]).await;
     let mut d = Daemon::start(mqtt_config(broker.port, "gen1")).await;
-    d.start_worker_with(true, scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false });
+    d.start_worker_with(
+        "coffee.png",
+        true,
+        scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: false },
+    );
     c.next_on("scenecast/gen1/caption", WAIT).await.expect("a caption first");
 
     let request = br#"{"prompt":"a red bicycle in the rain","seed":7,"steps":2,"width":64,"height":48}"#;
@@ -621,7 +662,7 @@ async fn no_generator_is_unavailable_and_snapshots_follow_captions() {
     let broker = Broker::start();
     let mut c = TestClient::connect(broker.port, "snap-watch", &["scenecast/snap1/#", "replies/#"]).await;
     let mut d = Daemon::start(mqtt_config(broker.port, "snap1")).await;
-    d.start_worker_with(false, scenecast::worker::PrivacyConfig::default());
+    d.start_worker_with("coffee.png", false, scenecast::worker::PrivacyConfig::default());
     c.next_on("scenecast/snap1/caption", WAIT).await.expect("a caption");
     let snapshot = c.next_on("scenecast/snap1/image", WAIT).await.expect("the captioned frame");
     let frame = image::load_from_memory(&snapshot.payload).unwrap();
@@ -641,7 +682,11 @@ async fn privacy_rerenders_captions_instead_of_publishing_the_frame() {
     let broker = Broker::start();
     let mut c = TestClient::connect(broker.port, "priv-watch", &["scenecast/priv1/#"]).await;
     let mut d = Daemon::start(mqtt_config(broker.port, "priv1")).await;
-    d.start_worker_with(true, scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: true });
+    d.start_worker_with(
+        "coffee.png",
+        true,
+        scenecast::worker::PrivacyConfig { no_camera_pixels: true, rerender_captions: true },
+    );
     c.next_on("scenecast/priv1/caption", WAIT).await.expect("a caption");
     let picture = c.next_on("scenecast/priv1/image", WAIT).await.expect("a re-rendering");
     let image = image::load_from_memory(&picture.payload).unwrap();

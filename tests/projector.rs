@@ -235,7 +235,7 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
 }
 
 #[test]
-fn a_caption_that_names_nothing_known_is_begun_with_the_category_the_classifier_is_sure_of() {
+fn a_caption_or_presence_answer_the_llm_leaves_empty_is_begun_by_the_classifier_when_it_is_sure() {
     // A photo of a Nubian ibex, a goat the projector never trained on (one of `make eval`'s held-out
     // camera photos). The image tokens do not support the name the LLM writes, so the check leaves
     // none; the ImageNet classifier puts all but a trace of its probability on goats, so the LLM
@@ -259,6 +259,23 @@ fn a_caption_that_names_nothing_known_is_begun_with_the_category_the_classifier_
     assert!(described.text.starts_with("There is a goat"), "{:?}", described.text);
     assert_eq!(mentions(&described.text, &categories()), ["goat"], "{:?}", described.text);
     assert_eq!(described.as_written(), guided.written);
+    // Asked whether there is a goat, the LLM says no; the classifier's score begins the answer
+    // with yes, and what streams is that answer alone. A question that is not only about presence
+    // is the LLM's.
+    let question = "Is there a goat in the image?";
+    let mut streamed = String::new();
+    let answer = backbone
+        .ask(question, &backbone.default_options(), &mut |piece| {
+            streamed.push_str(piece);
+            true
+        })
+        .unwrap();
+    let begun = answer.guided.clone().expect("the answer is guided");
+    assert_eq!((begun.guide.category.as_str(), begun.guide.start.as_str()), ("goat", spec.guide_yes.as_str()));
+    assert!(answer.text.starts_with("Yes") && streamed.trim() == answer.text, "{answer:?}, streamed {streamed:?}");
+    assert_eq!(scenecast::eval::yes_no(&begun.written), Some(false), "{begun:?}");
+    let placed = backbone.ask("Is there a goat on the left?", &backbone.default_options(), &mut |_| true).unwrap();
+    assert_eq!(placed.guided, None, "{placed:?}");
     // The same scene without the guide.
     let mut unguided = m.clone();
     unguided.grounding.as_mut().unwrap().guide_threshold = None;
@@ -267,6 +284,8 @@ fn a_caption_that_names_nothing_known_is_begun_with_the_category_the_classifier_
     let alone = plain.describe(&prompt, &plain.default_options(), &mut |_| true).unwrap();
     assert_eq!((alone.text.as_str(), &alone.guided), (spec.nothing.as_str(), &None));
     assert_eq!(alone.as_written(), guided.written, "the LLM's own caption is the same");
+    let own = plain.ask(question, &plain.default_options(), &mut |_| true).unwrap();
+    assert_eq!((own.text.as_str(), &own.guided), (begun.written.as_str(), &None), "the LLM's own answer");
 }
 
 /// A file in the model cache, by its cache path.

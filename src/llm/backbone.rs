@@ -80,24 +80,27 @@ pub struct Generation {
     /// For a caption whose check against the image tokens removed names: the caption as the LLM
     /// wrote it (`text` is the checked one) and the names removed.
     pub checked: Option<Checked>,
-    /// For a caption the detector's category columns guided (`grounding.guide_threshold`): the
-    /// category it was begun with, and the LLM's first caption. `checked` then lists the names
-    /// removed from both captions, its `unchecked` the first as written.
+    /// For a caption or an answer the detector's category columns guided
+    /// (`grounding.guide_threshold`): the category it was begun with, and the LLM's first caption
+    /// or answer. For a caption, `checked` then lists the names removed from both captions, its
+    /// `unchecked` the first as written.
     pub guided: Option<Guided>,
 }
 
-/// A caption written again, begun with the category the detector's category columns are sure of.
+/// A caption (or a presence question's answer) written again, begun with the category (or the
+/// yes) that the detector's category columns are sure of.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Guided {
     /// The category, its score, and the beginning given to the LLM.
     #[serde(flatten)]
     pub guide: Guide,
-    /// The LLM's first caption, as it wrote it (before the check, which left it naming nothing).
+    /// The LLM's first caption, as it wrote it (before the check, which left it naming nothing), or
+    /// its first answer (which did not say yes).
     pub written: String,
 }
 
 impl Generation {
-    /// The caption as the LLM first wrote it, before the check and any guide.
+    /// The caption (or answer) as the LLM first wrote it, before the check and any guide.
     pub fn as_written(&self) -> &str {
         match (&self.guided, &self.checked) {
             (Some(g), _) => &g.written,
@@ -403,13 +406,36 @@ impl Backbone {
 
     /// Answers `question` about the current scene (a text-only prefix when none is set).
     /// `on_text` receives the answer as it is generated and returns false to stop early.
+    /// With the manifest's `[grounding] guide_threshold`, a presence question about one category
+    /// ("Is there a goat?", [`presence`](super::grounding::presence)) that the detector's category
+    /// columns score at least that much in the frame is answered again, begun with `guide_yes`,
+    /// when the LLM's answer does not begin with it (`Generation::guided`, whose `written` is the
+    /// LLM's answer); `on_text` then sees only the answer that stands, once it is known.
     pub fn ask(
         &mut self,
         question: &str,
         options: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
-        self.request(Request::Question, question, options, "", on_text)
+        let guide = self.grounding.as_ref().zip(self.support.as_ref()).and_then(|(g, s)| g.answer_guide(question, s));
+        let Some(guide) = guide else { return self.request(Request::Question, question, options, "", on_text) };
+        let g = self.request(Request::Question, question, options, "", &mut |_| true)?;
+        let stands = matches!(g.stop, StopReason::Cancelled | StopReason::Deadline)
+            || self.grounding.as_ref().is_some_and(|grounding| grounding.says_yes(&g.text));
+        if stands {
+            on_text(&g.text);
+            return Ok(g);
+        }
+        // The classifier is sure of the category asked about and the LLM did not say yes: it
+        // answers again, its answer begun with yes.
+        let mut again = self.request(Request::Question, question, options, &guide.start, on_text)?;
+        // What streams first arrives after the LLM's own answer and the second prefill.
+        again.ttft_ms += g.prefill_ms + g.decode_ms;
+        again.prefill_ms += g.prefill_ms;
+        again.decode_ms += g.decode_ms;
+        again.n_tokens += g.n_tokens;
+        again.guided = Some(Guided { guide, written: g.text });
+        Ok(again)
     }
 
     /// Describes the current scene (a text-only prefix when none is set) as `prompt` asks: a

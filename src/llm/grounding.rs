@@ -176,16 +176,79 @@ impl Grounding {
         let category = self.spec.categories.get(at)?.clone();
         (score >= threshold).then(|| Guide { start: self.spec.guide_start(&category), category, score })
     }
+
+    /// The guide for an answer to a presence question about one category ([`presence`]) whose
+    /// best score by the detector's category columns in the frame reaches `guide_threshold`: the
+    /// answer is to begin with `guide_yes`. None without a guide, for any other question, or
+    /// below the threshold.
+    pub fn answer_guide(&self, question: &str, support: &Support) -> Option<Guide> {
+        let threshold = self.spec.guide_threshold?;
+        let category = presence(question, &self.spec.categories)?;
+        let at = self.spec.categories.iter().position(|c| c == category)?;
+        let score = (*support.classifier.get(at)?)?;
+        (score >= threshold).then(|| Guide {
+            category: category.to_owned(),
+            score,
+            start: self.spec.guide_yes.clone(),
+        })
+    }
+
+    /// Whether `answer` begins with the word of `guide_yes` (any case).
+    pub fn says_yes(&self, answer: &str) -> bool {
+        let yes = words(&self.spec.guide_yes);
+        words(answer).get(..yes.len()).is_some_and(|w| w == yes.as_slice())
+    }
 }
 
-/// A caption begun by the detector's category columns ([`Grounding::guide`]).
+/// How a presence question opens, as words.
+const PRESENCE_LEADS: [&[&str]; 4] = [&["is", "there"], &["are", "there"], &["do", "you", "see"], &["can", "you", "see"]];
+
+/// What a presence question may end with after the name, as words, longest first (and nothing).
+const PRESENCE_TAILS: [&[&str]; 11] = [
+    &["in", "the", "image"],
+    &["in", "the", "picture"],
+    &["in", "the", "photo"],
+    &["in", "the", "frame"],
+    &["in", "the", "scene"],
+    &["in", "this", "image"],
+    &["in", "this", "picture"],
+    &["in", "this", "photo"],
+    &["in", "view"],
+    &["here"],
+    &[],
+];
+
+/// The category a presence question asks about: a lead of [`PRESENCE_LEADS`] ("Is there"), at
+/// most one determiner or "any", one category's name (or its plural), and at most one of
+/// [`PRESENCE_TAILS`] ("in the image"): "Is there a goat in the image?" and "Are there any
+/// dogs?" ask about the goat and the dog; "Is there a goat on the left?", "Is the goat eating?"
+/// and "Is there a goat or a dog?" are other questions (None), as is a name not in `categories`.
+pub fn presence<'a>(question: &str, categories: &'a [String]) -> Option<&'a str> {
+    let words = words(question);
+    let is = |words: &[String], at: &[&str]| words.len() == at.len() && words.iter().zip(at).all(|(w, a)| w == a);
+    let rest = PRESENCE_LEADS
+        .iter()
+        .find_map(|lead| (words.len() > lead.len() && is(&words[..lead.len()], lead)).then(|| &words[lead.len()..]))?;
+    let rest = match rest.split_first() {
+        Some((first, more)) if first == "any" || DETERMINERS.contains(&first.as_str()) => more,
+        _ => rest,
+    };
+    let name = PRESENCE_TAILS.iter().find_map(|tail| {
+        let cut = rest.len().checked_sub(tail.len())?;
+        is(&rest[cut..], tail).then(|| &rest[..cut])
+    })?;
+    categories.iter().find(|c| c.split(' ').count() == name.len() && find(name, c) == [0]).map(String::as_str)
+}
+
+/// A caption or an answer begun by the detector's category columns ([`Grounding::guide`],
+/// [`Grounding::answer_guide`]).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Guide {
     /// The category.
     pub category: String,
     /// Its best score in the frame.
     pub score: f32,
-    /// The beginning of the answer the LLM continues ("There is a goat").
+    /// The beginning of the answer the LLM continues ("There is a goat", "Yes").
     pub start: String,
 }
 
@@ -331,6 +394,7 @@ mod tests {
             classifier_threshold: None,
             guide_threshold: None,
             guide: crate::manifest::default_guide(),
+            guide_yes: crate::manifest::default_guide_yes(),
         };
         let n = spec.categories.len();
         let g = Grounding { directions: vec![Vec::new(); n], columns: vec![None; n], spec };
@@ -364,6 +428,7 @@ mod tests {
             classifier_threshold: Some(0.01),
             guide_threshold: None,
             guide: crate::manifest::default_guide(),
+            guide_yes: crate::manifest::default_guide_yes(),
         };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(2), Some(3), None, None, None, None];
@@ -400,6 +465,7 @@ mod tests {
             classifier_threshold: None,
             guide_threshold: Some(0.9),
             guide: crate::manifest::default_guide(),
+            guide_yes: crate::manifest::default_guide_yes(),
         };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
@@ -420,6 +486,58 @@ mod tests {
         assert_eq!((text.as_str(), checked.dropped), ("There is a goat on the left.", vec!["dog".to_owned()]));
         let article = GroundingSpec { guide: "I see {a} {name}".into(), ..g.spec.clone() };
         assert_eq!(article.guide_start("orange"), "I see an orange");
+    }
+
+    #[test]
+    fn presence_questions_name_one_category_and_nothing_else() {
+        let cats = cats();
+        let table: &[(&str, Option<&str>)] = &[
+            ("Is there a goat in the image?", Some("goat")),
+            ("is there a goat", Some("goat")),
+            ("Are there any dogs?", Some("dog")),
+            ("Are there two buses here?", Some("bus")),
+            ("Do you see a teddy bear in this picture?", Some("teddy bear")),
+            ("Can you see fish?", Some("fish")),
+            ("Is there a goat on the left?", None),
+            ("Is there a goat or a dog?", None),
+            ("Is the goat eating?", None),
+            ("Where is the goat?", None),
+            ("Is there a bear?", None),
+            ("Is there a horse?", None),
+            ("Is there?", None),
+        ];
+        for (question, expect) in table {
+            assert_eq!(presence(question, &cats), *expect, "{question:?}");
+        }
+    }
+
+    #[test]
+    fn a_presence_answer_is_guided_to_yes_when_the_classifier_is_sure_of_the_category_asked_about() {
+        let spec = GroundingSpec {
+            categories: cats(),
+            threshold: 0.2,
+            nothing: "Nothing known.".into(),
+            classifier_threshold: None,
+            guide_threshold: Some(0.9),
+            guide: crate::manifest::default_guide(),
+            guide_yes: "Yes".into(),
+        };
+        let n = spec.categories.len();
+        let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
+        let g = Grounding { directions: vec![Vec::new(); n], columns, spec };
+        let tokens = ImageTokens { class_scores: vec![0.3, 0.2, 0.0, 0.95], ..ImageTokens::default() };
+        let support = g.support(&tokens);
+        let guide = g.answer_guide("Is there a goat in the image?", &support).expect("the goat scores 0.95");
+        assert_eq!((guide.category.as_str(), guide.score, guide.start.as_str()), ("goat", 0.95, "Yes"));
+        assert_eq!(g.answer_guide("Is there a dog?", &support), None, "the dog scores 0.3");
+        assert_eq!(g.answer_guide("Is there a fish?", &support), None, "no column scores the fish");
+        assert_eq!(g.answer_guide("Where is the goat?", &support), None, "not a presence question");
+        assert_eq!(g.answer_guide("Is there a goat?", &g.support(&ImageTokens::default())), None, "no detector");
+        let off = Grounding { spec: GroundingSpec { guide_threshold: None, ..g.spec.clone() }, ..g.clone() };
+        assert_eq!(off.answer_guide("Is there a goat?", &support), None, "no guide");
+        // The LLM's own answer stands when it begins with the yes word.
+        assert!(g.says_yes("Yes.") && g.says_yes("yes, on the left") && g.says_yes(" YES"));
+        assert!(!g.says_yes("No.") && !g.says_yes("Yesterday.") && !g.says_yes("There is a goat."));
     }
 
     #[test]

@@ -198,7 +198,7 @@ mod tests {
             model: "m".into(),
         };
         let answer =
-            Answer { text: "a".into(), done: true, frame_seq: None, frame_ts_ms: None, timings_ms: Default::default() };
+            Answer { text: "a".into(), done: true, guided: None, frame_seq: None, frame_ts_ms: None, timings_ms: Default::default() };
         let cases: Vec<(Outgoing, Vec<(&str, bool, Delivery)>)> = vec![
             (Outgoing::Result(Output::Caption(caption)), vec![("cam/caption", true, Delivery::Keep)]),
             (Outgoing::Result(Output::ScenePicture(picture.clone())), vec![("cam/image", true, Delivery::LatestOnly)]),
@@ -230,6 +230,7 @@ mod tests {
         let answer = |done| Answer {
             text: "a".into(),
             done,
+            guided: None,
             frame_seq: None,
             frame_ts_ms: None,
             timings_ms: Default::default(),

@@ -485,6 +485,11 @@ pub struct Answer {
     pub text: String,
     /// False for a partial answer while streaming.
     pub done: bool,
+    /// The category a presence question asked about, when the detector's category columns are
+    /// sure of it and the answer was begun with yes (the manifest's `grounding.guide_threshold`);
+    /// absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guided: Option<String>,
     /// The sequence number of the frame the answer is about (absent without a camera frame).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frame_seq: Option<u64>,
@@ -504,6 +509,7 @@ impl Answer {
             device: None,
             text: a.text.clone(),
             done: a.done,
+            guided: a.guided.clone(),
             frame_seq: a.frame_seq,
             frame_ts_ms: a.frame_ts_ms,
             timings_ms: a.timings_ms.clone(),
@@ -1016,6 +1022,7 @@ mod tests {
             device: None,
             text: "A c".into(),
             done: false,
+            guided: None,
             frame_seq: None,
             frame_ts_ms: None,
             timings_ms: Timings::new(),

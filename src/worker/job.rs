@@ -143,6 +143,10 @@ pub struct Answer {
     pub text: String,
     /// False for a partial answer.
     pub done: bool,
+    /// The category a presence question asked about, when the detector's category columns are
+    /// sure of it and the answer was begun with yes (`grounding.guide_threshold`: the LLM's own
+    /// answer did not say yes). Final answers only.
+    pub guided: Option<String>,
     /// The frame the answer is about (none without a camera frame).
     pub frame_seq: Option<u64>,
     /// That frame's capture time, ms since the Unix epoch.

@@ -477,6 +477,7 @@ impl Worker {
                 let partial = Answer {
                     text: so_far.trim().to_owned(),
                     done: false,
+                    guided: None,
                     frame_seq: None,
                     frame_ts_ms: None,
                     timings_ms: Timings::new(),
@@ -495,9 +496,20 @@ impl Worker {
                     ("ttft", g.ttft_ms),
                     ("total", ms_since(start)),
                 ]);
+                if let Some(guided) = &g.guided {
+                    tracing::info!(
+                        question = %job.text,
+                        "the LLM answered {:?}; the classifier scores {} at {:.3}: answered again begun with {:?}",
+                        guided.written,
+                        guided.guide.category,
+                        guided.guide.score,
+                        guided.guide.start
+                    );
+                }
                 let answer = Answer {
                     text: g.text,
                     done: true,
+                    guided: g.guided.map(|g| g.guide.category),
                     frame_seq: about.map(|(seq, _)| seq),
                     frame_ts_ms: about.map(|(_, ts)| ts),
                     timings_ms: timings,

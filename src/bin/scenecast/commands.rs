@@ -382,6 +382,7 @@ pub fn calibrate(
         classifier_threshold: t.classifier.as_ref().map(|k| k.threshold),
         guide_threshold: guide.or_else(|| current.and_then(|g| g.guide_threshold)),
         guide: current.map_or_else(scenecast::manifest::default_guide, |g| g.guide.clone()),
+        guide_yes: current.map_or_else(scenecast::manifest::default_guide_yes, |g| g.guide_yes.clone()),
     };
     let mut comment = format!(
         "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
@@ -534,8 +535,13 @@ fn describe_one(
                 );
             }
             if let Some(g) = &answer.guided {
+                let own = if caption {
+                    "and the checks left nothing of the LLM's own caption"
+                } else {
+                    "and the LLM's own answer did not say so"
+                };
                 out!(
-                    "  [begun with \"{}\": the classifier scores {} {:.3}, and the checks left nothing of the LLM's own caption: \"{}\"]",
+                    "  [begun with \"{}\": the classifier scores {} {:.3}, {own}: \"{}\"]",
                     g.guide.start,
                     g.guide.category,
                     g.guide.score,
