@@ -414,18 +414,21 @@ pub struct Thresholds {
 /// any check) and takes the support of each category a caption names correctly; the threshold is
 /// the highest that keeps `keep` of them. With a detector that scores the categories itself
 /// (`detector.category_prefix`), the same again for its scores, over the names the image tokens
-/// keep. Run it on scenes of objects the projector trained on (`photo`, `heldout-pair`), never on
-/// the held-out rows it is measured on.
+/// keep, over the names of the scenes of `classifier_kinds` only (all of them when it is empty).
+/// Run it on scenes of objects the projector trained on (`photo`, `heldout-pair`), never on the
+/// held-out rows it is measured on.
 pub fn calibrate(
     set: &EvalSet,
     pipeline: &mut Pipeline,
     keep: f64,
+    classifier_kinds: &[String],
     progress: &mut dyn FnMut(usize),
 ) -> Result<Thresholds, EvalError> {
     let directions = name_directions(&pipeline.backbone, &set.categories).map_err(StackError::from)?;
     let columns = pipeline.manifest.category_columns(&set.categories);
     let mut tokens = ImageTokens::default();
-    // Each name a caption wrote: whether the scene shows it, its token support, its detector score.
+    // Each name a caption wrote: whether the scene shows it, its token support, its detector score
+    // (None too where the scene's kind does not calibrate the classifier's threshold).
     let mut names: Vec<(bool, f32, Option<f32>)> = Vec::new();
     for (i, scene) in set.scenes.iter().enumerate() {
         let image = RgbImage::open(&scene.image)?;
@@ -437,9 +440,11 @@ pub fn calibrate(
         o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
         let g = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
         let caption = g.as_written();
+        let judged = classifier_kinds.is_empty() || classifier_kinds.contains(&scene.kind);
         for name in mentions(caption, &set.categories) {
             let at = set.categories.iter().position(|c| c == name).expect("a mention is a category");
-            names.push((scene.objects.iter().any(|o| o == name), support[at], classifier[at]));
+            let score = classifier[at].filter(|_| judged);
+            names.push((scene.objects.iter().any(|o| o == name), support[at], score));
         }
         progress(i);
     }

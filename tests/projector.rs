@@ -232,6 +232,43 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
         let best = support(file).into_iter().fold(f32::MIN, f32::max);
         assert!(best < written.threshold, "{file}: best support {best} reaches the threshold {}", written.threshold);
     }
+
+    // `--classifier-kind`: the classifier's threshold from the names of some kinds only. With the
+    // GCompris photos as a kind of their own, the tokens' threshold is the one above (every
+    // scene's names), the classifier's the least score of the GCompris photos' categories.
+    let gcompris = |file: &str| file.starts_with("gcompris/");
+    let split: Vec<serde_json::Value> = PHOTOS
+        .iter()
+        .map(|(file, category)| {
+            let kind = if gcompris(file) { "gcompris" } else { "photo" };
+            serde_json::json!({"image": photos.join(file), "kind": kind, "objects": [category]})
+        })
+        .collect();
+    let split = serde_json::json!({"name": "split", "categories": categories(), "caption_prompt": LlmConfig::default().caption_prompt, "scenes": split});
+    let split_path = write_temp(dir.path(), "split.json", split.to_string().as_bytes());
+    let split_arg = split_path.to_str().unwrap();
+    let (ok, _, err) = scenecast(&["calibrate", split_arg, "--kind", "photo", "--classifier-kind", "gcompris"], &[]);
+    assert!(!ok && err.contains("--classifier-kind gcompris: not among the scenes calibrated on"), "{err}");
+    let args = ["calibrate", split_arg, "--kind", "photo", "--kind", "gcompris", "--classifier-kind", "gcompris"];
+    let (ok, section, err) = scenecast(&args, &[]);
+    assert!(ok && section.replace("\n# ", " ").contains("in the scenes of kinds gcompris"), "{err}\n{section}");
+    let text = scenecast::manifest::with_grounding(reference, &section);
+    let by_kind = scenecast::manifest::Manifest::parse(&text, "calibrated", Path::new(".")).unwrap().grounding.unwrap();
+    assert!((by_kind.threshold - written.threshold).abs() < 1e-4, "{} against {}", by_kind.threshold, written.threshold);
+    let columns = m.category_columns(&categories());
+    let (mut least_all, mut least_gcompris) = (f32::MAX, f32::MAX);
+    for (file, category) in PHOTOS {
+        vision.run(&photo(file), &mut tokens).unwrap();
+        // A category no ImageNet class falls under has no score, and does not calibrate it.
+        let Some(score) = scenecast::llm::classifier_support(&tokens, &columns)[at(category)] else { continue };
+        least_all = least_all.min(score);
+        if gcompris(file) {
+            least_gcompris = least_gcompris.min(score);
+        }
+    }
+    assert!(least_gcompris > least_all + 1e-4, "the split must move the threshold: {least_gcompris} and {least_all}");
+    let calibrated = by_kind.classifier_threshold.expect("calibrated");
+    assert!((calibrated - least_gcompris).abs() < 1e-5, "{calibrated} against {least_gcompris}");
 }
 
 #[test]

@@ -423,7 +423,9 @@ impl Backbone {
         let stands = matches!(g.stop, StopReason::Cancelled | StopReason::Deadline)
             || self.grounding.as_ref().is_some_and(|grounding| grounding.says_yes(&g.text));
         if stands {
-            on_text(&g.text);
+            if !g.text.is_empty() {
+                on_text(&g.text);
+            }
             return Ok(g);
         }
         // The classifier is sure of the category asked about and the LLM did not say yes: it

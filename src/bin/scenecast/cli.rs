@@ -88,6 +88,10 @@ pub enum Command {
         /// The share of correct names the threshold keeps, in (0, 1].
         #[arg(long, default_value_t = 0.95)]
         keep: f64,
+        /// Calibrate the detector's threshold (classifier_threshold) on the names of the scenes of
+        /// this kind only (repeat for several; each must be a --kind). Default: every --kind.
+        #[arg(long = "classifier-kind", value_name = "KIND")]
+        classifier_kinds: Vec<String>,
         /// The caption when no known name is left.
         #[arg(long, default_value = "No known object.")]
         nothing: String,

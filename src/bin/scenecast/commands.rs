@@ -347,12 +347,20 @@ pub fn evaluate(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Which scenes of an evaluation set `scenecast calibrate` reads.
+pub struct CalibrationScenes<'a> {
+    /// The scenes captioned (objects the projector trained on).
+    pub kinds: &'a [String],
+    /// Of those, the kinds whose names calibrate the classifier's threshold (empty: all).
+    pub classifier_kinds: &'a [String],
+}
+
 /// `scenecast calibrate`: the threshold of the caption check on the set's scenes of `kinds`, as a
 /// `[grounding]` section printed or written into the manifest `write`.
 pub fn calibrate(
     config: &Config,
     set_path: &Path,
-    kinds: &[String],
+    scenes: CalibrationScenes<'_>,
     keep: f64,
     nothing: &str,
     write: Option<&Path>,
@@ -362,13 +370,17 @@ pub fn calibrate(
     if let Some(p) = guide {
         anyhow::ensure!(p > 0.0 && p <= 1.0, "--guide {p}: expected a score in (0, 1], e.g. 0.99");
     }
+    let CalibrationScenes { kinds, classifier_kinds } = scenes;
+    if let Some(k) = classifier_kinds.iter().find(|k| !kinds.contains(k)) {
+        anyhow::bail!("--classifier-kind {k}: not among the scenes calibrated on; expected one of --kind {}", kinds.join(", "));
+    }
     let mut set = eval::EvalSet::load(set_path)?;
     let name = set.name.clone();
     set.keep_kinds(kinds).with_context(|| format!("--kind in {}", set_path.display()))?;
     let mut pipeline = load_pipeline(config)?;
     let start = Instant::now();
     let total = set.scenes.len();
-    let t = eval::calibrate(&set, &mut pipeline, keep, &mut |i| {
+    let t = eval::calibrate(&set, &mut pipeline, keep, classifier_kinds, &mut |i| {
         if (i + 1) % 20 == 0 {
             eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
         }
@@ -409,10 +421,11 @@ pub fn calibrate(
         comment += &format!(
             "\nThe detector's own scores of the categories (its columns named `detector.category_prefix` + \
              category) check the names the image tokens keep: a name it scores below classifier_threshold in the \
-             frame goes too. The threshold keeps {:.0} % of the {} correct names that have such a score and removes \
-             {} of the {} wrong ones.",
+             frame goes too. The threshold keeps {:.0} % of the {} correct names that have such a score{} and \
+             removes {} of the {} wrong ones.",
             keep * 100.0,
             k.correct,
+            if classifier_kinds.is_empty() { String::new() } else { format!(" in the scenes of kinds {}", classifier_kinds.join(", ")) },
             k.wrong_removed,
             k.wrong,
         );

@@ -101,8 +101,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval { set, report, samples, kinds, verbose } => {
             commands::evaluate(&config, &set, report.as_deref(), samples, &kinds, verbose)
         }
-        Command::Calibrate { set, kinds, keep, nothing, write, guide } => {
-            commands::calibrate(&config, &set, &kinds, keep, &nothing, write.as_deref(), guide)
+        Command::Calibrate { set, kinds, keep, classifier_kinds, nothing, write, guide } => {
+            let scenes = commands::CalibrationScenes { kinds: &kinds, classifier_kinds: &classifier_kinds };
+            commands::calibrate(&config, &set, scenes, keep, &nothing, write.as_deref(), guide)
         }
         Command::Config => {
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
