@@ -97,13 +97,14 @@ projector: deps models train-venv
 ## trained when there is one (its candidate.toml, whose caption check is calibrated first on the set's
 ## scenes of training objects), else the shipped one (models/README.md)
 EVAL_SET = $(CACHE)/train/$(PROJECTOR_NAME)/eval/eval.json
-# A candidate's captions that name nothing are guided by the classifier as the reference's are
-# (`grounding.guide_threshold`); `make eval GUIDE=` judges it without.
+# A candidate's check is calibrated as the reference's (the classifier's threshold on the whole
+# photos), and its captions and answers are guided as the reference's are (`grounding.guide_threshold`,
+# `positions`); `make eval GUIDE=` judges it without guides.
 GUIDE ?= 0.99
 eval: FETCH_ARGS += --train
 eval: deps models build
 	$(PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG) --eval-set-only
-	$(if $(wildcard $(CANDIDATE)),$(CARGO) run --release --quiet -- --config $(CANDIDATE) calibrate $(EVAL_SET) $(if $(GUIDE),--guide $(GUIDE)) --write $(CACHE)/train/$(PROJECTOR_NAME)/candidate-manifest.toml)
+	$(if $(wildcard $(CANDIDATE)),$(CARGO) run --release --quiet -- --config $(CANDIDATE) calibrate $(EVAL_SET) --classifier-kind photo $(if $(GUIDE),--guide $(GUIDE) --place) --write $(CACHE)/train/$(PROJECTOR_NAME)/candidate-manifest.toml)
 	$(CARGO) run --release --quiet -- $(if $(wildcard $(CANDIDATE)),--config $(CANDIDATE)) eval $(EVAL_SET) --report models/projector/$(PROJECTOR_NAME).eval.md
 
 ## generator: train and distil the generator, then its output projector (about 60 min on 2 cores; models/generator/README.md)

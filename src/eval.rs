@@ -266,11 +266,33 @@ pub struct SceneResult {
     /// caption named nothing the checks kept, and the detector's category columns were sure of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guided: Option<String>,
-    /// (question, the LLM's own answer) for each presence question answered again begun with yes
-    /// (`grounding.guide_threshold`: the detector's category columns were sure of the category
-    /// asked about and the LLM did not say yes); `answers` has the answer that stands.
+    /// The questions answered again begun by a guide (`Grounding::answer_guide`: yes for a
+    /// presence question whose category the detector's category columns are sure of, the side the
+    /// image tokens place the object on for a position question); `answers` has the answers that
+    /// stand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub guided_answers: Vec<(String, String)>,
+    pub guided_answers: Vec<GuidedAnswer>,
+}
+
+/// A question whose answer a guide began ([`SceneResult::guided_answers`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct GuidedAnswer {
+    /// The question.
+    pub question: String,
+    /// Its kind in the set (`yesno`, `position`).
+    pub kind: String,
+    /// The LLM's own answer, before the guide.
+    pub written: String,
+    /// Whether that answer was right.
+    pub written_right: bool,
+}
+
+/// Whether `answer` is right for `q`.
+fn right(q: &Question, answer: &str) -> bool {
+    match q.kind.as_str() {
+        "yesno" => yes_no(answer) == Some(q.expect == "yes"),
+        _ => position(answer) == Some(q.expect.as_str()),
+    }
 }
 
 /// Scores one scene from its caption and its answers (in the order of `scene.questions`).
@@ -294,16 +316,11 @@ pub fn score(
     tally.all_named = usize::from(!distinct.is_empty() && tally.false_negatives == 0);
     let mut correct = Vec::with_capacity(answers.len());
     for (q, a) in scene.questions.iter().zip(answers) {
-        let ok = match q.kind.as_str() {
-            "yesno" => {
-                tally.yesno_total += 1;
-                yes_no(a) == Some(q.expect == "yes")
-            }
-            _ => {
-                tally.position_total += 1;
-                position(a) == Some(q.expect.as_str())
-            }
-        };
+        let ok = right(q, a);
+        match q.kind.as_str() {
+            "yesno" => tally.yesno_total += 1,
+            _ => tally.position_total += 1,
+        }
         if ok {
             if q.kind == "yesno" {
                 tally.yesno_correct += 1;
@@ -352,7 +369,12 @@ pub fn run(
             let o = options(backbone);
             let g = backbone.ask(&q.question, &o, &mut |_| true).map_err(StackError::from)?;
             if let Some(guided) = g.guided {
-                guided_answers.push((q.question.clone(), guided.written));
+                guided_answers.push(GuidedAnswer {
+                    question: q.question.clone(),
+                    kind: q.kind.clone(),
+                    written_right: right(q, &guided.written),
+                    written: guided.written,
+                });
             }
             answers.push(g.text);
         }
@@ -475,40 +497,53 @@ fn threshold(right: &mut [f32], wrong: &[f32], keep: f64) -> Option<Calibration>
     })
 }
 
-/// The report's line on answers begun with yes by the guide (empty when there are none): how many,
-/// how many of them are right, and how many the LLM's own answers had right, per kind.
+/// The report's lines on answers a guide began (empty when there are none): per question kind,
+/// how many, how many of them are right, and how many the LLM's own answers had right, per scene
+/// kind.
 fn guided_answers(results: &[SceneResult]) -> String {
-    // Per kind: guided, right, the LLM's own right.
-    let mut kinds: Vec<(&str, usize, usize, usize)> = Vec::new();
-    for r in results {
-        for (question, own) in &r.guided_answers {
-            let Some((_, _, right)) = r.answers.iter().find(|(q, _, _)| q == question) else { continue };
-            // The answer that stands says yes, so yes was expected exactly when it is right.
-            let own_right = yes_no(own) == Some(*right);
-            let at = match kinds.iter().position(|k| k.0 == r.kind) {
-                Some(at) => at,
-                None => {
-                    kinds.push((&r.kind, 0, 0, 0));
-                    kinds.len() - 1
-                }
-            };
-            let k = &mut kinds[at];
-            (k.1, k.2, k.3) = (k.1 + 1, k.2 + usize::from(*right), k.3 + usize::from(own_right));
+    let mut s = String::new();
+    for (kind, what) in [
+        (
+            "yesno",
+            "answers to presence questions that the LLM did not answer yes were written again begun with yes, the \
+             detector's category columns being sure of the category asked about (`grounding.guide_threshold`)",
+        ),
+        (
+            "position",
+            "answers to position questions that placed the object elsewhere than the image tokens do were written \
+             again begun with the side the tokens point at it most (`grounding.positions`)",
+        ),
+    ] {
+        // Per scene kind: guided, right, the LLM's own right.
+        let mut kinds: Vec<(&str, usize, usize, usize)> = Vec::new();
+        for r in results {
+            for g in r.guided_answers.iter().filter(|g| g.kind == kind) {
+                let Some((_, _, right)) = r.answers.iter().find(|(q, _, _)| *q == g.question) else { continue };
+                let at = match kinds.iter().position(|k| k.0 == r.kind) {
+                    Some(at) => at,
+                    None => {
+                        kinds.push((&r.kind, 0, 0, 0));
+                        kinds.len() - 1
+                    }
+                };
+                let k = &mut kinds[at];
+                (k.1, k.2, k.3) = (k.1 + 1, k.2 + usize::from(*right), k.3 + usize::from(g.written_right));
+            }
         }
+        if kinds.is_empty() {
+            continue;
+        }
+        let sum = |f: fn(&(&str, usize, usize, usize)) -> usize| kinds.iter().map(f).sum::<usize>();
+        s += &format!(
+            "\n{} {what}: {} of them right, where the LLM's own answers were right {} times (per kind, right / the \
+             LLM's own right / guided: {}).\n",
+            sum(|k| k.1),
+            sum(|k| k.2),
+            sum(|k| k.3),
+            kinds.iter().map(|(k, n, ok, own)| format!("{k} {ok}/{own}/{n}")).collect::<Vec<_>>().join(", ")
+        );
     }
-    if kinds.is_empty() {
-        return String::new();
-    }
-    let sum = |f: fn(&(&str, usize, usize, usize)) -> usize| kinds.iter().map(f).sum::<usize>();
-    format!(
-        "\n{} answers to presence questions that the LLM did not answer yes were written again begun with yes, the \
-         detector's category columns being sure of the category asked about (`grounding.guide_threshold`): {} of them \
-         right, where the LLM's own answers were right {} times (per kind, right / the LLM's own right / guided: {}).\n",
-        sum(|k| k.1),
-        sum(|k| k.2),
-        sum(|k| k.3),
-        kinds.iter().map(|(k, n, ok, own)| format!("{k} {ok}/{own}/{n}")).collect::<Vec<_>>().join(", ")
-    )
+    s
 }
 
 /// Scenes of `kind` (or all for `all`) that show at least one object.
@@ -896,24 +931,42 @@ mod tests {
         assert!(!md.contains("presence questions"), "no answer was guided: {md}");
         // Guided answers: a cat the LLM said no to (right now), a dog it said no to rightly (wrong
         // now), and an unknown thing it gave no yes or no (wrong either way).
-        let answered = |kind: &str, answers: &[(&str, &str, bool)], own: &[(&str, &str)]| SceneResult {
+        let answered = |kind: &str, answers: &[(&str, &str, bool)], own: &[(&str, &str, bool)]| SceneResult {
             answers: answers.iter().map(|(q, a, ok)| (q.to_string(), a.to_string(), *ok)).collect(),
-            guided_answers: own.iter().map(|(q, a)| (q.to_string(), a.to_string())).collect(),
+            guided_answers: own
+                .iter()
+                .map(|(q, a, ok)| GuidedAnswer {
+                    question: q.to_string(),
+                    kind: if q.starts_with("Where") { "position" } else { "yesno" }.into(),
+                    written: a.to_string(),
+                    written_right: *ok,
+                })
+                .collect(),
             ..result(kind, &[], &[])
         };
         let results = [
             answered(
                 "single",
-                &[("Is there a cat?", "Yes.", true), ("Is there a dog?", "Yes.", false), ("Is there a bus?", "No.", true)],
-                &[("Is there a cat?", "No."), ("Is there a dog?", "No.")],
+                &[
+                    ("Is there a cat?", "Yes.", true),
+                    ("Is there a dog?", "Yes.", false),
+                    ("Is there a bus?", "No.", true),
+                    ("Where is the cat?", "On the left.", true),
+                ],
+                &[("Is there a cat?", "No.", false), ("Is there a dog?", "No.", true), ("Where is the cat?", "On the right.", false)],
             ),
-            answered("unknown", &[("Is there a pig?", "Yes.", false)], &[("Is there a pig?", "A pig.")]),
+            answered("unknown", &[("Is there a pig?", "Yes.", false)], &[("Is there a pig?", "A pig.", false)]),
         ];
         let md = markdown(&set, "s", &results, 0, 1.0);
         assert!(
             md.contains("3 answers to presence questions that the LLM did not answer yes were written again")
                 && md.contains(": 1 of them right, where the LLM's own answers were right 1 times")
                 && md.contains("(per kind, right / the LLM's own right / guided: single 1/1/2, unknown 0/0/1)"),
+            "{md}"
+        );
+        assert!(
+            md.contains("1 answers to position questions that placed the object elsewhere")
+                && md.contains(": 1 of them right, where the LLM's own answers were right 0 times (per kind, right / the LLM's own right / guided: single 1/0/1)"),
             "{md}"
         );
     }

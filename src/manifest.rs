@@ -385,6 +385,13 @@ pub struct GroundingSpec {
     /// score in the frame reaches the threshold, is answered again begun with it.
     #[serde(default = "default_guide_yes")]
     pub guide_yes: String,
+    /// Answers to "Where is the <category>?" placed by the image tokens: the phrases for an
+    /// object on the left, in the centre and on the right of the frame, in that order. The grid
+    /// cell whose image token points at the category most places it; an answer that places it
+    /// elsewhere is written again begun with the phrase. Needs image tokens that are a grid of
+    /// cells (a `[projector]`). None: the LLM's answers stand.
+    #[serde(default)]
+    pub positions: Option<[String; 3]>,
 }
 
 /// The beginning of a guided caption, as the reference projector's captions begin.
@@ -395,6 +402,11 @@ pub fn default_guide() -> String {
 /// The beginning of a guided answer, as the reference projector's answers begin.
 pub fn default_guide_yes() -> String {
     "Yes".into()
+}
+
+/// The phrases of `positions`, as the reference projector's answers place objects.
+pub fn default_positions() -> [String; 3] {
+    ["On the left".into(), "In the centre".into(), "On the right".into()]
 }
 
 impl GroundingSpec {
@@ -439,6 +451,9 @@ impl GroundingSpec {
                 quote(&self.guide),
                 quote(&self.guide_yes)
             );
+        }
+        if let Some(p) = &self.positions {
+            text += &format!("positions = [{}, {}, {}]\n", quote(&p[0]), quote(&p[1]), quote(&p[2]));
         }
         text
     }
@@ -747,7 +762,29 @@ impl Manifest {
                 return Err(self.invalid("grounding.guide_yes", "expected the word a yes answer begins with, as \"Yes\"".into()));
             }
         }
+        if let Some(phrases) = &g.positions {
+            let last = |p: &String| p.split_whitespace().last().map(str::to_lowercase);
+            let words: Vec<Option<String>> = phrases.iter().map(last).collect();
+            if words.iter().any(Option::is_none) || words[0] == words[1] || words[1] == words[2] || words[0] == words[2] {
+                return Err(self.invalid(
+                    "grounding.positions",
+                    format!("{phrases:?}: expected three phrases for left, centre and right whose last words differ, as [\"On the left\", \"In the centre\", \"On the right\"]"),
+                ));
+            }
+            if self.cell_grid().is_none() {
+                return Err(self.invalid(
+                    "grounding.positions",
+                    "expected a [projector], whose grid of cells places the objects".into(),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// `[rows, columns]` of the image tokens that are grid cells: the projector's pooled grid,
+    /// whose cells are the first image tokens, row by row. None without a projector.
+    pub fn cell_grid(&self) -> Option<[usize; 2]> {
+        self.projector.as_ref().map(|p| p.pool)
     }
 
     /// Per category, the detector's column that scores it (`detector.category_prefix`): None for
@@ -987,6 +1024,7 @@ mod tests {
             guide_threshold: None,
             guide: default_guide(),
             guide_yes: default_guide_yes(),
+            positions: None,
         };
         let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
         assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
@@ -1042,6 +1080,19 @@ mod tests {
             ("{a} {name}", "{a} thing", "`grounding.guide`: \"There is {a} thing\" does not name the category"),
             ("guide_yes = \"Yes\"", "guide_yes = \" \"", "`grounding.guide_yes`: expected the word a yes answer begins with"),
         ];
+        assert_edits_fail(&text, cases);
+        // Positions: written, read back, and checked.
+        let placed = ["On the left".to_owned(), "In the centre".to_owned(), "On the right".to_owned()];
+        let placing = GroundingSpec { positions: Some(placed.clone()), ..spec.clone() }.to_toml("P.");
+        assert!(placing.ends_with("positions = [\"On the left\", \"In the centre\", \"On the right\"]\n"), "{placing}");
+        let text = with_grounding(&once, &placing);
+        let m = Manifest::parse(&text, "t", Path::new("/m")).unwrap();
+        assert_eq!((m.grounding.clone().unwrap().positions, m.cell_grid()), (Some(placed), Some([8, 8])));
+        let cases: &[(&str, &str, &str)] = &[(
+            "\"On the right\"]",
+            "\"To the left\"]",
+            "`grounding.positions`: [\"On the left\", \"In the centre\", \"To the left\"]: expected three phrases",
+        )];
         assert_edits_fail(&text, cases);
     }
 

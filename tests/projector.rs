@@ -272,7 +272,7 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
 }
 
 #[test]
-fn a_caption_or_presence_answer_the_llm_leaves_empty_is_begun_by_the_classifier_when_it_is_sure() {
+fn captions_and_answers_the_llm_gets_wrong_are_begun_by_the_classifier_or_the_image_tokens() {
     // A photo of a Nubian ibex, a goat the projector never trained on (one of `make eval`'s held-out
     // camera photos). The image tokens do not support the name the LLM writes, so the check leaves
     // none; the ImageNet classifier puts all but a trace of its probability on goats, so the LLM
@@ -313,6 +313,22 @@ fn a_caption_or_presence_answer_the_llm_leaves_empty_is_begun_by_the_classifier_
     assert_eq!(scenecast::eval::yes_no(&begun.written), Some(false), "{begun:?}");
     let placed = backbone.ask("Is there a goat on the left?", &backbone.default_options(), &mut |_| true).unwrap();
     assert_eq!(placed.guided, None, "{placed:?}");
+    // "Where is the goat?": the LLM says on the right; the grid cell whose image token points at
+    // "goat" most is in the middle of the frame, so the answer is begun with the centre's phrase.
+    let directions = scenecast::llm::name_directions(&backbone, &spec.categories).unwrap();
+    let goat = spec.categories.iter().position(|c| c == "goat").unwrap();
+    let (_, at) = scenecast::llm::support_at(&tokens, &directions)[goat];
+    let [rows, columns] = m.cell_grid().expect("a grid of cells");
+    assert!(at < rows * columns, "the best token is a cell: {at}");
+    let x = ((at % columns) as f32 + 0.5) / columns as f32;
+    let side = if x < 0.375 { "left" } else if x > 0.625 { "right" } else { "centre" };
+    let phrases = spec.positions.clone().expect("the reference manifest places objects");
+    let where_ = backbone.ask("Where is the goat?", &backbone.default_options(), &mut |_| true).unwrap();
+    let placed_by = where_.guided.clone().expect("the LLM placed it elsewhere");
+    assert_eq!((side, placed_by.guide.kind), ("centre", scenecast::llm::GuideKind::Position), "{where_:?}");
+    assert_eq!(placed_by.guide.start, phrases[1]);
+    assert_eq!(scenecast::eval::position(&where_.text), Some(side), "{where_:?}");
+    assert_eq!(scenecast::eval::position(&placed_by.written), Some("right"), "{where_:?}");
     // The same scene without the guide.
     let mut unguided = m.clone();
     unguided.grounding.as_mut().unwrap().guide_threshold = None;

@@ -232,7 +232,8 @@ impl Backbone {
         };
         backbone.check_layout()?;
         if let Some(spec) = manifest.grounding.as_ref().filter(|_| config.ground_captions) {
-            backbone.grounding = Some(Grounding::new(spec, &backbone, manifest.category_columns(&spec.categories))?);
+            let columns = manifest.category_columns(&spec.categories);
+            backbone.grounding = Some(Grounding::new(spec, &backbone, columns, manifest.cell_grid())?);
             tracing::info!(
                 categories = spec.categories.len(),
                 threshold = spec.threshold,
@@ -421,15 +422,15 @@ impl Backbone {
         let Some(guide) = guide else { return self.request(Request::Question, question, options, "", on_text) };
         let g = self.request(Request::Question, question, options, "", &mut |_| true)?;
         let stands = matches!(g.stop, StopReason::Cancelled | StopReason::Deadline)
-            || self.grounding.as_ref().is_some_and(|grounding| grounding.says_yes(&g.text));
+            || self.grounding.as_ref().is_some_and(|grounding| grounding.agrees(&g.text, &guide));
         if stands {
             if !g.text.is_empty() {
                 on_text(&g.text);
             }
             return Ok(g);
         }
-        // The classifier is sure of the category asked about and the LLM did not say yes: it
-        // answers again, its answer begun with yes.
+        // The classifier is sure of the category asked about and the LLM did not say yes, or the
+        // image tokens place it elsewhere than the LLM did: it answers again, begun by the guide.
         let mut again = self.request(Request::Question, question, options, &guide.start, on_text)?;
         // What streams first arrives after the LLM's own answer and the second prefill.
         again.ttft_ms += g.prefill_ms + g.decode_ms;

@@ -485,9 +485,9 @@ pub struct Answer {
     pub text: String,
     /// False for a partial answer while streaming.
     pub done: bool,
-    /// The category a presence question asked about, when the detector's category columns are
-    /// sure of it and the answer was begun with yes (the manifest's `grounding.guide_threshold`);
-    /// absent otherwise.
+    /// The category the question asked about, when a guide began the answer (yes to a presence
+    /// question by the detector's category columns, `grounding.guide_threshold`; the side for a
+    /// position question by the image tokens, `grounding.positions`); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guided: Option<String>,
     /// The sequence number of the frame the answer is about (absent without a camera frame).

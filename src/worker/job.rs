@@ -143,9 +143,11 @@ pub struct Answer {
     pub text: String,
     /// False for a partial answer.
     pub done: bool,
-    /// The category a presence question asked about, when the detector's category columns are
-    /// sure of it and the answer was begun with yes (`grounding.guide_threshold`: the LLM's own
-    /// answer did not say yes). Final answers only.
+    /// The category the question asked about, when a guide began the answer: yes to a presence
+    /// question whose category the detector's category columns are sure of
+    /// (`grounding.guide_threshold`), or the side the image tokens place the object on for a
+    /// position question (`grounding.positions`), the LLM's own answer having said otherwise.
+    /// Final answers only.
     pub guided: Option<String>,
     /// The frame the answer is about (none without a camera frame).
     pub frame_seq: Option<u64>,

@@ -499,8 +499,9 @@ impl Worker {
                 if let Some(guided) = &g.guided {
                     tracing::info!(
                         question = %job.text,
-                        "the LLM answered {:?}; the classifier scores {} at {:.3}: answered again begun with {:?}",
+                        "the LLM answered {:?}; the {} guide ({}, score {:.3}) answered again begun with {:?}",
                         guided.written,
+                        guided.guide.kind.as_str(),
                         guided.guide.category,
                         guided.guide.score,
                         guided.guide.start

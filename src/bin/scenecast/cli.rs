@@ -103,6 +103,11 @@ pub enum Command {
         /// (guide_threshold; not calibrated). Default: the loaded manifest's, if any.
         #[arg(long, value_name = "SCORE")]
         guide: Option<f32>,
+        /// Place objects in answers to "Where is the ...?" by the image tokens (positions, with
+        /// the phrases "On the left", "In the centre", "On the right"; not calibrated). Default:
+        /// the loaded manifest's, if any.
+        #[arg(long)]
+        place: bool,
     },
     /// Render an image with the generator (the manifest's [generator]) and write it as PNG or JPEG.
     Generate {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use scenecast::generate::{check_prompt, RenderRequest};
-use scenecast::llm::GgufInfo;
+use scenecast::llm::{GgufInfo, GuideKind};
 use scenecast::manifest::{with_grounding, GroundingSpec, Manifest, SamplerKind};
 use scenecast::mqtt::{self, wire, MqttProtocol};
 use scenecast::pipeline::{self, render_description};
@@ -355,6 +355,15 @@ pub struct CalibrationScenes<'a> {
     pub classifier_kinds: &'a [String],
 }
 
+/// The guides `scenecast calibrate` sets (they are not calibrated; each defaults to the loaded
+/// manifest's).
+pub struct Guides {
+    /// `grounding.guide_threshold`.
+    pub threshold: Option<f32>,
+    /// `grounding.positions` with the default phrases.
+    pub place: bool,
+}
+
 /// `scenecast calibrate`: the threshold of the caption check on the set's scenes of `kinds`, as a
 /// `[grounding]` section printed or written into the manifest `write`.
 pub fn calibrate(
@@ -364,8 +373,9 @@ pub fn calibrate(
     keep: f64,
     nothing: &str,
     write: Option<&Path>,
-    guide: Option<f32>,
+    guides: Guides,
 ) -> Result<ExitCode> {
+    let guide = guides.threshold;
     anyhow::ensure!(keep > 0.0 && keep <= 1.0, "--keep {keep}: expected a share in (0, 1], e.g. 0.95");
     if let Some(p) = guide {
         anyhow::ensure!(p > 0.0 && p <= 1.0, "--guide {p}: expected a score in (0, 1], e.g. 0.99");
@@ -378,6 +388,9 @@ pub fn calibrate(
     let name = set.name.clone();
     set.keep_kinds(kinds).with_context(|| format!("--kind in {}", set_path.display()))?;
     let mut pipeline = load_pipeline(config)?;
+    if guides.place && pipeline.manifest.cell_grid().is_none() {
+        anyhow::bail!("--place: the stack's image tokens are no grid of cells (its manifest has no [projector])");
+    }
     let start = Instant::now();
     let total = set.scenes.len();
     let t = eval::calibrate(&set, &mut pipeline, keep, classifier_kinds, &mut |i| {
@@ -395,6 +408,11 @@ pub fn calibrate(
         guide_threshold: guide.or_else(|| current.and_then(|g| g.guide_threshold)),
         guide: current.map_or_else(scenecast::manifest::default_guide, |g| g.guide.clone()),
         guide_yes: current.map_or_else(scenecast::manifest::default_guide_yes, |g| g.guide_yes.clone()),
+        positions: if guides.place {
+            Some(scenecast::manifest::default_positions())
+        } else {
+            current.and_then(|g| g.positions.clone())
+        },
     };
     let mut comment = format!(
         "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
@@ -441,8 +459,16 @@ pub fn calibrate(
     if let Some(p) = spec.guide_threshold {
         comment += "\nA caption the checks leave naming no category is guided: when the detector's category columns \
              score one category at least guide_threshold in the frame (set, not calibrated), the LLM writes it \
-             again begun with `guide` and that category, and the rest of it is checked as above.";
+             again begun with `guide` and that category, and the rest of it is checked as above. A presence question \
+             about a category scored that much that the LLM does not answer with `guide_yes` is answered again \
+             begun with it.";
         eprintln!("guide_threshold {p}: captions that name nothing are begun with a category scored at least {p}");
+    }
+    if spec.positions.is_some() {
+        comment += "\nA position question whose answer places the object elsewhere than the grid cell whose image token \
+             points at it most is answered again begun with that side's phrase of `positions` (left, centre, right; set, \
+             not calibrated).";
+        eprintln!("positions: answers to \"Where is ...?\" are placed by the image tokens");
     }
     let section = spec.to_toml(&comment);
     match write {
@@ -548,13 +574,13 @@ fn describe_one(
                 );
             }
             if let Some(g) = &answer.guided {
-                let own = if caption {
-                    "and the checks left nothing of the LLM's own caption"
-                } else {
-                    "and the LLM's own answer did not say so"
+                let (by, own) = match g.guide.kind {
+                    GuideKind::Caption => ("the classifier scores", "and the checks left nothing of the LLM's own caption"),
+                    GuideKind::Presence => ("the classifier scores", "and the LLM's own answer did not say so"),
+                    GuideKind::Position => ("the image tokens point there at", "and the LLM's own answer placed it elsewhere"),
                 };
                 out!(
-                    "  [begun with \"{}\": the classifier scores {} {:.3}, {own}: \"{}\"]",
+                    "  [begun with \"{}\": {by} {} {:.3}, {own}: \"{}\"]",
                     g.guide.start,
                     g.guide.category,
                     g.guide.score,

@@ -101,9 +101,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval { set, report, samples, kinds, verbose } => {
             commands::evaluate(&config, &set, report.as_deref(), samples, &kinds, verbose)
         }
-        Command::Calibrate { set, kinds, keep, classifier_kinds, nothing, write, guide } => {
+        Command::Calibrate { set, kinds, keep, classifier_kinds, nothing, write, guide, place } => {
             let scenes = commands::CalibrationScenes { kinds: &kinds, classifier_kinds: &classifier_kinds };
-            commands::calibrate(&config, &set, scenes, keep, &nothing, write.as_deref(), guide)
+            let guides = commands::Guides { threshold: guide, place };
+            commands::calibrate(&config, &set, scenes, keep, &nothing, write.as_deref(), guides)
         }
         Command::Config => {
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
