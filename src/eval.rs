@@ -953,7 +953,11 @@ mod tests {
                     ("Is there a bus?", "No.", true),
                     ("Where is the cat?", "On the left.", true),
                 ],
-                &[("Is there a cat?", "No.", false), ("Is there a dog?", "No.", true), ("Where is the cat?", "On the right.", false)],
+                &[
+                    ("Is there a cat?", "No.", false),
+                    ("Is there a dog?", "No.", true),
+                    ("Where is the cat?", "On the right.", false),
+                ],
             ),
             answered("unknown", &[("Is there a pig?", "Yes.", false)], &[("Is there a pig?", "A pig.", false)]),
         ];

@@ -759,13 +759,15 @@ impl Manifest {
                 ));
             }
             if g.guide_yes.trim().is_empty() {
-                return Err(self.invalid("grounding.guide_yes", "expected the word a yes answer begins with, as \"Yes\"".into()));
+                return Err(self
+                    .invalid("grounding.guide_yes", "expected the word a yes answer begins with, as \"Yes\"".into()));
             }
         }
         if let Some(phrases) = &g.positions {
             let last = |p: &String| p.split_whitespace().last().map(str::to_lowercase);
             let words: Vec<Option<String>> = phrases.iter().map(last).collect();
-            if words.iter().any(Option::is_none) || words[0] == words[1] || words[1] == words[2] || words[0] == words[2] {
+            if words.iter().any(Option::is_none) || words[0] == words[1] || words[1] == words[2] || words[0] == words[2]
+            {
                 return Err(self.invalid(
                     "grounding.positions",
                     format!("{phrases:?}: expected three phrases for left, centre and right whose last words differ, as [\"On the left\", \"In the centre\", \"On the right\"]"),
@@ -1078,7 +1080,11 @@ mod tests {
                 "`grounding.guide_threshold`: 0 is not a score in (0, 1]",
             ),
             ("{a} {name}", "{a} thing", "`grounding.guide`: \"There is {a} thing\" does not name the category"),
-            ("guide_yes = \"Yes\"", "guide_yes = \" \"", "`grounding.guide_yes`: expected the word a yes answer begins with"),
+            (
+                "guide_yes = \"Yes\"",
+                "guide_yes = \" \"",
+                "`grounding.guide_yes`: expected the word a yes answer begins with",
+            ),
         ];
         assert_edits_fail(&text, cases);
         // Positions: written, read back, and checked.

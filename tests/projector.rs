@@ -254,7 +254,12 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
     assert!(ok && section.replace("\n# ", " ").contains("in the scenes of kinds gcompris"), "{err}\n{section}");
     let text = scenecast::manifest::with_grounding(reference, &section);
     let by_kind = scenecast::manifest::Manifest::parse(&text, "calibrated", Path::new(".")).unwrap().grounding.unwrap();
-    assert!((by_kind.threshold - written.threshold).abs() < 1e-4, "{} against {}", by_kind.threshold, written.threshold);
+    assert!(
+        (by_kind.threshold - written.threshold).abs() < 1e-4,
+        "{} against {}",
+        by_kind.threshold,
+        written.threshold
+    );
     let columns = m.category_columns(&categories());
     let (mut least_all, mut least_gcompris) = (f32::MAX, f32::MAX);
     for (file, category) in PHOTOS {
@@ -321,7 +326,13 @@ fn captions_and_answers_the_llm_gets_wrong_are_begun_by_the_classifier_or_the_im
     let [rows, columns] = m.cell_grid().expect("a grid of cells");
     assert!(at < rows * columns, "the best token is a cell: {at}");
     let x = ((at % columns) as f32 + 0.5) / columns as f32;
-    let side = if x < 0.375 { "left" } else if x > 0.625 { "right" } else { "centre" };
+    let side = if x < 0.375 {
+        "left"
+    } else if x > 0.625 {
+        "right"
+    } else {
+        "centre"
+    };
     let phrases = spec.positions.clone().expect("the reference manifest places objects");
     let where_ = backbone.ask("Where is the goat?", &backbone.default_options(), &mut |_| true).unwrap();
     let placed_by = where_.guided.clone().expect("the LLM placed it elsewhere");

@@ -79,10 +79,13 @@ pub fn support_at(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<(f32, us
     directions
         .iter()
         .map(|d| {
-            rows.clone()
-                .map(|r| 1.0 - cosine_distance(r, d))
-                .enumerate()
-                .fold((f32::MIN, 0), |best, (i, s)| if s > best.0 { (s, i) } else { best })
+            rows.clone().map(|r| 1.0 - cosine_distance(r, d)).enumerate().fold((f32::MIN, 0), |best, (i, s)| {
+                if s > best.0 {
+                    (s, i)
+                } else {
+                    best
+                }
+            })
         })
         .collect()
 }
@@ -241,7 +244,13 @@ impl Grounding {
             return None;
         }
         let x = ((at % columns) as f32 + 0.5) / columns as f32;
-        let side = if x < 0.375 { 0 } else if x > 0.625 { 2 } else { 1 };
+        let side = if x < 0.375 {
+            0
+        } else if x > 0.625 {
+            2
+        } else {
+            1
+        };
         Some(Guide {
             category: category.to_owned(),
             score: *support.tokens.get(i)?,
@@ -272,7 +281,8 @@ impl Grounding {
 }
 
 /// How a presence question opens, as words.
-const PRESENCE_LEADS: [&[&str]; 4] = [&["is", "there"], &["are", "there"], &["do", "you", "see"], &["can", "you", "see"]];
+const PRESENCE_LEADS: [&[&str]; 4] =
+    [&["is", "there"], &["are", "there"], &["do", "you", "see"], &["can", "you", "see"]];
 
 /// How a position question opens, as words.
 const POSITION_LEADS: [&[&str]; 2] = [&["where", "is"], &["where", "are"]];
@@ -463,6 +473,20 @@ mod tests {
         ["dog", "cat", "pig", "goat", "fish", "teddy bear", "bus"].map(String::from).to_vec()
     }
 
+    /// A check of [`cats`] at 0.2, without the classifier's judge or any guide.
+    fn spec() -> GroundingSpec {
+        GroundingSpec {
+            categories: cats(),
+            threshold: 0.2,
+            nothing: "Nothing known.".into(),
+            classifier_threshold: None,
+            guide_threshold: None,
+            guide: crate::manifest::default_guide(),
+            guide_yes: crate::manifest::default_guide_yes(),
+            positions: None,
+        }
+    }
+
     #[test]
     fn mentions_whole_words_plurals_and_names_of_two_words() {
         let c = cats();
@@ -501,16 +525,7 @@ mod tests {
 
     #[test]
     fn the_check_keeps_supported_names_and_drops_the_rest() {
-        let spec = GroundingSpec {
-            categories: cats(),
-            threshold: 0.2,
-            nothing: "Nothing known.".into(),
-            classifier_threshold: None,
-            guide_threshold: None,
-            guide: crate::manifest::default_guide(),
-            guide_yes: crate::manifest::default_guide_yes(),
-            positions: None,
-        };
+        let spec = spec();
         let n = spec.categories.len();
         let g = Grounding { directions: vec![Vec::new(); n], columns: vec![None; n], spec, cells: None };
         let support = [0.5, 0.1, 0.19, 0.2, 0.0, 0.0, 0.0];
@@ -536,16 +551,7 @@ mod tests {
     fn the_detectors_own_scores_drop_names_it_scores_low_and_leave_the_rest_to_the_tokens() {
         // Columns: dog 0, cat 2, pig 3 (zero over the frame: no classifier class under it); goat,
         // fish, teddy bear and bus have none.
-        let spec = GroundingSpec {
-            categories: cats(),
-            threshold: 0.2,
-            nothing: "Nothing known.".into(),
-            classifier_threshold: Some(0.01),
-            guide_threshold: None,
-            guide: crate::manifest::default_guide(),
-            guide_yes: crate::manifest::default_guide_yes(),
-            positions: None,
-        };
+        let spec = GroundingSpec { classifier_threshold: Some(0.01), ..spec() };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(2), Some(3), None, None, None, None];
         let g = Grounding { directions: vec![Vec::new(); n], columns, spec, cells: None };
@@ -574,16 +580,7 @@ mod tests {
 
     #[test]
     fn a_caption_naming_nothing_is_guided_by_the_best_classifier_score_that_reaches_the_threshold() {
-        let spec = GroundingSpec {
-            categories: cats(),
-            threshold: 0.2,
-            nothing: "Nothing known.".into(),
-            classifier_threshold: None,
-            guide_threshold: Some(0.9),
-            guide: crate::manifest::default_guide(),
-            guide_yes: crate::manifest::default_guide_yes(),
-            positions: None,
-        };
+        let spec = GroundingSpec { guide_threshold: Some(0.9), ..spec() };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
         let g = Grounding { directions: vec![Vec::new(); n], columns, spec, cells: None };
@@ -641,16 +638,7 @@ mod tests {
 
     #[test]
     fn a_position_answer_is_guided_by_the_cell_whose_token_points_at_the_category_most() {
-        let spec = GroundingSpec {
-            categories: cats(),
-            threshold: 0.2,
-            nothing: "Nothing known.".into(),
-            classifier_threshold: None,
-            guide_threshold: None,
-            guide: crate::manifest::default_guide(),
-            guide_yes: crate::manifest::default_guide_yes(),
-            positions: Some(["On the left".into(), "In the centre".into(), "On the right".into()]),
-        };
+        let spec = GroundingSpec { positions: Some(crate::manifest::default_positions()), ..spec() };
         let n = spec.categories.len();
         // Two rows of four cells, then a token of the whole frame (index 8). The dog's best
         // token is cell 4 (row 1, column 0), the cat's 7 (column 3), the pig's 2 (column 2, its
@@ -677,16 +665,7 @@ mod tests {
 
     #[test]
     fn a_presence_answer_is_guided_to_yes_when_the_classifier_is_sure_of_the_category_asked_about() {
-        let spec = GroundingSpec {
-            categories: cats(),
-            threshold: 0.2,
-            nothing: "Nothing known.".into(),
-            classifier_threshold: None,
-            guide_threshold: Some(0.9),
-            guide: crate::manifest::default_guide(),
-            guide_yes: "Yes".into(),
-            positions: None,
-        };
+        let spec = GroundingSpec { guide_threshold: Some(0.9), ..spec() };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
         let g = Grounding { directions: vec![Vec::new(); n], columns, spec, cells: None };

@@ -197,8 +197,14 @@ mod tests {
             timings_ms: Default::default(),
             model: "m".into(),
         };
-        let answer =
-            Answer { text: "a".into(), done: true, guided: None, frame_seq: None, frame_ts_ms: None, timings_ms: Default::default() };
+        let answer = Answer {
+            text: "a".into(),
+            done: true,
+            guided: None,
+            frame_seq: None,
+            frame_ts_ms: None,
+            timings_ms: Default::default(),
+        };
         let cases: Vec<(Outgoing, Vec<(&str, bool, Delivery)>)> = vec![
             (Outgoing::Result(Output::Caption(caption)), vec![("cam/caption", true, Delivery::Keep)]),
             (Outgoing::Result(Output::ScenePicture(picture.clone())), vec![("cam/image", true, Delivery::LatestOnly)]),

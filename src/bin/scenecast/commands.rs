@@ -382,7 +382,10 @@ pub fn calibrate(
     }
     let CalibrationScenes { kinds, classifier_kinds } = scenes;
     if let Some(k) = classifier_kinds.iter().find(|k| !kinds.contains(k)) {
-        anyhow::bail!("--classifier-kind {k}: not among the scenes calibrated on; expected one of --kind {}", kinds.join(", "));
+        anyhow::bail!(
+            "--classifier-kind {k}: not among the scenes calibrated on; expected one of --kind {}",
+            kinds.join(", ")
+        );
     }
     let mut set = eval::EvalSet::load(set_path)?;
     let name = set.name.clone();
@@ -443,7 +446,11 @@ pub fn calibrate(
              removes {} of the {} wrong ones.",
             keep * 100.0,
             k.correct,
-            if classifier_kinds.is_empty() { String::new() } else { format!(" in the scenes of kinds {}", classifier_kinds.join(", ")) },
+            if classifier_kinds.is_empty() {
+                String::new()
+            } else {
+                format!(" in the scenes of kinds {}", classifier_kinds.join(", "))
+            },
             k.wrong_removed,
             k.wrong,
         );
@@ -575,9 +582,13 @@ fn describe_one(
             }
             if let Some(g) = &answer.guided {
                 let (by, own) = match g.guide.kind {
-                    GuideKind::Caption => ("the classifier scores", "and the checks left nothing of the LLM's own caption"),
+                    GuideKind::Caption => {
+                        ("the classifier scores", "and the checks left nothing of the LLM's own caption")
+                    }
                     GuideKind::Presence => ("the classifier scores", "and the LLM's own answer did not say so"),
-                    GuideKind::Position => ("the image tokens point there at", "and the LLM's own answer placed it elsewhere"),
+                    GuideKind::Position => {
+                        ("the image tokens point there at", "and the LLM's own answer placed it elsewhere")
+                    }
                 };
                 out!(
                     "  [begun with \"{}\": {by} {} {:.3}, {own}: \"{}\"]",
