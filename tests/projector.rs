@@ -249,7 +249,8 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
     let split_arg = split_path.to_str().unwrap();
     let (ok, _, err) = scenecast(&["calibrate", split_arg, "--kind", "photo", "--classifier-kind", "gcompris"], &[]);
     assert!(!ok && err.contains("--classifier-kind gcompris: not among the scenes calibrated on"), "{err}");
-    let args = ["calibrate", split_arg, "--kind", "photo", "--kind", "gcompris", "--classifier-kind", "gcompris"];
+    let args =
+        ["calibrate", split_arg, "--kind", "photo", "--kind", "gcompris", "--classifier-kind", "gcompris", "--place"];
     let (ok, section, err) = scenecast(&args, &[]);
     assert!(ok && section.replace("\n# ", " ").contains("in the scenes of kinds gcompris"), "{err}\n{section}");
     let text = scenecast::manifest::with_grounding(reference, &section);
@@ -260,6 +261,9 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
         by_kind.threshold,
         written.threshold
     );
+    // --place writes the positions' phrases; without it the loaded manifest's carry over.
+    assert_eq!(by_kind.positions, Some(scenecast::manifest::default_positions()), "{section}");
+    assert_eq!(written.positions, m.grounding.as_ref().and_then(|g| g.positions.clone()));
     let columns = m.category_columns(&categories());
     let (mut least_all, mut least_gcompris) = (f32::MAX, f32::MAX);
     for (file, category) in PHOTOS {
