@@ -261,8 +261,8 @@ impl Grounding {
 
     /// Whether `answer` already says what `guide` would begin it with: for a presence guide, it
     /// begins with the word of `guide_yes` (any case); for a position guide, it names that
-    /// position (the last word of its phrase: "left") and no other, or no position at all (the
-    /// LLM does not place the object: the guide corrects where, not whether).
+    /// position (the last word of its phrase: "left"; "center" reads as "centre") and no other, or
+    /// no position at all (the LLM does not place the object: the guide corrects where, not whether).
     pub fn agrees(&self, answer: &str, guide: &Guide) -> bool {
         let said = words(answer);
         match guide.kind {
@@ -272,6 +272,9 @@ impl Grounding {
             }
             GuideKind::Position => {
                 let Some(phrases) = &self.spec.positions else { return true };
+                // Either spelling of the middle is the same side.
+                let said: Vec<String> =
+                    said.into_iter().map(|w| if w == "center" { "centre".to_owned() } else { w }).collect();
                 let word = |phrase: &String| words(phrase).pop().unwrap_or_default();
                 let named: Vec<String> = phrases.iter().map(word).filter(|w| said.contains(w)).collect();
                 named.is_empty() || named == [words(&guide.start).pop().unwrap_or_default()]
@@ -655,7 +658,11 @@ mod tests {
         assert_eq!((guide.kind, guide.score), (GuideKind::Position, 0.3));
         // The LLM's answer stands when it names the same side, or none (it does not place it).
         assert!(["On the left.", "The dog is on the left.", "There is no dog."].iter().all(|a| g.agrees(a, &guide)));
-        assert!(!["On the right.", "Left or right.", "In the centre."].iter().any(|a| g.agrees(a, &guide)));
+        assert!(!["On the right.", "Left or right.", "In the centre.", "In the center."]
+            .iter()
+            .any(|a| g.agrees(a, &guide)));
+        let middle = g.answer_guide("Where is the pig?", &support).unwrap();
+        assert!(g.agrees("The pig is in the center.", &middle) && g.agrees("In the centre.", &middle));
         // Without positions, or without a grid of cells, no guide.
         let off = Grounding { spec: GroundingSpec { positions: None, ..g.spec.clone() }, ..g.clone() };
         assert_eq!(off.answer_guide("Where is the dog?", &support), None);
