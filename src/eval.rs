@@ -317,17 +317,12 @@ pub fn score(
     let mut correct = Vec::with_capacity(answers.len());
     for (q, a) in scene.questions.iter().zip(answers) {
         let ok = right(q, a);
-        match q.kind.as_str() {
-            "yesno" => tally.yesno_total += 1,
-            _ => tally.position_total += 1,
-        }
-        if ok {
-            if q.kind == "yesno" {
-                tally.yesno_correct += 1;
-            } else {
-                tally.position_correct += 1;
-            }
-        }
+        let (asked, answered_right) = match q.kind.as_str() {
+            "yesno" => (&mut tally.yesno_total, &mut tally.yesno_correct),
+            _ => (&mut tally.position_total, &mut tally.position_correct),
+        };
+        *asked += 1;
+        *answered_right += usize::from(ok);
         correct.push(ok);
     }
     (named, correct, tally)
@@ -515,35 +510,48 @@ fn guided_answers(results: &[SceneResult]) -> String {
         ),
     ] {
         // Per scene kind: guided, right, the LLM's own right.
-        let mut kinds: Vec<(&str, usize, usize, usize)> = Vec::new();
-        for r in results {
-            for g in r.guided_answers.iter().filter(|g| g.kind == kind) {
-                let Some((_, _, right)) = r.answers.iter().find(|(q, _, _)| *q == g.question) else { continue };
-                let at = match kinds.iter().position(|k| k.0 == r.kind) {
-                    Some(at) => at,
-                    None => {
-                        kinds.push((&r.kind, 0, 0, 0));
-                        kinds.len() - 1
-                    }
-                };
-                let k = &mut kinds[at];
-                (k.1, k.2, k.3) = (k.1 + 1, k.2 + usize::from(*right), k.3 + usize::from(g.written_right));
-            }
-        }
+        let kinds = by_kind(results.iter().flat_map(|r| {
+            r.guided_answers.iter().filter(|g| g.kind == kind).filter_map(move |g| {
+                let (_, _, right) = r.answers.iter().find(|(q, _, _)| *q == g.question)?;
+                Some((r.kind.as_str(), [1, usize::from(*right), usize::from(g.written_right)]))
+            })
+        }));
         if kinds.is_empty() {
             continue;
         }
-        let sum = |f: fn(&(&str, usize, usize, usize)) -> usize| kinds.iter().map(f).sum::<usize>();
+        let [n, ok, own] = total(&kinds);
         s += &format!(
-            "\n{} {what}: {} of them right, where the LLM's own answers were right {} times (per kind, right / the \
-             LLM's own right / guided: {}).\n",
-            sum(|k| k.1),
-            sum(|k| k.2),
-            sum(|k| k.3),
-            kinds.iter().map(|(k, n, ok, own)| format!("{k} {ok}/{own}/{n}")).collect::<Vec<_>>().join(", ")
+            "\n{n} {what}: {ok} of them right, where the LLM's own answers were right {own} times (per kind, right / \
+             the LLM's own right / guided: {}).\n",
+            kinds.iter().map(|(k, [n, ok, own])| format!("{k} {ok}/{own}/{n}")).collect::<Vec<_>>().join(", ")
         );
     }
     s
+}
+
+/// Counts summed per scene kind, in first-seen order.
+fn by_kind<'a, const N: usize>(rows: impl Iterator<Item = (&'a str, [usize; N])>) -> Vec<(&'a str, [usize; N])> {
+    let mut kinds: Vec<(&str, [usize; N])> = Vec::new();
+    for (kind, counts) in rows {
+        let at = match kinds.iter().position(|(k, _)| *k == kind) {
+            Some(at) => at,
+            None => {
+                kinds.push((kind, [0; N]));
+                kinds.len() - 1
+            }
+        };
+        kinds[at].1.iter_mut().zip(counts).for_each(|(sum, c)| *sum += c);
+    }
+    kinds
+}
+
+/// The counts of [`by_kind`] summed over the kinds.
+fn total<const N: usize>(kinds: &[(&str, [usize; N])]) -> [usize; N] {
+    let mut sum = [0; N];
+    for (_, counts) in kinds {
+        sum.iter_mut().zip(counts).for_each(|(s, c)| *s += c);
+    }
+    sum
 }
 
 /// Scenes of `kind` (or all for `all`) that show at least one object.
@@ -693,23 +701,18 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
             );
         }
     }
-    let guided: Vec<&SceneResult> = results.iter().filter(|r| r.guided.is_some()).collect();
+    // Per scene kind: guided captions, and those whose category was shown.
+    let guided = by_kind(results.iter().filter_map(|r| {
+        let category = r.guided.as_ref()?;
+        Some((r.kind.as_str(), [1, usize::from(r.objects.contains(category))]))
+    }));
     if !guided.is_empty() {
-        let right = |r: &&SceneResult| r.guided.as_ref().is_some_and(|c| r.objects.contains(c));
-        let mut kinds: Vec<(&str, usize, usize)> = Vec::new();
-        for r in &guided {
-            match kinds.iter_mut().find(|(k, _, _)| *k == r.kind) {
-                Some((_, ok, n)) => (*ok, *n) = (*ok + usize::from(right(r)), *n + 1),
-                None => kinds.push((&r.kind, usize::from(right(r)), 1)),
-            }
-        }
+        let [n, right] = total(&guided);
         s += &format!(
-            "\n{} captions that the checks left naming nothing were written again begun with the category the detector's \
-             category columns were sure of (`grounding.guide_threshold`); it was shown in {} of them (per kind, \
-             right / guided: {}).\n",
-            guided.len(),
-            guided.iter().filter(|r| right(r)).count(),
-            kinds.iter().map(|(k, ok, n)| format!("{k} {ok}/{n}")).collect::<Vec<_>>().join(", ")
+            "\n{n} captions that the checks left naming nothing were written again begun with the category the \
+             detector's category columns were sure of (`grounding.guide_threshold`); it was shown in {right} of them \
+             (per kind, right / guided: {}).\n",
+            guided.iter().map(|(k, [n, ok])| format!("{k} {ok}/{n}")).collect::<Vec<_>>().join(", ")
         );
     }
     s += &guided_answers(results);

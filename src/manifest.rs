@@ -404,12 +404,24 @@ pub fn default_guide_yes() -> String {
     "Yes".into()
 }
 
+/// The word of a `positions` phrase that names its side: its last run of letters and digits,
+/// lower-case ("On the left." → "left"); "" for a phrase without one.
+pub fn side_word(phrase: &str) -> String {
+    phrase.split(|c: char| !c.is_alphanumeric()).rfind(|w| !w.is_empty()).unwrap_or_default().to_lowercase()
+}
+
 /// The phrases of `positions`, as the reference projector's answers place objects.
 pub fn default_positions() -> [String; 3] {
     ["On the left".into(), "In the centre".into(), "On the right".into()]
 }
 
 impl GroundingSpec {
+    /// The word of each of `positions`' phrases that names its side ([`side_word`]); None
+    /// without positions.
+    pub fn position_words(&self) -> Option<[String; 3]> {
+        self.positions.as_ref().map(|p| p.each_ref().map(|phrase| side_word(phrase)))
+    }
+
     /// The beginning of a caption guided to `category` (`guide` with its article and name).
     pub fn guide_start(&self, category: &str) -> String {
         let article = if category.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
@@ -763,10 +775,11 @@ impl Manifest {
                     .invalid("grounding.guide_yes", "expected the word a yes answer begins with, as \"Yes\"".into()));
             }
         }
-        if let Some(phrases) = &g.positions {
-            let last = |p: &String| p.split_whitespace().last().map(str::to_lowercase);
-            let words: Vec<Option<String>> = phrases.iter().map(last).collect();
-            if words.iter().any(Option::is_none) || words[0] == words[1] || words[1] == words[2] || words[0] == words[2]
+        if let Some((phrases, words)) = g.positions.as_ref().zip(g.position_words()) {
+            if words.iter().any(String::is_empty)
+                || words[0] == words[1]
+                || words[1] == words[2]
+                || words[0] == words[2]
             {
                 return Err(self.invalid(
                     "grounding.positions",

@@ -100,6 +100,16 @@ pub struct Guided {
 }
 
 impl Generation {
+    /// This generation, written again begun by `guide` after `first` (the LLM's own, which the
+    /// guide replaces): the time and tokens of both; `ttft_ms` stays this one's.
+    fn guided_after(mut self, first: Generation, guide: Guide) -> Generation {
+        self.prefill_ms += first.prefill_ms;
+        self.decode_ms += first.decode_ms;
+        self.n_tokens += first.n_tokens;
+        self.guided = Some(Guided { guide, written: first.as_written().to_owned() });
+        self
+    }
+
     /// The caption (or answer) as the LLM first wrote it, before the check and any guide.
     pub fn as_written(&self) -> &str {
         match (&self.guided, &self.checked) {
@@ -434,11 +444,7 @@ impl Backbone {
         let mut again = self.request(Request::Question, question, options, &guide.start, on_text)?;
         // What streams first arrives after the LLM's own answer and the second prefill.
         again.ttft_ms += g.prefill_ms + g.decode_ms;
-        again.prefill_ms += g.prefill_ms;
-        again.decode_ms += g.decode_ms;
-        again.n_tokens += g.n_tokens;
-        again.guided = Some(Guided { guide, written: g.text });
-        Ok(again)
+        Ok(again.guided_after(g, guide))
     }
 
     /// Describes the current scene (a text-only prefix when none is set) as `prompt` asks: a
@@ -465,8 +471,7 @@ impl Backbone {
         // The check left no known name and the classifier is sure of one: the LLM writes the
         // caption again, its answer begun with that name, and the rest of it is checked as before.
         let mut again = self.request(Request::Caption, prompt, options, &guide.start, &mut |_| true)?;
-        let written = g.as_written().to_owned();
-        let mut dropped = g.checked.map(|c| c.dropped).unwrap_or_default();
+        let mut dropped = g.checked.as_ref().map(|c| c.dropped.clone()).unwrap_or_default();
         if let Some((grounding, support)) = self.grounding.as_ref().zip(self.support.as_ref()) {
             dropped.extend(
                 grounding
@@ -476,13 +481,11 @@ impl Backbone {
                     .flatten(),
             );
         }
-        again.checked = (!dropped.is_empty()).then(|| Checked { unchecked: written.clone(), dropped });
-        again.guided = Some(Guided { guide, written });
-        again.prefill_ms += g.prefill_ms;
-        again.decode_ms += g.decode_ms;
+        // `on_text` saw the first caption: its first token is the caption's.
         again.ttft_ms = g.ttft_ms;
-        again.n_tokens += g.n_tokens;
-        Ok(again)
+        let again = again.guided_after(g, guide);
+        let written = again.as_written().to_owned();
+        Ok(Generation { checked: (!dropped.is_empty()).then_some(Checked { unchecked: written, dropped }), ..again })
     }
 
     /// The caption check, when captions are checked.
@@ -589,7 +592,7 @@ impl Backbone {
         self.history.clear();
         if !start.is_empty() {
             let begun = self.tokenize(start, false);
-            pos = self.decode_parts(&[Part::Text(start)], pos, "the caption's beginning")?;
+            pos = self.decode_parts(&[Part::Text(start)], pos, "the guided beginning")?;
             for &token in &begun {
                 let (text, _) = filter.push(&self.ctx.model().token_bytes(token));
                 if !text.is_empty() {

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::backbone::Backbone;
 use super::error::LlmError;
-use crate::manifest::GroundingSpec;
+use crate::manifest::{side_word, GroundingSpec};
 use crate::util::cosine_distance;
 use crate::vision::ImageTokens;
 
@@ -271,13 +271,12 @@ impl Grounding {
                 said.get(..yes.len()).is_some_and(|w| w == yes.as_slice())
             }
             GuideKind::Position => {
-                let Some(phrases) = &self.spec.positions else { return true };
+                let Some(sides) = self.spec.position_words() else { return true };
                 // Either spelling of the middle is the same side.
                 let said: Vec<String> =
                     said.into_iter().map(|w| if w == "center" { "centre".to_owned() } else { w }).collect();
-                let word = |phrase: &String| words(phrase).pop().unwrap_or_default();
-                let named: Vec<String> = phrases.iter().map(word).filter(|w| said.contains(w)).collect();
-                named.is_empty() || named == [words(&guide.start).pop().unwrap_or_default()]
+                let named: Vec<&String> = sides.iter().filter(|w| said.contains(w)).collect();
+                named.is_empty() || named == [&side_word(&guide.start)]
             }
         }
     }
@@ -476,6 +475,11 @@ mod tests {
         ["dog", "cat", "pig", "goat", "fish", "teddy bear", "bus"].map(String::from).to_vec()
     }
 
+    /// The check of `spec` (no name directions) with the detector's `columns` and the cell grid.
+    fn grounding(spec: GroundingSpec, columns: Vec<Option<usize>>, cells: Option<[usize; 2]>) -> Grounding {
+        Grounding { directions: vec![Vec::new(); spec.categories.len()], columns, spec, cells }
+    }
+
     /// A check of [`cats`] at 0.2, without the classifier's judge or any guide.
     fn spec() -> GroundingSpec {
         GroundingSpec {
@@ -530,7 +534,7 @@ mod tests {
     fn the_check_keeps_supported_names_and_drops_the_rest() {
         let spec = spec();
         let n = spec.categories.len();
-        let g = Grounding { directions: vec![Vec::new(); n], columns: vec![None; n], spec, cells: None };
+        let g = grounding(spec, vec![None; n], None);
         let support = [0.5, 0.1, 0.19, 0.2, 0.0, 0.0, 0.0];
         let check = |caption: &str, support: &[f32]| {
             let mut text = caption.to_owned();
@@ -557,7 +561,7 @@ mod tests {
         let spec = GroundingSpec { classifier_threshold: Some(0.01), ..spec() };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(2), Some(3), None, None, None, None];
-        let g = Grounding { directions: vec![Vec::new(); n], columns, spec, cells: None };
+        let g = grounding(spec, columns, None);
         let tokens = ImageTokens { class_scores: vec![0.4, 0.9, 0.005, 0.0], ..ImageTokens::default() };
         let classifier = classifier_support(&tokens, &g.columns);
         assert_eq!(classifier, [Some(0.4), Some(0.005), None, None, None, None, None]);
@@ -586,7 +590,7 @@ mod tests {
         let spec = GroundingSpec { guide_threshold: Some(0.9), ..spec() };
         let n = spec.categories.len();
         let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
-        let g = Grounding { directions: vec![Vec::new(); n], columns, spec, cells: None };
+        let g = grounding(spec, columns, None);
         // The guide alone makes the check read the classifier's columns.
         let tokens = ImageTokens { class_scores: vec![0.3, 0.2, 0.0, 0.95], ..ImageTokens::default() };
         let support = Support { tokens: vec![0.0; n], ..g.support(&tokens) };
@@ -646,7 +650,7 @@ mod tests {
         // Two rows of four cells, then a token of the whole frame (index 8). The dog's best
         // token is cell 4 (row 1, column 0), the cat's 7 (column 3), the pig's 2 (column 2, its
         // centre at 0.625 of the width), the goat's the whole-frame token.
-        let g = Grounding { directions: vec![Vec::new(); n], columns: vec![None; n], spec, cells: Some([2, 4]) };
+        let g = grounding(spec, vec![None; n], Some([2, 4]));
         let support = Support { tokens: vec![0.3; n], at: vec![4, 7, 2, 8, 0, 0, 0], ..Support::default() };
         let start = |q: &str| g.answer_guide(q, &support).map(|guide| guide.start);
         assert_eq!(start("Where is the dog?").as_deref(), Some("On the left"));
@@ -673,9 +677,8 @@ mod tests {
     #[test]
     fn a_presence_answer_is_guided_to_yes_when_the_classifier_is_sure_of_the_category_asked_about() {
         let spec = GroundingSpec { guide_threshold: Some(0.9), ..spec() };
-        let n = spec.categories.len();
         let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
-        let g = Grounding { directions: vec![Vec::new(); n], columns, spec, cells: None };
+        let g = grounding(spec, columns, None);
         let tokens = ImageTokens { class_scores: vec![0.3, 0.2, 0.0, 0.95], ..ImageTokens::default() };
         let support = g.support(&tokens);
         let guide = g.answer_guide("Is there a goat in the image?", &support).expect("the goat scores 0.95");
