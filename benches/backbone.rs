@@ -60,8 +60,9 @@ fn options_with(max_tokens: usize, repeat_penalty: f32) -> GenerateOptions {
 /// tokens/s of a bare llama-cpp-2 greedy decode loop, with llama.cpp's repeat penalty over the last
 /// 64 tokens (1.0: none).
 fn bare_decode(backend: &LlamaBackend, model: &LlamaModel, threads: i32, repeat_penalty: f32) -> f64 {
+    // The same context length as scenecast's default, so both sides hold the same KV cache.
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(2048))
+        .with_n_ctx(NonZeroU32::new(scenecast::llm::LlmConfig::default().context))
         .with_n_batch(512)
         .with_n_ubatch(512)
         .with_n_threads(threads)

@@ -351,7 +351,7 @@ mod tests {
         let end = start + readme[start..].find("```").unwrap();
         let config = Config::parse(&readme[start..end], "README.md").unwrap();
         assert_eq!(config.onnx.execution_providers.len(), 3);
-        assert_eq!(config.llm.context, 2048);
+        assert_eq!(config.llm.context, 1024);
     }
 
     #[test]

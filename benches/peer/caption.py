@@ -61,7 +61,7 @@ class Peer:
             self.det_in, self.det_out, self.det_proj_in = det["input"], det["output"], proj["detections_input"]
         self.llm = llama_cpp.Llama(
             model_path=cached(cache, llm),
-            n_ctx=2048,
+            n_ctx=1024,  # scenecast's default `llm.context`: the same KV cache on both sides
             n_batch=512,
             n_threads=threads,
             n_threads_batch=threads,

@@ -25,7 +25,12 @@ pub use sampling::{SamplingParams, TokenSampler};
 pub struct LlmConfig {
     /// CPU threads (0: the number of physical cores).
     pub threads: usize,
-    /// Context length in tokens: the scene prefix, a question and its answer must fit.
+    /// Context length in tokens: the scene prefix, a question and its answer must fit. The
+    /// default, 1024, holds the reference stack's scene (67 tokens), the longest question
+    /// (`max_question_chars` of plain text is about a quarter as many tokens) and `max_tokens`
+    /// several times over; every token of context costs the KV cache memory (22.5 KiB each for
+    /// SmolLM2-135M: 2048 tokens made the peak 20 MiB higher). A request that does not fit is
+    /// refused with this key named.
     pub context: u32,
     /// Most tokens decoded in one llama.cpp call (prefill chunk).
     pub batch: u32,
@@ -52,7 +57,7 @@ impl Default for LlmConfig {
     fn default() -> Self {
         LlmConfig {
             threads: 0,
-            context: 2048,
+            context: 1024,
             batch: 512,
             gpu_layers: 0,
             max_tokens: 96,
