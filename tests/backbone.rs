@@ -196,6 +196,27 @@ fn smollm_with(config: LlmConfig) -> Backbone {
 }
 
 #[test]
+fn the_default_context_holds_a_scene_the_longest_question_and_a_whole_answer() {
+    // The defaults must fit together: the reference stack's 64 image tokens after the chat
+    // prefix, a question of `max_question_chars` of plain English, and `max_tokens` of answer.
+    let config = llm_config();
+    let mut b = smollm();
+    let image = ImageTokens { n_tokens: 64, n_embd: 576, data: vec![0.01; 64 * 576], ..ImageTokens::default() };
+    b.set_scene(1, Some(&image)).unwrap_or_else(|e| panic!("{e}"));
+    let sentence = "Is the small brown dog that sat near the red car still by the gate of the old house? ";
+    let question: String = sentence
+        .repeat(config.max_question_chars / sentence.len() + 1)
+        .chars()
+        .take(config.max_question_chars)
+        .collect();
+    assert_eq!(question.chars().count(), config.max_question_chars);
+    let generation = b.ask(&question, &greedy(config.max_tokens), &mut |_| true).unwrap_or_else(|e| panic!("{e}"));
+    assert_ne!(generation.stop, StopReason::ContextFull, "{config:?}");
+    let needed = 3 + 64 + b.tokenize(&b.request_text(&question), false).len() + config.max_tokens;
+    assert!(needed * 2 <= config.context as usize, "the default context holds {needed} tokens twice over");
+}
+
+#[test]
 fn empty_and_over_long_questions_are_refused_with_the_limit() {
     let mut b = smollm_with(LlmConfig { max_question_chars: 40, ..llm_config() });
     let cases = [
