@@ -405,9 +405,22 @@ pub fn default_guide_yes() -> String {
 }
 
 /// The word of a `positions` phrase that names its side: its last run of letters and digits,
-/// lower-case ("On the left." → "left"); "" for a phrase without one.
+/// lower-case, in one spelling ([`side_spelling`]: "On the left." → "left", "In the center" →
+/// "centre"); "" for a phrase without one.
 pub fn side_word(phrase: &str) -> String {
-    phrase.split(|c: char| !c.is_alphanumeric()).rfind(|w| !w.is_empty()).unwrap_or_default().to_lowercase()
+    side_spelling(
+        phrase.split(|c: char| !c.is_alphanumeric()).rfind(|w| !w.is_empty()).unwrap_or_default().to_lowercase(),
+    )
+}
+
+/// A lower-case word in the one spelling side words are compared in: "center" is "centre", so a
+/// phrase and an answer may spell the middle either way.
+pub fn side_spelling(word: String) -> String {
+    if word == "center" {
+        "centre".to_owned()
+    } else {
+        word
+    }
 }
 
 /// The phrases of `positions`, as the reference projector's answers place objects.

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use super::backbone::Backbone;
 use super::error::LlmError;
-use crate::manifest::{side_word, GroundingSpec};
+use crate::manifest::{side_spelling, side_word, GroundingSpec};
 use crate::util::cosine_distance;
 use crate::vision::ImageTokens;
 
@@ -272,9 +272,7 @@ impl Grounding {
             }
             GuideKind::Position => {
                 let Some(sides) = self.spec.position_words() else { return true };
-                // Either spelling of the middle is the same side.
-                let said: Vec<String> =
-                    said.into_iter().map(|w| if w == "center" { "centre".to_owned() } else { w }).collect();
+                let said: Vec<String> = said.into_iter().map(side_spelling).collect();
                 let named: Vec<&String> = sides.iter().filter(|w| said.contains(w)).collect();
                 named.is_empty() || named == [&side_word(&guide.start)]
             }
@@ -667,6 +665,15 @@ mod tests {
             .any(|a| g.agrees(a, &guide)));
         let middle = g.answer_guide("Where is the pig?", &support).unwrap();
         assert!(g.agrees("The pig is in the center.", &middle) && g.agrees("In the centre.", &middle));
+        // Phrases that spell the middle "center" read the same way.
+        let center = ["On the left".to_owned(), "In the center".to_owned(), "On the right".to_owned()];
+        let us = Grounding { spec: GroundingSpec { positions: Some(center), ..g.spec.clone() }, ..g.clone() };
+        let (left, middle) = (
+            us.answer_guide("Where is the dog?", &support).unwrap(),
+            us.answer_guide("Where is the pig?", &support).unwrap(),
+        );
+        assert!(!us.agrees("In the center.", &left) && !us.agrees("In the centre.", &left));
+        assert!(us.agrees("In the centre.", &middle) && us.agrees("The pig is in the center.", &middle));
         // Without positions, or without a grid of cells, no guide.
         let off = Grounding { spec: GroundingSpec { positions: None, ..g.spec.clone() }, ..g.clone() };
         assert_eq!(off.answer_guide("Where is the dog?", &support), None);
