@@ -406,6 +406,8 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
         seqs.push(seq);
     }
     assert_eq!(seqs, (0..20).collect::<Vec<_>>());
+    let extra = client.next_on("scenecast/cam5/caption", Duration::from_secs(3)).await;
+    assert!(extra.is_none(), "a caption arrived twice: {:?}", extra.map(|m| (m.json()["frame_seq"].clone(), m.retain)));
     d.shutdown().await;
 }
 

@@ -200,9 +200,14 @@ impl TestClient {
         let sub = client.clone();
         let filters: Vec<String> = filters.iter().map(|f| f.to_string()).collect();
         tokio::spawn(async move {
+            let mut subscribed = false;
             loop {
                 match eventloop.poll().await {
-                    Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))) => {
+                    // A resumed session keeps its subscriptions. Subscribing again would make the
+                    // broker replay each filter's retained message: a second copy of the latest
+                    // caption, in the middle of the stream the session delivers.
+                    Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(ack))) if !(subscribed && ack.session_present) => {
+                        subscribed = true;
                         for f in &filters {
                             sub.subscribe(f.clone(), QoS::AtLeastOnce).await.unwrap();
                         }
