@@ -98,13 +98,14 @@ projector: deps models train-venv
 ## scenes of training objects), else the shipped one (models/README.md)
 EVAL_SET = $(CACHE)/train/$(PROJECTOR_NAME)/eval/eval.json
 # A candidate's check is calibrated as the reference's (the classifier's threshold on the whole
-# photos), and its captions and answers are guided as the reference's are (`grounding.guide_threshold`,
+# photos, set against the photos of unknown things the projector trained on when the set has them),
+# and its captions and answers are guided as the reference's are (`grounding.guide_threshold`,
 # `positions`); `make eval GUIDE=` judges it without guides.
 GUIDE ?= 0.99
 eval: FETCH_ARGS += --train
 eval: deps models build
 	$(PY) models/train_projector.py --cache $(CACHE) --config $(PROJECTOR_CONFIG) --eval-set-only
-	$(if $(wildcard $(CANDIDATE)),$(CARGO) run --release --quiet -- --config $(CANDIDATE) calibrate $(EVAL_SET) --classifier-kind photo $(if $(GUIDE),--guide $(GUIDE) --place) --write $(CACHE)/train/$(PROJECTOR_NAME)/candidate-manifest.toml)
+	$(if $(wildcard $(CANDIDATE)),$(CARGO) run --release --quiet -- --config $(CANDIDATE) calibrate $(EVAL_SET) --classifier-kind photo $$(grep -q '"kind": "unknown-photo"' $(EVAL_SET) && echo --unknown-kind unknown-photo) $(if $(GUIDE),--guide $(GUIDE) --place) --write $(CACHE)/train/$(PROJECTOR_NAME)/candidate-manifest.toml)
 	$(CARGO) run --release --quiet -- $(if $(wildcard $(CANDIDATE)),--config $(CANDIDATE)) eval $(EVAL_SET) --report models/projector/$(PROJECTOR_NAME).eval.md
 
 ## generator: train and distil the generator, then its output projector (about 60 min on 2 cores; models/generator/README.md)

@@ -856,6 +856,16 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
             for k, e in enumerate(pasted[name]):
                 img, m = cc.exemplar_single(name, e)
                 add(img, {**m, "kind": "cifar-heldout"}, f"cifar-pasted-{name}-{k:02}.png")
+    if v2:
+        # Whole photos of unknown things the projector trained on ("No known object."): not
+        # scored as held out, they calibrate the caption check's classifier threshold against the
+        # training photos of known things (`scenecast calibrate --unknown-kind unknown-photo`).
+        # Last, so every scene before them stays as it was.
+        for u in comp.unknown_train:
+            if "crop" in u or ("file" in u and "stamp" not in u):
+                name = f"unknown-photo-train-{Path(u['file']).stem}.png"
+                comp.open(u).save(out / name)
+                scenes.append({"image": name, "kind": "unknown-photo", "objects": [], "questions": questions([], {})})
     doc = {"name": cfg["name"], "categories": comp.categories, "caption_prompt": cfg["questions"]["caption_prompts"][0],
            "scenes": scenes}
     (out / "eval.json").write_text(json.dumps(doc, indent=1))

@@ -415,6 +415,11 @@ pub struct Calibration {
     pub wrong: usize,
     /// Of `wrong`, how many fall below the threshold.
     pub wrong_removed: usize,
+    /// Scenes of unknown things whose best score set the threshold against the correct names
+    /// (0: the threshold keeps the share `keep` asked for).
+    pub unknown: usize,
+    /// Of `unknown`, the scenes where no category scores as much as the threshold.
+    pub unknown_removed: usize,
 }
 
 /// The caption check's thresholds (see [`calibrate`]).
@@ -425,6 +430,10 @@ pub struct Thresholds {
     /// By the detector's own scores of the categories (`detector.category_prefix`), over the
     /// names that have a score and that the image tokens keep; None without such a detector.
     pub classifier: Option<Calibration>,
+    /// With unknown scenes: the categories `classifier` does not judge, whose median score on the
+    /// (at least [`MIN_EXEMPT_SCENES`]) scenes showing them, of the classifier's kinds, is below its
+    /// threshold.
+    pub classifier_exempt: Vec<String>,
 }
 
 /// Captions every scene of `set` (through [`Backbone::describe`], as the LLM writes them, before
@@ -432,13 +441,22 @@ pub struct Thresholds {
 /// the highest that keeps `keep` of them. With a detector that scores the categories itself
 /// (`detector.category_prefix`), the same again for its scores, over the names the image tokens
 /// keep, over the names of the scenes of `classifier_kinds` only (all of them when it is empty).
-/// Run it on scenes of objects the projector trained on (`photo`, `heldout-pair`), never on the
-/// held-out rows it is measured on.
+/// With scenes of `unknown_kinds` (photos of things outside the vocabulary, e.g. `unknown-photo`),
+/// the detector's threshold is instead the one that best tells those names from the unknown
+/// scenes: each unknown scene counts by its best score of any category, and the threshold is the
+/// score that keeps the largest share of the correct names less the share of unknown scenes it
+/// lets through (Youden's J; [`separating_threshold`]). A category shown by at least
+/// [`MIN_EXEMPT_SCENES`] scenes (of `classifier_kinds`) whose median score there is below that
+/// threshold is one the classifier does not recognise: it is exempt from the detector's check, and
+/// the threshold is taken again without it, until the exempt categories stay the same. Unknown scenes are not captioned into the names.
+/// Run it on scenes the projector trained on (`photo`, `heldout-pair`, `unknown-photo`), never on
+/// the held-out rows it is measured on.
 pub fn calibrate(
     set: &EvalSet,
     pipeline: &mut Pipeline,
     keep: f64,
     classifier_kinds: &[String],
+    unknown_kinds: &[String],
     progress: &mut dyn FnMut(usize),
 ) -> Result<Thresholds, EvalError> {
     let directions = name_directions(&pipeline.backbone, &set.categories).map_err(StackError::from)?;
@@ -446,12 +464,21 @@ pub fn calibrate(
     let mut tokens = ImageTokens::default();
     // Each name a caption wrote: whether the scene shows it, its token support, its detector score
     // (None too where the scene's kind does not calibrate the classifier's threshold).
-    let mut names: Vec<(bool, f32, Option<f32>)> = Vec::new();
+    let mut names: Vec<Name> = Vec::new();
+    // Each unknown scene's detector scores of the categories.
+    let mut unknown: Vec<Vec<Option<f32>>> = Vec::new();
+    // Per category, its detector scores in the scenes (of the classifier's kinds) that show it.
+    let mut shown: Vec<Vec<f32>> = vec![Vec::new(); set.categories.len()];
     for (i, scene) in set.scenes.iter().enumerate() {
         let image = RgbImage::open(&scene.image)?;
         pipeline.set_scene(i as u64, &image, &mut tokens)?;
-        let support = support(&tokens, &directions);
         let classifier = classifier_support(&tokens, &columns);
+        if unknown_kinds.contains(&scene.kind) {
+            unknown.push(classifier);
+            progress(i);
+            continue;
+        }
+        let support = support(&tokens, &directions);
         let backbone = &mut pipeline.backbone;
         let mut o = backbone.default_options();
         o.max_tokens = o.max_tokens.min(MAX_ANSWER_TOKENS);
@@ -461,7 +488,14 @@ pub fn calibrate(
         for name in mentions(caption, &set.categories) {
             let at = set.categories.iter().position(|c| c == name).expect("a mention is a category");
             let score = classifier[at].filter(|_| judged);
-            names.push((scene.objects.iter().any(|o| o == name), support[at], score));
+            names.push(Name { shown: scene.objects.iter().any(|o| o == name), support: support[at], score, at });
+        }
+        if judged {
+            for object in &scene.objects {
+                if let Some(at) = set.categories.iter().position(|c| c == object) {
+                    shown[at].extend(classifier[at]);
+                }
+            }
         }
         progress(i);
     }
@@ -469,13 +503,102 @@ pub fn calibrate(
         let (right, wrong): (Vec<_>, Vec<_>) = names.partition(|(shown, _)| *shown);
         (right.into_iter().map(|n| n.1).collect(), wrong.into_iter().map(|n| n.1).collect())
     };
-    let (mut right, wrong) = split(&mut names.iter().map(|n| (n.0, n.1)));
+    let (mut right, wrong) = split(&mut names.iter().map(|n| (n.shown, n.support)));
     let tokens =
         threshold(&mut right, &wrong, keep).ok_or(EvalError::NothingToCalibrate { scenes: set.scenes.len() })?;
-    let (mut right, wrong) =
-        split(&mut names.iter().filter(|n| n.1 >= tokens.threshold).filter_map(|n| Some((n.0, n.2?))));
-    let classifier = if columns.iter().any(Option::is_some) { threshold(&mut right, &wrong, keep) } else { None };
-    Ok(Thresholds { tokens, classifier })
+    // The names the classifier judges: those the tokens keep, with a score, of categories not exempt.
+    let judged = |exempt: &[usize]| {
+        let kept = names.iter().filter(|n| n.support >= tokens.threshold && !exempt.contains(&n.at));
+        split(&mut kept.filter_map(|n| Some((n.shown, n.score?))))
+    };
+    if !columns.iter().any(Option::is_some) {
+        return Ok(Thresholds { tokens, classifier: None, classifier_exempt: Vec::new() });
+    }
+    if unknown.is_empty() {
+        let (mut right, wrong) = judged(&[]);
+        return Ok(Thresholds {
+            tokens,
+            classifier: threshold(&mut right, &wrong, keep),
+            classifier_exempt: Vec::new(),
+        });
+    }
+    // Against unknown scenes: the separating threshold, then the categories the classifier does
+    // not recognise at it on the scenes that show them are exempt, and the threshold is taken
+    // again without them, until the exempt categories stay the same.
+    let median = |scores: &[f32]| {
+        let mut s = scores.to_vec();
+        s.sort_by(f32::total_cmp);
+        s.get(s.len() / 2).copied()
+    };
+    let mut exempt: Vec<usize> = Vec::new();
+    let mut classifier = None;
+    for _ in 0..10 {
+        let (mut right, wrong) = judged(&exempt);
+        let best: Vec<f32> = unknown
+            .iter()
+            .map(|scores| {
+                let judged = scores.iter().enumerate().filter(|(at, _)| !exempt.contains(at));
+                judged.filter_map(|(_, s)| *s).fold(0.0, f32::max)
+            })
+            .collect();
+        classifier = separating_threshold(&mut right, &wrong, &best);
+        let Some(t) = classifier.as_ref().map(|c| c.threshold) else { break };
+        let again: Vec<usize> = (0..shown.len())
+            .filter(|&at| shown[at].len() >= MIN_EXEMPT_SCENES && median(&shown[at]).is_some_and(|m| m < t))
+            .collect();
+        if again == exempt {
+            break;
+        }
+        exempt = again;
+    }
+    let classifier_exempt = exempt.iter().map(|&at| set.categories[at].clone()).collect();
+    Ok(Thresholds { tokens, classifier, classifier_exempt })
+}
+
+/// The fewest scenes showing a category (of the classifier's kinds) that can exempt it from the
+/// classifier's check: one photo the classifier misreads says little about the category.
+const MIN_EXEMPT_SCENES: usize = 2;
+
+/// A category a caption named, as calibration reads it.
+struct Name {
+    /// Whether the scene shows it.
+    shown: bool,
+    /// Its support by the image tokens.
+    support: f32,
+    /// Its detector score (None without one, or where the scene's kind does not calibrate it).
+    score: Option<f32>,
+    /// Its index among the set's categories.
+    at: usize,
+}
+
+/// The threshold that best tells the `right` scores from the `unknown` ones: the score (one of
+/// theirs) that maximises the share of `right` at or above it less the share of `unknown` at or
+/// above it; of equals, the lowest (it keeps the most). None when `right` is empty.
+fn separating_threshold(right: &mut [f32], wrong: &[f32], unknown: &[f32]) -> Option<Calibration> {
+    if right.is_empty() {
+        return None;
+    }
+    right.sort_by(f32::total_cmp);
+    let share = |scores: &[f32], t: f32| scores.iter().filter(|s| **s >= t).count() as f64 / scores.len().max(1) as f64;
+    let mut candidates: Vec<f32> = right.iter().chain(unknown).copied().collect();
+    candidates.sort_by(f32::total_cmp);
+    let mut best = (f64::MIN, 0.0);
+    for t in candidates {
+        let j = share(right, t) - share(unknown, t);
+        if j > best.0 {
+            best = (j, t);
+        }
+    }
+    let threshold = best.1;
+    Some(Calibration {
+        threshold,
+        keep: share(right, threshold),
+        correct: right.len(),
+        wrong: wrong.len(),
+        wrong_removed: wrong.iter().filter(|s| **s < threshold).count(),
+        unknown: unknown.len(),
+        unknown_removed: unknown.iter().filter(|s| **s < threshold).count(),
+    })
 }
 
 /// The highest threshold that keeps `keep` of `right` (None when it is empty).
@@ -489,6 +612,8 @@ fn threshold(right: &mut [f32], wrong: &[f32], keep: f64) -> Option<Calibration>
         correct: right.len(),
         wrong: wrong.len(),
         wrong_removed: wrong.iter().filter(|s| **s < threshold).count(),
+        unknown: 0,
+        unknown_removed: 0,
     })
 }
 
@@ -682,7 +807,7 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
              category that no image token points at is removed{}. The check changed {changed} captions; as the \
              LLM wrote them, they score:\n\n",
             if results.iter().any(|r| !r.classifier.is_empty()) {
-                ", and, with `classifier_threshold`, one the detector's own score of the category rejects"
+                ", and, with `classifier_threshold`, one the detector's own score of the category rejects (but for `classifier_exempt` categories)"
             } else {
                 ""
             }
@@ -807,6 +932,23 @@ mod tests {
         assert_eq!((c.threshold, c.correct, c.wrong, c.wrong_removed), (0.1, 20, 3, 1));
         assert_eq!(threshold(&mut right, &[], 1.0).unwrap().threshold, 0.05);
         assert!(threshold(&mut [], &[0.3], 0.95).is_none());
+    }
+
+    #[test]
+    fn a_separating_threshold_weighs_the_names_kept_against_the_unknown_photos_let_through() {
+        // Kept names less unknown photos let through: 0.1 → 1 − 1, 0.3 → 1 − 0.5, 0.6 → 1 − 0.25,
+        // 0.8 → 0.75 − 0.25, 0.9 → 0.5 − 0.25: the best is 0.6, which keeps every correct name.
+        let mut right = vec![0.9, 0.6, 1.0, 0.8];
+        let c = separating_threshold(&mut right, &[0.05, 0.7], &[0.1, 0.2, 0.3, 0.9]).unwrap();
+        assert_eq!(c.threshold, 0.6);
+        assert_eq!((c.keep, c.correct, c.wrong, c.wrong_removed), (1.0, 4, 2, 1));
+        assert_eq!((c.unknown, c.unknown_removed), (4, 3));
+        // When unknown photos score as high as the names, a higher threshold costs names: here
+        // dropping the name at 0.3 lets one unknown photo fewer through (1 − 0.5 against
+        // 0.75 − 0.25, equal), and of equals the lowest threshold stands.
+        let c = separating_threshold(&mut [0.3, 0.9, 0.95, 0.99], &[], &[0.1, 0.5, 0.92, 0.2]).unwrap();
+        assert_eq!((c.threshold, c.keep, c.unknown_removed), (0.3, 1.0, 2));
+        assert!(separating_threshold(&mut [], &[0.3], &[0.5]).is_none());
     }
 
     #[test]

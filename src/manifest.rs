@@ -371,6 +371,12 @@ pub struct GroundingSpec {
     /// frame stays only when its best score over the anchors reaches this. None: no such check.
     #[serde(default)]
     pub classifier_threshold: Option<f32>,
+    /// Categories the second check does not judge: the classifier does not recognise them on
+    /// their own training photos (its median score of the category there is below
+    /// `classifier_threshold`: ImageNet files a coffee cup under espresso, a person under their
+    /// clothes), so their names stand on the image tokens alone. Written by `scenecast calibrate`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classifier_exempt: Vec<String>,
     /// Captions guided by the detector's category columns: when the checked caption names no
     /// category and one category's best score in the frame reaches this (a probability: the
     /// classifier's mass on the category's classes), the LLM writes the caption again with its
@@ -469,6 +475,10 @@ impl GroundingSpec {
         text += &format!("threshold = {:.4}\nnothing = {}\n", self.threshold, quote(&self.nothing));
         if let Some(t) = self.classifier_threshold {
             text += &format!("classifier_threshold = {t:.5}\n");
+        }
+        if !self.classifier_exempt.is_empty() {
+            let names: Vec<String> = self.classifier_exempt.iter().map(|c| quote(c)).collect();
+            text += &format!("classifier_exempt = [{}]\n", names.join(", "));
         }
         if let Some(t) = self.guide_threshold {
             text += &format!(
@@ -770,6 +780,20 @@ impl Manifest {
                 return Err(needs_columns("grounding.classifier_threshold"));
             }
         }
+        if let Some(c) = g.classifier_exempt.iter().find(|c| !g.categories.contains(c)) {
+            return Err(self.invalid(
+                "grounding.classifier_exempt",
+                format!(
+                    "{c:?} is not one of `grounding.categories`; expected categories the classifier does not judge"
+                ),
+            ));
+        }
+        if !g.classifier_exempt.is_empty() && g.classifier_threshold.is_none() {
+            return Err(self.invalid(
+                "grounding.classifier_exempt",
+                "exempts categories from a check there is not: expected a `classifier_threshold` too".into(),
+            ));
+        }
         if let Some(t) = g.guide_threshold {
             if !(t.is_finite() && t > 0.0 && t <= 1.0) {
                 return Err(self.invalid("grounding.guide_threshold", format!("{t} is not a score in (0, 1]")));
@@ -1049,6 +1073,7 @@ mod tests {
             threshold: 0.1874,
             nothing: "No \"known\" object.".into(),
             classifier_threshold: None,
+            classifier_exempt: Vec::new(),
             guide_threshold: None,
             guide: default_guide(),
             guide_yes: default_guide_yes(),
@@ -1071,6 +1096,13 @@ mod tests {
         assert!(!section.contains("classifier_threshold"), "written only when calibrated: {section}");
         let with_classifier = GroundingSpec { classifier_threshold: Some(0.00912), ..spec.clone() }.to_toml("C.");
         assert!(with_classifier.ends_with("classifier_threshold = 0.00912\n"), "{with_classifier}");
+        let exempt = ["teddy bear", "cat"].map(String::from).to_vec();
+        let with_exempt =
+            GroundingSpec { classifier_threshold: Some(0.5), classifier_exempt: exempt.clone(), ..spec.clone() };
+        let text = with_exempt.to_toml("E.");
+        assert!(text.ends_with("classifier_exempt = [\"teddy bear\", \"cat\"]\n"), "{text}");
+        let parsed = Manifest::parse(&with_grounding(without, &text), "test.toml", Path::new("/m")).unwrap();
+        assert_eq!(parsed.grounding.expect("written").classifier_exempt, exempt);
         let other = GroundingSpec { threshold: 0.3, ..spec.clone() }.to_toml("Again.");
         let twice = with_grounding(&once, &other);
         assert_eq!(twice.matches("[grounding]").count(), 1, "{twice}");
@@ -1210,8 +1242,22 @@ mod tests {
                 "category_prefix = \"ImageNet \"",
                 "`grounding.classifier_threshold`: expected a [detector] with `category_prefix`",
             ),
+            (
+                "classifier_threshold = 0.009",
+                "classifier_threshold = 0.009\nclassifier_exempt = [\"cat\", \"unicorn\"]",
+                "`grounding.classifier_exempt`: \"unicorn\" is not one of `grounding.categories`",
+            ),
+            (
+                "classifier_threshold = 0.009",
+                "classifier_exempt = [\"cat\"]",
+                "`grounding.classifier_exempt`: exempts categories from a check there is not",
+            ),
         ];
         assert_edits_fail(&checked, cases);
+        let exempt = checked
+            .replace("classifier_threshold = 0.009", "classifier_threshold = 0.009\nclassifier_exempt = [\"cat\"]");
+        let m = Manifest::parse(&exempt, "test.toml", Path::new("/m")).unwrap();
+        assert_eq!(m.grounding.unwrap().classifier_exempt, ["cat"]);
     }
 
     /// The projector-v4 stack: the reference plus the COCO detector as a second encoder.

@@ -278,6 +278,96 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
     assert!(least_gcompris > least_all + 1e-4, "the split must move the threshold: {least_gcompris} and {least_all}");
     let calibrated = by_kind.classifier_threshold.expect("calibrated");
     assert!((calibrated - least_gcompris).abs() < 1e-5, "{calibrated} against {least_gcompris}");
+
+    // `--unknown-kind`: the classifier's threshold is the score that best tells the photos' names
+    // from the unknown photos (koala, crocodile) by their best category score, and a category the
+    // classifier does not recognise at it on its own photo is exempt from its check. These scenes
+    // separate: every name the classifier judges reaches the threshold, every exempt category's
+    // score and every unknown photo's best judged score fall below it. Not a --kind as well.
+    // The coffee photo is in the set twice (two frames of one cup), so the classifier's median
+    // score of cups is over two scenes, the least that can exempt a category.
+    let (ok, _, err) = scenecast(&["calibrate", set_arg, "--kind", "photo", "--unknown-kind", "photo"], &[]);
+    assert!(!ok && err.contains("--unknown-kind photo: also a --kind"), "{err}");
+    let mut twice = set.clone();
+    let coffee = serde_json::json!({"image": photos.join("coffee.png"), "kind": "photo", "objects": ["cup"]});
+    twice["scenes"].as_array_mut().unwrap().push(coffee);
+    let twice_path = write_temp(dir.path(), "twice.json", twice.to_string().as_bytes());
+    let twice_arg = twice_path.to_str().unwrap();
+    let (ok, section, err) = scenecast(&["calibrate", twice_arg, "--kind", "photo", "--unknown-kind", "unknown"], &[]);
+    assert!(
+        ok && section.replace("\n# ", " ").contains("photos of unknown things (kinds unknown)"),
+        "{err}\n{section}"
+    );
+    assert!(err.contains("keeps 100 % of"), "{err}");
+    let text = scenecast::manifest::with_grounding(reference, &section);
+    let separated =
+        scenecast::manifest::Manifest::parse(&text, "calibrated", Path::new(".")).unwrap().grounding.unwrap();
+    let calibrated = separated.classifier_threshold.expect("calibrated");
+    let exempt = &separated.classifier_exempt;
+    assert!(exempt.iter().all(|c| c == "cup"), "only a category shown twice can be exempt: {exempt:?}");
+    let mut scores = |file: &str| {
+        vision.run(&photo(file), &mut tokens).unwrap();
+        scenecast::llm::classifier_support(&tokens, &columns)
+    };
+    let mut least = f32::MAX;
+    for (file, category) in PHOTOS {
+        let Some(score) = scores(file)[at(category)] else { continue };
+        if exempt.iter().any(|c| c == category) {
+            assert!(score < calibrated, "{category} is exempt at {score}, above {calibrated}");
+        } else {
+            least = least.min(score);
+        }
+    }
+    assert!((calibrated - least).abs() < 1e-5, "{calibrated}: expected the least judged name's score {least}");
+    let names = categories();
+    for file in UNKNOWN {
+        let judged = scores(file).into_iter().enumerate().filter(|(i, _)| !exempt.contains(&names[*i]));
+        let best = judged.filter_map(|(_, s)| s).fold(0.0, f32::max);
+        assert!(best < calibrated, "{file}: its best judged score {best} reaches {calibrated}");
+    }
+    // The image tokens' threshold is calibrated as without it.
+    assert!((separated.threshold - written.threshold).abs() < 1e-4, "{}", separated.threshold);
+}
+
+#[test]
+fn the_classifiers_judge_drops_the_name_of_an_unknown_animal_and_leaves_people_to_the_tokens() {
+    // The judge's threshold is set against photos of unknown things (models/README.md, "A judge
+    // that knows what it does not know"). A chameleon (a held-out photo of no category): the LLM
+    // names a category the image tokens support, and the classifier scores it below the
+    // threshold, so it goes. An astronaut: ImageNet has no class for a person, so "person" scores
+    // below the threshold too, but the category is exempt, and the caption keeps it.
+    let root = cache_root();
+    let m = manifest();
+    let spec = m.grounding.clone().expect("the reference manifest checks captions");
+    let threshold = spec.classifier_threshold.expect("the reference manifest has the classifier's judge");
+    assert!(spec.classifier_exempt.iter().any(|c| c == "person"), "{:?}", spec.classifier_exempt);
+    let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
+    let mut backbone = Backbone::load(&m, &root, &config).unwrap();
+    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let directions = scenecast::llm::name_directions(&backbone, &spec.categories).unwrap();
+    let columns = m.category_columns(&spec.categories);
+    let at = |name: &str| spec.categories.iter().position(|c| c == name).unwrap();
+    let prompt = LlmConfig::default().caption_prompt;
+    let mut tokens = ImageTokens::default();
+
+    vision.run(&photo("gcompris/erase-chamaeleon.webp"), &mut tokens).unwrap();
+    backbone.set_scene(0, Some(&tokens)).unwrap();
+    let described = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap();
+    assert!(mentions(&described.text, &spec.categories).is_empty(), "a chameleon: {:?}", described.text);
+    let checked = described.checked.expect("the LLM named a category, and the check removed it");
+    let support = scenecast::llm::support(&tokens, &directions);
+    let scores = scenecast::llm::classifier_support(&tokens, &columns);
+    for name in &checked.dropped {
+        let (s, c) = (support[at(name)], scores[at(name)].expect("a category the classifier scores"));
+        assert!(s >= spec.threshold && c < threshold, "{name}: tokens {s}, classifier {c}: the judge drops it");
+    }
+
+    vision.run(&photo("astronaut.png"), &mut tokens).unwrap();
+    backbone.set_scene(1, Some(&tokens)).unwrap();
+    let described = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap();
+    assert_eq!(mentions(&described.text, &spec.categories), ["person"], "{:?}", described.text);
+    let person = scenecast::llm::classifier_support(&tokens, &columns)[at("person")].expect("a score");
+    assert!(person < threshold, "person at {person}: kept because it is exempt, not by its score");
 }
 
 #[test]

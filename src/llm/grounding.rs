@@ -159,7 +159,8 @@ impl Grounding {
     }
 
     /// Removes from `caption` every named category whose token support is below the threshold, or
-    /// whose detector score (where it has one) is below `classifier_threshold`, with its clause;
+    /// whose detector score (where it has one, and the category is not `classifier_exempt`) is
+    /// below `classifier_threshold`, with its clause;
     /// returns what it removed, or None when both support every name.
     pub fn check(&self, caption: &mut String, support: &Support) -> Option<Checked> {
         self.check_but(caption, support, None)
@@ -173,11 +174,13 @@ impl Grounding {
         let index = |name: &str| self.spec.categories.iter().position(|c| c == name);
         let unsupported = |i: usize| {
             let by_tokens = support.tokens.get(i).is_none_or(|s| *s < self.spec.threshold);
-            let by_classifier = self
-                .spec
-                .classifier_threshold
-                .zip(support.classifier.get(i).copied().flatten())
-                .is_some_and(|(t, s)| s < t);
+            let judged = !self.spec.classifier_exempt.contains(&self.spec.categories[i]);
+            let by_classifier = judged
+                && self
+                    .spec
+                    .classifier_threshold
+                    .zip(support.classifier.get(i).copied().flatten())
+                    .is_some_and(|(t, s)| s < t);
             by_tokens || by_classifier
         };
         let dropped: Vec<String> =
@@ -485,6 +488,7 @@ mod tests {
             threshold: 0.2,
             nothing: "Nothing known.".into(),
             classifier_threshold: None,
+            classifier_exempt: Vec::new(),
             guide_threshold: None,
             guide: crate::manifest::default_guide(),
             guide_yes: crate::manifest::default_guide_yes(),
@@ -577,6 +581,14 @@ mod tests {
         assert!(none.iter().all(Option::is_none));
         let mut text = "A cat.".to_owned();
         assert_eq!(g.check(&mut text, &Support { tokens: vec![0.5; n], classifier: none, ..Support::default() }), None);
+        // A category exempt from the detector's check stands on the tokens alone.
+        let exempt = grounding(
+            GroundingSpec { classifier_exempt: vec!["cat".into()], ..g.spec.clone() },
+            g.columns.clone(),
+            None,
+        );
+        let mut text = "A dog and a cat.".to_owned();
+        assert_eq!(exempt.check(&mut text, &support), None);
         // A low token support drops a name whatever the detector says.
         let mut text = "A dog and a cat.".to_owned();
         let low = Support { tokens: vec![0.1; n], classifier: vec![Some(0.9); n], ..Support::default() };

@@ -92,6 +92,12 @@ pub enum Command {
         /// this kind only (repeat for several; each must be a --kind). Default: every --kind.
         #[arg(long = "classifier-kind", value_name = "KIND")]
         classifier_kinds: Vec<String>,
+        /// Scenes of things outside the vocabulary (repeat for several; none may be a --kind), e.g.
+        /// `unknown-photo`: classifier_threshold becomes the score that best tells the correct
+        /// names from these scenes' best category scores (the share of names kept less the share
+        /// of these scenes let through is highest), instead of the one that keeps --keep of them.
+        #[arg(long = "unknown-kind", value_name = "KIND")]
+        unknown_kinds: Vec<String>,
         /// The caption when no known name is left.
         #[arg(long, default_value = "No known object.")]
         nothing: String,

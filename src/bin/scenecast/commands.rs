@@ -353,6 +353,9 @@ pub struct CalibrationScenes<'a> {
     pub kinds: &'a [String],
     /// Of those, the kinds whose names calibrate the classifier's threshold (empty: all).
     pub classifier_kinds: &'a [String],
+    /// Scenes of unknown things (not captioned): the classifier's threshold is the one that best
+    /// tells the correct names from them (empty: it keeps `keep` of the correct names).
+    pub unknown_kinds: &'a [String],
 }
 
 /// The guides `scenecast calibrate` sets (they are not calibrated; each defaults to the loaded
@@ -380,23 +383,28 @@ pub fn calibrate(
     if let Some(p) = guide {
         anyhow::ensure!(p > 0.0 && p <= 1.0, "--guide {p}: expected a score in (0, 1], e.g. 0.99");
     }
-    let CalibrationScenes { kinds, classifier_kinds } = scenes;
+    let CalibrationScenes { kinds, classifier_kinds, unknown_kinds } = scenes;
     if let Some(k) = classifier_kinds.iter().find(|k| !kinds.contains(k)) {
         anyhow::bail!(
             "--classifier-kind {k}: not among the scenes calibrated on; expected one of --kind {}",
             kinds.join(", ")
         );
     }
+    if let Some(k) = unknown_kinds.iter().find(|k| kinds.contains(k)) {
+        anyhow::bail!("--unknown-kind {k}: also a --kind; expected scenes of unknown things, not of the vocabulary");
+    }
     let mut set = eval::EvalSet::load(set_path)?;
     let name = set.name.clone();
-    set.keep_kinds(kinds).with_context(|| format!("--kind in {}", set_path.display()))?;
+    let read: Vec<String> = kinds.iter().chain(unknown_kinds).cloned().collect();
+    set.keep_kinds(&read).with_context(|| format!("--kind or --unknown-kind in {}", set_path.display()))?;
     let mut pipeline = load_pipeline(config)?;
     if guides.place && pipeline.manifest.cell_grid().is_none() {
         anyhow::bail!("--place: the stack's image tokens are no grid of cells (its manifest has no [projector])");
     }
     let start = Instant::now();
     let total = set.scenes.len();
-    let t = eval::calibrate(&set, &mut pipeline, keep, classifier_kinds, &mut |i| {
+    let captioned = set.scenes.iter().filter(|s| kinds.contains(&s.kind)).count();
+    let t = eval::calibrate(&set, &mut pipeline, keep, classifier_kinds, unknown_kinds, &mut |i| {
         if (i + 1) % 20 == 0 {
             eprintln!("  {}/{total} scenes, {:.0} s", i + 1, start.elapsed().as_secs_f64());
         }
@@ -408,6 +416,7 @@ pub fn calibrate(
         threshold: c.threshold,
         nothing: nothing.to_owned(),
         classifier_threshold: t.classifier.as_ref().map(|k| k.threshold),
+        classifier_exempt: t.classifier_exempt.clone(),
         guide_threshold: guide.or_else(|| current.and_then(|g| g.guide_threshold)),
         guide: current.map_or_else(scenecast::manifest::default_guide, |g| g.guide.clone()),
         guide_yes: current.map_or_else(scenecast::manifest::default_guide_yes, |g| g.guide_yes.clone()),
@@ -421,7 +430,7 @@ pub fn calibrate(
         "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
          only when some image token points at it (cosine with the name's direction in the LLM's input space \
          >= threshold); a caption left with no name says `nothing`. Written by `scenecast calibrate` on the set \
-         {name}: {total} scenes of kinds {}, objects the projector trained on; the threshold keeps {:.0} % of the \
+         {name}: {captioned} scenes of kinds {}, objects the projector trained on; the threshold keeps {:.0} % of the \
          {} names their captions got right and removes {} of the {} wrong ones.",
         kinds.join(", "),
         keep * 100.0,
@@ -439,12 +448,34 @@ pub fn calibrate(
         start.elapsed().as_secs_f64()
     );
     if let Some(k) = &t.classifier {
+        let unknown = if k.unknown == 0 {
+            String::new()
+        } else {
+            format!(
+                " It is the score that best tells those names from {} photos of unknown things (kinds {}), whose \
+                 best category it leaves below it in {}: the share of correct names kept less the share of unknown \
+                 photos let through is highest there.{}",
+                k.unknown,
+                unknown_kinds.join(", "),
+                k.unknown_removed,
+                if t.classifier_exempt.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " The classifier does not recognise {} on the photos that show them (two or more, its \
+                         median score of each there below the threshold): classifier_exempt, their names stand on \
+                         the image tokens alone, and the threshold is taken without them.",
+                        t.classifier_exempt.join(", ")
+                    )
+                },
+            )
+        };
         comment += &format!(
             "\nThe detector's own scores of the categories (its columns named `detector.category_prefix` + \
              category) check the names the image tokens keep: a name it scores below classifier_threshold in the \
              frame goes too. The threshold keeps {:.0} % of the {} correct names that have such a score{} and \
-             removes {} of the {} wrong ones.",
-            keep * 100.0,
+             removes {} of the {} wrong ones.{unknown}",
+            k.keep * 100.0,
             k.correct,
             if classifier_kinds.is_empty() {
                 String::new()
@@ -455,12 +486,22 @@ pub fn calibrate(
             k.wrong,
         );
         eprintln!(
-            "classifier_threshold {:.5}: keeps {:.0} % of {} correct names with a score; removes {} of {} wrong ones",
+            "classifier_threshold {:.5}: keeps {:.0} % of {} correct names with a score; removes {} of {} wrong ones{}",
             k.threshold,
-            keep * 100.0,
+            k.keep * 100.0,
             k.correct,
             k.wrong_removed,
-            k.wrong
+            k.wrong,
+            if k.unknown == 0 {
+                String::new()
+            } else {
+                format!(
+                    "; {} of {} unknown photos score no category as much; exempt: {}",
+                    k.unknown_removed,
+                    k.unknown,
+                    if t.classifier_exempt.is_empty() { "none".to_owned() } else { t.classifier_exempt.join(", ") }
+                )
+            }
         );
     }
     if let Some(p) = spec.guide_threshold {

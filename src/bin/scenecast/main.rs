@@ -101,8 +101,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval { set, report, samples, kinds, verbose } => {
             commands::evaluate(&config, &set, report.as_deref(), samples, &kinds, verbose)
         }
-        Command::Calibrate { set, kinds, keep, classifier_kinds, nothing, write, guide, place } => {
-            let scenes = commands::CalibrationScenes { kinds: &kinds, classifier_kinds: &classifier_kinds };
+        Command::Calibrate { set, kinds, keep, classifier_kinds, unknown_kinds, nothing, write, guide, place } => {
+            let scenes = commands::CalibrationScenes {
+                kinds: &kinds,
+                classifier_kinds: &classifier_kinds,
+                unknown_kinds: &unknown_kinds,
+            };
             let guides = commands::Guides { threshold: guide, place };
             commands::calibrate(&config, &set, scenes, keep, &nothing, write.as_deref(), guides)
         }
