@@ -835,13 +835,16 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
             else:  # whole photos as the camera delivers them: the Rust pipeline resizes them itself
                 name = str(cache / "models" / "photos" / p["file"])
             scenes.append({"image": name, "kind": kind, "objects": [c["name"]], "questions": questions([c["name"]], {})})
-    if v2:
-        # Whole photos of nothing known.
-        for u in comp.unknown_heldout:
+    def unknown_photos(pool: list[dict], kind: str, prefix: str) -> None:
+        # Whole photos of nothing known (the pool's photos, not its cut-outs).
+        for u in pool:
             if "crop" in u or ("file" in u and "stamp" not in u):
-                name = f"unknown-photo-{Path(u['file']).stem}.png"
+                name = f"{prefix}-{Path(u['file']).stem}.png"
                 comp.open(u).save(out / name)
-                scenes.append({"image": name, "kind": "unknown-photo-heldout", "objects": [], "questions": questions([], {})})
+                scenes.append({"image": name, "kind": kind, "objects": [], "questions": questions([], {})})
+
+    if v2:
+        unknown_photos(comp.unknown_heldout, "unknown-photo-heldout", "unknown-photo")
     if "cifar10" in cfg:
         # CIFAR-10's test photos (never trained on): whole frames, and pasted into scenes as one
         # object at the training scale. Their own random stream, after every other row.
@@ -861,11 +864,7 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
         # scored as held out, they calibrate the caption check's classifier threshold against the
         # training photos of known things (`scenecast calibrate --unknown-kind unknown-photo`).
         # Last, so every scene before them stays as it was.
-        for u in comp.unknown_train:
-            if "crop" in u or ("file" in u and "stamp" not in u):
-                name = f"unknown-photo-train-{Path(u['file']).stem}.png"
-                comp.open(u).save(out / name)
-                scenes.append({"image": name, "kind": "unknown-photo", "objects": [], "questions": questions([], {})})
+        unknown_photos(comp.unknown_train, "unknown-photo", "unknown-photo-train")
     doc = {"name": cfg["name"], "categories": comp.categories, "caption_prompt": cfg["questions"]["caption_prompts"][0],
            "scenes": scenes}
     (out / "eval.json").write_text(json.dumps(doc, indent=1))
