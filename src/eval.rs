@@ -443,14 +443,14 @@ pub struct Thresholds {
 /// keep, over the names of the scenes of `classifier_kinds` only (all of them when it is empty).
 /// With scenes of `unknown_kinds` (photos of things outside the vocabulary, e.g. `unknown-photo`),
 /// the detector's threshold is instead the one that best tells those names from the unknown
-/// scenes: each unknown scene counts by its best score of any category, and the threshold is the
-/// score that keeps the largest share of the correct names less the share of unknown scenes it
-/// lets through (Youden's J; [`separating_threshold`]). A category shown by at least
-/// [`MIN_EXEMPT_SCENES`] scenes (of `classifier_kinds`) whose median score there is below that
-/// threshold is one the classifier does not recognise: it is exempt from the detector's check, and
-/// the threshold is taken again without it, until the exempt categories stay the same. Unknown scenes are not captioned into the names.
-/// Run it on scenes the projector trained on (`photo`, `heldout-pair`, `unknown-photo`), never on
-/// the held-out rows it is measured on.
+/// scenes: each unknown scene counts by its best score of any category not exempt (below), and
+/// the threshold is the score that keeps the largest share of the correct names less the share of
+/// unknown scenes it lets through (Youden's J; [`separating_threshold`]). A category shown by at
+/// least [`MIN_EXEMPT_SCENES`] scenes (of `classifier_kinds`) whose median score there is below
+/// that threshold is one the classifier does not recognise: it is exempt from the detector's
+/// check, and the threshold is taken again without it, until the exempt categories stay the same.
+/// Unknown scenes are not captioned. Run it on scenes the projector trained on (`photo`,
+/// `heldout-pair`, `unknown-photo`), never on the held-out rows it is measured on.
 pub fn calibrate(
     set: &EvalSet,
     pipeline: &mut Pipeline,
@@ -532,7 +532,7 @@ pub fn calibrate(
     };
     let mut exempt: Vec<usize> = Vec::new();
     let mut classifier = None;
-    for _ in 0..10 {
+    for round in 0..10 {
         let (mut right, wrong) = judged(&exempt);
         let best: Vec<f32> = unknown
             .iter()
@@ -546,7 +546,8 @@ pub fn calibrate(
         let again: Vec<usize> = (0..shown.len())
             .filter(|&at| shown[at].len() >= MIN_EXEMPT_SCENES && median(&shown[at]).is_some_and(|m| m < t))
             .collect();
-        if again == exempt {
+        // The last round keeps the threshold it took with the exempt categories it took it without.
+        if again == exempt || round == 9 {
             break;
         }
         exempt = again;
