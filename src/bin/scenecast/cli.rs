@@ -95,7 +95,9 @@ pub enum Command {
         /// Scenes of things outside the vocabulary (repeat for several; none may be a --kind), e.g.
         /// `unknown-photo`: classifier_threshold becomes the score that best tells the correct
         /// names from these scenes' best category scores (the share of names kept less the share
-        /// of these scenes let through is highest), instead of the one that keeps --keep of them.
+        /// of these scenes let through is highest), instead of the one that keeps --keep of them;
+        /// categories it scores below that on two or more of their own scenes are exempt from it
+        /// (classifier_exempt).
         #[arg(long = "unknown-kind", value_name = "KIND")]
         unknown_kinds: Vec<String>,
         /// The caption when no known name is left.
