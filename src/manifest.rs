@@ -398,6 +398,17 @@ pub struct GroundingSpec {
     /// cells (a `[projector]`). None: the LLM's answers stand.
     #[serde(default)]
     pub positions: Option<[String; 3]>,
+    /// With `positions`: the middle band of the frame's width, `[from, to]` as fractions of it,
+    /// whose cells are "in the centre"; a cell whose centre lies left of `from` is on the left,
+    /// right of `to` on the right. A fact of how the projector was trained (its composer placed
+    /// objects' centres at 0.2–0.32, 0.44–0.56 and 0.68–0.8 of the width).
+    #[serde(default = "default_centre")]
+    pub centre: [f32; 2],
+}
+
+/// The middle quarter of the width, between the reference projector's three training positions.
+pub fn default_centre() -> [f32; 2] {
+    [0.375, 0.625]
 }
 
 /// The beginning of a guided caption, as the reference projector's captions begin.
@@ -489,6 +500,7 @@ impl GroundingSpec {
         }
         if let Some(p) = &self.positions {
             text += &format!("positions = [{}, {}, {}]\n", quote(&p[0]), quote(&p[1]), quote(&p[2]));
+            text += &format!("centre = [{}, {}]\n", self.centre[0], self.centre[1]);
         }
         text
     }
@@ -830,6 +842,13 @@ impl Manifest {
                 ));
             }
         }
+        let [from, to] = g.centre;
+        if !(from.is_finite() && to.is_finite() && 0.0 <= from && from < to && to <= 1.0) {
+            return Err(self.invalid(
+                "grounding.centre",
+                format!("{:?}: expected [from, to] with 0 <= from < to <= 1, as [0.375, 0.625]", g.centre),
+            ));
+        }
         Ok(())
     }
 
@@ -1078,6 +1097,7 @@ mod tests {
             guide: default_guide(),
             guide_yes: default_guide_yes(),
             positions: None,
+            centre: default_centre(),
         };
         let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
         assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
@@ -1148,15 +1168,30 @@ mod tests {
         // Positions: written, read back, and checked.
         let placed = ["On the left".to_owned(), "In the centre".to_owned(), "On the right".to_owned()];
         let placing = GroundingSpec { positions: Some(placed.clone()), ..spec.clone() }.to_toml("P.");
-        assert!(placing.ends_with("positions = [\"On the left\", \"In the centre\", \"On the right\"]\n"), "{placing}");
+        assert!(
+            placing.ends_with(
+                "positions = [\"On the left\", \"In the centre\", \"On the right\"]\ncentre = [0.375, 0.625]\n"
+            ),
+            "{placing}"
+        );
         let text = with_grounding(&once, &placing);
         let m = Manifest::parse(&text, "t", Path::new("/m")).unwrap();
         assert_eq!((m.grounding.clone().unwrap().positions, m.cell_grid()), (Some(placed), Some([8, 8])));
-        let cases: &[(&str, &str, &str)] = &[(
-            "\"On the right\"]",
-            "\"To the left\"]",
-            "`grounding.positions`: [\"On the left\", \"In the centre\", \"To the left\"]: expected three phrases",
-        )];
+        let wide =
+            Manifest::parse(&text.replace("centre = [0.375, 0.625]", "centre = [0.3, 0.7]"), "t", Path::new("/m"));
+        assert_eq!(wide.unwrap().grounding.unwrap().centre, [0.3, 0.7]);
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "\"On the right\"]",
+                "\"To the left\"]",
+                "`grounding.positions`: [\"On the left\", \"In the centre\", \"To the left\"]: expected three phrases",
+            ),
+            (
+                "centre = [0.375, 0.625]",
+                "centre = [0.625, 0.375]",
+                "`grounding.centre`: [0.625, 0.375]: expected [from, to] with 0 <= from < to <= 1",
+            ),
+        ];
         assert_edits_fail(&text, cases);
     }
 

@@ -222,9 +222,9 @@ impl Grounding {
     ///   begin with `guide_yes`;
     /// - position ([`position`]: "Where is the goat?"), with the spec's `positions` and image
     ///   tokens that are a grid of cells: the cell whose token points at the category most
-    ///   ([`Support::at`]) places it, on the left, in the centre (the cell's centre in the middle
-    ///   quarter of the frame's width) or on the right, and the answer is to begin with that
-    ///   phrase.
+    ///   ([`Support::at`]) places it, on the left, in the centre (the cell's centre within the
+    ///   spec's `centre` band of the frame's width) or on the right, and the answer is to begin
+    ///   with that phrase.
     ///
     /// None for any other question, without the guide's settings, or below the threshold.
     pub fn answer_guide(&self, question: &str, support: &Support) -> Option<Guide> {
@@ -247,9 +247,10 @@ impl Grounding {
             return None;
         }
         let x = ((at % columns) as f32 + 0.5) / columns as f32;
-        let side = if x < 0.375 {
+        let [from, to] = self.spec.centre;
+        let side = if x < from {
             0
-        } else if x > 0.625 {
+        } else if x > to {
             2
         } else {
             1
@@ -493,6 +494,7 @@ mod tests {
             guide: crate::manifest::default_guide(),
             guide_yes: crate::manifest::default_guide_yes(),
             positions: None,
+            centre: crate::manifest::default_centre(),
         }
     }
 
@@ -686,6 +688,14 @@ mod tests {
         );
         assert!(!us.agrees("In the center.", &left) && !us.agrees("In the centre.", &left));
         assert!(us.agrees("In the centre.", &middle) && us.agrees("The pig is in the center.", &middle));
+        // The manifest's centre band decides: narrowed to [0.4, 0.6], the pig's cell (centre at
+        // 0.625) is on the right; widened to [0.1, 0.9], the dog's (0.125) is in the centre.
+        let band = |centre: [f32; 2], q: &str| {
+            let us = Grounding { spec: GroundingSpec { centre, ..g.spec.clone() }, ..g.clone() };
+            us.answer_guide(q, &support).map(|guide| guide.start)
+        };
+        assert_eq!(band([0.4, 0.6], "Where is the pig?").as_deref(), Some("On the right"));
+        assert_eq!(band([0.1, 0.9], "Where is the dog?").as_deref(), Some("In the centre"));
         // Without positions, or without a grid of cells, no guide.
         let off = Grounding { spec: GroundingSpec { positions: None, ..g.spec.clone() }, ..g.clone() };
         assert_eq!(off.answer_guide("Where is the dog?", &support), None);

@@ -425,6 +425,7 @@ pub fn calibrate(
         } else {
             current.and_then(|g| g.positions.clone())
         },
+        centre: current.map_or_else(scenecast::manifest::default_centre, |g| g.centre),
     };
     let mut comment = format!(
         "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
