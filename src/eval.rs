@@ -507,7 +507,7 @@ pub fn calibrate(
     let tokens =
         threshold(&mut right, &wrong, keep).ok_or(EvalError::NothingToCalibrate { scenes: set.scenes.len() })?;
     // The names the classifier judges: those the tokens keep, with a score, of categories not exempt.
-    let judged = |exempt: &[usize]| {
+    let judged_names = |exempt: &[usize]| {
         let kept = names.iter().filter(|n| n.support >= tokens.threshold && !exempt.contains(&n.at));
         split(&mut kept.filter_map(|n| Some((n.shown, n.score?))))
     };
@@ -515,7 +515,7 @@ pub fn calibrate(
         return Ok(Thresholds { tokens, classifier: None, classifier_exempt: Vec::new() });
     }
     if unknown.is_empty() {
-        let (mut right, wrong) = judged(&[]);
+        let (mut right, wrong) = judged_names(&[]);
         return Ok(Thresholds {
             tokens,
             classifier: threshold(&mut right, &wrong, keep),
@@ -533,15 +533,15 @@ pub fn calibrate(
     let mut exempt: Vec<usize> = Vec::new();
     let mut classifier = None;
     for round in 0..10 {
-        let (mut right, wrong) = judged(&exempt);
+        let (right, wrong) = judged_names(&exempt);
         let best: Vec<f32> = unknown
             .iter()
             .map(|scores| {
-                let judged = scores.iter().enumerate().filter(|(at, _)| !exempt.contains(at));
-                judged.filter_map(|(_, s)| *s).fold(0.0, f32::max)
+                let scored = scores.iter().enumerate().filter(|(at, _)| !exempt.contains(at));
+                scored.filter_map(|(_, s)| *s).fold(0.0, f32::max)
             })
             .collect();
-        classifier = separating_threshold(&mut right, &wrong, &best);
+        classifier = separating_threshold(&right, &wrong, &best);
         let Some(t) = classifier.as_ref().map(|c| c.threshold) else { break };
         let again: Vec<usize> = (0..shown.len())
             .filter(|&at| shown[at].len() >= MIN_EXEMPT_SCENES && median(&shown[at]).is_some_and(|m| m < t))
@@ -575,11 +575,10 @@ struct Name {
 /// The threshold that best tells the `right` scores from the `unknown` ones: the score (one of
 /// theirs) that maximises the share of `right` at or above it less the share of `unknown` at or
 /// above it; of equals, the lowest (it keeps the most). None when `right` is empty.
-fn separating_threshold(right: &mut [f32], wrong: &[f32], unknown: &[f32]) -> Option<Calibration> {
+fn separating_threshold(right: &[f32], wrong: &[f32], unknown: &[f32]) -> Option<Calibration> {
     if right.is_empty() {
         return None;
     }
-    right.sort_by(f32::total_cmp);
     let share = |scores: &[f32], t: f32| scores.iter().filter(|s| **s >= t).count() as f64 / scores.len().max(1) as f64;
     let mut candidates: Vec<f32> = right.iter().chain(unknown).copied().collect();
     candidates.sort_by(f32::total_cmp);
@@ -939,17 +938,16 @@ mod tests {
     fn a_separating_threshold_weighs_the_names_kept_against_the_unknown_photos_let_through() {
         // Kept names less unknown photos let through: 0.1 → 1 − 1, 0.3 → 1 − 0.5, 0.6 → 1 − 0.25,
         // 0.8 → 0.75 − 0.25, 0.9 → 0.5 − 0.25: the best is 0.6, which keeps every correct name.
-        let mut right = vec![0.9, 0.6, 1.0, 0.8];
-        let c = separating_threshold(&mut right, &[0.05, 0.7], &[0.1, 0.2, 0.3, 0.9]).unwrap();
+        let c = separating_threshold(&[0.9, 0.6, 1.0, 0.8], &[0.05, 0.7], &[0.1, 0.2, 0.3, 0.9]).unwrap();
         assert_eq!(c.threshold, 0.6);
         assert_eq!((c.keep, c.correct, c.wrong, c.wrong_removed), (1.0, 4, 2, 1));
         assert_eq!((c.unknown, c.unknown_removed), (4, 3));
         // When unknown photos score as high as the names, a higher threshold costs names: here
         // dropping the name at 0.3 lets one unknown photo fewer through (1 − 0.5 against
         // 0.75 − 0.25, equal), and of equals the lowest threshold stands.
-        let c = separating_threshold(&mut [0.3, 0.9, 0.95, 0.99], &[], &[0.1, 0.5, 0.92, 0.2]).unwrap();
+        let c = separating_threshold(&[0.3, 0.9, 0.95, 0.99], &[], &[0.1, 0.5, 0.92, 0.2]).unwrap();
         assert_eq!((c.threshold, c.keep, c.unknown_removed), (0.3, 1.0, 2));
-        assert!(separating_threshold(&mut [], &[0.3], &[0.5]).is_none());
+        assert!(separating_threshold(&[], &[0.3], &[0.5]).is_none());
     }
 
     #[test]

@@ -39,6 +39,15 @@ const PHOTOS: &[(&str, &str)] = &[
 /// presence questions are answered "No.".
 const UNKNOWN: &[&str] = &["gcompris/world-koala.webp", "gcompris/world-crocodile.webp"];
 
+/// The stack of manifest `m` from the model cache: its LLM loaded with `config`, and its vision,
+/// whose image tokens are as wide as that LLM's embeddings.
+fn stack(m: &scenecast::manifest::Manifest, config: &LlmConfig) -> (Backbone, Vision) {
+    let root = cache_root();
+    let backbone = Backbone::load(m, &root, config).unwrap();
+    let vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    (backbone, vision)
+}
+
 /// Every category the shipped projector was trained on (models/projector/train-v3.toml, which v5's
 /// train-v5.toml extends with the detector and nothing else about the data): a caption
 /// naming any other than the photo's is wrong.
@@ -53,12 +62,9 @@ fn categories() -> Vec<String> {
 
 #[test]
 fn the_trained_projector_names_the_objects_in_fixed_photos() {
-    let root = cache_root();
     let m = manifest();
     assert!(!m.untrained(), "the reference stack ships the trained projector");
-    let mut backbone =
-        Backbone::load(&m, &root, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() }).unwrap();
-    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let (mut backbone, mut vision) = stack(&m, &LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() });
     let categories = categories();
     let mut tokens = ImageTokens::default();
     let prompt = LlmConfig::default().caption_prompt;
@@ -103,10 +109,8 @@ fn image_tokens_point_at_the_name_of_what_a_photo_shows() {
     // categories, and every shown category's support stands above the best-supported category of
     // the unknown photos. (Printed: each photo's best three. With v7, shown 0.49 to 0.83, unknown
     // below 0.07.)
-    let root = cache_root();
     let m = manifest();
-    let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, ..LlmConfig::default() }).unwrap();
-    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let (backbone, mut vision) = stack(&m, &LlmConfig { threads: 1, ..LlmConfig::default() });
     let categories = categories();
     let directions = scenecast::llm::name_directions(&backbone, &categories).unwrap();
     let mut tokens = ImageTokens::default();
@@ -140,8 +144,7 @@ fn the_caption_check_drops_names_the_image_tokens_do_not_support() {
     let spec = m.grounding.clone().expect("the reference manifest checks captions");
     assert_eq!(spec.categories, categories(), "the check's vocabulary is the projector's");
     let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
-    let mut backbone = Backbone::load(&m, &root, &config).unwrap();
-    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let (mut backbone, mut vision) = stack(&m, &config);
     let mut tokens = ImageTokens::default();
     let mut scene = |backbone: &mut Backbone, id: u64, file: &str| {
         vision.run(&photo(file), &mut tokens).unwrap();
@@ -212,9 +215,7 @@ fn calibrate_takes_the_threshold_from_the_captions_of_training_objects() {
     let guide = m.grounding.as_ref().and_then(|g| g.guide_threshold);
     assert_eq!((written.guide_threshold, guide.is_some()), (guide, true), "{section}");
 
-    let root = cache_root();
-    let backbone = Backbone::load(&m, &root, &LlmConfig { threads: 1, ..LlmConfig::default() }).unwrap();
-    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let (backbone, mut vision) = stack(&m, &LlmConfig { threads: 1, ..LlmConfig::default() });
     let directions = scenecast::llm::name_directions(&backbone, &categories()).unwrap();
     let mut tokens = ImageTokens::default();
     let mut support = |file: &str| {
@@ -336,14 +337,12 @@ fn the_classifiers_judge_drops_the_name_of_an_unknown_animal_and_leaves_people_t
     // names a category the image tokens support, and the classifier scores it below the
     // threshold, so it goes. An astronaut: ImageNet has no class for a person, so "person" scores
     // below the threshold too, but the category is exempt, and the caption keeps it.
-    let root = cache_root();
     let m = manifest();
     let spec = m.grounding.clone().expect("the reference manifest checks captions");
     let threshold = spec.classifier_threshold.expect("the reference manifest has the classifier's judge");
     assert!(spec.classifier_exempt.iter().any(|c| c == "person"), "{:?}", spec.classifier_exempt);
     let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
-    let mut backbone = Backbone::load(&m, &root, &config).unwrap();
-    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let (mut backbone, mut vision) = stack(&m, &config);
     let directions = scenecast::llm::name_directions(&backbone, &spec.categories).unwrap();
     let columns = m.category_columns(&spec.categories);
     let at = |name: &str| spec.categories.iter().position(|c| c == name).unwrap();
@@ -382,8 +381,7 @@ fn captions_and_answers_the_llm_gets_wrong_are_begun_by_the_classifier_or_the_im
     let spec = m.grounding.clone().expect("the reference manifest checks captions");
     let threshold = spec.guide_threshold.expect("the reference manifest guides captions");
     let config = LlmConfig { threads: 1, max_tokens: 24, ..LlmConfig::default() };
-    let mut backbone = Backbone::load(&m, &root, &config).unwrap();
-    let mut vision = Vision::load(&runtime(), &m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+    let (mut backbone, mut vision) = stack(&m, &config);
     let mut tokens = ImageTokens::default();
     vision.run(&photo("gcompris/erase-nubian_ibex.webp"), &mut tokens).unwrap();
     backbone.set_scene(0, Some(&tokens)).unwrap();
@@ -457,7 +455,6 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
     // SmolLM2 (models/merge_adapter.py, sources.toml's `merge`). The same adapter applied at run
     // time to the fetched base GGUF must name the same things, so the merged GGUF serves v5 as
     // the adapter does. This also keeps the unmerged, every-token path (users' own adapters) tested.
-    let root = cache_root();
     let mut merged = manifest();
     merged.projector.as_mut().unwrap().file = cached("projector/dinov2s-nanodet-smollm2-v5.onnx");
     // v5 reads NanoDet's 80 COCO columns alone (the reference's detector adds the classifier's).
@@ -472,8 +469,7 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
     let categories = categories();
     let mut captions = Vec::new();
     for m in [&merged, &unmerged] {
-        let mut backbone = Backbone::load(m, &root, &config).unwrap();
-        let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
+        let (mut backbone, mut vision) = stack(m, &config);
         let mut tokens = ImageTokens::default();
         let mut named = Vec::new();
         for (i, file) in ["chelsea.png", "gcompris/farm-cow.webp", "gcompris/world-koala.webp"].iter().enumerate() {
@@ -497,7 +493,6 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
     // not. With scope "prompt" it also computes the request about a scene (what the model
     // reads), not the answer nor text-only requests. Scope "questions" computes a question's
     // prompt as "prompt" does and a caption's as "scene" does. The same adapter runs in every scope.
-    let root = cache_root();
     let reference = manifest();
     assert!(
         reference.llm.adapter_scope.is_scoped(),
@@ -524,9 +519,8 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
     let question = "What is the animal in the image doing? Answer in two sentences.";
     let (mut texts, mut captions, mut answers, mut states) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for m in &stacks {
-        let mut backbone = Backbone::load(m, &root, &config).unwrap();
+        let (mut backbone, mut vision) = stack(m, &config);
         texts.push(backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text);
-        let mut vision = Vision::load(&runtime(), m, &root, Some(backbone.summary().gguf.llm_width())).unwrap();
         let mut tokens = ImageTokens::default();
         vision.run(&photo("chelsea.png"), &mut tokens).unwrap();
         backbone.set_scene(1, Some(&tokens)).unwrap();
