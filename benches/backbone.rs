@@ -105,13 +105,11 @@ fn main() {
     let llm = LlmConfig { threads, ..LlmConfig::default() };
     // Bare llama.cpp runs the GGUF alone, so the loop is compared without an adapter (the cost of
     // one applied at run time, on every token or on the scene only, is measured below).
-    let mut plain = manifest.clone();
-    plain.llm.adapter = None;
-    plain.llm.adapter_scope = AdapterScope::All;
+    let plain = fetched_base(&manifest);
     let mut ours = Backbone::load(&plain, &root, &llm).expect("SmolLM2 (run `make models` first)");
 
     let backend = LlamaBackend::init().unwrap();
-    let path = manifest.resolve(&manifest.llm.file, &root);
+    let path = plain.resolve(&plain.llm.file, &root);
     let model = LlamaModel::load_from_file(&backend, &path, &LlamaModelParams::default()).unwrap();
 
     // This machine's speed drifts by a fifth within minutes, so the two loops alternate (which
@@ -209,7 +207,10 @@ fn main() {
     for (k, (label, m)) in stacks.iter().enumerate() {
         let per_round = |v: &[Vec<f64>]| v[k].iter().zip(&v[0]).map(|(x, base)| x / base).collect::<Vec<_>>();
         let (prefill_ratio, decode_ratio) = (per_round(&prefill), per_round(&tps));
-        let adapter = m.llm.adapter.as_ref().map(|a| name(&m.resolve(a, &root)));
+        let adapter = match (&m.llm.scene_model, &m.llm.adapter) {
+            (Some(scene), _) => Some(format!("scene model {}", name(&m.resolve(scene, &root)))),
+            (None, adapter) => adapter.as_ref().map(|a| name(&m.resolve(a, &root))),
+        };
         println!(
             "  {label:<26} prefill {:7.1} ms  decode {:6.1} tok/s ({:2} tokens)  ratio prefill {:.3} {}, decode {:.3} {}  {}{}",
             median(prefill[k].clone()),
@@ -239,21 +240,38 @@ fn spread(ratios: &[f64]) -> String {
     format!("[{:.2}-{:.2}]", v[v.len() / 4], v[v.len() * 3 / 4])
 }
 
-/// The stacks whose adapter cost is compared, each a manifest: the fetched base GGUF alone (the
-/// baseline); an adapter trained on every token (the one models/sources.toml's `merge` folds into
-/// a copy of the GGUF, v5's) applied at run time, and merged; and the reference's adapter on the
-/// scene prefix only (`llm.adapter_scope = "scene"`, as it was trained) and, to show what that
-/// scope costs, on the scene prefix and the question (`"prompt"`).
-fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
+/// models/sources.toml's `merge` part: v5's adapter folded into a copy of the fetched GGUF.
+fn merge_part() -> toml::Value {
     let sources = common::repo().join("models/sources.toml");
     let sources: toml::Value = toml::from_str(&std::fs::read_to_string(sources).unwrap()).unwrap();
-    let merge = sources["part"].as_array().unwrap().iter().find_map(|p| p.get("merge")).expect("a merge part");
-    let cached =
-        |key: &str| FileRef { cache: Some(merge[key].as_str().unwrap().into()), path: None, sha256: None, size: None };
+    sources["part"].as_array().unwrap().iter().find_map(|p| p.get("merge")).expect("a merge part").clone()
+}
+
+/// The file of `key` in the merge part, in the model cache.
+fn merge_file(key: &str) -> FileRef {
+    FileRef { cache: Some(merge_part()[key].as_str().unwrap().into()), path: None, sha256: None, size: None }
+}
+
+/// The reference stack with the fetched GGUF alone: one file, no adapter, no scene model.
+fn fetched_base(reference: &Manifest) -> Manifest {
     let mut base = reference.clone();
-    base.llm.file = cached("base");
+    base.llm.file = merge_file("base");
+    base.llm.splits.clear();
+    base.llm.scene_model = None;
     base.llm.adapter = None;
     base.llm.adapter_scope = AdapterScope::All;
+    base
+}
+
+/// The stacks whose adapter cost is compared, each a manifest: the fetched base GGUF alone (the
+/// baseline); an adapter trained on every token (the one models/sources.toml's `merge` folds into
+/// a copy of the GGUF, v5's) applied at run time, and merged; the reference's adapter on the
+/// scene prefix only (`llm.adapter_scope = "scene"`, as it was trained) applied at run time and,
+/// to show what that scope costs, on the scene prefix and the question (`"prompt"`); and the
+/// reference as it ships, that adapter folded into its scene model (`llm.scene_model`).
+fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
+    let cached = merge_file;
+    let base = fetched_base(reference);
     let mut every = base.clone();
     every.llm.adapter = Some(cached("adapter"));
     let mut scene = base.clone();
@@ -273,6 +291,7 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
         ("adapter on the scene only", scene.clone()),
         ("adapter on scene + prompts", prompt),
         ("scene adapter, every token", scene_all),
+        ("scene adapter folded in", reference.clone()),
     ];
     // Another adapter file to compare on the scene (e.g. the same weights stored otherwise).
     if let Some(path) = std::env::var_os("SCENECAST_BENCH_ADAPTER") {

@@ -356,6 +356,29 @@ def merge_adapter(root: Path, spec: dict) -> None:
     install_verified(tmp, dest, spec["sha256"], f"merged GGUF {dest.name}")
 
 
+def split_adapter(root: Path, spec: dict) -> None:
+    """Writes the base GGUF as two splits and the adapter folded into split 0 of a second model
+    over the same shared split (models/merge_adapter.py `split`), then verifies the three files."""
+    import merge_adapter as merging
+
+    base, adapter = root / spec["base"], root / spec["adapter"]
+    dests = [root / f["dest"] for f in spec["files"]]
+    if len(dests) != 3:
+        raise FetchError(f"split of {base.name}: expected 3 files (base split 0, folded split 0, shared split 1), got {len(dests)}")
+    for need in (base, adapter):
+        if not need.is_file():
+            raise FetchError(f"{need}: needed to split {base.name}; fetch its part first (it comes earlier in sources.toml)")
+    tmps = [d.with_name(d.name + ".splitting") for d in dests]
+    try:
+        merging.split(base, adapter, tuple(tmps), spec.get("type"))
+    except (ImportError, merging.MergeError) as exc:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise FetchError(f"splitting {base.name} around {adapter.name}: {exc}") from exc
+    for tmp, dest, f in zip(tmps, dests, spec["files"], strict=True):
+        install_verified(tmp, dest, f["sha256"], f"split GGUF {dest.name}")
+
+
 def imagenet_detector(root: Path, spec: dict) -> None:
     """Appends the ImageNet classifier to the detector's graph (models/imagenet_to_onnx.py), then
     verifies the result. `categories` and `manifest` are paths in models/, the rest in the cache."""
@@ -387,6 +410,7 @@ def part_outputs(part: dict) -> list[tuple[str, str]]:
     for derived in ("cut", "tokenizer", "merge", "convert", "imagenet"):
         if derived in part:
             outs.append((part[derived]["dest"], part[derived]["sha256"]))
+    outs.extend((f["dest"], f["sha256"]) for f in part.get("split", {}).get("files", []))
     return outs
 
 
@@ -428,6 +452,8 @@ def fetch_part(part: dict, root: Path) -> str:
             build_tokenizer(root / part["tokenizer"]["from"], root / part["tokenizer"]["dest"], part["tokenizer"])
         if "merge" in part:
             merge_adapter(root, part["merge"])
+        if "split" in part:
+            split_adapter(root, part["split"])
         if "convert" in part:
             convert_tfjs(root, part["convert"])
         if "imagenet" in part:

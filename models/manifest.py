@@ -27,7 +27,7 @@ class Facts:
     pool: tuple[int, int]  # projector.pool: the grid the patches are average-pooled to
     hidden: int  # llm.n_embd
     encoder: str  # encoder.file.cache
-    llm: str  # llm.file.cache
+    llm: str  # llm.file.cache: a whole GGUF (for split files, the GGUF sources.toml splits)
     prefix: str  # llm.chat.prefix: before the image tokens
     suffix: str  # llm.chat.suffix: after them, with {question}
     end: str  # llm.chat.stop[0]: ends the answer
@@ -63,6 +63,21 @@ def _cache_file(section: dict, key: str) -> str:
     return file["cache"]
 
 
+def _whole_llm(llm: dict) -> str:
+    """The LLM as one GGUF in the cache: `llm.file`, or, when the manifest gives the model as split
+    files (`llm.splits`), the GGUF that sources.toml's `split` writes them from (the tools read
+    every tensor of one file)."""
+    file = _cache_file(llm, "llm")
+    if not llm.get("splits"):
+        return file
+    sources = tomllib.loads((REFERENCE.parent / "sources.toml").read_text())
+    for part in sources["part"]:
+        split = part.get("split")
+        if split and split["files"][0]["dest"] == file:
+            return split["base"]
+    raise SystemExit(f"error: llm.file {file} is a split GGUF that no `split` of models/sources.toml writes")
+
+
 def facts(path: Path = REFERENCE) -> Facts:
     """Reads `path` and returns its facts; a missing key is named."""
     m = tomllib.loads(path.read_text())
@@ -72,7 +87,7 @@ def facts(path: Path = REFERENCE) -> Facts:
             size=tuple(pre["size"]), mean=tuple(pre["mean"]), std=tuple(pre["std"]),
             patch_grid=tuple(enc["patch_grid"]), prefix_tokens=int(enc.get("prefix_tokens", 0)),
             pool=tuple(proj["pool"]), hidden=int(llm["n_embd"]),
-            encoder=_cache_file(enc, "encoder"), llm=_cache_file(llm, "llm"),
+            encoder=_cache_file(enc, "encoder"), llm=_whole_llm(llm),
             prefix=llm["chat"]["prefix"], suffix=llm["chat"]["suffix"], end=llm["chat"]["stop"][0],
         )
         if "detector" in m:

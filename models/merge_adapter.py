@@ -38,10 +38,9 @@ def merge(base: Path, adapter: Path, dest: Path, out_type: str | None = None) ->
         raise MergeError(f"{base.name} / {adapter.name}: metadata key or type {exc} missing or unknown") from exc
 
 
-def _merge(base: Path, adapter: Path, dest: Path, out_type: str | None) -> int:
+def _read_adapter(adapter: Path) -> tuple[float, dict[str, dict[str, np.ndarray]]]:
+    """The adapter's (alpha, {weight: {"lora_a": A, "lora_b": B}})."""
     import gguf
-
-    target = gguf.GGMLQuantizationType[out_type.upper()] if out_type else None
 
     lora = gguf.GGUFReader(str(adapter))
     kind = lora.fields.get("general.type")
@@ -54,48 +53,100 @@ def _merge(base: Path, adapter: Path, dest: Path, out_type: str | None) -> int:
         if part not in ("lora_a", "lora_b"):
             raise MergeError(f"{adapter}: tensor {t.name} is neither lora_a nor lora_b")
         pairs.setdefault(name, {})[part] = np.asarray(t.data, dtype=np.float32)
+    return alpha, pairs
 
+
+def _folded(base: Path, adapter: Path, out_type: str | None):
+    """The base's reader and, for each of its tensors in order, (tensor, data, type, folded):
+    the adapter's weights folded in and quantised to `out_type` (default: the weight's own)."""
+    import gguf
+
+    target = gguf.GGMLQuantizationType[out_type.upper()] if out_type else None
+    alpha, pairs = _read_adapter(adapter)
     reader = gguf.GGUFReader(str(base))
-    arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(str(dest), arch=arch, endianess=reader.endianess)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        kind = field.types[0]
-        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
-    writer.add_string("general.merged_adapter", adapter.name)
-
-    changed = 0
     tensors = []
     for t in reader.tensors:
-        data = t.data
-        if t.name in pairs:
-            ab = pairs.pop(t.name)
-            if set(ab) != {"lora_a", "lora_b"}:
-                raise MergeError(f"{adapter}: {t.name} lacks one of lora_a, lora_b")
-            a, b = ab["lora_a"], ab["lora_b"]  # [rank, in], [out, rank]
-            w = gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in]
-            if b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1] or a.shape[0] != b.shape[1]:
-                raise MergeError(f"{t.name}: adapter shapes {a.shape}, {b.shape} do not fit the weight {w.shape}")
-            merged = w + np.float32(alpha / a.shape[0]) * (b @ a)
-            qtype = target or t.tensor_type
-            data = gguf.quants.quantize(merged.astype(np.float32), qtype)
-            changed += 1
-            tensors.append((t, data, qtype))
+        if t.name not in pairs:
+            tensors.append((t, t.data, t.tensor_type, False))
             continue
-        tensors.append((t, data, t.tensor_type))
+        ab = pairs.pop(t.name)
+        if set(ab) != {"lora_a", "lora_b"}:
+            raise MergeError(f"{adapter}: {t.name} lacks one of lora_a, lora_b")
+        a, b = ab["lora_a"], ab["lora_b"]  # [rank, in], [out, rank]
+        w = gguf.quants.dequantize(t.data, t.tensor_type)  # [out, in]
+        if b.shape[0] != w.shape[0] or a.shape[1] != w.shape[1] or a.shape[0] != b.shape[1]:
+            raise MergeError(f"{t.name}: adapter shapes {a.shape}, {b.shape} do not fit the weight {w.shape}")
+        merged = w + np.float32(alpha / a.shape[0]) * (b @ a)
+        qtype = target or t.tensor_type
+        tensors.append((t, gguf.quants.quantize(merged.astype(np.float32), qtype), qtype, True))
     if pairs:
         raise MergeError(f"{adapter}: weights not in {base.name}: {', '.join(sorted(pairs)[:5])}")
-    for t, data, qtype in tensors:
+    return reader, tensors
+
+
+def _writer(reader, dest: Path, metadata: bool):
+    """A GGUF writer for `dest` with the base's architecture and, with `metadata`, every key."""
+    import gguf
+
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dest), arch=arch, endianess=reader.endianess)
+    if metadata:
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+                continue
+            kind = field.types[0]
+            sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    return writer
+
+
+def _write(writer, tensors) -> None:
+    for t, data, qtype, _ in tensors:
         writer.add_tensor_info(t.name, data.shape, data.dtype, data.nbytes, qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, data, _ in tensors:
+    for _, data, _, _ in tensors:
         writer.write_tensor_data(data)
     writer.close()
-    return changed
+
+
+def _merge(base: Path, adapter: Path, dest: Path, out_type: str | None) -> int:
+    reader, tensors = _folded(base, adapter, out_type)
+    writer = _writer(reader, dest, metadata=True)
+    writer.add_string("general.merged_adapter", adapter.name)
+    _write(writer, tensors)
+    return sum(folded for *_, folded in tensors)
+
+
+def split(base: Path, adapter: Path, dests: tuple[Path, Path, Path], out_type: str | None = None) -> int:
+    """Writes two models that share one file: `dests` = (the base's split 0, the folded model's
+    split 0, their shared split 1). Split 0 of each holds every metadata key and the weights the
+    adapter changes, as they are in the base or with the adapter folded in (`out_type`); split 1
+    every other tensor, byte for byte, once. llama.cpp loads each model from [its split 0, split 1]
+    (`llama_model_load_from_splits`), so the two map the shared file's pages once: the folded model
+    costs its changed weights, not a second copy of the GGUF. Returns how many weights changed.
+    Raises MergeError, naming the file, for anything the files lack."""
+    try:
+        reader, tensors = _folded(base, adapter, out_type)
+    except KeyError as exc:
+        raise MergeError(f"{base.name} / {adapter.name}: metadata key or type {exc} missing or unknown") from exc
+    import gguf
+
+    folded = [entry for entry in tensors if entry[3]]
+    if not folded:
+        raise MergeError(f"{adapter}: changes no weight of {base.name}")
+    originals = [(t, t.data, t.tensor_type, True) for t, *_ in folded]
+    shared = [entry for entry in tensors if not entry[3]]
+    for dest, part, no in ((dests[0], originals, 0), (dests[1], folded, 0), (dests[2], shared, 1)):
+        writer = _writer(reader, dest, metadata=no == 0)
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_NO, no)
+        writer.add_uint16(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 2)
+        writer.add_int32(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, len(tensors))
+        if dest == dests[1]:
+            writer.add_string("general.merged_adapter", adapter.name)
+        _write(writer, part)
+    return len(folded)
 
 
 def main() -> int:

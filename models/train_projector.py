@@ -1584,6 +1584,9 @@ def write_candidate(projector: Path, adapter: Path | None, work: Path, llm: str,
         text = text.replace(adapter_line.group(0), "")
     llm_file = f'file = {{ cache = "{llm}" }}'
     text = re.sub(r"^adapter_scope = .*\n", "", text, flags=re.M)
+    # The shipped LLM's split files and scene model are the shipped adapter's: the candidate's
+    # adapter runs unmerged on the whole GGUF it was trained on.
+    text = re.sub(r"^(splits|scene_model) = .*\n", "", text, flags=re.M)
     text = text.replace(llm_line.group(0), llm_file + (f"\nadapter = {key(adapter)}" if adapter else "")
                         + (f'\nadapter_scope = "{scope}"' if adapter and scope != "all" else ""))
     # The base's description is of the base's projector (v4 for the detector's manifest).

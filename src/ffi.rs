@@ -163,12 +163,19 @@ pub fn ort_version(path: &Path) -> Option<String> {
 }
 
 impl GgufFile {
-    /// A 2-D tensor's `(type, file offset of its data, rows, row length, bytes per row)`, from this
-    /// header; `None` when it is absent or its size is not a whole number of rows.
-    fn tensor_layout(&self, name: &str) -> Option<(sys::ggml_type, u64, usize, usize, usize)> {
+    /// Whether the file holds a tensor of this name.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        let Ok(c_name) = CString::new(name) else { return false };
+        // SAFETY: valid context and NUL-terminated name.
+        unsafe { sys::gguf_find_tensor(self.ctx.as_ptr(), c_name.as_ptr()) >= 0 }
+    }
+
+    /// A 2-D tensor's `(type, file offset of its data, rows, bytes per row)` for rows of
+    /// `row_len` values, from this header; `None` when it is absent or its size is not a whole
+    /// number of such rows.
+    fn tensor_layout(&self, name: &str, row_len: usize) -> Option<(sys::ggml_type, u64, usize, usize)> {
         let c_name = CString::new(name).ok()?;
         let ctx = self.ctx.as_ptr();
-        let row_len = self.tensor_row_len(name)?;
         // SAFETY: valid context and NUL-terminated name; the id is checked before it is used.
         unsafe {
             let id = sys::gguf_find_tensor(ctx, c_name.as_ptr());
@@ -182,19 +189,20 @@ impl GgufFile {
             if row_bytes == 0 || !n_bytes.is_multiple_of(row_bytes) {
                 return None;
             }
-            Some((ty, offset as u64, n_bytes / row_bytes, row_len, row_bytes))
+            Some((ty, offset as u64, n_bytes / row_bytes, row_bytes))
         }
     }
 
-    /// The float values of some rows of a tensor, in the order of `rows`, read from `path` at the
-    /// offsets this header gives (only those rows) and dequantised with ggml's own `to_float` for
-    /// its type. The error says what is wrong: the tensor is absent or not a whole number of rows,
-    /// a row is out of range, the type has no converter, or the file cannot be read.
-    pub fn tensor_rows_f32(&self, path: &Path, name: &str, rows: &[usize]) -> Result<Vec<f32>, String> {
+    /// The float values of some rows (of `row_len` values: the tensor's first dimension) of a
+    /// tensor, in the order of `rows`, read from `path` at the offsets this header gives (only
+    /// those rows) and dequantised with ggml's own `to_float` for its type. The error says what is
+    /// wrong: the tensor is absent or not a whole number of rows, a row is out of range, the type
+    /// has no converter, or the file cannot be read.
+    pub fn tensor_rows_f32(&self, path: &Path, name: &str, row_len: usize, rows: &[usize]) -> Result<Vec<f32>, String> {
         use std::io::{Read, Seek, SeekFrom};
-        let (ty, offset, n_rows, row_len, row_bytes) = self
-            .tensor_layout(name)
-            .ok_or("is missing, or its size is not a whole number of rows of its first dimension")?;
+        let (ty, offset, n_rows, row_bytes) = self
+            .tensor_layout(name, row_len)
+            .ok_or_else(|| format!("is missing, or its size is not a whole number of rows of {row_len} values"))?;
         if let Some(row) = rows.iter().find(|r| **r >= n_rows) {
             return Err(format!("has {n_rows} rows; row {row} was asked for"));
         }
@@ -213,20 +221,6 @@ impl GgufFile {
             unsafe { to_float(raw.as_ptr().cast(), dst.as_mut_ptr(), row_len as i64) };
         }
         Ok(out)
-    }
-
-    /// The first dimension (row length) of a tensor, from its ggml meta tensor.
-    fn tensor_row_len(&self, name: &str) -> Option<usize> {
-        // The gguf reader does not expose shapes without a ggml context; the embedding matrix's
-        // row length is the model's width, which every architecture records.
-        let arch = match self.get("general.architecture")? {
-            GgufValue::Str(arch) => arch,
-            _ => return None,
-        };
-        match (name, self.get(&format!("{arch}.embedding_length"))?) {
-            ("token_embd.weight", GgufValue::Int(width)) if width > 0 => Some(width as usize),
-            _ => None,
-        }
     }
 }
 
@@ -301,18 +295,32 @@ unsafe impl Send for Model {}
 unsafe impl Sync for Model {}
 
 impl Model {
-    /// Loads `path`; on failure returns llama.cpp's last logged error.
-    pub fn load(path: &Path, options: ModelOptions) -> Result<Self, String> {
+    /// Loads a model from its GGUF files in split order (split 0, which holds the metadata,
+    /// first); one path is a whole GGUF (or a split 0 whose other splits follow llama.cpp's naming).
+    /// On failure returns llama.cpp's last logged error.
+    pub fn load_splits(paths: &[&Path], options: ModelOptions) -> Result<Self, String> {
         backend_init();
-        let c_path =
-            CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| "path contains a NUL byte".to_owned())?;
+        let c_paths = paths
+            .iter()
+            .map(|path| CString::new(path.as_os_str().as_encoded_bytes()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "path contains a NUL byte".to_owned())?;
+        if c_paths.is_empty() {
+            return Err("no GGUF file to load".into());
+        }
+        let mut ptrs: Vec<*const std::ffi::c_char> = c_paths.iter().map(|p| p.as_ptr()).collect();
         let _ = take_last_error();
-        // SAFETY: default params are plain data; the path is a valid C string for the call; a null
-        // return means failure, with the reason logged.
+        // SAFETY: default params are plain data; every path is a valid C string that outlives the
+        // call (`c_paths`), and `ptrs` holds exactly `ptrs.len()` of them; a null return means
+        // failure, with the reason logged.
         unsafe {
             let mut params = sys::llama_model_default_params();
             params.n_gpu_layers = options.n_gpu_layers;
-            let ptr = sys::llama_model_load_from_file(c_path.as_ptr(), params);
+            let ptr = if ptrs.len() == 1 {
+                sys::llama_model_load_from_file(ptrs[0], params)
+            } else {
+                sys::llama_model_load_from_splits(ptrs.as_mut_ptr(), ptrs.len(), params)
+            };
             let Some(ptr) = NonNull::new(ptr) else {
                 let reason = take_last_error();
                 return Err(if reason.is_empty() { "llama.cpp could not load the model".into() } else { reason });
@@ -801,6 +809,37 @@ impl Context {
             let mem = sys::llama_get_memory(self.ptr.as_ptr());
             sys::llama_memory_seq_rm(mem, 0, from as i32, -1)
         }
+    }
+
+    /// Sequence 0's cache as llama.cpp serialises it (each cell's position, keys and values), to
+    /// be put into a context on a model of the same shape with [`Context::set_state`].
+    pub fn state(&mut self) -> Result<Vec<u8>, String> {
+        // SAFETY: valid context; the buffer is `size` bytes, the size llama.cpp asked for, and
+        // llama.cpp writes at most that many (it returns how many it wrote).
+        unsafe {
+            let size = sys::llama_state_seq_get_size(self.ptr.as_ptr(), 0);
+            let mut state = vec![0u8; size];
+            let written = sys::llama_state_seq_get_data(self.ptr.as_ptr(), state.as_mut_ptr(), size, 0);
+            if written == 0 || written > size {
+                return Err(format!("llama.cpp wrote {written} bytes of a {size}-byte sequence state"));
+            }
+            state.truncate(written);
+            Ok(state)
+        }
+    }
+
+    /// Replaces sequence 0's cache with `state` (from [`Context::state`]); llama.cpp checks that
+    /// its layers and widths are this model's. The context has no logits until the next decode.
+    pub fn set_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let _ = take_last_error();
+        // SAFETY: valid context; llama.cpp reads at most `state.len()` bytes of the slice and
+        // returns 0 when they are not a state of this context's shape.
+        let read = unsafe { sys::llama_state_seq_set_data(self.ptr.as_ptr(), state.as_ptr(), state.len(), 0) };
+        if read == 0 {
+            let reason = take_last_error();
+            return Err(if reason.is_empty() { "llama.cpp refused the sequence state".into() } else { reason });
+        }
+        Ok(())
     }
 
     /// Empties the cache.

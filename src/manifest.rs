@@ -258,6 +258,16 @@ pub struct LlmSpec {
     /// scope` of the training configuration).
     #[serde(default)]
     pub adapter_scope: AdapterScope,
+    /// The model's further GGUF files after `file` (its split 0), in split order (llama.cpp's
+    /// split GGUFs): the tensors `file` and `scene_model` share, mapped once for both.
+    #[serde(default)]
+    pub splits: Vec<FileRef>,
+    /// The scene adapter folded into the weights it changes: split 0 of a second model over the
+    /// same `splits` (`merge_adapter.py split`). The scene prefix is decoded by it and its keys and
+    /// values handed to the base model's context, so no token pays for applying `adapter` at run
+    /// time; needs `adapter_scope = "scene"` (questions and answers run the base model, as there).
+    #[serde(default)]
+    pub scene_model: Option<FileRef>,
     /// The chat layout.
     pub chat: ChatSpec,
 }
@@ -600,8 +610,12 @@ impl Manifest {
             files.push(("projector.file", &projector.file));
         }
         files.push(("llm.file", &self.llm.file));
+        files.extend(self.llm.splits.iter().map(|split| ("llm.splits", split)));
         if let Some(adapter) = &self.llm.adapter {
             files.push(("llm.adapter", adapter));
+        }
+        if let Some(scene) = &self.llm.scene_model {
+            files.push(("llm.scene_model", scene));
         }
         if let Some(g) = &self.generator {
             files.extend([
@@ -631,6 +645,16 @@ impl Manifest {
         if self.llm.adapter_scope.is_scoped() && self.llm.adapter.is_none() {
             let scope = serde_json::to_string(&self.llm.adapter_scope).unwrap_or_default();
             return Err(self.invalid("llm.adapter_scope", format!("{scope} needs `llm.adapter`, and none is given")));
+        }
+        if self.llm.scene_model.is_some() && self.llm.adapter_scope != AdapterScope::Scene {
+            let scope = serde_json::to_string(&self.llm.adapter_scope).unwrap_or_default();
+            return Err(self.invalid(
+                "llm.scene_model",
+                format!(
+                    "holds an adapter folded in for the scene prefix; expected `adapter_scope = \"scene\"` \
+                     and the adapter it folds, got adapter_scope {scope}"
+                ),
+            ));
         }
         let enc = &self.encoder;
         let [height, width] = enc.preprocess.size;
@@ -1076,13 +1100,23 @@ mod tests {
         assert_eq!(m.projector.as_ref().and_then(|p| p.detections_input.as_deref()), Some("detections"));
         assert_eq!(m.projector.as_ref().map(|p| p.out_width), Some(m.llm.n_embd));
         let p = m.resolve(&m.llm.file, Path::new("/c"));
-        assert_eq!(p, Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "the fetched GGUF, unchanged");
+        assert_eq!(
+            p,
+            Path::new("/c/models/smollm2/SmolLM2-135M-Instruct.Q4_1.v15-base.gguf"),
+            "the fetched GGUF's split 0, its other tensors in one further split"
+        );
+        assert_eq!(m.llm.splits.len(), 1);
         let g = m.generator.as_ref().expect("the reference stack has a generator");
         assert!(!g.random, "the shipped generator is the trained scenegen, not the random test model");
         assert_eq!((g.latent_channels, g.vae_scale, g.text_width, g.size), (48, 4, 128, [64, 64]));
         assert!(m.llm.adapter.is_some(), "the projector's adapter");
         assert_eq!(m.llm.adapter_scope, AdapterScope::Scene, "on the scene prefix only: decoding runs the base GGUF");
-        assert_eq!(m.files().len(), 10, "encoder, detector, projector, LLM, its adapter and the generator's five");
+        assert!(m.llm.scene_model.is_some(), "the adapter folded into a scene model");
+        assert_eq!(
+            m.files().len(),
+            12,
+            "encoder, detector, projector, LLM (two splits), its adapter, the scene model and the generator's five"
+        );
     }
 
     #[test]
@@ -1370,10 +1404,14 @@ mod tests {
             let line = scope_line(&t);
             t.replacen(&format!("\n{line}\n"), &format!("\nadapter_scope = \"{scope}\"\n"), 1)
         };
+        let no_scene_model = |t: String| {
+            let line = t.lines().find(|l| l.starts_with("scene_model = ")).unwrap();
+            t.replacen(&format!("{line}\n"), "", 1)
+        };
         assert!(with(|t| t).unwrap().llm.adapter_scope.is_scoped());
         let unscoped = with(|t| {
             let line = scope_line(&t);
-            t.replacen(&format!("\n{line}\n"), "\n", 1)
+            no_scene_model(t.replacen(&format!("\n{line}\n"), "\n", 1))
         })
         .unwrap();
         assert_eq!(unscoped.llm.adapter_scope, AdapterScope::All, "the default");
@@ -1385,10 +1423,16 @@ mod tests {
         for (name, scope) in
             [("scene", AdapterScope::Scene), ("prompt", AdapterScope::Prompt), ("questions", AdapterScope::Questions)]
         {
-            assert_eq!(with(|t| scoped(t, name)).unwrap().llm.adapter_scope, scope);
-            let err = with(|t| no_adapter(scoped(t, name))).unwrap_err();
+            assert_eq!(with(|t| no_scene_model(scoped(t, name))).unwrap().llm.adapter_scope, scope);
+            let err = with(|t| no_adapter(no_scene_model(scoped(t, name)))).unwrap_err();
             let expected = format!("`llm.adapter_scope`: \"{name}\" needs `llm.adapter`");
             assert!(err.to_string().contains(&expected), "{err}");
+        }
+        // A scene model folds an adapter computed on the scene prefix only: no other scope.
+        for name in ["all", "prompt", "questions"] {
+            let err = with(|t| scoped(t, name)).unwrap_err().to_string();
+            let expected = format!("`llm.scene_model`: holds an adapter folded in for the scene prefix; expected `adapter_scope = \"scene\"` and the adapter it folds, got adapter_scope \"{name}\"");
+            assert!(err.contains(&expected), "{err}");
         }
         let err = with(|t| scoped(t, "image")).unwrap_err();
         assert!(err.to_string().contains("adapter_scope"), "{err}");

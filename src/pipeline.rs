@@ -144,8 +144,9 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
             let s = backbone.summary();
             let info = &s.gguf;
             format!(
-                "{}: {} {}, {:.0}M parameters, n_embd {}, {} layers, context {}, {}, {}{}",
+                "{}{}: {} {}, {:.0}M parameters, n_embd {}, {} layers, context {}, {}, {}{}{}",
                 info.path.display(),
+                s.splits.iter().map(|p| format!(" + {}", p.display())).collect::<String>(),
                 info.architecture,
                 info.name.as_deref().unwrap_or("(unnamed)"),
                 s.n_params as f64 / 1e6,
@@ -163,6 +164,10 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
                         crate::manifest::AdapterScope::Prompt => " (scene prefix and prompts only)",
                         crate::manifest::AdapterScope::Questions => " (scene prefix and questions only)",
                     }
+                )),
+                s.scene_model.as_ref().map_or(String::new(), |p| format!(
+                    ", scene prefix decoded by {} (the scene adapter folded in)",
+                    p.display()
                 )),
             )
         }),

@@ -46,17 +46,18 @@ fn injected_embedding_rows_continue_like_the_tokens_themselves() {
     let mut b = smollm();
     let text = "<|im_start|>user\nName the largest planet of the solar system.<|im_end|>\n<|im_start|>assistant\n";
     let tokens = b.tokenize(text, true);
-    let gguf = manifest().resolve(&manifest().llm.file, &cache_root());
-    let rows = token_embeddings(&gguf, &tokens).unwrap();
+    let files = b.summary().files();
+    let rows = token_embeddings(&files, &tokens).unwrap();
     assert_eq!(rows.len(), tokens.len() * 576);
-    // Ids outside the vocabulary are refused with the tensor, its rows and the id.
-    let path = gguf.display();
+    // Ids outside the vocabulary are refused with the tensor, its rows and the id, naming the file
+    // that holds the matrix (the last split: the reference's LLM is split 0 and a shared split 1).
+    let path = files.last().unwrap().display();
     let cases = [
         (49_152, format!("{path}: tensor `token_embd.weight` has 49152 rows; row 49152 was asked for")),
         (-1, format!("{path}: tensor `token_embd.weight` has no row for the negative token id -1")),
     ];
     for (id, expected) in cases {
-        let err = token_embeddings(&gguf, &[1, id]).unwrap_err().to_string();
+        let err = token_embeddings(&files, &[1, id]).unwrap_err().to_string();
         assert!(err.starts_with(&expected), "{err}");
     }
 
@@ -133,12 +134,20 @@ fn gemma3_loads_and_generates_with_its_own_template() {
     assert!(completion.text.starts_with("Paris"), "{completion:?}");
 }
 
-/// The reference manifest with the LLM file (and architecture) replaced.
+/// The reference manifest with the LLM file (one whole GGUF: no further splits, no scene model)
+/// and architecture replaced.
 fn llm_at(path: &Path, architecture: &str) -> Manifest {
     let line = REFERENCE_MANIFEST.lines().find(|l| l.starts_with("file = { cache = \"smollm2/")).unwrap();
-    let text = REFERENCE_MANIFEST
-        .replacen(line, &format!("file = {{ path = {:?} }}", path.display().to_string()), 1)
-        .replacen("architecture = \"llama\"", &format!("architecture = {architecture:?}"), 1);
+    let text: String = REFERENCE_MANIFEST
+        .lines()
+        .filter(|l| !l.starts_with("splits = ") && !l.starts_with("scene_model = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = text.replacen(line, &format!("file = {{ path = {:?} }}", path.display().to_string()), 1).replacen(
+        "architecture = \"llama\"",
+        &format!("architecture = {architecture:?}"),
+        1,
+    );
     Manifest::parse(&text, "test.toml", Path::new("/")).unwrap()
 }
 

@@ -106,21 +106,58 @@ fn gguf_of_another_width_or_not_a_gguf() {
     );
 }
 
-/// `manifest` (a manifest's text) with its `[llm] adapter` line replaced or added.
+/// `manifest` (a manifest's text) with the `[llm]` line that begins with `key = ` replaced by
+/// `line` (or removed, when `line` is empty), or `line` added.
+fn with_llm_line(manifest: &str, key: &str, line: &str) -> String {
+    match manifest.lines().find(|l| l.starts_with(&format!("{key} = "))) {
+        Some(old) => manifest.replacen(&format!("{old}\n"), &format!("{line}\n"), 1),
+        None => manifest.replacen("[llm]\n", &format!("[llm]\n{line}\n"), 1),
+    }
+}
+
+/// `manifest` (a manifest's text) with its `[llm] adapter` line replaced or added, applied at run
+/// time (without the reference's `scene_model`, which folds the adapter in instead).
 fn with_adapter(manifest: &str, adapter: &Path) -> Manifest {
     let line = format!("adapter = {{ path = {:?} }}", adapter.to_str().unwrap());
-    let text = match manifest.lines().find(|l| l.starts_with("adapter = ")) {
-        Some(old) => manifest.replacen(old, &line, 1),
-        None => manifest.replacen("[llm]\n", &format!("[llm]\n{line}\n"), 1),
-    };
+    let text = with_llm_line(&with_llm_line(manifest, "adapter", &line), "scene_model", "");
     Manifest::parse(&text, "test.toml", Path::new("/")).unwrap()
 }
 
 fn backbone_error(manifest: &Manifest) -> String {
     match Backbone::load(manifest, &cache_root(), &LlmConfig { threads: 1, ..LlmConfig::default() }) {
-        Ok(_) => panic!("expected the adapter to be refused"),
+        Ok(_) => panic!("expected the LLM to be refused"),
         Err(e) => e.to_string(),
     }
+}
+
+#[test]
+fn splits_or_a_scene_model_that_are_not_the_llms() {
+    let parse = |text: String| Manifest::parse(&text, "test.toml", Path::new("/")).unwrap();
+    // A whole GGUF as the scene model of a model in two splits.
+    let merged = models().join("smollm2/SmolLM2-135M-Instruct.v5-merged.gguf");
+    let line = format!("scene_model = {{ path = {:?} }}", merged.to_str().unwrap());
+    assert_contains(
+        &backbone_error(&parse(with_llm_line(REFERENCE_MANIFEST, "scene_model", &line))),
+        &["v5-merged.gguf: the number of split files (split.count) is 1, but manifest test.toml expects 2 (`llm.file` and 1 in `llm.splits`)"],
+    );
+    // Split 0 without its further split.
+    assert_contains(
+        &backbone_error(&parse(with_llm_line(REFERENCE_MANIFEST, "splits", ""))),
+        &["v15-base.gguf: the number of split files (split.count) is 2, but manifest test.toml expects 1 (`llm.file` and 0 in `llm.splits`)"],
+    );
+    // A further split that is not there.
+    let dir = tempfile::tempdir().unwrap();
+    let line = format!("splits = [{{ path = {:?} }}]", dir.path().join("gone.gguf").to_str().unwrap());
+    assert_contains(
+        &backbone_error(&parse(with_llm_line(REFERENCE_MANIFEST, "splits", &line))),
+        &["gone.gguf", "a further split of the LLM GGUF (llm.splits)"],
+    );
+    // The scene model's file, not there.
+    let line = format!("scene_model = {{ path = {:?} }}", dir.path().join("scene.gguf").to_str().unwrap());
+    assert_contains(
+        &backbone_error(&parse(with_llm_line(REFERENCE_MANIFEST, "scene_model", &line))),
+        &["scene.gguf", "the LLM with the scene adapter folded in (llm.scene_model)"],
+    );
 }
 
 #[test]

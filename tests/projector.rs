@@ -460,6 +460,8 @@ fn the_merged_model_captions_as_the_base_model_with_the_unmerged_adapter() {
     // v5 reads NanoDet's 80 COCO columns alone (the reference's detector adds the classifier's).
     merged.detector = common::nanodet_manifest().detector;
     merged.llm.file = cached("smollm2/SmolLM2-135M-Instruct.v5-merged.gguf");
+    merged.llm.splits.clear();
+    merged.llm.scene_model = None;
     merged.llm.adapter = None;
     merged.llm.adapter_scope = AdapterScope::All;
     let mut unmerged = merged.clone();
@@ -492,19 +494,23 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
     // requests) runs the base model: text-only answers equal the base GGUF's alone, captions do
     // not. With scope "prompt" it also computes the request about a scene (what the model
     // reads), not the answer nor text-only requests. Scope "questions" computes a question's
-    // prompt as "prompt" does and a caption's as "scene" does. The same adapter runs in every scope.
+    // prompt as "prompt" does and a caption's as "scene" does. The same adapter runs in every scope,
+    // applied by llama.cpp at run time (no `scene_model`). The reference itself folds it into a
+    // scene model (`llm.scene_model`), which must do what scope "scene" does.
     let reference = manifest();
     assert!(
-        reference.llm.adapter_scope.is_scoped(),
-        "the reference's adapter is scoped: {:?}",
+        reference.llm.adapter_scope.is_scoped() && reference.llm.scene_model.is_some(),
+        "the reference's adapter is scoped ({:?}) and folded into a scene model",
         reference.llm.adapter_scope
     );
     let mut base = reference.clone();
     base.llm.adapter = None;
     base.llm.adapter_scope = AdapterScope::All;
+    base.llm.scene_model = None;
     let with_scope = |scope| {
         let mut m = reference.clone();
         m.llm.adapter_scope = scope;
+        m.llm.scene_model = None;
         m
     };
     let stacks = [
@@ -513,6 +519,7 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
         with_scope(AdapterScope::Scene),
         with_scope(AdapterScope::Prompt),
         with_scope(AdapterScope::Questions),
+        reference.clone(),
     ];
     let config = LlmConfig { threads: 1, max_tokens: 40, ..LlmConfig::default() };
     let story = "Write a short story about a robot who learns to paint.";
@@ -536,7 +543,7 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
         let again = backbone.ask(story, &backbone.default_options(), &mut |_| true).unwrap().text;
         assert_eq!(&again, texts.last().unwrap(), "a text request after a scene");
     }
-    let [base, every, scene, prompt, questions] = [0, 1, 2, 3, 4];
+    let [base, every, scene, prompt, questions, folded] = [0, 1, 2, 3, 4, 5];
     assert_ne!(
         texts[every], texts[base],
         "the adapter on every token changes a text-only answer (else this test shows nothing)"
@@ -555,6 +562,29 @@ fn scoped_adapters_compute_on_the_scene_prefix_and_prompts_only() {
         "a questions-scoped adapter leaves the caption prompt to the base model"
     );
     assert_eq!(states[questions], states[scene], "the description's states are a caption's");
+    // The scene model: its cache of the scene prefix is the adapter's (to Q8_0's rounding of the
+    // folded weights), and everything after it is the base model's.
+    assert_eq!(texts[folded], texts[base], "the scene model leaves text-only requests to the base model");
+    assert_eq!(captions[folded], captions[scene], "the scene model captions as the scene-scoped adapter");
+    // An answer of two sentences may part from the adapter's late (Q8_0's rounding of the folded
+    // weights tips a near tie), but not in what it says of the scene: the same words first.
+    let first_words = |a: &str| {
+        a.split_whitespace()
+            .take(6)
+            .map(|w| w.trim_matches(|c: char| c.is_ascii_punctuation()).to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        first_words(&answers[folded]),
+        first_words(&answers[scene]),
+        "the scene model answers as the scene-scoped adapter: {answers:?}"
+    );
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot = a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        dot / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt())
+    };
+    let (near, far) = (cosine(&states[folded], &states[scene]), cosine(&states[folded], &states[base]));
+    assert!(near > 0.99 && far < 0.9, "the description's states: {near} to the adapter's, {far} to the base's");
 }
 
 /// `scenecast caption` over several photos in one process (models loaded once) writes, for each

@@ -59,8 +59,14 @@ class Peer:
             self.det_size, self.det_pre = det["preprocess"]["size"], det["preprocess"]
             self.detector = ort.InferenceSession(cached(cache, det), options, providers=["CPUExecutionProvider"])
             self.det_in, self.det_out, self.det_proj_in = det["input"], det["output"], proj["detections_input"]
+        # The GGUF as fetched, with the adapter applied at run time as a user would: scenecast
+        # loads the same tensors as two split files and decodes the scene prefix with the adapter
+        # folded in (`llm.splits`, `llm.scene_model`), the peer does not.
+        sys.path.insert(0, str(REPO / "models"))
+        import manifest as facts  # noqa: E402
+
         self.llm = llama_cpp.Llama(
-            model_path=cached(cache, llm),
+            model_path=str(cache / "models" / facts.facts().llm),
             n_ctx=1024,  # scenecast's default `llm.context`: the same KV cache on both sides
             n_batch=512,
             n_threads=threads,

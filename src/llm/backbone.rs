@@ -132,12 +132,33 @@ pub struct ModelSummary {
     pub adapter: Option<PathBuf>,
     /// Where it computes: every token, the scene prefix only, or the scene prefix and prompts.
     pub adapter_scope: AdapterScope,
+    /// The GGUF's further split files, after `gguf.path` (split 0).
+    pub splits: Vec<PathBuf>,
+    /// The scene model (`llm.scene_model`): the adapter folded in, decoding the scene prefix in
+    /// place of the adapter applied at run time (`adapter` is then not loaded).
+    pub scene_model: Option<PathBuf>,
     /// Parameters, as llama.cpp counts them.
     pub n_params: u64,
     /// CPU threads used.
     pub threads: usize,
     /// Context length.
     pub n_ctx: usize,
+}
+
+impl ModelSummary {
+    /// The model's GGUF files in split order: split 0 (`gguf.path`) and its `splits`.
+    pub fn files(&self) -> Vec<&Path> {
+        std::iter::once(self.gguf.path.as_path()).chain(self.splits.iter().map(PathBuf::as_path)).collect()
+    }
+}
+
+/// The model that decodes scene prefixes when the manifest folds the scene adapter into the
+/// weights (`llm.scene_model`): a second llama.cpp model over the base's shared splits, with a
+/// context just long enough for a scene prefix. Its cache of a prefix is handed to the base
+/// model's context, which decodes everything after it.
+struct SceneModel {
+    ctx: crate::ffi::Context,
+    path: PathBuf,
 }
 
 /// What a request asks for, which decides whether an adapter of scope "questions" reads its prompt.
@@ -175,6 +196,8 @@ pub struct Backbone {
     grounding: Option<Grounding>,
     /// The support of each of its categories in the cached scene, when it has an image.
     support: Option<Support>,
+    /// The scene model, when the manifest has one (and then no adapter is applied at run time).
+    scene_model: Option<SceneModel>,
 }
 
 impl Backbone {
@@ -183,10 +206,25 @@ impl Backbone {
         let path = manifest.resolve(&manifest.llm.file, cache_root);
         let info = GgufInfo::read(&path)?;
         info.check_against(manifest)?;
+        let splits = manifest
+            .llm
+            .splits
+            .iter()
+            .map(|split| {
+                let path = manifest.resolve(split, cache_root);
+                crate::cache::verify(&path, "a further split of the LLM GGUF (llm.splits)", split.size, None)
+                    .map_err(LlmError::File)
+                    .map(|()| path)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let options = crate::ffi::ModelOptions { n_gpu_layers: config.gpu_layers };
-        let model =
-            crate::ffi::Model::load(&path, options).map_err(|reason| LlmError::Load { path: path.clone(), reason })?;
-        let model = std::sync::Arc::new(model);
+        let load = |first: &Path| {
+            let files: Vec<&Path> = std::iter::once(first).chain(splits.iter().map(PathBuf::as_path)).collect();
+            crate::ffi::Model::load_splits(&files, options)
+                .map(std::sync::Arc::new)
+                .map_err(|reason| LlmError::Load { path: first.to_owned(), reason })
+        };
+        let model = load(&path)?;
         let threads = if config.threads == 0 { crate::util::physical_cores() } else { config.threads };
         let ctx_options = crate::ffi::ContextOptions {
             n_ctx: config.context,
@@ -197,7 +235,16 @@ impl Backbone {
         let mut ctx = crate::ffi::Context::new(model.clone(), ctx_options)
             .map_err(|reason| LlmError::Context { n_ctx: config.context, reason })?;
         let mut adapter = None;
-        if let Some(file) = &manifest.llm.adapter {
+        let mut scene_model = None;
+        if let Some(file) = &manifest.llm.scene_model {
+            // The adapter is folded into this model's weights: it decodes the scene prefix (see
+            // `set_scene`) and the adapter file is not applied.
+            let path = manifest.resolve(file, cache_root);
+            crate::cache::verify(&path, "the LLM with the scene adapter folded in (llm.scene_model)", file.size, None)
+                .map_err(LlmError::File)?;
+            GgufInfo::read(&path)?.check_against(manifest)?;
+            scene_model = Some((load(&path)?, path));
+        } else if let Some(file) = &manifest.llm.adapter {
             let path = manifest.resolve(file, cache_root);
             crate::cache::verify(&path, "the LLM's LoRA adapter GGUF", file.size, None)
                 .map_err(LlmError::AdapterFile)?;
@@ -217,10 +264,31 @@ impl Backbone {
         let layout = ChatLayout::new(&manifest.llm.chat, system, |messages| {
             crate::ffi::Model::apply_chat_template(template.as_deref()?, messages)
         })?;
+        let scene_model = match scene_model {
+            None => None,
+            Some((scene, path)) => {
+                // Long enough for the prefix and the image tokens: a context of the base's
+                // length would hold a KV cache that only ever sees a scene prefix.
+                let n_prefix = model.tokenize(layout.prefix(), model.adds_bos()).len() + manifest.n_image_tokens() + 1;
+                let n_ctx = (n_prefix as u32).min(config.context);
+                let options = crate::ffi::ContextOptions {
+                    n_ctx,
+                    n_batch: n_ctx.min(config.batch),
+                    n_outputs: 1,
+                    n_threads: threads as i32,
+                };
+                let ctx =
+                    crate::ffi::Context::new(scene, options).map_err(|reason| LlmError::Context { n_ctx, reason })?;
+                tracing::info!(scene_model = %path.display(), n_ctx = ctx.n_ctx(), "scene adapter folded into a scene model");
+                Some(SceneModel { ctx, path })
+            }
+        };
         let summary = ModelSummary {
             stack: manifest.name.clone(),
             adapter,
             adapter_scope: manifest.llm.adapter_scope,
+            splits: splits.clone(),
+            scene_model: scene_model.as_ref().map(|s| s.path.clone()),
             n_params: model.n_params(),
             threads,
             n_ctx: ctx.n_ctx(),
@@ -239,6 +307,7 @@ impl Backbone {
             scoped,
             grounding: None,
             support: None,
+            scene_model,
         };
         backbone.check_layout()?;
         if let Some(spec) = manifest.grounding.as_ref().filter(|_| config.ground_captions) {
@@ -281,59 +350,9 @@ impl Backbone {
         &self.config.caption_prompt
     }
 
-    fn tokens_of(&self, parts: &[Part<'_>], at_start: bool) -> Vec<Vec<i32>> {
-        let mut first = at_start && self.ctx.model().adds_bos();
-        parts
-            .iter()
-            .map(|part| match part {
-                Part::Text(text) => {
-                    let tokens = self.ctx.model().tokenize(text, first);
-                    first = false;
-                    tokens
-                }
-                Part::Embeddings(_) => Vec::new(),
-            })
-            .collect()
-    }
-
     /// Decodes `parts` at `pos`; returns the position after them.
     fn decode_parts(&mut self, parts: &[Part<'_>], pos: usize, what: &'static str) -> Result<usize, LlmError> {
-        let n_embd = self.ctx.model().n_embd();
-        let tokens = self.tokens_of(parts, pos == 0);
-        let needed = pos
-            + parts
-                .iter()
-                .zip(&tokens)
-                .map(|(part, toks)| match part {
-                    Part::Text(_) => toks.len(),
-                    Part::Embeddings(embd) => embd.len() / n_embd.max(1),
-                })
-                .sum::<usize>();
-        if needed >= self.ctx.n_ctx() {
-            return Err(LlmError::ContextTooSmall {
-                n_ctx: self.ctx.n_ctx(),
-                what: what.to_owned(),
-                needed: needed + 1,
-            });
-        }
-        let mut pos = pos;
-        for (part, toks) in parts.iter().zip(&tokens) {
-            let (input, n) = match part {
-                Part::Text(_) => (crate::ffi::BatchInput::Tokens(toks), toks.len()),
-                Part::Embeddings(embd) => {
-                    if embd.len() % n_embd != 0 {
-                        return Err(LlmError::EmbeddingWidth { expected: n_embd, got: embd.len() });
-                    }
-                    (crate::ffi::BatchInput::Embeddings(embd), embd.len() / n_embd)
-                }
-            };
-            if n == 0 {
-                continue;
-            }
-            self.ctx.decode(input, pos).map_err(|status| LlmError::Decode { what, status })?;
-            pos += n;
-        }
-        Ok(pos)
+        decode_parts(&mut self.ctx, parts, pos, what)
     }
 
     /// Makes `parts` the cached prefix of scene `id`: the cache is cleared and the prefix decoded
@@ -360,6 +379,9 @@ impl Backbone {
         let prefix = self.layout.prefix().to_owned();
         let support = self.grounding.as_ref().zip(image).map(|(g, image)| g.support(image));
         let prefill = match image {
+            Some(image) if self.scene_model.is_some() => {
+                self.set_prefix_by_scene_model(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)])
+            }
             Some(image) if self.scoped.is_some() => {
                 // A scoped adapter computes the scene prefix and is off again after it; a request
                 // whose prompt it reads switches it on for that prompt (`decode_prompt`). The
@@ -375,6 +397,24 @@ impl Backbone {
         }?;
         self.support = support;
         Ok(prefill)
+    }
+
+    /// Makes `parts` the cached prefix of scene `id`, decoded by the scene model (the adapter
+    /// folded in) and handed to the base model's context as its keys and values. Returns the
+    /// prefill time in ms, the hand-over included.
+    fn set_prefix_by_scene_model(&mut self, id: u64, parts: &[Part<'_>]) -> Result<f64, LlmError> {
+        let start = std::time::Instant::now();
+        self.ctx.clear();
+        self.scene = None;
+        self.support = None;
+        let scene = self.scene_model.as_mut().expect("called with a scene model");
+        scene.ctx.clear();
+        let n_past = decode_parts(&mut scene.ctx, parts, 0, "the scene prefix")?;
+        let state = scene.ctx.state().map_err(|reason| LlmError::SceneState { path: scene.path.clone(), reason })?;
+        self.ctx.set_state(&state).map_err(|reason| LlmError::SceneState { path: scene.path.clone(), reason })?;
+        let image = parts.iter().any(|p| matches!(p, Part::Embeddings(_)));
+        self.scene = Some(CachedScene { id, n_past, image });
+        Ok(ms_since(start))
     }
 
     /// Switches a scoped adapter on or off (llama.cpp does nothing when it already is).
@@ -699,6 +739,64 @@ impl Backbone {
     pub fn tokenize(&self, text: &str, at_start: bool) -> Vec<i32> {
         self.ctx.model().tokenize(text, at_start && self.ctx.model().adds_bos())
     }
+}
+
+/// The tokens of each text part of `parts` (special tokens parsed; BOS in front of the first when
+/// `at_start` and the model wants one); none for embedding parts.
+fn tokens_of(model: &crate::ffi::Model, parts: &[Part<'_>], at_start: bool) -> Vec<Vec<i32>> {
+    let mut first = at_start && model.adds_bos();
+    parts
+        .iter()
+        .map(|part| match part {
+            Part::Text(text) => {
+                let tokens = model.tokenize(text, first);
+                first = false;
+                tokens
+            }
+            Part::Embeddings(_) => Vec::new(),
+        })
+        .collect()
+}
+
+/// Decodes `parts` into `ctx` at `pos`; returns the position after them.
+fn decode_parts(
+    ctx: &mut crate::ffi::Context,
+    parts: &[Part<'_>],
+    pos: usize,
+    what: &'static str,
+) -> Result<usize, LlmError> {
+    let n_embd = ctx.model().n_embd();
+    let tokens = tokens_of(ctx.model(), parts, pos == 0);
+    let needed = pos
+        + parts
+            .iter()
+            .zip(&tokens)
+            .map(|(part, toks)| match part {
+                Part::Text(_) => toks.len(),
+                Part::Embeddings(embd) => embd.len() / n_embd.max(1),
+            })
+            .sum::<usize>();
+    if needed >= ctx.n_ctx() {
+        return Err(LlmError::ContextTooSmall { n_ctx: ctx.n_ctx(), what: what.to_owned(), needed: needed + 1 });
+    }
+    let mut pos = pos;
+    for (part, toks) in parts.iter().zip(&tokens) {
+        let (input, n) = match part {
+            Part::Text(_) => (crate::ffi::BatchInput::Tokens(toks), toks.len()),
+            Part::Embeddings(embd) => {
+                if embd.len() % n_embd != 0 {
+                    return Err(LlmError::EmbeddingWidth { expected: n_embd, got: embd.len() });
+                }
+                (crate::ffi::BatchInput::Embeddings(embd), embd.len() / n_embd)
+            }
+        };
+        if n == 0 {
+            continue;
+        }
+        ctx.decode(input, pos).map_err(|status| LlmError::Decode { what, status })?;
+        pos += n;
+    }
+    Ok(pos)
 }
 
 /// The `<...>` markers in `text`: a `<`, at least one character that is neither whitespace nor an

@@ -107,6 +107,18 @@ pub enum LlmError {
         /// llama.cpp's last error.
         reason: String,
     },
+    /// A further split of the GGUF (`llm.splits`) or the scene model (`llm.scene_model`) is
+    /// missing or has the wrong size.
+    #[error(transparent)]
+    File(CacheError),
+    /// The scene model's cache of a scene prefix does not fit the base model's context.
+    #[error("{path}: its keys and values of the scene prefix do not fit the LLM's context: {reason} (expected `llm.scene_model` to be the LLM GGUF with an adapter folded in: the same layers and widths)")]
+    SceneState {
+        /// The scene model's split 0.
+        path: PathBuf,
+        /// llama.cpp's reason.
+        reason: String,
+    },
     /// The GGUF has no chat template, or one llama.cpp cannot render.
     #[error("llm.chat.template = \"gguf\": {0}; write `prefix` and `suffix` in the manifest instead")]
     ChatTemplate(String),

@@ -28,8 +28,10 @@ pub struct GgufInfo {
     pub quantization: Option<String>,
     /// Whether the GGUF carries `tokenizer.chat_template`.
     pub has_chat_template: bool,
-    /// Number of tensors.
+    /// Number of tensors (in this file).
     pub n_tensors: i64,
+    /// How many split files the model is in (`split.count`; 1 for a whole GGUF).
+    pub n_splits: usize,
     /// File size in bytes.
     pub size: u64,
 }
@@ -95,6 +97,7 @@ impl GgufInfo {
             quantization: int("general.file_type").map(ftype_name),
             has_chat_template: string("tokenizer.chat_template").is_some(),
             n_tensors: gguf.n_tensors(),
+            n_splits: int("split.count").map_or(1, |n| (n as usize).max(1)),
             architecture,
             size,
         })
@@ -119,19 +122,46 @@ impl GgufInfo {
                 self.n_embd.to_string(),
             ));
         }
+        // Split 0 of a split model is given with its further splits (`llm.splits`), a whole GGUF
+        // without: llama.cpp would otherwise look for splits by its own naming, or ignore them.
+        let files = 1 + manifest.llm.splits.len();
+        if self.n_splits != files {
+            return Err(mismatch(
+                "the number of split files (split.count)",
+                format!("{files} (`llm.file` and {} in `llm.splits`)", manifest.llm.splits.len()),
+                self.n_splits.to_string(),
+            ));
+        }
         Ok(())
     }
 }
 
 /// The rows of `tokens` in the GGUF's token-embedding matrix (`token_embd.weight`), dequantised:
-/// what the model itself feeds its first layer for those tokens.
-pub fn token_embeddings(path: &Path, tokens: &[i32]) -> Result<Vec<f32>, LlmError> {
-    let gguf = GgufFile::open(path).ok_or_else(|| LlmError::NotGguf { path: path.to_owned() })?;
+/// what the model itself feeds its first layer for those tokens. `files` are the model's GGUF
+/// files (one, or its splits in order): the first that holds the matrix is read.
+pub fn token_embeddings(files: &[&Path], tokens: &[i32]) -> Result<Vec<f32>, LlmError> {
     let tensor = "token_embd.weight";
-    let bad = |problem: String| LlmError::Tensor { path: path.to_owned(), tensor, problem };
-    let rows = tokens
-        .iter()
-        .map(|&t| usize::try_from(t).map_err(|_| bad(format!("has no row for the negative token id {t}"))))
-        .collect::<Result<Vec<usize>, _>>()?;
-    gguf.tensor_rows_f32(path, tensor, &rows).map_err(bad)
+    // A row is the model's width, which split 0's metadata records (further splits have none).
+    let Some(first) = files.first() else {
+        return Err(LlmError::Tensor {
+            path: PathBuf::new(),
+            tensor,
+            problem: "cannot be read: no GGUF file was given".into(),
+        });
+    };
+    let width = GgufInfo::read(first)?.n_embd;
+    for &path in files {
+        let gguf = GgufFile::open(path).ok_or_else(|| LlmError::NotGguf { path: path.to_owned() })?;
+        if !gguf.has_tensor(tensor) {
+            continue;
+        }
+        let bad = |problem: String| LlmError::Tensor { path: path.to_owned(), tensor, problem };
+        let rows = tokens
+            .iter()
+            .map(|&t| usize::try_from(t).map_err(|_| bad(format!("has no row for the negative token id {t}"))))
+            .collect::<Result<Vec<usize>, _>>()?;
+        return gguf.tensor_rows_f32(path, tensor, width, &rows).map_err(bad);
+    }
+    let names = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+    Err(LlmError::Tensor { path: first.to_path_buf(), tensor, problem: format!("is missing (in {names})") })
 }

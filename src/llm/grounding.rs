@@ -52,7 +52,7 @@ fn find(words: &[String], name: &str) -> Vec<usize> {
 pub fn name_directions(backbone: &Backbone, categories: &[String]) -> Result<Vec<Vec<f32>>, LlmError> {
     let ids: Vec<Vec<i32>> = categories.iter().map(|c| backbone.tokenize(&format!(" {c}"), false)).collect();
     let all: Vec<i32> = ids.iter().flatten().copied().collect();
-    let rows = super::token_embeddings(&backbone.summary().gguf.path, &all)?;
+    let rows = super::token_embeddings(&backbone.summary().files(), &all)?;
     let width = backbone.summary().gguf.n_embd;
     let mut rows = rows.chunks_exact(width);
     Ok(ids
