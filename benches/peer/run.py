@@ -6,13 +6,15 @@ footprint.
 1. Captions: each side runs as its own process over every sample photo, `--rounds` times,
    alternating. Printed: median caption latency (warm: every caption after a process's first),
    cold start to the first caption (process start, model load, first caption), peak resident
-   memory (the process's VmHWM, from wait4), the ratios scenecast / Python against the issue's
-   goals (latency <= 0.8, memory <= 0.6), and whether both wrote the same caption for each photo.
+   memory (the process's VmHWM, from wait4) and peak proportional set size (PSS, sampled: a page
+   mapped twice counts once, where RSS counts it per mapping), the ratios scenecast / Python
+   against the issue's goals (latency <= 0.8, memory <= 0.6), and whether both wrote the same
+   caption for each photo.
    The photos whose captions differ are captioned once more by the peer from scenecast's own
    pre-processed tensors (the `preprocess_dump` example): when it then writes scenecast's
    caption, the two pipelines parted before the encoders (decoding or resizing the image).
-2. Footprint of `scenecast run --demo` on a static scene: resident memory once running, CPU use over
-   one idle minute, and peak memory after a render has loaded the generator.
+2. Footprint of `scenecast run --demo` on a static scene: resident memory (RSS and PSS) once
+   running, CPU use over one idle minute, and peak memory after a render has loaded the generator.
 
     python benches/peer/run.py --cache DIR --scenecast PATH/TO/scenecast \
         --preprocess-dump PATH/TO/examples/preprocess_dump [--rounds 3] [--threads N]
@@ -32,23 +34,51 @@ HERE = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
 
-def run_captions(cmd: list[str], env: dict, only: list[Path] | None = None) -> tuple[list[dict], float, float]:
+def pss(pid: int) -> float:
+    """The process's proportional set size in MiB (`Pss` of /proc/PID/smaps_rollup): resident
+    memory with each page counted once, however many mappings share it (RSS counts a file page
+    once per mapping). NaN once the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_captions(cmd: list[str], env: dict, only: list[Path] | None = None) -> tuple[list[dict], float, float, float]:
     """Runs one captioning process (on the photos `only`, in place of the command's own, if given);
-    returns its JSON lines, the seconds to its first line, and its peak resident memory in MiB."""
+    returns its JSON lines, the seconds to its first line, its peak resident memory (VmHWM) and
+    its peak proportional set size (sampled every 100 ms), in MiB."""
+    import threading
+
     if only is not None:
         cmd = [a for a in cmd if Path(a).suffix.lower() not in IMAGE_SUFFIXES] + [str(p) for p in only]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    peak_pss, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            value = pss(proc.pid)
+            if value == value:
+                peak_pss[0] = max(peak_pss[0], value)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     lines, first = [], None
     for line in proc.stdout:
         if first is None:
             first = time.perf_counter() - start
         lines.append(json.loads(line))
+    done.set()
+    sampler.join()
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{cmd[0]} failed:\n{stderr}")
-    return lines, first or float("nan"), usage.ru_maxrss / 1024.0
+    return lines, first or float("nan"), usage.ru_maxrss / 1024.0, peak_pss[0]
 
 
 def free_port() -> int:
@@ -86,11 +116,13 @@ def footprint(scenecast: str, cache: Path, photo: Path, env: dict, idle_s: float
             else:
                 sys.exit("scenecast run --demo printed no caption")
             running = proc_status(proc.pid, "VmRSS")
+            running_pss = pss(proc.pid)
             peak = proc_status(proc.pid, "VmHWM")
             before = cpu_seconds(proc.pid)
             time.sleep(idle_s)
             cpu = (cpu_seconds(proc.pid) - before) / idle_s * 100.0
             idle_rss = proc_status(proc.pid, "VmRSS")
+            idle_pss = pss(proc.pid)
             rr = subprocess.run(
                 ["mosquitto_rr", "-V", "mqttv5", "-p", str(port), "-t", "scenecast/peer/generate",
                  "-e", "bench/peer/reply", "-m", '{"prompt":"a cat on the left"}', "-W", "60", "-N"],
@@ -99,14 +131,15 @@ def footprint(scenecast: str, cache: Path, photo: Path, env: dict, idle_s: float
             if rr.returncode != 0 or not rr.stdout.startswith(b"\x89PNG"):
                 sys.exit(f"the render request failed: {rr.stderr.decode()}")
             loaded = proc_status(proc.pid, "VmRSS")
+            loaded_pss = pss(proc.pid)
             peak_gen = proc_status(proc.pid, "VmHWM")
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     print(f"\nscenecast run --demo on a static scene (camera.interval_s default, one frame encoded every 10 s):")
-    print(f"  running, first caption published   RSS {running:6.0f} MiB   peak (VmHWM) {peak:6.0f} MiB")
-    print(f"  after {idle_s:.0f} s idle                    RSS {idle_rss:6.0f} MiB   CPU {cpu:.1f} % of one core")
-    print(f"  generator loaded by one render     RSS {loaded:6.0f} MiB   peak (VmHWM) {peak_gen:6.0f} MiB")
+    print(f"  running, first caption published   RSS {running:6.0f} MiB   PSS {running_pss:6.0f} MiB   peak (VmHWM) {peak:6.0f} MiB")
+    print(f"  after {idle_s:.0f} s idle                    RSS {idle_rss:6.0f} MiB   PSS {idle_pss:6.0f} MiB   CPU {cpu:.1f} % of one core")
+    print(f"  generator loaded by one render     RSS {loaded:6.0f} MiB   PSS {loaded_pss:6.0f} MiB   peak (VmHWM) {peak_gen:6.0f} MiB")
 
 
 def main() -> None:
@@ -131,24 +164,26 @@ def main() -> None:
             "python": [sys.executable, str(HERE / "caption.py"), "--cache", str(args.cache), "--threads",
                        str(args.threads), "--json", *map(str, photos)],
         }
-        results = {side: {"warm": [], "cold": [], "rss": [], "captions": None} for side in sides}
+        results = {side: {"warm": [], "cold": [], "rss": [], "pss": [], "captions": None} for side in sides}
         for _ in range(args.rounds):
             for side, cmd in sides.items():
-                lines, cold, rss = run_captions(cmd, env)
+                lines, cold, rss, peak_pss = run_captions(cmd, env)
                 r = results[side]
                 r["warm"] += [line["timings_ms"]["total"] for line in lines[1:]]
                 r["cold"].append(cold)
                 r["rss"].append(rss)
+                r["pss"].append(peak_pss)
                 r["captions"] = r["captions"] or {Path(line["image"]).name: line["text"] for line in lines}
-    med = {side: {k: statistics.median(r[k]) for k in ("warm", "cold", "rss")} for side, r in results.items()}
+    med = {side: {k: statistics.median(r[k]) for k in ("warm", "cold", "rss", "pss")} for side, r in results.items()}
     s, p = med["scenecast"], med["python"]
     print(f"caption, {len(photos)} photos x {args.rounds} rounds, {args.threads} threads, same models and prompt (medians):")
-    print(f"  {'':10} {'caption (warm)':>15} {'cold start':>12} {'peak RSS':>10}")
+    print(f"  {'':10} {'caption (warm)':>15} {'cold start':>12} {'peak RSS':>10} {'peak PSS':>10}")
     for side in sides:
         m = med[side]
-        print(f"  {side:10} {m['warm']:12.0f} ms {m['cold']:10.2f} s {m['rss']:7.0f} MiB")
+        print(f"  {side:10} {m['warm']:12.0f} ms {m['cold']:10.2f} s {m['rss']:7.0f} MiB {m['pss']:6.0f} MiB")
     print(f"  ratio scenecast / python: latency {s['warm'] / p['warm']:.2f} (goal <= 0.8), "
-          f"peak RSS {s['rss'] / p['rss']:.2f} (goal <= 0.6), cold start {s['cold'] / p['cold']:.2f}")
+          f"peak RSS {s['rss'] / p['rss']:.2f} (goal <= 0.6), peak PSS {s['pss'] / p['pss']:.2f}, "
+          f"cold start {s['cold'] / p['cold']:.2f}")
     same = [n for n in results["scenecast"]["captions"] if results["scenecast"]["captions"][n] == results["python"]["captions"].get(n)]
     print(f"  same caption text: {len(same)} of {len(photos)}")
     for name, text in results["scenecast"]["captions"].items():
@@ -167,7 +202,7 @@ def same_tensors(photos: list[Path], peer: list[str], env: dict, dump: str, scen
     agrees, and the two parted at decoding or resizing the image."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([dump, tmp, *map(str, photos)], check=True, env=env)
-        lines, _, _ = run_captions(peer + ["--tensors", tmp], env, only=photos)
+        lines, *_ = run_captions(peer + ["--tensors", tmp], env, only=photos)
     captions = {Path(line["image"]).name: line["text"] for line in lines}
     agree = [p.name for p in photos if captions[p.name] == scenecast_captions[p.name]]
     print(f"  of the {len(photos)} that differ, the peer fed scenecast's pre-processed tensors writes scenecast's "

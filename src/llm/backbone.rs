@@ -408,7 +408,8 @@ impl Backbone {
         self.scene = None;
         self.support = None;
         let scene = self.scene_model.as_mut().expect("called with a scene model");
-        scene.ctx.clear();
+        // Dropping its cells is enough: the hand-over copies only the cells the prefix fills.
+        scene.ctx.truncate(0);
         let n_past = decode_parts(&mut scene.ctx, parts, 0, "the scene prefix")?;
         let state = scene.ctx.state().map_err(|reason| LlmError::SceneState { path: scene.path.clone(), reason })?;
         self.ctx.set_state(&state).map_err(|reason| LlmError::SceneState { path: scene.path.clone(), reason })?;
