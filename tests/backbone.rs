@@ -42,6 +42,20 @@ fn text_question_with_an_unambiguous_answer() {
 }
 
 #[test]
+fn the_scene_model_replaces_the_adapter_unless_the_config_turns_it_off() {
+    // The reference folds its scene adapter into a scene model: loaded, the adapter file is not.
+    let folded = smollm();
+    let s = folded.summary();
+    assert!(s.scene_model.as_ref().is_some_and(|p| p.ends_with("SmolLM2-135M-Instruct.v15-scene.gguf")), "{s:?}");
+    assert_eq!(s.adapter, None, "the adapter is folded in, not applied");
+    // `llm.scene_model = false`: the adapter applied at run time, no second model.
+    let unfolded = smollm_with(LlmConfig { scene_model: false, ..llm_config() });
+    let s = unfolded.summary();
+    assert_eq!(s.scene_model, None);
+    assert!(s.adapter.as_ref().is_some_and(|p| p.ends_with("dinov2s-nanodet-imagenet-smollm2-v15.lora.gguf")), "{s:?}");
+}
+
+#[test]
 fn injected_embedding_rows_continue_like_the_tokens_themselves() {
     let mut b = smollm();
     let text = "<|im_start|>user\nName the largest planet of the solar system.<|im_end|>\n<|im_start|>assistant\n";

@@ -236,7 +236,7 @@ impl Backbone {
             .map_err(|reason| LlmError::Context { n_ctx: config.context, reason })?;
         let mut adapter = None;
         let mut scene_model = None;
-        if let Some(file) = &manifest.llm.scene_model {
+        if let Some(file) = manifest.llm.scene_model.as_ref().filter(|_| config.scene_model) {
             // The adapter is folded into this model's weights: it decodes the scene prefix (see
             // `set_scene`) and the adapter file is not applied.
             let path = manifest.resolve(file, cache_root);
