@@ -13,7 +13,13 @@ a Q4_1 quantisation step, so merging back into Q4_1 erases them; Q8_0 keeps them
 stack's merged GGUF, derived by `fetch.py` from `sources.toml`'s `merge` entry, sha256 checked). The
 result is deterministic.
 
+`split` writes the base instead as two llama.cpp splits, split 0 with every metadata key and the
+weights the adapter changes, split 1 with every other tensor, plus a second split 0 with the adapter
+folded into those weights: the reference's scene model (`[llm] scene_model`), which loads its split
+0 with the base's split 1, so the two models share every unchanged tensor.
+
 Usage: python models/merge_adapter.py BASE.gguf ADAPTER.gguf OUT.gguf [TYPE]
+       python models/merge_adapter.py split BASE.gguf ADAPTER.gguf BASE-0.gguf FOLDED-0.gguf SHARED-1.gguf [TYPE]
 """
 
 from __future__ import annotations
@@ -150,16 +156,23 @@ def split(base: Path, adapter: Path, dests: tuple[Path, Path, Path], out_type: s
 
 
 def main() -> int:
-    if len(sys.argv) not in (4, 5):
-        print(__doc__.strip().splitlines()[-1], file=sys.stderr)
-        return 2
+    args = sys.argv[1:]
+    usage = __doc__.strip().splitlines()[-2:]
     try:
-        n = merge(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else None)
+        if args[:1] == ["split"] and len(args) in (6, 7):
+            paths = [Path(a) for a in args[1:6]]
+            n = split(paths[0], paths[1], (paths[2], paths[3], paths[4]), args[6] if len(args) == 7 else None)
+            print(f"folded {n} weights into {paths[3]}; {paths[2]} and {paths[4]} are the base's splits")
+            return 0
+        if args[:1] != ["split"] and len(args) in (3, 4):
+            n = merge(Path(args[0]), Path(args[1]), Path(args[2]), args[3] if len(args) == 4 else None)
+            print(f"merged {n} weights into {args[2]}")
+            return 0
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"merged {n} weights into {sys.argv[3]}")
-    return 0
+    print("\n".join(usage), file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

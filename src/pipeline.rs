@@ -136,6 +136,13 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
     checks.push(PartCheck { part: "onnxruntime", outcome });
 
     let llm = verify_file(manifest, &manifest.llm.file, root, "the LLM GGUF")
+        .and_then(|_| {
+            let splits =
+                manifest.llm.splits.iter().map(|split| (split, "a further split of the LLM GGUF (llm.splits)"));
+            let scene = manifest.llm.scene_model.as_ref().filter(|_| llm_config.scene_model);
+            let scene = scene.map(|file| (file, "the LLM with the scene adapter folded in (llm.scene_model)"));
+            splits.chain(scene).try_for_each(|(file, what)| verify_file(manifest, file, root, what).map(|_| ()))
+        })
         .and_then(|_| Ok(Backbone::load(manifest, root, llm_config)?));
     let llm_width = llm.as_ref().ok().map(|b| (b.summary().gguf.path.clone(), b.summary().gguf.n_embd));
     checks.push(PartCheck {

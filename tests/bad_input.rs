@@ -300,3 +300,27 @@ fn missing_or_mismatched_detector_files() {
     let m = Manifest::parse(&more, "test.toml", dir.path()).unwrap();
     assert_contains(&error(&m), &["nanodet-coco.onnx", "output `scores`: expected f32 [1, 3549, 81]"]);
 }
+
+#[test]
+fn models_check_verifies_the_split_files_and_the_scene_model() {
+    let (ok, out, err) = scenecast(&["models", "check"], &[]);
+    assert!(ok, "{out}{err}");
+    assert_contains(
+        &out,
+        &[
+            "v15-base.gguf + ",
+            "v15-shared.gguf: llama",
+            "scene prefix decoded by ",
+            "v15-scene.gguf (the scene adapter folded in)",
+        ],
+    );
+    // A scene model that is not the one the manifest pins: `models check` names it and its digest.
+    let line = REFERENCE_MANIFEST.lines().find(|l| l.starts_with("scene_model = ")).unwrap();
+    let sha = line.split("sha256 = \"").nth(1).unwrap().split('"').next().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = write_temp(dir.path(), "m.toml", REFERENCE_MANIFEST.replacen(sha, &"0".repeat(64), 1).as_bytes());
+    let config = write_temp(dir.path(), "c.toml", format!("[models]\nmanifest = {:?}\n", manifest).as_bytes());
+    let (ok, out, _) = scenecast(&["--config", config.to_str().unwrap(), "models", "check"], &[]);
+    assert!(!ok, "{out}");
+    assert_contains(&out, &["FAIL  llm", "v15-scene.gguf: sha256 ", &format!("expected {}", "0".repeat(64))]);
+}
