@@ -53,6 +53,10 @@ fn the_scene_model_replaces_the_adapter_unless_the_config_turns_it_off() {
     let s = unfolded.summary();
     assert_eq!(s.scene_model, None);
     assert!(s.adapter.as_ref().is_some_and(|p| p.ends_with("dinov2s-nanodet-imagenet-smollm2-v15.lora.gguf")), "{s:?}");
+    // Layers meant for a GPU: the adapter too (this build has no GPU backend; llama.cpp keeps them
+    // on the CPU, and the choice is the configuration's).
+    let offloaded = smollm_with(LlmConfig { gpu_layers: 99, ..llm_config() });
+    assert_eq!((offloaded.summary().scene_model.as_ref(), offloaded.summary().adapter.is_some()), (None, true));
 }
 
 #[test]

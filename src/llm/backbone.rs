@@ -236,7 +236,11 @@ impl Backbone {
             .map_err(|reason| LlmError::Context { n_ctx: config.context, reason })?;
         let mut adapter = None;
         let mut scene_model = None;
-        if let Some(file) = manifest.llm.scene_model.as_ref().filter(|_| config.scene_model) {
+        let scene_file = manifest.llm.scene_model.as_ref().filter(|_| config.scene_model);
+        if scene_file.is_some() && config.gpu_layers > 0 {
+            tracing::info!("llm.gpu_layers > 0: the scene adapter is applied at run time, not by the scene model (which would hold a second copy of the shared tensors on the device)");
+        }
+        if let Some(file) = scene_file.filter(|_| config.gpu_layers == 0) {
             // The adapter is folded into this model's weights: it decodes the scene prefix (see
             // `set_scene`) and the adapter file is not applied.
             let path = manifest.resolve(file, cache_root);

@@ -51,7 +51,9 @@ pub struct LlmConfig {
     pub ground_captions: bool,
     /// Decode scene prefixes with the manifest's scene model (`llm.scene_model`, the scene adapter
     /// folded in) when it has one; `false` applies its `adapter` at run time instead: about 40 MB
-    /// less memory, for a slower scene prefill.
+    /// less memory, for a slower scene prefill. On the CPU only: with `gpu_layers` > 0 the
+    /// adapter is applied, since llama.cpp would copy every tensor the two models share to the
+    /// device twice (their files are mapped once in host memory, not in device memory).
     pub scene_model: bool,
     /// Sampling; the default (temperature 0) is greedy and deterministic.
     pub sampling: SamplingParams,
