@@ -178,13 +178,16 @@ fn main() {
     // Every stack decodes the story up to N_GEN tokens, or until it ends it (an adapter on every
     // token changes the text; v5's ends it after 7). At about 100 tokens of context, decode speed
     // hardly depends on how many came before, so each row times and prints its own count.
-    // All stacks are loaded at once and take turns, round by round, so each ratio to the base
-    // GGUF compares runs seconds apart (see the decode bench above).
+    // All stacks are loaded at once and take turns, round by round, in an order that rotates, so
+    // each ratio to the base GGUF compares runs seconds apart (see the decode bench above).
     let mut backbones: Vec<Backbone> = stacks.iter().map(|(_, m)| Backbone::load(m, &root, &llm).unwrap()).collect();
     let n = stacks.len();
     let (mut prefill, mut tps, mut n_gen) = (vec![Vec::new(); n], vec![Vec::new(); n], vec![None; n]);
     for round in 0..ROUNDS as u64 {
-        for (k, b) in backbones.iter_mut().enumerate() {
+        // Each round starts with the next stack, so no stack always runs first (or right after
+        // the same one): the first run of a round was measurably slower.
+        for k in (0..n).map(|i| (i + round as usize) % n) {
+            let b = &mut backbones[k];
             // The scene's prefill, then the first question's (after a scene-only adapter is
             // switched off, llama.cpp re-plans its graph on that decode).
             let scene = b.set_scene(100 + round, Some(&tokens)).unwrap();
