@@ -154,6 +154,24 @@ pub struct DetectorSpec {
     pub preprocess: PreprocessSpec,
 }
 
+impl DetectorSpec {
+    /// The horizontal centre of each anchor point, as a fraction of the input's width (which is the
+    /// frame's: the detector's input is the whole frame, resized), in the output's order: every
+    /// grid row-major, finest first. The manifest checks that each stride divides the input size.
+    pub fn anchor_x(&self) -> Vec<f32> {
+        let [height, width] = self.preprocess.size;
+        self.strides
+            .iter()
+            .filter(|s| **s > 0)
+            .flat_map(|&stride| {
+                let (rows, columns) = (height / stride, width / stride);
+                (0..rows)
+                    .flat_map(move |_| (0..columns).map(move |c| ((c as f32 + 0.5) * stride as f32) / width as f32))
+            })
+            .collect()
+    }
+}
+
 /// The modality encoder (a ViT exported to ONNX). Two layouts: patch features that the
 /// `[projector]` pools and maps into the LLM's space (the reference stack), or, without a
 /// `[projector]`, an export with its connector inside whose output already is the image tokens
@@ -881,6 +899,13 @@ impl Manifest {
     pub fn cell_grid(&self) -> Option<[usize; 2]> {
         self.projector.as_ref().map(|p| p.pool)
     }
+    /// The detector's own class of each category, when it has one of that very name (COCO's
+    /// "dog"; not a `category_prefix` column): where it scores the class most locates the category
+    /// in the frame ([`crate::llm::Grounding::answer_guide`]). None without a detector.
+    pub fn detector_class_columns(&self, categories: &[String]) -> Vec<Option<usize>> {
+        let classes = self.detector.as_ref().map(|d| &d.classes);
+        categories.iter().map(|c| classes.and_then(|classes| classes.iter().position(|k| k == c))).collect()
+    }
 
     /// Per category, the detector's column that scores it (`detector.category_prefix`): None for
     /// every category without such a column, or without a detector or prefix.
@@ -1331,6 +1356,23 @@ mod tests {
 
     /// The projector-v4 stack: the reference plus the COCO detector as a second encoder.
     const NANODET_MANIFEST: &str = include_str!("../models/dinov2s-nanodet.toml");
+
+    #[test]
+    fn anchor_centres_follow_the_detectors_grids_row_major_finest_first() {
+        let m = Manifest::reference().unwrap();
+        let det = m.detector.as_ref().unwrap();
+        let x = det.anchor_x();
+        assert_eq!(x.len(), 52 * 52 + 26 * 26 + 13 * 13 + 8 * 8, "strides 8, 16, 32 and the classifier's 52 on 416");
+        assert_eq!((x[0], x[51], x[52]), (4.0 / 416.0, 412.0 / 416.0, 4.0 / 416.0), "a row of stride 8, then the next");
+        assert_eq!(x[2704], 8.0 / 416.0, "stride 16 begins");
+        assert_eq!(*x.last().unwrap(), 390.0 / 416.0, "the classifier's last cell");
+        // The detector's own classes of the categories' names: COCO's "dog", not "imagenet dog".
+        let names = ["dog", "goat", "cup"].map(String::from);
+        let dog = det.classes.iter().position(|c| c == "dog");
+        let cup = det.classes.iter().position(|c| c == "cup");
+        assert_eq!(m.detector_class_columns(&names), [dog, None, cup]);
+        assert!(dog.is_some_and(|d| d < 80));
+    }
 
     #[test]
     fn the_detector_stack_is_valid_and_its_errors_name_the_key() {

@@ -444,6 +444,32 @@ fn captions_and_answers_the_llm_gets_wrong_are_begun_by_the_classifier_or_the_im
     assert_eq!((own.text.as_str(), &own.guided), (begun.written.as_str(), &None), "the LLM's own answer");
 }
 
+#[test]
+fn a_category_the_detector_has_a_class_of_is_placed_where_that_class_scores_best() {
+    // The cat of chelsea.png in the right third of a grey frame three times as wide. "cat" is one
+    // of NanoDet's COCO classes: its best anchor places the cat, and the answer says so.
+    let cat = photo("chelsea.png");
+    let (w, h) = (cat.width() as usize, cat.height() as usize);
+    let mut pixels = vec![128u8; 3 * w * h * 3];
+    for (y, row) in cat.pixels().chunks_exact(w * 3).enumerate() {
+        let at = (y * 3 * w + 2 * w) * 3;
+        pixels[at..at + w * 3].copy_from_slice(row);
+    }
+    let frame = scenecast::frame::RgbImage::from_pixels((3 * w) as u32, h as u32, pixels).unwrap();
+    let m = manifest();
+    let config = LlmConfig { threads: 1, ..LlmConfig::default() };
+    let (mut backbone, mut vision) = stack(&m, &config);
+    let mut tokens = ImageTokens::default();
+    vision.run(&frame, &mut tokens).unwrap();
+    backbone.set_scene(0, Some(&tokens)).unwrap();
+    let spec = m.grounding.as_ref().unwrap();
+    let i = spec.categories.iter().position(|c| c == "cat").unwrap();
+    let located = backbone.scene_support().unwrap().located[i].expect("COCO's cat class places the cat");
+    assert!(located > spec.centre[1], "the cat's best anchor at {located} of the width");
+    let answer = backbone.ask("Where is the cat?", &backbone.default_options(), &mut |_| true).unwrap();
+    assert_eq!(scenecast::eval::position(&answer.text), Some("right"), "{answer:?}");
+}
+
 /// A file in the model cache, by its cache path.
 fn cached(path: &str) -> FileRef {
     FileRef { cache: Some(path.into()), path: None, sha256: None, size: None }

@@ -190,7 +190,14 @@ fn the_imagenet_classifier_scores_the_categories_per_cell_beside_the_detector() 
         // What the caption check reads: the best score of each class over the frame, at the
         // category's column (`detector.category_prefix`); a column of zeros is no score.
         let mut tokens = ImageTokens::default();
-        scenecast::vision::best_per_class(Some((&scores, [1, anchors, classes])), &mut tokens.class_scores);
+        let anchor_x = both.detector.as_ref().unwrap().anchor_x();
+        assert_eq!(anchor_x.len(), anchors, "one centre per anchor point");
+        scenecast::vision::best_per_class(
+            Some((&scores, [1, anchors, classes])),
+            &anchor_x,
+            &mut tokens.class_scores,
+            &mut tokens.class_x,
+        );
         let support = scenecast::llm::classifier_support(&tokens, &columns);
         for (name, s) in names.iter().zip(&support) {
             assert_eq!(s.is_none(), UNCOVERED.contains(&name.as_str()), "{file}: {name} {s:?}");

@@ -316,7 +316,8 @@ impl Backbone {
         backbone.check_layout()?;
         if let Some(spec) = manifest.grounding.as_ref().filter(|_| config.ground_captions) {
             let columns = manifest.category_columns(&spec.categories);
-            backbone.grounding = Some(Grounding::new(spec, &backbone, columns, manifest.cell_grid())?);
+            let classes = manifest.detector_class_columns(&spec.categories);
+            backbone.grounding = Some(Grounding::new(spec, &backbone, columns, classes, manifest.cell_grid())?);
             tracing::info!(
                 categories = spec.categories.len(),
                 threshold = spec.threshold,

@@ -108,6 +108,9 @@ pub struct Support {
     /// By the detector's own scores of the categories ([`classifier_support`]); empty when the
     /// check does not read them.
     pub classifier: Vec<Option<f32>>,
+    /// Where the detector's own class of each category (one of its very name, COCO's "dog")
+    /// scores best in the frame, as a fraction of its width: None without such a class.
+    pub located: Vec<Option<f32>>,
 }
 
 /// What the check removed from a caption.
@@ -128,6 +131,8 @@ pub struct Grounding {
     directions: Vec<Vec<f32>>,
     /// Per category, the detector's column that scores it (read only with `classifier_threshold`).
     columns: Vec<Option<usize>>,
+    /// Per category, the detector's class of the same name, which locates it for `positions`.
+    classes: Vec<Option<usize>>,
     /// `[rows, columns]` of the image tokens that are grid cells (the first rows × columns image
     /// tokens, row by row: the projector's pooled grid); None when the tokens are no such grid.
     cells: Option<[usize; 2]>,
@@ -136,15 +141,18 @@ pub struct Grounding {
 impl Grounding {
     /// The check of `spec`, with the name directions read from `backbone`'s GGUF; `columns` (per
     /// category, `Manifest::category_columns`) are read when the spec has a `classifier_threshold`;
-    /// `cells` is the grid of the first image tokens (`Manifest::cell_grid`), which places objects
-    /// for the spec's `positions`.
+    /// `classes` (per category, the detector's class of its very name,
+    /// `Manifest::detector_class_columns`) and `cells`, the grid of the first image tokens
+    /// (`Manifest::cell_grid`), place objects for the spec's `positions`.
     pub fn new(
         spec: &GroundingSpec,
         backbone: &Backbone,
         columns: Vec<Option<usize>>,
+        classes: Vec<Option<usize>>,
         cells: Option<[usize; 2]>,
     ) -> Result<Self, LlmError> {
-        Ok(Grounding { spec: spec.clone(), directions: name_directions(backbone, &spec.categories)?, columns, cells })
+        let directions = name_directions(backbone, &spec.categories)?;
+        Ok(Grounding { spec: spec.clone(), directions, columns, classes, cells })
     }
 
     /// Each category's support in a scene.
@@ -154,8 +162,13 @@ impl Grounding {
         } else {
             Vec::new()
         };
+        let located = self
+            .classes
+            .iter()
+            .map(|c| c.and_then(|c| tokens.class_x.get(c).copied()).filter(|x| x.is_finite()))
+            .collect();
         let (tokens, at) = support_at(tokens, &self.directions).into_iter().unzip();
-        Support { tokens, at, classifier }
+        Support { tokens, at, classifier, located }
     }
 
     /// Removes from `caption` every named category whose token support is below the threshold, or
@@ -221,10 +234,13 @@ impl Grounding {
     ///   detector's category columns in the frame reaches `guide_threshold`: the answer is to
     ///   begin with `guide_yes`;
     /// - position ([`position`]: "Where is the goat?"), with the spec's `positions` and image
-    ///   tokens that are a grid of cells: the cell whose token points at the category most
-    ///   ([`Support::at`]) places it, on the left, in the centre (the cell's centre within the
+    ///   tokens that are a grid of cells: where the detector's own class of the category's name
+    ///   scores best ([`Support::located`], COCO's "dog"), or else the cell whose token points at
+    ///   the category most ([`Support::at`]), places it, on the left, in the centre (within the
     ///   spec's `centre` band of the frame's width) or on the right, and the answer is to begin
-    ///   with that phrase.
+    ///   with that phrase. (The detector was trained to find its classes on real photos: on the
+    ///   evaluation's held-out scenes it places them right where the tokens place a new exemplar
+    ///   wrong, `models/README.md`.)
     ///
     /// None for any other question, without the guide's settings, or below the threshold.
     pub fn answer_guide(&self, question: &str, support: &Support) -> Option<Guide> {
@@ -242,11 +258,16 @@ impl Grounding {
         let category = position(question, &self.spec.categories)?;
         let (phrases, [rows, columns]) = self.spec.positions.as_ref().zip(self.cells)?;
         let i = index(category)?;
-        let at = *support.at.get(i)?;
-        if at >= rows * columns {
-            return None;
-        }
-        let x = ((at % columns) as f32 + 0.5) / columns as f32;
+        let x = match support.located.get(i).copied().flatten() {
+            Some(x) => x,
+            None => {
+                let at = *support.at.get(i)?;
+                if at >= rows * columns {
+                    return None;
+                }
+                ((at % columns) as f32 + 0.5) / columns as f32
+            }
+        };
         let [from, to] = self.spec.centre;
         let side = if x < from {
             0
@@ -479,7 +500,8 @@ mod tests {
 
     /// The check of `spec` (no name directions) with the detector's `columns` and the cell grid.
     fn grounding(spec: GroundingSpec, columns: Vec<Option<usize>>, cells: Option<[usize; 2]>) -> Grounding {
-        Grounding { directions: vec![Vec::new(); spec.categories.len()], columns, spec, cells }
+        let classes = vec![None; spec.categories.len()];
+        Grounding { directions: vec![Vec::new(); spec.categories.len()], columns, classes, spec, cells }
     }
 
     /// A check of [`cats`] at 0.2, without the classifier's judge or any guide.
@@ -701,6 +723,33 @@ mod tests {
         assert_eq!(off.answer_guide("Where is the dog?", &support), None);
         let no_grid = Grounding { cells: None, ..g.clone() };
         assert_eq!(no_grid.answer_guide("Where is the dog?", &support), None);
+    }
+
+    #[test]
+    fn the_detector_places_a_category_it_has_a_class_of_where_that_class_scores_best() {
+        let spec = GroundingSpec { positions: Some(crate::manifest::default_positions()), ..spec() };
+        let n = spec.categories.len();
+        // The detector's classes: column 0 "cat", column 1 "dog" (COCO's own), 2 "imagenet dog".
+        let mut g = grounding(spec, vec![None; n], Some([2, 4]));
+        g.classes = vec![Some(1), Some(0), None, None, None, None, None];
+        // Its best "dog" anchor at 0.8 of the width, "cat" at 0.1; the tokens point at the dog
+        // from cell 4 (column 0, the left) and at the cat from cell 6 (column 2, the centre).
+        let tokens =
+            ImageTokens { class_scores: vec![0.4, 0.3, 0.9], class_x: vec![0.1, 0.8, 0.5], ..ImageTokens::default() };
+        let support = Support { tokens: vec![0.3; n], at: vec![4, 6, 2, 8, 0, 0, 0], ..g.support(&tokens) };
+        assert_eq!(&support.located[..3], [Some(0.8), Some(0.1), None]);
+        let start = |g: &Grounding, support: &Support, q: &str| g.answer_guide(q, support).map(|guide| guide.start);
+        assert_eq!(
+            start(&g, &support, "Where is the dog?").as_deref(),
+            Some("On the right"),
+            "the detector's, not the tokens'"
+        );
+        assert_eq!(start(&g, &support, "Where is the cat?").as_deref(), Some("On the left"));
+        assert_eq!(start(&g, &support, "Where is the pig?").as_deref(), Some("In the centre"), "no class: the tokens'");
+        // A class the detector could not place (NaN) leaves it to the tokens.
+        let unplaced = ImageTokens { class_x: vec![f32::NAN, f32::NAN, 0.5], ..tokens };
+        let support = Support { at: vec![4, 6, 2, 8, 0, 0, 0], ..g.support(&unplaced) };
+        assert_eq!(start(&g, &support, "Where is the dog?").as_deref(), Some("On the left"));
     }
 
     #[test]

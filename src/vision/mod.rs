@@ -38,13 +38,28 @@ pub fn check_width(manifest: &Manifest, cache_root: &Path, llm: Option<(&Path, u
 }
 
 /// Writes the best score of each class over all anchors of `detections` (`[anchors, classes]`
-/// row-major, with its shape) into `out`; clears it without detections.
-pub fn best_per_class(detections: Option<(&[f32], [usize; 3])>, out: &mut Vec<f32>) {
+/// row-major, with its shape) into `out`, and into `at_x` the horizontal centre of the anchor that
+/// scores it best (the first of equals; `anchor_x`, [`crate::manifest::DetectorSpec::anchor_x`],
+/// NaN for an anchor it does not place); clears both without detections.
+pub fn best_per_class(
+    detections: Option<(&[f32], [usize; 3])>,
+    anchor_x: &[f32],
+    out: &mut Vec<f32>,
+    at_x: &mut Vec<f32>,
+) {
     out.clear();
+    at_x.clear();
     let Some((scores, [_, _, classes])) = detections else { return };
     out.resize(classes, f32::MIN);
-    for anchor in scores.chunks_exact(classes.max(1)) {
-        out.iter_mut().zip(anchor).for_each(|(best, s)| *best = best.max(*s));
+    at_x.resize(classes, f32::NAN);
+    for (i, anchor) in scores.chunks_exact(classes.max(1)).enumerate() {
+        let x = anchor_x.get(i).copied().unwrap_or(f32::NAN);
+        for ((best, at), s) in out.iter_mut().zip(at_x.iter_mut()).zip(anchor) {
+            if *s > *best {
+                *best = *s;
+                *at = x;
+            }
+        }
     }
 }
 
@@ -66,6 +81,8 @@ pub struct Vision {
     projector: Option<Projector>,
     /// The second encoder the projector reads, when the manifest has one.
     detector: Option<Detector>,
+    /// The horizontal centre of each of the detector's anchor points (empty without one).
+    anchor_x: Vec<f32>,
     features: PatchFeatures,
     /// Tokens before the grid (for the layout without a projector, whose grid tokens are the
     /// image tokens).
@@ -97,7 +114,8 @@ impl Vision {
             tracing::warn!(stack = %manifest.name, "the model stack has random test weights: its text does not describe the image");
         }
         let prefix = manifest.encoder.prefix_tokens;
-        Ok(Vision { encoder, projector, detector, features: PatchFeatures::default(), prefix })
+        let anchor_x = manifest.detector.as_ref().map(|d| d.anchor_x()).unwrap_or_default();
+        Ok(Vision { encoder, projector, detector, anchor_x, features: PatchFeatures::default(), prefix })
     }
 
     /// Runs the whole path on one frame, writing the image tokens into `out`.
@@ -139,7 +157,7 @@ impl Vision {
                     Some(detector) => Some(detector.run()?),
                     None => None,
                 };
-                best_per_class(detections, &mut out.class_scores);
+                best_per_class(detections, &self.anchor_x, &mut out.class_scores, &mut out.class_x);
                 let detect_ms = crate::util::ms_since(start);
                 Ok(detect_ms + projector.project(&self.features, detections, out)?)
             }
@@ -151,6 +169,7 @@ impl Vision {
                 out.n_tokens = self.features.n_tokens - self.prefix;
                 out.n_embd = self.features.width;
                 out.class_scores.clear();
+                out.class_x.clear();
                 Ok(crate::util::ms_since(start))
             }
         }
@@ -166,5 +185,24 @@ impl Vision {
     pub fn providers(&self) -> (String, String) {
         let projector = self.projector.as_ref().map_or_else(|| "-".to_owned(), |p| p.session().ep().to_string());
         (self.encoder.session().ep().to_string(), projector)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::best_per_class;
+
+    #[test]
+    fn each_class_keeps_its_best_score_and_where_its_anchor_is() {
+        // Three anchors, two classes.
+        let scores = [0.1, 0.7, 0.9, 0.2, 0.9, 0.5];
+        let (mut best, mut at) = (Vec::new(), Vec::new());
+        best_per_class(Some((&scores, [1, 3, 2])), &[0.1, 0.5, 0.9], &mut best, &mut at);
+        assert_eq!((best.as_slice(), at.as_slice()), (&[0.9, 0.7][..], &[0.5, 0.1][..]), "ties: the first anchor");
+        // An anchor without a centre is placed nowhere; no detections clear both.
+        best_per_class(Some((&scores, [1, 3, 2])), &[0.1], &mut best, &mut at);
+        assert!(at[0].is_nan() && at[1] == 0.1, "{at:?}");
+        best_per_class(None, &[], &mut best, &mut at);
+        assert!(best.is_empty() && at.is_empty());
     }
 }

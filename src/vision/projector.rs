@@ -22,6 +22,9 @@ pub struct ImageTokens {
     /// With a `[detector]`: its best score of each class (column) over all its anchors in the same
     /// frame, which the caption check can read (`grounding.classifier_threshold`); empty without.
     pub class_scores: Vec<f32>,
+    /// With a `[detector]`: where in the frame each class scores best, as the horizontal centre of
+    /// that anchor point (a fraction of the frame's width; NaN where unknown); empty without.
+    pub class_x: Vec<f32>,
 }
 
 /// Average-pools a row-major `grid` of patch tokens (after `prefix` leading tokens) to `pool`
