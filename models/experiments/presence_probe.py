@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""What NanoDet's own COCO classes could add to presence answers ("Is there a dog in the image?").
+
+For every presence question of an evaluation set about a category that is one of NanoDet's COCO
+classes, runs the reference's detector ONNX on the scene and takes that class's best score over
+its anchors; from a `scenecast eval` report of the same set, whether the published answer was
+right and whether it said yes. Prints, per row, the published accuracy and the accuracy if every
+answer that did not say yes were answered yes where the class scores at least t (a presence guide
+by the detector, like `grounding.guide_threshold`'s by the classifier), for several t. A threshold
+must be chosen on the training rows (`photo`, `unknown-photo`), never on the held-out ones.
+
+    python models/experiments/presence_probe.py --cache ~/.cache/scenecast \\
+        --set ~/.cache/scenecast/train/dinov2s-nanodet-imagenet-smollm2-v15/eval/eval.json \\
+        --report models/projector/dinov2s-nanodet-imagenet-smollm2-v15-located.eval.json.gz
+
+(train venv: onnxruntime, Pillow, numpy; about a minute for v15's set.)
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+REFERENCE = Path(__file__).resolve().parent.parent / "reference.toml"
+THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, required=True)
+    ap.add_argument("--set", type=Path, required=True, help="the evaluation set's eval.json")
+    ap.add_argument("--report", type=Path, required=True, help="`scenecast eval`'s .eval.json(.gz) of that set")
+    args = ap.parse_args()
+    det = tomllib.loads(REFERENCE.read_text())["detector"]
+    classes = det["classes"]
+    height, width = det["preprocess"]["size"]
+    mean, std = np.array(det["preprocess"]["mean"], np.float32), np.array(det["preprocess"]["std"], np.float32)
+    n_nanodet = sum((height // s) * (width // s) for s in det["strides"][:-1])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(args.cache / "models" / det["file"]["cache"]), options,
+                                   providers=["CPUExecutionProvider"])
+    opener = gzip.open if args.report.suffix == ".gz" else open
+    with opener(args.report, "rt") as f:
+        published = {Path(s["image"]).name: s for s in json.load(f)["scenes"]}
+    rows: list[dict] = []
+    for scene in json.loads(args.set.read_text())["scenes"]:
+        questions = [q for q in scene["questions"] if q["kind"] == "yesno"]
+        names = [re.match(r"Is there an? (.+) in the image\?", q["question"]) for q in questions]
+        if not any(n and n.group(1) in classes[:80] for n in names):
+            continue
+        path = Path(scene["image"]) if Path(scene["image"]).is_absolute() else args.set.parent / scene["image"]
+        a = np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.BILINEAR), np.float32) / 255.0
+        if det["preprocess"].get("channels", "rgb") == "bgr":
+            a = a[:, :, ::-1]
+        scores = session.run(None, {det["input"]: ((a - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
+        answers = {q: (text, right) for q, text, right in published[path.name]["answers"]}
+        for q, name in zip(questions, names):
+            if not name or name.group(1) not in classes[:80]:
+                continue
+            text, right = answers[q["question"]]
+            rows.append({"kind": scene["kind"], "expect": q["expect"], "right": right,
+                         "yes": text.lower().startswith("yes"),
+                         "score": float(scores[:n_nanodet, classes.index(name.group(1))].max())})
+    kinds = sorted({r["kind"] for r in rows}) + ["all"]
+    print(f"{'answers':<16}" + "".join(f"{k:>22}" for k in kinds))
+    for t in (None, *THRESHOLDS):
+        cells = []
+        for k in kinds:
+            rr = [r for r in rows if k == "all" or r["kind"] == k]
+            right = sum((r["expect"] == "yes") if t is not None and not r["yes"] and r["score"] >= t else r["right"]
+                        for r in rr)
+            cells.append(f"{right}/{len(rr)}")
+        print(f"{'published' if t is None else f'yes at >= {t}':<16}" + "".join(f"{c:>22}" for c in cells))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
