@@ -273,12 +273,11 @@ fn fetched_base(reference: &Manifest) -> Manifest {
 /// to show what that scope costs, on the scene prefix and the question (`"prompt"`); and the
 /// reference as it ships, that adapter folded into its scene model (`llm.scene_model`).
 fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
-    let cached = merge_file;
     let base = fetched_base(reference);
     let mut every = base.clone();
-    every.llm.adapter = Some(cached("adapter"));
+    every.llm.adapter = Some(merge_file("adapter"));
     let mut scene = base.clone();
-    scene.llm.adapter = Some(reference.llm.adapter.clone().unwrap_or_else(|| cached("adapter")));
+    scene.llm.adapter = Some(reference.llm.adapter.clone().unwrap_or_else(|| merge_file("adapter")));
     scene.llm.adapter_scope = AdapterScope::Scene;
     let mut prompt = scene.clone();
     prompt.llm.adapter_scope = AdapterScope::Prompt;
@@ -286,7 +285,7 @@ fn adapter_stacks(reference: &Manifest) -> Vec<(&'static str, Manifest)> {
     let mut scene_all = scene.clone();
     scene_all.llm.adapter_scope = AdapterScope::All;
     let mut merged = base.clone();
-    merged.llm.file = cached("dest");
+    merged.llm.file = merge_file("dest");
     let mut stacks = vec![
         ("base GGUF alone", base),
         ("adapter on every token", every),

@@ -139,9 +139,9 @@ pub fn check(manifest: &Manifest, root: &Path, onnx: &OnnxConfig, llm_config: &L
         .and_then(|_| {
             let splits =
                 manifest.llm.splits.iter().map(|split| (split, "a further split of the LLM GGUF (llm.splits)"));
-            let scene =
-                manifest.llm.scene_model.as_ref().filter(|_| llm_config.scene_model && llm_config.gpu_layers == 0);
-            let scene = scene.map(|file| (file, "the LLM with the scene adapter folded in (llm.scene_model)"));
+            let scene = llm_config
+                .scene_model_of(manifest)
+                .map(|file| (file, "the LLM with the scene adapter folded in (llm.scene_model)"));
             splits.chain(scene).try_for_each(|(file, what)| verify_file(manifest, file, root, what).map(|_| ()))
         })
         .and_then(|_| Ok(Backbone::load(manifest, root, llm_config)?));

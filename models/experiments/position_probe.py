@@ -36,23 +36,44 @@ def side(x: float, band: tuple[float, float]) -> str:
     return "left" if x < band[0] else ("right" if x > band[1] else "centre")
 
 
+class Detector:
+    """The reference's detector ONNX (`[detector]` of reference.toml) on whole frames: `scores(path)`
+    is its `[anchors, classes]` output for the image at `path`, squashed to its input with Pillow;
+    `x` the horizontal centre of each anchor (a fraction of the width), `n_nanodet` how many of the
+    anchors are NanoDet's (the classifier's cells follow)."""
+
+    def __init__(self, cache: Path):
+        self.spec = det = tomllib.loads(REFERENCE.read_text())["detector"]
+        self.classes = det["classes"]
+        self.height, self.width = det["preprocess"]["size"]
+        self.mean = np.array(det["preprocess"]["mean"], np.float32)
+        self.std = np.array(det["preprocess"]["std"], np.float32)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        self.session = ort.InferenceSession(str(cache / "models" / det["file"]["cache"]), options,
+                                            providers=["CPUExecutionProvider"])
+        h, w = self.height, self.width
+        self.x = np.array([(c + 0.5) * s / w for s in det["strides"] for _ in range(h // s) for c in range(w // s)])
+        self.n_nanodet = sum((h // s) * (w // s) for s in det["strides"][:-1])
+
+    def scores(self, path: Path) -> np.ndarray:
+        image = Image.open(path).convert("RGB").resize((self.width, self.height), Image.BILINEAR)
+        a = np.asarray(image, np.float32) / 255.0
+        if self.spec["preprocess"].get("channels", "rgb") == "bgr":
+            a = a[:, :, ::-1]
+        tensor = ((a - self.mean) / self.std).transpose(2, 0, 1)[None].astype(np.float32)
+        return self.session.run(None, {self.spec["input"]: tensor})[0][0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--set", type=Path, required=True, help="the evaluation set's eval.json")
     ap.add_argument("--report", type=Path, required=True, help="`scenecast eval`'s .eval.json(.gz) of that set")
     args = ap.parse_args()
-    m = tomllib.loads(REFERENCE.read_text())
-    det, band = m["detector"], tuple(m["grounding"].get("centre", [0.375, 0.625]))
-    classes = det["classes"]
-    height, width = det["preprocess"]["size"]
-    mean, std = np.array(det["preprocess"]["mean"], np.float32), np.array(det["preprocess"]["std"], np.float32)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(args.cache / "models" / det["file"]["cache"]), options,
-                                   providers=["CPUExecutionProvider"])
-    xs = np.array([(c + 0.5) * s / width for s in det["strides"] for _ in range(height // s) for c in range(width // s)])
-    n_nanodet = sum((height // s) * (width // s) for s in det["strides"][:-1])
+    band = tuple(tomllib.loads(REFERENCE.read_text())["grounding"].get("centre", [0.375, 0.625]))
+    detector = Detector(args.cache)
+    classes, xs, n_nanodet = detector.classes, detector.x, detector.n_nanodet
     opener = gzip.open if args.report.suffix == ".gz" else open
     with opener(args.report, "rt") as f:
         published = {Path(s["image"]).name: s for s in json.load(f)["scenes"]}
@@ -62,11 +83,7 @@ def main() -> int:
         questions = [q for q in scene["questions"] if q["kind"] == "position"]
         if not questions:
             continue
-        image = Image.open(args.set.parent / scene["image"]).convert("RGB").resize((width, height), Image.BILINEAR)
-        a = np.asarray(image, np.float32) / 255.0
-        if det["preprocess"].get("channels", "rgb") == "bgr":
-            a = a[:, :, ::-1]
-        scores = session.run(None, {det["input"]: ((a - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
+        scores = detector.scores(args.set.parent / scene["image"])
         answers = {q: right for q, _, right in published[scene["image"]]["answers"]}
         for q in questions:
             name = re.match(r"Where (?:is|are) the (.+)\?", q["question"]).group(1)

@@ -27,14 +27,12 @@ import argparse
 import gzip
 import json
 import re
-import tomllib
+import sys
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-from PIL import Image
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from position_probe import Detector  # noqa: E402
 
-REFERENCE = Path(__file__).resolve().parent.parent / "reference.toml"
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
@@ -44,15 +42,8 @@ def main() -> int:
     ap.add_argument("--set", type=Path, required=True, help="the evaluation set's eval.json")
     ap.add_argument("--report", type=Path, required=True, help="`scenecast eval`'s .eval.json(.gz) of that set")
     args = ap.parse_args()
-    det = tomllib.loads(REFERENCE.read_text())["detector"]
-    classes = det["classes"]
-    height, width = det["preprocess"]["size"]
-    mean, std = np.array(det["preprocess"]["mean"], np.float32), np.array(det["preprocess"]["std"], np.float32)
-    n_nanodet = sum((height // s) * (width // s) for s in det["strides"][:-1])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(args.cache / "models" / det["file"]["cache"]), options,
-                                   providers=["CPUExecutionProvider"])
+    detector = Detector(args.cache)
+    classes, n_nanodet = detector.classes, detector.n_nanodet
     opener = gzip.open if args.report.suffix == ".gz" else open
     with opener(args.report, "rt") as f:
         published = {Path(s["image"]).name: s for s in json.load(f)["scenes"]}
@@ -63,10 +54,7 @@ def main() -> int:
         if not any(n and n.group(1) in classes[:80] for n in names):
             continue
         path = Path(scene["image"]) if Path(scene["image"]).is_absolute() else args.set.parent / scene["image"]
-        a = np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.BILINEAR), np.float32) / 255.0
-        if det["preprocess"].get("channels", "rgb") == "bgr":
-            a = a[:, :, ::-1]
-        scores = session.run(None, {det["input"]: ((a - mean) / std).transpose(2, 0, 1)[None].astype(np.float32)})[0][0]
+        scores = detector.scores(path)
         answers = {q: (text, right) for q, text, right in published[path.name]["answers"]}
         for q, name in zip(questions, names):
             if not name or name.group(1) not in classes[:80]:

@@ -236,11 +236,10 @@ impl Backbone {
             .map_err(|reason| LlmError::Context { n_ctx: config.context, reason })?;
         let mut adapter = None;
         let mut scene_model = None;
-        let scene_file = manifest.llm.scene_model.as_ref().filter(|_| config.scene_model);
-        if scene_file.is_some() && config.gpu_layers > 0 {
+        if manifest.llm.scene_model.is_some() && config.scene_model && config.gpu_layers > 0 {
             tracing::info!("llm.gpu_layers > 0: the scene adapter is applied at run time, not by the scene model (which would hold a second copy of the shared tensors on the device)");
         }
-        if let Some(file) = scene_file.filter(|_| config.gpu_layers == 0) {
+        if let Some(file) = config.scene_model_of(manifest) {
             // The adapter is folded into this model's weights: it decodes the scene prefix (see
             // `set_scene`) and the adapter file is not applied.
             let path = manifest.resolve(file, cache_root);
@@ -363,11 +362,29 @@ impl Backbone {
     /// Makes `parts` the cached prefix of scene `id`: the cache is cleared and the prefix decoded
     /// once. Returns the prefill time in ms.
     pub fn set_prefix(&mut self, id: u64, parts: &[Part<'_>]) -> Result<f64, LlmError> {
+        self.set_prefix_by(id, parts, false)
+    }
+
+    /// As [`Backbone::set_prefix`]; with `by_scene_model` and a scene model, the prefix is decoded
+    /// by the scene model (the adapter folded in) and handed to the base model's context as its
+    /// keys and values. The prefill time includes the hand-over.
+    fn set_prefix_by(&mut self, id: u64, parts: &[Part<'_>], by_scene_model: bool) -> Result<f64, LlmError> {
         let start = std::time::Instant::now();
         self.ctx.clear();
         self.scene = None;
         self.support = None;
-        let n_past = self.decode_parts(parts, 0, "the scene prefix")?;
+        let n_past = match self.scene_model.as_mut().filter(|_| by_scene_model) {
+            Some(scene) => {
+                // Dropping its cells is enough: the hand-over copies only the cells the prefix fills.
+                scene.ctx.truncate(0);
+                let n_past = decode_parts(&mut scene.ctx, parts, 0, "the scene prefix")?;
+                let refused = |reason| LlmError::SceneState { path: scene.path.clone(), reason };
+                let state = scene.ctx.state().map_err(refused)?;
+                self.ctx.set_state(&state).map_err(refused)?;
+                n_past
+            }
+            None => decode_parts(&mut self.ctx, parts, 0, "the scene prefix")?,
+        };
         let image = parts.iter().any(|p| matches!(p, Part::Embeddings(_)));
         self.scene = Some(CachedScene { id, n_past, image });
         Ok(ms_since(start))
@@ -385,7 +402,7 @@ impl Backbone {
         let support = self.grounding.as_ref().zip(image).map(|(g, image)| g.support(image));
         let prefill = match image {
             Some(image) if self.scene_model.is_some() => {
-                self.set_prefix_by_scene_model(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)])
+                self.set_prefix_by(id, &[Part::Text(&prefix), Part::Embeddings(&image.data)], true)
             }
             Some(image) if self.scoped.is_some() => {
                 // A scoped adapter computes the scene prefix and is off again after it; a request
@@ -402,25 +419,6 @@ impl Backbone {
         }?;
         self.support = support;
         Ok(prefill)
-    }
-
-    /// Makes `parts` the cached prefix of scene `id`, decoded by the scene model (the adapter
-    /// folded in) and handed to the base model's context as its keys and values. Returns the
-    /// prefill time in ms, the hand-over included.
-    fn set_prefix_by_scene_model(&mut self, id: u64, parts: &[Part<'_>]) -> Result<f64, LlmError> {
-        let start = std::time::Instant::now();
-        self.ctx.clear();
-        self.scene = None;
-        self.support = None;
-        let scene = self.scene_model.as_mut().expect("called with a scene model");
-        // Dropping its cells is enough: the hand-over copies only the cells the prefix fills.
-        scene.ctx.truncate(0);
-        let n_past = decode_parts(&mut scene.ctx, parts, 0, "the scene prefix")?;
-        let state = scene.ctx.state().map_err(|reason| LlmError::SceneState { path: scene.path.clone(), reason })?;
-        self.ctx.set_state(&state).map_err(|reason| LlmError::SceneState { path: scene.path.clone(), reason })?;
-        let image = parts.iter().any(|p| matches!(p, Part::Embeddings(_)));
-        self.scene = Some(CachedScene { id, n_past, image });
-        Ok(ms_since(start))
     }
 
     /// Switches a scoped adapter on or off (llama.cpp does nothing when it already is).

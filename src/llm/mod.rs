@@ -59,6 +59,14 @@ pub struct LlmConfig {
     pub sampling: SamplingParams,
 }
 
+impl LlmConfig {
+    /// The manifest's scene model when this configuration loads it (`scene_model`, on the CPU
+    /// only): what `Backbone::load` loads and `models check` verifies.
+    pub fn scene_model_of<'m>(&self, manifest: &'m crate::manifest::Manifest) -> Option<&'m crate::manifest::FileRef> {
+        manifest.llm.scene_model.as_ref().filter(|_| self.scene_model && self.gpu_layers == 0)
+    }
+}
+
 impl Default for LlmConfig {
     fn default() -> Self {
         LlmConfig {
