@@ -65,18 +65,28 @@ class Detector:
         return self.session.run(None, {self.spec["input"]: tensor})[0][0]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def probe_args(doc: str) -> argparse.Namespace:
+    """The probes' command line: the model cache, an evaluation set and a report of it."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--set", type=Path, required=True, help="the evaluation set's eval.json")
     ap.add_argument("--report", type=Path, required=True, help="`scenecast eval`'s .eval.json(.gz) of that set")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def published(report: Path) -> dict[str, dict]:
+    """A `scenecast eval` report's per-scene records, by image file name."""
+    opener = gzip.open if report.suffix == ".gz" else open
+    with opener(report, "rt") as f:
+        return {Path(s["image"]).name: s for s in json.load(f)["scenes"]}
+
+
+def main() -> int:
+    args = probe_args(__doc__)
     band = tuple(tomllib.loads(REFERENCE.read_text())["grounding"].get("centre", [0.375, 0.625]))
     detector = Detector(args.cache)
     classes, xs, n_nanodet = detector.classes, detector.x, detector.n_nanodet
-    opener = gzip.open if args.report.suffix == ".gz" else open
-    with opener(args.report, "rt") as f:
-        published = {Path(s["image"]).name: s for s in json.load(f)["scenes"]}
+    records = published(args.report)
     scenes = json.loads(args.set.read_text())["scenes"]
     rows: list[dict] = []
     for scene in scenes:
@@ -84,7 +94,7 @@ def main() -> int:
         if not questions:
             continue
         scores = detector.scores(args.set.parent / scene["image"])
-        answers = {q: right for q, _, right in published[scene["image"]]["answers"]}
+        answers = {q: right for q, _, right in records[scene["image"]]["answers"]}
         for q in questions:
             name = re.match(r"Where (?:is|are) the (.+)\?", q["question"]).group(1)
             row = {"kind": scene["kind"], "expect": q["expect"], "published": answers[q["question"]]}

@@ -23,30 +23,22 @@ above that the gain is a handful of answers.
 """
 from __future__ import annotations
 
-import argparse
-import gzip
 import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from position_probe import Detector  # noqa: E402
+from position_probe import Detector, probe_args, published  # noqa: E402
 
 THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--cache", type=Path, required=True)
-    ap.add_argument("--set", type=Path, required=True, help="the evaluation set's eval.json")
-    ap.add_argument("--report", type=Path, required=True, help="`scenecast eval`'s .eval.json(.gz) of that set")
-    args = ap.parse_args()
+    args = probe_args(__doc__)
     detector = Detector(args.cache)
     classes, n_nanodet = detector.classes, detector.n_nanodet
-    opener = gzip.open if args.report.suffix == ".gz" else open
-    with opener(args.report, "rt") as f:
-        published = {Path(s["image"]).name: s for s in json.load(f)["scenes"]}
+    records = published(args.report)
     rows: list[dict] = []
     for scene in json.loads(args.set.read_text())["scenes"]:
         questions = [q for q in scene["questions"] if q["kind"] == "yesno"]
@@ -55,7 +47,7 @@ def main() -> int:
             continue
         path = Path(scene["image"]) if Path(scene["image"]).is_absolute() else args.set.parent / scene["image"]
         scores = detector.scores(path)
-        answers = {q: (text, right) for q, text, right in published[path.name]["answers"]}
+        answers = {q: (text, right) for q, text, right in records[path.name]["answers"]}
         for q, name in zip(questions, names):
             if not name or name.group(1) not in classes[:80]:
                 continue
