@@ -632,7 +632,7 @@ fn guided_answers(results: &[SceneResult]) -> String {
             "position",
             "answers to position questions that placed the object elsewhere than the detector's class of its \
              name or else the image tokens do were written again begun with the side where that class scores \
-             best, or the tokens point at it most (`grounding.positions`)",
+             best, or of the cells whose tokens point at it (`grounding.positions`, `grounding.region`)",
         ),
     ] {
         // Per scene kind: guided, right, the LLM's own right.

@@ -421,11 +421,17 @@ pub struct GroundingSpec {
     pub guide_yes: String,
     /// Answers to "Where is the <category>?" placed by the image tokens: the phrases for an
     /// object on the left, in the centre and on the right of the frame, in that order. The grid
-    /// cell whose image token points at the category most places it; an answer that places it
-    /// elsewhere is written again begun with the phrase. Needs image tokens that are a grid of
+    /// cells whose image tokens point at the category place it (`region`); an answer that places
+    /// it elsewhere is written again begun with the phrase. Needs image tokens that are a grid of
     /// cells (a `[projector]`). None: the LLM's answers stand.
     #[serde(default)]
     pub positions: Option<[String; 3]>,
+    /// With `positions`: the image tokens place an object at the centre of its region, the grid
+    /// cells connected to the one whose token points at the category most that reach this
+    /// fraction of that best cosine (their centres weighted by cosine): a whole object, where the
+    /// one best cell may be any part of it. None: the best cell alone places it.
+    #[serde(default)]
+    pub region: Option<f32>,
     /// With `positions`: the middle band of the frame's width, `[from, to]` as fractions of it,
     /// whose cells are "in the centre"; a cell whose centre lies left of `from` is on the left,
     /// right of `to` on the right. A fact of how the projector was trained (its composer placed
@@ -529,6 +535,9 @@ impl GroundingSpec {
         if let Some(p) = &self.positions {
             text += &format!("positions = [{}, {}, {}]\n", quote(&p[0]), quote(&p[1]), quote(&p[2]));
             text += &format!("centre = [{}, {}]\n", self.centre[0], self.centre[1]);
+            if let Some(r) = self.region {
+                text += &format!("region = {r}\n");
+            }
         }
         text
     }
@@ -884,6 +893,12 @@ impl Manifest {
                 ));
             }
         }
+        if let Some(r) = g.region.filter(|r| !(r.is_finite() && (0.0..=1.0).contains(r))) {
+            return Err(self.invalid(
+                "grounding.region",
+                format!("{r}: expected a fraction of the best cosine from 0 to 1, as 0.4"),
+            ));
+        }
         let [from, to] = g.centre;
         if !(from.is_finite() && to.is_finite() && 0.0 <= from && from < to && to <= 1.0) {
             return Err(self.invalid(
@@ -1157,6 +1172,7 @@ mod tests {
             guide_yes: default_guide_yes(),
             positions: None,
             centre: default_centre(),
+            region: None,
         };
         let section = spec.to_toml("Calibrated on two kinds.\n\nSecond line.");
         assert!(section.starts_with("[grounding]\n# Calibrated on two kinds.\n#\n# Second line.\n"), "{section}");
@@ -1235,10 +1251,17 @@ mod tests {
         );
         let text = with_grounding(&once, &placing);
         let m = Manifest::parse(&text, "t", Path::new("/m")).unwrap();
-        assert_eq!((m.grounding.clone().unwrap().positions, m.cell_grid()), (Some(placed), Some([8, 8])));
+        assert_eq!((m.grounding.clone().unwrap().positions, m.cell_grid()), (Some(placed.clone()), Some([8, 8])));
         let wide =
             Manifest::parse(&text.replace("centre = [0.375, 0.625]", "centre = [0.3, 0.7]"), "t", Path::new("/m"));
         assert_eq!(wide.unwrap().grounding.unwrap().centre, [0.3, 0.7]);
+        // A region: written after the band, read back; none is the best cell alone.
+        assert_eq!(m.grounding.clone().unwrap().region, None);
+        let regional =
+            GroundingSpec { positions: Some(placed.clone()), region: Some(0.4), ..spec.clone() }.to_toml("P.");
+        assert!(regional.ends_with("centre = [0.375, 0.625]\nregion = 0.4\n"), "{regional}");
+        let text = with_grounding(&once, &regional);
+        assert_eq!(Manifest::parse(&text, "t", Path::new("/m")).unwrap().grounding.unwrap().region, Some(0.4));
         let cases: &[(&str, &str, &str)] = &[
             (
                 "\"On the right\"]",
@@ -1250,6 +1273,12 @@ mod tests {
                 "centre = [0.625, 0.375]",
                 "`grounding.centre`: [0.625, 0.375]: expected [from, to] with 0 <= from < to <= 1",
             ),
+            (
+                "region = 0.4",
+                "region = 1.5",
+                "`grounding.region`: 1.5: expected a fraction of the best cosine from 0 to 1",
+            ),
+            ("region = 0.4", "region = -0.1", "`grounding.region`: -0.1: expected a fraction"),
         ];
         assert_edits_fail(&text, cases);
     }

@@ -75,19 +75,51 @@ pub fn support(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<f32> {
 /// Per direction, the largest cosine of one of `tokens`' rows with it, and that row's index
 /// (the first of equals; 0 without rows).
 pub fn support_at(tokens: &ImageTokens, directions: &[Vec<f32>]) -> Vec<(f32, usize)> {
-    let rows = tokens.data.chunks_exact(tokens.n_embd.max(1));
-    directions
-        .iter()
-        .map(|d| {
-            rows.clone().map(|r| 1.0 - cosine_distance(r, d)).enumerate().fold((f32::MIN, 0), |best, (i, s)| {
-                if s > best.0 {
-                    (s, i)
-                } else {
-                    best
+    directions.iter().map(|d| best(&cosines(tokens, d))).collect()
+}
+
+/// The cosine of each of `tokens`' rows with `direction`.
+fn cosines(tokens: &ImageTokens, direction: &[f32]) -> Vec<f32> {
+    tokens.data.chunks_exact(tokens.n_embd.max(1)).map(|r| 1.0 - cosine_distance(r, direction)).collect()
+}
+
+/// The largest of `cosines` and its index (the first of equals; `(f32::MIN, 0)` when empty).
+fn best(cosines: &[f32]) -> (f32, usize) {
+    cosines.iter().enumerate().fold((f32::MIN, 0), |best, (i, &s)| if s > best.0 { (s, i) } else { best })
+}
+
+/// Where the cells of a `[rows, columns]` grid (`cosines`, row by row: each cell's cosine with
+/// one category's direction) place the category, as a fraction of the frame's width: the centre
+/// of its region, the cells connected (sides and corners) to cell `best` whose cosine reaches
+/// `fraction` of the best one, each column's centre weighted by its cell's cosine; without a
+/// fraction, the centre of cell `best` alone. A token that points at a name marks a part of the
+/// object, and the one best cell may be its edge; the region is the whole object, and a second
+/// object of the category elsewhere in the frame, not connected, does not pull it.
+/// `cosines` holds at least `rows * columns` values and `best` is one of the cells.
+fn region_centre(cosines: &[f32], [rows, columns]: [usize; 2], best: usize, fraction: Option<f32>) -> f32 {
+    let centre = |cell: usize| ((cell % columns) as f32 + 0.5) / columns as f32;
+    let Some(fraction) = fraction else { return centre(best) };
+    let floor = fraction * cosines[best];
+    let mut region = vec![false; rows * columns];
+    region[best] = true;
+    let mut todo = vec![best];
+    let (mut sum, mut weight) = (0.0f32, 0.0f32);
+    while let Some(cell) = todo.pop() {
+        let w = cosines[cell].max(f32::EPSILON);
+        sum += w * centre(cell);
+        weight += w;
+        let (row, column) = (cell / columns, cell % columns);
+        for r in row.saturating_sub(1)..=(row + 1).min(rows - 1) {
+            for c in column.saturating_sub(1)..=(column + 1).min(columns - 1) {
+                let next = r * columns + c;
+                if !region[next] && cosines[next] >= floor {
+                    region[next] = true;
+                    todo.push(next);
                 }
-            })
-        })
-        .collect()
+            }
+        }
+    }
+    sum / weight
 }
 
 /// Per category, the detector's own best score of it in the frame (`tokens.class_scores` at the
@@ -102,9 +134,10 @@ pub fn classifier_support(tokens: &ImageTokens, columns: &[Option<usize>]) -> Ve
 pub struct Support {
     /// By the image tokens ([`support`]).
     pub tokens: Vec<f32>,
-    /// The image token of each category's best cosine ([`support_at`]): where in the frame the
-    /// tokens point at it most, when it is one of the grid's cells.
-    pub at: Vec<usize>,
+    /// Where the image tokens place each category, as a fraction of the frame's width: the
+    /// centre of its region of grid cells (`GroundingSpec::region`), or of its best cell. None
+    /// where its best token is no cell, or the tokens are no grid.
+    pub placed: Vec<Option<f32>>,
     /// By the detector's own scores of the categories ([`classifier_support`]); empty when the
     /// check does not read them.
     pub classifier: Vec<Option<f32>>,
@@ -167,8 +200,20 @@ impl Grounding {
             .iter()
             .map(|c| c.and_then(|c| tokens.class_x.get(c).copied()).filter(|x| x.is_finite()))
             .collect();
-        let (tokens, at) = support_at(tokens, &self.directions).into_iter().unzip();
-        Support { tokens, at, classifier, located }
+        let (tokens, placed) = self
+            .directions
+            .iter()
+            .map(|d| {
+                let cosines = cosines(tokens, d);
+                let (support, at) = best(&cosines);
+                let placed = self
+                    .cells
+                    .filter(|[rows, columns]| at < (rows * columns).min(cosines.len()))
+                    .map(|grid| region_centre(&cosines[..grid[0] * grid[1]], grid, at, self.spec.region));
+                (support, placed)
+            })
+            .unzip();
+        Support { tokens, placed, classifier, located }
     }
 
     /// Removes from `caption` every named category whose token support is below the threshold, or
@@ -235,12 +280,12 @@ impl Grounding {
     ///   begin with `guide_yes`;
     /// - position ([`position`]: "Where is the goat?"), with the spec's `positions` and image
     ///   tokens that are a grid of cells: where the detector's own class of the category's name
-    ///   scores best ([`Support::located`], COCO's "dog"), or else the cell whose token points at
-    ///   the category most ([`Support::at`]), places it, on the left, in the centre (within the
-    ///   spec's `centre` band of the frame's width) or on the right, and the answer is to begin
-    ///   with that phrase. (The detector was trained to find its classes on real photos: on the
-    ///   evaluation's held-out scenes it places them right where the tokens place a new exemplar
-    ///   wrong, `models/README.md`.)
+    ///   scores best ([`Support::located`], COCO's "dog"), or else the centre of the cells whose
+    ///   tokens point at the category ([`Support::placed`]), places it, on the left, in the
+    ///   centre (within the spec's `centre` band of the frame's width) or on the right, and the
+    ///   answer is to begin with that phrase. (The detector was trained to find its classes on
+    ///   real photos: on the evaluation's held-out scenes it places them right where the tokens
+    ///   place a new exemplar wrong, `models/README.md`.)
     ///
     /// None for any other question, without the guide's settings, or below the threshold.
     pub fn answer_guide(&self, question: &str, support: &Support) -> Option<Guide> {
@@ -256,18 +301,10 @@ impl Grounding {
             });
         }
         let category = position(question, &self.spec.categories)?;
-        let (phrases, [rows, columns]) = self.spec.positions.as_ref().zip(self.cells)?;
+        let phrases = self.spec.positions.as_ref()?;
+        self.cells?;
         let i = index(category)?;
-        let x = match support.located.get(i).copied().flatten() {
-            Some(x) => x,
-            None => {
-                let at = *support.at.get(i)?;
-                if at >= rows * columns {
-                    return None;
-                }
-                ((at % columns) as f32 + 0.5) / columns as f32
-            }
-        };
+        let x = support.located.get(i).copied().flatten().or_else(|| support.placed.get(i).copied().flatten())?;
         let [from, to] = self.spec.centre;
         let side = if x < from {
             0
@@ -517,6 +554,7 @@ mod tests {
             guide_yes: crate::manifest::default_guide_yes(),
             positions: None,
             centre: crate::manifest::default_centre(),
+            region: None,
         }
     }
 
@@ -678,14 +716,15 @@ mod tests {
     }
 
     #[test]
-    fn a_position_answer_is_guided_by_the_cell_whose_token_points_at_the_category_most() {
+    fn a_position_answer_is_guided_by_where_the_tokens_place_the_category() {
         let spec = GroundingSpec { positions: Some(crate::manifest::default_positions()), ..spec() };
         let n = spec.categories.len();
-        // Two rows of four cells, then a token of the whole frame (index 8). The dog's best
-        // token is cell 4 (row 1, column 0), the cat's 7 (column 3), the pig's 2 (column 2, its
-        // centre at 0.625 of the width), the goat's the whole-frame token.
+        // Two rows of four cells. The tokens place the dog in column 0 (its centre at 0.125 of
+        // the width), the cat in column 3, the pig in column 2 (0.625); the goat nowhere (its
+        // best token is no cell).
         let g = grounding(spec, vec![None; n], Some([2, 4]));
-        let support = Support { tokens: vec![0.3; n], at: vec![4, 7, 2, 8, 0, 0, 0], ..Support::default() };
+        let placed = vec![Some(0.125), Some(0.875), Some(0.625), None, None, None, None];
+        let support = Support { tokens: vec![0.3; n], placed, ..Support::default() };
         let start = |q: &str| g.answer_guide(q, &support).map(|guide| guide.start);
         assert_eq!(start("Where is the dog?").as_deref(), Some("On the left"));
         assert_eq!(start("Where is the cat?").as_deref(), Some("On the right"));
@@ -732,11 +771,12 @@ mod tests {
         // The detector's classes: column 0 "cat", column 1 "dog" (COCO's own), 2 "imagenet dog".
         let mut g = grounding(spec, vec![None; n], Some([2, 4]));
         g.classes = vec![Some(1), Some(0), None, None, None, None, None];
-        // Its best "dog" anchor at 0.8 of the width, "cat" at 0.1; the tokens point at the dog
-        // from cell 4 (column 0, the left) and at the cat from cell 6 (column 2, the centre).
+        // Its best "dog" anchor at 0.8 of the width, "cat" at 0.1; the tokens place the dog on
+        // the left (column 0) and the cat and the pig in the centre (column 2).
         let tokens =
             ImageTokens { class_scores: vec![0.4, 0.3, 0.9], class_x: vec![0.1, 0.8, 0.5], ..ImageTokens::default() };
-        let support = Support { tokens: vec![0.3; n], at: vec![4, 6, 2, 8, 0, 0, 0], ..g.support(&tokens) };
+        let by_tokens = vec![Some(0.125), Some(0.625), Some(0.625), None, None, None, None];
+        let support = Support { tokens: vec![0.3; n], placed: by_tokens.clone(), ..g.support(&tokens) };
         assert_eq!(&support.located[..3], [Some(0.8), Some(0.1), None]);
         let start = |g: &Grounding, support: &Support, q: &str| g.answer_guide(q, support).map(|guide| guide.start);
         assert_eq!(
@@ -748,7 +788,7 @@ mod tests {
         assert_eq!(start(&g, &support, "Where is the pig?").as_deref(), Some("In the centre"), "no class: the tokens'");
         // A class the detector could not place (NaN) leaves it to the tokens.
         let unplaced = ImageTokens { class_x: vec![f32::NAN, f32::NAN, 0.5], ..tokens };
-        let support = Support { at: vec![4, 6, 2, 8, 0, 0, 0], ..g.support(&unplaced) };
+        let support = Support { placed: by_tokens, ..g.support(&unplaced) };
         assert_eq!(start(&g, &support, "Where is the dog?").as_deref(), Some("On the left"));
     }
 
@@ -770,6 +810,56 @@ mod tests {
         // The LLM's own answer stands when it begins with the yes word.
         assert!(["Yes.", "yes, on the left", " YES"].iter().all(|a| g.agrees(a, &guide)));
         assert!(!["No.", "Yesterday.", "There is a goat."].iter().any(|a| g.agrees(a, &guide)));
+    }
+
+    /// A token of width 2 whose cosine with `[1, 0]` is `c`.
+    fn at_cosine(c: f32) -> [f32; 2] {
+        [c, (1.0 - c * c).max(0.0).sqrt()]
+    }
+
+    #[test]
+    fn the_tokens_place_a_category_at_the_centre_of_its_region_of_cells() {
+        // A grid of two rows of four cells, each cell's cosine with the category's direction.
+        let grid = [2, 4];
+        // An object over the top row's four cells, pointed at most from its left edge: the best
+        // cell alone puts it on the left (0.125), the region in the middle.
+        let wide = [0.9, 0.85, 0.85, 0.8, 0.0, 0.1, 0.0, 0.0];
+        assert_eq!(region_centre(&wide, grid, 0, None), 0.125);
+        let centre = region_centre(&wide, grid, 0, Some(0.5));
+        let expect = (0.9 * 0.125 + 0.85 * 0.375 + 0.85 * 0.625 + 0.8 * 0.875) / 3.4;
+        assert!((centre - expect).abs() < 1e-6, "{centre} vs {expect}");
+        // Cells below the fraction are not the object: at 0.95 of the best only the best cell.
+        assert_eq!(region_centre(&wide, grid, 0, Some(0.95)), 0.125);
+        // A second object in the far corner, not connected to the best cell, does not pull it;
+        // a corner counts as connected.
+        let apart = [0.9, 0.0, 0.0, 0.85, 0.0, 0.0, 0.0, 0.0];
+        assert_eq!(region_centre(&apart, grid, 0, Some(0.5)), 0.125);
+        let diagonal = [0.9, 0.0, 0.0, 0.0, 0.0, 0.9, 0.0, 0.0];
+        assert!((region_centre(&diagonal, grid, 0, Some(0.5)) - 0.25).abs() < 1e-6);
+        // A best cosine below zero: the best cell alone.
+        assert_eq!(region_centre(&[-0.2, -0.3, -0.25, -0.4, -0.5, -0.5, -0.5, -0.5], grid, 0, Some(0.5)), 0.125);
+
+        // Through the check's support: the tokens of `wide`, then a token of the whole frame that
+        // points at the category more than any cell (no grid cell: placed nowhere).
+        let spec = GroundingSpec { positions: Some(crate::manifest::default_positions()), region: Some(0.5), ..spec() };
+        let n = spec.categories.len();
+        let mut directions = vec![vec![0.0, 1.0]; n];
+        directions[0] = vec![1.0, 0.0];
+        let g = Grounding { directions, columns: vec![None; n], classes: vec![None; n], spec, cells: Some(grid) };
+        let rows: Vec<f32> = wide.iter().flat_map(|&c| at_cosine(c)).collect();
+        let tokens = ImageTokens { n_tokens: 8, n_embd: 2, data: rows.clone(), ..ImageTokens::default() };
+        let support = g.support(&tokens);
+        assert!((support.placed[0].unwrap() - expect).abs() < 1e-5, "{:?}", support.placed);
+        assert_eq!(g.answer_guide("Where is the dog?", &support).unwrap().start, "In the centre");
+        let best_cell = Grounding { spec: GroundingSpec { region: None, ..g.spec.clone() }, ..g.clone() };
+        assert_eq!(
+            best_cell.answer_guide("Where is the dog?", &best_cell.support(&tokens)).unwrap().start,
+            "On the left"
+        );
+        let global = [rows, at_cosine(1.0).to_vec()].concat();
+        let tokens = ImageTokens { n_tokens: 9, n_embd: 2, data: global, ..ImageTokens::default() };
+        assert_eq!(g.support(&tokens).placed[0], None);
+        assert_eq!(g.answer_guide("Where is the dog?", &g.support(&tokens)), None);
     }
 
     #[test]

@@ -426,6 +426,7 @@ pub fn calibrate(
             current.and_then(|g| g.positions.clone())
         },
         centre: current.map_or_else(scenecast::manifest::default_centre, |g| g.centre),
+        region: current.and_then(|g| g.region),
     };
     let mut comment = format!(
         "The check of captions by the image tokens (`llm.ground_captions`): a caption keeps a category's name \
@@ -514,9 +515,10 @@ pub fn calibrate(
         eprintln!("guide_threshold {p}: captions that name nothing are begun with a category scored at least {p}");
     }
     if spec.positions.is_some() {
-        comment += "\nA position question whose answer places the object elsewhere than the grid cell whose image token \
-             points at it most is answered again begun with that side's phrase of `positions` (left, centre, right; set, \
-             not calibrated).";
+        comment += "\nA position question whose answer places the object elsewhere than the detector's class of its \
+             name scores best, or else the image tokens place it (the centre of the grid cells around the best one \
+             that reach `region` of its cosine; without `region`, the best cell), is answered again begun with that \
+             side's phrase of `positions` (left, centre, right; set, not calibrated).";
         eprintln!("positions: answers to \"Where is ...?\" are placed by the image tokens");
     }
     let section = spec.to_toml(&comment);
