@@ -131,51 +131,65 @@ def read_pth(path: Path) -> dict[str, np.ndarray]:
         raise ConvertError(f"{path}: not a readable PyTorch state dict ({type(exc).__name__}: {exc})") from exc
 
 
+class WordNet:
+    """WordNet 3.0's nouns (Debian's wordnet-base: `index.noun`, `data.noun`): each lemma's synsets
+    (byte offsets, the most frequent sense first) and each synset's hypernyms."""
+
+    def __init__(self, wordnet: Path):
+        self.index: dict[str, list[str]] = {}
+        for line in (wordnet / "index.noun").read_text(encoding="latin-1").splitlines():
+            if not line.startswith(" "):
+                f = line.split()
+                self.index[f[0]] = f[-int(f[2]):]
+        self.hyper: dict[str, list[str]] = {}
+        for line in (wordnet / "data.noun").read_text(encoding="latin-1").splitlines():
+            if line.startswith(" "):
+                continue
+            f = line.partition(" | ")[0].split()
+            i = 4 + 2 * int(f[3], 16)
+            ptrs = [f[i + 1 + 4 * p: i + 5 + 4 * p] for p in range(int(f[i]))]
+            self.hyper[f[0]] = [p[1] for p in ptrs if p[0] in ("@", "@i") and p[2] == "n"]
+
+    def ancestors(self, off: str) -> dict[str, int]:
+        """`off` and every hypernym above it, with the fewest steps up to each."""
+        steps, todo = {off: 0}, [off]
+        while todo:
+            o = todo.pop(0)
+            for h in self.hyper.get(o, []):
+                if h not in steps:
+                    steps[h] = steps[o] + 1
+                    todo.append(h)
+        return steps
+
+    def synsets(self, category: dict) -> set[str]:
+        """The offsets of a `[[category]]`'s `wordnet` keys ("dog.n.01", or an ImageNet id "n01514859")."""
+        offs = set()
+        for key in category["wordnet"]:
+            if key.startswith("n") and key[1:].isdigit():
+                offs.add(key[1:])
+                continue
+            lemma, _, n = key.rsplit(".", 2)
+            senses = self.index.get(lemma.lower(), [])
+            if not n.isdigit() or not 1 <= int(n) <= len(senses):
+                raise ConvertError(f"category {category['name']}: WordNet has no noun sense {key!r} "
+                                   f"(it has {len(senses)} senses of {lemma!r})")
+            offs.add(senses[int(n) - 1])
+        return offs
+
+
 def category_matrix(wordnet: Path, wnids_json: Path, spec: dict) -> tuple[list[str], np.ndarray]:
     """The categories of `spec` ([[category]] name, wordnet = [synset keys "dog.n.01" or ImageNet
     ids "n01514859"]) and [1000, categories] 0/1: ImageNet class i counts for category k when one of
     k's synsets is i itself or one of its hypernyms (WordNet 3.0 nouns). With `other = "name"`, a
     last column holds the classes under no category."""
-    index: dict[str, list[str]] = {}
-    for line in (wordnet / "index.noun").read_text(encoding="latin-1").splitlines():
-        if not line.startswith(" "):
-            f = line.split()
-            index[f[0]] = f[-int(f[2]):]
-    hyper: dict[str, list[str]] = {}
-    for line in (wordnet / "data.noun").read_text(encoding="latin-1").splitlines():
-        if line.startswith(" "):
-            continue
-        f = line.partition(" | ")[0].split()
-        i = 4 + 2 * int(f[3], 16)
-        ptrs = [f[i + 1 + 4 * p: i + 5 + 4 * p] for p in range(int(f[i]))]
-        hyper[f[0]] = [p[1] for p in ptrs if p[0] in ("@", "@i") and p[2] == "n"]
-
-    def ancestors(off: str) -> set[str]:
-        seen, todo = set(), [off]
-        while todo:
-            o = todo.pop()
-            if o not in seen:
-                seen.add(o)
-                todo += hyper.get(o, [])
-        return seen
-
+    wn = WordNet(wordnet)
     wnids = json.loads(wnids_json.read_text())
     if len(wnids) != 1000:
         raise ConvertError(f"{wnids_json}: expected the 1000 ImageNet-1k classes, got {len(wnids)}")
-    classes = [ancestors(wnids[str(i)][1:]) for i in range(1000)]
+    classes = [set(wn.ancestors(wnids[str(i)][1:])) for i in range(1000)]
     names, cols = [], []
     for c in spec["category"]:
-        offs = set()
-        for key in c["wordnet"]:
-            if key.startswith("n") and key[1:].isdigit():
-                offs.add(key[1:])
-                continue
-            lemma, _, n = key.rsplit(".", 2)
-            senses = index.get(lemma.lower(), [])
-            if not n.isdigit() or not 1 <= int(n) <= len(senses):
-                raise ConvertError(f"category {c['name']}: WordNet has no noun sense {key!r} "
-                                   f"(it has {len(senses)} senses of {lemma!r})")
-            offs.add(senses[int(n) - 1])
+        offs = wn.synsets(c)
         names.append(c["name"])
         cols.append([1.0 if anc & offs else 0.0 for anc in classes])
     if "other" in spec:

@@ -759,6 +759,71 @@ def with_global(feats: np.ndarray, path: Path, keep: int) -> np.ndarray:
     return np.concatenate([feats, rows], axis=1)
 
 
+# Words in the unknown things' file names that say which GCompris activity or which view a photo
+# is, not what it shows ("erase-giraffe", "cat-chair", "gnu-sitting", "inukshuk-photo").
+NAME_NOISE = {"world", "erase", "cat", "jigzo", "photo", "sitting", "stand", "eating", "small", "large", "black"}
+
+
+def thing_words(u: dict) -> list[str]:
+    """The words of an unknown thing's file name, lower-case: "cat-measuringTape4.webp" ->
+    ["measuring", "tape"], "sea_lion.png" -> ["sea", "lion"]."""
+    stem = Path(u.get("stamp") or u.get("file") or "").stem
+    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", stem)
+    return [w.lower() for w in words if w.lower() not in NAME_NOISE]
+
+
+class Lookalikes:
+    """For an unknown thing, the known category nearest to it in WordNet 3.0's noun hierarchy: the
+    one whose synsets (`models/classifier/imagenet-categories.toml`) share the most specific
+    hypernym with the thing (the deepest common ancestor; then the fewest steps between them).
+    What a captioner that does not know a giraffe is likely to call it: a hard negative for
+    presence questions about unknown things that no model chose ("Is there a deer?")."""
+
+    def __init__(self, cache: Path, categories: list[str]):
+        import imagenet_to_onnx as ito
+
+        spec = tomllib.loads((HERE / "classifier" / "imagenet-categories.toml").read_text())
+        self.wn = ito.WordNet(cache / "models" / "classifier" / "wordnet")
+        self.categories = [(c["name"], {o: self.wn.ancestors(o) for o in self.wn.synsets(c)})
+                           for c in spec["category"] if c["name"] in categories]
+        # Things, not what they are made of or do: senses under whole.n.02 (living things, artifacts).
+        self.whole = self.wn.index["whole"][1]
+        self.depth = lru_cache(maxsize=None)(lambda o: max(self.wn.ancestors(o).values()))
+        # Nearer than any two animals or any two artifacts: the common hypernym deeper than
+        # animal.n.01 (a giraffe and a deer are ruminants, a caterpillar and a dog only animals).
+        self.min_depth = self.depth(self.wn.index["animal"][0]) + 1
+
+    def synset(self, words: list[str]) -> str | None:
+        """The first noun sense that is a whole thing (an otter, not its fur) of the longest run of
+        `words` WordNet knows (the whole name first, then shorter runs from the front; a plural
+        as its singular)."""
+        for n in range(len(words), 0, -1):
+            for i in range(len(words) - n + 1):
+                lemma = "_".join(words[i:i + n])
+                for form in (lemma, lemma.removesuffix("s"), lemma.removesuffix("es")):
+                    things = [o for o in self.wn.index.get(form, []) if self.whole in self.wn.ancestors(o)]
+                    if things:
+                        return things[0]
+        return None
+
+    def of(self, u: dict) -> str | None:
+        """The category nearest to the unknown thing `u`; None when WordNet does not know its
+        name as a whole thing, or files it under a category (a pitcher is also a person)."""
+        off = self.synset(thing_words(u))
+        if off is None:
+            return None
+        up = self.wn.ancestors(off)
+        if any(s in up for _, synsets in self.categories for s in synsets):
+            return None
+        best = None
+        for name, synsets in self.categories:
+            for down in synsets.values():
+                for a in up.keys() & down.keys():
+                    key = (-self.depth(a), up[a] + down[a], name)
+                    best = key if best is None or key < best else best
+        return best[2] if best and -best[0] >= self.min_depth else None
+
+
 def write_eval(cfg: dict, cache: Path, work: Path) -> None:
     """The evaluation set for `scenecast eval`: held-out pair scenes, empty scenes, whole real photos.
 
@@ -768,6 +833,21 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
     rng = np.random.default_rng(cfg["seed"] + 2)
     comp = Composer(cfg, cache / "models" / "photos", rng)
     scenes = []
+    # Unknown things are also asked about their nearest known category (kind `lookalike`, not drawn
+    # from `rng`: every other question stays as it was). Needs WordNet (part `wordnet`).
+    lookalikes = None
+    if (cache / "models" / "classifier" / "wordnet" / "data.noun").is_file():
+        lookalikes = Lookalikes(cache, comp.categories)
+    else:
+        log("    no WordNet in the cache (make models): the set has no lookalike questions")
+
+    def ask_lookalike(u: dict) -> None:
+        """Adds to the last scene, which shows the unknown thing `u` alone, the question about
+        its nearest known category, when it has one."""
+        near = lookalikes.of(u) if lookalikes else None
+        if near:
+            scenes[-1]["questions"].append(
+                {"kind": "lookalike", "question": f"Is there {article(near)} in the image?", "expect": "no"})
 
     def questions(names: list[str], positions: dict[str, str]) -> list[dict]:
         qs = []
@@ -821,6 +901,7 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
             for v in range(cfg["data"]["eval_exemplar_views"]):
                 img, m = comp.empty([u])
                 add(img, {**m, "kind": "unknown-heldout"}, f"unknown-{k:03}-{v}.png")
+                ask_lookalike(u)
         for i in range(cfg["data"]["eval_half"]):
             img, m = comp.half(comp.unknown_heldout, comp.heldout_photos)
             add(img, {**m, "kind": "half-heldout"}, f"half-{i:03}.png")
@@ -842,6 +923,7 @@ def write_eval(cfg: dict, cache: Path, work: Path) -> None:
                 name = f"{prefix}-{Path(u['file']).stem}.png"
                 comp.open(u).save(out / name)
                 scenes.append({"image": name, "kind": kind, "objects": [], "questions": questions([], {})})
+                ask_lookalike(u)
 
     if v2:
         unknown_photos(comp.unknown_heldout, "unknown-photo-heldout", "unknown-photo")

@@ -109,13 +109,13 @@ impl EvalSet {
             }
             for q in &scene.questions {
                 let known = match q.kind.as_str() {
-                    "yesno" => matches!(q.expect.as_str(), "yes" | "no"),
+                    "yesno" | "lookalike" => matches!(q.expect.as_str(), "yes" | "no"),
                     "position" => matches!(q.expect.as_str(), "left" | "centre" | "right"),
                     _ => false,
                 };
                 if !known {
                     return Err(bad(format!(
-                        "question {:?}: kind {:?} expecting {:?}; expected kind yesno (yes/no) or position (left/centre/right)",
+                        "question {:?}: kind {:?} expecting {:?}; expected kind yesno or lookalike (yes/no), or position (left/centre/right)",
                         q.question, q.kind, q.expect
                     )));
                 }
@@ -190,6 +190,12 @@ pub struct Tally {
     pub position_correct: usize,
     /// Position questions asked.
     pub position_total: usize,
+    /// Lookalike questions answered correctly, of `lookalike_total`: presence questions about the
+    /// known category nearest to an unknown thing shown ("Is there a deer?" about a giraffe,
+    /// kind `lookalike` in the set), kept out of the yes/no counts.
+    pub lookalike_correct: usize,
+    /// Lookalike questions asked.
+    pub lookalike_total: usize,
 }
 
 fn ratio(n: usize, d: usize) -> Option<f64> {
@@ -225,6 +231,8 @@ impl Tally {
         self.yesno_total += other.yesno_total;
         self.position_correct += other.position_correct;
         self.position_total += other.position_total;
+        self.lookalike_correct += other.lookalike_correct;
+        self.lookalike_total += other.lookalike_total;
     }
 }
 
@@ -279,7 +287,7 @@ pub struct SceneResult {
 pub struct GuidedAnswer {
     /// The question.
     pub question: String,
-    /// Its kind in the set (`yesno`, `position`).
+    /// Its kind in the set (`yesno`, `lookalike`, `position`).
     pub kind: String,
     /// The LLM's own answer, before the guide.
     pub written: String,
@@ -290,7 +298,7 @@ pub struct GuidedAnswer {
 /// Whether `answer` is right for `q`.
 fn right(q: &Question, answer: &str) -> bool {
     match q.kind.as_str() {
-        "yesno" => yes_no(answer) == Some(q.expect == "yes"),
+        "yesno" | "lookalike" => yes_no(answer) == Some(q.expect == "yes"),
         _ => position(answer) == Some(q.expect.as_str()),
     }
 }
@@ -319,6 +327,7 @@ pub fn score(
         let ok = right(q, a);
         let (asked, answered_right) = match q.kind.as_str() {
             "yesno" => (&mut tally.yesno_total, &mut tally.yesno_correct),
+            "lookalike" => (&mut tally.lookalike_total, &mut tally.lookalike_correct),
             _ => (&mut tally.position_total, &mut tally.position_correct),
         };
         *asked += 1;
@@ -629,6 +638,12 @@ fn guided_answers(results: &[SceneResult]) -> String {
              detector's category columns being sure of the category asked about (`grounding.guide_threshold`)",
         ),
         (
+            "lookalike",
+            "answers to lookalike questions (about the known category nearest to an unknown thing shown) that the LLM \
+             did not answer yes were written again begun with yes, the detector's category columns being sure of that \
+             category (`grounding.guide_threshold`)",
+        ),
+        (
             "position",
             "answers to position questions that placed the object elsewhere than the detector's class of its \
              name or else the image tokens do were written again begun with the side where that class scores \
@@ -653,6 +668,28 @@ fn guided_answers(results: &[SceneResult]) -> String {
         );
     }
     s
+}
+
+/// The report's line on lookalike questions (empty when the set has none): how many were answered
+/// right ("No": the unknown thing is not its nearest known category), per scene kind.
+fn lookalikes(results: &[SceneResult]) -> String {
+    let kinds = by_kind(
+        results
+            .iter()
+            .filter(|r| r.tally.lookalike_total > 0)
+            .map(|r| (r.kind.as_str(), [r.tally.lookalike_total, r.tally.lookalike_correct])),
+    );
+    if kinds.is_empty() {
+        return String::new();
+    }
+    let [n, ok] = total(&kinds);
+    format!(
+        "\nLookalike questions, presence questions about the known category nearest to an unknown thing shown \
+         (in WordNet: \"Is there a deer?\" about a giraffe; not in the yes/no column): {ok} of {n} answered right \
+         ({:.1} %; per kind, right / asked: {}).\n",
+        100.0 * ok as f64 / n as f64,
+        kinds.iter().map(|(k, [n, ok])| format!("{k} {ok}/{n}")).collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// Counts summed per scene kind, in first-seen order.
@@ -801,6 +838,7 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
             t.position_total
         );
     }
+    s += &lookalikes(results);
     if results.iter().any(|r| r.unchecked.is_some()) {
         let changed = results.iter().filter(|r| r.unchecked.is_some()).count();
         s += &format!(
@@ -988,6 +1026,42 @@ mod tests {
     }
 
     #[test]
+    fn lookalike_questions_score_apart_from_yes_no_and_get_their_own_report_line() {
+        // An unknown giraffe: asked about the deer (its nearest known category) and a bus.
+        let scene = Scene {
+            image: "g.png".into(),
+            kind: "unknown".into(),
+            objects: vec![],
+            questions: vec![
+                Question { kind: "yesno".into(), question: "Is there a bus?".into(), expect: "no".into() },
+                Question { kind: "lookalike".into(), question: "Is there a dog?".into(), expect: "no".into() },
+            ],
+        };
+        let (_, correct, fooled) = score(&scene, &cats(), "A dog.", &["No.".to_string(), "Yes.".into()]);
+        assert_eq!(correct, vec![true, false]);
+        assert_eq!((fooled.yesno_correct, fooled.yesno_total), (1, 1), "the yes/no column keeps its questions");
+        assert_eq!((fooled.lookalike_correct, fooled.lookalike_total), (0, 1));
+        let (_, _, right) = score(&scene, &cats(), "No known object.", &["No.".to_string(), "No.".into()]);
+        assert_eq!((right.lookalike_correct, right.lookalike_total), (1, 1));
+        let set = EvalSet { name: "s".into(), categories: cats(), caption_prompt: "D.".into(), scenes: vec![] };
+        let results = [
+            SceneResult { tally: fooled, ..result("unknown", &[], &["dog"]) },
+            SceneResult { tally: right.clone(), ..result("unknown", &[], &[]) },
+            SceneResult { tally: right, ..result("unknown-photo", &[], &[]) },
+        ];
+        let md = markdown(&set, "s", &results, 0, 1.0);
+        assert!(
+            md.contains("Lookalike questions, presence questions about the known category nearest to an unknown thing")
+                && md.contains(
+                    "2 of 3 answered right (66.7 %; per kind, right / asked: unknown 1/2, unknown-photo 1/1)"
+                ),
+            "{md}"
+        );
+        let plain = [result("unknown", &[], &[])];
+        assert!(!markdown(&set, "s", &plain, 0, 1.0).contains("Lookalike"), "a set without them says nothing");
+    }
+
+    #[test]
     fn an_empty_scene_scores_names_as_false_positives() {
         let scene = Scene { image: "e.png".into(), kind: "empty".into(), objects: vec![], questions: vec![] };
         let (_, _, t) = score(&scene, &cats(), "No known object.", &[]);
@@ -1168,6 +1242,12 @@ mod tests {
         std::fs::write(&path, bad.replace(r#""kind":"count""#, r#""kind":"yesno""#).replace("two", "yes")).unwrap();
         let set = EvalSet::load(&path).unwrap();
         assert_eq!(set.scenes[0].image, dir.join("a.png"));
+        let lookalike = bad.replace(r#""kind":"count""#, r#""kind":"lookalike""#);
+        std::fs::write(&path, lookalike.replace("two", "no")).unwrap();
+        assert_eq!(EvalSet::load(&path).unwrap().scenes[0].questions[0].kind, "lookalike");
+        std::fs::write(&path, lookalike.replace("two", "left")).unwrap();
+        let err = EvalSet::load(&path).unwrap_err().to_string();
+        assert!(err.contains("\"lookalike\" expecting \"left\"") && err.contains("lookalike (yes/no)"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
