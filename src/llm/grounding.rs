@@ -206,9 +206,11 @@ impl Grounding {
             .map(|d| {
                 let cosines = cosines(tokens, d);
                 let (support, at) = best(&cosines);
+                // Tokens fewer than the grid's cells (a projector that does not match its
+                // manifest) place nothing rather than read past them.
                 let placed = self
                     .cells
-                    .filter(|[rows, columns]| at < (rows * columns).min(cosines.len()))
+                    .filter(|[rows, columns]| at < rows * columns && rows * columns <= cosines.len())
                     .map(|grid| region_centre(&cosines[..grid[0] * grid[1]], grid, at, self.spec.region));
                 (support, placed)
             })
@@ -856,6 +858,8 @@ mod tests {
             best_cell.answer_guide("Where is the dog?", &best_cell.support(&tokens)).unwrap().start,
             "On the left"
         );
+        let short = ImageTokens { n_tokens: 3, n_embd: 2, data: rows[..6].to_vec(), ..ImageTokens::default() };
+        assert_eq!(g.support(&short).placed[0], None, "fewer tokens than the grid's cells: placed nowhere");
         let global = [rows, at_cosine(1.0).to_vec()].concat();
         let tokens = ImageTokens { n_tokens: 9, n_embd: 2, data: global, ..ImageTokens::default() };
         assert_eq!(g.support(&tokens).placed[0], None);
