@@ -12,7 +12,7 @@ use crate::camera::CameraConfig;
 use crate::generate::GeneratorConfig;
 use crate::llm::LlmConfig;
 use crate::manifest::{Manifest, ManifestError};
-use crate::mqtt::{MqttConfig, MqttProtocol, OffloadConfig};
+use crate::mqtt::{MqttConfig, MqttProtocol, OffloadConfig, DEFAULT_OBJECTS};
 use crate::onnx::OnnxConfig;
 use crate::worker::{GateConfig, PrivacyConfig, RuntimeSettings};
 
@@ -323,6 +323,48 @@ impl Config {
         RuntimeSettings { caption_prompt: self.llm.caption_prompt.clone(), gate: self.scene.clone() }
     }
 
+    /// The config with `mqtt.discovery.objects` settled against the vocabulary of `manifest` (its
+    /// `[grounding] categories`): when absent, the categories of [`DEFAULT_OBJECTS`] the vocabulary
+    /// has; when given, each name must be in it, once.
+    pub fn with_objects(mut self, manifest: &Manifest) -> Result<Self, ConfigError> {
+        let vocabulary: &[String] = manifest.grounding.as_ref().map_or(&[], |g| &g.categories);
+        let objects = match &self.mqtt.discovery.objects {
+            None => {
+                DEFAULT_OBJECTS.iter().filter(|o| vocabulary.iter().any(|v| v == *o)).map(|o| o.to_string()).collect()
+            }
+            Some(given) => {
+                for (i, name) in given.iter().enumerate() {
+                    let key = format!("mqtt.discovery.objects[{i}]");
+                    if given[..i].contains(name) {
+                        return Err(self.invalid(key, format!("{name:?} is listed twice")));
+                    }
+                    if vocabulary.is_empty() {
+                        return Err(self.invalid(
+                            key,
+                            format!(
+                                "the model stack `{}` has no vocabulary (no `[grounding] categories` in its manifest), so its captions name no objects to sense; remove the key",
+                                manifest.name
+                            ),
+                        ));
+                    }
+                    if !vocabulary.contains(name) {
+                        return Err(self.invalid(
+                            key,
+                            format!(
+                                "{name:?} is not a category of the model stack `{}`; expected one of {}",
+                                manifest.name,
+                                vocabulary.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                given.clone()
+            }
+        };
+        self.mqtt.discovery.objects = Some(objects);
+        Ok(self)
+    }
+
     /// The manifest in effect.
     pub fn manifest(&self) -> Result<Manifest, ManifestError> {
         match &self.models.manifest {
@@ -425,6 +467,50 @@ mod tests {
         ];
         for (text, expect) in cases {
             let err = Config::parse(text, "t.toml").unwrap_err().to_string();
+            assert!(err.starts_with("config t.toml: "), "{err}");
+            assert!(err.contains(expect), "expected {expect:?} in: {err}");
+        }
+    }
+
+    /// The object sensors are settled against the model stack's vocabulary: the defaults it has,
+    /// or the names given, each checked, with the key of a bad one named.
+    #[test]
+    fn object_sensors_are_the_vocabularys_categories() {
+        let reference = Manifest::reference().unwrap();
+        let objects = |text: &str, manifest: &Manifest| {
+            Config::parse(text, "t.toml").unwrap().with_objects(manifest).map(|c| c.mqtt.discovery.objects.unwrap())
+        };
+        assert_eq!(objects("", &reference).unwrap(), ["person", "car", "dog", "cat"]);
+        let given = "[mqtt.discovery]\nobjects = [\"goat\", \"person\"]\n";
+        assert_eq!(objects(given, &reference).unwrap(), ["goat", "person"]);
+        assert_eq!(objects("[mqtt.discovery]\nobjects = []\n", &reference).unwrap(), Vec::<String>::new());
+        // Only the default names a vocabulary has.
+        let mut few = reference.clone();
+        few.grounding.as_mut().unwrap().categories = vec!["cat".into(), "goat".into(), "person".into()];
+        assert_eq!(objects("", &few).unwrap(), ["person", "cat"]);
+        // A stack without a vocabulary (no [grounding]) senses nothing, and refuses names.
+        let mut none = reference.clone();
+        none.grounding = None;
+        assert_eq!(objects("", &none).unwrap(), Vec::<String>::new());
+        let cases = [
+            (
+                "[mqtt.discovery]\nobjects = [\"person\", \"unicorn\"]\n",
+                &reference,
+                "`mqtt.discovery.objects[1]`: \"unicorn\" is not a category of the model stack `dinov2s-nanodet-imagenet-smollm2-135m`; expected one of person, cat, dog,",
+            ),
+            (
+                "[mqtt.discovery]\nobjects = [\"dog\", \"cat\", \"dog\"]\n",
+                &reference,
+                "`mqtt.discovery.objects[2]`: \"dog\" is listed twice",
+            ),
+            (
+                "[mqtt.discovery]\nobjects = [\"person\"]\n",
+                &none,
+                "`mqtt.discovery.objects[0]`: the model stack `dinov2s-nanodet-imagenet-smollm2-135m` has no vocabulary",
+            ),
+        ];
+        for (text, manifest, expect) in cases {
+            let err = objects(text, manifest).unwrap_err().to_string();
             assert!(err.starts_with("config t.toml: "), "{err}");
             assert!(err.contains(expect), "expected {expect:?} in: {err}");
         }

@@ -130,19 +130,35 @@ impl Daemon {
 async fn captions_status_discovery_and_clean_stop() {
     let broker = Broker::start();
     let mut watcher = TestClient::connect(broker.port, "watch-1", &["#"]).await;
-    let mut d = Daemon::start(mqtt_config(broker.port, "cam1")).await;
+    // Object sensors as a user configures them, settled against the reference stack as `run` does.
+    let objects = "[mqtt.discovery]\nobjects = [\"person\", \"cup\"]\n";
+    let configured = Config::parse(objects, "cam1.toml").unwrap().with_objects(&manifest()).unwrap();
+    let mut d =
+        Daemon::start(MqttConfig { discovery: configured.mqtt.discovery, ..mqtt_config(broker.port, "cam1") }).await;
 
     let status = watcher.next_on("scenecast/cam1/status", WAIT).await.unwrap();
     assert_eq!(status.payload, b"online");
-    let discovery = watcher.next_on("homeassistant/device/cam1/config", WAIT).await.unwrap();
-    assert_schema("ha_device_discovery.schema.json", &discovery.json());
+    let discovery = watcher.next_on("homeassistant/device/cam1/config", WAIT).await.unwrap().json();
+    assert_schema("ha_device_discovery.schema.json", &discovery);
+    for name in ["person", "cup"] {
+        let sensor = &discovery["cmps"][format!("object_{name}")];
+        assert_eq!(sensor["p"], "binary_sensor", "{discovery}");
+        assert_eq!(sensor["dev_cla"], "occupancy");
+        assert_eq!(sensor["stat_t"], "scenecast/cam1/caption");
+    }
 
     d.start_worker();
     let caption = watcher.next_on("scenecast/cam1/caption", WAIT).await.expect("a caption");
     let json = caption.json();
     assert_schema("caption.schema.json", &json);
     assert_eq!(json["frame_seq"], 0);
-    assert!(!json["text"].as_str().unwrap().is_empty());
+    let text = json["text"].as_str().unwrap();
+    assert!(!text.is_empty());
+    // The categories the caption names, which the object sensors read: the coffee photo's cup.
+    let vocabulary = manifest().grounding.unwrap().categories;
+    let named: Vec<&str> = scenecast::llm::mentions(text, &vocabulary);
+    assert_eq!(json["objects"], serde_json::json!(named), "{json}");
+    assert!(named.contains(&"cup"), "{json}");
     assert!(caption.user_properties.iter().any(|(k, _)| k == "total_ms"), "{:?}", caption.user_properties);
 
     // Retained: a client that connects now still sees `online` and the caption.
@@ -381,6 +397,9 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
             unsupported: if seq % 2 == 0 { vec!["dog".into()] } else { vec![] },
             // Every third was begun with the classifier's category: the field is then in the payload.
             guided: (seq % 3 == 0).then(|| "goat".to_owned()),
+            // The categories it names: none for every fourth ("No known object."), absent for a
+            // stack without a vocabulary every fifth.
+            objects: (seq % 5 != 0).then(|| if seq % 4 == 0 { vec![] } else { vec!["goat".to_owned()] }),
             frame_seq: seq,
             frame_ts_ms: 1_700_000_000_000 + seq,
             timings_ms: Default::default(),
@@ -403,6 +422,13 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
         assert_eq!(m.json()["unsupported"], removed, "{}", m.json());
         let guided = if seq % 3 == 0 { serde_json::json!("goat") } else { serde_json::Value::Null };
         assert_eq!(m.json()["guided"], guided, "{}", m.json());
+        // An empty list stays in the payload (the object sensors turn off); no vocabulary, no field.
+        let objects = match (seq % 5, seq % 4) {
+            (0, _) => serde_json::Value::Null,
+            (_, 0) => serde_json::json!([]),
+            _ => serde_json::json!(["goat"]),
+        };
+        assert_eq!(m.json()["objects"], objects, "{}", m.json());
         seqs.push(seq);
     }
     assert_eq!(seqs, (0..20).collect::<Vec<_>>());
@@ -754,6 +780,7 @@ async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
         text: "a cat".into(),
         unsupported: vec!["dog".into()],
         guided: Some("cat".into()),
+        objects: Some(vec!["cat".into()]),
         frame_seq: 1,
         frame_ts_ms: 0,
         timings_ms: Default::default(),

@@ -35,6 +35,9 @@ pub enum DaemonError {
     /// MQTT.
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    /// A setting that does not fit the model stack.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Threads, signals, the runtime.
     #[error("{what}: {source}")]
     Runtime {
@@ -94,6 +97,7 @@ fn load(config: &Config) -> Result<(Arc<Notifier>, Pipeline, PathBuf), DaemonErr
 pub fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let (notifier, pipeline, state_dir) = load(&config)?;
     let manifest = pipeline.manifest.clone();
+    let config = config.with_objects(&manifest)?;
     let source = camera::open(&config.camera, &cache::models_dir(&pipeline.cache_root))?;
 
     let stop = Arc::new(AtomicBool::new(false));

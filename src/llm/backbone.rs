@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::error::{check_question, LlmError, QuestionError};
 use super::gguf::GgufInfo;
-use super::grounding::{Checked, Grounding, Guide, Support};
+use super::grounding::{mentions, Checked, Grounding, Guide, Support};
 use super::prompt::{ChatLayout, StopFilter};
 use super::sampling::{SamplingParams, TokenSampler};
 use super::LlmConfig;
@@ -85,6 +85,11 @@ pub struct Generation {
     /// or answer. For a caption, `checked` then lists the names removed from both captions, its
     /// `unchecked` the first as written.
     pub guided: Option<Guided>,
+    /// For a caption, the categories of the manifest's vocabulary (`[grounding] categories`) that
+    /// its final text names, in the vocabulary's order (empty for "No known object."); None for an
+    /// answer, or when the manifest has no vocabulary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub objects: Option<Vec<String>>,
 }
 
 /// A caption (or a presence question's answer) written again, begun with the category (or the
@@ -198,6 +203,9 @@ pub struct Backbone {
     support: Option<Support>,
     /// The scene model, when the manifest has one (and then no adapter is applied at run time).
     scene_model: Option<SceneModel>,
+    /// The manifest's vocabulary (`[grounding] categories`; empty without one), which captions'
+    /// `objects` are read in, whether or not captions are checked.
+    vocabulary: Vec<String>,
 }
 
 impl Backbone {
@@ -311,6 +319,7 @@ impl Backbone {
             grounding: None,
             support: None,
             scene_model,
+            vocabulary: manifest.grounding.as_ref().map(|g| g.categories.clone()).unwrap_or_default(),
         };
         backbone.check_layout()?;
         if let Some(spec) = manifest.grounding.as_ref().filter(|_| config.ground_captions) {
@@ -498,8 +507,22 @@ impl Backbone {
     /// tokens (`Generation::checked`; `on_text` sees the caption as written). With its
     /// `guide_threshold`, a checked caption that names nothing is written again, begun with the
     /// category the detector's category columns are sure of (`Generation::guided`; `on_text` does
-    /// not see the second caption; a cancelled or late first caption is not guided).
+    /// not see the second caption; a cancelled or late first caption is not guided). With a
+    /// vocabulary, the final caption's `objects` are the categories it names.
     pub fn describe(
+        &mut self,
+        prompt: &str,
+        options: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation, LlmError> {
+        let mut g = self.checked_caption(prompt, options, on_text)?;
+        g.objects = (!self.vocabulary.is_empty())
+            .then(|| mentions(&g.text, &self.vocabulary).into_iter().map(str::to_owned).collect());
+        Ok(g)
+    }
+
+    /// [`Backbone::describe`] but for the caption's `objects`.
+    fn checked_caption(
         &mut self,
         prompt: &str,
         options: &GenerateOptions,
@@ -699,6 +722,7 @@ impl Backbone {
             stop,
             checked: None,
             guided: None,
+            objects: None,
         })
     }
 

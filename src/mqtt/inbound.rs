@@ -86,6 +86,7 @@ impl ConnectionTask {
             model: &self.model,
             topics: &self.topics,
             image_type: self.requests.image_type,
+            objects: self.config.discovery.objects.as_deref().unwrap_or_default(),
         };
         // Disabled discovery publishes an empty retained payload: Home Assistant removes the device.
         let payload = if self.config.discovery.enabled { d.payload().to_string().into_bytes() } else { Vec::new() };

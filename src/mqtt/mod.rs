@@ -36,7 +36,9 @@ use wire::{Limits, Topics};
 pub use broker::{start as start_broker, EmbeddedBroker, Forwarded};
 pub use client::AckToken;
 pub use outbound::{messages, Delivery, Outgoing};
-pub use settings::{topic_problem, DiscoveryConfig, MqttConfig, MqttProtocol, OffloadConfig, TlsConfig};
+pub use settings::{
+    topic_problem, DiscoveryConfig, MqttConfig, MqttProtocol, OffloadConfig, TlsConfig, DEFAULT_OBJECTS,
+};
 pub use spool::{SpoolError, SpooledMessage};
 
 /// An error starting the MQTT side.

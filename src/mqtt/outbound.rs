@@ -192,6 +192,7 @@ mod tests {
             text: "t".into(),
             unsupported: vec![],
             guided: None,
+            objects: None,
             frame_seq: 1,
             frame_ts_ms: 2,
             timings_ms: Default::default(),

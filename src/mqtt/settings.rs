@@ -37,11 +37,19 @@ pub struct DiscoveryConfig {
     pub enabled: bool,
     /// Home Assistant's discovery prefix.
     pub prefix: String,
+    /// Categories published as occupancy binary sensors, on while the latest caption names them
+    /// (its `objects`). Each must be in the model stack's vocabulary; absent: those of
+    /// [`DEFAULT_OBJECTS`] it has (`Config::with_objects` settles the list at start; the MQTT side
+    /// publishes a sensor per name given, none when absent).
+    pub objects: Option<Vec<String>>,
 }
+
+/// The object sensors a camera gets unless `mqtt.discovery.objects` says otherwise.
+pub const DEFAULT_OBJECTS: [&str; 4] = ["person", "car", "dog", "cat"];
 
 impl Default for DiscoveryConfig {
     fn default() -> Self {
-        DiscoveryConfig { enabled: true, prefix: "homeassistant".into() }
+        DiscoveryConfig { enabled: true, prefix: "homeassistant".into(), objects: None }
     }
 }
 

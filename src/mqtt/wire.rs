@@ -418,6 +418,11 @@ pub struct Caption {
     /// (the manifest's `grounding.guide_threshold`); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guided: Option<String>,
+    /// The categories of the model stack's vocabulary that `text` names, in the vocabulary's
+    /// order (empty when it names none: "No known object."); absent when the stack has no
+    /// vocabulary. Home Assistant's object sensors read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objects: Option<Vec<String>>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.
@@ -434,6 +439,7 @@ impl From<&worker::Caption> for Caption {
             text: c.text.clone(),
             unsupported: c.unsupported.clone(),
             guided: c.guided.clone(),
+            objects: c.objects.clone(),
             frame_seq: c.frame_seq,
             frame_ts_ms: c.frame_ts_ms,
             timings_ms: c.timings_ms.clone(),
@@ -800,6 +806,8 @@ pub struct Discovery<'a> {
     pub topics: &'a Topics,
     /// The MIME type of what `<prefix>/image` carries.
     pub image_type: &'a str,
+    /// The categories that get an occupancy binary sensor (`mqtt.discovery.objects`).
+    pub objects: &'a [String],
 }
 
 impl Discovery<'_> {
@@ -809,9 +817,30 @@ impl Discovery<'_> {
     }
 
     /// The discovery payload: a caption sensor (state cut to Home Assistant's 255 characters, the
-    /// full caption in the attributes), an image entity, a text entity to ask and a sensor with the
-    /// last answer; availability bound to the status topic.
+    /// full caption in the attributes), an image entity, a text entity to ask, a sensor with the
+    /// last answer, and an occupancy binary sensor per category of `objects` (on while the latest
+    /// caption's `objects` has it); availability bound to the status topic.
     pub fn payload(&self) -> serde_json::Value {
+        let mut payload = self.entities();
+        for name in self.objects {
+            // A component key and unique id from the name ("teddy bear": `object_teddy_bear`), and
+            // the name as a JSON string literal in the template, which Jinja reads as its own.
+            let key: String = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+            let literal = serde_json::Value::from(name.as_str()).to_string();
+            payload["cmps"][format!("object_{key}")] = serde_json::json!({
+                "p": "binary_sensor",
+                "name": capitalised(name),
+                "uniq_id": format!("{}_object_{key}", self.device_id),
+                "stat_t": self.topics.caption(),
+                "val_tpl": format!("{{{{ 'ON' if {literal} in (value_json.objects | default([])) else 'OFF' }}}}"),
+                "dev_cla": "occupancy",
+            });
+        }
+        payload
+    }
+
+    /// The payload's fixed entities.
+    fn entities(&self) -> serde_json::Value {
         let id = self.device_id;
         let t = self.topics;
         serde_json::json!({
@@ -864,6 +893,12 @@ impl Discovery<'_> {
             },
         })
     }
+}
+
+/// `name` with its first letter in capitals ("person": "Person").
+fn capitalised(name: &str) -> String {
+    let mut chars = name.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -1028,5 +1063,43 @@ mod tests {
             timings_ms: Timings::new(),
         };
         assert_eq!(serde_json::to_string(&partial).unwrap(), r#"{"text":"A c","done":false}"#);
+    }
+
+    /// Each object of `mqtt.discovery.objects` is an occupancy binary sensor on the caption topic
+    /// whose template looks the name up in the caption's `objects`; none without objects.
+    #[test]
+    fn discovery_has_an_occupancy_sensor_per_object() {
+        let topics = Topics::new("scenecast/porch");
+        let objects = ["person".to_owned(), "teddy bear".to_owned()];
+        let d = Discovery {
+            prefix: "homeassistant",
+            device_id: "porch",
+            device_name: "Porch",
+            model: "m",
+            topics: &topics,
+            image_type: "image/png",
+            objects: &objects,
+        };
+        let payload = d.payload();
+        let cmps = payload["cmps"].as_object().unwrap();
+        assert_eq!(cmps.len(), 6, "{cmps:?}");
+        assert_eq!(
+            cmps["object_person"],
+            serde_json::json!({
+                "p": "binary_sensor",
+                "name": "Person",
+                "uniq_id": "porch_object_person",
+                "stat_t": "scenecast/porch/caption",
+                "val_tpl": "{{ 'ON' if \"person\" in (value_json.objects | default([])) else 'OFF' }}",
+                "dev_cla": "occupancy",
+            })
+        );
+        assert_eq!(cmps["object_teddy_bear"]["uniq_id"], "porch_object_teddy_bear");
+        assert_eq!(cmps["object_teddy_bear"]["name"], "Teddy bear");
+        assert!(cmps["object_teddy_bear"]["val_tpl"].as_str().unwrap().contains("\"teddy bear\" in"));
+        // The fixed entities are the same with or without objects.
+        let bare = Discovery { objects: &[], ..d }.payload();
+        assert_eq!(bare["cmps"].as_object().unwrap().len(), 4);
+        assert_eq!(bare["cmps"]["caption"], payload["cmps"]["caption"]);
     }
 }

@@ -126,6 +126,9 @@ pub struct Caption {
     /// The category the caption was begun with, when the detector's category columns guided it
     /// (`grounding.guide_threshold`: the checks left the LLM's own caption naming nothing).
     pub guided: Option<String>,
+    /// The categories of the manifest's vocabulary that the caption names (empty for "No known
+    /// object."); None when the manifest has no vocabulary.
+    pub objects: Option<Vec<String>>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.

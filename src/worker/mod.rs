@@ -323,6 +323,7 @@ impl Worker {
             text: g.text,
             unsupported,
             guided: g.guided.map(|g| g.guide.category),
+            objects: g.objects,
             frame_seq: frame.seq,
             frame_ts_ms: ts_ms(frame),
             timings_ms: timings,

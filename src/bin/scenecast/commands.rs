@@ -596,6 +596,7 @@ fn describe_one(
                 "text": answer.text,
                 "checked": answer.checked,
                 "guided": answer.guided,
+                "objects": answer.objects,
                 "tokens": answer.n_tokens,
                 "stop": answer.stop,
                 "timings_ms": {

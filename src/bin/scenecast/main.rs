@@ -111,6 +111,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             commands::calibrate(&config, &set, scenes, keep, &nothing, write.as_deref(), guides)
         }
         Command::Config => {
+            // The object sensors depend on the model stack's vocabulary: settled against it here,
+            // as `run` does at start.
+            let config = config.clone().with_objects(&config.manifest()?)?;
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
             Ok(ExitCode::SUCCESS)
         }
