@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{ImageError, RgbImage};
-use crate::llm::{classifier_support, mentions, name_directions, support, Backbone};
+use crate::llm::{classifier_support, mentions, name_directions, support, Backbone, GuideKind};
 use crate::pipeline::{Pipeline, StackError};
 use crate::vision::ImageTokens;
 
@@ -289,6 +289,9 @@ pub struct GuidedAnswer {
     pub question: String,
     /// Its kind in the set (`yesno`, `lookalike`, `position`).
     pub kind: String,
+    /// What began it: the detector's category columns (`presence`), the scene's caption
+    /// (`named`), or where the object is (`position`).
+    pub by: GuideKind,
     /// The LLM's own answer, before the guide.
     pub written: String,
     /// Whether that answer was right.
@@ -376,6 +379,7 @@ pub fn run(
                 guided_answers.push(GuidedAnswer {
                     question: q.question.clone(),
                     kind: q.kind.clone(),
+                    by: guided.guide.kind,
                     written_right: right(q, &guided.written),
                     written: guided.written,
                 });
@@ -631,20 +635,35 @@ fn threshold(right: &mut [f32], wrong: &[f32], keep: f64) -> Option<Calibration>
 /// kind.
 fn guided_answers(results: &[SceneResult]) -> String {
     let mut s = String::new();
-    for (kind, what) in [
+    for (kind, by, what) in [
         (
             "yesno",
+            GuideKind::Presence,
             "answers to presence questions that the LLM did not answer yes were written again begun with yes, the \
              detector's category columns being sure of the category asked about (`grounding.guide_threshold`)",
         ),
         (
+            "yesno",
+            GuideKind::Named,
+            "answers to presence questions that the LLM did not answer yes about a category the scene's caption \
+             names were written again begun with yes",
+        ),
+        (
             "lookalike",
+            GuideKind::Presence,
             "answers to lookalike questions (about the known category nearest to an unknown thing shown) that the LLM \
              did not answer yes were written again begun with yes, the detector's category columns being sure of that \
              category (`grounding.guide_threshold`)",
         ),
         (
+            "lookalike",
+            GuideKind::Named,
+            "answers to lookalike questions that the LLM did not answer yes about a category the scene's caption \
+             names (wrongly) were written again begun with yes",
+        ),
+        (
             "position",
+            GuideKind::Position,
             "answers to position questions that placed the object elsewhere than the detector's class of its \
              name or else the image tokens do were written again begun with the side where that class scores \
              best, or of the cells whose tokens point at it (`grounding.positions`, `grounding.region`)",
@@ -652,7 +671,7 @@ fn guided_answers(results: &[SceneResult]) -> String {
     ] {
         // Per scene kind: guided, right, the LLM's own right.
         let kinds = by_kind(results.iter().flat_map(|r| {
-            r.guided_answers.iter().filter(|g| g.kind == kind).filter_map(move |g| {
+            r.guided_answers.iter().filter(|g| g.kind == kind && g.by == by).filter_map(move |g| {
                 let (_, _, right) = r.answers.iter().find(|(q, _, _)| *q == g.question)?;
                 Some((r.kind.as_str(), [1, usize::from(*right), usize::from(g.written_right)]))
             })
@@ -1157,6 +1176,13 @@ mod tests {
                 .map(|(q, a, ok)| GuidedAnswer {
                     question: q.to_string(),
                     kind: if q.starts_with("Where") { "position" } else { "yesno" }.into(),
+                    by: if q.starts_with("Where") {
+                        GuideKind::Position
+                    } else if q.contains("bus") {
+                        GuideKind::Named
+                    } else {
+                        GuideKind::Presence
+                    },
                     written: a.to_string(),
                     written_right: *ok,
                 })
@@ -1170,11 +1196,13 @@ mod tests {
                     ("Is there a cat?", "Yes.", true),
                     ("Is there a dog?", "Yes.", false),
                     ("Is there a bus?", "No.", true),
+                    ("Is there a bus here?", "Yes.", false),
                     ("Where is the cat?", "On the left.", true),
                 ],
                 &[
                     ("Is there a cat?", "No.", false),
                     ("Is there a dog?", "No.", true),
+                    ("Is there a bus here?", "No.", true),
                     ("Where is the cat?", "On the right.", false),
                 ],
             ),
@@ -1185,6 +1213,11 @@ mod tests {
             md.contains("3 answers to presence questions that the LLM did not answer yes were written again")
                 && md.contains(": 1 of them right, where the LLM's own answers were right 1 times")
                 && md.contains("(per kind, right / the LLM's own right / guided: single 1/1/2, unknown 0/0/1)"),
+            "{md}"
+        );
+        // The bus, which the scene's caption named wrongly, is counted apart.
+        assert!(
+            md.contains("1 answers to presence questions that the LLM did not answer yes about a category the scene's caption names were written again begun with yes: 0 of them right, where the LLM's own answers were right 1 times (per kind, right / the LLM's own right / guided: single 0/1/1)"),
             "{md}"
         );
         assert!(

@@ -470,11 +470,13 @@ impl Backbone {
 
     /// Answers `question` about the current scene (a text-only prefix when none is set).
     /// `on_text` receives the answer as it is generated and returns false to stop early.
-    /// With the manifest's `[grounding] guide_threshold`, a presence question about one category
-    /// ("Is there a goat?", [`presence`](super::grounding::presence)) that the detector's category
-    /// columns score at least that much in the frame is answered again, begun with `guide_yes`,
-    /// when the LLM's answer does not begin with it (`Generation::guided`, whose `written` is the
-    /// LLM's answer); `on_text` then sees only the answer that stands, once it is known.
+    /// With the manifest's `[grounding]`, a presence question about one category ("Is there a
+    /// goat?", [`presence`](super::grounding::presence)) that the detector's category columns
+    /// score at least `guide_threshold` in the frame, or that the scene's caption names (once
+    /// [`Backbone::describe`] wrote one), is answered again, begun with `guide_yes`, when the
+    /// LLM's answer does not begin with it (`Generation::guided`, whose `written` is the LLM's
+    /// answer); a position question likewise with its side (`Grounding::answer_guide`). `on_text`
+    /// then sees only the answer that stands, once it is known.
     pub fn ask(
         &mut self,
         question: &str,
@@ -518,6 +520,10 @@ impl Backbone {
         let mut g = self.checked_caption(prompt, options, on_text)?;
         g.objects = (!self.vocabulary.is_empty())
             .then(|| mentions(&g.text, &self.vocabulary).into_iter().map(str::to_owned).collect());
+        // Presence answers about this scene follow its caption (`Grounding::answer_guide`).
+        if let Some(support) = self.support.as_mut() {
+            support.named = g.objects.clone().unwrap_or_default();
+        }
         Ok(g)
     }
 

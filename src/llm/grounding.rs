@@ -144,6 +144,9 @@ pub struct Support {
     /// Where the detector's own class of each category (one of its very name, COCO's "dog")
     /// scores best in the frame, as a fraction of its width: None without such a class.
     pub located: Vec<Option<f32>>,
+    /// The categories the scene's caption names, once the scene is described (set by
+    /// `Backbone::describe`; empty before): a presence answer follows the caption.
+    pub named: Vec<String>,
 }
 
 /// What the check removed from a caption.
@@ -215,7 +218,7 @@ impl Grounding {
                 (support, placed)
             })
             .unzip();
-        Support { tokens, placed, classifier, located }
+        Support { tokens, placed, classifier, located, named: Vec::new() }
     }
 
     /// Removes from `caption` every named category whose token support is below the threshold, or
@@ -278,8 +281,9 @@ impl Grounding {
 
     /// The guide for an answer, for two kinds of question about one category:
     /// - presence ([`presence`]: "Is there a goat?"), when the category's best score by the
-    ///   detector's category columns in the frame reaches `guide_threshold`: the answer is to
-    ///   begin with `guide_yes`;
+    ///   detector's category columns in the frame reaches `guide_threshold`, or else when the
+    ///   scene's caption names it ([`Support::named`]: an answer does not contradict the caption
+    ///   of the same frame): the answer is to begin with `guide_yes`;
     /// - position ([`position`]: "Where is the goat?"), with the spec's `positions` and image
     ///   tokens that are a grid of cells: where the detector's own class of the category's name
     ///   scores best ([`Support::located`], COCO's "dog"), or else the centre of the cells whose
@@ -293,14 +297,18 @@ impl Grounding {
     pub fn answer_guide(&self, question: &str, support: &Support) -> Option<Guide> {
         let index = |category: &str| self.spec.categories.iter().position(|c| c == category);
         if let Some(category) = presence(question, &self.spec.categories) {
-            let threshold = self.spec.guide_threshold?;
-            let score = (*support.classifier.get(index(category)?)?)?;
-            return (score >= threshold).then(|| Guide {
-                category: category.to_owned(),
-                score,
-                start: self.spec.guide_yes.clone(),
-                kind: GuideKind::Presence,
-            });
+            let i = index(category)?;
+            let sure = self
+                .spec
+                .guide_threshold
+                .zip(support.classifier.get(i).copied().flatten())
+                .filter(|(threshold, score)| score >= threshold);
+            let (score, kind) = match sure {
+                Some((_, score)) => (score, GuideKind::Presence),
+                None if support.named.iter().any(|n| n == category) => (*support.tokens.get(i)?, GuideKind::Named),
+                None => return None,
+            };
+            return Some(Guide { category: category.to_owned(), score, start: self.spec.guide_yes.clone(), kind });
         }
         let category = position(question, &self.spec.categories)?;
         let phrases = self.spec.positions.as_ref()?;
@@ -330,7 +338,7 @@ impl Grounding {
     pub fn agrees(&self, answer: &str, guide: &Guide) -> bool {
         let said = words(answer);
         match guide.kind {
-            GuideKind::Presence | GuideKind::Caption => {
+            GuideKind::Presence | GuideKind::Named | GuideKind::Caption => {
                 let yes = words(&guide.start);
                 said.get(..yes.len()).is_some_and(|w| w == yes.as_slice())
             }
@@ -425,6 +433,9 @@ pub enum GuideKind {
     Caption,
     /// A presence question's answer, with yes, the asked category's score being that sure.
     Presence,
+    /// A presence question's answer, with yes, the scene's caption naming the category asked about
+    /// (the score is then its support by the image tokens).
+    Named,
     /// A position question's answer, with where the image tokens point at the category most.
     Position,
 }
@@ -435,6 +446,7 @@ impl GuideKind {
         match self {
             GuideKind::Caption => "caption",
             GuideKind::Presence => "presence",
+            GuideKind::Named => "named",
             GuideKind::Position => "position",
         }
     }
@@ -732,7 +744,7 @@ mod tests {
         assert_eq!(start("Where is the cat?").as_deref(), Some("On the right"));
         assert_eq!(start("Where are the pigs?").as_deref(), Some("In the centre"));
         assert_eq!(start("Where is the goat?"), None, "its best token is no cell");
-        assert_eq!(start("Is there a dog?"), None, "presence needs guide_threshold");
+        assert_eq!(start("Is there a dog?"), None, "presence needs guide_threshold or a caption naming it");
         let guide = g.answer_guide("Where is the dog?", &support).unwrap();
         assert_eq!((guide.kind, guide.score), (GuideKind::Position, 0.3));
         // The LLM's answer stands when it names the same side, or none (it does not place it).
@@ -812,6 +824,36 @@ mod tests {
         // The LLM's own answer stands when it begins with the yes word.
         assert!(["Yes.", "yes, on the left", " YES"].iter().all(|a| g.agrees(a, &guide)));
         assert!(!["No.", "Yesterday.", "There is a goat."].iter().any(|a| g.agrees(a, &guide)));
+    }
+
+    #[test]
+    fn a_presence_answer_follows_the_scenes_caption() {
+        let spec = GroundingSpec { guide_threshold: Some(0.9), ..spec() };
+        let columns = vec![Some(0), Some(1), Some(2), Some(3), None, None, None];
+        let g = grounding(spec, columns, None);
+        let n = g.spec.categories.len();
+        // The classifier is sure of the goat only; the scene's caption names the dog and the goat.
+        let tokens = ImageTokens { class_scores: vec![0.3, 0.2, 0.0, 0.95], ..ImageTokens::default() };
+        let mut support = Support { tokens: (0..n).map(|i| i as f32 / 10.0).collect(), ..g.support(&tokens) };
+        assert_eq!(g.answer_guide("Is there a dog?", &support), None, "before the scene is described");
+        support.named = vec!["dog".into(), "goat".into()];
+        let dog = g.answer_guide("Is there a dog in the image?", &support).expect("the caption names the dog");
+        assert_eq!(
+            (dog.category.as_str(), dog.score, dog.start.as_str(), dog.kind),
+            ("dog", 0.0, "Yes", GuideKind::Named),
+            "its support by the image tokens as the score"
+        );
+        assert_eq!(
+            g.answer_guide("Is there a goat?", &support).unwrap().kind,
+            GuideKind::Presence,
+            "the classifier's first"
+        );
+        assert_eq!(g.answer_guide("Is there a cat?", &support), None, "not named, not scored");
+        assert_eq!(g.answer_guide("Is there a dog on the left?", &support), None, "not only about presence");
+        // Without `guide_threshold` the caption still guides.
+        let off = Grounding { spec: GroundingSpec { guide_threshold: None, ..g.spec.clone() }, ..g.clone() };
+        assert_eq!(off.answer_guide("Is there a goat?", &support).unwrap().kind, GuideKind::Named);
+        assert!(g.agrees("Yes, a dog.", &dog) && !g.agrees("No.", &dog));
     }
 
     /// A token of width 2 whose cosine with `[1, 0]` is `c`.

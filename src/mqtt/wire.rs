@@ -492,7 +492,8 @@ pub struct Answer {
     /// False for a partial answer while streaming.
     pub done: bool,
     /// The category the question asked about, when a guide began the answer (yes to a presence
-    /// question by the detector's category columns, `grounding.guide_threshold`; the side for a
+    /// question by the detector's category columns, `grounding.guide_threshold`, or because the
+    /// frame's caption names it; the side for a
     /// position question by the image tokens, `grounding.positions`); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guided: Option<String>,

@@ -148,7 +148,7 @@ pub struct Answer {
     pub done: bool,
     /// The category the question asked about, when a guide began the answer: yes to a presence
     /// question whose category the detector's category columns are sure of
-    /// (`grounding.guide_threshold`), or the side the image tokens place the object on for a
+    /// (`grounding.guide_threshold`) or the frame's caption names, or the side the image tokens place the object on for a
     /// position question (`grounding.positions`), the LLM's own answer having said otherwise.
     /// Final answers only.
     pub guided: Option<String>,

@@ -631,6 +631,10 @@ fn describe_one(
                         ("the classifier scores", "and the checks left nothing of the LLM's own caption")
                     }
                     GuideKind::Presence => ("the classifier scores", "and the LLM's own answer did not say so"),
+                    GuideKind::Named => (
+                        "the scene's caption names it, the image tokens point at",
+                        "and the LLM's own answer did not say so",
+                    ),
                     GuideKind::Position => {
                         ("the image tokens point there at", "and the LLM's own answer placed it elsewhere")
                     }
