@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{ImageError, RgbImage};
-use crate::llm::{classifier_support, mentions, name_directions, support, Backbone, GuideKind};
+use crate::llm::{classifier_support, mentions, name_directions, stated_sides, support, Backbone, GuideKind};
 use crate::pipeline::{Pipeline, StackError};
 use crate::vision::ImageTokens;
 
@@ -196,6 +196,12 @@ pub struct Tally {
     pub lookalike_correct: usize,
     /// Lookalike questions asked.
     pub lookalike_total: usize,
+    /// Sides the caption states right ("a goat on the left", [`stated_sides`]), of
+    /// `caption_side_total`: for each object a position question asks about, the first side the
+    /// caption gives it, against that question's answer.
+    pub caption_side_correct: usize,
+    /// Objects asked about by position questions whose side the caption states.
+    pub caption_side_total: usize,
 }
 
 fn ratio(n: usize, d: usize) -> Option<f64> {
@@ -233,6 +239,8 @@ impl Tally {
         self.position_total += other.position_total;
         self.lookalike_correct += other.lookalike_correct;
         self.lookalike_total += other.lookalike_total;
+        self.caption_side_correct += other.caption_side_correct;
+        self.caption_side_total += other.caption_side_total;
     }
 }
 
@@ -274,6 +282,10 @@ pub struct SceneResult {
     /// caption named nothing the checks kept, and the detector's category columns were sure of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guided: Option<String>,
+    /// The categories the caption was placed again for (`grounding.positions`): the LLM put them
+    /// on another side than the detector's class of their name or their image tokens do.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<String>,
     /// The questions answered again begun by a guide (`Grounding::answer_guide`: yes for a
     /// presence question whose category the detector's category columns are sure of, the side the
     /// image tokens place the object on for a position question); `answers` has the answers that
@@ -325,6 +337,13 @@ pub fn score(
     tally.exact = usize::from(tally.false_positives == 0 && tally.false_negatives == 0);
     tally.named_nothing = usize::from(named.is_empty());
     tally.all_named = usize::from(!distinct.is_empty() && tally.false_negatives == 0);
+    let stated = stated_sides(caption, categories);
+    for q in scene.questions.iter().filter(|q| q.kind == "position") {
+        let asked = crate::llm::position(&q.question, categories);
+        let Some(&(_, side)) = stated.iter().find(|(name, _)| Some(*name) == asked) else { continue };
+        tally.caption_side_total += 1;
+        tally.caption_side_correct += usize::from(["left", "centre", "right"][side] == q.expect);
+    }
     let mut correct = Vec::with_capacity(answers.len());
     for (q, a) in scene.questions.iter().zip(answers) {
         let ok = right(q, a);
@@ -369,6 +388,7 @@ pub fn run(
         let described = backbone.describe(&set.caption_prompt, &o, &mut |_| true).map_err(StackError::from)?;
         let unchecked = (described.as_written() != described.text).then(|| described.as_written().to_owned());
         let guided = described.guided.map(|g| g.guide.category);
+        let moved = described.moved.map(|m| m.categories).unwrap_or_default();
         let caption = described.text;
         let mut answers = Vec::with_capacity(scene.questions.len());
         let mut guided_answers = Vec::new();
@@ -406,6 +426,7 @@ pub fn run(
             support,
             classifier,
             guided,
+            moved,
             guided_answers,
         };
         progress(i, &result);
@@ -711,6 +732,35 @@ fn lookalikes(results: &[SceneResult]) -> String {
     )
 }
 
+/// The report's line on the sides captions state for the objects position questions ask about
+/// (empty when no caption states one): right of stated, as published and as the LLM wrote them,
+/// per scene kind.
+fn caption_sides(results: &[SceneResult]) -> String {
+    let kinds = by_kind(
+        results.iter().filter(|r| r.tally.caption_side_total + r.unchecked_tally.caption_side_total > 0).map(|r| {
+            let (t, u) = (&r.tally, &r.unchecked_tally);
+            (
+                r.kind.as_str(),
+                [t.caption_side_total, t.caption_side_correct, u.caption_side_total, u.caption_side_correct],
+            )
+        }),
+    );
+    if kinds.is_empty() {
+        return String::new();
+    }
+    let [n, ok, written_n, written_ok] = total(&kinds);
+    let share =
+        |ok: usize, n: usize| if n == 0 { "–".to_owned() } else { format!("{:.1} %", 100.0 * ok as f64 / n as f64) };
+    format!(
+        "\nSides stated in captions (\"a goat on the left\") for the objects that position questions ask about: \
+         {ok} of {n} right ({}); as the LLM wrote them {written_ok} of {written_n} ({}) (per kind, right / stated, \
+         published then as written: {}).\n",
+        share(ok, n),
+        share(written_ok, written_n),
+        kinds.iter().map(|(k, [n, ok, wn, wok])| format!("{k} {ok}/{n} {wok}/{wn}")).collect::<Vec<_>>().join(", ")
+    )
+}
+
 /// Counts summed per scene kind, in first-seen order.
 fn by_kind<'a, const N: usize>(rows: impl Iterator<Item = (&'a str, [usize; N])>) -> Vec<(&'a str, [usize; N])> {
     let mut kinds: Vec<(&str, [usize; N])> = Vec::new();
@@ -858,12 +908,19 @@ pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: us
         );
     }
     s += &lookalikes(results);
+    s += &caption_sides(results);
     if results.iter().any(|r| r.unchecked.is_some()) {
         let changed = results.iter().filter(|r| r.unchecked.is_some()).count();
+        let moved = results.iter().filter(|r| !r.moved.is_empty()).count();
+        let placed = if moved > 0 {
+            format!(" ({moved} of them by placing an object on the side the answers to \"Where is ...?\" give it)")
+        } else {
+            String::new()
+        };
         s += &format!(
             "\nThe captions above are checked against the image tokens (the manifest's `[grounding]`): a named \
-             category that no image token points at is removed{}. The check changed {changed} captions; as the \
-             LLM wrote them, they score:\n\n",
+             category that no image token points at is removed{}. The check changed {changed} captions{placed}; as \
+             the LLM wrote them, they score:\n\n",
             if results.iter().any(|r| !r.classifier.is_empty()) {
                 ", and, with `classifier_threshold`, one the detector's own score of the category rejects (but for `classifier_exempt` categories)"
             } else {
@@ -1045,6 +1102,59 @@ mod tests {
     }
 
     #[test]
+    fn sides_stated_in_captions_are_scored_against_the_position_questions() {
+        let question = |name: &str, side: &str| Question {
+            kind: "position".into(),
+            question: format!("Where is the {name}?"),
+            expect: side.into(),
+        };
+        let scene = Scene {
+            image: "x.png".into(),
+            kind: "pair".into(),
+            objects: vec!["cat".into(), "dog".into()],
+            questions: vec![question("cat", "left"), question("dog", "right")],
+        };
+        let sides = |caption: &str| {
+            let t = score(&scene, &cats(), caption, &["".into(), "".into()]).2;
+            (t.caption_side_correct, t.caption_side_total)
+        };
+        assert_eq!(sides("A cat on the left and a dog on the right."), (2, 2));
+        assert_eq!(sides("A cat on the right and a dog on the right."), (1, 2));
+        assert_eq!(sides("A cat in the centre."), (0, 1), "the dog's side is not stated");
+        assert_eq!(sides("A cat and a dog."), (0, 0));
+        assert_eq!(sides("An orange on the left."), (0, 0), "not an object asked about");
+        // The report's line: as published and as the LLM wrote them, per kind.
+        let set = EvalSet { name: "s".into(), categories: cats(), caption_prompt: "D.".into(), scenes: vec![] };
+        let with = |caption: &str, written: &str| {
+            let (named, _, tally) = score(&scene, &cats(), caption, &["".into(), "".into()]);
+            let unchecked_tally = score(&scene, &cats(), written, &["".into(), "".into()]).2;
+            SceneResult {
+                caption: caption.into(),
+                unchecked: (caption != written).then(|| written.into()),
+                named,
+                tally,
+                unchecked_tally,
+                moved: if caption != written { vec!["cat".into()] } else { vec![] },
+                ..result("pair", &["cat", "dog"], &[])
+            }
+        };
+        let results = [
+            with("A cat on the left and a dog on the right.", "A cat on the right and a dog on the right."),
+            with("A dog on the left.", "A dog on the left."),
+        ];
+        let md = markdown(&set, "s", &results, 0, 1.0);
+        assert!(
+            md.contains(
+                "for the objects that position questions ask about: 2 of 3 right (66.7 %); as the LLM wrote them 1 of 3 \
+                 (33.3 %) (per kind, right / stated, published then as written: pair 2/3 1/3)."
+            ),
+            "{md}"
+        );
+        assert!(md.contains("The check changed 1 captions (1 of them by placing an object on the side"), "{md}");
+        assert!(!markdown(&set, "s", &[with("A cat and a dog.", "A cat and a dog.")], 0, 1.0).contains("Sides stated"));
+    }
+
+    #[test]
     fn lookalike_questions_score_apart_from_yes_no_and_get_their_own_report_line() {
         // An unknown giraffe: asked about the deer (its nearest known category) and a bus.
         let scene = Scene {
@@ -1103,6 +1213,7 @@ mod tests {
             support: vec![],
             classifier: vec![],
             guided: None,
+            moved: vec![],
             guided_answers: vec![],
         }
     }

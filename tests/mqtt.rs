@@ -400,6 +400,8 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
             // The categories it names: none for every fourth ("No known object."), absent for a
             // stack without a vocabulary every fifth.
             objects: (seq % 5 != 0).then(|| if seq % 4 == 0 { vec![] } else { vec!["goat".to_owned()] }),
+            // Every seventh had an object placed again: the field is then in the payload.
+            moved: if seq % 7 == 0 { vec!["goat".into()] } else { vec![] },
             frame_seq: seq,
             frame_ts_ms: 1_700_000_000_000 + seq,
             timings_ms: Default::default(),
@@ -429,6 +431,8 @@ async fn captions_produced_while_the_broker_is_down_arrive_in_order() {
             _ => serde_json::json!(["goat"]),
         };
         assert_eq!(m.json()["objects"], objects, "{}", m.json());
+        let moved = if seq % 7 == 0 { serde_json::json!(["goat"]) } else { serde_json::Value::Null };
+        assert_eq!(m.json()["moved"], moved, "{}", m.json());
         seqs.push(seq);
     }
     assert_eq!(seqs, (0..20).collect::<Vec<_>>());
@@ -781,6 +785,7 @@ async fn issue_14_pictures_are_never_spooled_also_at_shutdown() {
         unsupported: vec!["dog".into()],
         guided: Some("cat".into()),
         objects: Some(vec!["cat".into()]),
+        moved: vec![],
         frame_seq: 1,
         frame_ts_ms: 0,
         timings_ms: Default::default(),

@@ -468,6 +468,21 @@ fn a_category_the_detector_has_a_class_of_is_placed_where_that_class_scores_best
     assert!(located > spec.centre[1], "the cat's best anchor at {located} of the width");
     let answer = backbone.ask("Where is the cat?", &backbone.default_options(), &mut |_| true).unwrap();
     assert_eq!(scenecast::eval::position(&answer.text), Some("right"), "{answer:?}");
+    // A caption that puts the cat on the left is placed again where the answer places it.
+    let grounding = backbone.grounding().expect("the reference manifest checks captions");
+    let mut caption = "There is a cat on the left and nothing else.".to_owned();
+    let moved = grounding.place(&mut caption, backbone.scene_support().unwrap());
+    assert_eq!((caption.as_str(), moved), ("There is a cat on the right and nothing else.", vec!["cat".to_owned()]));
+    // The LLM's own caption of the frame comes out placed: it states a side, and placing it
+    // again moves nothing.
+    let prompt = LlmConfig::default().caption_prompt;
+    let described = backbone.describe(&prompt, &backbone.default_options(), &mut |_| true).unwrap();
+    assert!(!scenecast::llm::stated_sides(&described.text, &spec.categories).is_empty(), "{described:?}");
+    let mut again = described.text.clone();
+    assert_eq!(
+        backbone.grounding().unwrap().place(&mut again, backbone.scene_support().unwrap()),
+        Vec::<String>::new()
+    );
 }
 
 /// A file in the model cache, by its cache path.

@@ -90,6 +90,20 @@ pub struct Generation {
     /// answer, or when the manifest has no vocabulary.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub objects: Option<Vec<String>>,
+    /// For a caption that placed objects elsewhere than the answers to "Where is ...?" do: the
+    /// categories moved, and the caption before ([`Grounding::place`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moved: Option<Moved>,
+}
+
+/// A caption whose objects were placed again, each on the side the detector's own class of its
+/// name or its image tokens place it ([`Grounding::place`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Moved {
+    /// The categories whose side was rewritten, in the caption's order.
+    pub categories: Vec<String>,
+    /// The caption before (after the check and any guide).
+    pub unmoved: String,
 }
 
 /// A caption (or a presence question's answer) written again, begun with the category (or the
@@ -115,12 +129,14 @@ impl Generation {
         self
     }
 
-    /// The caption (or answer) as the LLM first wrote it, before the check and any guide.
+    /// The caption (or answer) as the LLM first wrote it, before the check, any guide and any
+    /// object placed again.
     pub fn as_written(&self) -> &str {
-        match (&self.guided, &self.checked) {
-            (Some(g), _) => &g.written,
-            (None, Some(c)) => &c.unchecked,
-            (None, None) => &self.text,
+        match (&self.guided, &self.checked, &self.moved) {
+            (Some(g), _, _) => &g.written,
+            (None, Some(c), _) => &c.unchecked,
+            (None, None, Some(m)) => &m.unmoved,
+            (None, None, None) => &self.text,
         }
     }
 }
@@ -509,8 +525,10 @@ impl Backbone {
     /// tokens (`Generation::checked`; `on_text` sees the caption as written). With its
     /// `guide_threshold`, a checked caption that names nothing is written again, begun with the
     /// category the detector's category columns are sure of (`Generation::guided`; `on_text` does
-    /// not see the second caption; a cancelled or late first caption is not guided). With a
-    /// vocabulary, the final caption's `objects` are the categories it names.
+    /// not see the second caption; a cancelled or late first caption is not guided). With its
+    /// `positions`, an object the caption places on another side than the answer to "Where is
+    /// ...?" would is placed on that side (`Generation::moved`). With a vocabulary, the final
+    /// caption's `objects` are the categories it names.
     pub fn describe(
         &mut self,
         prompt: &str,
@@ -518,6 +536,12 @@ impl Backbone {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation, LlmError> {
         let mut g = self.checked_caption(prompt, options, on_text)?;
+        // Its objects on the sides the answers to "Where is ...?" give them.
+        if let Some((grounding, support)) = self.grounding.as_ref().zip(self.support.as_ref()) {
+            let unmoved = g.text.clone();
+            let categories = grounding.place(&mut g.text, support);
+            g.moved = (!categories.is_empty()).then_some(Moved { categories, unmoved });
+        }
         g.objects = (!self.vocabulary.is_empty())
             .then(|| mentions(&g.text, &self.vocabulary).into_iter().map(str::to_owned).collect());
         // Presence answers about this scene follow its caption (`Grounding::answer_guide`).
@@ -729,6 +753,7 @@ impl Backbone {
             checked: None,
             guided: None,
             objects: None,
+            moved: None,
         })
     }
 

@@ -312,23 +312,57 @@ impl Grounding {
         }
         let category = position(question, &self.spec.categories)?;
         let phrases = self.spec.positions.as_ref()?;
-        self.cells?;
         let i = index(category)?;
-        let x = support.located.get(i).copied().flatten().or_else(|| support.placed.get(i).copied().flatten())?;
-        let [from, to] = self.spec.centre;
-        let side = if x < from {
-            0
-        } else if x > to {
-            2
-        } else {
-            1
-        };
+        let side = self.side(i, support)?;
         Some(Guide {
             category: category.to_owned(),
             score: *support.tokens.get(i)?,
             start: phrases[side].clone(),
             kind: GuideKind::Position,
         })
+    }
+
+    /// The side (0 left, 1 centre, 2 right) where the category at `i` is: where the detector's own
+    /// class of its name scores best ([`Support::located`]), or else the centre of its region of
+    /// cells ([`Support::placed`]), against the spec's `centre` band. None without `positions`,
+    /// without a grid of cells, or with neither place.
+    fn side(&self, i: usize, support: &Support) -> Option<usize> {
+        self.spec.positions.as_ref()?;
+        self.cells?;
+        let x = support.located.get(i).copied().flatten().or_else(|| support.placed.get(i).copied().flatten())?;
+        let [from, to] = self.spec.centre;
+        Some(if x < from {
+            0
+        } else if x > to {
+            2
+        } else {
+            1
+        })
+    }
+
+    /// Places the objects of `caption` where the answers to "Where is ...?" place them
+    /// ([`Grounding::answer_guide`]): in each clause that names one category and says one side
+    /// ([`stated_sides`]: "a goat on the left"), a side other than the category's is rewritten as
+    /// that side's phrase of `positions` (its first letter in the case of the phrase it replaces).
+    /// Returns the categories moved, in the caption's order (empty when none was, or without
+    /// `positions` and a grid of cells).
+    pub fn place(&self, caption: &mut String, support: &Support) -> Vec<String> {
+        let Some(phrases) = self.spec.positions.as_ref() else { return Vec::new() };
+        let mut moved = Vec::new();
+        let mut edits = Vec::new();
+        for stated in placements(caption, &self.spec.categories) {
+            let Some(side) = self.side(stated.category, support).filter(|side| *side != stated.side) else {
+                continue;
+            };
+            let capital = caption[stated.phrase.clone()].starts_with(|c: char| c.is_uppercase());
+            let phrase = if capital { phrases[side].clone() } else { lowercase_first(&phrases[side]) };
+            edits.push((stated.phrase, phrase));
+            moved.push(self.spec.categories[stated.category].clone());
+        }
+        for (range, phrase) in edits.into_iter().rev() {
+            caption.replace_range(range, &phrase);
+        }
+        moved
     }
 
     /// Whether `answer` already says what `guide` would begin it with: for a presence guide, it
@@ -455,6 +489,87 @@ impl GuideKind {
 /// Separators between the clauses of a caption, longest first.
 const SEPARATORS: [&str; 4] = [", and ", " and ", ", ", "; "];
 
+/// Phrases that place an object in a caption, lower case, with the side each says (0 left, 1
+/// centre, 2 right).
+const SIDE_PHRASES: [(&str, usize); 9] = [
+    ("on the left", 0),
+    ("to the left", 0),
+    ("at the left", 0),
+    ("in the centre", 1),
+    ("in the center", 1),
+    ("in the middle", 1),
+    ("on the right", 2),
+    ("to the right", 2),
+    ("at the right", 2),
+];
+
+/// Where a caption places one object: the clause names the category at index `category` (and no
+/// other) and says one side, `side`, in the words at `phrase` (bytes of the caption).
+struct Placement {
+    category: usize,
+    side: usize,
+    phrase: std::ops::Range<usize>,
+}
+
+/// The byte ranges of `text`'s clauses: the pieces between [`SEPARATORS`].
+fn clause_spans(text: &str) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    let mut start = 0;
+    loop {
+        let next = SEPARATORS
+            .iter()
+            .filter_map(|s| text[start..].find(s).map(|at| (start + at, *s)))
+            .min_by_key(|(at, s)| (*at, usize::MAX - s.len()));
+        match next {
+            Some((at, s)) => {
+                spans.push(start..at);
+                start = at + s.len();
+            }
+            None => {
+                spans.push(start..text.len());
+                return spans;
+            }
+        }
+    }
+}
+
+/// Every clause of `caption` that names one of `categories` and says one side of [`SIDE_PHRASES`]
+/// (whole words, any case).
+fn placements(caption: &str, categories: &[String]) -> Vec<Placement> {
+    let lower = caption.to_ascii_lowercase();
+    clause_spans(caption)
+        .into_iter()
+        .filter_map(|span| {
+            let clause = &caption[span.clone()];
+            let [name] = mentions(clause, categories)[..] else { return None };
+            let text = &lower[span.clone()];
+            let bounded = |at: usize, len: usize| {
+                let before = text[..at].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
+                let after = text[at + len..].chars().next().is_none_or(|c| !c.is_alphanumeric());
+                before && after
+            };
+            let found: Vec<(usize, usize, usize)> = SIDE_PHRASES
+                .iter()
+                .flat_map(|(phrase, side)| {
+                    text.match_indices(phrase)
+                        .filter(|(at, _)| bounded(*at, phrase.len()))
+                        .map(|(at, _)| (at, phrase.len(), *side))
+                })
+                .collect();
+            let [(at, len, side)] = found[..] else { return None };
+            let category = categories.iter().position(|c| c == name)?;
+            Some(Placement { category, side, phrase: span.start + at..span.start + at + len })
+        })
+        .collect()
+}
+
+/// The sides `caption` states for the objects it names (0 left, 1 centre, 2 right), per category
+/// of `categories`: one for every clause that names one category and says one side ("There is a
+/// goat on the left"); a category placed twice appears twice.
+pub fn stated_sides<'a>(caption: &str, categories: &'a [String]) -> Vec<(&'a str, usize)> {
+    placements(caption, categories).into_iter().map(|p| (categories[p.category].as_str(), p.side)).collect()
+}
+
 /// Words that open a noun phrase: a dropped clause's lead-in ("There is", "A photo of") ends
 /// before the last of them in front of the name.
 const DETERMINERS: [&str; 12] =
@@ -468,25 +583,12 @@ fn without(caption: &str, drop: &[String], categories: &[String], nothing: &str)
     let body = trimmed.trim_end_matches(['.', '!', ' ']);
     let end = &trimmed[body.len()..];
     // Clauses with the separator that precedes each ("" for the first).
-    let mut clauses: Vec<(&str, &str)> = Vec::new();
-    let (mut rest, mut sep) = (body, "");
-    loop {
-        let next = SEPARATORS
-            .iter()
-            .filter_map(|s| rest.find(s).map(|at| (at, *s)))
-            .min_by_key(|(at, s)| (*at, usize::MAX - s.len()));
-        match next {
-            Some((at, s)) => {
-                clauses.push((sep, &rest[..at]));
-                rest = &rest[at + s.len()..];
-                sep = s;
-            }
-            None => {
-                clauses.push((sep, rest));
-                break;
-            }
-        }
-    }
+    let spans = clause_spans(body);
+    let clauses: Vec<(&str, &str)> = spans
+        .iter()
+        .enumerate()
+        .map(|(i, span)| (if i == 0 { "" } else { &body[spans[i - 1].end..span.start] }, &body[span.clone()]))
+        .collect();
     let names = |text: &str| mentions(text, drop);
     let lead_in = clauses
         .first()
@@ -824,6 +926,61 @@ mod tests {
         // The LLM's own answer stands when it begins with the yes word.
         assert!(["Yes.", "yes, on the left", " YES"].iter().all(|a| g.agrees(a, &guide)));
         assert!(!["No.", "Yesterday.", "There is a goat."].iter().any(|a| g.agrees(a, &guide)));
+    }
+
+    #[test]
+    fn captions_state_sides_per_clause_and_are_placed_where_the_answers_place_them() {
+        let cats = cats();
+        // One category and one side per clause; a clause with two names or two sides states none.
+        assert_eq!(stated_sides("A dog on the left and a cat in the middle.", &cats), [("dog", 0), ("cat", 1)]);
+        assert_eq!(
+            stated_sides("On the right there is a goat, and two pigs to the left.", &cats),
+            [("goat", 2), ("pig", 0)]
+        );
+        assert_eq!(stated_sides("A dog and a cat on the left.", &cats), [("cat", 0)], "the dog's clause says no side");
+        assert!(stated_sides("A dog next to a cat on the left.", &cats).is_empty(), "two names in one clause");
+        assert!(stated_sides("A dog on the left or on the right.", &cats).is_empty(), "two sides in one clause");
+        assert!(stated_sides("A dog on the leftmost rock.", &cats).is_empty(), "whole words only");
+        assert!(stated_sides("Nothing known.", &cats).is_empty());
+        // The detector places the dog on the right, the tokens the cat in the centre and the pig
+        // on the left; the goat nowhere.
+        let spec = GroundingSpec { positions: Some(crate::manifest::default_positions()), ..spec() };
+        let n = spec.categories.len();
+        let g = grounding(spec, vec![None; n], Some([2, 4]));
+        let support = Support {
+            tokens: vec![0.3; n],
+            located: vec![Some(0.9), None, None, None, None, None, None],
+            placed: vec![Some(0.1), Some(0.5), Some(0.2), None, None, None, None],
+            ..Support::default()
+        };
+        let place = |caption: &str| {
+            let mut text = caption.to_owned();
+            let moved = g.place(&mut text, &support);
+            (text, moved)
+        };
+        assert_eq!(
+            place("A dog on the left and a cat on the right."),
+            ("A dog on the right and a cat in the centre.".to_owned(), vec!["dog".to_owned(), "cat".to_owned()])
+        );
+        assert_eq!(
+            place("There is a pig on the left."),
+            ("There is a pig on the left.".to_owned(), vec![]),
+            "already there"
+        );
+        assert_eq!(
+            place("In the middle there is a pig."),
+            ("On the left there is a pig.".to_owned(), vec!["pig".to_owned()]),
+            "a capital kept"
+        );
+        assert_eq!(place("In the middle, a pig."), ("In the middle, a pig.".to_owned(), vec![]), "two clauses");
+        assert_eq!(place("A goat on the right."), ("A goat on the right.".to_owned(), vec![]), "placed nowhere");
+        assert_eq!(place("A dog next to a cat on the left."), ("A dog next to a cat on the left.".to_owned(), vec![]));
+        // Without positions (or a grid of cells) nothing moves.
+        let off = Grounding { spec: GroundingSpec { positions: None, ..g.spec.clone() }, ..g.clone() };
+        let mut text = "A dog on the left.".to_owned();
+        assert!(off.place(&mut text, &support).is_empty() && text == "A dog on the left.");
+        let no_grid = Grounding { cells: None, ..g.clone() };
+        assert!(no_grid.place(&mut text, &support).is_empty() && text == "A dog on the left.");
     }
 
     #[test]

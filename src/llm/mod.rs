@@ -10,11 +10,12 @@ mod sampling;
 
 use serde::Deserialize;
 
-pub use backbone::{Backbone, GenerateOptions, Generation, Guided, ModelSummary, Part, StopReason, MAX_OUTPUTS};
+pub use backbone::{Backbone, GenerateOptions, Generation, Guided, ModelSummary, Moved, Part, StopReason, MAX_OUTPUTS};
 pub use error::{check_question, LlmError, QuestionError};
 pub use gguf::{token_embeddings, GgufInfo};
 pub use grounding::{
-    classifier_support, mentions, name_directions, support, support_at, Checked, Grounding, Guide, GuideKind, Support,
+    classifier_support, mentions, name_directions, position, stated_sides, support, support_at, Checked, Grounding,
+    Guide, GuideKind, Support,
 };
 pub use prompt::{ChatLayout, StopFilter};
 pub use sampling::{SamplingParams, TokenSampler};

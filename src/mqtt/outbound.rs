@@ -193,6 +193,7 @@ mod tests {
             unsupported: vec![],
             guided: None,
             objects: None,
+            moved: vec![],
             frame_seq: 1,
             frame_ts_ms: 2,
             timings_ms: Default::default(),

@@ -423,6 +423,11 @@ pub struct Caption {
     /// vocabulary. Home Assistant's object sensors read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub objects: Option<Vec<String>>,
+    /// The categories the LLM placed on another side than the detector's own class of their name
+    /// or their image tokens do, which `text` places there instead (`grounding.positions`); empty
+    /// when none was.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved: Vec<String>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.
@@ -440,6 +445,7 @@ impl From<&worker::Caption> for Caption {
             unsupported: c.unsupported.clone(),
             guided: c.guided.clone(),
             objects: c.objects.clone(),
+            moved: c.moved.clone(),
             frame_seq: c.frame_seq,
             frame_ts_ms: c.frame_ts_ms,
             timings_ms: c.timings_ms.clone(),

@@ -129,6 +129,9 @@ pub struct Caption {
     /// The categories of the manifest's vocabulary that the caption names (empty for "No known
     /// object."); None when the manifest has no vocabulary.
     pub objects: Option<Vec<String>>,
+    /// The categories the LLM placed on another side than the detector's class of their name or
+    /// their image tokens do, placed there (`grounding.positions`); empty when none was.
+    pub moved: Vec<String>,
     /// The frame's sequence number.
     pub frame_seq: u64,
     /// The frame's capture time, ms since the Unix epoch.

@@ -310,6 +310,14 @@ impl Worker {
             }
             None => Vec::new(),
         };
+        if let Some(moved) = &g.moved {
+            tracing::info!(
+                frame = frame.seq,
+                "the caption placed {:?} elsewhere than the detector or the image tokens: {:?} as placed",
+                moved.categories,
+                moved.unmoved
+            );
+        }
         if let Some(guided) = &g.guided {
             tracing::info!(
                 frame = frame.seq,
@@ -324,6 +332,7 @@ impl Worker {
             unsupported,
             guided: g.guided.map(|g| g.guide.category),
             objects: g.objects,
+            moved: g.moved.map(|m| m.categories).unwrap_or_default(),
             frame_seq: frame.seq,
             frame_ts_ms: ts_ms(frame),
             timings_ms: timings,

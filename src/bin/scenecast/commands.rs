@@ -597,6 +597,7 @@ fn describe_one(
                 "checked": answer.checked,
                 "guided": answer.guided,
                 "objects": answer.objects,
+                "moved": answer.moved,
                 "tokens": answer.n_tokens,
                 "stop": answer.stop,
                 "timings_ms": {
@@ -623,6 +624,13 @@ fn describe_one(
                     "  [the scene does not support {} (image tokens or detector scores): removed from \"{}\"]",
                     checked.dropped.join(", "),
                     checked.unchecked
+                );
+            }
+            if let Some(moved) = &answer.moved {
+                out!(
+                    "  [placed again: {}, where the detector or the image tokens place them; as placed: \"{}\"]",
+                    moved.categories.join(", "),
+                    moved.unmoved
                 );
             }
             if let Some(g) = &answer.guided {
