@@ -287,9 +287,9 @@ pub struct SceneResult {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub moved: Vec<String>,
     /// The questions answered again begun by a guide (`Grounding::answer_guide`: yes for a
-    /// presence question whose category the detector's category columns are sure of, the side the
-    /// image tokens place the object on for a position question); `answers` has the answers that
-    /// stand.
+    /// presence question whose category the detector's category columns are sure of or the
+    /// scene's caption names, the side the detector's class of its name or the image tokens place
+    /// the object on for a position question); `answers` has the answers that stand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub guided_answers: Vec<GuidedAnswer>,
 }

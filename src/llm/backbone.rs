@@ -551,7 +551,8 @@ impl Backbone {
         Ok(g)
     }
 
-    /// [`Backbone::describe`] but for the caption's `objects`.
+    /// [`Backbone::describe`] up to the checked (and guided) caption, before its objects are placed
+    /// again and read.
     fn checked_caption(
         &mut self,
         prompt: &str,
