@@ -726,8 +726,8 @@ fn lookalikes(results: &[SceneResult]) -> String {
     format!(
         "\nLookalike questions, presence questions about the known category nearest to an unknown thing shown \
          (in WordNet: \"Is there a deer?\" about a giraffe; not in the yes/no column): {ok} of {n} answered right \
-         ({:.1} %; per kind, right / asked: {}).\n",
-        100.0 * ok as f64 / n as f64,
+         ({}; per kind, right / asked: {}).\n",
+        pct(ratio(ok, n)),
         kinds.iter().map(|(k, [n, ok])| format!("{k} {ok}/{n}")).collect::<Vec<_>>().join(", ")
     )
 }
@@ -749,16 +749,19 @@ fn caption_sides(results: &[SceneResult]) -> String {
         return String::new();
     }
     let [n, ok, written_n, written_ok] = total(&kinds);
-    let share =
-        |ok: usize, n: usize| if n == 0 { "–".to_owned() } else { format!("{:.1} %", 100.0 * ok as f64 / n as f64) };
     format!(
         "\nSides stated in captions (\"a goat on the left\") for the objects that position questions ask about: \
          {ok} of {n} right ({}); as the LLM wrote them {written_ok} of {written_n} ({}) (per kind, right / stated, \
          published then as written: {}).\n",
-        share(ok, n),
-        share(written_ok, written_n),
+        pct(ratio(ok, n)),
+        pct(ratio(written_ok, written_n)),
         kinds.iter().map(|(k, [n, ok, wn, wok])| format!("{k} {ok}/{n} {wok}/{wn}")).collect::<Vec<_>>().join(", ")
     )
+}
+
+/// A share as the report prints it ("66.7 %"; "–" for none).
+fn pct(v: Option<f64>) -> String {
+    v.map_or("–".to_owned(), |v| format!("{:.1} %", v * 100.0))
 }
 
 /// Counts summed per scene kind, in first-seen order.
@@ -879,7 +882,6 @@ pub fn confusions(results: &[SceneResult], n: usize) -> Vec<(String, String, usi
 /// The report as Markdown. `stack` says what was evaluated (the manifest's name and its image-token
 /// model), which need not be the model the set was written for.
 pub fn markdown(set: &EvalSet, stack: &str, results: &[SceneResult], samples: usize, elapsed_s: f64) -> String {
-    let pct = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{:.1} %", v * 100.0));
     let mut s = format!(
         "Evaluation of {stack} on the set `{}` through the Rust pipeline: {} scenes in {:.0} s. Caption prompt: \"{}\".\n\n",
         set.name,

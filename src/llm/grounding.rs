@@ -136,7 +136,7 @@ pub struct Support {
     pub tokens: Vec<f32>,
     /// Where the image tokens place each category, as a fraction of the frame's width: the
     /// centre of its region of grid cells (`GroundingSpec::region`), or of its best cell. None
-    /// where its best token is no cell, or the tokens are no grid.
+    /// where its best token is no cell, the tokens are no grid, or the spec has no `positions`.
     pub placed: Vec<Option<f32>>,
     /// By the detector's own scores of the categories ([`classifier_support`]); empty when the
     /// check does not read them.
@@ -203,6 +203,8 @@ impl Grounding {
             .iter()
             .map(|c| c.and_then(|c| tokens.class_x.get(c).copied()).filter(|x| x.is_finite()))
             .collect();
+        // Regions are found only where something reads them (`positions`): not on every frame.
+        let grid = self.cells.filter(|_| self.spec.positions.is_some());
         let (tokens, placed) = self
             .directions
             .iter()
@@ -211,8 +213,7 @@ impl Grounding {
                 let (support, at) = best(&cosines);
                 // Tokens fewer than the grid's cells (a projector that does not match its
                 // manifest) place nothing rather than read past them.
-                let placed = self
-                    .cells
+                let placed = grid
                     .filter(|[rows, columns]| at < rows * columns && rows * columns <= cosines.len())
                     .map(|grid| region_centre(&cosines[..grid[0] * grid[1]], grid, at, self.spec.region));
                 (support, placed)
@@ -470,7 +471,8 @@ pub enum GuideKind {
     /// A presence question's answer, with yes, the scene's caption naming the category asked about
     /// (the score is then its support by the image tokens).
     Named,
-    /// A position question's answer, with where the image tokens point at the category most.
+    /// A position question's answer (or a caption's side), with the side where the detector's own
+    /// class of the category's name scores best, or else its region of image tokens.
     Position,
 }
 

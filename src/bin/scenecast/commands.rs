@@ -519,7 +519,7 @@ pub fn calibrate(
              name scores best, or else the image tokens place it (the centre of the grid cells around the best one \
              that reach `region` of its cosine; without `region`, the best cell), is answered again begun with that \
              side's phrase of `positions` (left, centre, right; set, not calibrated).";
-        eprintln!("positions: answers to \"Where is ...?\" are placed by the image tokens");
+        eprintln!("positions: answers to \"Where is ...?\" and captions' sides are placed by the detector's classes or the image tokens");
     }
     let section = spec.to_toml(&comment);
     match write {
@@ -643,9 +643,10 @@ fn describe_one(
                         "the scene's caption names it, the image tokens point at",
                         "and the LLM's own answer did not say so",
                     ),
-                    GuideKind::Position => {
-                        ("the image tokens point there at", "and the LLM's own answer placed it elsewhere")
-                    }
+                    GuideKind::Position => (
+                        "the detector's class of its name or its image tokens place it there; the tokens point at",
+                        "and the LLM's own answer placed it elsewhere",
+                    ),
                 };
                 out!(
                     "  [begun with \"{}\": {by} {} {:.3}, {own}: \"{}\"]",

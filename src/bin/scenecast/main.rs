@@ -113,7 +113,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Config => {
             // The object sensors depend on the model stack's vocabulary: settled against it here,
             // as `run` does at start.
-            let config = config.clone().with_objects(&config.manifest()?)?;
+            let manifest = config.manifest()?;
+            let config = config.with_objects(&manifest)?;
             out!("{} is valid; in effect:\n{config:#?}", config.origin);
             Ok(ExitCode::SUCCESS)
         }
